@@ -1,0 +1,1 @@
+//! Tokens: minting, checking, run patterns and capabilities. (in progress)

@@ -1,0 +1,30 @@
+//! rungate: a WebSocket session gateway for long-lived agent runtimes.
+//!
+//! # Layout
+//!
+//! Three layers; imports only point down.
+//!
+//! 1. **Transport** — [`gateway`]: the listener, HTTP routes, WebSocket
+//!    connections, dispatch, metrics, draining. Knows frames, not leases.
+//! 2. **Protocol** — [`protocol`]: the envelope, typed command payloads,
+//!    error codes; encode and decode. No I/O.
+//! 3. **Domain** — [`session`] (sessions, leases, epochs), [`store`] (KV and
+//!    checkpoints), [`auth`] (tokens, run patterns), [`run_config`] (per-run
+//!    config and secrets). Plain types; time comes in as an argument.
+//!
+//! Shared vocabulary that every layer uses: [`ids`] and [`time`].
+//! [`config`] gathers flags, environment and the config file into one
+//! [`config::Config`].
+//!
+//! The path of one frame: `gateway::connection` reads a text message →
+//! `protocol::decode` checks the envelope → `gateway::dispatch` types the
+//! payload and routes it by type → a domain call → `protocol::encode_*` →
+//! the connection's bounded write queue → the socket.
+
+pub mod auth;
+pub mod ids;
+pub mod protocol;
+pub mod run_config;
+pub mod session;
+pub mod store;
+pub mod time;

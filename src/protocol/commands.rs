@@ -1,0 +1,499 @@
+//! Typed command payloads and replies, mirroring `spec/v1/schemas/`.
+//!
+//! Owns the mapping from a request's `type` to its payload type, and the
+//! strictness rules: unknown members, missing required members and
+//! out-of-range numbers are refused exactly where the schemas refuse them
+//! (every request type is `deny_unknown_fields`; identifiers validate through
+//! [`crate::ids`]). Must not do I/O or apply commands: [`crate::gateway`]
+//! dispatches a decoded [`Command`] to the domain.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use serde_json::value::RawValue;
+
+use super::error::{CommandError, ErrorCode};
+use crate::ids::{Capability, OpaqueId, RunId, SessionId};
+
+/// Every request type the gateway knows, by its wire name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CommandKind {
+    RuntimeAttach,
+    RuntimeHeartbeat,
+    RuntimeRecoverConnections,
+    SecretsGet,
+    ConfigGet,
+    KvGet,
+    KvSet,
+    EventsPublish,
+    CheckpointSave,
+    CheckpointLoad,
+    StreamResume,
+    StreamCancel,
+    RunsList,
+}
+
+impl CommandKind {
+    pub const ALL: [CommandKind; 13] = [
+        CommandKind::RuntimeAttach,
+        CommandKind::RuntimeHeartbeat,
+        CommandKind::RuntimeRecoverConnections,
+        CommandKind::SecretsGet,
+        CommandKind::ConfigGet,
+        CommandKind::KvGet,
+        CommandKind::KvSet,
+        CommandKind::EventsPublish,
+        CommandKind::CheckpointSave,
+        CommandKind::CheckpointLoad,
+        CommandKind::StreamResume,
+        CommandKind::StreamCancel,
+        CommandKind::RunsList,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CommandKind::RuntimeAttach => "runtime.attach",
+            CommandKind::RuntimeHeartbeat => "runtime.heartbeat",
+            CommandKind::RuntimeRecoverConnections => "runtime.recoverConnections",
+            CommandKind::SecretsGet => "secrets.get",
+            CommandKind::ConfigGet => "config.get",
+            CommandKind::KvGet => "kv.get",
+            CommandKind::KvSet => "kv.set",
+            CommandKind::EventsPublish => "events.publish",
+            CommandKind::CheckpointSave => "checkpoint.save",
+            CommandKind::CheckpointLoad => "checkpoint.load",
+            CommandKind::StreamResume => "stream.resume",
+            CommandKind::StreamCancel => "stream.cancel",
+            CommandKind::RunsList => "runs.list",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<CommandKind> {
+        CommandKind::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+
+    /// The capability a session must have asked for at attach, if any.
+    pub fn required_capability(self) -> Option<Capability> {
+        match self {
+            CommandKind::SecretsGet => Some(Capability::SecretsRead),
+            CommandKind::KvGet => Some(Capability::KvRead),
+            CommandKind::KvSet => Some(Capability::KvWrite),
+            CommandKind::CheckpointSave => Some(Capability::CheckpointSave),
+            CommandKind::CheckpointLoad => Some(Capability::CheckpointLoad),
+            CommandKind::StreamResume | CommandKind::StreamCancel => Some(Capability::StreamResume),
+            _ => None,
+        }
+    }
+}
+
+/// A request with its payload typed.
+#[derive(Debug)]
+pub enum Command {
+    Attach(AttachRequest),
+    Heartbeat(HeartbeatCommand),
+    RecoverConnections(RecoverConnectionsCommand),
+    SecretsGet(GetSecretsCommand),
+    ConfigGet(SessionRef),
+    KvGet(GetKvCommand),
+    KvSet(SetKvCommand),
+    Publish(PublishRequest),
+    CheckpointSave(CheckpointSaveCommand),
+    CheckpointLoad(CheckpointLoadCommand),
+    StreamResume(StreamResumeCommand),
+    StreamCancel(StreamCancelCommand),
+    RunsList(RunsListCommand),
+}
+
+impl Command {
+    /// Types `payload` as the command `kind` names, or explains where it
+    /// breaks the schema (`details.path` is a JSON pointer into the frame).
+    pub fn parse(kind: CommandKind, payload: &RawValue) -> Result<Command, CommandError> {
+        let text = payload.get();
+        Ok(match kind {
+            CommandKind::RuntimeAttach => Command::Attach(typed(text)?),
+            CommandKind::RuntimeHeartbeat => Command::Heartbeat(typed(text)?),
+            CommandKind::RuntimeRecoverConnections => Command::RecoverConnections(typed(text)?),
+            CommandKind::SecretsGet => Command::SecretsGet(typed(text)?),
+            CommandKind::ConfigGet => Command::ConfigGet(typed(text)?),
+            CommandKind::KvGet => Command::KvGet(typed(text)?),
+            CommandKind::KvSet => Command::KvSet(typed(text)?),
+            CommandKind::EventsPublish => Command::Publish(typed(text)?),
+            CommandKind::CheckpointSave => Command::CheckpointSave(typed(text)?),
+            CommandKind::CheckpointLoad => Command::CheckpointLoad(typed(text)?),
+            CommandKind::StreamResume => Command::StreamResume(typed(text)?),
+            CommandKind::StreamCancel => Command::StreamCancel(typed(text)?),
+            CommandKind::RunsList => Command::RunsList(typed(text)?),
+        })
+    }
+}
+
+/// Deserializes with the failing member's path, for `details.path`.
+fn typed<'de, T: Deserialize<'de>>(text: &'de str) -> Result<T, CommandError> {
+    let de = &mut serde_json::Deserializer::from_str(text);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let mut pointer = String::from("/payload");
+        for seg in e.path().iter() {
+            use serde_path_to_error::Segment;
+            match seg {
+                Segment::Seq { index } => pointer.push_str(&format!("/{index}")),
+                Segment::Map { key } | Segment::Enum { variant: key } => {
+                    pointer.push('/');
+                    pointer.push_str(&key.replace('~', "~0").replace('/', "~1"));
+                }
+                Segment::Unknown => {}
+            }
+        }
+        CommandError::invalid_payload(&pointer, e.inner().to_string())
+    })
+}
+
+/// Accepts protocol `"1"` and any `"1.x"`.
+pub fn protocol_version_supported(v: &str) -> bool {
+    v == "1" || v.strip_prefix("1.").is_some_and(|rest| !rest.is_empty())
+}
+
+pub fn unsupported_protocol(v: &str) -> CommandError {
+    CommandError::new(
+        ErrorCode::UnsupportedProtocol,
+        format!("protocol version {v:?} is not supported; this gateway speaks \"1\""),
+    )
+    .with_details(serde_json::json!({ "supported": ["1"] }))
+}
+
+// ---------------------------------------------------------------- requests
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct AttachRequest {
+    pub run_id: RunId,
+    pub attempt_id: Option<OpaqueId>,
+    pub runtime_instance_id: OpaqueId,
+    pub protocol_version: String,
+    #[serde(default)]
+    pub reconnect: bool,
+    pub connection_epoch: Option<u64>,
+    #[serde(default)]
+    pub capabilities: Vec<Capability>,
+}
+
+/// The two members every command after attach carries.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct SessionRef {
+    pub session_id: SessionId,
+    pub run_id: RunId,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct HeartbeatCommand {
+    pub session_id: SessionId,
+    pub run_id: RunId,
+    pub runtime_instance_id: Option<OpaqueId>,
+    pub metadata: Option<serde_json::Map<String, Value>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RecoverConnectionsCommand {
+    pub session_id: SessionId,
+    pub main_run_id: RunId,
+    pub sub_run_ids: Option<Vec<RunId>>,
+    pub connection_epoch: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct GetSecretsCommand {
+    pub session_id: SessionId,
+    pub run_id: RunId,
+    pub names: Option<Vec<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct GetKvCommand {
+    pub session_id: SessionId,
+    pub run_id: RunId,
+    pub keys: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct SetKvCommand {
+    pub session_id: SessionId,
+    pub run_id: RunId,
+    pub kv: BTreeMap<String, String>,
+}
+
+/// `events.publish`. Events stay raw JSON (as received) after validation, so
+/// the stream can store and forward them without re-serializing.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PublishRequest {
+    pub session_id: SessionId,
+    pub run_id: RunId,
+    pub events: Vec<OutputEventIn>,
+}
+
+/// One output event as published: its raw JSON plus the members the gateway
+/// itself reads.
+#[derive(Debug)]
+pub struct OutputEventIn {
+    pub raw: Box<RawValue>,
+    pub seq: Option<u64>,
+}
+
+/// The members of `spec/v1/schemas/events/output-event.json`, used only to
+/// validate; the event itself is kept raw.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)] // fields exist to be validated, not read
+struct OutputEventShape<'a> {
+    #[serde(rename = "type")]
+    kind: EventType,
+    seq: Option<u64>,
+    timestamp: Option<crate::time::Timestamp>,
+    #[serde(borrow)]
+    data: Option<&'a RawValue>,
+}
+
+/// An event's `type`: 1 to 128 characters.
+struct EventType;
+
+impl<'de> Deserialize<'de> for EventType {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = std::borrow::Cow::<'de, str>::deserialize(d)?;
+        let n = s.chars().count();
+        if (1..=128).contains(&n) {
+            Ok(EventType)
+        } else {
+            Err(serde::de::Error::custom("event type must be 1 to 128 characters"))
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for OutputEventIn {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = Box::<RawValue>::deserialize(d)?;
+        let shape: OutputEventShape<'_> =
+            serde_json::from_str(raw.get()).map_err(serde::de::Error::custom)?;
+        let seq = shape.seq;
+        Ok(OutputEventIn { raw, seq })
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct CheckpointSaveCommand {
+    pub session_id: SessionId,
+    pub run_id: RunId,
+    pub data: Box<RawValue>,
+    pub checkpoint_id: Option<OpaqueId>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct CheckpointLoadCommand {
+    pub session_id: SessionId,
+    pub run_id: RunId,
+    pub checkpoint_id: Option<OpaqueId>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct StreamResumeCommand {
+    pub run_id: RunId,
+    pub from_offset: Option<u64>,
+    pub stream_epoch: Option<String>,
+    pub session_id: Option<SessionId>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct StreamCancelCommand {
+    pub run_id: RunId,
+    pub session_id: Option<SessionId>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunsListCommand {}
+
+// ----------------------------------------------------------------- replies
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AttachResponse {
+    pub session_id: SessionId,
+    pub run_id: RunId,
+    pub heartbeat_interval_ms: u64,
+    pub lease_expires_at: crate::time::Timestamp,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub config_version: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HeartbeatResponse {
+    pub accepted: bool,
+    pub next_heartbeat_due_at: crate::time::Timestamp,
+}
+
+/// `{"accepted": true}`: the reply of recoverConnections, kv.set,
+/// events.publish and stream.cancel.
+#[derive(Debug, Serialize)]
+pub struct Accepted {
+    pub accepted: bool,
+}
+
+impl Accepted {
+    pub const YES: Accepted = Accepted { accepted: true };
+}
+
+#[derive(Debug, Serialize)]
+pub struct SecretsResponse<'a> {
+    /// Borrowed so the plaintext is never copied into a longer-lived value.
+    pub secrets: BTreeMap<&'a str, &'a str>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ConfigResponse<'a> {
+    pub config: &'a serde_json::Map<String, Value>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct KvResponse {
+    pub kv: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CheckpointSaved {
+    pub checkpoint_id: String,
+    pub saved_at: crate::time::Timestamp,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CheckpointLoaded {
+    pub checkpoint_id: String,
+    pub saved_at: crate::time::Timestamp,
+    pub data: Box<RawValue>,
+}
+
+// ------------------------------------------------------------------ pushes
+
+pub mod push {
+    //! Push payloads (frames without an id).
+    use serde::Serialize;
+
+    use crate::ids::{RunId, SessionId};
+
+    pub const SESSION_SUPERSEDED: &str = "session.superseded";
+    pub const SESSION_EXPIRED: &str = "session.expired";
+    pub const GATEWAY_DRAINING: &str = "gateway.draining";
+
+    #[derive(Debug, Serialize)]
+    #[serde(rename_all = "camelCase")]
+    pub struct SessionSuperseded<'a> {
+        pub session_id: &'a SessionId,
+        pub run_id: &'a RunId,
+        /// The epoch the session moved to.
+        pub connection_epoch: u64,
+    }
+
+    #[derive(Debug, Serialize)]
+    #[serde(rename_all = "camelCase")]
+    pub struct SessionExpired<'a> {
+        pub session_id: &'a SessionId,
+        pub run_id: &'a RunId,
+    }
+
+    #[derive(Debug, Serialize)]
+    #[serde(rename_all = "camelCase")]
+    pub struct GatewayDraining {
+        pub reconnect_after_ms: u64,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(kind: &str, payload: &str) -> Result<Command, CommandError> {
+        let raw: Box<RawValue> = serde_json::from_str(payload).unwrap();
+        Command::parse(CommandKind::parse(kind).unwrap(), &raw)
+    }
+
+    fn path(r: Result<Command, CommandError>) -> String {
+        let e = r.expect_err("should be refused");
+        assert_eq!(e.code, ErrorCode::InvalidPayload);
+        e.details.unwrap()["path"].as_str().unwrap().to_owned()
+    }
+
+    #[test]
+    fn attach_is_strict() {
+        let ok = r#"{"runId":"r1","runtimeInstanceId":"i1","protocolVersion":"1"}"#;
+        assert!(matches!(parse("runtime.attach", ok), Ok(Command::Attach(_))));
+        assert_eq!(
+            path(parse("runtime.attach", r#"{"runId":"r1","protocolVersion":"1"}"#)),
+            "/payload"
+        );
+        assert_eq!(
+            path(parse(
+                "runtime.attach",
+                r#"{"runId":"r1","runtimeInstanceId":"i1","protocolVersion":"1","bogus":1}"#
+            )),
+            "/payload"
+        );
+        assert_eq!(
+            path(parse(
+                "runtime.attach",
+                r#"{"runId":"r1","runtimeInstanceId":"i1","protocolVersion":"1","connectionEpoch":-1}"#
+            )),
+            "/payload/connectionEpoch"
+        );
+        assert_eq!(
+            path(parse(
+                "runtime.attach",
+                r#"{"runId":"r1","runtimeInstanceId":"i1","protocolVersion":"1","capabilities":["kv.read","fly"]}"#
+            )),
+            "/payload/capabilities/1"
+        );
+        assert_eq!(
+            path(parse(
+                "runtime.attach",
+                r#"{"runId":"bad/id","runtimeInstanceId":"i1","protocolVersion":"1"}"#
+            )),
+            "/payload/runId"
+        );
+    }
+
+    #[test]
+    fn publish_keeps_events_raw_and_checks_their_shape() {
+        let sid = SessionId::generate();
+        let text = format!(
+            r#"{{"sessionId":"{sid}","runId":"r","events":[{{"type":"log","seq":3,"data":{{"b":1, "a":2}}}}]}}"#
+        );
+        let Ok(Command::Publish(p)) = parse("events.publish", &text) else {
+            panic!("publish should parse")
+        };
+        assert_eq!(p.events[0].seq, Some(3));
+        assert_eq!(p.events[0].raw.get(), r#"{"type":"log","seq":3,"data":{"b":1, "a":2}}"#);
+        let bad = format!(r#"{{"sessionId":"{sid}","runId":"r","events":[{{"type":"log","x":1}}]}}"#);
+        assert_eq!(path(parse("events.publish", &bad)), "/payload/events/0");
+        let no_type = format!(r#"{{"sessionId":"{sid}","runId":"r","events":[{{"data":1}}]}}"#);
+        assert_eq!(path(parse("events.publish", &no_type)), "/payload/events/0");
+    }
+
+    #[test]
+    fn protocol_versions() {
+        assert!(protocol_version_supported("1"));
+        assert!(protocol_version_supported("1.4"));
+        assert!(!protocol_version_supported("1."));
+        assert!(!protocol_version_supported("2"));
+        assert!(!protocol_version_supported("10"));
+    }
+}

@@ -1,0 +1,160 @@
+//! Error codes and the error a command answers with.
+//!
+//! Owns the closed list of codes from PROTOCOL.md §2, which of them are
+//! retryable, and [`CommandError`], the one error type every handler returns.
+//! Must not decide *when* an error happens: the domain and the dispatcher do.
+
+use std::fmt;
+
+use serde::Serialize;
+use serde_json::Value;
+
+/// The `code` field of an error frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum ErrorCode {
+    BadFrame,
+    UnknownType,
+    InvalidPayload,
+    Unauthenticated,
+    Forbidden,
+    NotAttached,
+    StaleEpoch,
+    SessionExpired,
+    Conflict,
+    NotFound,
+    RateLimited,
+    PayloadTooLarge,
+    UnsupportedProtocol,
+    Draining,
+    Internal,
+}
+
+impl ErrorCode {
+    pub const ALL: [ErrorCode; 15] = [
+        ErrorCode::BadFrame,
+        ErrorCode::UnknownType,
+        ErrorCode::InvalidPayload,
+        ErrorCode::Unauthenticated,
+        ErrorCode::Forbidden,
+        ErrorCode::NotAttached,
+        ErrorCode::StaleEpoch,
+        ErrorCode::SessionExpired,
+        ErrorCode::Conflict,
+        ErrorCode::NotFound,
+        ErrorCode::RateLimited,
+        ErrorCode::PayloadTooLarge,
+        ErrorCode::UnsupportedProtocol,
+        ErrorCode::Draining,
+        ErrorCode::Internal,
+    ];
+
+    /// The wire spelling, also used as a metrics label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadFrame => "BAD_FRAME",
+            ErrorCode::UnknownType => "UNKNOWN_TYPE",
+            ErrorCode::InvalidPayload => "INVALID_PAYLOAD",
+            ErrorCode::Unauthenticated => "UNAUTHENTICATED",
+            ErrorCode::Forbidden => "FORBIDDEN",
+            ErrorCode::NotAttached => "NOT_ATTACHED",
+            ErrorCode::StaleEpoch => "STALE_EPOCH",
+            ErrorCode::SessionExpired => "SESSION_EXPIRED",
+            ErrorCode::Conflict => "CONFLICT",
+            ErrorCode::NotFound => "NOT_FOUND",
+            ErrorCode::RateLimited => "RATE_LIMITED",
+            ErrorCode::PayloadTooLarge => "PAYLOAD_TOO_LARGE",
+            ErrorCode::UnsupportedProtocol => "UNSUPPORTED_PROTOCOL",
+            ErrorCode::Draining => "DRAINING",
+            ErrorCode::Internal => "INTERNAL",
+        }
+    }
+
+    /// Whether the same request may succeed if sent again later, unchanged.
+    /// Everything else needs the client to change something first.
+    pub fn retryable(self) -> bool {
+        matches!(
+            self,
+            ErrorCode::RateLimited | ErrorCode::Draining | ErrorCode::Internal
+        )
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A failed command: what goes into the `error` object of an error frame.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{code}: {message}")]
+pub struct CommandError {
+    pub code: ErrorCode,
+    /// For humans. Never contains secrets or tokens.
+    pub message: String,
+    /// Overrides [`ErrorCode::retryable`] where one instance differs
+    /// (a failing disk during a write is retryable `INTERNAL`; a bug is not).
+    pub retryable: bool,
+    pub details: Option<Value>,
+}
+
+impl CommandError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        CommandError {
+            code,
+            message: message.into(),
+            retryable: code.retryable(),
+            details: None,
+        }
+    }
+
+    pub fn with_details(mut self, details: Value) -> Self {
+        self.details = Some(details);
+        self
+    }
+
+    pub fn retryable(mut self, retryable: bool) -> Self {
+        self.retryable = retryable;
+        self
+    }
+
+    pub fn bad_frame(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::BadFrame, message)
+    }
+
+    /// A schema violation at `path` (a JSON pointer into the request frame).
+    pub fn invalid_payload(path: &str, message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::InvalidPayload, message)
+            .with_details(serde_json::json!({ "path": path }))
+    }
+
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::Forbidden, message)
+    }
+
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::Internal, message)
+    }
+}
+
+/// The JSON shape of the `error` member.
+#[derive(Serialize)]
+pub(crate) struct ErrorBody<'a> {
+    pub code: ErrorCode,
+    pub message: &'a str,
+    pub retryable: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub details: Option<&'a Value>,
+}
+
+impl<'a> From<&'a CommandError> for ErrorBody<'a> {
+    fn from(e: &'a CommandError) -> Self {
+        ErrorBody {
+            code: e.code,
+            message: &e.message,
+            retryable: e.retryable,
+            details: e.details.as_ref(),
+        }
+    }
+}

@@ -1,0 +1,1 @@
+//! Per-run config and secrets from the config file. (in progress)

@@ -1,0 +1,1 @@
+//! Sessions, leases and connection epochs (PROTOCOL.md §3). (in progress)

@@ -1,0 +1,1 @@
+//! redb-backed store. (in progress)

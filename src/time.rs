@@ -1,0 +1,160 @@
+//! Wall-clock timestamps on the wire, monotonic instants inside.
+//!
+//! The domain reasons in [`tokio::time::Instant`] (monotonic, and pausable
+//! in tests); the wire speaks RFC 3339 UTC timestamps. [`Clock`] converts
+//! between the two by remembering one (instant, wall time) pair taken at
+//! start, so a deadline reads the same however often it is formatted.
+//! Must not sleep or schedule anything.
+
+use std::fmt;
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+use tokio::time::Instant;
+
+/// A point in wall-clock time, written as RFC 3339 with millisecond
+/// precision in UTC (`2026-11-25T10:00:00.123Z`).
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Timestamp(SystemTime);
+
+impl Timestamp {
+    pub fn now() -> Timestamp {
+        Timestamp(SystemTime::now())
+    }
+
+    pub fn system_time(self) -> SystemTime {
+        self.0
+    }
+
+    /// Milliseconds since the Unix epoch (0 for times before it).
+    pub fn unix_millis(self) -> u64 {
+        self.0
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0)
+    }
+
+    pub fn from_unix_millis(ms: u64) -> Timestamp {
+        Timestamp(SystemTime::UNIX_EPOCH + Duration::from_millis(ms))
+    }
+
+    pub fn parse(s: &str) -> Result<Timestamp, time::error::Parse> {
+        let t = OffsetDateTime::parse(s, &Rfc3339)?;
+        let nanos = t.unix_timestamp_nanos();
+        let st = if nanos >= 0 {
+            SystemTime::UNIX_EPOCH + Duration::from_nanos(nanos as u64)
+        } else {
+            SystemTime::UNIX_EPOCH - Duration::from_nanos(nanos.unsigned_abs() as u64)
+        };
+        Ok(Timestamp(st))
+    }
+}
+
+impl From<SystemTime> for Timestamp {
+    fn from(t: SystemTime) -> Self {
+        Timestamp(t)
+    }
+}
+
+impl fmt::Display for Timestamp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ms = self.unix_millis() as i128;
+        let t = OffsetDateTime::from_unix_timestamp_nanos(ms * 1_000_000)
+            .unwrap_or(OffsetDateTime::UNIX_EPOCH);
+        // Fixed shape: date, time, exactly three fraction digits, `Z`.
+        write!(
+            f,
+            "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
+            t.year(),
+            u8::from(t.month()),
+            t.day(),
+            t.hour(),
+            t.minute(),
+            t.second(),
+            t.millisecond()
+        )
+    }
+}
+
+impl fmt::Debug for Timestamp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl Serialize for Timestamp {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Timestamp {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = std::borrow::Cow::<'de, str>::deserialize(d)?;
+        Timestamp::parse(&s).map_err(|e| serde::de::Error::custom(format!("not an RFC 3339 timestamp: {e}")))
+    }
+}
+
+/// Converts monotonic instants to wall-clock timestamps.
+#[derive(Clone, Copy, Debug)]
+pub struct Clock {
+    origin: Instant,
+    origin_wall: SystemTime,
+}
+
+impl Clock {
+    /// Anchors the clock at this moment.
+    pub fn start() -> Clock {
+        Clock {
+            origin: Instant::now(),
+            origin_wall: SystemTime::now(),
+        }
+    }
+
+    pub fn now(&self) -> Instant {
+        Instant::now()
+    }
+
+    /// The wall-clock time of `at`.
+    pub fn wall(&self, at: Instant) -> Timestamp {
+        if at >= self.origin {
+            Timestamp(self.origin_wall + (at - self.origin))
+        } else {
+            Timestamp(self.origin_wall - (self.origin - at))
+        }
+    }
+
+    /// The instant of wall-clock time `t` (clamped to the clock's origin
+    /// for times before it).
+    pub fn instant(&self, t: Timestamp) -> Instant {
+        match t.0.duration_since(self.origin_wall) {
+            Ok(d) => self.origin + d,
+            Err(_) => self.origin,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_and_parses_rfc3339() {
+        let t = Timestamp::from_unix_millis(1_764_064_800_123);
+        assert_eq!(t.to_string(), "2025-11-25T10:00:00.123Z");
+        assert_eq!(Timestamp::parse(&t.to_string()).unwrap(), t);
+        assert!(Timestamp::parse("2025-11-25T11:00:00+01:00").is_ok());
+        assert!(Timestamp::parse("yesterday").is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn clock_maps_instants_to_wall_time() {
+        let clock = Clock::start();
+        let now = clock.now();
+        let later = now + Duration::from_secs(30);
+        let diff = clock.wall(later).unix_millis() - clock.wall(now).unix_millis();
+        assert_eq!(diff, 30_000);
+    }
+}
