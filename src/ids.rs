@@ -82,8 +82,7 @@ macro_rules! string_id {
 /// contain `*`, which token run patterns reserve for "prefix".
 fn check_run_id(s: &str) -> Result<(), IdError> {
     check_len(s)?;
-    if s
-        .bytes()
+    if s.bytes()
         .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
     {
         Ok(())
@@ -139,8 +138,34 @@ impl SessionId {
     }
 }
 
+/// Stream epochs: 16 to 64 lowercase hex digits.
+fn check_stream_epoch(s: &str) -> Result<(), IdError> {
+    if !(16..=64).contains(&s.len()) {
+        return Err(IdError::Length);
+    }
+    if s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        Ok(())
+    } else {
+        Err(IdError::Charset("0-9 a-f"))
+    }
+}
+
+string_id!(
+    /// Names one history of a run's stream; changes when history is lost.
+    StreamEpoch,
+    check_stream_epoch
+);
+
+impl StreamEpoch {
+    /// A fresh epoch: 128 random bits as 32 hex digits.
+    pub fn generate() -> Self {
+        let bits: u128 = rand::random();
+        Self(format!("{bits:032x}"))
+    }
+}
+
 /// What a session may do beyond the basics (attach, heartbeat, config, publish).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 pub enum Capability {
     #[serde(rename = "secrets.read")]
     SecretsRead,
@@ -187,6 +212,20 @@ impl Capability {
     }
 }
 
+impl<'de> Deserialize<'de> for Capability {
+    /// From its wire name only (a derived enum would also take `{"kv.read": null}`).
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = std::borrow::Cow::<'de, str>::deserialize(d)?;
+        Capability::parse(&s).ok_or_else(|| {
+            let known: Vec<&str> = Capability::ALL.iter().map(|c| c.as_str()).collect();
+            serde::de::Error::custom(format!(
+                "unknown capability {s:?}; known: {}",
+                known.join(", ")
+            ))
+        })
+    }
+}
+
 impl fmt::Display for Capability {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
@@ -212,7 +251,9 @@ impl Capabilities {
     }
 
     pub fn iter(self) -> impl Iterator<Item = Capability> {
-        Capability::ALL.into_iter().filter(move |c| self.contains(*c))
+        Capability::ALL
+            .into_iter()
+            .filter(move |c| self.contains(*c))
     }
 
     fn bit(cap: Capability) -> u8 {
@@ -257,7 +298,9 @@ mod tests {
 
     #[test]
     fn capability_sets() {
-        let asked: Capabilities = [Capability::KvRead, Capability::SecretsRead].into_iter().collect();
+        let asked: Capabilities = [Capability::KvRead, Capability::SecretsRead]
+            .into_iter()
+            .collect();
         let allowed: Capabilities = [Capability::KvRead].into_iter().collect();
         assert_eq!(asked.missing_from(allowed), vec![Capability::SecretsRead]);
         assert!(asked.contains(Capability::KvRead));

@@ -22,9 +22,12 @@
 //! the connection's bounded write queue → the socket.
 
 pub mod auth;
+pub mod config;
+pub mod gateway;
 pub mod ids;
 pub mod protocol;
 pub mod run_config;
 pub mod session;
 pub mod store;
+pub mod stream;
 pub mod time;

@@ -40,17 +40,37 @@ impl Timestamp {
         Timestamp(SystemTime::UNIX_EPOCH + Duration::from_millis(ms))
     }
 
-    pub fn parse(s: &str) -> Result<Timestamp, time::error::Parse> {
-        let t = OffsetDateTime::parse(s, &Rfc3339)?;
-        let nanos = t.unix_timestamp_nanos();
-        let st = if nanos >= 0 {
-            SystemTime::UNIX_EPOCH + Duration::from_nanos(nanos as u64)
+    /// Parses RFC 3339 as the schema's `timestamp` does: `T` between date
+    /// and time, no leap seconds, a time a `SystemTime` can hold.
+    pub fn parse(s: &str) -> Result<Timestamp, TimestampError> {
+        let b = s.as_bytes();
+        if b.len() < 20 || !matches!(b[10], b'T' | b't') {
+            return Err(TimestampError(
+                "expected YYYY-MM-DDTHH:MM:SS with an offset",
+            ));
+        }
+        if &b[17..19] == b"60" {
+            return Err(TimestampError("leap seconds are not accepted"));
+        }
+        let t = OffsetDateTime::parse(s, &Rfc3339)
+            .map_err(|_| TimestampError("not an RFC 3339 timestamp"))?;
+        let secs = t.unix_timestamp();
+        let st = if secs >= 0 {
+            SystemTime::UNIX_EPOCH.checked_add(Duration::new(secs.unsigned_abs(), t.nanosecond()))
         } else {
-            SystemTime::UNIX_EPOCH - Duration::from_nanos(nanos.unsigned_abs() as u64)
+            SystemTime::UNIX_EPOCH
+                .checked_sub(Duration::from_secs(secs.unsigned_abs()))
+                .and_then(|st| st.checked_add(Duration::from_nanos(u64::from(t.nanosecond()))))
         };
-        Ok(Timestamp(st))
+        st.map(Timestamp)
+            .ok_or(TimestampError("out of the representable range"))
     }
 }
+
+/// Why a string is not a timestamp.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct TimestampError(&'static str);
 
 impl From<SystemTime> for Timestamp {
     fn from(t: SystemTime) -> Self {
@@ -93,7 +113,7 @@ impl Serialize for Timestamp {
 impl<'de> Deserialize<'de> for Timestamp {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = std::borrow::Cow::<'de, str>::deserialize(d)?;
-        Timestamp::parse(&s).map_err(|e| serde::de::Error::custom(format!("not an RFC 3339 timestamp: {e}")))
+        Timestamp::parse(&s).map_err(|e| serde::de::Error::custom(format!("bad timestamp: {e}")))
     }
 }
 
@@ -147,6 +167,10 @@ mod tests {
         assert_eq!(Timestamp::parse(&t.to_string()).unwrap(), t);
         assert!(Timestamp::parse("2025-11-25T11:00:00+01:00").is_ok());
         assert!(Timestamp::parse("yesterday").is_err());
+        assert!(Timestamp::parse("2025-11-25 10:00:00Z").is_err());
+        assert!(Timestamp::parse("2016-12-31T23:59:60Z").is_err());
+        assert!(Timestamp::parse("0001-01-01T00:00:00Z").is_ok());
+        assert!(Timestamp::parse("9999-12-31T23:59:59.999Z").is_ok());
     }
 
     #[tokio::test(start_paused = true)]

@@ -14,7 +14,7 @@ use serde_json::Value;
 use serde_json::value::RawValue;
 
 use super::error::{CommandError, ErrorCode};
-use crate::ids::{Capability, OpaqueId, RunId, SessionId};
+use crate::ids::{Capability, OpaqueId, RunId, SessionId, StreamEpoch};
 
 /// Every request type the gateway knows, by its wire name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -110,6 +110,14 @@ impl Command {
     /// breaks the schema (`details.path` is a JSON pointer into the frame).
     pub fn parse(kind: CommandKind, payload: &RawValue) -> Result<Command, CommandError> {
         let text = payload.get();
+        // serde's derived structs also read arrays (one element per field);
+        // the schemas say object. A RawValue has no leading whitespace.
+        if !text.starts_with('{') {
+            return Err(CommandError::invalid_payload(
+                "/payload",
+                "payload must be a JSON object",
+            ));
+        }
         Ok(match kind {
             CommandKind::RuntimeAttach => Command::Attach(typed(text)?),
             CommandKind::RuntimeHeartbeat => Command::Heartbeat(typed(text)?),
@@ -161,17 +169,57 @@ pub fn unsupported_protocol(v: &str) -> CommandError {
     .with_details(serde_json::json!({ "supported": ["1"] }))
 }
 
+/// Deserializers that make serde refuse what the schemas refuse.
+mod wire {
+    use serde::{Deserialize, Deserializer};
+
+    /// An optional member that, when present, must hold a value: `null` is
+    /// refused as the schemas refuse it (serde's `Option` would take it as
+    /// absent). Pair with `#[serde(default)]` for the absent case.
+    pub fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
+        d: D,
+    ) -> Result<Option<T>, D::Error> {
+        T::deserialize(d).map(Some)
+    }
+
+    /// A non-negative integer as JSON Schema counts them: `3`, and also
+    /// `3.0` or `3e0`, which are integers to a schema but not to serde.
+    pub fn present_whole_u64<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Number {
+            Int(u64),
+            Float(f64),
+        }
+        match Number::deserialize(d) {
+            Ok(Number::Int(n)) => Ok(Some(n)),
+            // 2^64 is exactly representable; anything below it with no
+            // fraction converts without loss of meaning.
+            Ok(Number::Float(f))
+                if f.fract() == 0.0 && (0.0..18_446_744_073_709_551_616.0).contains(&f) =>
+            {
+                Ok(Some(f as u64))
+            }
+            _ => Err(serde::de::Error::custom(
+                "expected a non-negative integer below 2^64",
+            )),
+        }
+    }
+}
+
 // ---------------------------------------------------------------- requests
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct AttachRequest {
     pub run_id: RunId,
+    #[serde(default, deserialize_with = "wire::present")]
     pub attempt_id: Option<OpaqueId>,
     pub runtime_instance_id: OpaqueId,
     pub protocol_version: String,
     #[serde(default)]
     pub reconnect: bool,
+    #[serde(default, deserialize_with = "wire::present_whole_u64")]
     pub connection_epoch: Option<u64>,
     #[serde(default)]
     pub capabilities: Vec<Capability>,
@@ -190,7 +238,9 @@ pub struct SessionRef {
 pub struct HeartbeatCommand {
     pub session_id: SessionId,
     pub run_id: RunId,
+    #[serde(default, deserialize_with = "wire::present")]
     pub runtime_instance_id: Option<OpaqueId>,
+    #[serde(default, deserialize_with = "wire::present")]
     pub metadata: Option<serde_json::Map<String, Value>>,
 }
 
@@ -199,7 +249,9 @@ pub struct HeartbeatCommand {
 pub struct RecoverConnectionsCommand {
     pub session_id: SessionId,
     pub main_run_id: RunId,
+    #[serde(default, deserialize_with = "wire::present")]
     pub sub_run_ids: Option<Vec<RunId>>,
+    #[serde(default, deserialize_with = "wire::present_whole_u64")]
     pub connection_epoch: Option<u64>,
 }
 
@@ -208,6 +260,7 @@ pub struct RecoverConnectionsCommand {
 pub struct GetSecretsCommand {
     pub session_id: SessionId,
     pub run_id: RunId,
+    #[serde(default, deserialize_with = "wire::present")]
     pub names: Option<Vec<String>>,
 }
 
@@ -253,7 +306,9 @@ pub struct OutputEventIn {
 struct OutputEventShape<'a> {
     #[serde(rename = "type")]
     kind: EventType,
+    #[serde(default, deserialize_with = "wire::present_whole_u64")]
     seq: Option<u64>,
+    #[serde(default, deserialize_with = "wire::present")]
     timestamp: Option<crate::time::Timestamp>,
     #[serde(borrow)]
     data: Option<&'a RawValue>,
@@ -269,7 +324,9 @@ impl<'de> Deserialize<'de> for EventType {
         if (1..=128).contains(&n) {
             Ok(EventType)
         } else {
-            Err(serde::de::Error::custom("event type must be 1 to 128 characters"))
+            Err(serde::de::Error::custom(
+                "event type must be 1 to 128 characters",
+            ))
         }
     }
 }
@@ -277,6 +334,11 @@ impl<'de> Deserialize<'de> for EventType {
 impl<'de> Deserialize<'de> for OutputEventIn {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let raw = Box::<RawValue>::deserialize(d)?;
+        if !raw.get().starts_with('{') {
+            return Err(serde::de::Error::custom(
+                "an output event must be a JSON object",
+            ));
+        }
         let shape: OutputEventShape<'_> =
             serde_json::from_str(raw.get()).map_err(serde::de::Error::custom)?;
         let seq = shape.seq;
@@ -290,6 +352,7 @@ pub struct CheckpointSaveCommand {
     pub session_id: SessionId,
     pub run_id: RunId,
     pub data: Box<RawValue>,
+    #[serde(default, deserialize_with = "wire::present")]
     pub checkpoint_id: Option<OpaqueId>,
 }
 
@@ -298,6 +361,7 @@ pub struct CheckpointSaveCommand {
 pub struct CheckpointLoadCommand {
     pub session_id: SessionId,
     pub run_id: RunId,
+    #[serde(default, deserialize_with = "wire::present")]
     pub checkpoint_id: Option<OpaqueId>,
 }
 
@@ -305,8 +369,11 @@ pub struct CheckpointLoadCommand {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct StreamResumeCommand {
     pub run_id: RunId,
+    #[serde(default, deserialize_with = "wire::present_whole_u64")]
     pub from_offset: Option<u64>,
-    pub stream_epoch: Option<String>,
+    #[serde(default, deserialize_with = "wire::present")]
+    pub stream_epoch: Option<StreamEpoch>,
+    #[serde(default, deserialize_with = "wire::present")]
     pub session_id: Option<SessionId>,
 }
 
@@ -314,6 +381,7 @@ pub struct StreamResumeCommand {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct StreamCancelCommand {
     pub run_id: RunId,
+    #[serde(default, deserialize_with = "wire::present")]
     pub session_id: Option<SessionId>,
 }
 
@@ -436,9 +504,15 @@ mod tests {
     #[test]
     fn attach_is_strict() {
         let ok = r#"{"runId":"r1","runtimeInstanceId":"i1","protocolVersion":"1"}"#;
-        assert!(matches!(parse("runtime.attach", ok), Ok(Command::Attach(_))));
+        assert!(matches!(
+            parse("runtime.attach", ok),
+            Ok(Command::Attach(_))
+        ));
         assert_eq!(
-            path(parse("runtime.attach", r#"{"runId":"r1","protocolVersion":"1"}"#)),
+            path(parse(
+                "runtime.attach",
+                r#"{"runId":"r1","protocolVersion":"1"}"#
+            )),
             "/payload"
         );
         assert_eq!(
@@ -446,7 +520,7 @@ mod tests {
                 "runtime.attach",
                 r#"{"runId":"r1","runtimeInstanceId":"i1","protocolVersion":"1","bogus":1}"#
             )),
-            "/payload"
+            "/payload/bogus"
         );
         assert_eq!(
             path(parse(
@@ -481,8 +555,12 @@ mod tests {
             panic!("publish should parse")
         };
         assert_eq!(p.events[0].seq, Some(3));
-        assert_eq!(p.events[0].raw.get(), r#"{"type":"log","seq":3,"data":{"b":1, "a":2}}"#);
-        let bad = format!(r#"{{"sessionId":"{sid}","runId":"r","events":[{{"type":"log","x":1}}]}}"#);
+        assert_eq!(
+            p.events[0].raw.get(),
+            r#"{"type":"log","seq":3,"data":{"b":1, "a":2}}"#
+        );
+        let bad =
+            format!(r#"{{"sessionId":"{sid}","runId":"r","events":[{{"type":"log","x":1}}]}}"#);
         assert_eq!(path(parse("events.publish", &bad)), "/payload/events/0");
         let no_type = format!(r#"{{"sessionId":"{sid}","runId":"r","events":[{{"data":1}}]}}"#);
         assert_eq!(path(parse("events.publish", &no_type)), "/payload/events/0");

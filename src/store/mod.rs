@@ -48,7 +48,6 @@ pub struct Checkpoint {
     pub data: Box<RawValue>,
 }
 
-
 pub trait Store: Send + Sync + 'static {
     /// The values of those `keys` that exist for `run` (absent keys are
     /// simply not in the map).
@@ -67,4 +66,367 @@ pub trait Store: Send + Sync + 'static {
 
     /// Completes once everything submitted before it is durable.
     fn flush(&self) -> StoreFuture<()>;
+}
+
+/// Behavior every [`Store`] must show, written once and run against each
+/// implementation through [`conformance_tests!`], so the in-memory store
+/// cannot drift from the embedded one.
+#[cfg(test)]
+pub(crate) mod conformance {
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+
+    use serde_json::value::RawValue;
+
+    use super::{Checkpoint, Store};
+    use crate::ids::RunId;
+    use crate::time::Timestamp;
+
+    /// Expands to one `#[tokio::test]` per conformance check. `$make` is a
+    /// function returning `(Arc<dyn Store>, guard)`; the guard (a temp dir,
+    /// say) lives until the check ends.
+    macro_rules! conformance_tests {
+        ($make:path) => {
+            $crate::store::conformance::conformance_tests!(@each $make, [
+                kv_roundtrip_omits_absent_keys,
+                kv_set_overwrites_and_keeps_other_keys,
+                kv_set_is_atomic_over_many_keys,
+                kv_is_scoped_per_run,
+                checkpoint_latest_and_named,
+                checkpoint_replace_same_id_becomes_latest,
+                checkpoint_preserves_data_and_time,
+                checkpoints_are_scoped_per_run,
+                ops_apply_in_submission_order,
+                dropped_futures_still_apply,
+                many_concurrent_ops_all_succeed,
+            ]);
+        };
+        (@each $make:path, [$($name:ident),* $(,)?]) => {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    let (store, _guard) = $make();
+                    $crate::store::conformance::$name(store).await;
+                }
+            )*
+        };
+    }
+    pub(crate) use conformance_tests;
+
+    fn run(s: &str) -> RunId {
+        RunId::new(s).unwrap()
+    }
+
+    fn pairs(items: &[(&str, &str)]) -> BTreeMap<String, String> {
+        items
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn keys(items: &[&str]) -> Vec<String> {
+        items.iter().map(|k| k.to_string()).collect()
+    }
+
+    fn checkpoint(id: &str, millis: u64, json: &str) -> Checkpoint {
+        Checkpoint {
+            id: id.to_string(),
+            saved_at: Timestamp::from_unix_millis(millis),
+            data: RawValue::from_string(json.to_string()).unwrap(),
+        }
+    }
+
+    pub(crate) async fn kv_roundtrip_omits_absent_keys(store: Arc<dyn Store>) {
+        let r = run("run-1");
+        assert!(store.kv_get(&r, keys(&["a"])).await.unwrap().is_empty());
+        store
+            .kv_set(&r, pairs(&[("a", "1"), ("b", "two"), ("", "empty key")]))
+            .await
+            .unwrap();
+        let got = store
+            .kv_get(&r, keys(&["a", "missing", "b", ""]))
+            .await
+            .unwrap();
+        assert_eq!(got, pairs(&[("a", "1"), ("b", "two"), ("", "empty key")]));
+        assert!(store.kv_get(&r, vec![]).await.unwrap().is_empty());
+        store.kv_set(&r, BTreeMap::new()).await.unwrap();
+    }
+
+    pub(crate) async fn kv_set_overwrites_and_keeps_other_keys(store: Arc<dyn Store>) {
+        let r = run("run-1");
+        store
+            .kv_set(&r, pairs(&[("a", "1"), ("b", "2")]))
+            .await
+            .unwrap();
+        store
+            .kv_set(&r, pairs(&[("b", "3"), ("c", "4")]))
+            .await
+            .unwrap();
+        let got = store.kv_get(&r, keys(&["a", "b", "c"])).await.unwrap();
+        assert_eq!(got, pairs(&[("a", "1"), ("b", "3"), ("c", "4")]));
+    }
+
+    /// A reader racing a writer that rewrites 200 keys at once must never
+    /// see two generations mixed.
+    pub(crate) async fn kv_set_is_atomic_over_many_keys(store: Arc<dyn Store>) {
+        const KEYS: usize = 200;
+        const GENERATIONS: usize = 30;
+        let r = run("run-atomic");
+        let all_keys: Vec<String> = (0..KEYS).map(|i| format!("k{i:03}")).collect();
+
+        let writer = {
+            let (store, r, all_keys) = (store.clone(), r.clone(), all_keys.clone());
+            tokio::spawn(async move {
+                for g in 1..=GENERATIONS {
+                    let batch = all_keys
+                        .iter()
+                        .map(|k| (k.clone(), format!("gen{g}")))
+                        .collect();
+                    store.kv_set(&r, batch).await.unwrap();
+                }
+            })
+        };
+        let reader = {
+            let (store, r, all_keys) = (store.clone(), r.clone(), all_keys.clone());
+            tokio::spawn(async move {
+                let mut seen = 0;
+                loop {
+                    let got = store.kv_get(&r, all_keys.clone()).await.unwrap();
+                    if got.is_empty() {
+                        tokio::task::yield_now().await;
+                        continue;
+                    }
+                    assert_eq!(got.len(), KEYS, "saw a partial kv_set");
+                    let first = got.values().next().unwrap().clone();
+                    assert!(
+                        got.values().all(|v| *v == first),
+                        "saw two generations mixed"
+                    );
+                    seen += 1;
+                    if first == format!("gen{GENERATIONS}") {
+                        return seen;
+                    }
+                }
+            })
+        };
+        writer.await.unwrap();
+        assert!(reader.await.unwrap() >= 1);
+    }
+
+    pub(crate) async fn kv_is_scoped_per_run(store: Arc<dyn Store>) {
+        let (a, b) = (run("run-a"), run("run-b"));
+        store
+            .kv_set(&a, pairs(&[("shared", "from a"), ("only-a", "x")]))
+            .await
+            .unwrap();
+        store
+            .kv_set(&b, pairs(&[("shared", "from b")]))
+            .await
+            .unwrap();
+        let got_a = store.kv_get(&a, keys(&["shared", "only-a"])).await.unwrap();
+        let got_b = store.kv_get(&b, keys(&["shared", "only-a"])).await.unwrap();
+        assert_eq!(got_a, pairs(&[("shared", "from a"), ("only-a", "x")]));
+        assert_eq!(got_b, pairs(&[("shared", "from b")]));
+        // A run id that is a prefix of another must not see its keys.
+        let prefix = run("run");
+        assert!(
+            store
+                .kv_get(&prefix, keys(&["shared", "only-a"]))
+                .await
+                .unwrap()
+                .is_empty()
+        );
+    }
+
+    pub(crate) async fn checkpoint_latest_and_named(store: Arc<dyn Store>) {
+        let r = run("run-1");
+        assert!(store.checkpoint_load(&r, None).await.unwrap().is_none());
+
+        store
+            .checkpoint_save(&r, checkpoint("cp-1", 1_000, r#"{"step":1}"#))
+            .await
+            .unwrap();
+        let latest = store.checkpoint_load(&r, None).await.unwrap().unwrap();
+        assert_eq!(latest.id, "cp-1");
+        assert_eq!(latest.data.get(), r#"{"step":1}"#);
+
+        store
+            .checkpoint_save(&r, checkpoint("cp-2", 2_000, r#"{"step":2}"#))
+            .await
+            .unwrap();
+        let latest = store.checkpoint_load(&r, None).await.unwrap().unwrap();
+        assert_eq!(latest.id, "cp-2");
+        assert_eq!(latest.data.get(), r#"{"step":2}"#);
+
+        let named = store
+            .checkpoint_load(&r, Some("cp-1".into()))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(named.id, "cp-1");
+        assert_eq!(named.data.get(), r#"{"step":1}"#);
+        assert!(
+            store
+                .checkpoint_load(&r, Some("cp-3".into()))
+                .await
+                .unwrap()
+                .is_none()
+        );
+    }
+
+    pub(crate) async fn checkpoint_replace_same_id_becomes_latest(store: Arc<dyn Store>) {
+        let r = run("run-1");
+        store
+            .checkpoint_save(&r, checkpoint("cp-1", 1_000, r#"{"v":"old"}"#))
+            .await
+            .unwrap();
+        store
+            .checkpoint_save(&r, checkpoint("cp-2", 2_000, r#"{"v":"two"}"#))
+            .await
+            .unwrap();
+        store
+            .checkpoint_save(&r, checkpoint("cp-1", 3_000, r#"{"v":"new"}"#))
+            .await
+            .unwrap();
+
+        let latest = store.checkpoint_load(&r, None).await.unwrap().unwrap();
+        assert_eq!(latest.id, "cp-1");
+        assert_eq!(latest.data.get(), r#"{"v":"new"}"#);
+        assert_eq!(latest.saved_at, Timestamp::from_unix_millis(3_000));
+        let named = store
+            .checkpoint_load(&r, Some("cp-1".into()))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(named.data.get(), r#"{"v":"new"}"#);
+        let other = store
+            .checkpoint_load(&r, Some("cp-2".into()))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(other.data.get(), r#"{"v":"two"}"#);
+    }
+
+    /// The JSON comes back byte for byte (whitespace, key order, escapes)
+    /// and the time to the millisecond.
+    pub(crate) async fn checkpoint_preserves_data_and_time(store: Arc<dyn Store>) {
+        let r = run("run-1");
+        let json = "{ \"z\": [1, 2.50, null],\n  \"a\": \"\\u00e9\\\"\", \"é\": {} }";
+        let saved_at = 1_764_064_800_123;
+        store
+            .checkpoint_save(&r, checkpoint("cp/with spaces", saved_at, json))
+            .await
+            .unwrap();
+        let got = store
+            .checkpoint_load(&r, Some("cp/with spaces".into()))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(got.id, "cp/with spaces");
+        assert_eq!(got.data.get(), json);
+        assert_eq!(got.saved_at, Timestamp::from_unix_millis(saved_at));
+        assert_eq!(got.saved_at.unix_millis(), saved_at);
+    }
+
+    pub(crate) async fn checkpoints_are_scoped_per_run(store: Arc<dyn Store>) {
+        let (a, b) = (run("run-a"), run("run-b"));
+        store
+            .checkpoint_save(&a, checkpoint("cp", 1_000, r#""a""#))
+            .await
+            .unwrap();
+        assert!(store.checkpoint_load(&b, None).await.unwrap().is_none());
+        assert!(
+            store
+                .checkpoint_load(&b, Some("cp".into()))
+                .await
+                .unwrap()
+                .is_none()
+        );
+        store
+            .checkpoint_save(&b, checkpoint("cp", 2_000, r#""b""#))
+            .await
+            .unwrap();
+        let got_a = store.checkpoint_load(&a, None).await.unwrap().unwrap();
+        let got_b = store.checkpoint_load(&b, None).await.unwrap().unwrap();
+        assert_eq!(got_a.data.get(), r#""a""#);
+        assert_eq!(got_b.data.get(), r#""b""#);
+    }
+
+    /// Futures awaited in the reverse of the order their calls were made
+    /// still see each other's effects in call order.
+    pub(crate) async fn ops_apply_in_submission_order(store: Arc<dyn Store>) {
+        let r = run("run-1");
+        let set1 = store.kv_set(&r, pairs(&[("k", "1")]));
+        let get1 = store.kv_get(&r, keys(&["k"]));
+        let set2 = store.kv_set(&r, pairs(&[("k", "2")]));
+        let get2 = store.kv_get(&r, keys(&["k"]));
+        let save = store.checkpoint_save(&r, checkpoint("cp", 1_000, "[]"));
+        let load = store.checkpoint_load(&r, None);
+        let flush = store.flush();
+
+        assert_eq!(get2.await.unwrap(), pairs(&[("k", "2")]));
+        assert_eq!(get1.await.unwrap(), pairs(&[("k", "1")]));
+        assert_eq!(load.await.unwrap().unwrap().id, "cp");
+        flush.await.unwrap();
+        let (a, b, c) = tokio::join!(set2, set1, save);
+        a.unwrap();
+        b.unwrap();
+        c.unwrap();
+    }
+
+    pub(crate) async fn dropped_futures_still_apply(store: Arc<dyn Store>) {
+        let r = run("run-1");
+        drop(store.kv_set(&r, pairs(&[("k", "v")])));
+        drop(store.checkpoint_save(&r, checkpoint("cp", 1_000, "true")));
+        drop(store.flush());
+        assert_eq!(
+            store.kv_get(&r, keys(&["k"])).await.unwrap(),
+            pairs(&[("k", "v")])
+        );
+        assert_eq!(
+            store
+                .checkpoint_load(&r, None)
+                .await
+                .unwrap()
+                .unwrap()
+                .data
+                .get(),
+            "true"
+        );
+    }
+
+    /// 20 tasks × 25 writes, all in flight at once, then every value read
+    /// back.
+    pub(crate) async fn many_concurrent_ops_all_succeed(store: Arc<dyn Store>) {
+        const TASKS: usize = 20;
+        const PER_TASK: usize = 25;
+        let mut handles = Vec::new();
+        for t in 0..TASKS {
+            let store = store.clone();
+            handles.push(tokio::spawn(async move {
+                let r = run(&format!("run-{}", t % 4));
+                let futures: Vec<_> = (0..PER_TASK)
+                    .map(|i| {
+                        store.kv_set(&r, pairs(&[(&format!("t{t}-k{i}"), &format!("v{t}-{i}"))]))
+                    })
+                    .collect();
+                for f in futures {
+                    f.await.unwrap();
+                }
+            }));
+        }
+        for h in handles {
+            h.await.unwrap();
+        }
+        store.flush().await.unwrap();
+        for t in 0..TASKS {
+            let r = run(&format!("run-{}", t % 4));
+            let wanted: Vec<String> = (0..PER_TASK).map(|i| format!("t{t}-k{i}")).collect();
+            let got = store.kv_get(&r, wanted).await.unwrap();
+            assert_eq!(got.len(), PER_TASK, "task {t} lost writes");
+            for i in 0..PER_TASK {
+                assert_eq!(got[&format!("t{t}-k{i}")], format!("v{t}-{i}"));
+            }
+        }
+    }
 }

@@ -1,0 +1,327 @@
+//! Everything the gateway can be told, gathered into one [`Config`].
+//!
+//! Sources, strongest first: command-line flags, `RUNGATE_*` environment
+//! variables (clap reads both), the `[gateway]` table of the `--config`
+//! TOML file, then the defaults written here. The same file's `[[runs]]`
+//! entries (per-run config and secrets) belong to [`crate::run_config`].
+//! Must not open sockets or files other than reading the config file.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Which engine holds KV and checkpoints.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreKind {
+    /// redb files under `--data-dir` (the default).
+    Embedded,
+    /// Process memory: gone on restart.
+    Memory,
+}
+
+impl std::str::FromStr for StoreKind {
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        match s {
+            "embedded" => Ok(StoreKind::Embedded),
+            "memory" => Ok(StoreKind::Memory),
+            other => Err(ConfigError::Invalid(format!(
+                "--store {other:?} is not supported; use \"embedded\" or \"memory\""
+            ))),
+        }
+    }
+}
+
+/// Sizes and counts that bound what one peer can make the gateway hold.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Largest WebSocket message (and frame) accepted, in bytes.
+    pub max_frame_bytes: usize,
+    /// Requests one socket may have in flight (waiting on the store); past
+    /// this the gateway stops reading that socket until one completes.
+    pub max_inflight_per_socket: usize,
+    /// Frames queued for one socket's writer before producers wait (replies)
+    /// or the socket is dropped (pushes to a socket that does not read).
+    pub outbound_queue: usize,
+    /// Time a client has to send its HTTP request headers.
+    pub handshake_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_frame_bytes: 1024 * 1024,
+            max_inflight_per_socket: 256,
+            outbound_queue: 1024,
+            handshake_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The gateway's whole configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    /// The TOML file with `[gateway]` settings and `[[runs]]` config/secrets.
+    pub config_file: Option<PathBuf>,
+    pub auth_key_file: PathBuf,
+    pub store: StoreKind,
+    /// What attach tells runtimes; never under 1000 ms.
+    pub heartbeat_interval: Duration,
+    /// How long a session lives without a heartbeat (default 3 × interval).
+    pub lease_ttl: Duration,
+    /// How long an expired session is remembered, to answer `SESSION_EXPIRED`.
+    pub session_tombstone_ttl: Duration,
+    /// What `gateway.draining` tells clients to wait before reconnecting.
+    pub reconnect_after: Duration,
+    /// Longest a drain waits for in-flight requests before exiting anyway.
+    pub drain_timeout: Duration,
+    pub limits: Limits,
+}
+
+impl Config {
+    /// Defaults for a gateway on `listen` keeping its files in `data_dir`.
+    pub fn new(listen: SocketAddr, data_dir: impl Into<PathBuf>) -> Config {
+        let data_dir = data_dir.into();
+        let heartbeat_interval = Duration::from_secs(10);
+        Config {
+            listen,
+            auth_key_file: data_dir.join("auth.key"),
+            data_dir,
+            config_file: None,
+            store: StoreKind::Embedded,
+            heartbeat_interval,
+            lease_ttl: heartbeat_interval * 3,
+            session_tombstone_ttl: Duration::from_secs(3600),
+            reconnect_after: Duration::from_millis(1000),
+            drain_timeout: Duration::from_secs(30),
+            limits: Limits::default(),
+        }
+    }
+
+    /// Checks relations between settings that no single flag can.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.heartbeat_interval < Duration::from_millis(1000) {
+            return Err(ConfigError::Invalid(
+                "heartbeat interval must be at least 1000 ms (PROTOCOL.md §3)".into(),
+            ));
+        }
+        if self.lease_ttl.is_zero() {
+            return Err(ConfigError::Invalid("lease TTL must be positive".into()));
+        }
+        if self.limits.max_frame_bytes < 1024 {
+            return Err(ConfigError::Invalid(
+                "max frame size must be at least 1024 bytes".into(),
+            ));
+        }
+        if self.limits.max_inflight_per_socket == 0 || self.limits.outbound_queue == 0 {
+            return Err(ConfigError::Invalid("queue limits must be positive".into()));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// `rungate serve` flags. Every flag also reads `RUNGATE_<FLAG>` and the
+/// `[gateway]` table of `--config` (same names with underscores).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ServeArgs {
+    /// Address to listen on [default: 127.0.0.1:7700]
+    #[arg(long, env = "RUNGATE_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Directory for the embedded store and the auth key [default: ./rungate-data]
+    #[arg(long, env = "RUNGATE_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// TOML file: a [gateway] table with these settings, [[runs]] config and secrets
+    #[arg(long, env = "RUNGATE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// HMAC key for tokens; created on first start [default: DATA_DIR/auth.key]
+    #[arg(long, env = "RUNGATE_AUTH_KEY_FILE")]
+    pub auth_key_file: Option<PathBuf>,
+    /// Storage engine: "embedded" (redb under --data-dir) or "memory" [default: embedded]
+    #[arg(long, env = "RUNGATE_STORE")]
+    pub store: Option<String>,
+    /// Heartbeat interval told to runtimes, ms (≥ 1000) [default: 10000]
+    #[arg(long, env = "RUNGATE_HEARTBEAT_INTERVAL_MS")]
+    pub heartbeat_interval_ms: Option<u64>,
+    /// Lease TTL, ms [default: 3 × heartbeat interval]
+    #[arg(long, env = "RUNGATE_LEASE_TTL_MS")]
+    pub lease_ttl_ms: Option<u64>,
+    /// How long an expired session is remembered, s [default: 3600]
+    #[arg(long, env = "RUNGATE_SESSION_TOMBSTONE_SECS")]
+    pub session_tombstone_secs: Option<u64>,
+    /// Largest WebSocket message accepted, bytes [default: 1048576]
+    #[arg(long, env = "RUNGATE_MAX_FRAME_BYTES")]
+    pub max_frame_bytes: Option<usize>,
+    /// Requests in flight per socket before reading pauses [default: 256]
+    #[arg(long, env = "RUNGATE_MAX_INFLIGHT_PER_SOCKET")]
+    pub max_inflight_per_socket: Option<usize>,
+    /// Frames queued per socket [default: 1024]
+    #[arg(long, env = "RUNGATE_OUTBOUND_QUEUE")]
+    pub outbound_queue: Option<usize>,
+    /// Seconds a client has to send its HTTP headers [default: 10]
+    #[arg(long, env = "RUNGATE_HANDSHAKE_TIMEOUT_SECS")]
+    pub handshake_timeout_secs: Option<u64>,
+    /// reconnectAfterMs told to clients when draining [default: 1000]
+    #[arg(long, env = "RUNGATE_RECONNECT_AFTER_MS")]
+    pub reconnect_after_ms: Option<u64>,
+    /// Longest a drain waits for in-flight work, s [default: 30]
+    #[arg(long, env = "RUNGATE_DRAIN_TIMEOUT_SECS")]
+    pub drain_timeout_secs: Option<u64>,
+}
+
+/// The `[gateway]` table: the same settings as the flags.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileGateway {
+    listen: Option<SocketAddr>,
+    data_dir: Option<PathBuf>,
+    auth_key_file: Option<PathBuf>,
+    store: Option<String>,
+    heartbeat_interval_ms: Option<u64>,
+    lease_ttl_ms: Option<u64>,
+    session_tombstone_secs: Option<u64>,
+    max_frame_bytes: Option<usize>,
+    max_inflight_per_socket: Option<usize>,
+    outbound_queue: Option<usize>,
+    handshake_timeout_secs: Option<u64>,
+    reconnect_after_ms: Option<u64>,
+    drain_timeout_secs: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct FileTop {
+    #[serde(default)]
+    gateway: FileGateway,
+}
+
+fn read_file_gateway(path: &Path) -> Result<FileGateway, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    // [[runs]] may hold secrets and toml's Display quotes the offending
+    // line, so keep only its message (which names the key, not the value).
+    let top: FileTop = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        path: path.to_owned(),
+        message: e.message().to_owned(),
+    })?;
+    Ok(top.gateway)
+}
+
+impl ServeArgs {
+    /// Layers flags/env over the config file over defaults.
+    pub fn into_config(self) -> Result<Config, ConfigError> {
+        let file = match &self.config {
+            Some(path) => read_file_gateway(path)?,
+            None => FileGateway::default(),
+        };
+        let listen = self
+            .listen
+            .or(file.listen)
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7700)));
+        let data_dir = self
+            .data_dir
+            .or(file.data_dir)
+            .unwrap_or_else(|| PathBuf::from("rungate-data"));
+        let mut c = Config::new(listen, data_dir);
+        c.config_file = self.config;
+        if let Some(p) = self.auth_key_file.or(file.auth_key_file) {
+            c.auth_key_file = p;
+        }
+        if let Some(s) = self.store.or(file.store) {
+            c.store = s.parse()?;
+        }
+        if let Some(ms) = self.heartbeat_interval_ms.or(file.heartbeat_interval_ms) {
+            c.heartbeat_interval = Duration::from_millis(ms);
+            c.lease_ttl = c.heartbeat_interval * 3;
+        }
+        if let Some(ms) = self.lease_ttl_ms.or(file.lease_ttl_ms) {
+            c.lease_ttl = Duration::from_millis(ms);
+        }
+        if let Some(s) = self.session_tombstone_secs.or(file.session_tombstone_secs) {
+            c.session_tombstone_ttl = Duration::from_secs(s);
+        }
+        if let Some(v) = self.max_frame_bytes.or(file.max_frame_bytes) {
+            c.limits.max_frame_bytes = v;
+        }
+        if let Some(v) = self
+            .max_inflight_per_socket
+            .or(file.max_inflight_per_socket)
+        {
+            c.limits.max_inflight_per_socket = v;
+        }
+        if let Some(v) = self.outbound_queue.or(file.outbound_queue) {
+            c.limits.outbound_queue = v;
+        }
+        if let Some(s) = self.handshake_timeout_secs.or(file.handshake_timeout_secs) {
+            c.limits.handshake_timeout = Duration::from_secs(s);
+        }
+        if let Some(ms) = self.reconnect_after_ms.or(file.reconnect_after_ms) {
+            c.reconnect_after = Duration::from_millis(ms);
+        }
+        if let Some(s) = self.drain_timeout_secs.or(file.drain_timeout_secs) {
+            c.drain_timeout = Duration::from_secs(s);
+        }
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_beat_the_file_which_beats_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rungate.toml");
+        std::fs::write(
+            &path,
+            "[gateway]\nheartbeat_interval_ms = 2000\nmax_frame_bytes = 4096\n\n[[runs]]\npattern = \"*\"\n",
+        )
+        .unwrap();
+        let args = ServeArgs {
+            config: Some(path.clone()),
+            max_frame_bytes: Some(8192),
+            ..ServeArgs::default()
+        };
+        let c = args.into_config().unwrap();
+        assert_eq!(c.heartbeat_interval, Duration::from_millis(2000));
+        assert_eq!(c.lease_ttl, Duration::from_millis(6000));
+        assert_eq!(c.limits.max_frame_bytes, 8192);
+        assert_eq!(c.listen, SocketAddr::from(([127, 0, 0, 1], 7700)));
+    }
+
+    #[test]
+    fn refuses_a_too_short_heartbeat_and_unknown_settings() {
+        let args = ServeArgs {
+            heartbeat_interval_ms: Some(999),
+            ..ServeArgs::default()
+        };
+        assert!(matches!(args.into_config(), Err(ConfigError::Invalid(_))));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "[gateway]\nlisten_port = 3\n").unwrap();
+        let args = ServeArgs {
+            config: Some(path),
+            ..ServeArgs::default()
+        };
+        assert!(matches!(args.into_config(), Err(ConfigError::Parse { .. })));
+    }
+}

@@ -1,0 +1,180 @@
+//! One WebSocket: a reader that turns messages into answers, and a writer
+//! fed by a bounded queue.
+//!
+//! The reader applies requests in arrival order (see `dispatch`) and keeps
+//! the ones waiting on the store in a `FuturesUnordered`, so many requests
+//! are in flight at once and replies go out as they complete. Everything the
+//! socket sends — replies, errors, pushes from other tasks — passes through
+//! the one queue, and only the writer task touches the sink. When the queue
+//! is full the reader stops reading: a client that does not read its replies
+//! slows only itself. Must not know protocol rules or leases: it moves
+//! frames and tells the registry when the socket is gone.
+
+use std::sync::Arc;
+
+use futures_util::stream::{FuturesUnordered, SplitSink};
+use futures_util::{SinkExt, StreamExt};
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
+use tokio::sync::mpsc;
+use tokio::time::{Instant, sleep_until};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
+
+use super::dispatch::{self, Answer, ConnCtx, Endpoint};
+use super::state::{Outbox, Outgoing, Shared};
+use crate::auth::Grant;
+use crate::protocol::commands::push;
+use crate::protocol::{CommandError, ErrorCode, encode_error, encode_push};
+
+pub(crate) type Socket = WebSocketStream<TokioIo<Upgraded>>;
+
+/// Most frames the writer hands to the socket before one flush.
+const WRITE_BATCH: usize = 64;
+
+/// Serves one upgraded socket until either side ends it.
+pub(crate) async fn serve(shared: Arc<Shared>, socket: Socket, endpoint: Endpoint, grant: Grant) {
+    let (sink, mut stream) = socket.split();
+    let (queue, rx) = mpsc::channel(shared.config.limits.outbound_queue);
+    let kill = tokio_util::sync::CancellationToken::new();
+    let id = shared.conns.register(Outbox {
+        queue: queue.clone(),
+        kill: kill.clone(),
+    });
+    shared.metrics.connection_opened(endpoint.label());
+    let writer = tokio::spawn(write_loop(sink, rx));
+
+    let mut ctx = ConnCtx {
+        id,
+        endpoint,
+        grant,
+        shared: shared.clone(),
+        draining: false,
+    };
+    let max_inflight = shared.config.limits.max_inflight_per_socket;
+    let mut inflight = FuturesUnordered::new();
+    // Once draining: when to close, if nothing is in flight by then.
+    let mut close_at: Option<Instant> = None;
+    let close_reason = loop {
+        let close_timer = async {
+            match close_at {
+                Some(at) => sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            biased;
+            _ = kill.cancelled() => break Some((CloseCode::Policy, "not reading")),
+            Some(frame) = inflight.next(), if !inflight.is_empty() => {
+                if queue.send(Outgoing::from(frame)).await.is_err() {
+                    break None;
+                }
+            }
+            _ = shared.draining.cancelled(), if !ctx.draining => {
+                ctx.draining = true;
+                let reconnect_after_ms = shared.config.reconnect_after.as_millis() as u64;
+                let frame = encode_push(push::GATEWAY_DRAINING, &push::GatewayDraining { reconnect_after_ms });
+                if queue.send(frame.into()).await.is_err() {
+                    break None;
+                }
+                close_at = Some(Instant::now() + shared.config.reconnect_after);
+            }
+            _ = close_timer, if inflight.is_empty() => break Some((CloseCode::Away, "draining")),
+            message = stream.next(), if inflight.len() < max_inflight => {
+                let answer = match message {
+                    None | Some(Ok(Message::Close(_))) => break None,
+                    Some(Ok(Message::Text(text))) => dispatch::handle_text(&ctx, text.as_str()),
+                    Some(Ok(Message::Binary(_))) => {
+                        Answer::Now(encode_error(None, &CommandError::bad_frame("binary frames are not part of the protocol; send JSON as text")))
+                    }
+                    // tungstenite answers pings itself; pongs need nothing.
+                    Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
+                    Some(Err(WsError::Capacity(e))) => {
+                        tracing::debug!(conn = id.0, error = %e, "message over the size limit");
+                        let err = CommandError::new(ErrorCode::PayloadTooLarge, format!("{e}; the limit is {} bytes", shared.config.limits.max_frame_bytes));
+                        let _ = queue.send(encode_error(None, &err).into()).await;
+                        break Some((CloseCode::Size, "message too large"));
+                    }
+                    Some(Err(WsError::Utf8(_))) => {
+                        let _ = queue.send(encode_error(None, &CommandError::bad_frame("text frame is not valid UTF-8")).into()).await;
+                        break Some((CloseCode::Invalid, "invalid UTF-8"));
+                    }
+                    Some(Err(e)) => {
+                        tracing::debug!(conn = id.0, error = %e, "socket read failed");
+                        break None;
+                    }
+                };
+                match answer {
+                    Answer::Now(frame) => {
+                        if queue.send(frame.into()).await.is_err() {
+                            break None;
+                        }
+                    }
+                    Answer::Later(pending) => inflight.push(pending),
+                }
+            }
+        }
+    };
+
+    // The socket is done: its sessions live on until their leases run out.
+    let detached = shared.sessions.with(|r| r.connection_closed(id));
+    if !detached.is_empty() {
+        tracing::info!(
+            conn = id.0,
+            runs = detached.len(),
+            "socket closed; sessions detached"
+        );
+    }
+    shared.conns.remove(id);
+    shared.metrics.connection_closed(endpoint.label());
+    if let Some((code, reason)) = close_reason {
+        let _ = queue.try_send(Outgoing::Close(code.into(), reason));
+    }
+    drop(queue);
+    let _ = writer.await;
+}
+
+/// Sends queued frames, several per flush, until the queue closes or the
+/// socket fails.
+async fn write_loop(mut sink: SplitSink<Socket, Message>, mut rx: mpsc::Receiver<Outgoing>) {
+    'outer: while let Some(first) = rx.recv().await {
+        let mut next = Some(first);
+        let mut fed = 0;
+        while let Some(item) = next.take() {
+            let message = match item {
+                Outgoing::Frame(bytes) => Message::Text(text(bytes)),
+                Outgoing::Close(code, reason) => {
+                    let frame = CloseFrame {
+                        code: CloseCode::from(code),
+                        reason: Utf8Bytes::from_static(reason),
+                    };
+                    let _ = sink.send(Message::Close(Some(frame))).await;
+                    break 'outer;
+                }
+            };
+            if sink.feed(message).await.is_err() {
+                break 'outer;
+            }
+            fed += 1;
+            if fed < WRITE_BATCH {
+                next = rx.try_recv().ok();
+            }
+        }
+        if sink.flush().await.is_err() {
+            break;
+        }
+    }
+    let _ = sink.close().await;
+}
+
+/// Turns frame bytes into a text message without re-checking UTF-8.
+fn text(bytes: bytes::Bytes) -> Utf8Bytes {
+    debug_assert!(std::str::from_utf8(&bytes).is_ok());
+    // SAFETY: every `Outgoing::Frame` is built by serde_json or by splicing
+    // together JSON texts that were already `str`s (protocol::envelope and
+    // the stream frames), so it is valid UTF-8. Skipping the check matters
+    // for fan-out, where one frame goes to many sockets.
+    unsafe { Utf8Bytes::from_bytes_unchecked(bytes) }
+}

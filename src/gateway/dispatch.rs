@@ -1,0 +1,532 @@
+//! From a decoded request to its answer: route by type, check scope and
+//! capability, call the domain, encode the reply.
+//!
+//! Owns the mapping from domain errors to protocol error codes (one place,
+//! [`session_error`] and [`store_error`]) and the per-endpoint command lists.
+//! Commands are *applied* in the order they arrive on a socket; those that
+//! wait on the store answer later (an [`Answer::Later`]), so replies may
+//! overtake each other. Must not touch the socket: it returns frames.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use futures_util::FutureExt;
+use futures_util::future::BoxFuture;
+use serde::Serialize;
+use serde_json::json;
+use tokio::time::Instant;
+
+use super::metrics::UNDECODED;
+use super::state::Shared;
+use crate::auth::Grant;
+use crate::ids::{Capability, RunId, SessionId};
+use crate::protocol::commands::{self as cmd, push};
+use crate::protocol::{
+    Command, CommandError, CommandKind, ErrorCode, Frame, encode_error, encode_push, encode_reply,
+};
+use crate::session::{AttachParams, ConnId, RecoverError, SessionError, SessionView};
+use crate::store::{Checkpoint, StoreError};
+use crate::time::Timestamp;
+
+/// Which WebSocket endpoint a socket came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Endpoint {
+    /// `/v1/runtime`: runtimes, with a runtime token.
+    Runtime,
+    /// `/v1/stream`: dashboards, with a viewer token.
+    Stream,
+}
+
+impl Endpoint {
+    pub fn label(self) -> &'static str {
+        match self {
+            Endpoint::Runtime => "runtime",
+            Endpoint::Stream => "stream",
+        }
+    }
+
+    fn offers(self, kind: CommandKind) -> bool {
+        match self {
+            Endpoint::Runtime => kind != CommandKind::RunsList,
+            Endpoint::Stream => matches!(
+                kind,
+                CommandKind::StreamResume | CommandKind::StreamCancel | CommandKind::RunsList
+            ),
+        }
+    }
+}
+
+/// One socket's identity as the dispatcher sees it.
+pub(crate) struct ConnCtx {
+    pub id: ConnId,
+    pub endpoint: Endpoint,
+    pub grant: Grant,
+    pub shared: Arc<Shared>,
+    /// Set once the gateway drains: new sessions are refused.
+    pub draining: bool,
+}
+
+/// A request's answer: ready now, or once the store has done its part.
+pub(crate) enum Answer {
+    Now(Frame),
+    Later(BoxFuture<'static, Frame>),
+}
+
+type Outcome = Result<Frame, CommandError>;
+
+/// What a handler returns: a frame now, or a future of one.
+enum Reply {
+    Now(Frame),
+    Later(BoxFuture<'static, Outcome>),
+}
+
+/// Handles one text frame. Never fails: every problem becomes an error frame.
+pub(crate) fn handle_text(ctx: &ConnCtx, text: &str) -> Answer {
+    let started = Instant::now();
+    let request = match crate::protocol::decode(text) {
+        Ok(r) => r,
+        Err(rejected) => {
+            let frame = encode_error(rejected.id.as_deref(), &rejected.error);
+            record(ctx, UNDECODED, Err(rejected.error.code), started);
+            return Answer::Now(frame);
+        }
+    };
+    let id = request.id;
+    let Some(kind) = CommandKind::parse(&request.kind) else {
+        let err = CommandError::new(
+            ErrorCode::UnknownType,
+            format!("unknown command type {:?}", request.kind),
+        );
+        record(ctx, UNDECODED, Err(err.code), started);
+        return Answer::Now(encode_error(Some(&id), &err));
+    };
+    let label = kind.as_str();
+    if !ctx.endpoint.offers(kind) {
+        let err = CommandError::forbidden(format!(
+            "{label} is not offered on the {} endpoint",
+            ctx.endpoint.label()
+        ));
+        record(ctx, label, Err(err.code), started);
+        return Answer::Now(encode_error(Some(&id), &err));
+    }
+    let reply = Command::parse(kind, request.payload).and_then(|command| apply(ctx, &id, command));
+    match reply {
+        Ok(Reply::Now(frame)) => {
+            record(ctx, label, Ok(()), started);
+            Answer::Now(frame)
+        }
+        Ok(Reply::Later(pending)) => {
+            let shared = ctx.shared.clone();
+            Answer::Later(
+                async move {
+                    let (frame, outcome) = match pending.await {
+                        Ok(frame) => (frame, "ok"),
+                        Err(err) => (encode_error(Some(&id), &err), err.code.as_str()),
+                    };
+                    shared
+                        .metrics
+                        .command(label, outcome, started.elapsed().as_secs_f64());
+                    frame
+                }
+                .boxed(),
+            )
+        }
+        Err(err) => {
+            record(ctx, label, Err(err.code), started);
+            Answer::Now(encode_error(Some(&id), &err))
+        }
+    }
+}
+
+fn record(ctx: &ConnCtx, label: &'static str, outcome: Result<(), ErrorCode>, started: Instant) {
+    let outcome = match outcome {
+        Ok(()) => "ok",
+        Err(code) => code.as_str(),
+    };
+    ctx.shared
+        .metrics
+        .command(label, outcome, started.elapsed().as_secs_f64());
+}
+
+fn apply(ctx: &ConnCtx, id: &str, command: Command) -> Result<Reply, CommandError> {
+    let reply = |payload: &dyn erased::Payload| Ok(Reply::Now(erased::encode(id, payload)));
+    match command {
+        Command::Attach(req) => reply(&attach(ctx, req)?),
+        Command::Heartbeat(req) => reply(&heartbeat(ctx, req)?),
+        Command::RecoverConnections(req) => reply(&recover(ctx, req)?),
+        Command::SecretsGet(req) => Ok(Reply::Now(secrets_get(ctx, id, req)?)),
+        Command::ConfigGet(req) => Ok(Reply::Now(config_get(ctx, id, req)?)),
+        Command::KvGet(req) => kv_get(ctx, id, req),
+        Command::KvSet(req) => kv_set(ctx, id, req),
+        Command::CheckpointSave(req) => checkpoint_save(ctx, id, req),
+        Command::CheckpointLoad(req) => checkpoint_load(ctx, id, req),
+        Command::Publish(_)
+        | Command::StreamResume(_)
+        | Command::StreamCancel(_)
+        | Command::RunsList(_) => Err(CommandError::new(
+            ErrorCode::Internal,
+            "streams are not available in this build",
+        )),
+    }
+}
+
+/// Lets `apply` hand differently typed payloads to one encoder.
+mod erased {
+    use super::*;
+
+    pub trait Payload {
+        fn encode(&self, id: &str) -> Frame;
+    }
+
+    impl<T: Serialize> Payload for T {
+        fn encode(&self, id: &str) -> Frame {
+            encode_reply(id, self)
+        }
+    }
+
+    pub fn encode(id: &str, payload: &dyn Payload) -> Frame {
+        payload.encode(id)
+    }
+}
+
+// ------------------------------------------------------------ error mapping
+
+/// The one place session errors become protocol errors.
+pub(crate) fn session_error(e: SessionError) -> CommandError {
+    let message = e.to_string();
+    match e {
+        SessionError::NotAttached => CommandError::new(ErrorCode::NotAttached, message),
+        SessionError::StaleEpoch { current_epoch, .. } => {
+            CommandError::new(ErrorCode::StaleEpoch, message)
+                .with_details(json!({ "currentEpoch": current_epoch }))
+        }
+        SessionError::EpochNotGreater { offered, current } => {
+            CommandError::new(ErrorCode::StaleEpoch, message)
+                .with_details(json!({ "offeredEpoch": offered, "currentEpoch": current }))
+        }
+        SessionError::Expired { run_id } => CommandError::new(ErrorCode::SessionExpired, message)
+            .with_details(json!({ "runId": run_id })),
+        SessionError::RunTaken { run_id } | SessionError::OtherInstance { run_id } => {
+            CommandError::new(ErrorCode::Conflict, message).with_details(json!({ "runId": run_id }))
+        }
+        SessionError::Forbidden(_) => CommandError::new(ErrorCode::Forbidden, message),
+    }
+}
+
+/// The one place storage errors become protocol errors.
+pub(crate) fn store_error(e: StoreError) -> CommandError {
+    match e {
+        StoreError::Unavailable(_) => {
+            tracing::warn!(error = %e, "store operation failed");
+            CommandError::internal("storage is unavailable; nothing was written, retry")
+                .retryable(true)
+        }
+        StoreError::Corrupt(_) => {
+            tracing::error!(error = %e, "store is corrupt");
+            CommandError::internal("storage is corrupt").retryable(false)
+        }
+    }
+}
+
+// ----------------------------------------------------------------- checks
+
+fn forbidden_run(run: &RunId) -> CommandError {
+    CommandError::forbidden(format!("the token does not cover run {run}"))
+        .with_details(json!({ "runId": run }))
+}
+
+/// The session a command names, checked against this socket, its epoch and
+/// the capability the command needs.
+fn session_for(
+    ctx: &ConnCtx,
+    kind: CommandKind,
+    session_id: &SessionId,
+    run_id: &RunId,
+) -> Result<SessionView, CommandError> {
+    let view = ctx
+        .shared
+        .sessions
+        .with(|r| r.authorize(ctx.id, session_id, run_id))
+        .map_err(session_error)?;
+    if let Some(cap) = kind.required_capability()
+        && !view.capabilities.contains(cap)
+    {
+        return Err(CommandError::forbidden(format!(
+            "{} needs the {cap} capability, which was not asked for at attach",
+            kind.as_str()
+        ))
+        .with_details(json!({ "capability": cap })));
+    }
+    Ok(view)
+}
+
+// --------------------------------------------------------------- commands
+
+fn attach(ctx: &ConnCtx, req: cmd::AttachRequest) -> Result<cmd::AttachResponse, CommandError> {
+    let shared = &ctx.shared;
+    if ctx.draining {
+        return Err(CommandError::new(
+            ErrorCode::Draining,
+            "the gateway is draining; reconnect elsewhere or later",
+        )
+        .with_details(
+            json!({ "reconnectAfterMs": shared.config.reconnect_after.as_millis() as u64 }),
+        ));
+    }
+    if !cmd::protocol_version_supported(&req.protocol_version) {
+        return Err(cmd::unsupported_protocol(&req.protocol_version));
+    }
+    if !ctx.grant.runs.covers(&req.run_id) {
+        return Err(forbidden_run(&req.run_id));
+    }
+    let asked = req
+        .capabilities
+        .iter()
+        .copied()
+        .collect::<crate::ids::Capabilities>();
+    let refused: Vec<Capability> = asked.missing_from(ctx.grant.caps);
+    if !refused.is_empty() {
+        let names: Vec<&str> = refused.iter().map(|c| c.as_str()).collect();
+        return Err(CommandError::forbidden(format!(
+            "the token does not allow {}",
+            names.join(", ")
+        ))
+        .with_details(json!({ "refused": names })));
+    }
+    let params = AttachParams {
+        run_id: req.run_id,
+        runtime_instance_id: req.runtime_instance_id,
+        attempt_id: req.attempt_id,
+        reconnect: req.reconnect,
+        connection_epoch: req.connection_epoch,
+        capabilities: asked,
+    };
+    let now = Instant::now();
+    let outcome = shared
+        .sessions
+        .with_new_deadline(|r| r.attach(ctx.id, params, now))
+        .map_err(session_error)?;
+    if let Some(s) = &outcome.superseded {
+        let payload = push::SessionSuperseded {
+            session_id: &s.session_id,
+            run_id: &s.run_id,
+            connection_epoch: s.new_epoch,
+        };
+        shared
+            .conns
+            .push(s.conn, encode_push(push::SESSION_SUPERSEDED, &payload));
+    }
+    let session = outcome.session;
+    tracing::info!(run = %session.run_id, epoch = session.epoch, fresh = outcome.fresh, "session attached");
+    let version = shared.runs.current().resolve(&session.run_id).version;
+    Ok(cmd::AttachResponse {
+        session_id: session.session_id,
+        run_id: session.run_id,
+        heartbeat_interval_ms: shared.config.heartbeat_interval.as_millis() as u64,
+        lease_expires_at: shared.clock.wall(session.lease_deadline),
+        config_version: Some(version),
+    })
+}
+
+fn heartbeat(
+    ctx: &ConnCtx,
+    req: cmd::HeartbeatCommand,
+) -> Result<cmd::HeartbeatResponse, CommandError> {
+    let now = Instant::now();
+    ctx.shared
+        .sessions
+        .with(|r| {
+            r.heartbeat(
+                ctx.id,
+                &req.session_id,
+                &req.run_id,
+                req.runtime_instance_id.as_ref(),
+                now,
+            )
+        })
+        .map_err(session_error)?;
+    Ok(cmd::HeartbeatResponse {
+        accepted: true,
+        next_heartbeat_due_at: ctx
+            .shared
+            .clock
+            .wall(now + ctx.shared.config.heartbeat_interval),
+    })
+}
+
+fn recover(
+    ctx: &ConnCtx,
+    req: cmd::RecoverConnectionsCommand,
+) -> Result<cmd::Accepted, CommandError> {
+    let now = Instant::now();
+    let moved = ctx
+        .shared
+        .sessions
+        .with_new_deadline(|r| {
+            r.recover(
+                ctx.id,
+                &req.session_id,
+                &req.main_run_id,
+                req.sub_run_ids.as_deref(),
+                req.connection_epoch,
+                now,
+            )
+        })
+        .map_err(|RecoverError { run_id, error }| {
+            let mut e = session_error(error);
+            if let Some(run) = run_id {
+                e.message = format!("sub-run {run}: {}; nothing moved", e.message);
+                e.details = Some(json!({ "runId": run }));
+            }
+            e
+        })?;
+    for s in moved {
+        let payload = push::SessionSuperseded {
+            session_id: &s.session_id,
+            run_id: &s.run_id,
+            connection_epoch: s.new_epoch,
+        };
+        ctx.shared
+            .conns
+            .push(s.conn, encode_push(push::SESSION_SUPERSEDED, &payload));
+    }
+    Ok(cmd::Accepted::YES)
+}
+
+fn secrets_get(ctx: &ConnCtx, id: &str, req: cmd::GetSecretsCommand) -> Outcome {
+    session_for(ctx, CommandKind::SecretsGet, &req.session_id, &req.run_id)?;
+    let resolved = ctx.shared.runs.current().resolve(&req.run_id);
+    let secrets: BTreeMap<&str, &str> = match &req.names {
+        None => resolved
+            .secrets
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.expose()))
+            .collect(),
+        Some(names) => {
+            let missing: Vec<&str> = names
+                .iter()
+                .filter(|n| !resolved.secrets.contains_key(n.as_str()))
+                .map(String::as_str)
+                .collect();
+            if !missing.is_empty() {
+                return Err(
+                    CommandError::new(ErrorCode::NotFound, "no such secret for this run")
+                        .with_details(json!({ "missing": missing })),
+                );
+            }
+            names
+                .iter()
+                .filter_map(|n| resolved.secrets.get_key_value(n.as_str()))
+                .map(|(k, v)| (k.as_str(), v.expose()))
+                .collect()
+        }
+    };
+    Ok(encode_reply(id, &cmd::SecretsResponse { secrets }))
+}
+
+fn config_get(ctx: &ConnCtx, id: &str, req: cmd::SessionRef) -> Outcome {
+    session_for(ctx, CommandKind::ConfigGet, &req.session_id, &req.run_id)?;
+    let resolved = ctx.shared.runs.current().resolve(&req.run_id);
+    Ok(encode_reply(
+        id,
+        &cmd::ConfigResponse {
+            config: &resolved.config,
+        },
+    ))
+}
+
+/// Wraps a store future into a later reply, finished by `finish`.
+fn later<T: Send + 'static>(
+    id: &str,
+    fut: crate::store::StoreFuture<T>,
+    finish: impl FnOnce(&str, T) -> Outcome + Send + 'static,
+) -> Reply {
+    let id = id.to_owned();
+    Reply::Later(async move { fut.await.map_err(store_error).and_then(|v| finish(&id, v)) }.boxed())
+}
+
+fn kv_get(ctx: &ConnCtx, id: &str, req: cmd::GetKvCommand) -> Result<Reply, CommandError> {
+    session_for(ctx, CommandKind::KvGet, &req.session_id, &req.run_id)?;
+    let fut = ctx.shared.store.kv_get(&req.run_id, req.keys);
+    Ok(later(id, fut, |id, kv| {
+        Ok(encode_reply(id, &cmd::KvResponse { kv }))
+    }))
+}
+
+fn kv_set(ctx: &ConnCtx, id: &str, req: cmd::SetKvCommand) -> Result<Reply, CommandError> {
+    session_for(ctx, CommandKind::KvSet, &req.session_id, &req.run_id)?;
+    let fut = ctx.shared.store.kv_set(&req.run_id, req.kv);
+    Ok(later(id, fut, |id, ()| {
+        Ok(encode_reply(id, &cmd::Accepted::YES))
+    }))
+}
+
+/// A new checkpoint id: millisecond time then randomness, so ids sort by age.
+fn new_checkpoint_id(at: Timestamp) -> String {
+    format!("{:013}-{:08x}", at.unix_millis(), rand::random::<u32>())
+}
+
+fn checkpoint_save(
+    ctx: &ConnCtx,
+    id: &str,
+    req: cmd::CheckpointSaveCommand,
+) -> Result<Reply, CommandError> {
+    session_for(
+        ctx,
+        CommandKind::CheckpointSave,
+        &req.session_id,
+        &req.run_id,
+    )?;
+    let saved_at = Timestamp::now();
+    let checkpoint_id = req
+        .checkpoint_id
+        .map(|c| c.as_str().to_owned())
+        .unwrap_or_else(|| new_checkpoint_id(saved_at));
+    let checkpoint = Checkpoint {
+        id: checkpoint_id.clone(),
+        saved_at,
+        data: req.data,
+    };
+    let fut = ctx.shared.store.checkpoint_save(&req.run_id, checkpoint);
+    Ok(later(id, fut, move |id, ()| {
+        Ok(encode_reply(
+            id,
+            &cmd::CheckpointSaved {
+                checkpoint_id,
+                saved_at,
+            },
+        ))
+    }))
+}
+
+fn checkpoint_load(
+    ctx: &ConnCtx,
+    id: &str,
+    req: cmd::CheckpointLoadCommand,
+) -> Result<Reply, CommandError> {
+    session_for(
+        ctx,
+        CommandKind::CheckpointLoad,
+        &req.session_id,
+        &req.run_id,
+    )?;
+    let named = req.checkpoint_id.map(|c| c.as_str().to_owned());
+    let fut = ctx.shared.store.checkpoint_load(&req.run_id, named.clone());
+    Ok(later(id, fut, move |id, found| match found {
+        Some(c) => Ok(encode_reply(
+            id,
+            &cmd::CheckpointLoaded {
+                checkpoint_id: c.id,
+                saved_at: c.saved_at,
+                data: c.data,
+            },
+        )),
+        None => Err(CommandError::new(
+            ErrorCode::NotFound,
+            match named {
+                Some(n) => format!("no checkpoint {n:?} for this run"),
+                None => "this run has no checkpoint yet".to_owned(),
+            },
+        )),
+    }))
+}

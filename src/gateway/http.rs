@@ -1,0 +1,200 @@
+//! HTTP routes on the one listener: WebSocket upgrades, health, readiness,
+//! metrics.
+//!
+//! Owns the HTTP side of PROTOCOL.md §1: which path serves what, how a token
+//! is found (`Authorization: Bearer` or `?token=`), and the refusals that
+//! happen before any upgrade (401 for a missing, expired or badly signed
+//! token; 403 for the wrong kind of token). Must not log tokens or query
+//! strings, and must not know what happens inside a socket.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde_json::json;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::handshake::server::create_response_with_body;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+
+use super::connection;
+use super::dispatch::Endpoint;
+use super::state::Shared;
+use crate::auth::{AuthError, Grant, TokenKind};
+
+pub(crate) type Body = BoxBody<Bytes, Infallible>;
+
+fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into()).boxed()
+}
+
+fn respond(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<Body> {
+    let mut r = Response::new(full(body));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
+/// An HTTP error in the same shape as a WebSocket error frame's `error`.
+fn http_error(status: StatusCode, code: &str, message: &str) -> Response<Body> {
+    let body = json!({ "error": { "code": code, "message": message, "retryable": false } });
+    respond(status, "application/json", body.to_string())
+}
+
+/// Routes one request.
+pub(crate) async fn route(
+    shared: Arc<Shared>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    let path = req.uri().path();
+    let response = match (req.method(), path) {
+        (&Method::GET, "/healthz") => respond(StatusCode::OK, "text/plain", "ok\n"),
+        (&Method::GET, "/readyz") => {
+            if shared.draining.is_cancelled() {
+                respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "draining\n")
+            } else {
+                respond(StatusCode::OK, "text/plain", "ready\n")
+            }
+        }
+        (&Method::GET, "/metrics") => {
+            let counts = shared.sessions.with(|r| r.counts());
+            respond(
+                StatusCode::OK,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                shared.metrics.render(&counts),
+            )
+        }
+        (&Method::GET, "/v1/runtime") => upgrade(shared, req, Endpoint::Runtime),
+        (&Method::GET, "/v1/stream") => upgrade(shared, req, Endpoint::Stream),
+        (_, "/healthz" | "/readyz" | "/metrics" | "/v1/runtime" | "/v1/stream") => http_error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "BAD_REQUEST",
+            "method not allowed",
+        ),
+        _ => http_error(StatusCode::NOT_FOUND, "NOT_FOUND", "no such route"),
+    };
+    Ok(response)
+}
+
+/// The token a request carries, from the header or the query string.
+fn token_of(req: &Request<Incoming>) -> Option<String> {
+    if let Some(value) = req.headers().get(header::AUTHORIZATION) {
+        let value = value.to_str().ok()?;
+        let (scheme, token) = value.split_once(' ')?;
+        return scheme
+            .eq_ignore_ascii_case("bearer")
+            .then(|| token.trim().to_owned());
+    }
+    query_param(req.uri().query()?, "token")
+}
+
+/// One query parameter's value. Tokens and numbers need no percent-decoding
+/// (JWTs are base64url with dots), so none is done.
+pub(crate) fn query_param(query: &str, name: &str) -> Option<String> {
+    query
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.to_owned())
+}
+
+/// A refusal before the upgrade: status, error code, message.
+type Refusal = (StatusCode, &'static str, &'static str);
+
+/// Checks the token for `endpoint`: 401 without a valid one, 403 for the
+/// wrong kind.
+fn authenticate(
+    shared: &Shared,
+    req: &Request<Incoming>,
+    want: TokenKind,
+) -> Result<Grant, Refusal> {
+    let Some(token) = token_of(req) else {
+        return Err((
+            StatusCode::UNAUTHORIZED,
+            "UNAUTHENTICATED",
+            "a token is required (Authorization: Bearer <token> or ?token=<token>)",
+        ));
+    };
+    let grant = shared.auth.verify(&token).map_err(|e| {
+        let message = match e {
+            AuthError::Expired => "the token has expired",
+            _ => "the token is not valid",
+        };
+        (StatusCode::UNAUTHORIZED, "UNAUTHENTICATED", message)
+    })?;
+    if grant.kind != want {
+        let message = match want {
+            TokenKind::Runtime => "this endpoint needs a runtime token",
+            TokenKind::Viewer => "this endpoint needs a viewer token",
+        };
+        return Err((StatusCode::FORBIDDEN, "FORBIDDEN", message));
+    }
+    Ok(grant)
+}
+
+/// Answers a WebSocket handshake and hands the upgraded socket to a
+/// connection task.
+fn upgrade(shared: Arc<Shared>, req: Request<Incoming>, endpoint: Endpoint) -> Response<Body> {
+    if shared.draining.is_cancelled() {
+        return http_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "DRAINING",
+            "the gateway is draining",
+        );
+    }
+    let want = match endpoint {
+        Endpoint::Runtime => TokenKind::Runtime,
+        Endpoint::Stream => TokenKind::Viewer,
+    };
+    let grant = match authenticate(&shared, &req, want) {
+        Ok(g) => g,
+        Err((status, code, message)) => return http_error(status, code, message),
+    };
+    let response = match create_response_with_body(&req, || full(Bytes::new())) {
+        Ok(r) => r,
+        Err(e) => {
+            return http_error(
+                StatusCode::BAD_REQUEST,
+                "BAD_REQUEST",
+                &format!("expected a WebSocket upgrade: {e}"),
+            );
+        }
+    };
+    let limits = &shared.config.limits;
+    // Small read buffers and no write buffering keep an idle socket at a
+    // few KiB instead of tungstenite's default ~135 KiB (ENGINEERING.md).
+    let ws_config = WebSocketConfig::default()
+        .read_buffer_size(8 * 1024)
+        .write_buffer_size(0)
+        .max_write_buffer_size(limits.max_frame_bytes * 4)
+        .max_message_size(Some(limits.max_frame_bytes))
+        .max_frame_size(Some(limits.max_frame_bytes));
+    let tasks = shared.tasks.clone();
+    tasks.spawn(async move {
+        match hyper::upgrade::on(req).await {
+            Ok(upgraded) => {
+                let socket = WebSocketStream::from_raw_socket(
+                    TokioIo::new(upgraded),
+                    Role::Server,
+                    Some(ws_config),
+                )
+                .await;
+                connection::serve(shared, socket, endpoint, grant).await;
+            }
+            Err(e) => tracing::debug!(error = %e, "upgrade failed"),
+        }
+    });
+    response
+}

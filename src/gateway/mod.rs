@@ -1,0 +1,152 @@
+//! The transport layer: one listener serving HTTP routes and WebSockets.
+//!
+//! [`start`] opens the store, loads the auth key and run config, binds the
+//! listener and starts the two long-lived tasks (accept loop, lease timer).
+//! [`RunningGateway::drain`] is the SIGTERM path: readiness false,
+//! `gateway.draining` to every socket, in-flight requests answered, store
+//! flushed. Modules: `server` (accept), `http` (routes, auth, upgrade),
+//! `connection` (one socket), `dispatch` (one request), `leases` (the
+//! expiry timer), `state` (what they share), `metrics`.
+//! Must not contain protocol or session rules beyond wiring them together.
+
+mod connection;
+mod dispatch;
+mod http;
+mod leases;
+pub mod metrics;
+mod server;
+mod state;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::{AuthError, AuthKey};
+use crate::config::{Config, ConfigError, StoreKind};
+use crate::run_config::{RunConfigError, RunConfigSource, RunDirectory};
+use crate::session::{LeasePolicy, Sessions};
+use crate::store::embedded::EmbeddedStore;
+use crate::store::memory::MemoryStore;
+use crate::store::{Store, StoreError};
+use crate::time::Clock;
+use state::{Connections, Shared};
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    #[error(transparent)]
+    RunConfig(#[from] RunConfigError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// A gateway serving on [`RunningGateway::local_addr`].
+pub struct RunningGateway {
+    shared: Arc<Shared>,
+    local_addr: SocketAddr,
+    accept: JoinHandle<()>,
+    lease_timer: JoinHandle<()>,
+    /// Stops the accept loop and the lease timer, at the end of a drain.
+    stop: CancellationToken,
+}
+
+/// Opens everything `config` names and starts serving.
+pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
+    config.validate()?;
+    let store: Arc<dyn Store> = match config.store {
+        StoreKind::Embedded => Arc::new(EmbeddedStore::open(&config.data_dir)?),
+        StoreKind::Memory => Arc::new(MemoryStore::new()),
+    };
+    let auth = AuthKey::load_or_create(&config.auth_key_file)?;
+    let runs = match &config.config_file {
+        Some(path) => RunConfigSource::load(path)?,
+        None => RunConfigSource::fixed(RunDirectory::default()),
+    };
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| StartError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+    let local_addr = listener.local_addr().map_err(|source| StartError::Bind {
+        addr: config.listen,
+        source,
+    })?;
+    let policy = LeasePolicy {
+        lease_ttl: config.lease_ttl,
+        heartbeat_interval: config.heartbeat_interval,
+        tombstone_ttl: config.session_tombstone_ttl,
+    };
+    let shared = Arc::new(Shared {
+        clock: Clock::start(),
+        sessions: Sessions::new(policy),
+        store,
+        runs,
+        auth,
+        conns: Connections::default(),
+        metrics: metrics::Metrics::default(),
+        draining: CancellationToken::new(),
+        tasks: TaskTracker::new(),
+        config,
+    });
+    let stop = CancellationToken::new();
+    let lease_timer = tokio::spawn(leases::run(shared.clone(), stop.clone()));
+    let accept = tokio::spawn(server::accept_loop(listener, shared.clone(), stop.clone()));
+    tracing::info!(addr = %local_addr, "rungate listening");
+    Ok(RunningGateway {
+        shared,
+        local_addr,
+        accept,
+        lease_timer,
+        stop,
+    })
+}
+
+impl RunningGateway {
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The key tokens for this gateway are signed with.
+    pub fn auth_key(&self) -> &AuthKey {
+        &self.shared.auth
+    }
+
+    /// Number of open WebSocket connections.
+    pub fn open_connections(&self) -> usize {
+        self.shared.conns.len()
+    }
+
+    /// Drains and stops: stop accepting, tell every socket, let in-flight
+    /// requests finish (up to the drain timeout), flush the store.
+    pub async fn drain(self) -> Result<(), StoreError> {
+        tracing::info!("draining");
+        self.shared.draining.cancel();
+        self.shared.tasks.close();
+        if tokio::time::timeout(self.shared.config.drain_timeout, self.shared.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("drain timeout passed with connections still open; stopping anyway");
+        }
+        self.stop.cancel();
+        let _ = self.accept.await;
+        let _ = self.lease_timer.await;
+        self.shared.store.flush().await?;
+        tracing::info!("drained");
+        Ok(())
+    }
+}

@@ -1,0 +1,100 @@
+//! What every connection task shares: configuration, the domain objects, the
+//! table of open sockets, metrics and the drain signal.
+//!
+//! Owns [`Connections`], the only way to reach another socket: a bounded
+//! outbox per socket, so a push (superseded, expired, draining) never waits
+//! on a peer. Must not hold protocol rules: those live in `dispatch` and the
+//! domain modules.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::Bytes;
+use dashmap::DashMap;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::metrics::Metrics;
+use crate::auth::AuthKey;
+use crate::config::Config;
+use crate::protocol::Frame;
+use crate::run_config::RunConfigSource;
+use crate::session::{ConnId, Sessions};
+use crate::store::Store;
+use crate::time::Clock;
+
+/// Everything a connection needs, behind one `Arc`.
+pub(crate) struct Shared {
+    pub config: Config,
+    pub clock: Clock,
+    pub sessions: Sessions,
+    pub store: Arc<dyn Store>,
+    pub runs: RunConfigSource,
+    pub auth: AuthKey,
+    pub conns: Connections,
+    pub metrics: Metrics,
+    /// Cancelled when a drain begins: readiness goes false, sockets are told.
+    pub draining: CancellationToken,
+    /// Every task serving a client, so a drain can wait for them.
+    pub tasks: TaskTracker,
+}
+
+/// One item for a socket's writer.
+#[derive(Debug)]
+pub(crate) enum Outgoing {
+    /// A complete JSON text frame.
+    Frame(Bytes),
+    /// Close the socket with this code and reason after what is queued.
+    Close(u16, &'static str),
+}
+
+impl From<Frame> for Outgoing {
+    fn from(f: Frame) -> Self {
+        Outgoing::Frame(f.into_bytes())
+    }
+}
+
+/// How to reach one open socket.
+#[derive(Clone)]
+pub(crate) struct Outbox {
+    pub queue: mpsc::Sender<Outgoing>,
+    /// Cancelled to make the socket's task close it (a peer that stopped
+    /// reading while pushes pile up).
+    pub kill: CancellationToken,
+}
+
+/// All open sockets by id.
+#[derive(Default)]
+pub(crate) struct Connections {
+    open: DashMap<ConnId, Outbox>,
+    next_id: AtomicU64,
+}
+
+impl Connections {
+    pub fn register(&self, outbox: Outbox) -> ConnId {
+        let id = ConnId(self.next_id.fetch_add(1, Ordering::Relaxed) + 1);
+        self.open.insert(id, outbox);
+        id
+    }
+
+    pub fn remove(&self, id: ConnId) {
+        self.open.remove(&id);
+    }
+
+    pub fn len(&self) -> usize {
+        self.open.len()
+    }
+
+    /// Queues a push for socket `id` without waiting. A socket whose queue
+    /// is full is not reading; it is closed rather than allowed to grow.
+    pub fn push(&self, id: ConnId, frame: Frame) {
+        let Some(outbox) = self.open.get(&id).map(|o| o.clone()) else {
+            return;
+        };
+        if outbox.queue.try_send(frame.into()).is_err() {
+            tracing::warn!(conn = id.0, "outbound queue full; closing the socket");
+            outbox.kill.cancel();
+        }
+    }
+}

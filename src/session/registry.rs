@@ -1,0 +1,707 @@
+//! Every session the gateway knows, and the rules that move them between
+//! sockets (PROTOCOL.md §3): fresh attach, reconnect with a higher connection
+//! epoch, fencing, sub-runs, recovery, leases and expiry.
+//!
+//! [`SessionRegistry`] is a plain state machine in the quinn-proto shape: no
+//! I/O, no clock of its own, no tasks. Every method that depends on time
+//! takes `now`; every effect on a socket comes back as a value (who was
+//! superseded, whose session expired) for the caller to deliver. Sockets are
+//! only [`ConnId`]s here: this module must not know what a WebSocket is.
+//!
+//! One deadline index serves all sessions: a live session's entry is its
+//! lease deadline; an expired session's entry is the moment its tombstone is
+//! forgotten. The caller sleeps until [`SessionRegistry::next_deadline`] and
+//! then calls [`SessionRegistry::expire_due`]; there is no task per session.
+
+use std::collections::{BTreeSet, HashMap};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::ids::{Capabilities, Capability, OpaqueId, RunId, SessionId};
+
+/// Names a connection (socket) without saying what it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnId(pub u64);
+
+/// Where a session stands, as `runs.list` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SessionState {
+    /// Bound to a live socket.
+    Attached,
+    /// Its socket is gone; the lease is the reconnect window.
+    Detached,
+    /// The lease ran out. Remembered for a while so a late reconnect is told
+    /// `SESSION_EXPIRED` rather than `NOT_FOUND`-ish silence.
+    Expired,
+}
+
+/// Why a session operation was refused. The dispatcher maps each variant to
+/// one protocol error code, in one place.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SessionError {
+    #[error("no such session on this connection")]
+    NotAttached,
+    #[error("session {session_id} moved to connection epoch {current_epoch}")]
+    StaleEpoch {
+        session_id: SessionId,
+        current_epoch: u64,
+    },
+    #[error("connection epoch {offered} is not greater than the session's epoch {current}")]
+    EpochNotGreater { offered: u64, current: u64 },
+    #[error("the session of run {run_id} has expired; attach afresh")]
+    Expired { run_id: RunId },
+    #[error("run {run_id} already has a live session")]
+    RunTaken { run_id: RunId },
+    #[error("run {run_id} is held by another runtime instance")]
+    OtherInstance { run_id: RunId },
+    #[error("{0}")]
+    Forbidden(String),
+}
+
+/// What a runtime asks for in `runtime.attach`.
+#[derive(Debug, Clone)]
+pub struct AttachParams {
+    pub run_id: RunId,
+    pub runtime_instance_id: OpaqueId,
+    pub attempt_id: Option<OpaqueId>,
+    pub reconnect: bool,
+    pub connection_epoch: Option<u64>,
+    pub capabilities: Capabilities,
+}
+
+/// A read-only view of one session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionView {
+    pub session_id: SessionId,
+    pub run_id: RunId,
+    pub runtime_instance_id: OpaqueId,
+    pub epoch: u64,
+    pub capabilities: Capabilities,
+    pub lease_deadline: Instant,
+    pub is_sub_run: bool,
+}
+
+/// A socket that lost a session to a newer epoch: it gets `session.superseded`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Superseded {
+    pub conn: ConnId,
+    pub session_id: SessionId,
+    pub run_id: RunId,
+    pub new_epoch: u64,
+}
+
+/// A session whose lease ran out; `conn` (if any) gets `session.expired`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Expired {
+    pub conn: Option<ConnId>,
+    pub session_id: SessionId,
+    pub run_id: RunId,
+}
+
+#[derive(Debug)]
+pub struct AttachOutcome {
+    pub session: SessionView,
+    pub superseded: Option<Superseded>,
+    /// True when this attach started a session (false: a reconnect).
+    pub fresh: bool,
+}
+
+/// Run ids whose session state changed, for the caller to tell the streams.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub attached: usize,
+    pub detached: usize,
+    pub expired: usize,
+}
+
+#[derive(Debug)]
+struct Session {
+    id: SessionId,
+    run_id: RunId,
+    runtime_instance_id: OpaqueId,
+    #[allow(dead_code)] // kept for logs and the durable store to come
+    attempt_id: Option<OpaqueId>,
+    epoch: u64,
+    capabilities: Capabilities,
+    /// The main session this sub-run belongs to.
+    parent: Option<SessionId>,
+    /// The socket the session is bound to; `None` while detached or expired.
+    owner: Option<ConnId>,
+    expired: bool,
+    /// The key of this session's entry in `deadlines`.
+    deadline: Instant,
+    /// Sockets that held the session before and still remember it (they
+    /// answer `STALE_EPOCH` for it); kept so forgetting the session can tidy
+    /// them. Usually zero or one entry.
+    former_owners: Vec<ConnId>,
+}
+
+impl Session {
+    fn view(&self) -> SessionView {
+        SessionView {
+            session_id: self.id.clone(),
+            run_id: self.run_id.clone(),
+            runtime_instance_id: self.runtime_instance_id.clone(),
+            epoch: self.epoch,
+            capabilities: self.capabilities,
+            lease_deadline: self.deadline,
+            is_sub_run: self.parent.is_some(),
+        }
+    }
+
+    fn state(&self) -> SessionState {
+        if self.expired {
+            SessionState::Expired
+        } else if self.owner.is_some() {
+            SessionState::Attached
+        } else {
+            SessionState::Detached
+        }
+    }
+}
+
+/// What the registry remembers about one socket.
+#[derive(Debug, Default)]
+struct ConnRecord {
+    /// The socket's main session: its first attach still bound to it.
+    main: Option<SessionId>,
+    /// Sessions bound here now, in attach order.
+    bound: Vec<SessionId>,
+    /// Sessions that were bound here and moved on: answering `STALE_EPOCH`
+    /// rather than `NOT_ATTACHED` for them tells the runtime it was fenced.
+    moved_away: Vec<SessionId>,
+}
+
+/// Lease and tombstone lifetimes.
+#[derive(Debug, Clone, Copy)]
+pub struct LeasePolicy {
+    pub lease_ttl: Duration,
+    pub heartbeat_interval: Duration,
+    /// How long an expired session is remembered.
+    pub tombstone_ttl: Duration,
+}
+
+/// All sessions. See the module docs.
+#[derive(Debug)]
+pub struct SessionRegistry {
+    policy: LeasePolicy,
+    sessions: HashMap<SessionId, Session>,
+    by_run: HashMap<RunId, SessionId>,
+    conns: HashMap<ConnId, ConnRecord>,
+    deadlines: BTreeSet<(Instant, SessionId)>,
+}
+
+impl SessionRegistry {
+    pub fn new(policy: LeasePolicy) -> Self {
+        SessionRegistry {
+            policy,
+            sessions: HashMap::new(),
+            by_run: HashMap::new(),
+            conns: HashMap::new(),
+            deadlines: BTreeSet::new(),
+        }
+    }
+
+    pub fn policy(&self) -> LeasePolicy {
+        self.policy
+    }
+
+    /// `runtime.attach` on socket `conn`: a fresh session, or with
+    /// `reconnect` the run's session moved here at a higher epoch.
+    pub fn attach(
+        &mut self,
+        conn: ConnId,
+        params: AttachParams,
+        now: Instant,
+    ) -> Result<AttachOutcome, SessionError> {
+        let socket_main = self.socket_main(conn);
+        if let Some(main) = &socket_main
+            && main.runtime_instance_id != params.runtime_instance_id
+        {
+            return Err(SessionError::Forbidden(format!(
+                "this socket serves runtime instance {}; open another socket for another instance",
+                main.runtime_instance_id
+            )));
+        }
+        if params.reconnect {
+            self.reconnect(conn, params, socket_main, now)
+        } else {
+            self.attach_fresh(conn, params, socket_main, now)
+        }
+    }
+
+    fn socket_main(&self, conn: ConnId) -> Option<SessionView> {
+        let main = self.conns.get(&conn)?.main.as_ref()?;
+        self.sessions.get(main).map(Session::view)
+    }
+
+    fn attach_fresh(
+        &mut self,
+        conn: ConnId,
+        params: AttachParams,
+        socket_main: Option<SessionView>,
+        now: Instant,
+    ) -> Result<AttachOutcome, SessionError> {
+        if let Some(existing) = self
+            .by_run
+            .get(&params.run_id)
+            .and_then(|id| self.sessions.get(id))
+        {
+            if !existing.expired {
+                return Err(SessionError::RunTaken {
+                    run_id: params.run_id,
+                });
+            }
+            let old = existing.id.clone();
+            self.forget(&old);
+        }
+        let parent = match socket_main {
+            None => None,
+            Some(main) if main.capabilities.contains(Capability::SubtasksRun) => {
+                Some(main.session_id)
+            }
+            Some(main) => {
+                return Err(SessionError::Forbidden(format!(
+                    "a sub-run needs the main session (run {}) to hold subtasks.run",
+                    main.run_id
+                )));
+            }
+        };
+        let session = Session {
+            id: SessionId::generate(),
+            run_id: params.run_id.clone(),
+            runtime_instance_id: params.runtime_instance_id,
+            attempt_id: params.attempt_id,
+            epoch: params.connection_epoch.unwrap_or(0),
+            capabilities: params.capabilities,
+            parent,
+            owner: Some(conn),
+            expired: false,
+            deadline: now + self.policy.lease_ttl,
+            former_owners: Vec::new(),
+        };
+        let view = session.view();
+        self.deadlines
+            .insert((session.deadline, session.id.clone()));
+        self.by_run
+            .insert(session.run_id.clone(), session.id.clone());
+        self.bind(conn, &session.id, session.parent.is_none());
+        self.sessions.insert(session.id.clone(), session);
+        Ok(AttachOutcome {
+            session: view,
+            superseded: None,
+            fresh: true,
+        })
+    }
+
+    fn reconnect(
+        &mut self,
+        conn: ConnId,
+        params: AttachParams,
+        socket_main: Option<SessionView>,
+        now: Instant,
+    ) -> Result<AttachOutcome, SessionError> {
+        let Some(session) = self
+            .by_run
+            .get(&params.run_id)
+            .and_then(|id| self.sessions.get(id))
+        else {
+            // Unknown run: its lease ran out long ago, or the gateway lost its
+            // memory. Either way the runtime's next step is a fresh attach.
+            return Err(SessionError::Expired {
+                run_id: params.run_id,
+            });
+        };
+        if session.expired {
+            return Err(SessionError::Expired {
+                run_id: params.run_id,
+            });
+        }
+        if session.runtime_instance_id != params.runtime_instance_id {
+            return Err(SessionError::OtherInstance {
+                run_id: params.run_id,
+            });
+        }
+        let offered = params.connection_epoch.unwrap_or(0);
+        if offered <= session.epoch {
+            return Err(SessionError::EpochNotGreater {
+                offered,
+                current: session.epoch,
+            });
+        }
+        let is_main = match (&session.parent, &socket_main) {
+            (None, None) => true,
+            (Some(parent), Some(main)) if *parent == main.session_id => false,
+            (None, Some(main)) => {
+                return Err(SessionError::Forbidden(format!(
+                    "this socket's main run is {}; a main run reconnects on a socket of its own",
+                    main.run_id
+                )));
+            }
+            (Some(_), _) => {
+                return Err(SessionError::Forbidden(
+                    "a sub-run moves with its main session (reattach the main run, then runtime.recoverConnections)"
+                        .into(),
+                ));
+            }
+        };
+        let id = session.id.clone();
+        let superseded = self.move_to(&id, conn, offered, Some(params.capabilities), now, is_main);
+        let view = self
+            .sessions
+            .get(&id)
+            .map(Session::view)
+            .ok_or(SessionError::NotAttached)?;
+        Ok(AttachOutcome {
+            session: view,
+            superseded,
+            fresh: false,
+        })
+    }
+
+    /// Binds session `id` to `conn` at `epoch` and renews its lease. Returns
+    /// the socket that lost it, if another one held it.
+    fn move_to(
+        &mut self,
+        id: &SessionId,
+        conn: ConnId,
+        epoch: u64,
+        capabilities: Option<Capabilities>,
+        now: Instant,
+        is_main: bool,
+    ) -> Option<Superseded> {
+        let new_deadline = now + self.policy.lease_ttl;
+        let session = self.sessions.get_mut(id)?;
+        let old_owner = session.owner.replace(conn);
+        session.epoch = epoch;
+        if let Some(caps) = capabilities {
+            session.capabilities = caps;
+        }
+        let old_deadline = std::mem::replace(&mut session.deadline, new_deadline);
+        let run_id = session.run_id.clone();
+        if let Some(old) = old_owner
+            && old != conn
+            && !session.former_owners.contains(&old)
+        {
+            session.former_owners.push(old);
+        }
+        self.deadlines.remove(&(old_deadline, id.clone()));
+        self.deadlines.insert((new_deadline, id.clone()));
+        let superseded = match old_owner {
+            Some(old) if old != conn => {
+                if let Some(rec) = self.conns.get_mut(&old) {
+                    rec.bound.retain(|s| s != id);
+                    if rec.main.as_ref() == Some(id) {
+                        rec.main = None;
+                    }
+                    rec.moved_away.push(id.clone());
+                }
+                Some(Superseded {
+                    conn: old,
+                    session_id: id.clone(),
+                    run_id,
+                    new_epoch: epoch,
+                })
+            }
+            _ => None,
+        };
+        self.bind(conn, id, is_main);
+        superseded
+    }
+
+    fn bind(&mut self, conn: ConnId, id: &SessionId, is_main: bool) {
+        let rec = self.conns.entry(conn).or_default();
+        rec.moved_away.retain(|s| s != id);
+        if !rec.bound.contains(id) {
+            rec.bound.push(id.clone());
+        }
+        if is_main && rec.main.is_none() {
+            rec.main = Some(id.clone());
+        }
+    }
+
+    /// Checks that `session_id` names a session of `run_id` bound to `conn`
+    /// at its current epoch: the gate every command after attach passes.
+    pub fn authorize(
+        &self,
+        conn: ConnId,
+        session_id: &SessionId,
+        run_id: &RunId,
+    ) -> Result<SessionView, SessionError> {
+        let rec = self.conns.get(&conn);
+        let Some(session) = self.sessions.get(session_id) else {
+            return Err(SessionError::NotAttached);
+        };
+        if session.run_id != *run_id {
+            // Do not reveal which run the id belongs to.
+            return Err(SessionError::NotAttached);
+        }
+        let here = session.owner == Some(conn);
+        let was_here =
+            rec.is_some_and(|r| r.moved_away.contains(session_id) || r.bound.contains(session_id));
+        if session.expired && (here || was_here || session.former_owners.contains(&conn)) {
+            return Err(SessionError::Expired {
+                run_id: session.run_id.clone(),
+            });
+        }
+        if here {
+            return Ok(session.view());
+        }
+        if was_here {
+            return Err(SessionError::StaleEpoch {
+                session_id: session_id.clone(),
+                current_epoch: session.epoch,
+            });
+        }
+        Err(SessionError::NotAttached)
+    }
+
+    /// `runtime.heartbeat`: renews the lease. Returns the session with its
+    /// new deadline.
+    pub fn heartbeat(
+        &mut self,
+        conn: ConnId,
+        session_id: &SessionId,
+        run_id: &RunId,
+        runtime_instance_id: Option<&OpaqueId>,
+        now: Instant,
+    ) -> Result<SessionView, SessionError> {
+        let view = self.authorize(conn, session_id, run_id)?;
+        if let Some(instance) = runtime_instance_id
+            && *instance != view.runtime_instance_id
+        {
+            return Err(SessionError::OtherInstance {
+                run_id: run_id.clone(),
+            });
+        }
+        let new_deadline = now + self.policy.lease_ttl;
+        if let Some(session) = self.sessions.get_mut(session_id) {
+            self.deadlines
+                .remove(&(session.deadline, session_id.clone()));
+            session.deadline = new_deadline;
+            self.deadlines.insert((new_deadline, session_id.clone()));
+            return Ok(session.view());
+        }
+        Err(SessionError::NotAttached)
+    }
+
+    /// `runtime.recoverConnections`: moves sub-runs of the main session onto
+    /// `conn` at the main session's epoch, all or none.
+    pub fn recover(
+        &mut self,
+        conn: ConnId,
+        main_session: &SessionId,
+        main_run: &RunId,
+        sub_runs: Option<&[RunId]>,
+        connection_epoch: Option<u64>,
+        now: Instant,
+    ) -> Result<Vec<Superseded>, RecoverError> {
+        let main = self
+            .authorize(conn, main_session, main_run)
+            .map_err(RecoverError::main)?;
+        if main.is_sub_run {
+            return Err(RecoverError::main(SessionError::Forbidden(
+                "recoverConnections names the main session, not a sub-run".into(),
+            )));
+        }
+        if let Some(e) = connection_epoch
+            && e != main.epoch
+        {
+            return Err(RecoverError::main(SessionError::EpochNotGreater {
+                offered: e,
+                current: main.epoch,
+            }));
+        }
+        let targets: Vec<SessionId> = match sub_runs {
+            Some(runs) => {
+                let mut ids = Vec::with_capacity(runs.len());
+                for run in runs {
+                    let id = self.by_run.get(run).ok_or_else(|| RecoverError {
+                        run_id: Some(run.clone()),
+                        error: SessionError::Expired {
+                            run_id: run.clone(),
+                        },
+                    })?;
+                    ids.push(id.clone());
+                }
+                ids
+            }
+            None => self
+                .sessions
+                .values()
+                .filter(|s| s.parent.as_ref() == Some(main_session) && !s.expired)
+                .map(|s| s.id.clone())
+                .collect(),
+        };
+        // Check every target before moving any: all or none.
+        for id in &targets {
+            let Some(sub) = self.sessions.get(id) else {
+                continue;
+            };
+            let fail = |error| {
+                Err(RecoverError {
+                    run_id: Some(sub.run_id.clone()),
+                    error,
+                })
+            };
+            if sub.expired {
+                return fail(SessionError::Expired {
+                    run_id: sub.run_id.clone(),
+                });
+            }
+            if sub.runtime_instance_id != main.runtime_instance_id {
+                return fail(SessionError::OtherInstance {
+                    run_id: sub.run_id.clone(),
+                });
+            }
+            if sub.parent.as_ref() != Some(main_session) {
+                return fail(SessionError::Forbidden(format!(
+                    "run {} is not a sub-run of main run {}",
+                    sub.run_id, main.run_id
+                )));
+            }
+            let already_here = sub.owner == Some(conn) && sub.epoch == main.epoch;
+            if !already_here && sub.epoch >= main.epoch {
+                return fail(SessionError::EpochNotGreater {
+                    offered: main.epoch,
+                    current: sub.epoch,
+                });
+            }
+        }
+        let mut superseded = Vec::new();
+        for id in &targets {
+            if let Some(s) = self.move_to(id, conn, main.epoch, None, now, false) {
+                superseded.push(s);
+            }
+        }
+        Ok(superseded)
+    }
+
+    /// The socket `conn` closed: its sessions become detached and live on
+    /// until their leases run out.
+    pub fn connection_closed(&mut self, conn: ConnId) -> Vec<RunId> {
+        let Some(rec) = self.conns.remove(&conn) else {
+            return Vec::new();
+        };
+        let mut detached = Vec::new();
+        for id in rec.bound.iter().chain(rec.moved_away.iter()) {
+            if let Some(s) = self.sessions.get_mut(id) {
+                if s.owner == Some(conn) {
+                    s.owner = None;
+                    detached.push(s.run_id.clone());
+                }
+                s.former_owners.retain(|c| *c != conn);
+            }
+        }
+        detached
+    }
+
+    /// The earliest moment [`Self::expire_due`] has work to do.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.deadlines.first().map(|(at, _)| *at)
+    }
+
+    /// Expires every session whose lease ended at or before `now`, and
+    /// forgets tombstones that are old enough.
+    pub fn expire_due(&mut self, now: Instant) -> Vec<Expired> {
+        let mut expired = Vec::new();
+        while let Some((at, id)) = self.deadlines.first().cloned() {
+            if at > now {
+                break;
+            }
+            self.deadlines.pop_first();
+            let Some(session) = self.sessions.get_mut(&id) else {
+                continue;
+            };
+            if session.expired {
+                self.forget(&id);
+                continue;
+            }
+            session.expired = true;
+            let owner = session.owner.take();
+            session.deadline = at + self.policy.tombstone_ttl;
+            self.deadlines.insert((session.deadline, id.clone()));
+            if let Some(conn) = owner {
+                session.former_owners.push(conn);
+                if let Some(rec) = self.conns.get_mut(&conn) {
+                    rec.bound.retain(|s| *s != id);
+                    if rec.main.as_ref() == Some(&id) {
+                        rec.main = None;
+                    }
+                    rec.moved_away.push(id.clone());
+                }
+            }
+            expired.push(Expired {
+                conn: owner,
+                session_id: id.clone(),
+                run_id: session.run_id.clone(),
+            });
+        }
+        expired
+    }
+
+    /// Drops every trace of session `id`.
+    fn forget(&mut self, id: &SessionId) {
+        let Some(session) = self.sessions.remove(id) else {
+            return;
+        };
+        self.deadlines.remove(&(session.deadline, id.clone()));
+        if self.by_run.get(&session.run_id) == Some(id) {
+            self.by_run.remove(&session.run_id);
+        }
+        for conn in session.former_owners.iter().chain(session.owner.iter()) {
+            if let Some(rec) = self.conns.get_mut(conn) {
+                rec.bound.retain(|s| s != id);
+                rec.moved_away.retain(|s| s != id);
+                if rec.main.as_ref() == Some(id) {
+                    rec.main = None;
+                }
+            }
+        }
+    }
+
+    /// The state of `run`'s session, if it has one.
+    pub fn run_state(&self, run: &RunId) -> Option<SessionState> {
+        let id = self.by_run.get(run)?;
+        self.sessions.get(id).map(Session::state)
+    }
+
+    /// Every run with a session, and its state.
+    pub fn runs(&self) -> Vec<(RunId, SessionState)> {
+        self.sessions
+            .values()
+            .map(|s| (s.run_id.clone(), s.state()))
+            .collect()
+    }
+
+    pub fn counts(&self) -> Counts {
+        let mut c = Counts::default();
+        for s in self.sessions.values() {
+            match s.state() {
+                SessionState::Attached => c.attached += 1,
+                SessionState::Detached => c.detached += 1,
+                SessionState::Expired => c.expired += 1,
+            }
+        }
+        c
+    }
+}
+
+/// A refused `recoverConnections`: the error, and the sub-run it concerns
+/// (`None` when the main session itself was the problem).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecoverError {
+    pub run_id: Option<RunId>,
+    pub error: SessionError,
+}
+
+impl RecoverError {
+    fn main(error: SessionError) -> Self {
+        RecoverError {
+            run_id: None,
+            error,
+        }
+    }
+}

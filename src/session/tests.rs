@@ -1,0 +1,408 @@
+//! The rules of PROTOCOL.md §3 on the bare state machine: no sockets, no
+//! sleeping; time is an argument.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::registry::*;
+use crate::ids::{Capabilities, Capability, OpaqueId, RunId, SessionId};
+
+const TTL: Duration = Duration::from_secs(30);
+
+fn registry() -> SessionRegistry {
+    SessionRegistry::new(LeasePolicy {
+        lease_ttl: TTL,
+        heartbeat_interval: Duration::from_secs(10),
+        tombstone_ttl: Duration::from_secs(600),
+    })
+}
+
+fn run(s: &str) -> RunId {
+    RunId::new(s).unwrap()
+}
+
+fn params(
+    run_id: &str,
+    instance: &str,
+    reconnect: bool,
+    epoch: Option<u64>,
+    caps: &[Capability],
+) -> AttachParams {
+    AttachParams {
+        run_id: run(run_id),
+        runtime_instance_id: OpaqueId::new(instance).unwrap(),
+        attempt_id: None,
+        reconnect,
+        connection_epoch: epoch,
+        capabilities: caps.iter().copied().collect::<Capabilities>(),
+    }
+}
+
+const A: ConnId = ConnId(1);
+const B: ConnId = ConnId(2);
+const C: ConnId = ConnId(3);
+
+fn attach(reg: &mut SessionRegistry, conn: ConnId, p: AttachParams, now: Instant) -> AttachOutcome {
+    reg.attach(conn, p, now).expect("attach should succeed")
+}
+
+#[test]
+fn fresh_attach_starts_a_session_at_its_epoch() {
+    let mut reg = registry();
+    let now = Instant::now();
+    let out = attach(&mut reg, A, params("r1", "i1", false, Some(4), &[]), now);
+    assert!(out.fresh);
+    assert_eq!(out.session.epoch, 4);
+    assert_eq!(out.session.lease_deadline, now + TTL);
+    assert_eq!(reg.run_state(&run("r1")), Some(SessionState::Attached));
+    let default_epoch = attach(&mut reg, B, params("r2", "i2", false, None, &[]), now);
+    assert_eq!(default_epoch.session.epoch, 0);
+    assert_ne!(out.session.session_id, default_epoch.session.session_id);
+}
+
+#[test]
+fn second_fresh_attach_of_a_live_run_conflicts() {
+    let mut reg = registry();
+    let now = Instant::now();
+    attach(&mut reg, A, params("r1", "i1", false, None, &[]), now);
+    let err = reg
+        .attach(B, params("r1", "i1", false, None, &[]), now)
+        .unwrap_err();
+    assert_eq!(err, SessionError::RunTaken { run_id: run("r1") });
+}
+
+#[test]
+fn reconnect_with_higher_epoch_moves_the_session_and_fences_the_old_socket() {
+    let mut reg = registry();
+    let now = Instant::now();
+    let first = attach(&mut reg, A, params("r1", "i1", false, Some(1), &[]), now);
+    let sid = first.session.session_id.clone();
+    let later = now + Duration::from_secs(5);
+    let moved = attach(&mut reg, B, params("r1", "i1", true, Some(2), &[]), later);
+    assert!(!moved.fresh);
+    assert_eq!(moved.session.session_id, sid);
+    assert_eq!(moved.session.lease_deadline, later + TTL);
+    assert_eq!(
+        moved.superseded,
+        Some(Superseded {
+            conn: A,
+            session_id: sid.clone(),
+            run_id: run("r1"),
+            new_epoch: 2
+        })
+    );
+    assert!(reg.authorize(B, &sid, &run("r1")).is_ok());
+    assert_eq!(
+        reg.authorize(A, &sid, &run("r1")).unwrap_err(),
+        SessionError::StaleEpoch {
+            session_id: sid.clone(),
+            current_epoch: 2
+        }
+    );
+    // A socket that never held it is simply not attached.
+    assert_eq!(
+        reg.authorize(C, &sid, &run("r1")).unwrap_err(),
+        SessionError::NotAttached
+    );
+}
+
+#[test]
+fn reconnect_with_equal_or_lower_epoch_is_fenced() {
+    let mut reg = registry();
+    let now = Instant::now();
+    attach(&mut reg, A, params("r1", "i1", false, Some(3), &[]), now);
+    for e in [0, 2, 3] {
+        let err = reg
+            .attach(B, params("r1", "i1", true, Some(e), &[]), now)
+            .unwrap_err();
+        assert_eq!(
+            err,
+            SessionError::EpochNotGreater {
+                offered: e,
+                current: 3
+            }
+        );
+    }
+    // Nothing moved.
+    assert_eq!(reg.run_state(&run("r1")), Some(SessionState::Attached));
+}
+
+#[test]
+fn reconnect_by_another_instance_conflicts_and_unknown_run_is_expired() {
+    let mut reg = registry();
+    let now = Instant::now();
+    attach(&mut reg, A, params("r1", "i1", false, None, &[]), now);
+    assert_eq!(
+        reg.attach(B, params("r1", "other", true, Some(1), &[]), now)
+            .unwrap_err(),
+        SessionError::OtherInstance { run_id: run("r1") }
+    );
+    assert_eq!(
+        reg.attach(B, params("nobody", "i1", true, Some(1), &[]), now)
+            .unwrap_err(),
+        SessionError::Expired {
+            run_id: run("nobody")
+        }
+    );
+}
+
+#[test]
+fn leases_expire_on_time_and_heartbeats_renew_them() {
+    let mut reg = registry();
+    let t0 = Instant::now();
+    let s = attach(&mut reg, A, params("r1", "i1", false, None, &[]), t0).session;
+    assert_eq!(reg.next_deadline(), Some(t0 + TTL));
+    let t1 = t0 + Duration::from_secs(20);
+    let hb = reg
+        .heartbeat(A, &s.session_id, &s.run_id, None, t1)
+        .unwrap();
+    assert_eq!(hb.lease_deadline, t1 + TTL);
+    // The old deadline passes: nothing expires.
+    assert!(reg.expire_due(t0 + TTL + Duration::from_secs(1)).is_empty());
+    assert_eq!(reg.next_deadline(), Some(t1 + TTL));
+    // The renewed one passes: it expires, exactly once.
+    let expired = reg.expire_due(t1 + TTL);
+    assert_eq!(
+        expired,
+        vec![Expired {
+            conn: Some(A),
+            session_id: s.session_id.clone(),
+            run_id: run("r1")
+        }]
+    );
+    assert!(reg.expire_due(t1 + TTL + Duration::from_secs(1)).is_empty());
+    assert_eq!(reg.run_state(&run("r1")), Some(SessionState::Expired));
+    assert_eq!(
+        reg.heartbeat(A, &s.session_id, &s.run_id, None, t1 + TTL)
+            .unwrap_err(),
+        SessionError::Expired { run_id: run("r1") }
+    );
+    assert_eq!(
+        reg.attach(B, params("r1", "i1", true, Some(5), &[]), t1 + TTL)
+            .unwrap_err(),
+        SessionError::Expired { run_id: run("r1") }
+    );
+    // A fresh attach replaces the tombstone.
+    let again = attach(&mut reg, B, params("r1", "i1", false, None, &[]), t1 + TTL);
+    assert_ne!(again.session.session_id, s.session_id);
+}
+
+#[test]
+fn tombstones_are_forgotten_after_their_time() {
+    let mut reg = registry();
+    let t0 = Instant::now();
+    attach(&mut reg, A, params("r1", "i1", false, None, &[]), t0);
+    reg.expire_due(t0 + TTL);
+    assert_eq!(reg.counts().expired, 1);
+    reg.expire_due(t0 + TTL + Duration::from_secs(600));
+    assert_eq!(reg.counts(), Counts::default());
+    assert_eq!(reg.next_deadline(), None);
+}
+
+#[test]
+fn a_closed_socket_detaches_its_sessions_until_the_lease_ends() {
+    let mut reg = registry();
+    let t0 = Instant::now();
+    let s = attach(&mut reg, A, params("r1", "i1", false, Some(1), &[]), t0).session;
+    assert_eq!(reg.connection_closed(A), vec![run("r1")]);
+    assert_eq!(reg.run_state(&run("r1")), Some(SessionState::Detached));
+    let back = attach(
+        &mut reg,
+        B,
+        params("r1", "i1", true, Some(2), &[]),
+        t0 + Duration::from_secs(29),
+    );
+    assert_eq!(back.session.session_id, s.session_id);
+    assert_eq!(
+        back.superseded, None,
+        "nobody to tell: the old socket is gone"
+    );
+    assert_eq!(reg.run_state(&run("r1")), Some(SessionState::Attached));
+}
+
+#[test]
+fn detached_session_expires_with_no_socket_to_tell() {
+    let mut reg = registry();
+    let t0 = Instant::now();
+    attach(&mut reg, A, params("r1", "i1", false, None, &[]), t0);
+    reg.connection_closed(A);
+    let expired = reg.expire_due(t0 + TTL);
+    assert_eq!(expired.len(), 1);
+    assert_eq!(expired[0].conn, None);
+}
+
+#[test]
+fn sub_runs_need_subtasks_run_on_the_main_session() {
+    let mut reg = registry();
+    let now = Instant::now();
+    attach(&mut reg, A, params("main", "i1", false, None, &[]), now);
+    let err = reg
+        .attach(A, params("sub", "i1", false, None, &[]), now)
+        .unwrap_err();
+    assert!(matches!(err, SessionError::Forbidden(_)));
+
+    attach(
+        &mut reg,
+        B,
+        params("main2", "i2", false, None, &[Capability::SubtasksRun]),
+        now,
+    );
+    let sub = attach(&mut reg, B, params("sub2", "i2", false, None, &[]), now);
+    assert!(sub.session.is_sub_run);
+    // Another instance on the same socket is refused.
+    let err = reg
+        .attach(B, params("sub3", "other", false, None, &[]), now)
+        .unwrap_err();
+    assert!(matches!(err, SessionError::Forbidden(_)));
+}
+
+struct Family {
+    main: SessionView,
+    subs: Vec<SessionView>,
+}
+
+fn family(reg: &mut SessionRegistry, conn: ConnId, now: Instant) -> Family {
+    let main = attach(
+        reg,
+        conn,
+        params("m", "i1", false, Some(1), &[Capability::SubtasksRun]),
+        now,
+    )
+    .session;
+    let subs = ["s1", "s2"]
+        .iter()
+        .map(|r| attach(reg, conn, params(r, "i1", false, Some(1), &[]), now).session)
+        .collect();
+    Family { main, subs }
+}
+
+#[test]
+fn recover_moves_every_sub_run_to_the_reattached_main() {
+    let mut reg = registry();
+    let now = Instant::now();
+    let f = family(&mut reg, A, now);
+    let main = attach(
+        &mut reg,
+        B,
+        params("m", "i1", true, Some(2), &[Capability::SubtasksRun]),
+        now,
+    )
+    .session;
+    assert_eq!(main.session_id, f.main.session_id);
+    let moved = reg
+        .recover(B, &main.session_id, &main.run_id, None, Some(2), now)
+        .unwrap();
+    assert_eq!(moved.len(), 2);
+    assert!(moved.iter().all(|s| s.conn == A && s.new_epoch == 2));
+    for sub in &f.subs {
+        assert_eq!(
+            reg.authorize(B, &sub.session_id, &sub.run_id)
+                .unwrap()
+                .epoch,
+            2
+        );
+        assert!(matches!(
+            reg.authorize(A, &sub.session_id, &sub.run_id),
+            Err(SessionError::StaleEpoch { .. })
+        ));
+    }
+}
+
+#[test]
+fn recover_is_all_or_nothing() {
+    let mut reg = registry();
+    let now = Instant::now();
+    let f = family(&mut reg, A, now);
+    // An unrelated run that is not a sub-run of "m".
+    attach(&mut reg, C, params("stranger", "i1", false, None, &[]), now);
+    let main = attach(
+        &mut reg,
+        B,
+        params("m", "i1", true, Some(2), &[Capability::SubtasksRun]),
+        now,
+    )
+    .session;
+    let list = [run("s1"), run("stranger")];
+    let err = reg
+        .recover(B, &main.session_id, &main.run_id, Some(&list), None, now)
+        .unwrap_err();
+    assert_eq!(err.run_id, Some(run("stranger")));
+    assert!(matches!(err.error, SessionError::Forbidden(_)));
+    // s1 did not move.
+    assert!(
+        reg.authorize(A, &f.subs[0].session_id, &f.subs[0].run_id)
+            .is_ok()
+    );
+    assert_eq!(
+        reg.authorize(B, &f.subs[0].session_id, &f.subs[0].run_id)
+            .unwrap_err(),
+        SessionError::NotAttached
+    );
+
+    // An expired sub-run blocks the whole move too.
+    let missing = [run("s1"), run("gone")];
+    let err = reg
+        .recover(B, &main.session_id, &main.run_id, Some(&missing), None, now)
+        .unwrap_err();
+    assert_eq!(err.run_id, Some(run("gone")));
+    assert!(
+        reg.authorize(A, &f.subs[0].session_id, &f.subs[0].run_id)
+            .is_ok()
+    );
+}
+
+#[test]
+fn recover_refuses_a_wrong_epoch_and_a_foreign_socket() {
+    let mut reg = registry();
+    let now = Instant::now();
+    let f = family(&mut reg, A, now);
+    let main = attach(
+        &mut reg,
+        B,
+        params("m", "i1", true, Some(2), &[Capability::SubtasksRun]),
+        now,
+    )
+    .session;
+    let err = reg
+        .recover(B, &main.session_id, &main.run_id, None, Some(7), now)
+        .unwrap_err();
+    assert!(matches!(err.error, SessionError::EpochNotGreater { .. }));
+    let err = reg
+        .recover(C, &main.session_id, &main.run_id, None, None, now)
+        .unwrap_err();
+    assert_eq!(err.error, SessionError::NotAttached);
+    assert!(
+        reg.authorize(A, &f.subs[1].session_id, &f.subs[1].run_id)
+            .is_ok()
+    );
+}
+
+#[test]
+fn authorize_checks_the_run_too() {
+    let mut reg = registry();
+    let now = Instant::now();
+    let s = attach(&mut reg, A, params("r1", "i1", false, None, &[]), now).session;
+    assert_eq!(
+        reg.authorize(A, &s.session_id, &run("r2")).unwrap_err(),
+        SessionError::NotAttached
+    );
+    assert_eq!(
+        reg.authorize(A, &SessionId::generate(), &run("r1"))
+            .unwrap_err(),
+        SessionError::NotAttached
+    );
+}
+
+#[test]
+fn heartbeat_with_another_instance_is_refused() {
+    let mut reg = registry();
+    let now = Instant::now();
+    let s = attach(&mut reg, A, params("r1", "i1", false, None, &[]), now).session;
+    let other = OpaqueId::new("i2").unwrap();
+    assert_eq!(
+        reg.heartbeat(A, &s.session_id, &s.run_id, Some(&other), now)
+            .unwrap_err(),
+        SessionError::OtherInstance { run_id: run("r1") }
+    );
+}

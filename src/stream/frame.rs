@@ -1,0 +1,187 @@
+//! The bytes of the two stream pushes, `stream.events` and `stream.gap`.
+//!
+//! Every other frame is encoded by `protocol`; these two live beside the
+//! ring because a `stream.events` frame is built exactly once, at append
+//! time, and stored in the ring as the batch itself: every subscriber is
+//! sent that same [`Bytes`] (a reference-count clone), and SSE slices single
+//! events out of it. Building it later, per subscriber, in the protocol
+//! layer would mean one serialization and one copy per viewer.
+//!
+//! The encoding is written by hand rather than through serde: run ids and
+//! stream epochs are restricted to characters JSON never escapes (see
+//! [`crate::ids`] and [`super::StreamEpoch`]), and each event is already
+//! valid JSON text (it arrived as a `RawValue`), so the frame is plain
+//! concatenation and an event's bytes inside it are exactly the bytes the
+//! runtime sent.
+//! Must not parse, validate or re-encode events, and must not know about
+//! subscribers or limits.
+
+use std::ops::Range;
+
+use bytes::Bytes;
+
+/// Builds one `stream.events` frame:
+/// `{"type":"stream.events","payload":{"runId":"…","streamEpoch":"…","events":[{"offset":N,"event":…},…]}}`.
+///
+/// Events are pushed in offset order; [`FrameBuilder::push`] answers where
+/// the event's JSON landed, so the ring can slice it out later.
+pub struct FrameBuilder {
+    buf: Vec<u8>,
+    next_offset: u64,
+    count: usize,
+}
+
+const EVENTS_HEAD: &[u8] = br#"{"type":"stream.events","payload":{"runId":""#;
+const GAP_HEAD: &[u8] = br#"{"type":"stream.gap","payload":{"runId":""#;
+const EPOCH_KEY: &[u8] = br#"","streamEpoch":""#;
+const EVENTS_KEY: &[u8] = br#"","events":["#;
+const ENTRY_HEAD: &[u8] = br#"{"offset":"#;
+const ENTRY_EVENT: &[u8] = br#","event":"#;
+const EVENTS_TAIL: &[u8] = b"]}}";
+
+/// Frame bytes around each event besides its JSON and its offset's digits:
+/// `{"offset":`, `,"event":`, `}` and the separating `,`.
+const ENTRY_OVERHEAD: usize = ENTRY_HEAD.len() + ENTRY_EVENT.len() + 2;
+
+impl FrameBuilder {
+    /// Starts a frame whose first event has offset `first_offset`.
+    /// `json_bytes` and `events` size the buffer so it is allocated once.
+    pub fn new(
+        run: &str,
+        epoch: &str,
+        first_offset: u64,
+        events: usize,
+        json_bytes: usize,
+    ) -> FrameBuilder {
+        let capacity = EVENTS_HEAD.len()
+            + run.len()
+            + EPOCH_KEY.len()
+            + epoch.len()
+            + EVENTS_KEY.len()
+            + EVENTS_TAIL.len()
+            + json_bytes
+            + events * (ENTRY_OVERHEAD + 20);
+        let mut buf = Vec::with_capacity(capacity);
+        buf.extend_from_slice(EVENTS_HEAD);
+        buf.extend_from_slice(run.as_bytes());
+        buf.extend_from_slice(EPOCH_KEY);
+        buf.extend_from_slice(epoch.as_bytes());
+        buf.extend_from_slice(EVENTS_KEY);
+        FrameBuilder {
+            buf,
+            next_offset: first_offset,
+            count: 0,
+        }
+    }
+
+    /// Appends the next event (its JSON text, unchanged) and returns the
+    /// byte range it occupies in the finished frame.
+    pub fn push(&mut self, json: &[u8]) -> Range<usize> {
+        if self.count > 0 {
+            self.buf.push(b',');
+        }
+        self.buf.extend_from_slice(ENTRY_HEAD);
+        push_decimal(&mut self.buf, self.next_offset);
+        self.buf.extend_from_slice(ENTRY_EVENT);
+        let start = self.buf.len();
+        self.buf.extend_from_slice(json);
+        let end = self.buf.len();
+        self.buf.push(b'}');
+        self.next_offset += 1;
+        self.count += 1;
+        start..end
+    }
+
+    pub fn finish(mut self) -> Bytes {
+        self.buf.extend_from_slice(EVENTS_TAIL);
+        Bytes::from(self.buf)
+    }
+}
+
+/// The `stream.gap` push: the subscriber missed offsets `from..=to`
+/// (`toOffset` is inclusive: the last offset it will never see).
+pub fn gap_frame(run: &str, epoch: &str, from: u64, to: u64) -> Bytes {
+    let mut buf = Vec::with_capacity(GAP_HEAD.len() + run.len() + epoch.len() + 80);
+    buf.extend_from_slice(GAP_HEAD);
+    buf.extend_from_slice(run.as_bytes());
+    buf.extend_from_slice(EPOCH_KEY);
+    buf.extend_from_slice(epoch.as_bytes());
+    buf.extend_from_slice(br#"","fromOffset":"#);
+    push_decimal(&mut buf, from);
+    buf.extend_from_slice(br#","toOffset":"#);
+    push_decimal(&mut buf, to);
+    buf.extend_from_slice(b"}}");
+    Bytes::from(buf)
+}
+
+/// Writes `n` in decimal without going through `fmt` (which would allocate
+/// or need a `Write` adapter per event).
+fn push_decimal(buf: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    buf.extend_from_slice(&digits[i..]);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::Value;
+
+    #[test]
+    fn events_frame_is_valid_json_with_raw_events_in_place() {
+        let events = [
+            r#"{"type":"a","data":{"x":[1, 2]}}"#,
+            r#"{"type":"b" , "seq":7}"#,
+            "\"é\\n\"",
+        ];
+        let total: usize = events.iter().map(|e| e.len()).sum();
+        let mut b = FrameBuilder::new("run-1", "00ff", u64::MAX - 3, events.len(), total);
+        let ranges: Vec<_> = events.iter().map(|e| b.push(e.as_bytes())).collect();
+        let frame = b.finish();
+        for (e, r) in events.iter().zip(&ranges) {
+            assert_eq!(&frame[r.clone()], e.as_bytes());
+        }
+        let v: Value = serde_json::from_slice(&frame).unwrap();
+        assert_eq!(v["type"], "stream.events");
+        assert_eq!(v["payload"]["runId"], "run-1");
+        assert_eq!(v["payload"]["streamEpoch"], "00ff");
+        let evs = v["payload"]["events"].as_array().unwrap();
+        assert_eq!(evs.len(), 3);
+        assert_eq!(evs[0]["offset"].as_u64(), Some(u64::MAX - 3));
+        assert_eq!(evs[2]["offset"].as_u64(), Some(u64::MAX - 1));
+        assert_eq!(evs[1]["event"]["seq"], 7);
+    }
+
+    #[test]
+    fn empty_events_frame_is_valid() {
+        let frame = FrameBuilder::new("r", "e", 0, 0, 0).finish();
+        let v: Value = serde_json::from_slice(&frame).unwrap();
+        assert_eq!(v["payload"]["events"].as_array().map(Vec::len), Some(0));
+    }
+
+    #[test]
+    fn gap_frame_shape() {
+        let v: Value = serde_json::from_slice(&gap_frame("r:1", "ab", 0, 41)).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"type":"stream.gap","payload":{"runId":"r:1","streamEpoch":"ab","fromOffset":0,"toOffset":41}})
+        );
+    }
+
+    #[test]
+    fn decimals() {
+        for n in [0u64, 7, 10, 99, 100, 123_456_789, u64::MAX] {
+            let mut buf = Vec::new();
+            push_decimal(&mut buf, n);
+            assert_eq!(buf, n.to_string().as_bytes());
+        }
+    }
+}

@@ -1,0 +1,1045 @@
+//! All runs' streams in memory: publish, resume, subscriptions, lifecycle
+//! and the global byte budget.
+//!
+//! Owns the map from run to stream, each stream's lock and wake-up, the
+//! total byte count across runs, and the policy for dropping whole streams
+//! (retention after the session ended, global budget). The history itself
+//! is a [`Ring`] per run.
+//! Must not read a clock (`now` comes in), spawn tasks or know about
+//! sockets: the gateway drives [`StreamHub::sweep`] from its own timer and
+//! turns [`Delivery`] values into socket writes.
+//!
+//! Locking: the map's shard lock may be held while taking a stream's lock
+//! (dropping a stream decides and closes it atomically inside
+//! `DashMap::remove_if`), never the other way round. A stream's lock is
+//! held only to append, to read one delivery, or to change lifecycle
+//! state; no lock is held across an `.await`.
+
+use std::future::Future;
+use std::pin::{Pin, pin};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use dashmap::DashMap;
+use parking_lot::{Mutex, RwLock};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use super::ring::{Read, Ring, RingLimits};
+use super::{
+    Delivery, EventDelivery, NewEvent, PublishOutcome, ResumeInfo, StreamEngine, StreamError,
+    StreamFuture, StreamLimits, StreamSubscription, StreamSummary, SweepOutcome,
+};
+use crate::ids::RunId;
+
+/// One run's stream as the hub shares it with subscriptions.
+struct RunStream {
+    state: RwLock<StreamState>,
+    /// Woken (all waiters) after every append that accepted events and when
+    /// the stream is dropped from the hub.
+    notify: Notify,
+}
+
+struct StreamState {
+    ring: Ring,
+    /// Set once, when the hub drops this stream (retention or budget).
+    /// Subscriptions still holding it get [`Delivery::Closed`]; a publisher
+    /// that finds it set goes back to the map for the run's new stream.
+    closed: bool,
+    /// `None` while a session for the run is active; otherwise when the
+    /// stream became idle (session ended, or created by a resume alone).
+    idle_since: Option<Instant>,
+    /// The last publish that accepted events (creation time before that):
+    /// the budget drops the least recently published streams first.
+    last_publish: Instant,
+}
+
+impl RunStream {
+    fn new(ring: Ring, idle_since: Option<Instant>, now: Instant) -> RunStream {
+        RunStream {
+            state: RwLock::new(StreamState {
+                ring,
+                closed: false,
+                idle_since,
+                last_publish: now,
+            }),
+            notify: Notify::new(),
+        }
+    }
+}
+
+/// How a stream comes into being when an operation finds none.
+#[derive(Clone, Copy)]
+enum Origin {
+    /// By a publish or session start: a session is active.
+    Session,
+    /// By a resume: nobody publishes yet.
+    Viewer,
+}
+
+/// The in-memory [`StreamEngine`]: one ring per run. Shared as
+/// `Arc<StreamHub>`; every method takes `&self`.
+pub struct StreamHub {
+    streams: DashMap<RunId, Arc<RunStream>>,
+    limits: StreamLimits,
+    /// Sum of every live stream's [`Ring::bytes`]. Changed only while
+    /// holding that stream's write lock, so it never counts a dropped ring.
+    total_bytes: AtomicUsize,
+    /// Serializes budget enforcement: concurrent publishes over budget need
+    /// one pass, not one each.
+    budget: Mutex<()>,
+    /// Events evicted by per-run bounds or the global budget (for metrics).
+    evicted_events: AtomicU64,
+}
+
+impl StreamHub {
+    pub fn new(limits: StreamLimits) -> StreamHub {
+        StreamHub {
+            streams: DashMap::new(),
+            limits,
+            total_bytes: AtomicUsize::new(0),
+            budget: Mutex::new(()),
+            evicted_events: AtomicU64::new(0),
+        }
+    }
+
+    pub fn limits(&self) -> &StreamLimits {
+        &self.limits
+    }
+
+    /// Bytes held by all streams (see [`Ring::bytes`]).
+    pub fn total_bytes(&self) -> usize {
+        self.total_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Events evicted so far, by per-run bounds or the global budget.
+    pub fn evicted_events(&self) -> u64 {
+        self.evicted_events.load(Ordering::Relaxed)
+    }
+
+    /// How many runs have a stream.
+    pub fn len(&self) -> usize {
+        self.streams.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.streams.is_empty()
+    }
+
+    fn ring_limits(&self) -> RingLimits {
+        RingLimits {
+            max_events: self.limits.max_events_per_run,
+            max_bytes: self.limits.max_bytes_per_run,
+        }
+    }
+
+    fn get_or_create(&self, run: &RunId, origin: Origin, now: Instant) -> Arc<RunStream> {
+        if let Some(s) = self.streams.get(run) {
+            return s.clone();
+        }
+        self.streams
+            .entry(run.clone())
+            .or_insert_with(|| {
+                let idle_since = match origin {
+                    Origin::Session => None,
+                    Origin::Viewer => Some(now),
+                };
+                Arc::new(RunStream::new(
+                    Ring::new(run.clone(), self.ring_limits()),
+                    idle_since,
+                    now,
+                ))
+            })
+            .clone()
+    }
+
+    /// Appends `events` to `run`'s stream (creating it if needed) as one
+    /// atomic batch, then wakes its subscribers. See [`Ring::append`] for
+    /// `seq` de-duplication and when a batch is [`StreamError::TooLarge`].
+    pub fn publish<'a>(
+        &self,
+        run: &RunId,
+        events: impl IntoIterator<Item = NewEvent<'a>>,
+        now: Instant,
+    ) -> Result<PublishOutcome, StreamError> {
+        let events: Vec<NewEvent<'a>> = events.into_iter().collect();
+        let (stream, appended, next_offset) = loop {
+            let stream = self.get_or_create(run, Origin::Session, now);
+            let mut state = stream.state.write();
+            if state.closed {
+                // Dropped between the map lookup and the lock: the map has
+                // no entry for it any more, so the next lookup makes a new one.
+                continue;
+            }
+            let before = state.ring.bytes();
+            let appended = state.ring.append(&events)?;
+            self.account(before, state.ring.bytes());
+            if appended.accepted > 0 {
+                state.last_publish = now;
+            }
+            let next_offset = state.ring.next_offset();
+            drop(state);
+            break (stream, appended, next_offset);
+        };
+        self.evicted_events
+            .fetch_add(appended.evicted, Ordering::Relaxed);
+        if appended.accepted > 0 {
+            stream.notify.notify_waiters();
+        }
+        if self.total_bytes() > self.limits.global_max_bytes {
+            self.enforce_budget();
+        }
+        Ok(PublishOutcome {
+            first_offset: appended.first_offset,
+            accepted: appended.accepted,
+            duplicates: appended.duplicates,
+            next_offset,
+        })
+    }
+
+    /// Moves the global count from a ring's old size to its new one. Call
+    /// only under that ring's write lock.
+    fn account(&self, before: usize, after: usize) {
+        if after >= before {
+            self.total_bytes
+                .fetch_add(after - before, Ordering::Relaxed);
+        } else {
+            self.total_bytes
+                .fetch_sub(before - after, Ordering::Relaxed);
+        }
+    }
+
+    /// Starts a subscription to `run`'s stream; creates an empty stream if
+    /// the run has none yet, so its epoch is fixed from now on and its first
+    /// events reach this subscriber.
+    ///
+    /// Where it starts (`start_offset`), with `first`/`next` the kept range:
+    ///
+    /// | request | start | truncated |
+    /// |---|---|---|
+    /// | no `from_offset` | `next` (live only) | epoch given and different |
+    /// | epoch given and different | `first` | true |
+    /// | `from_offset < first` | `first` | true |
+    /// | `first <= from_offset <= next` | `from_offset` | false |
+    /// | `from_offset > next`, epoch given (and equal) | `next` | false |
+    /// | `from_offset > next`, no epoch | `first` | true |
+    ///
+    /// A client can only have seen offsets beyond the head in another epoch's
+    /// history. Without an epoch to compare (SSE's `Last-Event-ID`, say)
+    /// that is the only explanation, so it is treated like an epoch change:
+    /// replay what is kept. With the same epoch it is a client bug; clamping
+    /// to the head neither invents nor repeats anything.
+    pub fn resume(
+        &self,
+        run: &RunId,
+        from_offset: Option<u64>,
+        epoch: Option<&str>,
+        now: Instant,
+    ) -> (ResumeInfo, Subscription) {
+        loop {
+            let stream = self.get_or_create(run, Origin::Viewer, now);
+            let state = stream.state.read();
+            if state.closed {
+                continue;
+            }
+            let ring = &state.ring;
+            let (first, next) = (ring.first_offset(), ring.next_offset());
+            let epoch_differs = epoch.is_some_and(|e| e != ring.epoch().as_str());
+            let (start_offset, truncated) = match from_offset {
+                None => (next, epoch_differs),
+                Some(_) if epoch_differs => (first, true),
+                Some(from) if from < first => (first, true),
+                Some(from) if from <= next => (from, false),
+                Some(_) if epoch.is_some() => (next, false),
+                Some(_) => (first, true),
+            };
+            let info = ResumeInfo {
+                run_id: run.clone(),
+                stream_epoch: ring.epoch().clone(),
+                first_offset: first,
+                next_offset: next,
+                start_offset,
+                truncated,
+            };
+            drop(state);
+            let sub = Subscription {
+                stream,
+                cursor: start_offset,
+                max_events: self.limits.max_events_per_delivery,
+            };
+            return (info, sub);
+        }
+    }
+
+    /// The kept range of every run's stream, ordered by run id.
+    pub fn runs(&self) -> Vec<StreamSummary> {
+        let mut all: Vec<StreamSummary> = self
+            .streams
+            .iter()
+            .map(|entry| summarize(&entry.value().state.read().ring))
+            .collect();
+        all.sort_by(|a, b| a.run_id.cmp(&b.run_id));
+        all
+    }
+
+    /// The kept range of `run`'s stream, if it has one.
+    pub fn summary(&self, run: &RunId) -> Option<StreamSummary> {
+        let stream = self.streams.get(run)?.clone();
+        let state = stream.state.read();
+        Some(summarize(&state.ring))
+    }
+
+    /// A session for `run` became active: its stream is kept regardless of
+    /// retention until [`StreamHub::session_ended`]. Creates the stream if
+    /// needed, so viewers that resume before the first publish share its epoch.
+    pub fn session_started(&self, run: &RunId, now: Instant) {
+        loop {
+            let stream = self.get_or_create(run, Origin::Session, now);
+            let mut state = stream.state.write();
+            if !state.closed {
+                state.idle_since = None;
+                return;
+            }
+        }
+    }
+
+    /// `run`'s session ended (expired or closed for good): retention starts
+    /// counting now.
+    pub fn session_ended(&self, run: &RunId, now: Instant) {
+        let stream = self.streams.get(run).map(|s| s.clone());
+        if let Some(stream) = stream {
+            let mut state = stream.state.write();
+            if state.idle_since.is_none() {
+                state.idle_since = Some(now);
+            }
+        }
+    }
+
+    /// Drops streams idle for at least the retention period, then holds
+    /// the global byte budget (see [`StreamHub::enforce_budget`]).
+    ///
+    /// An idle stream that holds no events but has subscribers is kept:
+    /// dropping it frees nothing and would only send a dashboard that waits
+    /// for a run to start a needless `Closed`.
+    pub fn sweep(&self, now: Instant) -> SweepOutcome {
+        let retention = self.limits.retention;
+        let candidates: Vec<(RunId, Arc<RunStream>)> = self
+            .streams
+            .iter()
+            .filter(|e| {
+                let state = e.value().state.read();
+                state
+                    .idle_since
+                    .is_some_and(|since| now.saturating_duration_since(since) >= retention)
+            })
+            .map(|e| (e.key().clone(), e.value().clone()))
+            .collect();
+        let mut expired = 0;
+        for (run, stream) in candidates {
+            let dropped = self.drop_stream(&run, &stream, |s, state| {
+                let expired = state
+                    .idle_since
+                    .is_some_and(|since| now.saturating_duration_since(since) >= retention);
+                // The map holds one reference and `candidates` another.
+                let watched = Arc::strong_count(s) > 2;
+                expired && !(state.ring.is_empty() && watched)
+            });
+            if dropped {
+                expired += 1;
+            }
+        }
+        let budget = self.enforce_budget();
+        SweepOutcome {
+            expired_streams: expired,
+            ..budget
+        }
+    }
+
+    /// Brings total bytes within `global_max_bytes`: drops whole idle
+    /// streams, least recently published first; if still over, evicts the
+    /// oldest events of active streams, least recently published first.
+    /// Does nothing if another call is already at it.
+    fn enforce_budget(&self) -> SweepOutcome {
+        let mut outcome = SweepOutcome::default();
+        let Some(_guard) = self.budget.try_lock() else {
+            return outcome;
+        };
+        let limit = self.limits.global_max_bytes;
+        if self.total_bytes() <= limit {
+            return outcome;
+        }
+        let mut idle = Vec::new();
+        let mut active = Vec::new();
+        for entry in self.streams.iter() {
+            let state = entry.value().state.read();
+            if state.ring.bytes() == 0 {
+                continue;
+            }
+            let item = (
+                state.last_publish,
+                entry.key().clone(),
+                entry.value().clone(),
+            );
+            if state.idle_since.is_some() {
+                idle.push(item);
+            } else {
+                active.push(item);
+            }
+        }
+        idle.sort_by_key(|(at, _, _)| *at);
+        active.sort_by_key(|(at, _, _)| *at);
+
+        for (_, run, stream) in &idle {
+            if self.total_bytes() <= limit {
+                return outcome;
+            }
+            if self.drop_stream(run, stream, |_, state| state.idle_since.is_some()) {
+                outcome.evicted_streams += 1;
+            }
+        }
+        for (_, _, stream) in &active {
+            let over = self.total_bytes().saturating_sub(limit);
+            if over == 0 {
+                break;
+            }
+            let mut state = stream.state.write();
+            if state.closed {
+                continue;
+            }
+            let before = state.ring.bytes();
+            let (events, _) = state.ring.trim(over);
+            self.account(before, state.ring.bytes());
+            drop(state);
+            // Subscribers waiting at the head are unaffected; the others
+            // find the gap on their next read, so nobody needs waking.
+            outcome.trimmed_events += events;
+            self.evicted_events.fetch_add(events, Ordering::Relaxed);
+        }
+        outcome
+    }
+
+    /// Removes `stream` from the map if it is still `run`'s stream and
+    /// `keep_going` agrees (checked under the stream's lock, so no publish
+    /// slips in between), frees its events and wakes its subscribers with
+    /// `Closed`. Returns whether it was dropped.
+    fn drop_stream(
+        &self,
+        run: &RunId,
+        stream: &Arc<RunStream>,
+        keep_going: impl FnOnce(&Arc<RunStream>, &StreamState) -> bool,
+    ) -> bool {
+        let removed = self.streams.remove_if(run, |_, current| {
+            if !Arc::ptr_eq(current, stream) {
+                return false;
+            }
+            let mut state = current.state.write();
+            if state.closed || !keep_going(current, &state) {
+                return false;
+            }
+            state.closed = true;
+            let before = state.ring.bytes();
+            state.ring.clear();
+            self.account(before, 0);
+            true
+        });
+        if removed.is_some() {
+            stream.notify.notify_waiters();
+        }
+        removed.is_some()
+    }
+}
+
+fn summarize(ring: &Ring) -> StreamSummary {
+    StreamSummary {
+        run_id: ring.run().clone(),
+        stream_epoch: ring.epoch().clone(),
+        first_offset: ring.first_offset(),
+        next_offset: ring.next_offset(),
+    }
+}
+
+/// A reader of one run's stream: nothing but the stream and a cursor.
+///
+/// There is no replay phase and no per-subscriber queue: each
+/// [`Subscription::next`] reads the ring from the cursor, and a slow reader
+/// costs nothing until it reads again (by then it may get a gap).
+pub struct Subscription {
+    stream: Arc<RunStream>,
+    /// The next offset this subscriber is owed.
+    cursor: u64,
+    max_events: usize,
+}
+
+impl Subscription {
+    /// The next offset this subscriber will be sent.
+    pub fn cursor(&self) -> u64 {
+        self.cursor
+    }
+
+    /// Waits until there is something for the cursor and returns it: frames
+    /// covering the next (up to about `max_events_per_delivery`) events, a
+    /// gap, or `Closed` once the stream was dropped from the hub (history
+    /// gone; resume again for the run's new stream).
+    ///
+    /// Cancel-safe: the cursor moves only when a delivery is returned, so
+    /// dropping the future (in a `select!`) loses nothing.
+    pub async fn next(&mut self) -> Delivery {
+        let max = self.max_events;
+        self.wait(|ring, cursor| match ring.read_frames(cursor, max) {
+            Read::UpToDate => None,
+            Read::Gap {
+                from,
+                to,
+                resume_at,
+            } => Some((
+                Delivery::Gap {
+                    frame: ring.gap_frame(from, to),
+                    from,
+                    to,
+                },
+                resume_at,
+            )),
+            Read::Items { items, next_cursor } => Some((Delivery::Frames(items), next_cursor)),
+        })
+        .await
+        .unwrap_or(Delivery::Closed)
+    }
+
+    /// As [`Subscription::next`], but single events (for SSE) instead of
+    /// frames; each event's JSON is a slice of the stored frame.
+    pub async fn next_events(&mut self) -> EventDelivery {
+        let max = self.max_events;
+        self.wait(|ring, cursor| match ring.read_events(cursor, max) {
+            Read::UpToDate => None,
+            Read::Gap {
+                from,
+                to,
+                resume_at,
+            } => Some((EventDelivery::Gap { from, to }, resume_at)),
+            Read::Items { items, next_cursor } => Some((EventDelivery::Events(items), next_cursor)),
+        })
+        .await
+        .unwrap_or(EventDelivery::Closed)
+    }
+
+    /// The race-free wait: register for the wake-up, *then* look at the
+    /// ring, and sleep only if there was nothing. An append that lands after
+    /// the look finds this waiter registered and wakes it; one that landed
+    /// before is seen by the look. `None` means the stream was closed.
+    async fn wait<T>(&mut self, mut read: impl FnMut(&Ring, u64) -> Option<(T, u64)>) -> Option<T> {
+        loop {
+            let mut notified = pin!(self.stream.notify.notified());
+            notified.as_mut().enable();
+            {
+                let state = self.stream.state.read();
+                if state.closed {
+                    return None;
+                }
+                if let Some((delivery, next_cursor)) = read(&state.ring, self.cursor) {
+                    self.cursor = next_cursor;
+                    return Some(delivery);
+                }
+            }
+            notified.await;
+        }
+    }
+}
+
+impl StreamSubscription for Subscription {
+    fn next(&mut self) -> Pin<Box<dyn Future<Output = Delivery> + Send + '_>> {
+        Box::pin(Subscription::next(self))
+    }
+
+    fn next_events(&mut self) -> Pin<Box<dyn Future<Output = EventDelivery> + Send + '_>> {
+        Box::pin(Subscription::next_events(self))
+    }
+
+    fn cursor(&self) -> u64 {
+        self.cursor
+    }
+}
+
+impl StreamEngine for StreamHub {
+    fn publish(
+        &self,
+        run: &RunId,
+        events: &[NewEvent<'_>],
+        now: Instant,
+    ) -> StreamFuture<Result<PublishOutcome, StreamError>> {
+        let result = StreamHub::publish(self, run, events.iter().copied(), now);
+        Box::pin(std::future::ready(result))
+    }
+
+    fn resume(
+        &self,
+        run: &RunId,
+        from_offset: Option<u64>,
+        epoch: Option<&str>,
+        now: Instant,
+    ) -> StreamFuture<Result<(ResumeInfo, Box<dyn StreamSubscription>), StreamError>> {
+        let (info, sub) = StreamHub::resume(self, run, from_offset, epoch, now);
+        let sub: Box<dyn StreamSubscription> = Box::new(sub);
+        Box::pin(std::future::ready(Ok((info, sub))))
+    }
+
+    fn runs(&self) -> StreamFuture<Vec<StreamSummary>> {
+        Box::pin(std::future::ready(StreamHub::runs(self)))
+    }
+
+    fn summary(&self, run: &RunId) -> StreamFuture<Option<StreamSummary>> {
+        Box::pin(std::future::ready(StreamHub::summary(self, run)))
+    }
+
+    fn session_started(&self, run: &RunId, now: Instant) {
+        StreamHub::session_started(self, run, now);
+    }
+
+    fn session_ended(&self, run: &RunId, now: Instant) {
+        StreamHub::session_ended(self, run, now);
+    }
+
+    fn sweep(&self, now: Instant) -> SweepOutcome {
+        StreamHub::sweep(self, now)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use futures_util::FutureExt;
+
+    use super::*;
+    use crate::stream::tests::decode;
+
+    fn run(name: &str) -> RunId {
+        RunId::new(name).unwrap()
+    }
+
+    fn ev(i: u64) -> String {
+        format!(r#"{{"type":"t","data":{i}}}"#)
+    }
+
+    fn publish(
+        hub: &StreamHub,
+        r: &RunId,
+        range: std::ops::Range<u64>,
+        now: Instant,
+    ) -> PublishOutcome {
+        let texts: Vec<String> = range.map(ev).collect();
+        hub.publish(
+            r,
+            texts.iter().map(|t| NewEvent { json: t, seq: None }),
+            now,
+        )
+        .unwrap()
+    }
+
+    fn frames(d: Delivery) -> Vec<Bytes> {
+        match d {
+            Delivery::Frames(f) => f,
+            other => panic!("expected frames, got {other:?}"),
+        }
+    }
+
+    fn offsets(frames: &[Bytes]) -> Vec<u64> {
+        frames
+            .iter()
+            .flat_map(|f| decode(f))
+            .map(|(o, _)| o)
+            .collect()
+    }
+
+    fn small(max_events: usize) -> StreamLimits {
+        StreamLimits {
+            max_events_per_run: max_events,
+            ..StreamLimits::default()
+        }
+    }
+
+    #[test]
+    fn hub_and_subscriptions_are_shareable() {
+        fn send_sync<T: Send + Sync>() {}
+        fn send<T: Send>(_: &T) {}
+        send_sync::<StreamHub>();
+        send_sync::<Arc<dyn StreamEngine>>();
+        let hub = StreamHub::new(StreamLimits::default());
+        let (_, mut sub) = hub.resume(&run("r"), None, None, Instant::now());
+        send(&sub.next());
+        send(&sub.next_events());
+    }
+
+    #[test]
+    fn resume_at_head_then_receive_next_publish() {
+        let hub = StreamHub::new(StreamLimits::default());
+        let r = run("r");
+        let now = Instant::now();
+        publish(&hub, &r, 0..3, now);
+        let (info, mut sub) = hub.resume(&r, Some(3), None, now);
+        assert_eq!((info.start_offset, info.truncated), (3, false));
+        assert!(sub.next().now_or_never().is_none());
+        publish(&hub, &r, 3..5, now);
+        assert_eq!(
+            offsets(&frames(sub.next().now_or_never().unwrap())),
+            vec![3, 4]
+        );
+        assert!(sub.next().now_or_never().is_none());
+        assert_eq!(sub.cursor(), 5);
+    }
+
+    #[tokio::test]
+    async fn resume_before_the_run_exists_then_first_events_arrive() {
+        let hub = Arc::new(StreamHub::new(StreamLimits::default()));
+        let r = run("not-yet");
+        assert!(hub.summary(&r).is_none());
+        let (info, mut sub) = hub.resume(&r, None, None, Instant::now());
+        assert_eq!(
+            (info.first_offset, info.next_offset, info.start_offset),
+            (0, 0, 0)
+        );
+        assert!(!info.truncated);
+        // The stream now exists with that epoch, so a publish lands in it.
+        assert_eq!(hub.summary(&r).unwrap().stream_epoch, info.stream_epoch);
+        let waiter = tokio::spawn(async move { sub.next().await });
+        tokio::task::yield_now().await;
+        let texts = [r#"{"type":"first"}"#];
+        hub.publish(
+            &r,
+            texts.iter().map(|t| NewEvent {
+                json: t,
+                seq: Some(1),
+            }),
+            Instant::now(),
+        )
+        .unwrap();
+        let got = frames(waiter.await.unwrap());
+        assert_eq!(decode(&got[0]), vec![(0, texts[0].to_owned())]);
+    }
+
+    #[tokio::test]
+    async fn a_waiting_subscriber_is_woken_by_every_publish() {
+        let hub = Arc::new(StreamHub::new(StreamLimits::default()));
+        let r = run("r");
+        let (_, mut sub) = hub.resume(&r, Some(0), None, Instant::now());
+        let reader = tokio::spawn(async move {
+            let mut seen = Vec::new();
+            while seen.len() < 200 {
+                seen.extend(offsets(&frames(sub.next().await)));
+            }
+            seen
+        });
+        for i in 0..100 {
+            publish(&hub, &r, i * 2..i * 2 + 2, Instant::now());
+            if i % 7 == 0 {
+                tokio::task::yield_now().await;
+            }
+        }
+        assert_eq!(reader.await.unwrap(), (0..200).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn all_subscribers_at_a_boundary_share_one_frame() {
+        let hub = StreamHub::new(StreamLimits::default());
+        let r = run("r");
+        let now = Instant::now();
+        let mut subs: Vec<Subscription> =
+            (0..10).map(|_| hub.resume(&r, None, None, now).1).collect();
+        publish(&hub, &r, 0..100, now);
+        let got: Vec<Bytes> = subs
+            .iter_mut()
+            .map(|s| frames(s.next().now_or_never().unwrap()).remove(0))
+            .collect();
+        for f in &got {
+            assert_eq!(f.as_ptr(), got[0].as_ptr());
+            assert_eq!(f.len(), got[0].len());
+        }
+        // A resume from 0 later still gets the very same bytes.
+        let (_, mut late) = hub.resume(&r, Some(0), None, now);
+        assert_eq!(
+            frames(late.next().now_or_never().unwrap())[0].as_ptr(),
+            got[0].as_ptr()
+        );
+        // Mid-batch: a fresh frame, same events.
+        let (_, mut mid) = hub.resume(&r, Some(40), None, now);
+        let f = frames(mid.next().now_or_never().unwrap());
+        assert_ne!(f[0].as_ptr(), got[0].as_ptr());
+        assert_eq!(offsets(&f), (40..100).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn resume_rules() {
+        let hub = StreamHub::new(small(5));
+        let r = run("r");
+        let now = Instant::now();
+        publish(&hub, &r, 0..4, now);
+        publish(&hub, &r, 4..8, now); // keeps 3..8
+        let s = hub.summary(&r).unwrap();
+        assert_eq!((s.first_offset, s.next_offset), (3, 8));
+        let epoch = s.stream_epoch.to_string();
+        let wrong = "f".repeat(32);
+        let case = |from, e: Option<&str>| {
+            let (i, sub) = hub.resume(&r, from, e, now);
+            assert_eq!(sub.cursor(), i.start_offset);
+            assert_eq!((i.first_offset, i.next_offset), (3, 8));
+            (i.start_offset, i.truncated)
+        };
+        assert_eq!(case(None, None), (8, false));
+        assert_eq!(case(None, Some(&epoch)), (8, false));
+        assert_eq!(case(None, Some(&wrong)), (8, true));
+        assert_eq!(case(Some(5), Some(&wrong)), (3, true));
+        assert_eq!(case(Some(0), Some(&epoch)), (3, true));
+        assert_eq!(case(Some(2), None), (3, true));
+        assert_eq!(case(Some(3), None), (3, false));
+        assert_eq!(case(Some(6), Some(&epoch)), (6, false));
+        assert_eq!(case(Some(8), Some(&epoch)), (8, false));
+        assert_eq!(case(Some(50), Some(&epoch)), (8, false));
+        assert_eq!(case(Some(50), None), (3, true));
+    }
+
+    #[test]
+    fn too_large_batches_are_refused_whole() {
+        let hub = StreamHub::new(small(5));
+        let r = run("r");
+        let texts: Vec<String> = (0..6).map(ev).collect();
+        let err = hub
+            .publish(
+                &r,
+                texts.iter().map(|t| NewEvent { json: t, seq: None }),
+                Instant::now(),
+            )
+            .unwrap_err();
+        assert!(matches!(
+            err,
+            StreamError::TooLarge {
+                events: 6,
+                max_events: 5,
+                ..
+            }
+        ));
+        assert_eq!(hub.summary(&r).unwrap().next_offset, 0);
+        assert_eq!(hub.total_bytes(), 0);
+    }
+
+    #[test]
+    fn slow_subscriber_gets_exact_gap_then_continues() {
+        let hub = StreamHub::new(small(4));
+        let r = run("r");
+        let now = Instant::now();
+        let (_, mut slow) = hub.resume(&r, Some(0), None, now);
+        for i in 0..5 {
+            publish(&hub, &r, i * 2..i * 2 + 2, now);
+        }
+        match slow.next().now_or_never().unwrap() {
+            Delivery::Gap { frame, from, to } => {
+                assert_eq!((from, to), (0, 5));
+                let v: serde_json::Value = serde_json::from_slice(&frame).unwrap();
+                assert_eq!(v["type"], "stream.gap");
+                assert_eq!(v["payload"]["runId"], "r");
+                assert_eq!(v["payload"]["fromOffset"], 0);
+                assert_eq!(v["payload"]["toOffset"], 5);
+            }
+            other => panic!("expected a gap, got {other:?}"),
+        }
+        assert_eq!(
+            offsets(&frames(slow.next().now_or_never().unwrap())),
+            vec![6, 7, 8, 9]
+        );
+        // SSE readers see the same gap.
+        let (_, mut sse) = hub.resume(&r, Some(6), None, now);
+        publish(&hub, &r, 10..13, now);
+        assert_eq!(
+            sse.next_events().now_or_never().unwrap(),
+            EventDelivery::Gap { from: 6, to: 8 }
+        );
+        let EventDelivery::Events(events) = sse.next_events().now_or_never().unwrap() else {
+            panic!("expected events")
+        };
+        assert_eq!(
+            events.iter().map(|e| e.offset).collect::<Vec<_>>(),
+            vec![9, 10, 11, 12]
+        );
+        assert_eq!(&events[1].json[..], ev(10).as_bytes());
+    }
+
+    #[test]
+    fn retention_drops_idle_streams_and_closes_subscribers() {
+        let limits = StreamLimits {
+            retention: Duration::from_secs(60),
+            ..StreamLimits::default()
+        };
+        let hub = StreamHub::new(limits);
+        let r = run("r");
+        let t0 = Instant::now();
+        hub.session_started(&r, t0);
+        publish(&hub, &r, 0..3, t0);
+        let old_epoch = hub.summary(&r).unwrap().stream_epoch;
+        let (_, mut sub) = hub.resume(&r, None, None, t0);
+        // Active sessions are never expired.
+        assert_eq!(hub.sweep(t0 + Duration::from_secs(3600)).expired_streams, 0);
+        hub.session_ended(&r, t0 + Duration::from_secs(10));
+        assert_eq!(hub.sweep(t0 + Duration::from_secs(69)).expired_streams, 0);
+        assert!(sub.next().now_or_never().is_none());
+        assert_eq!(hub.sweep(t0 + Duration::from_secs(70)).expired_streams, 1);
+        assert!(hub.summary(&r).is_none());
+        assert_eq!(hub.total_bytes(), 0);
+        assert_eq!(sub.next().now_or_never(), Some(Delivery::Closed));
+        assert_eq!(
+            sub.next_events().now_or_never(),
+            Some(EventDelivery::Closed)
+        );
+        // The run's next stream is a new history.
+        let (info, _) = hub.resume(&r, Some(3), Some(old_epoch.as_str()), t0);
+        assert_ne!(info.stream_epoch, old_epoch);
+        assert_eq!(
+            (info.start_offset, info.next_offset, info.truncated),
+            (0, 0, true)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_waiting_subscriber_is_woken_with_closed() {
+        let limits = StreamLimits {
+            retention: Duration::ZERO,
+            ..StreamLimits::default()
+        };
+        let hub = StreamHub::new(limits);
+        let r = run("r");
+        let now = Instant::now();
+        publish(&hub, &r, 0..1, now);
+        let (_, mut sub) = hub.resume(&r, None, None, now);
+        let waiter = tokio::spawn(async move { sub.next().await });
+        tokio::task::yield_now().await;
+        hub.session_ended(&r, now);
+        assert_eq!(hub.sweep(now).expired_streams, 1);
+        assert_eq!(waiter.await.unwrap(), Delivery::Closed);
+    }
+
+    #[test]
+    fn an_empty_watched_stream_outlives_retention() {
+        let limits = StreamLimits {
+            retention: Duration::from_secs(1),
+            ..StreamLimits::default()
+        };
+        let hub = StreamHub::new(limits);
+        let r = run("later");
+        let now = Instant::now();
+        let (info, sub) = hub.resume(&r, None, None, now);
+        let later = now + Duration::from_secs(5);
+        assert_eq!(hub.sweep(later).expired_streams, 0);
+        assert_eq!(hub.summary(&r).unwrap().stream_epoch, info.stream_epoch);
+        drop(sub);
+        assert_eq!(hub.sweep(later).expired_streams, 1);
+    }
+
+    #[test]
+    fn global_budget_drops_idle_streams_first_then_trims_active() {
+        // Measure one 10-event frame (run ids all 6 characters long, so
+        // every stream's frame has this size), then allow three and a half.
+        let probe = StreamHub::new(StreamLimits::default());
+        publish(&probe, &run("same-6"), 0..10, Instant::now());
+        let one = probe.total_bytes();
+        let limits = StreamLimits {
+            global_max_bytes: one * 3 + one / 2,
+            ..StreamLimits::default()
+        };
+        let hub = StreamHub::new(limits);
+        let t0 = Instant::now();
+        let at = |s| t0 + Duration::from_secs(s);
+        let (idle_old, idle_new, active_old, active_new) =
+            (run("idle-1"), run("idle-2"), run("actv-1"), run("actv-2"));
+        publish(&hub, &active_old, 0..10, at(1));
+        publish(&hub, &idle_old, 0..10, at(2));
+        publish(&hub, &idle_new, 0..10, at(3));
+        hub.session_ended(&idle_old, at(4));
+        hub.session_ended(&idle_new, at(4));
+        let (_, mut watcher) = hub.resume(&idle_old, Some(0), None, at(4));
+        assert_eq!(hub.total_bytes(), one * 3);
+        // Over budget: the least recently published idle stream goes.
+        publish(&hub, &active_new, 0..10, at(5));
+        assert!(hub.summary(&idle_old).is_none());
+        assert!(hub.summary(&idle_new).is_some());
+        assert_eq!(hub.total_bytes(), one * 3);
+        assert_eq!(watcher.next().now_or_never(), Some(Delivery::Closed));
+        // Again: the other idle one, before any active stream is touched.
+        publish(&hub, &active_new, 10..20, at(6));
+        assert!(hub.summary(&idle_new).is_none());
+        assert_eq!(hub.summary(&active_old).unwrap().first_offset, 0);
+        // No idle streams left: trim the least recently published active one.
+        publish(&hub, &active_new, 20..30, at(7));
+        let s = hub.summary(&active_old).unwrap();
+        assert!(s.first_offset > 0, "oldest active events trimmed");
+        assert_eq!(hub.summary(&active_new).unwrap().first_offset, 0);
+        assert!(hub.total_bytes() <= hub.limits().global_max_bytes);
+        let listed: Vec<String> = hub.runs().iter().map(|s| s.run_id.to_string()).collect();
+        assert_eq!(listed, vec!["actv-1", "actv-2"]);
+    }
+
+    #[test]
+    fn a_publish_after_a_drop_starts_a_new_history() {
+        let limits = StreamLimits {
+            retention: Duration::ZERO,
+            ..StreamLimits::default()
+        };
+        let hub = StreamHub::new(limits);
+        let r = run("r");
+        let now = Instant::now();
+        let seq = [(r#"{"a":1}"#, Some(1))];
+        hub.publish(
+            &r,
+            seq.iter().map(|(json, seq)| NewEvent { json, seq: *seq }),
+            now,
+        )
+        .unwrap();
+        let old = hub.summary(&r).unwrap();
+        hub.session_ended(&r, now);
+        hub.sweep(now);
+        let out = hub
+            .publish(
+                &r,
+                seq.iter().map(|(json, seq)| NewEvent { json, seq: *seq }),
+                now,
+            )
+            .unwrap();
+        // History (and with it dedupe state) is gone; the epoch says so.
+        assert_eq!((out.first_offset, out.accepted), (0, 1));
+        assert_ne!(hub.summary(&r).unwrap().stream_epoch, old.stream_epoch);
+    }
+
+    #[tokio::test]
+    async fn the_engine_trait_delegates() {
+        let engine: Arc<dyn StreamEngine> = Arc::new(StreamHub::new(StreamLimits::default()));
+        let r = run("r");
+        let now = Instant::now();
+        engine.session_started(&r, now);
+        let (info, mut sub) = engine.resume(&r, Some(0), None, now).await.unwrap();
+        assert_eq!(info.start_offset, 0);
+        let out = engine
+            .publish(
+                &r,
+                &[NewEvent {
+                    json: "{}",
+                    seq: None,
+                }],
+                now,
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            out,
+            PublishOutcome {
+                first_offset: 0,
+                accepted: 1,
+                duplicates: 0,
+                next_offset: 1
+            }
+        );
+        assert_eq!(offsets(&frames(sub.next().await)), vec![0]);
+        assert_eq!(sub.cursor(), 1);
+        assert_eq!(engine.runs().await.len(), 1);
+        assert_eq!(engine.summary(&r).await.unwrap().next_offset, 1);
+        let json = serde_json::to_value(&info).unwrap();
+        assert_eq!(json["streamEpoch"], info.stream_epoch.as_str());
+        assert_eq!(json["startOffset"], 0);
+    }
+}

@@ -1,0 +1,305 @@
+//! Resumable output streams: each run's published events, kept in order
+//! with offsets, fanned out to any number of subscribers.
+//!
+//! Owns the [`StreamEngine`] trait, the one seam between the gateway and
+//! how streams are stored, and its in-memory implementation [`StreamHub`]
+//! (one [`ring::Ring`] per run). A durable log or a distributed engine is
+//! another implementation of the trait, or sits beneath the ring; nothing
+//! above this module changes.
+//! Must not know about sockets, sessions, tokens or capabilities: callers
+//! have already checked that the caller may publish to or read `run`.
+//!
+//! # Offsets, epochs, duplicates
+//!
+//! Each accepted event gets the run's next offset (0, 1, 2, … with no
+//! holes). A stream's [`StreamEpoch`] is random and changes whenever its
+//! history is lost (the stream was dropped by retention or the global
+//! budget, or the process restarted), so a client can tell "resumed" from
+//! "history gone". An event whose `seq` is not above the highest accepted
+//! for the run is a duplicate and dropped, so a runtime may resend a batch.
+//!
+//! # Fan-out without copies
+//!
+//! A publish builds its `stream.events` push frame once ([`frame`]) and the
+//! ring stores the batch *as* that frame. Every subscriber at a batch
+//! boundary is handed the same [`Bytes`]; only a subscriber that enters a
+//! batch in the middle (a resume mid-batch, or after eviction trimmed the
+//! batch's head) gets a fresh frame for the rest of it. SSE takes single
+//! events as slices of the frame.
+//!
+//! # Replay and live are one loop
+//!
+//! A [`Subscription`] is a stream and a cursor, nothing more. There is no
+//! separate replay phase to hand over from, so there is no hand-over to
+//! race: [`Subscription::next`] always reads the ring from the cursor under
+//! the stream's lock, and sleeps only if the cursor is at the head. It
+//! registers for the wake-up *before* it reads (`Notify::notified()` pinned
+//! and `enable()`d), and the publisher appends under the write lock and then
+//! calls `notify_waiters()`. So an append either happened before the read
+//! (the read sees it) or after the registration (the wake-up reaches the
+//! waiter): it cannot fall between the two. Every offset from the start is
+//! delivered exactly once and in order, whether it was published before or
+//! after the resume.
+//!
+//! A slow subscriber never blocks the publisher (who holds the lock only to
+//! append) and costs no memory beyond the ring: if eviction overtakes its
+//! cursor, its next read is a [`Delivery::Gap`] naming exactly the offsets
+//! it missed, and it goes on from the oldest kept event.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::Serialize;
+use tokio::time::Instant;
+
+use crate::ids::RunId;
+
+pub mod frame;
+pub mod hub;
+pub mod ring;
+
+pub use hub::{StreamHub, Subscription};
+
+/// A stream operation in flight. The in-memory hub's are already complete;
+/// an engine with storage applies the operation (or at least fixes its
+/// order) before returning the future, as [`crate::store`] does.
+pub type StreamFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// Identifies one history of a run's stream: 32 random lowercase hex digits
+/// (128 bits). Only `[0-9a-f]`, so frames embed it without escaping.
+#[derive(Clone, PartialEq, Eq, Hash, Serialize)]
+#[serde(transparent)]
+pub struct StreamEpoch(String);
+
+impl StreamEpoch {
+    /// A fresh epoch, distinct from every other with overwhelming probability.
+    pub fn generate() -> StreamEpoch {
+        let bits: u128 = rand::random();
+        StreamEpoch(format!("{bits:032x}"))
+    }
+
+    /// `s` if it has the epoch's shape (an engine restoring a stored epoch).
+    pub fn parse(s: &str) -> Option<StreamEpoch> {
+        let ok = s.len() == 32 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+        ok.then(|| StreamEpoch(s.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for StreamEpoch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for StreamEpoch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.0, f)
+    }
+}
+
+/// One event as published.
+#[derive(Debug, Clone, Copy)]
+pub struct NewEvent<'a> {
+    /// The event's JSON text exactly as received. Must be one valid JSON
+    /// value (the protocol layer's `RawValue` guarantees it): it is copied
+    /// into frames verbatim.
+    pub json: &'a str,
+    /// The runtime's own sequence number, for de-duplication.
+    pub seq: Option<u64>,
+}
+
+/// One stored event, for readers that send events singly (SSE).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamEvent {
+    pub offset: u64,
+    /// The event's JSON as published: a slice of the stored frame. It may
+    /// contain newlines if the runtime sent pretty-printed JSON.
+    pub json: Bytes,
+}
+
+/// Bounds on what streams may hold and hand out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamLimits {
+    /// Events kept per run; the oldest are evicted beyond it.
+    pub max_events_per_run: usize,
+    /// Bytes kept per run (counted as stored frame bytes); the oldest events
+    /// are evicted beyond it. One batch may not exceed it.
+    pub max_bytes_per_run: usize,
+    /// Bytes kept across all runs: see [`StreamHub::sweep`].
+    pub global_max_bytes: usize,
+    /// How long a stream is kept after its run's session ended.
+    pub retention: Duration,
+    /// Roughly how many events one [`Delivery`] carries (a whole batch is
+    /// never split to honour it; a partial batch is).
+    pub max_events_per_delivery: usize,
+}
+
+impl Default for StreamLimits {
+    fn default() -> Self {
+        StreamLimits {
+            max_events_per_run: 10_000,
+            max_bytes_per_run: 16 << 20,
+            global_max_bytes: 512 << 20,
+            retention: Duration::from_secs(3600),
+            max_events_per_delivery: 256,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StreamError {
+    /// The batch's accepted events alone exceed a per-run bound; nothing was
+    /// stored. The gateway answers `PAYLOAD_TOO_LARGE`.
+    #[error(
+        "batch of {events} events ({bytes} bytes) exceeds the per-run stream limit of {max_events} events / {max_bytes} bytes"
+    )]
+    TooLarge {
+        events: usize,
+        bytes: usize,
+        max_events: usize,
+        max_bytes: usize,
+    },
+    /// The engine's storage failed; nothing was stored and the caller may
+    /// retry. The in-memory hub never returns it.
+    #[error("stream storage unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// What a publish did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PublishOutcome {
+    /// The offset of the first accepted event (the old head).
+    pub first_offset: u64,
+    pub accepted: usize,
+    /// Events dropped as duplicates by `seq`.
+    pub duplicates: usize,
+    /// The head after the publish.
+    pub next_offset: u64,
+}
+
+/// The answer to a resume; the `stream.resume` reply, field for field.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ResumeInfo {
+    pub run_id: RunId,
+    pub stream_epoch: StreamEpoch,
+    /// The oldest kept offset.
+    pub first_offset: u64,
+    /// The head: the offset the next event will get.
+    pub next_offset: u64,
+    /// The first offset the subscription will deliver.
+    pub start_offset: u64,
+    /// History the client asked for is gone: `fromOffset` was older than
+    /// `firstOffset`, or the epoch differs.
+    pub truncated: bool,
+}
+
+/// One run's stream as `runs.list` and `GET /v1/runs` show it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StreamSummary {
+    pub run_id: RunId,
+    pub stream_epoch: StreamEpoch,
+    pub first_offset: u64,
+    pub next_offset: u64,
+}
+
+/// What one sweep did (for logs and metrics).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SweepOutcome {
+    /// Streams dropped because their session ended longer than the
+    /// retention period ago.
+    pub expired_streams: usize,
+    /// Idle streams dropped to get within the global byte budget.
+    pub evicted_streams: usize,
+    /// Events evicted from active streams for the same reason.
+    pub trimmed_events: u64,
+}
+
+/// What a subscription hands the gateway next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Delivery {
+    /// Complete `stream.events` push frames, in offset order, to send as
+    /// they are.
+    Frames(Vec<Bytes>),
+    /// The subscriber missed offsets `from..=to` (evicted before it read
+    /// them); `frame` is the `stream.gap` push saying so. The subscription
+    /// goes on from `to + 1`, the oldest kept offset.
+    Gap { frame: Bytes, from: u64, to: u64 },
+    /// The stream was dropped (retention or the global budget): its history
+    /// is gone and nothing more will come. The run's next stream has a new
+    /// epoch; a client resumes to get it.
+    Closed,
+}
+
+/// As [`Delivery`], for readers that send events singly (SSE).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EventDelivery {
+    Events(Vec<StreamEvent>),
+    Gap { from: u64, to: u64 },
+    Closed,
+}
+
+/// A live reader of one run's stream, as an engine hands it out.
+pub trait StreamSubscription: Send {
+    /// Waits for the next frames, gap or close. Cancel-safe: dropping the
+    /// future loses nothing.
+    fn next(&mut self) -> Pin<Box<dyn Future<Output = Delivery> + Send + '_>>;
+
+    /// As `next`, but single events (for SSE).
+    fn next_events(&mut self) -> Pin<Box<dyn Future<Output = EventDelivery> + Send + '_>>;
+
+    /// The next offset this subscriber will be sent.
+    fn cursor(&self) -> u64;
+}
+
+/// Where runs' output streams live. The gateway holds an
+/// `Arc<dyn StreamEngine>` and calls only this.
+pub trait StreamEngine: Send + Sync + 'static {
+    /// Appends `events` to `run`'s stream as one atomic batch, dropping
+    /// duplicates by `seq`, and delivers them to its subscribers.
+    fn publish(
+        &self,
+        run: &RunId,
+        events: &[NewEvent<'_>],
+        now: Instant,
+    ) -> StreamFuture<Result<PublishOutcome, StreamError>>;
+
+    /// Starts reading `run`'s stream (creating an empty one if it has none).
+    /// See [`StreamHub::resume`] for where the subscription starts.
+    #[allow(clippy::type_complexity)]
+    fn resume(
+        &self,
+        run: &RunId,
+        from_offset: Option<u64>,
+        stream_epoch: Option<&str>,
+        now: Instant,
+    ) -> StreamFuture<Result<(ResumeInfo, Box<dyn StreamSubscription>), StreamError>>;
+
+    /// Every run's stream, ordered by run id.
+    fn runs(&self) -> StreamFuture<Vec<StreamSummary>>;
+
+    /// `run`'s stream, if it has one.
+    fn summary(&self, run: &RunId) -> StreamFuture<Option<StreamSummary>>;
+
+    /// A session for `run` is active: keep its stream.
+    fn session_started(&self, run: &RunId, now: Instant);
+
+    /// `run`'s session ended: its stream may be dropped after the retention
+    /// period.
+    fn session_ended(&self, run: &RunId, now: Instant);
+
+    /// Periodic upkeep: retention and the global budget. The gateway calls
+    /// it from a timer (every few seconds is plenty).
+    fn sweep(&self, now: Instant) -> SweepOutcome;
+}
+
+#[cfg(test)]
+mod tests;
