@@ -12,6 +12,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::stream::StreamLimits;
+
 /// Which engine holds KV and checkpoints.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreKind {
@@ -47,6 +49,15 @@ pub struct Limits {
     pub outbound_queue: usize,
     /// Time a client has to send its HTTP request headers.
     pub handshake_timeout: Duration,
+    /// Events one `events.publish` may carry.
+    pub max_events_per_publish: usize,
+    /// Bytes of one output event's JSON.
+    pub max_event_bytes: usize,
+    /// Runs one socket may follow at once (`stream.resume`).
+    pub max_subscriptions_per_socket: usize,
+    /// How often an idle SSE response gets a comment line, so proxies and
+    /// browsers keep it open.
+    pub sse_keepalive: Duration,
 }
 
 impl Default for Limits {
@@ -56,6 +67,10 @@ impl Default for Limits {
             max_inflight_per_socket: 256,
             outbound_queue: 1024,
             handshake_timeout: Duration::from_secs(10),
+            max_events_per_publish: 1000,
+            max_event_bytes: 64 * 1024,
+            max_subscriptions_per_socket: 256,
+            sse_keepalive: Duration::from_secs(15),
         }
     }
 }
@@ -80,6 +95,8 @@ pub struct Config {
     /// Longest a drain waits for in-flight requests before exiting anyway.
     pub drain_timeout: Duration,
     pub limits: Limits,
+    /// Ring buffer bounds, retention and the global byte budget.
+    pub streams: StreamLimits,
 }
 
 impl Config {
@@ -99,6 +116,7 @@ impl Config {
             reconnect_after: Duration::from_millis(1000),
             drain_timeout: Duration::from_secs(30),
             limits: Limits::default(),
+            streams: StreamLimits::default(),
         }
     }
 
@@ -119,6 +137,27 @@ impl Config {
         }
         if self.limits.max_inflight_per_socket == 0 || self.limits.outbound_queue == 0 {
             return Err(ConfigError::Invalid("queue limits must be positive".into()));
+        }
+        let l = &self.limits;
+        if l.max_events_per_publish == 0
+            || l.max_event_bytes == 0
+            || l.max_subscriptions_per_socket == 0
+            || l.sse_keepalive.is_zero()
+        {
+            return Err(ConfigError::Invalid(
+                "publish, subscription and keepalive limits must be positive".into(),
+            ));
+        }
+        let s = &self.streams;
+        if s.max_events_per_run == 0 || s.max_bytes_per_run == 0 || s.max_events_per_delivery == 0 {
+            return Err(ConfigError::Invalid(
+                "stream limits must be positive".into(),
+            ));
+        }
+        if s.global_max_bytes < s.max_bytes_per_run {
+            return Err(ConfigError::Invalid(
+                "the global stream budget must be at least the per-run byte limit".into(),
+            ));
         }
         Ok(())
     }
@@ -183,6 +222,30 @@ pub struct ServeArgs {
     /// Longest a drain waits for in-flight work, s [default: 30]
     #[arg(long, env = "RUNGATE_DRAIN_TIMEOUT_SECS")]
     pub drain_timeout_secs: Option<u64>,
+    /// Events one events.publish may carry [default: 1000]
+    #[arg(long, env = "RUNGATE_MAX_EVENTS_PER_PUBLISH")]
+    pub max_events_per_publish: Option<usize>,
+    /// Bytes of one output event's JSON [default: 65536]
+    #[arg(long, env = "RUNGATE_MAX_EVENT_BYTES")]
+    pub max_event_bytes: Option<usize>,
+    /// Runs one socket may follow at once [default: 256]
+    #[arg(long, env = "RUNGATE_MAX_SUBSCRIPTIONS_PER_SOCKET")]
+    pub max_subscriptions_per_socket: Option<usize>,
+    /// Seconds between keepalive comments on an idle SSE response [default: 15]
+    #[arg(long, env = "RUNGATE_SSE_KEEPALIVE_SECS")]
+    pub sse_keepalive_secs: Option<u64>,
+    /// Events kept per run's stream [default: 10000]
+    #[arg(long, env = "RUNGATE_STREAM_MAX_EVENTS")]
+    pub stream_max_events: Option<usize>,
+    /// Bytes kept per run's stream [default: 16777216]
+    #[arg(long, env = "RUNGATE_STREAM_MAX_BYTES")]
+    pub stream_max_bytes: Option<usize>,
+    /// Bytes kept across all streams; idle streams are evicted first [default: 536870912]
+    #[arg(long, env = "RUNGATE_STREAM_GLOBAL_MAX_BYTES")]
+    pub stream_global_max_bytes: Option<usize>,
+    /// Seconds a run's stream stays readable after its session ends [default: 3600]
+    #[arg(long, env = "RUNGATE_STREAM_RETENTION_SECS")]
+    pub stream_retention_secs: Option<u64>,
 }
 
 /// The `[gateway]` table: the same settings as the flags.
@@ -202,6 +265,14 @@ struct FileGateway {
     handshake_timeout_secs: Option<u64>,
     reconnect_after_ms: Option<u64>,
     drain_timeout_secs: Option<u64>,
+    max_events_per_publish: Option<usize>,
+    max_event_bytes: Option<usize>,
+    max_subscriptions_per_socket: Option<usize>,
+    sse_keepalive_secs: Option<u64>,
+    stream_max_events: Option<usize>,
+    stream_max_bytes: Option<usize>,
+    stream_global_max_bytes: Option<usize>,
+    stream_retention_secs: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -277,6 +348,36 @@ impl ServeArgs {
         }
         if let Some(s) = self.drain_timeout_secs.or(file.drain_timeout_secs) {
             c.drain_timeout = Duration::from_secs(s);
+        }
+        if let Some(v) = self.max_events_per_publish.or(file.max_events_per_publish) {
+            c.limits.max_events_per_publish = v;
+        }
+        if let Some(v) = self.max_event_bytes.or(file.max_event_bytes) {
+            c.limits.max_event_bytes = v;
+        }
+        if let Some(v) = self
+            .max_subscriptions_per_socket
+            .or(file.max_subscriptions_per_socket)
+        {
+            c.limits.max_subscriptions_per_socket = v;
+        }
+        if let Some(s) = self.sse_keepalive_secs.or(file.sse_keepalive_secs) {
+            c.limits.sse_keepalive = Duration::from_secs(s);
+        }
+        if let Some(v) = self.stream_max_events.or(file.stream_max_events) {
+            c.streams.max_events_per_run = v;
+        }
+        if let Some(v) = self.stream_max_bytes.or(file.stream_max_bytes) {
+            c.streams.max_bytes_per_run = v;
+        }
+        if let Some(v) = self
+            .stream_global_max_bytes
+            .or(file.stream_global_max_bytes)
+        {
+            c.streams.global_max_bytes = v;
+        }
+        if let Some(s) = self.stream_retention_secs.or(file.stream_retention_secs) {
+            c.streams.retention = Duration::from_secs(s);
         }
         c.validate()?;
         Ok(c)

@@ -25,7 +25,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the gateway (embedded store under --data-dir by default).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Print a token, alone on one line.
     Token(TokenArgs),
 }

@@ -159,6 +159,7 @@ fn the_index_covers_every_command_and_push_and_points_at_existing_defs() {
             "gateway.draining",
             "session.expired",
             "session.superseded",
+            "stream.closed",
             "stream.events",
             "stream.gap"
         ]
@@ -170,6 +171,7 @@ fn the_index_covers_every_command_and_push_and_points_at_existing_defs() {
         push::SESSION_SUPERSEDED,
         push::SESSION_EXPIRED,
         push::GATEWAY_DRAINING,
+        push::STREAM_CLOSED,
     ] {
         assert!(
             spec.push_def(push_type).is_some(),

@@ -24,6 +24,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 
 use super::dispatch::{self, Answer, ConnCtx, Endpoint};
+use super::follow::Following;
 use super::state::{Outbox, Outgoing, Shared};
 use crate::auth::Grant;
 use crate::protocol::commands::push;
@@ -52,7 +53,10 @@ pub(crate) async fn serve(shared: Arc<Shared>, socket: Socket, endpoint: Endpoin
         grant,
         shared: shared.clone(),
         draining: false,
+        following: Following::default(),
     };
+    // Subscriptions counted in the metrics for this socket so far.
+    let mut counted_subscriptions = 0;
     let max_inflight = shared.config.limits.max_inflight_per_socket;
     let mut inflight = FuturesUnordered::new();
     // Once draining: when to close, if nothing is in flight by then.
@@ -85,7 +89,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, socket: Socket, endpoint: Endpoin
             message = stream.next(), if inflight.len() < max_inflight => {
                 let answer = match message {
                     None | Some(Ok(Message::Close(_))) => break None,
-                    Some(Ok(Message::Text(text))) => dispatch::handle_text(&ctx, text.as_str()),
+                    Some(Ok(Message::Text(text))) => dispatch::handle_text(&mut ctx, text.as_str()),
                     Some(Ok(Message::Binary(_))) => {
                         Answer::Now(encode_error(None, &CommandError::bad_frame("binary frames are not part of the protocol; send JSON as text")))
                     }
@@ -106,6 +110,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, socket: Socket, endpoint: Endpoin
                         break None;
                     }
                 };
+                count_subscriptions(&shared, &ctx.following, &mut counted_subscriptions);
                 match answer {
                     Answer::Now(frame) => {
                         if queue.send(frame.into()).await.is_err() {
@@ -113,6 +118,27 @@ pub(crate) async fn serve(shared: Arc<Shared>, socket: Socket, endpoint: Endpoin
                         }
                     }
                     Answer::Later(pending) => inflight.push(pending),
+                }
+            }
+            // After the reader: a stream that always has more must not keep
+            // this socket's requests (heartbeats, cancels) waiting.
+            Some((_run, sent)) = ctx.following.next(), if ctx.following.is_waiting() => {
+                if sent.gap.is_some() {
+                    shared.metrics.gap_sent();
+                }
+                // Waiting for room here is the backpressure: the stream keeps
+                // its events in the ring meanwhile, and a subscriber that falls
+                // too far behind gets a gap rather than more memory.
+                let mut writer_gone = false;
+                for frame in sent.frames {
+                    if queue.send(Outgoing::Frame(frame)).await.is_err() {
+                        writer_gone = true;
+                        break;
+                    }
+                }
+                count_subscriptions(&shared, &ctx.following, &mut counted_subscriptions);
+                if writer_gone {
+                    break None;
                 }
             }
         }
@@ -129,11 +155,24 @@ pub(crate) async fn serve(shared: Arc<Shared>, socket: Socket, endpoint: Endpoin
     }
     shared.conns.remove(id);
     shared.metrics.connection_closed(endpoint.label());
+    shared
+        .metrics
+        .subscriptions("websocket", -counted_subscriptions);
+    drop(ctx);
     if let Some((code, reason)) = close_reason {
         let _ = queue.try_send(Outgoing::Close(code.into(), reason));
     }
     drop(queue);
     let _ = writer.await;
+}
+
+/// Moves the subscriptions gauge by what changed since `counted`.
+fn count_subscriptions(shared: &Shared, following: &Following, counted: &mut i64) {
+    let now = following.len() as i64;
+    if now != *counted {
+        shared.metrics.subscriptions("websocket", now - *counted);
+        *counted = now;
+    }
 }
 
 /// Sends queued frames, several per flush, until the queue closes or the

@@ -16,6 +16,7 @@ use serde::Serialize;
 use serde_json::json;
 use tokio::time::Instant;
 
+use super::follow::Following;
 use super::metrics::UNDECODED;
 use super::state::Shared;
 use crate::auth::Grant;
@@ -24,8 +25,9 @@ use crate::protocol::commands::{self as cmd, push};
 use crate::protocol::{
     Command, CommandError, CommandKind, ErrorCode, Frame, encode_error, encode_push, encode_reply,
 };
-use crate::session::{AttachParams, ConnId, RecoverError, SessionError, SessionView};
+use crate::session::{AttachParams, ConnId, RecoverError, SessionError, SessionState, SessionView};
 use crate::store::{Checkpoint, StoreError};
+use crate::stream::{NewEvent, StreamError};
 use crate::time::Timestamp;
 
 /// Which WebSocket endpoint a socket came in on.
@@ -56,7 +58,7 @@ impl Endpoint {
     }
 }
 
-/// One socket's identity as the dispatcher sees it.
+/// One socket as the dispatcher sees it: who it is and what it follows.
 pub(crate) struct ConnCtx {
     pub id: ConnId,
     pub endpoint: Endpoint,
@@ -64,6 +66,8 @@ pub(crate) struct ConnCtx {
     pub shared: Arc<Shared>,
     /// Set once the gateway drains: new sessions are refused.
     pub draining: bool,
+    /// The runs whose streams this socket follows (`stream.resume`).
+    pub following: Following,
 }
 
 /// A request's answer: ready now, or once the store has done its part.
@@ -81,7 +85,7 @@ enum Reply {
 }
 
 /// Handles one text frame. Never fails: every problem becomes an error frame.
-pub(crate) fn handle_text(ctx: &ConnCtx, text: &str) -> Answer {
+pub(crate) fn handle_text(ctx: &mut ConnCtx, text: &str) -> Answer {
     let started = Instant::now();
     let request = match crate::protocol::decode(text) {
         Ok(r) => r,
@@ -148,7 +152,7 @@ fn record(ctx: &ConnCtx, label: &'static str, outcome: Result<(), ErrorCode>, st
         .command(label, outcome, started.elapsed().as_secs_f64());
 }
 
-fn apply(ctx: &ConnCtx, id: &str, command: Command) -> Result<Reply, CommandError> {
+fn apply(ctx: &mut ConnCtx, id: &str, command: Command) -> Result<Reply, CommandError> {
     let reply = |payload: &dyn erased::Payload| Ok(Reply::Now(erased::encode(id, payload)));
     match command {
         Command::Attach(req) => reply(&attach(ctx, req)?),
@@ -160,13 +164,10 @@ fn apply(ctx: &ConnCtx, id: &str, command: Command) -> Result<Reply, CommandErro
         Command::KvSet(req) => kv_set(ctx, id, req),
         Command::CheckpointSave(req) => checkpoint_save(ctx, id, req),
         Command::CheckpointLoad(req) => checkpoint_load(ctx, id, req),
-        Command::Publish(_)
-        | Command::StreamResume(_)
-        | Command::StreamCancel(_)
-        | Command::RunsList(_) => Err(CommandError::new(
-            ErrorCode::Internal,
-            "streams are not available in this build",
-        )),
+        Command::Publish(req) => publish(ctx, id, req),
+        Command::StreamResume(req) => reply(&stream_resume(ctx, req)?),
+        Command::StreamCancel(req) => reply(&stream_cancel(ctx, req)?),
+        Command::RunsList(cmd::RunsListCommand {}) => reply(&runs_list(&ctx.shared, &ctx.grant)),
     }
 }
 
@@ -210,6 +211,24 @@ pub(crate) fn session_error(e: SessionError) -> CommandError {
             CommandError::new(ErrorCode::Conflict, message).with_details(json!({ "runId": run_id }))
         }
         SessionError::Forbidden(_) => CommandError::new(ErrorCode::Forbidden, message),
+    }
+}
+
+/// The one place stream errors become protocol errors.
+pub(crate) fn stream_error(e: StreamError) -> CommandError {
+    let message = e.to_string();
+    match e {
+        StreamError::TooLarge {
+            max_events,
+            max_bytes,
+            ..
+        } => CommandError::new(ErrorCode::PayloadTooLarge, message)
+            .with_details(json!({ "maxEventsPerRun": max_events, "maxBytesPerRun": max_bytes })),
+        StreamError::Unavailable(_) => {
+            tracing::warn!(error = %message, "stream engine failed");
+            CommandError::internal("the stream is unavailable; nothing was stored, retry")
+                .retryable(true)
+        }
     }
 }
 
@@ -317,6 +336,9 @@ fn attach(ctx: &ConnCtx, req: cmd::AttachRequest) -> Result<cmd::AttachResponse,
             .push(s.conn, encode_push(push::SESSION_SUPERSEDED, &payload));
     }
     let session = outcome.session;
+    // Keep the run's stream while the session lives (and fix its epoch
+    // before the first publish, for viewers already waiting).
+    shared.streams.session_started(&session.run_id, now);
     tracing::info!(run = %session.run_id, epoch = session.epoch, fresh = outcome.fresh, "session attached");
     let version = shared.runs.current().resolve(&session.run_id).version;
     Ok(cmd::AttachResponse {
@@ -529,4 +551,175 @@ fn checkpoint_load(
             },
         )),
     }))
+}
+
+// ---------------------------------------------------------------- streams
+
+fn publish(ctx: &ConnCtx, id: &str, req: cmd::PublishRequest) -> Result<Reply, CommandError> {
+    session_for(
+        ctx,
+        CommandKind::EventsPublish,
+        &req.session_id,
+        &req.run_id,
+    )?;
+    let limits = &ctx.shared.config.limits;
+    if req.events.len() > limits.max_events_per_publish {
+        return Err(CommandError::new(
+            ErrorCode::PayloadTooLarge,
+            format!(
+                "{} events in one publish; the limit is {}",
+                req.events.len(),
+                limits.max_events_per_publish
+            ),
+        )
+        .with_details(json!({ "maxEventsPerPublish": limits.max_events_per_publish })));
+    }
+    if let Some(i) = req
+        .events
+        .iter()
+        .position(|e| e.raw.get().len() > limits.max_event_bytes)
+    {
+        return Err(CommandError::new(
+            ErrorCode::PayloadTooLarge,
+            format!(
+                "event {i} is {} bytes; the limit is {}",
+                req.events[i].raw.get().len(),
+                limits.max_event_bytes
+            ),
+        )
+        .with_details(json!({ "path": format!("/payload/events/{i}"), "maxEventBytes": limits.max_event_bytes })));
+    }
+    let events: Vec<NewEvent<'_>> = req
+        .events
+        .iter()
+        .map(|e| NewEvent {
+            json: e.raw.get(),
+            seq: e.seq,
+        })
+        .collect();
+    // The engine fixes the batch's place in the stream before returning, so
+    // publishes are ordered as they arrived even if their replies are not.
+    let pending = ctx
+        .shared
+        .streams
+        .publish(&req.run_id, &events, Instant::now());
+    let shared = ctx.shared.clone();
+    let id = id.to_owned();
+    Ok(Reply::Later(
+        async move {
+            let outcome = pending.await.map_err(stream_error)?;
+            shared
+                .metrics
+                .events_published(outcome.accepted, outcome.duplicates);
+            Ok(encode_reply(&id, &cmd::Accepted::YES))
+        }
+        .boxed(),
+    ))
+}
+
+/// Who may read `run`'s stream on this socket: on `/v1/runtime` a session
+/// of this socket for that run with `stream.resume`; on `/v1/stream` a
+/// viewer token covering it (and no `sessionId`).
+fn check_reader(
+    ctx: &ConnCtx,
+    kind: CommandKind,
+    session_id: Option<&SessionId>,
+    run_id: &RunId,
+) -> Result<(), CommandError> {
+    match (ctx.endpoint, session_id) {
+        (Endpoint::Runtime, Some(sid)) => session_for(ctx, kind, sid, run_id).map(drop),
+        (Endpoint::Runtime, None) => Err(CommandError::invalid_payload(
+            "/payload/sessionId",
+            "sessionId is required on /v1/runtime",
+        )),
+        (Endpoint::Stream, Some(_)) => Err(CommandError::invalid_payload(
+            "/payload/sessionId",
+            "sessionId is not accepted on /v1/stream (viewers have no sessions)",
+        )),
+        (Endpoint::Stream, None) if ctx.grant.runs.covers(run_id) => Ok(()),
+        (Endpoint::Stream, None) => Err(forbidden_run(run_id)),
+    }
+}
+
+fn stream_resume(
+    ctx: &mut ConnCtx,
+    req: cmd::StreamResumeCommand,
+) -> Result<crate::stream::ResumeInfo, CommandError> {
+    check_reader(
+        ctx,
+        CommandKind::StreamResume,
+        req.session_id.as_ref(),
+        &req.run_id,
+    )?;
+    let max = ctx.shared.config.limits.max_subscriptions_per_socket;
+    if !ctx.following.follows(&req.run_id) && ctx.following.len() >= max {
+        return Err(CommandError::new(
+            ErrorCode::RateLimited,
+            format!("this socket already follows {max} runs; stream.cancel one first"),
+        )
+        .retryable(false)
+        .with_details(json!({ "maxSubscriptionsPerSocket": max })));
+    }
+    let (info, subscription) = ctx
+        .shared
+        .streams
+        .resume(
+            &req.run_id,
+            req.from_offset,
+            req.stream_epoch.as_ref().map(|e| e.as_str()),
+            Instant::now(),
+        )
+        .map_err(stream_error)?;
+    // Followed before the reply is queued; the connection sends the reply
+    // before it next polls subscriptions, so the reply comes first.
+    ctx.following
+        .insert(req.run_id, info.stream_epoch.clone(), subscription);
+    Ok(info)
+}
+
+fn stream_cancel(
+    ctx: &mut ConnCtx,
+    req: cmd::StreamCancelCommand,
+) -> Result<cmd::Accepted, CommandError> {
+    check_reader(
+        ctx,
+        CommandKind::StreamCancel,
+        req.session_id.as_ref(),
+        &req.run_id,
+    )?;
+    ctx.following.remove(&req.run_id);
+    Ok(cmd::Accepted::YES)
+}
+
+/// The runs `grant` covers that have a stream, with their session state:
+/// the `runs.list` reply and the `GET /v1/runs` body.
+///
+/// A stream that no session ever fed and that holds nothing (a viewer
+/// resumed a run that has not started) is not listed: there is no run to
+/// show yet. A stream whose session is forgotten is listed as `expired`.
+pub(crate) fn runs_list(shared: &Shared, grant: &Grant) -> cmd::RunsListResponse {
+    let streams = shared.streams.runs();
+    let runs = shared.sessions.with(|registry| {
+        streams
+            .into_iter()
+            .filter(|s| grant.runs.covers(&s.run_id))
+            .filter_map(|s| {
+                let state = match registry.run_state(&s.run_id) {
+                    Some(SessionState::Attached) => "attached",
+                    Some(SessionState::Detached) => "detached",
+                    Some(SessionState::Expired) => "expired",
+                    None if s.next_offset > 0 => "expired",
+                    None => return None,
+                };
+                Some(cmd::RunSummary {
+                    run_id: s.run_id,
+                    state,
+                    stream_epoch: s.stream_epoch,
+                    first_offset: s.first_offset,
+                    next_offset: s.next_offset,
+                })
+            })
+            .collect()
+    });
+    cmd::RunsListResponse { runs }
 }

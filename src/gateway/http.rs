@@ -1,5 +1,5 @@
-//! HTTP routes on the one listener: WebSocket upgrades, health, readiness,
-//! metrics.
+//! HTTP routes on the one listener: WebSocket upgrades, the runs list, the
+//! SSE stream, health, readiness, metrics.
 //!
 //! Owns the HTTP side of PROTOCOL.md §1: which path serves what, how a token
 //! is found (`Authorization: Bearer` or `?token=`), and the refusals that
@@ -11,7 +11,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http_body_util::combinators::BoxBody;
+use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
@@ -22,15 +22,18 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::server::create_response_with_body;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 
-use super::connection;
-use super::dispatch::Endpoint;
+use super::dispatch::{self, Endpoint};
 use super::state::Shared;
+use super::{connection, sse};
 use crate::auth::{AuthError, Grant, TokenKind};
+use crate::ids::RunId;
 
-pub(crate) type Body = BoxBody<Bytes, Infallible>;
+/// Every response body: a whole buffer, or a stream (SSE). Not `Sync`
+/// because a stream body owns a subscription; hyper needs only `Send`.
+pub(crate) type Body = UnsyncBoxBody<Bytes, Infallible>;
 
 fn full(bytes: impl Into<Bytes>) -> Body {
-    Full::new(bytes.into()).boxed()
+    Full::new(bytes.into()).boxed_unsync()
 }
 
 fn respond(
@@ -70,22 +73,91 @@ pub(crate) async fn route(
         }
         (&Method::GET, "/metrics") => {
             let counts = shared.sessions.with(|r| r.counts());
+            let streams = shared.streams.stats();
             respond(
                 StatusCode::OK,
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                shared.metrics.render(&counts),
+                shared.metrics.render(&counts, &streams),
             )
         }
         (&Method::GET, "/v1/runtime") => upgrade(shared, req, Endpoint::Runtime),
         (&Method::GET, "/v1/stream") => upgrade(shared, req, Endpoint::Stream),
-        (_, "/healthz" | "/readyz" | "/metrics" | "/v1/runtime" | "/v1/stream") => http_error(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "BAD_REQUEST",
-            "method not allowed",
-        ),
+        (&Method::GET, "/v1/runs") => runs_list(&shared, &req),
+        (&Method::GET, _) if run_events_path(path).is_some() => run_events(shared, &req),
+        (_, "/healthz" | "/readyz" | "/metrics" | "/v1/runtime" | "/v1/stream" | "/v1/runs") => {
+            method_not_allowed()
+        }
+        (_, _) if run_events_path(path).is_some() => method_not_allowed(),
         _ => http_error(StatusCode::NOT_FOUND, "NOT_FOUND", "no such route"),
     };
     Ok(response)
+}
+
+fn method_not_allowed() -> Response<Body> {
+    http_error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "BAD_REQUEST",
+        "method not allowed",
+    )
+}
+
+/// The `{runId}` of `/v1/runs/{runId}/events`, not yet validated.
+fn run_events_path(path: &str) -> Option<&str> {
+    path.strip_prefix("/v1/runs/")?.strip_suffix("/events")
+}
+
+/// `GET /v1/runs`: the runs the viewer token covers.
+fn runs_list(shared: &Shared, req: &Request<Incoming>) -> Response<Body> {
+    let grant = match authenticate(shared, req, TokenKind::Viewer) {
+        Ok(g) => g,
+        Err((status, code, message)) => return http_error(status, code, message),
+    };
+    let body = serde_json::to_vec(&dispatch::runs_list(shared, &grant)).unwrap_or_default();
+    respond(StatusCode::OK, "application/json", body)
+}
+
+/// `GET /v1/runs/{runId}/events`: the run's stream as Server-Sent Events.
+fn run_events(shared: Arc<Shared>, req: &Request<Incoming>) -> Response<Body> {
+    let grant = match authenticate(&shared, req, TokenKind::Viewer) {
+        Ok(g) => g,
+        Err((status, code, message)) => return http_error(status, code, message),
+    };
+    if shared.draining.is_cancelled() {
+        return http_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "DRAINING",
+            "the gateway is draining",
+        );
+    }
+    let raw = run_events_path(req.uri().path()).unwrap_or_default();
+    // Run ids use only URL-safe characters, so the path needs no decoding.
+    let Ok(run) = RunId::new(raw) else {
+        return http_error(
+            StatusCode::BAD_REQUEST,
+            "INVALID_PAYLOAD",
+            "the path does not name a valid run id",
+        );
+    };
+    if !grant.runs.covers(&run) {
+        return http_error(
+            StatusCode::FORBIDDEN,
+            "FORBIDDEN",
+            "the token does not cover this run",
+        );
+    }
+    let last_event_id = req
+        .headers()
+        .get("last-event-id")
+        .map(|v| v.to_str().unwrap_or("invalid"));
+    let from = req.uri().query().and_then(|q| query_param(q, "from"));
+    let start = match sse::Start::from_request(last_event_id, from.as_deref()) {
+        Ok(s) => s,
+        Err(message) => return http_error(StatusCode::BAD_REQUEST, "INVALID_PAYLOAD", message),
+    };
+    match sse::respond(shared, run, start) {
+        Ok(response) => response,
+        Err(e) => http_error(StatusCode::SERVICE_UNAVAILABLE, "INTERNAL", &e.to_string()),
+    }
 }
 
 /// The token a request carries, from the header or the query string.

@@ -1,7 +1,8 @@
 //! The one timer behind every lease.
 //!
 //! Sleeps until the registry's earliest deadline (or until told a deadline
-//! moved), expires what is due, and tells the sockets concerned. There is no
+//! moved), expires what is due, and tells the sockets concerned and the
+//! stream engine (retention starts when a run's session ends). There is no
 //! task or timer per session. Must not decide what expires: the registry
 //! does, given the time.
 
@@ -24,9 +25,12 @@ pub(crate) async fn run(shared: Arc<Shared>, stop: CancellationToken) {
             _ = shared.sessions.deadline_moved() => continue,
             _ = sleep_until(next.unwrap_or(far)) => {}
         }
-        let expired = shared.sessions.with(|r| r.expire_due(Instant::now()));
+        let now = Instant::now();
+        let expired = shared.sessions.with(|r| r.expire_due(now));
         for e in expired {
             tracing::info!(run = %e.run_id, "session lease expired");
+            // The run's output stays readable for the retention period.
+            shared.streams.session_ended(&e.run_id, now);
             if let Some(conn) = e.conn {
                 let payload = push::SessionExpired {
                     session_id: &e.session_id,

@@ -1,9 +1,10 @@
 //! Prometheus figures for `/metrics`.
 //!
 //! Owns the registry and the handful of instruments the rest of the gateway
-//! updates: open connections by endpoint, commands by type and outcome, and
-//! command latency. Session counts are read from the registry at scrape time
-//! rather than kept in step by hand. Must never label anything with a run
+//! updates: open connections by endpoint, commands by type and outcome,
+//! command latency, published events, gaps and subscriptions. Session
+//! counts and stream totals are read from their owners at scrape time rather
+//! than kept in step by hand. Must never label anything with a run
 //! id, session id, token or secret: labels are closed sets.
 
 use prometheus_client::encoding::text::encode;
@@ -21,6 +22,12 @@ pub struct Metrics {
     sessions: Family<Labels<1>, Gauge>,
     commands: Family<Labels<2>, Counter>,
     latency: Family<Labels<1>, Histogram, fn() -> Histogram>,
+    events: Family<Labels<1>, Counter>,
+    gaps: Counter,
+    subscriptions: Family<Labels<1>, Gauge>,
+    streams: Gauge,
+    stream_bytes: Gauge,
+    evicted: Counter,
 }
 
 /// The `type` label for frames that never became a known command.
@@ -57,12 +64,50 @@ impl Default for Metrics {
             "Time from a request's arrival to its answer being queued",
             latency.clone(),
         );
+        let events = Family::<Labels<1>, Counter>::default();
+        registry.register(
+            "stream_events",
+            "Published events, by outcome (stored or duplicate)",
+            events.clone(),
+        );
+        let gaps = Counter::default();
+        registry.register(
+            "stream_gaps",
+            "stream.gap notices sent to subscribers that fell behind",
+            gaps.clone(),
+        );
+        let subscriptions = Family::<Labels<1>, Gauge>::default();
+        registry.register(
+            "stream_subscriptions",
+            "Open stream subscriptions, by transport",
+            subscriptions.clone(),
+        );
+        let streams = Gauge::default();
+        registry.register("streams", "Runs with an output stream", streams.clone());
+        let stream_bytes = Gauge::default();
+        registry.register(
+            "stream_bytes",
+            "Bytes held by all output streams",
+            stream_bytes.clone(),
+        );
+        let evicted = Counter::default();
+        registry.register(
+            "stream_evicted_events",
+            "Events evicted by per-run bounds or the global budget",
+            evicted.clone(),
+        );
         Metrics {
             registry,
             connections,
             sessions,
             commands,
             latency,
+            events,
+            gaps,
+            subscriptions,
+            streams,
+            stream_bytes,
+            evicted,
         }
     }
 }
@@ -90,8 +135,40 @@ impl Metrics {
             .observe(seconds);
     }
 
-    /// The text exposition, with session gauges set to `sessions` first.
-    pub fn render(&self, sessions: &crate::session::Counts) -> String {
+    pub fn events_published(&self, stored: usize, duplicates: usize) {
+        self.events
+            .get_or_create(&[("outcome", "stored")])
+            .inc_by(stored as u64);
+        self.events
+            .get_or_create(&[("outcome", "duplicate")])
+            .inc_by(duplicates as u64);
+    }
+
+    pub fn gap_sent(&self) {
+        self.gaps.inc();
+    }
+
+    /// A subscription opened (+1) or ended (-1) on `transport` (`websocket`
+    /// or `sse`).
+    pub fn subscriptions(&self, transport: &'static str, delta: i64) {
+        self.subscriptions
+            .get_or_create(&[("transport", transport)])
+            .inc_by(delta);
+    }
+
+    /// The text exposition, with gauges read from their owners first.
+    pub fn render(
+        &self,
+        sessions: &crate::session::Counts,
+        streams: &crate::stream::StreamStats,
+    ) -> String {
+        self.streams.set(streams.streams as i64);
+        self.stream_bytes.set(streams.bytes as i64);
+        // A counter owned elsewhere: move ours up to it.
+        let seen = self.evicted.get();
+        if streams.evicted_events > seen {
+            self.evicted.inc_by(streams.evicted_events - seen);
+        }
         self.sessions
             .get_or_create(&[("state", "attached")])
             .set(sessions.attached as i64);

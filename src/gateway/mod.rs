@@ -1,21 +1,27 @@
 //! The transport layer: one listener serving HTTP routes and WebSockets.
 //!
 //! [`start`] opens the store, loads the auth key and run config, binds the
-//! listener and starts the two long-lived tasks (accept loop, lease timer).
+//! listener and starts the long-lived tasks (accept loop, lease timer,
+//! stream upkeep).
 //! [`RunningGateway::drain`] is the SIGTERM path: readiness false,
 //! `gateway.draining` to every socket, in-flight requests answered, store
 //! flushed. Modules: `server` (accept), `http` (routes, auth, upgrade),
-//! `connection` (one socket), `dispatch` (one request), `leases` (the
-//! expiry timer), `state` (what they share), `metrics`.
+//! `connection` (one socket), `dispatch` (one request), `follow` (a
+//! socket's stream subscriptions), `sse` (the event-stream response),
+//! `leases` (the expiry timer), `upkeep` (stream retention and budget),
+//! `state` (what they share), `metrics`.
 //! Must not contain protocol or session rules beyond wiring them together.
 
 mod connection;
 mod dispatch;
+mod follow;
 mod http;
 mod leases;
 pub mod metrics;
 mod server;
+mod sse;
 mod state;
+mod upkeep;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -32,6 +38,7 @@ use crate::session::{LeasePolicy, Sessions};
 use crate::store::embedded::EmbeddedStore;
 use crate::store::memory::MemoryStore;
 use crate::store::{Store, StoreError};
+use crate::stream::StreamHub;
 use crate::time::Clock;
 use state::{Connections, Shared};
 
@@ -59,6 +66,7 @@ pub struct RunningGateway {
     local_addr: SocketAddr,
     accept: JoinHandle<()>,
     lease_timer: JoinHandle<()>,
+    upkeep: JoinHandle<()>,
     /// Stops the accept loop and the lease timer, at the end of a drain.
     stop: CancellationToken,
 }
@@ -94,6 +102,7 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
         clock: Clock::start(),
         sessions: Sessions::new(policy),
         store,
+        streams: Arc::new(StreamHub::new(config.streams.clone())),
         runs,
         auth,
         conns: Connections::default(),
@@ -104,6 +113,7 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
     });
     let stop = CancellationToken::new();
     let lease_timer = tokio::spawn(leases::run(shared.clone(), stop.clone()));
+    let upkeep = tokio::spawn(upkeep::run(shared.clone(), stop.clone()));
     let accept = tokio::spawn(server::accept_loop(listener, shared.clone(), stop.clone()));
     tracing::info!(addr = %local_addr, "rungate listening");
     Ok(RunningGateway {
@@ -111,6 +121,7 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
         local_addr,
         accept,
         lease_timer,
+        upkeep,
         stop,
     })
 }
@@ -145,6 +156,7 @@ impl RunningGateway {
         self.stop.cancel();
         let _ = self.accept.await;
         let _ = self.lease_timer.await;
+        let _ = self.upkeep.await;
         self.shared.store.flush().await?;
         tracing::info!("drained");
         Ok(())

@@ -22,6 +22,7 @@ use crate::protocol::Frame;
 use crate::run_config::RunConfigSource;
 use crate::session::{ConnId, Sessions};
 use crate::store::Store;
+use crate::stream::StreamEngine;
 use crate::time::Clock;
 
 /// Everything a connection needs, behind one `Arc`.
@@ -30,6 +31,7 @@ pub(crate) struct Shared {
     pub clock: Clock,
     pub sessions: Sessions,
     pub store: Arc<dyn Store>,
+    pub streams: Arc<dyn StreamEngine>,
     pub runs: RunConfigSource,
     pub auth: AuthKey,
     pub conns: Connections,

@@ -451,17 +451,36 @@ pub struct CheckpointLoaded {
     pub data: Box<RawValue>,
 }
 
+/// `runs.list` and `GET /v1/runs`.
+#[derive(Debug, Serialize)]
+pub struct RunsListResponse {
+    pub runs: Vec<RunSummary>,
+}
+
+/// One run in [`RunsListResponse`].
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RunSummary {
+    pub run_id: RunId,
+    /// `attached`, `detached` or `expired`.
+    pub state: &'static str,
+    pub stream_epoch: StreamEpoch,
+    pub first_offset: u64,
+    pub next_offset: u64,
+}
+
 // ------------------------------------------------------------------ pushes
 
 pub mod push {
     //! Push payloads (frames without an id).
     use serde::Serialize;
 
-    use crate::ids::{RunId, SessionId};
+    use crate::ids::{RunId, SessionId, StreamEpoch};
 
     pub const SESSION_SUPERSEDED: &str = "session.superseded";
     pub const SESSION_EXPIRED: &str = "session.expired";
     pub const GATEWAY_DRAINING: &str = "gateway.draining";
+    pub const STREAM_CLOSED: &str = "stream.closed";
 
     #[derive(Debug, Serialize)]
     #[serde(rename_all = "camelCase")]
@@ -483,6 +502,15 @@ pub mod push {
     #[serde(rename_all = "camelCase")]
     pub struct GatewayDraining {
         pub reconnect_after_ms: u64,
+    }
+
+    /// The stream a socket followed was dropped (retention after its
+    /// session ended, or the memory budget): nothing more comes from it.
+    #[derive(Debug, Serialize)]
+    #[serde(rename_all = "camelCase")]
+    pub struct StreamClosed<'a> {
+        pub run_id: &'a RunId,
+        pub stream_epoch: &'a StreamEpoch,
     }
 }
 

@@ -9,7 +9,7 @@
 //!
 //! The encoding is written by hand rather than through serde: run ids and
 //! stream epochs are restricted to characters JSON never escapes (see
-//! [`crate::ids`] and [`super::StreamEpoch`]), and each event is already
+//! [`crate::ids`]), and each event is already
 //! valid JSON text (it arrived as a `RawValue`), so the frame is plain
 //! concatenation and an event's bytes inside it are exactly the bytes the
 //! runtime sent.

@@ -28,7 +28,7 @@ use tokio::time::Instant;
 use super::ring::{Read, Ring, RingLimits};
 use super::{
     Delivery, EventDelivery, NewEvent, PublishOutcome, ResumeInfo, StreamEngine, StreamError,
-    StreamFuture, StreamLimits, StreamSubscription, StreamSummary, SweepOutcome,
+    StreamFuture, StreamLimits, StreamStats, StreamSubscription, StreamSummary, SweepOutcome,
 };
 use crate::ids::RunId;
 
@@ -576,18 +576,25 @@ impl StreamEngine for StreamHub {
         from_offset: Option<u64>,
         epoch: Option<&str>,
         now: Instant,
-    ) -> StreamFuture<Result<(ResumeInfo, Box<dyn StreamSubscription>), StreamError>> {
+    ) -> Result<(ResumeInfo, Box<dyn StreamSubscription>), StreamError> {
         let (info, sub) = StreamHub::resume(self, run, from_offset, epoch, now);
-        let sub: Box<dyn StreamSubscription> = Box::new(sub);
-        Box::pin(std::future::ready(Ok((info, sub))))
+        Ok((info, Box::new(sub)))
     }
 
-    fn runs(&self) -> StreamFuture<Vec<StreamSummary>> {
-        Box::pin(std::future::ready(StreamHub::runs(self)))
+    fn runs(&self) -> Vec<StreamSummary> {
+        StreamHub::runs(self)
     }
 
-    fn summary(&self, run: &RunId) -> StreamFuture<Option<StreamSummary>> {
-        Box::pin(std::future::ready(StreamHub::summary(self, run)))
+    fn summary(&self, run: &RunId) -> Option<StreamSummary> {
+        StreamHub::summary(self, run)
+    }
+
+    fn stats(&self) -> StreamStats {
+        StreamStats {
+            streams: self.len(),
+            bytes: self.total_bytes(),
+            evicted_events: self.evicted_events(),
+        }
     }
 
     fn session_started(&self, run: &RunId, now: Instant) {
@@ -1012,7 +1019,7 @@ mod tests {
         let r = run("r");
         let now = Instant::now();
         engine.session_started(&r, now);
-        let (info, mut sub) = engine.resume(&r, Some(0), None, now).await.unwrap();
+        let (info, mut sub) = engine.resume(&r, Some(0), None, now).unwrap();
         assert_eq!(info.start_offset, 0);
         let out = engine
             .publish(
@@ -1036,8 +1043,9 @@ mod tests {
         );
         assert_eq!(offsets(&frames(sub.next().await)), vec![0]);
         assert_eq!(sub.cursor(), 1);
-        assert_eq!(engine.runs().await.len(), 1);
-        assert_eq!(engine.summary(&r).await.unwrap().next_offset, 1);
+        assert_eq!(engine.runs().len(), 1);
+        assert_eq!(engine.stats().streams, 1);
+        assert_eq!(engine.summary(&r).unwrap().next_offset, 1);
         let json = serde_json::to_value(&info).unwrap();
         assert_eq!(json["streamEpoch"], info.stream_epoch.as_str());
         assert_eq!(json["startOffset"], 0);

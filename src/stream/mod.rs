@@ -46,7 +46,6 @@
 //! cursor, its next read is a [`Delivery::Gap`] naming exactly the offsets
 //! it missed, and it goes on from the oldest kept event.
 
-use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
@@ -56,6 +55,7 @@ use serde::Serialize;
 use tokio::time::Instant;
 
 use crate::ids::RunId;
+pub use crate::ids::StreamEpoch;
 
 pub mod frame;
 pub mod hub;
@@ -67,42 +67,6 @@ pub use hub::{StreamHub, Subscription};
 /// an engine with storage applies the operation (or at least fixes its
 /// order) before returning the future, as [`crate::store`] does.
 pub type StreamFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
-
-/// Identifies one history of a run's stream: 32 random lowercase hex digits
-/// (128 bits). Only `[0-9a-f]`, so frames embed it without escaping.
-#[derive(Clone, PartialEq, Eq, Hash, Serialize)]
-#[serde(transparent)]
-pub struct StreamEpoch(String);
-
-impl StreamEpoch {
-    /// A fresh epoch, distinct from every other with overwhelming probability.
-    pub fn generate() -> StreamEpoch {
-        let bits: u128 = rand::random();
-        StreamEpoch(format!("{bits:032x}"))
-    }
-
-    /// `s` if it has the epoch's shape (an engine restoring a stored epoch).
-    pub fn parse(s: &str) -> Option<StreamEpoch> {
-        let ok = s.len() == 32 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
-        ok.then(|| StreamEpoch(s.to_owned()))
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Display for StreamEpoch {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl fmt::Debug for StreamEpoch {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(&self.0, f)
-    }
-}
 
 /// One event as published.
 #[derive(Debug, Clone, Copy)]
@@ -211,6 +175,17 @@ pub struct StreamSummary {
     pub next_offset: u64,
 }
 
+/// What the engine holds, for metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StreamStats {
+    /// Runs with a stream.
+    pub streams: usize,
+    /// Bytes held across all streams.
+    pub bytes: usize,
+    /// Events evicted so far by per-run bounds or the global budget.
+    pub evicted_events: u64,
+}
+
 /// What one sweep did (for logs and metrics).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SweepOutcome {
@@ -274,20 +249,27 @@ pub trait StreamEngine: Send + Sync + 'static {
 
     /// Starts reading `run`'s stream (creating an empty one if it has none).
     /// See [`StreamHub::resume`] for where the subscription starts.
-    #[allow(clippy::type_complexity)]
+    ///
+    /// Synchronous on purpose: the answer comes from the stream's metadata
+    /// (epoch, kept range), never from reading history, so a socket can
+    /// apply `stream.resume` and `stream.cancel` strictly in arrival order.
+    /// An engine with storage reads history lazily, in the subscription.
     fn resume(
         &self,
         run: &RunId,
         from_offset: Option<u64>,
         stream_epoch: Option<&str>,
         now: Instant,
-    ) -> StreamFuture<Result<(ResumeInfo, Box<dyn StreamSubscription>), StreamError>>;
+    ) -> Result<(ResumeInfo, Box<dyn StreamSubscription>), StreamError>;
 
     /// Every run's stream, ordered by run id.
-    fn runs(&self) -> StreamFuture<Vec<StreamSummary>>;
+    fn runs(&self) -> Vec<StreamSummary>;
 
     /// `run`'s stream, if it has one.
-    fn summary(&self, run: &RunId) -> StreamFuture<Option<StreamSummary>>;
+    fn summary(&self, run: &RunId) -> Option<StreamSummary>;
+
+    /// Totals, for metrics.
+    fn stats(&self) -> StreamStats;
 
     /// A session for `run` is active: keep its stream.
     fn session_started(&self, run: &RunId, now: Instant);

@@ -163,6 +163,23 @@ impl Client {
         }
     }
 
+    /// The next text frame exactly as sent (backlog not consulted), for
+    /// checks on bytes rather than values.
+    pub async fn next_text(&mut self) -> String {
+        loop {
+            let msg = tokio::time::timeout(WAIT, self.ws.next())
+                .await
+                .expect("a frame in time")
+                .expect("socket open")
+                .expect("read");
+            if let Message::Text(t) = msg {
+                let v: Value = serde_json::from_str(t.as_str()).expect("gateway sends JSON");
+                self.seen.push(v);
+                return t.as_str().to_owned();
+            }
+        }
+    }
+
     /// Waits for the first frame (backlog first) matching `pred`.
     pub async fn wait_for(&mut self, pred: impl Fn(&Value) -> bool) -> Value {
         if let Some(pos) = self.backlog.iter().position(&pred) {
