@@ -1,6 +1,11 @@
 //! Stream hot paths: appending a batch (which builds its shared frame),
-//! replaying a full ring through a subscription, and building one
-//! `stream.events` frame on its own (the cost a mid-batch reader pays).
+//! replaying a full ring through a subscription, building one
+//! `stream.events` frame on its own (the cost a mid-batch reader pays), and
+//! fanning one batch out to 100 subscribers.
+//!
+//! Each group carries a `baseline_*` measured in the same run: the naive
+//! way (serde_json per frame or per subscriber, a copy per event), so the
+//! figures in BENCHMARKS.md are ratios on one machine, not absolute claims.
 
 use std::hint::black_box;
 use std::time::Duration;
@@ -11,6 +16,8 @@ use rungate::ids::RunId;
 use rungate::stream::frame::FrameBuilder;
 use rungate::stream::ring::{Ring, RingLimits};
 use rungate::stream::{Delivery, NewEvent, StreamHub, StreamLimits};
+use serde_json::value::RawValue;
+use std::collections::VecDeque;
 use tokio::time::Instant;
 
 /// `n` distinct events of exactly 200 bytes of JSON each.
@@ -46,10 +53,25 @@ fn append(c: &mut Criterion) {
     group.bench_function("ring_append_100x200B", |b| {
         b.iter(|| black_box(ring.append(black_box(&batch)).expect("fits")))
     });
-    let hub = StreamHub::new(limits);
+    let hub = StreamHub::new(limits.clone());
     let now = Instant::now();
     group.bench_function("hub_publish_100x200B", |b| {
         b.iter(|| black_box(hub.publish(&run, batch.iter().copied(), now).expect("fits")))
+    });
+    // Naive: every event copied into its own buffer, kept in a bounded deque.
+    let mut naive: VecDeque<(u64, bytes::Bytes)> = VecDeque::new();
+    let mut offset = 0u64;
+    group.bench_function("baseline_deque_copy_100x200B", |b| {
+        b.iter(|| {
+            for t in &texts {
+                if naive.len() == limits.max_events_per_run {
+                    naive.pop_front();
+                }
+                naive.push_back((offset, bytes::Bytes::copy_from_slice(t.as_bytes())));
+                offset += 1;
+            }
+            black_box(naive.len())
+        })
     });
     group.finish();
 }
@@ -116,6 +138,90 @@ fn build_frame(c: &mut Criterion) {
             black_box(f.finish())
         })
     });
+    // serde_json with the events kept raw: the best serde can do.
+    let raws: Vec<&RawValue> = texts
+        .iter()
+        .map(|t| serde_json::from_str(t).expect("valid JSON"))
+        .collect();
+    group.bench_function("baseline_serde_raw_100x200B", |b| {
+        b.iter(|| black_box(serde_json::to_vec(&push_of(epoch, &raws)).expect("serializes")))
+    });
+    // serde_json with parsed events: parse once, serialize per frame.
+    let values: Vec<serde_json::Value> = texts
+        .iter()
+        .map(|t| serde_json::from_str(t).expect("valid JSON"))
+        .collect();
+    group.bench_function("baseline_serde_value_100x200B", |b| {
+        b.iter(|| black_box(serde_json::to_vec(&push_of(epoch, &values)).expect("serializes")))
+    });
+    group.finish();
+}
+
+/// A `stream.events` push built with serde, for the baselines.
+fn push_of<T: serde::Serialize>(epoch: &str, events: &[T]) -> serde_json::Value {
+    let events: Vec<serde_json::Value> = events
+        .iter()
+        .enumerate()
+        .map(|(i, e)| serde_json::json!({ "offset": 1_000_000 + i, "event": e }))
+        .collect();
+    serde_json::json!({
+        "type": "stream.events",
+        "payload": { "runId": "bench-run", "streamEpoch": epoch, "events": events }
+    })
+}
+
+/// One published batch reaching 100 subscribers: the shared frame against
+/// serializing it once per subscriber.
+fn fan_out(c: &mut Criterion) {
+    const SUBSCRIBERS: usize = 100;
+    let texts = events(100);
+    let run = RunId::new("bench-run").expect("valid run id");
+    let now = Instant::now();
+    let mut group = c.benchmark_group("stream_fan_out");
+    group.throughput(Throughput::Elements(SUBSCRIBERS as u64));
+    group.bench_function("shared_frame_100_subscribers", |b| {
+        b.iter_batched(
+            || {
+                let hub = StreamHub::new(StreamLimits::default());
+                let subs: Vec<_> = (0..SUBSCRIBERS)
+                    .map(|_| hub.resume(&run, None, None, now).1)
+                    .collect();
+                (hub, subs)
+            },
+            |(hub, mut subs)| {
+                hub.publish(
+                    &run,
+                    texts.iter().map(|t| NewEvent { json: t, seq: None }),
+                    now,
+                )
+                .expect("fits");
+                let mut bytes = 0;
+                for sub in &mut subs {
+                    if let Some(Delivery::Frames(frames)) = sub.next().now_or_never() {
+                        bytes += frames.iter().map(|f| f.len()).sum::<usize>();
+                    }
+                }
+                black_box(bytes)
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    let values: Vec<serde_json::Value> = texts
+        .iter()
+        .map(|t| serde_json::from_str(t).expect("valid JSON"))
+        .collect();
+    let epoch = "0123456789abcdef0123456789abcdef";
+    group.bench_function("baseline_serde_per_subscriber_100", |b| {
+        b.iter(|| {
+            let mut bytes = 0;
+            for _ in 0..SUBSCRIBERS {
+                bytes += serde_json::to_vec(&push_of(epoch, &values))
+                    .expect("serializes")
+                    .len();
+            }
+            black_box(bytes)
+        })
+    });
     group.finish();
 }
 
@@ -129,6 +235,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = append, replay, build_frame
+    targets = append, replay, build_frame, fan_out
 }
 criterion_main!(benches);

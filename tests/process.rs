@@ -13,10 +13,16 @@ fn cli_token(key_file: &std::path::Path, kind: &str, runs: &str, caps: &str) -> 
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_rungate"))
         .args(["token", "--auth-key-file"])
         .arg(key_file)
-        .args(["--kind", kind, "--runs", runs, "--caps", caps, "--ttl", "10m"])
+        .args([
+            "--kind", kind, "--runs", runs, "--caps", caps, "--ttl", "10m",
+        ])
         .output()
         .expect("run rungate token");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8(out.stdout).unwrap();
     assert_eq!(text.lines().count(), 1, "one line: {text:?}");
     text.trim().to_owned()
@@ -45,14 +51,20 @@ async fn read_state(url: &str, token: &str, run: &str) {
     // Sessions are not persisted yet: a fresh attach on the new process.
     let sid = rt.attach(run, "inst", &CAP_LIST).await["sessionId"].clone();
     let kv = rt
-        .ok("kv.get", json!({ "sessionId": sid, "runId": run, "keys": ["progress", "phase"] }))
+        .ok(
+            "kv.get",
+            json!({ "sessionId": sid, "runId": run, "keys": ["progress", "phase"] }),
+        )
         .await;
     assert_eq!(kv["kv"], json!({ "progress": "42", "phase": "b" }));
     let cp = rt
         .ok("checkpoint.load", json!({ "sessionId": sid, "runId": run }))
         .await;
     assert_eq!(cp["checkpointId"], "c1");
-    assert_eq!(cp["data"], json!({ "step": 42, "nested": [1, {"a": null}] }));
+    assert_eq!(
+        cp["data"],
+        json!({ "step": 42, "nested": [1, {"a": null}] })
+    );
 }
 
 #[tokio::test]
@@ -94,7 +106,10 @@ async fn sigterm_drains_sockets_and_exits_zero() {
     let sid = rt.attach("drain-1", "inst", &CAP_LIST).await["sessionId"].clone();
     // A write in flight when the signal lands is still answered.
     let id = rt
-        .send("kv.set", json!({ "sessionId": sid, "runId": "drain-1", "kv": { "k": "v" } }))
+        .send(
+            "kv.set",
+            json!({ "sessionId": sid, "runId": "drain-1", "kv": { "k": "v" } }),
+        )
         .await;
     let exit = tokio::spawn(gw.terminate());
     let answer = rt.answer(&id).await;
@@ -126,7 +141,9 @@ async fn draining_refuses_new_sessions_and_reports_not_ready() {
     let body = {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-        tcp.write_all(b"GET /readyz HTTP/1.1\r\nhost: t\r\n\r\n").await.unwrap();
+        tcp.write_all(b"GET /readyz HTTP/1.1\r\nhost: t\r\n\r\n")
+            .await
+            .unwrap();
         let mut out = String::new();
         tcp.read_to_string(&mut out).await.unwrap();
         out

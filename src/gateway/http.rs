@@ -50,10 +50,26 @@ fn respond(
     r
 }
 
-/// An HTTP error in the same shape as a WebSocket error frame's `error`.
+/// An HTTP error in the same shape as a WebSocket error frame's `error`,
+/// with a code from the same closed list.
 fn http_error(status: StatusCode, code: &str, message: &str) -> Response<Body> {
-    let body = json!({ "error": { "code": code, "message": message, "retryable": false } });
+    let retryable = status == StatusCode::SERVICE_UNAVAILABLE;
+    let body = json!({ "error": { "code": code, "message": message, "retryable": retryable } });
     respond(status, "application/json", body.to_string())
+}
+
+/// `INVALID_PAYLOAD` for a bad header or query value; `path` names it as
+/// `/headers/<name>` or `/query/<name>`.
+fn invalid_input(path: &str, message: &str) -> Response<Body> {
+    let body = json!({ "error": {
+        "code": "INVALID_PAYLOAD", "message": message, "retryable": false,
+        "details": { "path": path },
+    } });
+    respond(
+        StatusCode::BAD_REQUEST,
+        "application/json",
+        body.to_string(),
+    )
 }
 
 /// Routes one request.
@@ -96,8 +112,8 @@ pub(crate) async fn route(
 fn method_not_allowed() -> Response<Body> {
     http_error(
         StatusCode::METHOD_NOT_ALLOWED,
-        "BAD_REQUEST",
-        "method not allowed",
+        "BAD_FRAME",
+        "method not allowed; use GET",
     )
 }
 
@@ -132,11 +148,7 @@ fn run_events(shared: Arc<Shared>, req: &Request<Incoming>) -> Response<Body> {
     let raw = run_events_path(req.uri().path()).unwrap_or_default();
     // Run ids use only URL-safe characters, so the path needs no decoding.
     let Ok(run) = RunId::new(raw) else {
-        return http_error(
-            StatusCode::BAD_REQUEST,
-            "INVALID_PAYLOAD",
-            "the path does not name a valid run id",
-        );
+        return invalid_input("/path/runId", "the path does not name a valid run id");
     };
     if !grant.runs.covers(&run) {
         return http_error(
@@ -152,7 +164,7 @@ fn run_events(shared: Arc<Shared>, req: &Request<Incoming>) -> Response<Body> {
     let from = req.uri().query().and_then(|q| query_param(q, "from"));
     let start = match sse::Start::from_request(last_event_id, from.as_deref()) {
         Ok(s) => s,
-        Err(message) => return http_error(StatusCode::BAD_REQUEST, "INVALID_PAYLOAD", message),
+        Err(sse::BadStart { path, message }) => return invalid_input(path, message),
     };
     match sse::respond(shared, run, start) {
         Ok(response) => response,
@@ -239,7 +251,7 @@ fn upgrade(shared: Arc<Shared>, req: Request<Incoming>, endpoint: Endpoint) -> R
         Err(e) => {
             return http_error(
                 StatusCode::BAD_REQUEST,
-                "BAD_REQUEST",
+                "BAD_FRAME",
                 &format!("expected a WebSocket upgrade: {e}"),
             );
         }

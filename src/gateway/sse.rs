@@ -39,6 +39,13 @@ use super::state::Shared;
 use crate::ids::RunId;
 use crate::stream::{EventDelivery, ResumeInfo, StreamError, StreamEvent, StreamSubscription};
 
+/// A start position that is not an offset: where it was and why.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct BadStart {
+    pub path: &'static str,
+    pub message: &'static str,
+}
+
 /// Where a reader asked to start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Start {
@@ -56,19 +63,22 @@ impl Start {
     pub fn from_request(
         last_event_id: Option<&str>,
         from: Option<&str>,
-    ) -> Result<Start, &'static str> {
+    ) -> Result<Start, BadStart> {
         if let Some(id) = last_event_id {
-            let id = id.trim();
             return id
+                .trim()
                 .parse::<u64>()
                 .map(Start::After)
-                .map_err(|_| "Last-Event-ID must be an offset (a non-negative integer)");
+                .map_err(|_| BadStart {
+                    path: "/headers/last-event-id",
+                    message: "Last-Event-ID must be an offset (a non-negative integer)",
+                });
         }
         match from {
-            Some(n) => n
-                .parse::<u64>()
-                .map(Start::At)
-                .map_err(|_| "from must be an offset (a non-negative integer)"),
+            Some(n) => n.parse::<u64>().map(Start::At).map_err(|_| BadStart {
+                path: "/query/from",
+                message: "from must be an offset (a non-negative integer)",
+            }),
             None => Ok(Start::Oldest),
         }
     }
