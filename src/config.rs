@@ -49,6 +49,9 @@ pub struct Limits {
     pub outbound_queue: usize,
     /// Time a client has to send its HTTP request headers.
     pub handshake_timeout: Duration,
+    /// Longest a socket may take no data while frames wait for it before
+    /// it is closed.
+    pub write_timeout: Duration,
     /// Events one `events.publish` may carry.
     pub max_events_per_publish: usize,
     /// Bytes of one output event's JSON.
@@ -67,6 +70,7 @@ impl Default for Limits {
             max_inflight_per_socket: 256,
             outbound_queue: 1024,
             handshake_timeout: Duration::from_secs(10),
+            write_timeout: Duration::from_secs(30),
             max_events_per_publish: 1000,
             max_event_bytes: 64 * 1024,
             max_subscriptions_per_socket: 256,
@@ -143,6 +147,7 @@ impl Config {
             || l.max_event_bytes == 0
             || l.max_subscriptions_per_socket == 0
             || l.sse_keepalive.is_zero()
+            || l.write_timeout.is_zero()
         {
             return Err(ConfigError::Invalid(
                 "publish, subscription and keepalive limits must be positive".into(),
@@ -222,6 +227,9 @@ pub struct ServeArgs {
     /// Longest a drain waits for in-flight work, s [default: 30]
     #[arg(long, env = "RUNGATE_DRAIN_TIMEOUT_SECS")]
     pub drain_timeout_secs: Option<u64>,
+    /// Seconds a socket may take no data while frames wait before it is closed [default: 30]
+    #[arg(long, env = "RUNGATE_WRITE_TIMEOUT_SECS")]
+    pub write_timeout_secs: Option<u64>,
     /// Events one events.publish may carry [default: 1000]
     #[arg(long, env = "RUNGATE_MAX_EVENTS_PER_PUBLISH")]
     pub max_events_per_publish: Option<usize>,
@@ -265,6 +273,7 @@ struct FileGateway {
     handshake_timeout_secs: Option<u64>,
     reconnect_after_ms: Option<u64>,
     drain_timeout_secs: Option<u64>,
+    write_timeout_secs: Option<u64>,
     max_events_per_publish: Option<usize>,
     max_event_bytes: Option<usize>,
     max_subscriptions_per_socket: Option<usize>,
@@ -348,6 +357,9 @@ impl ServeArgs {
         }
         if let Some(s) = self.drain_timeout_secs.or(file.drain_timeout_secs) {
             c.drain_timeout = Duration::from_secs(s);
+        }
+        if let Some(s) = self.write_timeout_secs.or(file.write_timeout_secs) {
+            c.limits.write_timeout = Duration::from_secs(s);
         }
         if let Some(v) = self.max_events_per_publish.or(file.max_events_per_publish) {
             c.limits.max_events_per_publish = v;

@@ -5,12 +5,16 @@
 //! Three layers; imports only point down.
 //!
 //! 1. **Transport** — [`gateway`]: the listener, HTTP routes, WebSocket
-//!    connections, dispatch, metrics, draining. Knows frames, not leases.
+//!    connections and their stream subscriptions, SSE, dispatch, timers
+//!    (leases, stream upkeep), metrics, draining. Knows frames, not leases
+//!    or offsets.
 //! 2. **Protocol** — [`protocol`]: the envelope, typed command payloads,
 //!    error codes; encode and decode. No I/O.
-//! 3. **Domain** — [`session`] (sessions, leases, epochs), [`store`] (KV and
-//!    checkpoints), [`auth`] (tokens, run patterns), [`run_config`] (per-run
-//!    config and secrets). Plain types; time comes in as an argument.
+//! 3. **Domain** — [`session`] (sessions, leases, epochs), [`stream`]
+//!    (per-run ring buffers, offsets, subscriptions, the global budget),
+//!    [`store`] (KV and checkpoints), [`auth`] (tokens, run patterns),
+//!    [`run_config`] (per-run config and secrets). Plain types; time comes in
+//!    as an argument.
 //!
 //! Shared vocabulary that every layer uses: [`ids`] and [`time`].
 //! [`config`] gathers flags, environment and the config file into one
@@ -20,6 +24,11 @@
 //! `protocol::decode` checks the envelope → `gateway::dispatch` types the
 //! payload and routes it by type → a domain call → `protocol::encode_*` →
 //! the connection's bounded write queue → the socket.
+//!
+//! The path of one published batch: `events.publish` is dispatched like any
+//! command → `stream::StreamHub::publish` appends it and builds its
+//! `stream.events` frame once → every subscribed connection's
+//! `gateway::follow` wakes, takes the same `Bytes` and queues it → sockets.
 
 pub mod auth;
 pub mod config;

@@ -688,3 +688,159 @@ async fn metrics_text(gw: &TestGateway) -> String {
         .unwrap();
     out
 }
+
+/// Where other gateways stumble: resuming at exactly the head of an idle
+/// stream, then getting the first event published after a pause.
+#[tokio::test]
+async fn resuming_at_the_head_of_an_idle_stream_gets_the_next_event() {
+    let gw = TestGateway::start().await;
+    let (mut rt, sid) = runtime_on(&gw, "idle").await;
+    publish(&mut rt, &sid, "idle", 0..3).await;
+    let mut v = viewer(&gw, "idle").await;
+    let info = v
+        .ok("stream.resume", json!({ "runId": "idle", "fromOffset": 3 }))
+        .await;
+    assert_eq!(
+        (
+            &info["startOffset"],
+            &info["nextOffset"],
+            &info["truncated"]
+        ),
+        (&json!(3), &json!(3), &json!(false))
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    publish(&mut rt, &sid, "idle", 3..4).await;
+    let (offsets, _) = collect(&mut v, "idle", 4).await;
+    assert_eq!(offsets, vec![3]);
+}
+
+/// A viewer away for longer than every timeout (lease, tombstone) resumes
+/// without loss as long as the offsets are still kept.
+#[tokio::test]
+async fn a_viewer_away_longer_than_any_timeout_resumes_without_loss() {
+    let gw = TestGateway::start_with(|c| {
+        c.heartbeat_interval = Duration::from_millis(1000);
+        c.lease_ttl = Duration::from_millis(200);
+        c.session_tombstone_ttl = Duration::from_millis(200);
+    })
+    .await;
+    let (mut rt, sid) = runtime_on(&gw, "away").await;
+    publish(&mut rt, &sid, "away", 0..5).await;
+    let mut v = viewer(&gw, "away").await;
+    let info = v
+        .ok("stream.resume", json!({ "runId": "away", "fromOffset": 0 }))
+        .await;
+    let (offsets, _) = collect(&mut v, "away", 2).await;
+    let seen = *offsets.last().unwrap();
+    drop(v);
+    publish(&mut rt, &sid, "away", 5..8).await;
+    rt.close().await;
+    // Lease, then tombstone, both long gone.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut v = viewer(&gw, "away").await;
+    let again = v
+        .ok(
+            "stream.resume",
+            json!({ "runId": "away", "fromOffset": seen + 1, "streamEpoch": info["streamEpoch"] }),
+        )
+        .await;
+    assert_eq!(again["truncated"], false, "{again}");
+    assert_eq!(again["streamEpoch"], info["streamEpoch"]);
+    let (offsets, _) = collect(&mut v, "away", 8).await;
+    let expect: Vec<u64> = (seen + 1..8).collect();
+    assert_eq!(offsets, expect);
+    // The run is still listed, as expired.
+    let runs = v.ok("runs.list", json!({})).await;
+    assert_eq!(runs["runs"][0]["state"], "expired", "{runs}");
+}
+
+/// Many viewers resuming the same run at the same moment all get the whole
+/// history, then the same live events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_viewers_resuming_one_run_at_once_all_see_everything() {
+    const VIEWERS: usize = 64;
+    let gw = TestGateway::start().await;
+    let (mut rt, sid) = runtime_on(&gw, "crowd").await;
+    for b in 0..20 {
+        publish(&mut rt, &sid, "crowd", b * 50..(b + 1) * 50).await;
+    }
+    let token = gw.token(TokenKind::Viewer, "crowd", &[]);
+    let url = gw.url("/v1/stream");
+    let start = std::sync::Arc::new(tokio::sync::Barrier::new(VIEWERS + 1));
+    let mut viewers = Vec::new();
+    for _ in 0..VIEWERS {
+        let (token, url, start) = (token.clone(), url.clone(), start.clone());
+        viewers.push(tokio::spawn(async move {
+            let mut v = Client::connect(&url, &token).await;
+            start.wait().await;
+            v.ok(
+                "stream.resume",
+                json!({ "runId": "crowd", "fromOffset": 0 }),
+            )
+            .await;
+            let (offsets, gaps) = collect(&mut v, "crowd", 1100).await;
+            assert!(gaps.is_empty());
+            assert_eq!(offsets, (0..1100).collect::<Vec<u64>>());
+        }));
+    }
+    start.wait().await;
+    publish(&mut rt, &sid, "crowd", 1000..1100).await;
+    for v in viewers {
+        v.await.unwrap();
+    }
+}
+
+/// A peer that takes no data while frames wait for it is closed after the
+/// write timeout, so it cannot pin queued frames (and the stream batches
+/// they share) forever.
+#[tokio::test]
+async fn a_viewer_that_never_reads_is_closed_after_the_write_timeout() {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut gw = TestGateway::start_with(|c| {
+        c.limits.write_timeout = Duration::from_millis(500);
+        c.limits.outbound_queue = 4;
+    })
+    .await;
+    let (mut rt, sid) = runtime_on(&gw, "stuck").await;
+    // A viewer with a tiny receive window that reads nothing after resuming.
+    let tcp = common::http::connect_with_small_window(gw.addr, 4096).await;
+    let mut req = gw.url("/v1/stream").into_client_request().unwrap();
+    let token = gw.token(TokenKind::Viewer, "stuck", &[]);
+    req.headers_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    let (mut stuck, _) = tokio_tungstenite::client_async(req, tcp).await.unwrap();
+    use futures_util::SinkExt;
+    stuck
+        .send(tokio_tungstenite::tungstenite::Message::text(
+            json!({ "id": "1", "type": "stream.resume", "payload": { "runId": "stuck" } })
+                .to_string(),
+        ))
+        .await
+        .unwrap();
+    let gateway = gw.gateway.as_ref().unwrap();
+    // Wait until the viewer's socket is open (runtime + viewer).
+    for _ in 0..200 {
+        if gateway.open_connections() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(gateway.open_connections(), 2);
+    // ~8 MiB the viewer never takes.
+    for b in 0..160 {
+        publish_with(&mut rt, &sid, "stuck", b * 50..(b + 1) * 50, big_event).await;
+    }
+    let mut closed = false;
+    for _ in 0..1000 {
+        if gateway.open_connections() == 1 {
+            closed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(closed, "the stuck viewer's socket was not closed");
+    // The publisher was never held up and still works.
+    publish(&mut rt, &sid, "stuck", 8000..8001).await;
+    drop(stuck);
+    gw.drain().await;
+}

@@ -16,8 +16,10 @@ use futures_util::stream::{FuturesUnordered, SplitSink};
 use futures_util::{SinkExt, StreamExt};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
+use std::time::Duration;
 use tokio::sync::mpsc;
-use tokio::time::{Instant, sleep_until};
+
+use tokio::time::{Instant, sleep_until, timeout};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -45,7 +47,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, socket: Socket, endpoint: Endpoin
         kill: kill.clone(),
     });
     shared.metrics.connection_opened(endpoint.label());
-    let writer = tokio::spawn(write_loop(sink, rx));
+    let writer = tokio::spawn(write_loop(sink, rx, shared.config.limits.write_timeout));
 
     let mut ctx = ConnCtx {
         id,
@@ -175,9 +177,15 @@ fn count_subscriptions(shared: &Shared, following: &Following, counted: &mut i64
     }
 }
 
-/// Sends queued frames, several per flush, until the queue closes or the
-/// socket fails.
-async fn write_loop(mut sink: SplitSink<Socket, Message>, mut rx: mpsc::Receiver<Outgoing>) {
+/// Sends queued frames, several per flush, until the queue closes, the
+/// socket fails, or the peer stops taking data for `stall` (a dead or
+/// stuck peer would otherwise hold its queued frames, and the stream
+/// batches they share, forever).
+async fn write_loop(
+    mut sink: SplitSink<Socket, Message>,
+    mut rx: mpsc::Receiver<Outgoing>,
+    stall: Duration,
+) {
     'outer: while let Some(first) = rx.recv().await {
         let mut next = Some(first);
         let mut fed = 0;
@@ -189,23 +197,36 @@ async fn write_loop(mut sink: SplitSink<Socket, Message>, mut rx: mpsc::Receiver
                         code: CloseCode::from(code),
                         reason: Utf8Bytes::from_static(reason),
                     };
-                    let _ = sink.send(Message::Close(Some(frame))).await;
+                    let _ = timeout(stall, sink.send(Message::Close(Some(frame)))).await;
                     break 'outer;
                 }
             };
-            if sink.feed(message).await.is_err() {
-                break 'outer;
+            match timeout(stall, sink.feed(message)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => break 'outer,
+                Err(_) => {
+                    tracing::info!("peer took no data for {stall:?}; closing its socket");
+                    break 'outer;
+                }
             }
             fed += 1;
             if fed < WRITE_BATCH {
                 next = rx.try_recv().ok();
             }
         }
-        if sink.flush().await.is_err() {
-            break;
+        match timeout(stall, sink.flush()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => break,
+            Err(_) => {
+                tracing::info!("peer took no data for {stall:?}; closing its socket");
+                break;
+            }
         }
     }
-    let _ = sink.close().await;
+    // Dropping the receiver makes the reader's next queue send fail, which
+    // ends the connection task too.
+    drop(rx);
+    let _ = timeout(stall, sink.close()).await;
 }
 
 /// Turns frame bytes into a text message without re-checking UTF-8.
