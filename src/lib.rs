@@ -16,6 +16,9 @@
 //!    [`run_config`] (per-run config and secrets). Plain types; time comes in
 //!    as an argument.
 //!
+//! Beside the layers, [`client`] is the Rust client for runtimes and viewers;
+//! it speaks only the wire protocol, like any other client.
+//!
 //! Shared vocabulary that every layer uses: [`ids`] and [`time`].
 //! [`config`] gathers flags, environment and the config file into one
 //! [`config::Config`].
@@ -31,6 +34,7 @@
 //! `gateway::follow` wakes, takes the same `Bytes` and queues it → sockets.
 
 pub mod auth;
+pub mod client;
 pub mod config;
 pub mod gateway;
 pub mod ids;

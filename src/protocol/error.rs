@@ -50,6 +50,11 @@ impl ErrorCode {
     ];
 
     /// The wire spelling, also used as a metrics label.
+    /// The code named `s` on the wire, if it is one.
+    pub fn parse(s: &str) -> Option<ErrorCode> {
+        ErrorCode::ALL.into_iter().find(|c| c.as_str() == s)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             ErrorCode::BadFrame => "BAD_FRAME",

@@ -275,11 +275,19 @@ pub struct GatewayProcess {
 }
 
 impl GatewayProcess {
-    /// `rungate serve --listen 127.0.0.1:0 --data-dir DIR extra...`.
+    /// `rungate serve --listen 127.0.0.1:0 --data-dir DIR extra...`; an
+    /// `--listen` in `extra` replaces the default (to restart on the same
+    /// address).
     pub async fn spawn(data_dir: &Path, extra: &[&str]) -> GatewayProcess {
+        let listen: &[&str] = if extra.contains(&"--listen") {
+            &[]
+        } else {
+            &["--listen", "127.0.0.1:0"]
+        };
         let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_rungate"))
             .arg("serve")
-            .args(["--listen", "127.0.0.1:0", "--data-dir"])
+            .args(listen)
+            .arg("--data-dir")
             .arg(data_dir)
             .args(extra)
             .env("RUNGATE_LOG", "warn")

@@ -1,0 +1,317 @@
+//! [`ViewerClient`]: tails runs' output streams and resumes them after any
+//! disconnect from the last offset it delivered.
+//!
+//! Each [`Follower`] has its own socket on `/v1/stream` and a driver task.
+//! The driver remembers the next offset owed to the caller and the stream
+//! epoch, and after a lost socket (or `gateway.draining`) reconnects with
+//! backoff and sends `stream.resume` from exactly there, so the caller sees
+//! every event once, in order. What it cannot hide it reports: a resume that
+//! comes back `truncated` (history gone or a new epoch), a `stream.gap` (the
+//! caller fell behind the ring), a `stream.closed` (the stream was dropped;
+//! the follower resumes the run's next stream by itself).
+//!
+//! The channel to the caller is bounded: a caller that does not read stops
+//! the driver reading its socket, and the gateway, not this process, holds
+//! the backlog (and answers with a gap if it is too much).
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use tokio::time::{Instant, sleep_until};
+
+use super::link::{self, Incoming};
+use super::{Backoff, ClientError};
+
+/// Where and how to connect as a viewer.
+#[derive(Debug, Clone)]
+pub struct ViewerOptions {
+    /// `ws://HOST:PORT/v1/stream`.
+    pub url: String,
+    /// A viewer token covering the runs to follow.
+    pub token: String,
+    pub connect_timeout: Duration,
+    pub backoff: Backoff,
+    /// Items buffered for a caller that reads slowly.
+    pub buffer: usize,
+}
+
+impl ViewerOptions {
+    pub fn new(url: impl Into<String>, token: impl Into<String>) -> ViewerOptions {
+        ViewerOptions {
+            url: url.into(),
+            token: token.into(),
+            connect_timeout: Duration::from_secs(10),
+            backoff: Backoff::default(),
+            buffer: 256,
+        }
+    }
+}
+
+/// What a follower hands its caller.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StreamItem {
+    /// The subscription (re)started. `truncated`: events the caller was
+    /// owed are gone (older than the oldest kept, or the stream's history
+    /// was replaced: `stream_epoch` differs from the previous one).
+    Resumed {
+        stream_epoch: String,
+        first_offset: u64,
+        next_offset: u64,
+        start_offset: u64,
+        truncated: bool,
+    },
+    /// One event, in offset order.
+    Event { offset: u64, event: Value },
+    /// Offsets `from..=to` were dropped before they could be delivered.
+    Gap { from: u64, to: u64 },
+    /// The stream's history was dropped by the gateway; a `Resumed` with
+    /// the run's new stream follows.
+    Closed { stream_epoch: String },
+}
+
+/// A caller's end of one followed stream.
+pub struct Follower {
+    items: FollowerRx,
+}
+
+enum FollowerRx {
+    Bounded(mpsc::Receiver<Result<StreamItem, ClientError>>),
+    Unbounded(mpsc::UnboundedReceiver<StreamItem>),
+}
+
+impl Follower {
+    pub(crate) fn new(items: mpsc::UnboundedReceiver<StreamItem>) -> Follower {
+        Follower {
+            items: FollowerRx::Unbounded(items),
+        }
+    }
+
+    /// The next item; `None` once the follower ended (the client closed, or
+    /// the run's session on a runtime client ended). `Err` is final: the
+    /// gateway refused the token or the run.
+    pub async fn next(&mut self) -> Option<Result<StreamItem, ClientError>> {
+        match &mut self.items {
+            FollowerRx::Bounded(rx) => rx.recv().await,
+            FollowerRx::Unbounded(rx) => rx.recv().await.map(Ok),
+        }
+    }
+}
+
+/// The position of one followed stream: what the caller is owed next.
+pub(crate) struct StreamState {
+    /// The next offset to deliver; `None` until the first resume answered
+    /// (then the first request may be "live from the head").
+    next: Option<u64>,
+    epoch: Option<String>,
+}
+
+impl StreamState {
+    pub(crate) fn new(from_offset: Option<u64>) -> StreamState {
+        StreamState {
+            next: from_offset,
+            epoch: None,
+        }
+    }
+
+    /// Adds `fromOffset` / `streamEpoch` to a `stream.resume` payload.
+    pub(crate) fn add_position(&self, payload: &mut Value) {
+        if let Some(n) = self.next {
+            payload["fromOffset"] = json!(n);
+        }
+        if let Some(e) = &self.epoch {
+            payload["streamEpoch"] = json!(e);
+        }
+    }
+
+    /// The `stream.resume` reply.
+    pub(crate) fn resumed(&mut self, info: &Value) -> StreamItem {
+        let epoch = info["streamEpoch"].as_str().unwrap_or_default().to_owned();
+        let start = info["startOffset"].as_u64().unwrap_or(0);
+        self.next = Some(start);
+        self.epoch = Some(epoch.clone());
+        StreamItem::Resumed {
+            stream_epoch: epoch,
+            first_offset: info["firstOffset"].as_u64().unwrap_or(0),
+            next_offset: info["nextOffset"].as_u64().unwrap_or(0),
+            start_offset: start,
+            truncated: info["truncated"].as_bool().unwrap_or(false),
+        }
+    }
+
+    /// A stream push for this run: the items to deliver, and whether the
+    /// stream must be resumed (it was closed).
+    pub(crate) fn pushed(&mut self, kind: &str, payload: &Value) -> (Vec<StreamItem>, bool) {
+        match kind {
+            "stream.events" => {
+                let mut items = Vec::new();
+                for e in payload["events"].as_array().into_iter().flatten() {
+                    let Some(offset) = e["offset"].as_u64() else {
+                        continue;
+                    };
+                    // Never hand the caller an offset twice.
+                    if self.next.is_some_and(|n| offset < n) {
+                        continue;
+                    }
+                    self.next = Some(offset + 1);
+                    items.push(StreamItem::Event {
+                        offset,
+                        event: e["event"].clone(),
+                    });
+                }
+                (items, false)
+            }
+            "stream.gap" => {
+                let (Some(from), Some(to)) =
+                    (payload["fromOffset"].as_u64(), payload["toOffset"].as_u64())
+                else {
+                    return (Vec::new(), false);
+                };
+                self.next = Some(to + 1);
+                (vec![StreamItem::Gap { from, to }], false)
+            }
+            "stream.closed" => {
+                let epoch = payload["streamEpoch"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned();
+                (
+                    vec![StreamItem::Closed {
+                        stream_epoch: epoch,
+                    }],
+                    true,
+                )
+            }
+            _ => (Vec::new(), false),
+        }
+    }
+}
+
+/// Follows runs' streams on `/v1/stream`.
+#[derive(Debug, Clone)]
+pub struct ViewerClient {
+    options: ViewerOptions,
+}
+
+impl ViewerClient {
+    pub fn new(options: ViewerOptions) -> ViewerClient {
+        ViewerClient { options }
+    }
+
+    /// Follows `run` from `from_offset` (or live from the head) until the
+    /// returned [`Follower`] is dropped.
+    pub fn follow(&self, run: &str, from_offset: Option<u64>) -> Follower {
+        let (tx, rx) = mpsc::channel(self.options.buffer.max(1));
+        tokio::spawn(follow(
+            self.options.clone(),
+            run.to_owned(),
+            StreamState::new(from_offset),
+            tx,
+        ));
+        Follower {
+            items: FollowerRx::Bounded(rx),
+        }
+    }
+}
+
+type Items = mpsc::Sender<Result<StreamItem, ClientError>>;
+
+/// One follower's driver: connect, resume, deliver, repeat.
+async fn follow(options: ViewerOptions, run: String, mut state: StreamState, items: Items) {
+    let mut attempt: u32 = 0;
+    let mut not_before: Option<Instant> = None;
+    loop {
+        if attempt > 0 || not_before.is_some() {
+            let mut wake = Instant::now() + options.backoff.delay(attempt.saturating_sub(1));
+            if let Some(t) = not_before.take() {
+                wake = wake.max(t);
+            }
+            tokio::select! {
+                _ = sleep_until(wake) => {}
+                _ = items.closed() => return,
+            }
+        }
+        let mut socket =
+            match link::connect(&options.url, &options.token, options.connect_timeout).await {
+                Ok(s) => s,
+                Err(e) if link::is_refusal(&e) => {
+                    let _ = items.send(Err(e)).await;
+                    return;
+                }
+                Err(_) => {
+                    attempt = attempt.saturating_add(1);
+                    continue;
+                }
+            };
+        let mut resume_id = 0u64;
+        let mut send_resume =
+            async |socket: &mut link::Socket, state: &StreamState| -> Option<String> {
+                resume_id += 1;
+                let id = format!("resume-{resume_id}");
+                let mut payload = json!({ "runId": run });
+                state.add_position(&mut payload);
+                link::send(socket, link::request(&id, "stream.resume", &payload))
+                    .await
+                    .then_some(id)
+            };
+        let Some(mut waiting_for) = send_resume(&mut socket, &state).await else {
+            attempt = attempt.saturating_add(1);
+            continue;
+        };
+        loop {
+            let frame = tokio::select! {
+                frame = link::next(&mut socket) => frame,
+                _ = items.closed() => return,
+            };
+            let Some(frame) = frame else {
+                break;
+            };
+            let mut out = Vec::new();
+            let mut resume_again = false;
+            match frame {
+                Incoming::Reply { id, payload } if id == waiting_for => {
+                    let info: Value = serde_json::from_str(payload.get()).unwrap_or(Value::Null);
+                    out.push(state.resumed(&info));
+                    attempt = 0;
+                }
+                Incoming::Error {
+                    id: Some(id),
+                    error,
+                } if id == waiting_for => {
+                    if error.is_retryable() {
+                        break;
+                    }
+                    // The token does not cover the run, or the like: final.
+                    let _ = items.send(Err(error)).await;
+                    return;
+                }
+                Incoming::Push { kind, payload } if kind == "gateway.draining" => {
+                    let p: Value = serde_json::from_str(payload.get()).unwrap_or(Value::Null);
+                    let after = p["reconnectAfterMs"].as_u64().unwrap_or(1000);
+                    not_before = Some(Instant::now() + Duration::from_millis(after));
+                }
+                Incoming::Push { kind, payload } => {
+                    let p: Value = serde_json::from_str(payload.get()).unwrap_or(Value::Null);
+                    if p["runId"] == run.as_str() {
+                        let (items, again) = state.pushed(&kind, &p);
+                        out = items;
+                        resume_again = again;
+                    }
+                }
+                _ => {}
+            }
+            for item in out {
+                if items.send(Ok(item)).await.is_err() {
+                    return;
+                }
+            }
+            if resume_again {
+                match send_resume(&mut socket, &state).await {
+                    Some(id) => waiting_for = id,
+                    None => break,
+                }
+            }
+        }
+        attempt = attempt.saturating_add(1);
+    }
+}
