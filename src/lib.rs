@@ -36,6 +36,7 @@
 pub mod auth;
 pub mod client;
 pub mod config;
+pub mod demo;
 pub mod gateway;
 pub mod ids;
 pub mod protocol;

@@ -1,7 +1,8 @@
 //! The `rungate` command: a thin shell over the library.
 //!
 //! `serve` runs the gateway until SIGTERM or Ctrl-C, then drains; `token`
-//! mints a token. Everything else lives in the library.
+//! mints a token; `demo` runs the gateway with simulated runtimes and
+//! prints the dashboard's address. Everything else lives in the library.
 
 use std::path::PathBuf;
 
@@ -28,6 +29,23 @@ enum Cmd {
     Serve(Box<ServeArgs>),
     /// Print a token, alone on one line.
     Token(TokenArgs),
+    /// Run the gateway with simulated runtimes and print the dashboard URL.
+    Demo(Box<DemoArgs>),
+}
+
+#[derive(clap::Args)]
+struct DemoArgs {
+    #[command(flatten)]
+    serve: ServeArgs,
+    /// Simulated runtimes, each publishing to its own run (demo-1, demo-2, …).
+    #[arg(long, default_value_t = 4)]
+    runs: u32,
+    /// Time between a runtime's steps, in milliseconds.
+    #[arg(long, default_value_t = 500)]
+    pace_ms: u64,
+    /// Steps in one simulated run before it starts over.
+    #[arg(long, default_value_t = 200)]
+    steps: u64,
 }
 
 #[derive(clap::Args)]
@@ -88,13 +106,98 @@ fn main() -> anyhow::Result<()> {
         Cmd::Serve(args) => {
             init_tracing();
             let config = args.into_config()?;
-            tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-                .context("starting the async runtime")?
-                .block_on(serve(config))
+            runtime()?.block_on(serve(config))
+        }
+        Cmd::Demo(args) => {
+            init_tracing();
+            runtime()?.block_on(demo(*args))
         }
     }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+async fn demo(args: DemoArgs) -> anyhow::Result<()> {
+    let mut serve = args.serve;
+    // The demo keeps its state apart from a real gateway's.
+    serve.data_dir = serve
+        .data_dir
+        .or_else(|| Some(PathBuf::from("rungate-demo-data")));
+    let config = serve.into_config()?;
+    let gateway = rungate::gateway::start(config).await?;
+    let addr = gateway.local_addr();
+    let day = std::time::Duration::from_secs(86_400);
+    let runs = RunScope::parse_list("demo-*")?;
+    let caps: Capabilities = [
+        Capability::KvRead,
+        Capability::KvWrite,
+        Capability::CheckpointSave,
+        Capability::CheckpointLoad,
+    ]
+    .into_iter()
+    .collect();
+    let runtime_token = gateway
+        .auth_key()
+        .mint(TokenKind::Runtime, &runs, caps, day)?;
+    let viewer_token =
+        gateway
+            .auth_key()
+            .mint(TokenKind::Viewer, &runs, Capabilities::default(), day)?;
+
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut simulations = tokio::task::JoinSet::new();
+    for n in 1..=args.runs {
+        let (url, token, stop) = (
+            format!("ws://{addr}/v1/runtime"),
+            runtime_token.clone(),
+            stop.clone(),
+        );
+        let pace = std::time::Duration::from_millis(args.pace_ms.max(10));
+        let steps = args.steps.max(1);
+        simulations.spawn(async move {
+            let run = format!("demo-{n}");
+            // A simulated runtime that fails (the gateway draining, say)
+            // starts again, as a supervisor would restart a worker.
+            while !stop.is_cancelled() {
+                let outcome = rungate::demo::simulate_run(
+                    url.clone(),
+                    token.clone(),
+                    run.clone(),
+                    pace,
+                    steps,
+                    stop.clone(),
+                )
+                .await;
+                if let Err(e) = outcome {
+                    tracing::warn!(run = %run, error = %e, "simulated runtime stopped; restarting");
+                    tokio::select! {
+                        _ = stop.cancelled() => {}
+                        _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+                    }
+                }
+            }
+        });
+    }
+    println!(
+        "rungate demo: {} simulated runtimes publishing to demo-1..demo-{}",
+        args.runs, args.runs
+    );
+    println!("open the dashboard:");
+    println!("http://{addr}/?token={viewer_token}");
+    println!("or tail a run: curl -N 'http://{addr}/v1/runs/demo-1/events?token={viewer_token}'");
+    shutdown_signal().await?;
+    stop.cancel();
+    while simulations.join_next().await.is_some() {}
+    gateway
+        .drain()
+        .await
+        .context("flushing the store while draining")?;
+    Ok(())
 }
 
 fn init_tracing() {

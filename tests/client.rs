@@ -234,3 +234,50 @@ async fn a_gateway_restart_is_survived_and_nothing_is_published_twice() {
     );
     assert_eq!(second.terminate().await, Some(0));
 }
+
+/// A restarted worker (a new client, same runtime instance) takes its run's
+/// session over and fences the old one; another instance cannot.
+#[tokio::test]
+async fn a_restarted_worker_takes_its_session_over_and_others_cannot() {
+    let gw = TestGateway::start().await;
+    let token = gw.token(TokenKind::Runtime, "*", &Capability::ALL);
+    let url = gw.url("/v1/runtime");
+    let old = RuntimeClient::connect(RuntimeOptions::new(&url, &token, "worker-7"))
+        .await
+        .unwrap();
+    let first = old.attach("job", &["kv.read"]).await.unwrap();
+    let mut old_events = old.events();
+    // The clock-based epochs of two clients made in the same millisecond
+    // would tie; real restarts take longer than that.
+    tokio::time::sleep(Duration::from_millis(5)).await;
+
+    let new = RuntimeClient::connect(RuntimeOptions::new(&url, &token, "worker-7"))
+        .await
+        .unwrap();
+    let second = new.attach("job", &["kv.read"]).await.unwrap();
+    assert_eq!(
+        second.session_id, first.session_id,
+        "the same session, moved"
+    );
+    let event = tokio::time::timeout(WAIT, old_events.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        event,
+        ClientEvent::SessionSuperseded {
+            run_id: "job".into()
+        }
+    );
+    assert!(matches!(
+        old.kv_get("job", &["a"]).await,
+        Err(ClientError::NoSession(_))
+    ));
+    new.kv_get("job", &["a"]).await.unwrap();
+
+    let other = RuntimeClient::connect(RuntimeOptions::new(&url, &token, "worker-8"))
+        .await
+        .unwrap();
+    let err = other.attach("job", &[]).await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::Conflict));
+}

@@ -66,3 +66,89 @@ async fn raw_runtime_attaches_works_and_reconnects() {
         );
     }
 }
+
+/// `cargo run --example NAME -- args` with a generous timeout.
+async fn run_example(name: &str, args: &[&str]) -> (String, String) {
+    let run = tokio::process::Command::new(env!("CARGO"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(["run", "--quiet", "--example", name, "--"])
+        .args(args)
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(600), run)
+        .await
+        .expect("the example finishes in time")
+        .expect("cargo runs");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        out.status.success(),
+        "{name} failed ({})\nstdout:\n{stdout}\nstderr:\n{stderr}",
+        out.status
+    );
+    (stdout, stderr)
+}
+
+/// The client-library examples together: `runtime` publishes, `tail`
+/// prints what it published, and a second `runtime` run picks up its
+/// progress from KV.
+#[tokio::test]
+async fn the_runtime_and_tail_examples_work_together() {
+    let files = tempfile::tempdir().unwrap();
+    let config = files.path().join("runs.toml");
+    std::fs::write(
+        &config,
+        "[[runs]]\npattern = \"ex-*\"\n[runs.config]\nmodel = \"small\"\n[runs.secrets]\nAPI_KEY = \"s3cr3t\"\n",
+    )
+    .unwrap();
+    let gw = TestGateway::start_with(|c| c.config_file = Some(config.clone())).await;
+    let runtime_token = gw.token(TokenKind::Runtime, "ex-*", &Capability::ALL);
+    let viewer_token = gw.token(TokenKind::Viewer, "ex-*", &[]);
+    let url = gw.url("/v1/runtime");
+    let common = ["--url", &url, "--token", &runtime_token, "--run", "ex-1"];
+    let (out, _) = run_example(
+        "runtime",
+        &[&common[..], &["--every-ms", "20", "--count", "25"]].concat(),
+    )
+    .await;
+    assert!(out.contains("attached ex-1: session "), "{out}");
+    assert!(out.contains(r#"config: {"model":"small"}"#), "{out}");
+    assert!(out.contains(r#"secrets available: ["API_KEY"]"#), "{out}");
+    assert!(!out.contains("s3cr3t"), "a secret value was printed: {out}");
+    assert!(out.contains("checkpoint "), "{out}");
+    assert!(out.contains("published 25 steps"), "{out}");
+
+    // A second run of the worker continues where the first stopped.
+    let (out, _) = run_example(
+        "runtime",
+        &[&common[..], &["--every-ms", "20", "--count", "30"]].concat(),
+    )
+    .await;
+    assert!(out.contains("resuming after 25 events"), "{out}");
+    assert!(out.contains("published 30 steps"), "{out}");
+
+    let stream = gw.url("/v1/stream");
+    let (out, err) = run_example(
+        "tail",
+        &[
+            "--url",
+            &stream,
+            "--token",
+            &viewer_token,
+            "--run",
+            "ex-1",
+            "--from",
+            "0",
+            "--count",
+            "60",
+        ],
+    )
+    .await;
+    assert!(err.contains("following ex-1 from offset 0"), "{err}");
+    let offsets: Vec<u64> = out
+        .lines()
+        .map(|l| l.split_whitespace().next().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(offsets, (0..60).collect::<Vec<u64>>(), "{out}");
+    assert!(out.contains("working on item 1\""), "{out}");
+}

@@ -204,7 +204,8 @@ impl RuntimeClient {
     pub async fn connect(options: RuntimeOptions) -> Result<RuntimeClient> {
         let socket = link::connect(&options.url, &options.token, options.connect_timeout).await?;
         let (ops_tx, ops_rx) = mpsc::channel(1024);
-        let (state_tx, state_rx) = watch::channel(ConnectionState::Connected { epoch: 1 });
+        let epoch = initial_epoch();
+        let (state_tx, state_rx) = watch::channel(ConnectionState::Connected { epoch });
         let (events_tx, _) = broadcast::channel(256);
         let request_timeout = options.request_timeout;
         let driver = Driver {
@@ -213,7 +214,7 @@ impl RuntimeClient {
             state: state_tx,
             events: events_tx.clone(),
             socket: Some(socket),
-            epoch: 1,
+            epoch,
             next_id: 0,
             runs: Vec::new(),
             pending: HashMap::new(),
@@ -440,13 +441,18 @@ struct Publication {
 }
 
 enum Pending {
-    /// A fresh attach; `retried` once it was resent after a lost socket.
+    /// An attach of a run this client does not hold yet. `take_over`: sent
+    /// with `reconnect: true`, after a fresh attach met `CONFLICT` (the run
+    /// is held by this instance's predecessor, or by this client's own
+    /// earlier send whose answer was lost). `tries` bounds the back and
+    /// forth between the two.
     Attach {
         run: String,
         capabilities: Vec<String>,
         attempt_id: Option<String>,
         reply: oneshot::Sender<Result<Attached>>,
-        retried: bool,
+        take_over: bool,
+        tries: u8,
     },
     Call(oneshot::Sender<Result<Value>>),
     Publish,
@@ -557,7 +563,7 @@ impl Driver {
                 attempt_id,
                 reply,
             } => {
-                self.send_attach(run, capabilities, attempt_id, reply, false)
+                self.send_attach(run, capabilities, attempt_id, reply, false, 0)
                     .await
             }
             Op::Call {
@@ -614,7 +620,8 @@ impl Driver {
         capabilities: Vec<String>,
         attempt_id: Option<String>,
         reply: oneshot::Sender<Result<Attached>>,
-        retried: bool,
+        take_over: bool,
+        tries: u8,
     ) {
         let mut payload = json!({
             "runId": run,
@@ -626,9 +633,7 @@ impl Driver {
         if let Some(a) = &attempt_id {
             payload["attemptId"] = json!(a);
         }
-        // A resend after a lost socket may find the first send applied: then
-        // the run is ours already and a reconnect takes it over.
-        if retried {
+        if take_over {
             payload["reconnect"] = json!(true);
         }
         let id = self.next_id();
@@ -639,7 +644,8 @@ impl Driver {
                 capabilities,
                 attempt_id,
                 reply,
-                retried,
+                take_over,
+                tries,
             },
         );
         self.send(&id, "runtime.attach", &payload).await;
@@ -803,7 +809,8 @@ impl Driver {
                 capabilities,
                 attempt_id,
                 reply,
-                retried,
+                take_over,
+                tries,
             } => match result {
                 Ok(payload) => {
                     let attached = Attached {
@@ -831,9 +838,17 @@ impl Driver {
                     }
                     let _ = reply.send(Ok(attached));
                 }
-                Err(e) if retried && e.code() == Some(ErrorCode::SessionExpired) => {
-                    // The lost first send was never applied: attach afresh.
-                    self.send_attach(run, capabilities, attempt_id, reply, false)
+                // Held by this instance already (a restarted process of the
+                // same worker, or our own lost send): take it over; this
+                // client's epoch is above any its predecessors used. Another
+                // instance holding the run gets CONFLICT again, as it should.
+                Err(e) if !take_over && tries < 2 && e.code() == Some(ErrorCode::Conflict) => {
+                    self.send_attach(run, capabilities, attempt_id, reply, true, tries + 1)
+                        .await;
+                }
+                // Nothing to take over after all: attach afresh.
+                Err(e) if take_over && tries < 2 && e.code() == Some(ErrorCode::SessionExpired) => {
+                    self.send_attach(run, capabilities, attempt_id, reply, false, tries + 1)
                         .await;
                 }
                 Err(e) => {
@@ -1250,6 +1265,19 @@ impl Driver {
 
 fn far_future() -> Instant {
     Instant::now() + Duration::from_secs(86_400 * 365)
+}
+
+/// The first `connectionEpoch`: the wall clock in milliseconds, so a
+/// restarted process of the same runtime instance starts above every epoch
+/// its predecessor used (each reconnect adds one, and no process reconnects
+/// more than once a millisecond) and can take its sessions over, fencing
+/// the predecessor off if it is still alive.
+fn initial_epoch() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(1)
+        .max(1)
 }
 
 /// A starting `seq` above any this runtime used for the run before: the
