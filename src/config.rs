@@ -13,6 +13,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::stream::StreamLimits;
+use crate::stream::log::SyncPolicy;
 
 /// Which engine holds KV and checkpoints.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -101,6 +102,8 @@ pub struct Config {
     pub limits: Limits,
     /// Ring buffer bounds, retention and the global byte budget.
     pub streams: StreamLimits,
+    /// When the output-event log is synced (embedded store only).
+    pub stream_sync: SyncPolicy,
 }
 
 impl Config {
@@ -121,6 +124,7 @@ impl Config {
             drain_timeout: Duration::from_secs(30),
             limits: Limits::default(),
             streams: StreamLimits::default(),
+            stream_sync: SyncPolicy::Always,
         }
     }
 
@@ -254,6 +258,9 @@ pub struct ServeArgs {
     /// Seconds a run's stream stays readable after its session ends [default: 3600]
     #[arg(long, env = "RUNGATE_STREAM_RETENTION_SECS")]
     pub stream_retention_secs: Option<u64>,
+    /// When the event log reaches the disk: always (before every ack), interval:MS, or os [default: always]
+    #[arg(long, env = "RUNGATE_STREAM_SYNC")]
+    pub stream_sync: Option<String>,
 }
 
 /// The `[gateway]` table: the same settings as the flags.
@@ -282,6 +289,7 @@ struct FileGateway {
     stream_max_bytes: Option<usize>,
     stream_global_max_bytes: Option<usize>,
     stream_retention_secs: Option<u64>,
+    stream_sync: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -390,6 +398,9 @@ impl ServeArgs {
         }
         if let Some(s) = self.stream_retention_secs.or(file.stream_retention_secs) {
             c.streams.retention = Duration::from_secs(s);
+        }
+        if let Some(s) = self.stream_sync.or(file.stream_sync) {
+            c.stream_sync = s.parse().map_err(ConfigError::Invalid)?;
         }
         c.validate()?;
         Ok(c)

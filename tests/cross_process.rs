@@ -33,9 +33,7 @@ async fn a_viewer_cut_off_over_and_over_sees_every_event_once_in_order() {
     );
     let viewer_token = mint(&key, TokenKind::Viewer, "xp-*", &[]);
 
-    let publisher = tokio::process::Command::new(env!("CARGO"))
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .args(["run", "--quiet", "--example", "raw_publisher", "--"])
+    let publisher = example_command("raw_publisher")
         .args([
             "--url",
             &gateway.url("/v1/runtime"),

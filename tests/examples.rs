@@ -26,9 +26,7 @@ async fn raw_runtime_attaches_works_and_reconnects() {
     let url = gw.url("/v1/runtime");
     // A child process, awaited without blocking the runtime the gateway
     // runs on. Cargo builds the example first if `cargo test` did not.
-    let run = tokio::process::Command::new(env!("CARGO"))
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .args(["run", "--quiet", "--example", "raw_runtime", "--"])
+    let run = example_command("raw_runtime")
         .args(["--url", &url, "--token", &token, "--run", "example-1"])
         .kill_on_drop(true)
         .output();
@@ -69,12 +67,7 @@ async fn raw_runtime_attaches_works_and_reconnects() {
 
 /// `cargo run --example NAME -- args` with a generous timeout.
 async fn run_example(name: &str, args: &[&str]) -> (String, String) {
-    let run = tokio::process::Command::new(env!("CARGO"))
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .args(["run", "--quiet", "--example", name, "--"])
-        .args(args)
-        .kill_on_drop(true)
-        .output();
+    let run = example_command(name).args(args).kill_on_drop(true).output();
     let out = tokio::time::timeout(Duration::from_secs(600), run)
         .await
         .expect("the example finishes in time")

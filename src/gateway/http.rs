@@ -83,6 +83,12 @@ pub(crate) async fn route(
         (&Method::GET, "/readyz") => {
             if shared.draining.is_cancelled() {
                 respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "draining\n")
+            } else if !shared.streams.healthy() {
+                respond(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    "the stream log cannot be written\n",
+                )
             } else {
                 respond(StatusCode::OK, "text/plain", "ready\n")
             }

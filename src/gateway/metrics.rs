@@ -27,6 +27,7 @@ pub struct Metrics {
     subscriptions: Family<Labels<1>, Gauge>,
     streams: Gauge,
     stream_bytes: Gauge,
+    log_bytes: Gauge,
     evicted: Counter,
 }
 
@@ -90,6 +91,12 @@ impl Default for Metrics {
             "Bytes held by all output streams",
             stream_bytes.clone(),
         );
+        let log_bytes = Gauge::default();
+        registry.register(
+            "stream_log_bytes",
+            "Bytes of the output-event log on disk",
+            log_bytes.clone(),
+        );
         let evicted = Counter::default();
         registry.register(
             "stream_evicted_events",
@@ -107,6 +114,7 @@ impl Default for Metrics {
             subscriptions,
             streams,
             stream_bytes,
+            log_bytes,
             evicted,
         }
     }
@@ -164,6 +172,7 @@ impl Metrics {
     ) -> String {
         self.streams.set(streams.streams as i64);
         self.stream_bytes.set(streams.bytes as i64);
+        self.log_bytes.set(streams.log_bytes as i64);
         // A counter owned elsewhere: move ours up to it.
         let seen = self.evicted.get();
         if streams.evicted_events > seen {

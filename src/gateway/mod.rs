@@ -38,7 +38,8 @@ use crate::session::{LeasePolicy, Sessions};
 use crate::store::embedded::EmbeddedStore;
 use crate::store::memory::MemoryStore;
 use crate::store::{Store, StoreError};
-use crate::stream::StreamHub;
+use crate::stream::log::{DurableStreams, LogError};
+use crate::stream::{StreamEngine, StreamHub};
 use crate::time::Clock;
 use state::{Connections, Shared};
 
@@ -49,6 +50,8 @@ pub enum StartError {
     Config(#[from] ConfigError),
     #[error("store: {0}")]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    StreamLog(#[from] LogError),
     #[error(transparent)]
     Auth(#[from] AuthError),
     #[error(transparent)]
@@ -74,9 +77,19 @@ pub struct RunningGateway {
 /// Opens everything `config` names and starts serving.
 pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
     config.validate()?;
-    let store: Arc<dyn Store> = match config.store {
-        StoreKind::Embedded => Arc::new(EmbeddedStore::open(&config.data_dir)?),
-        StoreKind::Memory => Arc::new(MemoryStore::new()),
+    let (store, streams): (Arc<dyn Store>, Arc<dyn StreamEngine>) = match config.store {
+        StoreKind::Embedded => (
+            Arc::new(EmbeddedStore::open(&config.data_dir)?),
+            Arc::new(DurableStreams::open(
+                &config.data_dir.join("streams"),
+                config.streams.clone(),
+                config.stream_sync,
+            )?),
+        ),
+        StoreKind::Memory => (
+            Arc::new(MemoryStore::new()),
+            Arc::new(StreamHub::new(config.streams.clone())),
+        ),
     };
     let auth = AuthKey::load_or_create(&config.auth_key_file)?;
     let runs = match &config.config_file {
@@ -102,7 +115,7 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
         clock: Clock::start(),
         sessions: Sessions::new(policy),
         store,
-        streams: Arc::new(StreamHub::new(config.streams.clone())),
+        streams,
         runs,
         auth,
         conns: Connections::default(),
@@ -157,6 +170,7 @@ impl RunningGateway {
         let _ = self.accept.await;
         let _ = self.lease_timer.await;
         let _ = self.upkeep.await;
+        self.shared.streams.close().await;
         self.shared.store.flush().await?;
         tracing::info!("drained");
         Ok(())

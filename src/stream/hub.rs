@@ -90,7 +90,12 @@ pub struct StreamHub {
     budget: Mutex<()>,
     /// Events evicted by per-run bounds or the global budget (for metrics).
     evicted_events: AtomicU64,
+    /// Told whenever a stream is dropped (a durable engine logs it).
+    on_drop: Option<DropHook>,
 }
+
+/// See [`StreamHub::with_drop_hook`].
+pub type DropHook = Box<dyn Fn(&RunId, &super::StreamEpoch) + Send + Sync>;
 
 impl StreamHub {
     pub fn new(limits: StreamLimits) -> StreamHub {
@@ -100,6 +105,16 @@ impl StreamHub {
             total_bytes: AtomicUsize::new(0),
             budget: Mutex::new(()),
             evicted_events: AtomicU64::new(0),
+            on_drop: None,
+        }
+    }
+
+    /// A hub that calls `hook` with the run and epoch of every stream it
+    /// drops (retention or the global budget), under the map's lock.
+    pub fn with_drop_hook(limits: StreamLimits, hook: DropHook) -> StreamHub {
+        StreamHub {
+            on_drop: Some(hook),
+            ..StreamHub::new(limits)
         }
     }
 
@@ -163,7 +178,32 @@ impl StreamHub {
         now: Instant,
     ) -> Result<PublishOutcome, StreamError> {
         let events: Vec<NewEvent<'a>> = events.into_iter().collect();
-        let (stream, appended, next_offset) = loop {
+        self.append(run, &events, now, None)
+    }
+
+    /// As [`StreamHub::publish`] for a durable engine: the batch is appended
+    /// but stays invisible to readers until [`StreamHub::commit`]. `log` is
+    /// called under the stream's lock with the ring just after the append
+    /// (when anything was accepted), so batches reach the log in offset
+    /// order.
+    pub fn publish_logged(
+        &self,
+        run: &RunId,
+        events: &[NewEvent<'_>],
+        now: Instant,
+        log: &mut dyn FnMut(&Ring, &PublishOutcome),
+    ) -> Result<PublishOutcome, StreamError> {
+        self.append(run, events, now, Some(log))
+    }
+
+    fn append(
+        &self,
+        run: &RunId,
+        events: &[NewEvent<'_>],
+        now: Instant,
+        mut log: Option<&mut dyn FnMut(&Ring, &PublishOutcome)>,
+    ) -> Result<PublishOutcome, StreamError> {
+        let (stream, appended, outcome) = loop {
             let stream = self.get_or_create(run, Origin::Session, now);
             let mut state = stream.state.write();
             if state.closed {
@@ -172,29 +212,77 @@ impl StreamHub {
                 continue;
             }
             let before = state.ring.bytes();
-            let appended = state.ring.append(&events)?;
+            let appended = match log {
+                Some(_) => state.ring.append_uncommitted(events)?,
+                None => state.ring.append(events)?,
+            };
             self.account(before, state.ring.bytes());
             if appended.accepted > 0 {
                 state.last_publish = now;
             }
-            let next_offset = state.ring.next_offset();
+            let outcome = PublishOutcome {
+                first_offset: appended.first_offset,
+                accepted: appended.accepted,
+                duplicates: appended.duplicates,
+                next_offset: state.ring.appended_head(),
+            };
+            if let Some(log) = log.as_mut()
+                && appended.accepted > 0
+            {
+                log(&state.ring, &outcome);
+            }
             drop(state);
-            break (stream, appended, next_offset);
+            break (stream, appended, outcome);
         };
         self.evicted_events
             .fetch_add(appended.evicted, Ordering::Relaxed);
-        if appended.accepted > 0 {
+        if appended.accepted > 0 && log.is_none() {
             stream.notify.notify_waiters();
         }
         if self.total_bytes() > self.limits.global_max_bytes {
             self.enforce_budget();
         }
-        Ok(PublishOutcome {
-            first_offset: appended.first_offset,
-            accepted: appended.accepted,
-            duplicates: appended.duplicates,
-            next_offset,
-        })
+        Ok(outcome)
+    }
+
+    /// Makes `run`'s batches up to `up_to` visible (they are in the log)
+    /// and wakes its subscribers. Ignored if the stream is gone or has
+    /// another epoch by now.
+    pub fn commit(&self, run: &RunId, epoch: &super::StreamEpoch, up_to: u64) {
+        let Some(stream) = self.streams.get(run).map(|s| s.clone()) else {
+            return;
+        };
+        let moved = {
+            let mut state = stream.state.write();
+            !state.closed && state.ring.epoch() == epoch && state.ring.commit(up_to)
+        };
+        if moved {
+            stream.notify.notify_waiters();
+        }
+    }
+
+    /// Puts back a ring recovered from storage, idle (its session, if any,
+    /// re-announces itself on reattach).
+    pub fn restore(&self, ring: Ring, now: Instant) {
+        let run = ring.run().clone();
+        let bytes = ring.bytes();
+        let stream = Arc::new(RunStream::new(ring, Some(now), now));
+        if let Some(old) = self.streams.insert(run, stream) {
+            let before = old.state.read().ring.bytes();
+            self.account(before, 0);
+        }
+        self.account(0, bytes);
+    }
+
+    /// Calls `f` with every stream's ring, each under its read lock.
+    pub fn for_each_ring(&self, mut f: impl FnMut(&Ring)) {
+        let streams: Vec<Arc<RunStream>> = self.streams.iter().map(|e| e.value().clone()).collect();
+        for stream in streams {
+            let state = stream.state.read();
+            if !state.closed {
+                f(&state.ring);
+            }
+        }
     }
 
     /// Moves the global count from a ring's old size to its new one. Call
@@ -440,6 +528,9 @@ impl StreamHub {
             let before = state.ring.bytes();
             state.ring.clear();
             self.account(before, 0);
+            if let Some(hook) = &self.on_drop {
+                hook(run, state.ring.epoch());
+            }
             true
         });
         if removed.is_some() {
@@ -594,6 +685,7 @@ impl StreamEngine for StreamHub {
             streams: self.len(),
             bytes: self.total_bytes(),
             evicted_events: self.evicted_events(),
+            log_bytes: 0,
         }
     }
 

@@ -59,6 +59,7 @@ pub use crate::ids::StreamEpoch;
 
 pub mod frame;
 pub mod hub;
+pub mod log;
 pub mod ring;
 
 pub use hub::{StreamHub, Subscription};
@@ -184,6 +185,8 @@ pub struct StreamStats {
     pub bytes: usize,
     /// Events evicted so far by per-run bounds or the global budget.
     pub evicted_events: u64,
+    /// Bytes of the stream log on disk (0 for an in-memory engine).
+    pub log_bytes: u64,
 }
 
 /// What one sweep did (for logs and metrics).
@@ -281,6 +284,17 @@ pub trait StreamEngine: Send + Sync + 'static {
     /// Periodic upkeep: retention and the global budget. The gateway calls
     /// it from a timer (every few seconds is plenty).
     fn sweep(&self, now: Instant) -> SweepOutcome;
+
+    /// Whether publishes can be stored (false after a storage failure).
+    fn healthy(&self) -> bool {
+        true
+    }
+
+    /// Makes everything accepted durable and stops background work; called
+    /// once, at the end of a drain.
+    fn close(&self) -> StreamFuture<()> {
+        Box::pin(std::future::ready(()))
+    }
 }
 
 #[cfg(test)]

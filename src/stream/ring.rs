@@ -66,6 +66,8 @@ struct Batch {
     first_offset: u64,
     /// Where each event's JSON sits in `frame`, in offset order.
     spans: Vec<Range<usize>>,
+    /// The ring's `seq` high-water mark just after this batch.
+    last_seq: Option<u64>,
 }
 
 impl Batch {
@@ -106,13 +108,20 @@ pub struct Ring {
     batches: VecDeque<Batch>,
     /// The oldest kept offset; equals `next_offset` when empty.
     first_offset: u64,
-    /// The offset the next accepted event gets (the head).
+    /// The head readers see: every offset below it is readable (unless
+    /// evicted). Equal to `appended_head` except in a durable engine, where
+    /// batches become visible once they are in the log ([`Ring::commit`]).
     next_offset: u64,
+    /// The offset the next accepted event gets.
+    appended_head: u64,
     /// Sum of the charges of the kept events.
     bytes: usize,
     /// The highest `seq` ever accepted (also across evictions: dedupe must
     /// not forget what it has stored, only what it still holds).
     last_seq: Option<u64>,
+    /// The high-water mark as of the visible head: what a snapshot may
+    /// promise (appended batches not yet committed may never be).
+    committed_last_seq: Option<u64>,
 }
 
 impl Ring {
@@ -130,9 +139,100 @@ impl Ring {
             batches: VecDeque::new(),
             first_offset: 0,
             next_offset: 0,
+            appended_head: 0,
             bytes: 0,
             last_seq: None,
+            committed_last_seq: None,
         }
+    }
+
+    /// An empty ring continuing a history that was persisted: its kept
+    /// range starts at `next_offset` and `seq` de-duplication remembers
+    /// `last_seq`. The kept batches are then appended in order.
+    pub fn restored(
+        run: RunId,
+        epoch: StreamEpoch,
+        limits: RingLimits,
+        next_offset: u64,
+        last_seq: Option<u64>,
+    ) -> Ring {
+        let mut ring = Ring::with_epoch(run, epoch, limits);
+        ring.first_offset = next_offset;
+        ring.next_offset = next_offset;
+        ring.appended_head = next_offset;
+        ring.last_seq = last_seq;
+        ring.committed_last_seq = last_seq;
+        ring
+    }
+
+    /// The highest `seq` accepted so far.
+    pub fn last_seq(&self) -> Option<u64> {
+        self.last_seq
+    }
+
+    /// Raises the `seq` high-water mark to `seq` (recovery replays events
+    /// without their `seq` and restores the mark the log recorded).
+    pub fn set_last_seq(&mut self, seq: Option<u64>) {
+        if seq > self.last_seq {
+            self.last_seq = seq;
+        }
+        if seq > self.committed_last_seq {
+            self.committed_last_seq = seq;
+        }
+    }
+
+    /// The `seq` high-water mark as of the visible head.
+    pub fn committed_last_seq(&self) -> Option<u64> {
+        self.committed_last_seq
+    }
+
+    /// The offset the next appended event gets (beyond [`Ring::next_offset`]
+    /// while appended batches wait to be committed).
+    pub fn appended_head(&self) -> u64 {
+        self.appended_head
+    }
+
+    /// Makes appended batches up to `up_to` visible to readers; true if the
+    /// head moved. Batches are committed in append order, whole.
+    pub fn commit(&mut self, up_to: u64) -> bool {
+        let up_to = up_to.min(self.appended_head);
+        if up_to > self.next_offset {
+            self.next_offset = up_to;
+            if let Some(b) = self.batches.iter().rev().find(|b| b.end_offset() <= up_to)
+                && b.last_seq > self.committed_last_seq
+            {
+                self.committed_last_seq = b.last_seq;
+            }
+            true
+        } else {
+            false
+        }
+    }
+
+    /// The most recently appended batch: its first offset and event texts.
+    pub fn last_batch(&self) -> Option<(u64, Vec<&[u8]>)> {
+        let batch = self.batches.back()?;
+        let from = batch.first_offset.max(self.first_offset);
+        Some((
+            from,
+            (from..batch.end_offset()).map(|o| batch.event(o)).collect(),
+        ))
+    }
+
+    /// The visible batches as (first offset, event JSON texts), oldest
+    /// first; a partly evicted front batch is cut to its kept events. For
+    /// writing a snapshot of the ring.
+    pub fn visible_batches(&self) -> Vec<(u64, Vec<&[u8]>)> {
+        let mut out = Vec::new();
+        for batch in &self.batches {
+            if batch.first_offset >= self.next_offset {
+                break;
+            }
+            let from = batch.first_offset.max(self.first_offset);
+            let events = (from..batch.end_offset()).map(|o| batch.event(o)).collect();
+            out.push((from, events));
+        }
+        out
     }
 
     pub fn run(&self) -> &RunId {
@@ -146,7 +246,10 @@ impl Ring {
     /// The oldest offset still kept (equal to [`Ring::next_offset`] when
     /// nothing is kept).
     pub fn first_offset(&self) -> u64 {
-        self.first_offset
+        // Eviction may reach batches not yet committed (a burst beyond the
+        // ring's bounds while the log catches up); readers never see past
+        // the visible head, so neither does the kept range.
+        self.first_offset.min(self.next_offset)
     }
 
     /// The head: the offset the next accepted event will get.
@@ -154,9 +257,14 @@ impl Ring {
         self.next_offset
     }
 
-    /// How many events are kept.
+    /// How many visible events are kept.
     pub fn len(&self) -> u64 {
-        self.next_offset - self.first_offset
+        self.next_offset.saturating_sub(self.first_offset)
+    }
+
+    /// Events held, visible or not: what the bounds apply to.
+    fn held(&self) -> u64 {
+        self.appended_head - self.first_offset
     }
 
     pub fn is_empty(&self) -> bool {
@@ -182,6 +290,14 @@ impl Ring {
     /// refused whole with [`StreamError::TooLarge`]: storing part of it would
     /// break atomicity, and storing all of it would evict it at once.
     pub fn append(&mut self, events: &[NewEvent<'_>]) -> Result<Appended, StreamError> {
+        let appended = self.append_uncommitted(events)?;
+        self.commit(self.appended_head);
+        Ok(appended)
+    }
+
+    /// As [`Ring::append`], but readers do not see the batch until
+    /// [`Ring::commit`] (a durable engine commits once the batch is logged).
+    pub fn append_uncommitted(&mut self, events: &[NewEvent<'_>]) -> Result<Appended, StreamError> {
         let mut last_seq = self.last_seq;
         let mut accepted: Vec<&str> = Vec::with_capacity(events.len());
         for event in events {
@@ -194,7 +310,7 @@ impl Ring {
             accepted.push(event.json);
         }
         let duplicates = events.len() - accepted.len();
-        let first_offset = self.next_offset;
+        let first_offset = self.appended_head;
         if accepted.is_empty() {
             return Ok(Appended {
                 first_offset,
@@ -235,15 +351,16 @@ impl Ring {
         let count = accepted.len();
         self.last_seq = last_seq;
         self.bytes += frame.len();
-        self.next_offset += count as u64;
+        self.appended_head += count as u64;
         self.batches.push_back(Batch {
             frame: frame.clone(),
             first_offset,
             spans,
+            last_seq,
         });
         let mut evicted = 0;
         // The new batch fits on its own, so this never reaches into it.
-        while self.len() > self.limits.max_events as u64 || self.bytes > self.limits.max_bytes {
+        while self.held() > self.limits.max_events as u64 || self.bytes > self.limits.max_bytes {
             self.evict_oldest();
             evicted += 1;
         }
@@ -277,7 +394,8 @@ impl Ring {
     /// hold the global budget.
     pub fn trim(&mut self, bytes: usize) -> (u64, usize) {
         let (mut events, mut freed) = (0, 0);
-        while freed < bytes && !self.is_empty() {
+        // Only visible events: the others are not in the log yet.
+        while freed < bytes && self.first_offset < self.next_offset {
             freed += self.evict_oldest();
             events += 1;
         }
@@ -289,7 +407,8 @@ impl Ring {
     pub fn clear(&mut self) -> usize {
         let freed = self.bytes;
         self.batches.clear();
-        self.first_offset = self.next_offset;
+        self.first_offset = self.appended_head;
+        self.next_offset = self.appended_head;
         self.bytes = 0;
         freed
     }
@@ -338,6 +457,9 @@ impl Ring {
         let mut sent = 0u64;
         let mut frames = Vec::new();
         for batch in self.batches.range(first_batch..) {
+            if batch.first_offset >= self.next_offset {
+                break; // appended, not yet committed
+            }
             let len = batch.spans.len() as u64;
             if cursor == batch.first_offset {
                 if !frames.is_empty() && sent + len > max_events {

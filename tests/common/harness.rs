@@ -340,3 +340,29 @@ impl GatewayProcess {
 pub fn data_dir(dir: &tempfile::TempDir) -> PathBuf {
     dir.path().join("data")
 }
+
+/// A command running example `name`: the binary `cargo test` built beside
+/// this test's own executable, or `cargo run --example` if it is not there
+/// (a test run filtered to one target). Running the built file directly
+/// keeps the test from waiting on cargo's build lock.
+pub fn example_command(name: &str) -> tokio::process::Command {
+    let built = std::env::current_exe().ok().and_then(|exe| {
+        // target/<profile>/deps/<test> → target/<profile>/examples/<name>
+        let path = exe.parent()?.parent()?.join("examples").join(name);
+        path.is_file().then_some(path)
+    });
+    match built {
+        Some(path) => tokio::process::Command::new(path),
+        None => {
+            let mut cargo = tokio::process::Command::new(env!("CARGO"));
+            cargo.current_dir(env!("CARGO_MANIFEST_DIR")).args([
+                "run",
+                "--quiet",
+                "--example",
+                name,
+                "--",
+            ]);
+            cargo
+        }
+    }
+}

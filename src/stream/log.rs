@@ -1,0 +1,915 @@
+//! The output-event write-ahead log, and [`DurableStreams`], the stream
+//! engine that puts it under the in-memory hub.
+//!
+//! Owns the on-disk format, group commit, the sync policy, recovery (with
+//! torn-tail repair) and reclaiming space. A publish is appended to its
+//! ring *invisibly*, its batch is queued for the log under the ring's lock
+//! (so the log's order is the offsets' order), and a writer thread writes
+//! whatever has queued up, syncs once for all of it, and only then commits
+//! the batches (readers see them) and acknowledges the publishes. So a
+//! viewer never sees an event that a crash could take back, and a runtime
+//! is never told "accepted" for one.
+//!
+//! Format: segment files `stream-NNNNNNNN.log` under the directory, each
+//! opening with an 8-byte magic that carries the format version, then
+//! records `len: u32 LE | crc32: u32 LE | body[len]`. Bodies:
+//! - `1` batch: run, epoch, first offset, the ring's last `seq` after it,
+//!   the event texts;
+//! - `2` snapshot: run, epoch, first kept offset, last `seq` (a compaction
+//!   writes one per stream, followed by its kept batches);
+//! - `3` drop: run, epoch (retention or the budget dropped the stream).
+//!
+//! Space: when the segments hold several times what the rings keep, the
+//! writer writes a snapshot of every ring into a fresh segment and deletes
+//! the older ones. Must not know about sockets or sessions.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, mpsc};
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+use super::hub::StreamHub;
+use super::ring::{Ring, RingLimits};
+use super::{
+    NewEvent, PublishOutcome, ResumeInfo, StreamEngine, StreamEpoch, StreamError, StreamFuture,
+    StreamLimits, StreamStats, StreamSubscription, StreamSummary, SweepOutcome,
+};
+use crate::ids::RunId;
+
+/// The first bytes of every segment; the last byte is the format version.
+const MAGIC: &[u8; 8] = b"RGSLOG\x00\x01";
+/// A segment is closed and a new one started past this size.
+const SEGMENT_BYTES: u64 = 64 << 20;
+/// Records written per group commit at most.
+const GROUP_MAX: usize = 4096;
+
+/// When the log is synced to disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncPolicy {
+    /// `fsync` before any publish in the group is acknowledged: nothing
+    /// acknowledged is lost even if the machine loses power.
+    Always,
+    /// Acknowledge once written to the OS; `fsync` at most this often.
+    /// Survives a process crash (`kill -9`); a power loss may take the
+    /// last interval.
+    Interval(Duration),
+    /// Acknowledge once written to the OS; never `fsync` explicitly.
+    Os,
+}
+
+impl std::str::FromStr for SyncPolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<SyncPolicy, String> {
+        match s {
+            "always" => Ok(SyncPolicy::Always),
+            "os" => Ok(SyncPolicy::Os),
+            other => match other.strip_prefix("interval:").map(str::parse::<u64>) {
+                Some(Ok(ms)) if ms > 0 => Ok(SyncPolicy::Interval(Duration::from_millis(ms))),
+                _ => Err(format!(
+                    "--stream-sync {other:?}: use always, os or interval:MS (MS > 0)"
+                )),
+            },
+        }
+    }
+}
+
+/// Why the log could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    #[error("stream log {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("stream log {path}: not a rungate stream log of a version this build reads")]
+    Version { path: PathBuf },
+    #[error("stream log {path} is corrupt at byte {at}: {why}")]
+    Corrupt { path: PathBuf, at: u64, why: String },
+}
+
+// ------------------------------------------------------------ records
+
+enum Record {
+    Batch {
+        run: RunId,
+        epoch: StreamEpoch,
+        first_offset: u64,
+        last_seq: Option<u64>,
+        events: Vec<Vec<u8>>,
+    },
+    Snapshot {
+        run: RunId,
+        epoch: StreamEpoch,
+        first_offset: u64,
+        last_seq: Option<u64>,
+    },
+    Drop {
+        run: RunId,
+        epoch: StreamEpoch,
+    },
+}
+
+fn put_str(buf: &mut Vec<u8>, s: &[u8]) {
+    buf.extend_from_slice(&(s.len() as u32).to_le_bytes());
+    buf.extend_from_slice(s);
+}
+
+fn put_seq(buf: &mut Vec<u8>, seq: Option<u64>) {
+    match seq {
+        Some(n) => {
+            buf.push(1);
+            buf.extend_from_slice(&n.to_le_bytes());
+        }
+        None => buf.push(0),
+    }
+}
+
+/// `len | crc | body` around a body built by `body`.
+fn framed(body: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
+    let mut buf = vec![0u8; 8];
+    body(&mut buf);
+    let len = (buf.len() - 8) as u32;
+    let crc = crc32fast::hash(&buf[8..]);
+    buf[0..4].copy_from_slice(&len.to_le_bytes());
+    buf[4..8].copy_from_slice(&crc.to_le_bytes());
+    buf
+}
+
+/// A batch record; `last_seq` is the ring's mark just after the batch.
+fn encode_batch(
+    ring: &Ring,
+    first_offset: u64,
+    last_seq: Option<u64>,
+    events: &[&[u8]],
+) -> Vec<u8> {
+    framed(|b| {
+        b.push(1);
+        put_str(b, ring.run().as_str().as_bytes());
+        put_str(b, ring.epoch().as_str().as_bytes());
+        b.extend_from_slice(&first_offset.to_le_bytes());
+        put_seq(b, last_seq);
+        b.extend_from_slice(&(events.len() as u32).to_le_bytes());
+        for e in events {
+            put_str(b, e);
+        }
+    })
+}
+
+/// A ring's kept range and `seq` mark as of its visible head (batches
+/// appended but not yet written are written after the snapshot).
+fn encode_snapshot(ring: &Ring) -> Vec<u8> {
+    framed(|b| {
+        b.push(2);
+        put_str(b, ring.run().as_str().as_bytes());
+        put_str(b, ring.epoch().as_str().as_bytes());
+        b.extend_from_slice(&ring.first_offset().to_le_bytes());
+        put_seq(b, ring.committed_last_seq());
+    })
+}
+
+fn encode_drop(run: &RunId, epoch: &StreamEpoch) -> Vec<u8> {
+    framed(|b| {
+        b.push(3);
+        put_str(b, run.as_str().as_bytes());
+        put_str(b, epoch.as_str().as_bytes());
+    })
+}
+
+/// A reader over one record body.
+struct Cursor<'a> {
+    body: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let s = self.body.get(self.at..self.at.checked_add(n)?)?;
+        self.at += n;
+        Some(s)
+    }
+
+    fn u8(&mut self) -> Option<u8> {
+        Some(self.take(1)?[0])
+    }
+
+    fn u32(&mut self) -> Option<u32> {
+        Some(u32::from_le_bytes(self.take(4)?.try_into().ok()?))
+    }
+
+    fn u64(&mut self) -> Option<u64> {
+        Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
+    }
+
+    fn bytes(&mut self) -> Option<&'a [u8]> {
+        let n = self.u32()? as usize;
+        self.take(n)
+    }
+
+    fn text(&mut self) -> Option<&'a str> {
+        std::str::from_utf8(self.bytes()?).ok()
+    }
+
+    fn seq(&mut self) -> Option<Option<u64>> {
+        match self.u8()? {
+            0 => Some(None),
+            1 => Some(Some(self.u64()?)),
+            _ => None,
+        }
+    }
+}
+
+/// Reads one body; `None` if it is malformed (treated like a bad checksum).
+fn decode(body: &[u8]) -> Option<Record> {
+    let mut c = Cursor { body, at: 0 };
+    let kind = c.u8()?;
+    let run = RunId::new(c.text()?).ok()?;
+    let epoch = StreamEpoch::new(c.text()?).ok()?;
+    let record = match kind {
+        1 => {
+            let first_offset = c.u64()?;
+            let last_seq = c.seq()?;
+            let count = c.u32()? as usize;
+            let mut events = Vec::with_capacity(count.min(1 << 16));
+            for _ in 0..count {
+                // Events are JSON texts the gateway accepted: UTF-8.
+                events.push(c.text()?.as_bytes().to_vec());
+            }
+            Record::Batch {
+                run,
+                epoch,
+                first_offset,
+                last_seq,
+                events,
+            }
+        }
+        2 => Record::Snapshot {
+            run,
+            epoch,
+            first_offset: c.u64()?,
+            last_seq: c.seq()?,
+        },
+        3 => Record::Drop { run, epoch },
+        _ => return None,
+    };
+    // Trailing bytes mean a record this build does not understand.
+    (c.at == body.len()).then_some(record)
+}
+
+// ----------------------------------------------------------- recovery
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> LogError + '_ {
+    move |source| LogError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+fn segment_path(dir: &Path, n: u64) -> PathBuf {
+    dir.join(format!("stream-{n:08}.log"))
+}
+
+/// The segment numbers in `dir`, ascending.
+fn segments(dir: &Path) -> Result<Vec<u64>, LogError> {
+    let mut found = Vec::new();
+    for entry in fs::read_dir(dir).map_err(io_err(dir))? {
+        let entry = entry.map_err(io_err(dir))?;
+        let name = entry.file_name();
+        let Some(n) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("stream-"))
+            .and_then(|n| n.strip_suffix(".log"))
+            .and_then(|n| n.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        found.push(n);
+    }
+    found.sort_unstable();
+    Ok(found)
+}
+
+/// Rings rebuilt from the log.
+struct Recovery {
+    limits: RingLimits,
+    rings: std::collections::HashMap<RunId, Ring>,
+}
+
+impl Recovery {
+    fn apply(&mut self, record: Record) {
+        match record {
+            Record::Snapshot {
+                run,
+                epoch,
+                first_offset,
+                last_seq,
+            } => {
+                let ring = Ring::restored(run.clone(), epoch, self.limits, first_offset, last_seq);
+                self.rings.insert(run, ring);
+            }
+            Record::Batch {
+                run,
+                epoch,
+                first_offset,
+                last_seq,
+                events,
+            } => {
+                let fresh =
+                    || Ring::restored(run.clone(), epoch.clone(), self.limits, first_offset, None);
+                let ring = self.rings.entry(run.clone()).or_insert_with(fresh);
+                // Another epoch: the old history was replaced.
+                if ring.epoch() != &epoch || ring.appended_head() > first_offset {
+                    *ring = fresh();
+                }
+                if ring.appended_head() < first_offset {
+                    // Offsets before it were evicted and reclaimed.
+                    let last = ring.last_seq();
+                    *ring =
+                        Ring::restored(run.clone(), epoch.clone(), self.limits, first_offset, last);
+                }
+                let texts: Vec<&str> = events
+                    .iter()
+                    .map(|e| std::str::from_utf8(e).unwrap_or("null"))
+                    .collect();
+                let new: Vec<NewEvent<'_>> = texts
+                    .iter()
+                    .map(|json| NewEvent { json, seq: None })
+                    .collect();
+                if ring.append(&new).is_err() {
+                    // Limits shrank since: keep what fits, as a fresh start.
+                    *ring = Ring::restored(
+                        run.clone(),
+                        epoch.clone(),
+                        self.limits,
+                        first_offset + events.len() as u64,
+                        last_seq,
+                    );
+                }
+                ring.set_last_seq(last_seq);
+            }
+            Record::Drop { run, epoch } => {
+                if self.rings.get(&run).is_some_and(|r| r.epoch() == &epoch) {
+                    self.rings.remove(&run);
+                }
+            }
+        }
+    }
+}
+
+/// Reads every segment in order into `recovery`. A bad record at the end
+/// of the last segment is a write the crash cut short (never
+/// acknowledged): the segment is truncated there. Anywhere else it is
+/// corruption, reported.
+fn replay(dir: &Path, numbers: &[u64], recovery: &mut Recovery) -> Result<u64, LogError> {
+    let mut total = 0;
+    for (i, &n) in numbers.iter().enumerate() {
+        let path = segment_path(dir, n);
+        let last = i + 1 == numbers.len();
+        let mut bytes = Vec::new();
+        File::open(&path)
+            .and_then(|mut f| f.read_to_end(&mut bytes))
+            .map_err(io_err(&path))?;
+        if bytes.len() < MAGIC.len() {
+            if last {
+                // Created, then the crash: start it over.
+                write_new_segment(&path)?;
+                total += MAGIC.len() as u64;
+                continue;
+            }
+            return Err(LogError::Version { path });
+        }
+        if &bytes[..MAGIC.len()] != MAGIC {
+            return Err(LogError::Version { path });
+        }
+        let mut at = MAGIC.len();
+        let bad = loop {
+            if at == bytes.len() {
+                break None;
+            }
+            let Some(head) = bytes.get(at..at + 8) else {
+                break Some("a record header cut short");
+            };
+            let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
+            let crc = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
+            let Some(body) = bytes.get(at + 8..at + 8 + len) else {
+                break Some("a record cut short");
+            };
+            if crc32fast::hash(body) != crc {
+                break Some("a checksum mismatch");
+            }
+            let Some(record) = decode(body) else {
+                break Some("a malformed record");
+            };
+            recovery.apply(record);
+            at += 8 + len;
+        };
+        if let Some(why) = bad {
+            if !last {
+                return Err(LogError::Corrupt {
+                    path,
+                    at: at as u64,
+                    why: why.into(),
+                });
+            }
+            tracing::warn!(
+                path = %path.display(),
+                at,
+                why,
+                "stream log: dropping a torn tail (a write cut short by a crash)"
+            );
+            let file = OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .map_err(io_err(&path))?;
+            file.set_len(at as u64).map_err(io_err(&path))?;
+            file.sync_all().map_err(io_err(&path))?;
+        }
+        total += at as u64;
+    }
+    Ok(total)
+}
+
+fn write_new_segment(path: &Path) -> Result<File, LogError> {
+    let mut file = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .open(path)
+        .map_err(io_err(path))?;
+    file.write_all(MAGIC).map_err(io_err(path))?;
+    file.sync_all().map_err(io_err(path))?;
+    if let Some(dir) = path.parent() {
+        // The new name must survive a crash too.
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io_err(dir))?;
+    }
+    Ok(file)
+}
+
+// -------------------------------------------------------------- writer
+
+type Ack = oneshot::Sender<Result<(), StreamError>>;
+
+enum Msg {
+    Append {
+        bytes: Vec<u8>,
+        /// What to make visible once written.
+        commit: Option<(RunId, StreamEpoch, u64)>,
+        ack: Option<Ack>,
+    },
+    Flush(oneshot::Sender<()>),
+    /// Compact now, whatever the sizes (tests, operators).
+    Compact(oneshot::Sender<()>),
+    Stop,
+}
+
+/// Shared between the engine and the writer thread.
+struct LogState {
+    /// Set once a write failed: every later publish is refused (retryable)
+    /// and nothing unlogged ever becomes visible. A restart recovers.
+    failed: AtomicBool,
+    /// Bytes in all segments.
+    disk_bytes: AtomicU64,
+}
+
+struct Writer {
+    dir: PathBuf,
+    policy: SyncPolicy,
+    hub: Arc<StreamHub>,
+    state: Arc<LogState>,
+    segment: u64,
+    file: BufWriter<File>,
+    segment_bytes: u64,
+    /// Segment numbers on disk, oldest first (the current one last).
+    on_disk: Vec<u64>,
+    last_sync: std::time::Instant,
+    dirty: bool,
+}
+
+impl Writer {
+    fn run(mut self, rx: mpsc::Receiver<Msg>) {
+        loop {
+            let first = match self.policy {
+                SyncPolicy::Interval(every) if self.dirty => {
+                    match rx.recv_timeout(every.saturating_sub(self.last_sync.elapsed())) {
+                        Ok(m) => m,
+                        Err(mpsc::RecvTimeoutError::Timeout) => {
+                            self.sync();
+                            continue;
+                        }
+                        Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                    }
+                }
+                _ => match rx.recv() {
+                    Ok(m) => m,
+                    Err(_) => break,
+                },
+            };
+            let mut group = vec![first];
+            while group.len() < GROUP_MAX {
+                match rx.try_recv() {
+                    Ok(m) => group.push(m),
+                    Err(_) => break,
+                }
+            }
+            if !self.write_group(group) {
+                break;
+            }
+            self.maybe_compact();
+        }
+        self.sync();
+    }
+
+    /// Writes, syncs per policy, then commits and acknowledges. False once
+    /// asked to stop.
+    fn write_group(&mut self, group: Vec<Msg>) -> bool {
+        let mut acks = Vec::new();
+        let mut commits = Vec::new();
+        let mut flushes = Vec::new();
+        let mut compactions = Vec::new();
+        let mut stop = false;
+        let mut result = Ok(());
+        for msg in group {
+            match msg {
+                Msg::Append { bytes, commit, ack } => {
+                    if result.is_ok() && !self.state.failed.load(Ordering::Acquire) {
+                        result = self.file.write_all(&bytes);
+                        self.segment_bytes += bytes.len() as u64;
+                        self.state
+                            .disk_bytes
+                            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                        self.dirty = true;
+                    }
+                    commits.extend(commit);
+                    acks.extend(ack);
+                }
+                Msg::Flush(done) => flushes.push(done),
+                Msg::Compact(done) => compactions.push(done),
+                Msg::Stop => stop = true,
+            }
+        }
+        if result.is_ok() {
+            result = self.file.flush();
+        }
+        let must_sync = matches!(self.policy, SyncPolicy::Always)
+            || !flushes.is_empty()
+            || stop
+            || matches!(self.policy, SyncPolicy::Interval(every) if self.last_sync.elapsed() >= every);
+        if result.is_ok() && must_sync && self.dirty {
+            result = self.file.get_ref().sync_data();
+            self.last_sync = std::time::Instant::now();
+            self.dirty = false;
+        }
+        if self.state.failed.load(Ordering::Acquire) && result.is_ok() {
+            result = Err(io::Error::other("an earlier write failed"));
+        }
+        match result {
+            Ok(()) => {
+                for (run, epoch, up_to) in commits {
+                    self.hub.commit(&run, &epoch, up_to);
+                }
+                for ack in acks {
+                    let _ = ack.send(Ok(()));
+                }
+            }
+            Err(e) => {
+                if !self.state.failed.swap(true, Ordering::AcqRel) {
+                    tracing::error!(
+                        error = %e,
+                        dir = %self.dir.display(),
+                        "stream log write failed; publishes are refused until the gateway restarts"
+                    );
+                }
+                for ack in acks {
+                    let _ = ack.send(Err(StreamError::Unavailable(format!(
+                        "the stream log cannot be written: {e}"
+                    ))));
+                }
+            }
+        }
+        for done in flushes {
+            let _ = done.send(());
+        }
+        if !compactions.is_empty() {
+            if !self.state.failed.load(Ordering::Acquire)
+                && let Err(e) = self.compact()
+            {
+                self.state.failed.store(true, Ordering::Release);
+                tracing::error!(error = %e, "stream log compaction failed");
+            }
+            for done in compactions {
+                let _ = done.send(());
+            }
+        }
+        !stop
+    }
+
+    fn sync(&mut self) {
+        if self.dirty && self.file.flush().is_ok() && self.file.get_ref().sync_data().is_ok() {
+            self.dirty = false;
+            self.last_sync = std::time::Instant::now();
+        }
+    }
+
+    /// Starts a new segment with a snapshot of every ring when the log
+    /// holds much more than the rings keep, then deletes the older
+    /// segments. Runs between groups, so every ring's visible part is
+    /// exactly what has been written.
+    fn maybe_compact(&mut self) {
+        if self.state.failed.load(Ordering::Acquire) {
+            return;
+        }
+        let disk = self.state.disk_bytes.load(Ordering::Relaxed);
+        let live = self.hub.total_bytes() as u64;
+        let rotate = self.segment_bytes >= SEGMENT_BYTES;
+        let wasteful = disk > 2 * live + SEGMENT_BYTES;
+        if !rotate && !wasteful {
+            return;
+        }
+        if let Err(e) = self.compact() {
+            self.state.failed.store(true, Ordering::Release);
+            tracing::error!(error = %e, "stream log compaction failed; publishes are refused until the gateway restarts");
+        }
+    }
+
+    fn compact(&mut self) -> Result<(), LogError> {
+        let next = self.segment + 1;
+        let path = segment_path(&self.dir, next);
+        let file = write_new_segment(&path)?;
+        let mut out = BufWriter::new(file);
+        let mut written = MAGIC.len() as u64;
+        let mut failure = None;
+        self.hub.for_each_ring(|ring| {
+            if failure.is_some() {
+                return;
+            }
+            let mut write = |bytes: Vec<u8>| {
+                written += bytes.len() as u64;
+                if let Err(e) = out.write_all(&bytes) {
+                    failure = Some(e);
+                }
+            };
+            write(encode_snapshot(ring));
+            // The snapshot record carries the mark; the batches need none.
+            for (first, events) in ring.visible_batches() {
+                write(encode_batch(ring, first, None, &events));
+            }
+        });
+        if let Some(e) = failure {
+            return Err(io_err(&path)(e));
+        }
+        out.flush().map_err(io_err(&path))?;
+        out.get_ref().sync_data().map_err(io_err(&path))?;
+        // The snapshot holds everything: the old segments can go.
+        self.sync();
+        for old in std::mem::take(&mut self.on_disk) {
+            let _ = fs::remove_file(segment_path(&self.dir, old));
+        }
+        self.on_disk = vec![next];
+        self.segment = next;
+        self.file = out;
+        self.segment_bytes = written;
+        self.state.disk_bytes.store(written, Ordering::Relaxed);
+        tracing::info!(bytes = written, "stream log compacted");
+        Ok(())
+    }
+}
+
+// -------------------------------------------------------------- engine
+
+/// The durable stream engine: the in-memory [`StreamHub`] with every
+/// accepted batch in the log before anyone sees it.
+pub struct DurableStreams {
+    hub: Arc<StreamHub>,
+    tx: parking_lot::Mutex<mpsc::Sender<Msg>>,
+    state: Arc<LogState>,
+    writer: Arc<parking_lot::Mutex<Option<std::thread::JoinHandle<()>>>>,
+}
+
+impl DurableStreams {
+    /// Opens (or creates) the log in `dir`, rebuilds every ring from it
+    /// with its epoch, offsets and `seq` high-water mark, and starts the
+    /// writer thread.
+    pub fn open(
+        dir: &Path,
+        limits: StreamLimits,
+        policy: SyncPolicy,
+    ) -> Result<DurableStreams, LogError> {
+        fs::create_dir_all(dir).map_err(io_err(dir))?;
+        let (tx, rx) = mpsc::channel::<Msg>();
+        let drop_tx = parking_lot::Mutex::new(tx.clone());
+        let hub = Arc::new(StreamHub::with_drop_hook(
+            limits.clone(),
+            Box::new(move |run, epoch| {
+                let _ = drop_tx.lock().send(Msg::Append {
+                    bytes: encode_drop(run, epoch),
+                    commit: None,
+                    ack: None,
+                });
+            }),
+        ));
+        let numbers = segments(dir)?;
+        let mut recovery = Recovery {
+            limits: RingLimits {
+                max_events: limits.max_events_per_run,
+                max_bytes: limits.max_bytes_per_run,
+            },
+            rings: Default::default(),
+        };
+        let disk = replay(dir, &numbers, &mut recovery)?;
+        let now = Instant::now();
+        let restored = recovery.rings.len();
+        for (_, ring) in recovery.rings {
+            hub.restore(ring, now);
+        }
+        let (segment, file, segment_bytes) = match numbers.last() {
+            Some(&n) => {
+                let path = segment_path(dir, n);
+                let mut file = OpenOptions::new()
+                    .write(true)
+                    .open(&path)
+                    .map_err(io_err(&path))?;
+                let len = file.seek(SeekFrom::End(0)).map_err(io_err(&path))?;
+                (n, file, len)
+            }
+            None => {
+                let path = segment_path(dir, 1);
+                (1, write_new_segment(&path)?, MAGIC.len() as u64)
+            }
+        };
+        let mut on_disk = numbers.clone();
+        if on_disk.is_empty() {
+            on_disk.push(segment);
+        }
+        let state = Arc::new(LogState {
+            failed: AtomicBool::new(false),
+            disk_bytes: AtomicU64::new(disk.max(segment_bytes)),
+        });
+        if restored > 0 {
+            tracing::info!(streams = restored, "stream log replayed");
+        }
+        let writer = Writer {
+            dir: dir.to_owned(),
+            policy,
+            hub: hub.clone(),
+            state: state.clone(),
+            segment,
+            file: BufWriter::with_capacity(256 << 10, file),
+            segment_bytes,
+            on_disk,
+            last_sync: std::time::Instant::now(),
+            dirty: false,
+        };
+        let handle = std::thread::Builder::new()
+            .name("rungate-stream-log".into())
+            .spawn(move || writer.run(rx))
+            .map_err(io_err(dir))?;
+        Ok(DurableStreams {
+            hub,
+            tx: parking_lot::Mutex::new(tx),
+            state,
+            writer: Arc::new(parking_lot::Mutex::new(Some(handle))),
+        })
+    }
+
+    /// Whether the log can still be written.
+    pub fn healthy(&self) -> bool {
+        !self.state.failed.load(Ordering::Acquire)
+    }
+
+    /// Bytes the log occupies on disk.
+    pub fn disk_bytes(&self) -> u64 {
+        self.state.disk_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Waits until everything queued so far is written and synced.
+    pub fn flush(&self) -> StreamFuture<()> {
+        let (done, wait) = oneshot::channel();
+        let sent = self.tx.lock().send(Msg::Flush(done)).is_ok();
+        Box::pin(async move {
+            if sent {
+                let _ = wait.await;
+            }
+        })
+    }
+
+    /// Writes a snapshot of every ring to a new segment and deletes the
+    /// older ones, now.
+    pub async fn compact_now(&self) {
+        let (done, wait) = oneshot::channel();
+        if self.tx.lock().send(Msg::Compact(done)).is_ok() {
+            let _ = wait.await;
+        }
+    }
+
+    /// Flushes, stops the writer thread and waits for it.
+    pub fn close(&self) -> StreamFuture<()> {
+        let flushed = self.flush();
+        let tx = self.tx.lock().clone();
+        let writer = self.writer.clone();
+        Box::pin(async move {
+            flushed.await;
+            let _ = tx.send(Msg::Stop);
+            let handle = writer.lock().take();
+            if let Some(h) = handle {
+                let _ = tokio::task::spawn_blocking(move || h.join()).await;
+            }
+        })
+    }
+}
+
+impl StreamEngine for DurableStreams {
+    fn publish(
+        &self,
+        run: &RunId,
+        events: &[NewEvent<'_>],
+        now: Instant,
+    ) -> StreamFuture<Result<PublishOutcome, StreamError>> {
+        if !self.healthy() {
+            return Box::pin(std::future::ready(Err(StreamError::Unavailable(
+                "the stream log cannot be written; nothing was stored".into(),
+            ))));
+        }
+        let (ack, acked) = oneshot::channel();
+        let mut ack = Some(ack);
+        let tx = self.tx.lock().clone();
+        let mut log = |ring: &Ring, outcome: &PublishOutcome| {
+            let Some((first, texts)) = ring.last_batch() else {
+                return;
+            };
+            let _ = tx.send(Msg::Append {
+                bytes: encode_batch(ring, first, ring.last_seq(), &texts),
+                commit: Some((
+                    ring.run().clone(),
+                    ring.epoch().clone(),
+                    outcome.next_offset,
+                )),
+                ack: ack.take(),
+            });
+        };
+        let result = self.hub.publish_logged(run, events, now, &mut log);
+        match result {
+            Err(e) => Box::pin(std::future::ready(Err(e))),
+            // Nothing new (all duplicates): nothing to wait for.
+            Ok(outcome) if outcome.accepted == 0 => Box::pin(std::future::ready(Ok(outcome))),
+            Ok(outcome) => Box::pin(async move {
+                match acked.await {
+                    Ok(Ok(())) => Ok(outcome),
+                    Ok(Err(e)) => Err(e),
+                    Err(_) => Err(StreamError::Unavailable("the stream log stopped".into())),
+                }
+            }),
+        }
+    }
+
+    fn resume(
+        &self,
+        run: &RunId,
+        from_offset: Option<u64>,
+        stream_epoch: Option<&str>,
+        now: Instant,
+    ) -> Result<(ResumeInfo, Box<dyn StreamSubscription>), StreamError> {
+        StreamEngine::resume(&*self.hub, run, from_offset, stream_epoch, now)
+    }
+
+    fn runs(&self) -> Vec<StreamSummary> {
+        self.hub.runs()
+    }
+
+    fn summary(&self, run: &RunId) -> Option<StreamSummary> {
+        self.hub.summary(run)
+    }
+
+    fn stats(&self) -> StreamStats {
+        StreamStats {
+            log_bytes: self.disk_bytes(),
+            ..StreamEngine::stats(&*self.hub)
+        }
+    }
+
+    fn session_started(&self, run: &RunId, now: Instant) {
+        self.hub.session_started(run, now);
+    }
+
+    fn session_ended(&self, run: &RunId, now: Instant) {
+        self.hub.session_ended(run, now);
+    }
+
+    fn sweep(&self, now: Instant) -> SweepOutcome {
+        self.hub.sweep(now)
+    }
+
+    fn healthy(&self) -> bool {
+        DurableStreams::healthy(self)
+    }
+
+    fn close(&self) -> StreamFuture<()> {
+        DurableStreams::close(self)
+    }
+}
+
+#[cfg(test)]
+#[path = "log_tests.rs"]
+mod tests;

@@ -1,0 +1,262 @@
+//! The stream log: what is acknowledged comes back after a restart, a torn
+//! tail is cut at any byte, corruption elsewhere and foreign files are
+//! loud, dropped streams stay dropped, compaction keeps everything live.
+
+use std::time::Duration;
+
+use futures_util::FutureExt;
+use tokio::time::Instant;
+
+use super::*;
+use crate::stream::{Delivery, EventDelivery};
+
+fn run(name: &str) -> RunId {
+    RunId::new(name).unwrap()
+}
+
+fn limits() -> StreamLimits {
+    StreamLimits {
+        max_events_per_run: 1000,
+        max_bytes_per_run: 1 << 20,
+        global_max_bytes: 64 << 20,
+        retention: Duration::from_secs(3600),
+        max_events_per_delivery: 10_000,
+    }
+}
+
+fn event(i: u64) -> String {
+    format!(r#"{{"type":"t","seq":{i},"data":{i}}}"#)
+}
+
+async fn publish(engine: &DurableStreams, r: &RunId, seqs: std::ops::Range<u64>) -> PublishOutcome {
+    let texts: Vec<String> = seqs.clone().map(event).collect();
+    let events: Vec<NewEvent<'_>> = texts
+        .iter()
+        .zip(seqs)
+        .map(|(json, seq)| NewEvent {
+            json,
+            seq: Some(seq),
+        })
+        .collect();
+    engine.publish(r, &events, Instant::now()).await.unwrap()
+}
+
+/// Every event the engine's stream for `r` holds, as (offset, JSON).
+fn contents(engine: &DurableStreams, r: &RunId) -> (String, Vec<(u64, String)>) {
+    let (info, mut sub) = engine.resume(r, Some(0), None, Instant::now()).unwrap();
+    let mut out = Vec::new();
+    while let Some(EventDelivery::Events(events)) = sub.next_events().now_or_never() {
+        if events.is_empty() {
+            break;
+        }
+        for e in events {
+            out.push((e.offset, String::from_utf8(e.json.to_vec()).unwrap()));
+        }
+    }
+    (info.stream_epoch.as_str().to_owned(), out)
+}
+
+fn open(dir: &Path) -> DurableStreams {
+    DurableStreams::open(dir, limits(), SyncPolicy::Always).unwrap()
+}
+
+#[tokio::test]
+async fn acknowledged_batches_epochs_offsets_and_dedupe_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = run("r");
+    let before = {
+        let engine = open(dir.path());
+        publish(&engine, &r, 1..4).await;
+        publish(&engine, &r, 4..6).await;
+        let seen = contents(&engine, &r);
+        engine.close().await;
+        seen
+    };
+    assert_eq!(before.1.len(), 5);
+    let engine = open(dir.path());
+    assert_eq!(
+        contents(&engine, &r),
+        before,
+        "same epoch, offsets and bytes"
+    );
+    // The seq high-water mark came back: a resend stores nothing.
+    let again = publish(&engine, &r, 1..6).await;
+    assert_eq!((again.accepted, again.duplicates), (0, 5));
+    let more = publish(&engine, &r, 6..7).await;
+    assert_eq!((more.first_offset, more.next_offset), (5, 6));
+    engine.close().await;
+}
+
+#[tokio::test]
+async fn a_torn_last_record_is_cut_at_every_byte_and_the_log_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = run("torn");
+    {
+        let engine = open(dir.path());
+        publish(&engine, &r, 1..3).await;
+        publish(&engine, &r, 3..5).await;
+        engine.close().await;
+    }
+    let path = segment_path(dir.path(), 1);
+    let whole = fs::read(&path).unwrap();
+    // Where the last record starts: replay everything but it.
+    let last_len = {
+        let mut at = MAGIC.len();
+        let mut starts = Vec::new();
+        while at < whole.len() {
+            starts.push(at);
+            let len = u32::from_le_bytes(whole[at..at + 4].try_into().unwrap()) as usize;
+            at += 8 + len;
+        }
+        whole.len() - starts.last().unwrap()
+    };
+    for cut in 1..last_len {
+        let case = tempfile::tempdir().unwrap();
+        let torn = segment_path(case.path(), 1);
+        fs::write(&torn, &whole[..whole.len() - cut]).unwrap();
+        let engine = open(case.path());
+        let (_, events) = contents(&engine, &r);
+        assert_eq!(
+            events.iter().map(|e| e.0).collect::<Vec<_>>(),
+            vec![0, 1],
+            "cut {cut} bytes from the end"
+        );
+        // Usable again: the next batch continues the offsets.
+        let next = publish(&engine, &r, 3..4).await;
+        assert_eq!(next.first_offset, 2);
+        engine.close().await;
+        assert_eq!(contents(&open(case.path()), &r).1.len(), 3);
+    }
+    // A flipped byte in the last record's body is a bad checksum: cut too.
+    let case = tempfile::tempdir().unwrap();
+    let mut flipped = whole.clone();
+    let n = flipped.len() - 3;
+    flipped[n] ^= 0x55;
+    fs::write(segment_path(case.path(), 1), &flipped).unwrap();
+    assert_eq!(contents(&open(case.path()), &r).1.len(), 2);
+}
+
+#[tokio::test]
+async fn corruption_before_the_tail_and_foreign_files_are_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = run("c");
+    {
+        let engine = open(dir.path());
+        publish(&engine, &r, 1..3).await;
+        engine.close().await;
+    }
+    // A second segment makes the first one's records not the tail.
+    let first = segment_path(dir.path(), 1);
+    let mut bytes = fs::read(&first).unwrap();
+    bytes[MAGIC.len() + 10] ^= 0xff;
+    fs::write(&first, &bytes).unwrap();
+    fs::write(segment_path(dir.path(), 2), MAGIC).unwrap();
+    match DurableStreams::open(dir.path(), limits(), SyncPolicy::Always) {
+        Err(LogError::Corrupt { .. }) => {}
+        other => panic!("expected Corrupt, got {:?}", other.err()),
+    }
+
+    let foreign = tempfile::tempdir().unwrap();
+    fs::write(
+        segment_path(foreign.path(), 1),
+        b"PK\x03\x04not a log at all",
+    )
+    .unwrap();
+    match DurableStreams::open(foreign.path(), limits(), SyncPolicy::Always) {
+        Err(LogError::Version { .. }) => {}
+        other => panic!("expected Version, got {:?}", other.err()),
+    }
+}
+
+#[tokio::test]
+async fn a_dropped_stream_stays_dropped_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let (gone, kept) = (run("gone"), run("kept"));
+    {
+        let mut l = limits();
+        l.retention = Duration::from_millis(1);
+        let engine = DurableStreams::open(dir.path(), l, SyncPolicy::Always).unwrap();
+        publish(&engine, &gone, 1..3).await;
+        publish(&engine, &kept, 1..3).await;
+        engine.session_started(&kept, Instant::now());
+        engine.session_ended(&gone, Instant::now());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        assert_eq!(engine.sweep(Instant::now()).expired_streams, 1);
+        engine.close().await;
+    }
+    let engine = open(dir.path());
+    let runs: Vec<String> = engine.runs().iter().map(|s| s.run_id.to_string()).collect();
+    assert_eq!(runs, vec!["kept"]);
+}
+
+#[tokio::test]
+async fn compaction_keeps_every_live_event_and_frees_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = run("busy");
+    let mut l = limits();
+    // A small ring: most of what is published is evicted and reclaimable.
+    l.max_events_per_run = 50;
+    let before = {
+        let engine = DurableStreams::open(dir.path(), l.clone(), SyncPolicy::Always).unwrap();
+        for b in 0..200u64 {
+            publish(&engine, &r, b * 10 + 1..b * 10 + 11).await;
+        }
+        engine.compact_now().await;
+        let seen = contents(&engine, &r);
+        assert_eq!(seen.1.len(), 50);
+        assert!(
+            engine.disk_bytes() < 50 * 1024,
+            "compacted to about the live size: {} bytes",
+            engine.disk_bytes()
+        );
+        engine.close().await;
+        seen
+    };
+    assert_eq!(segments(dir.path()).unwrap().len(), 1);
+    let engine = DurableStreams::open(dir.path(), l, SyncPolicy::Always).unwrap();
+    assert_eq!(contents(&engine, &r), before);
+    let dup = publish(&engine, &r, 1991..2001).await;
+    assert_eq!(dup.accepted, 0, "dedupe state survived compaction");
+}
+
+#[tokio::test]
+async fn readers_never_see_a_batch_before_it_is_committed() {
+    let hub = StreamHub::new(limits());
+    let r = run("v");
+    let now = Instant::now();
+    let (_, mut sub) = hub.resume(&r, Some(0), None, now);
+    let mut logged = Vec::new();
+    let json = event(1);
+    let outcome = hub
+        .publish_logged(
+            &r,
+            &[NewEvent {
+                json: &json,
+                seq: Some(1),
+            }],
+            now,
+            &mut |ring, out| logged.push((ring.epoch().clone(), out.next_offset)),
+        )
+        .unwrap();
+    assert_eq!(outcome.next_offset, 1);
+    assert!(sub.next().now_or_never().is_none(), "not visible yet");
+    assert_eq!(hub.summary(&r).unwrap().next_offset, 0);
+    let (epoch, up_to) = logged.pop().unwrap();
+    hub.commit(&r, &epoch, up_to);
+    match sub.next().now_or_never() {
+        Some(Delivery::Frames(f)) => assert_eq!(f.len(), 1),
+        other => panic!("expected the batch, got {other:?}"),
+    }
+}
+
+#[test]
+fn sync_policies_parse() {
+    assert_eq!("always".parse(), Ok(SyncPolicy::Always));
+    assert_eq!("os".parse(), Ok(SyncPolicy::Os));
+    assert_eq!(
+        "interval:50".parse(),
+        Ok(SyncPolicy::Interval(Duration::from_millis(50)))
+    );
+    assert!("interval:0".parse::<SyncPolicy>().is_err());
+    assert!("sometimes".parse::<SyncPolicy>().is_err());
+}
