@@ -264,6 +264,84 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = append, replay, build_frame, fan_out
+    targets = append, replay, build_frame, fan_out, durable
 }
 criterion_main!(benches);
+
+/// What durability costs: one publish of 100 × 200 B acknowledged by the
+/// in-memory hub, and by the log under each sync policy, from 1 publisher
+/// and from 16 at once (group commit shares one sync among them).
+fn durable(c: &mut Criterion) {
+    use rungate::stream::StreamEngine;
+    use rungate::stream::log::{DurableStreams, SyncPolicy};
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let texts = events(100);
+    let mut group = c.benchmark_group("stream_durable");
+    group.throughput(Throughput::Elements(100));
+    let policies: [(&str, Option<SyncPolicy>); 4] = [
+        ("memory", None),
+        ("os", Some(SyncPolicy::Os)),
+        (
+            "interval_100ms",
+            Some(SyncPolicy::Interval(Duration::from_millis(100))),
+        ),
+        ("always", Some(SyncPolicy::Always)),
+    ];
+    for (name, policy) in policies {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let limits = StreamLimits {
+            global_max_bytes: 1 << 30,
+            ..StreamLimits::default()
+        };
+        let engine: std::sync::Arc<dyn StreamEngine> = match policy {
+            None => std::sync::Arc::new(StreamHub::new(limits)),
+            Some(p) => std::sync::Arc::new(
+                rt.block_on(async { DurableStreams::open(dir.path(), limits, p) })
+                    .expect("log opens"),
+            ),
+        };
+        for publishers in [1usize, 16] {
+            let engine = engine.clone();
+            let texts = texts.clone();
+            group.bench_function(format!("{name}_{publishers}_publishers"), |b| {
+                b.iter_custom(|iters| {
+                    let engine = engine.clone();
+                    let texts = texts.clone();
+                    rt.block_on(async move {
+                        let started = std::time::Instant::now();
+                        let per = (iters as usize).div_ceil(publishers);
+                        let mut tasks = Vec::new();
+                        for p in 0..publishers {
+                            let engine = engine.clone();
+                            let texts = texts.clone();
+                            tasks.push(tokio::spawn(async move {
+                                let run = RunId::new(format!("bench-{p}")).expect("run id");
+                                for _ in 0..per {
+                                    let batch: Vec<NewEvent<'_>> = texts
+                                        .iter()
+                                        .map(|t| NewEvent { json: t, seq: None })
+                                        .collect();
+                                    let fut = engine.publish(&run, &batch, Instant::now());
+                                    drop(batch);
+                                    fut.await.expect("stored");
+                                }
+                            }));
+                        }
+                        for t in tasks {
+                            t.await.expect("publisher");
+                        }
+                        // Wall time for `iters` publishes, however many
+                        // publishers shared them: criterion divides.
+                        started.elapsed()
+                    })
+                })
+            });
+        }
+        rt.block_on(engine.close());
+    }
+    group.finish();
+}

@@ -1,5 +1,5 @@
 //! HTTP routes on the one listener: WebSocket upgrades, the runs list, the
-//! SSE stream, health, readiness, metrics.
+//! SSE stream, health, readiness, metrics, the dashboard's files.
 //!
 //! Owns the HTTP side of PROTOCOL.md §1: which path serves what, how a token
 //! is found (`Authorization: Bearer` or `?token=`), and the refusals that
@@ -24,7 +24,7 @@ use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 
 use super::dispatch::{self, Endpoint};
 use super::state::Shared;
-use super::{connection, sse};
+use super::{connection, dashboard, sse};
 use crate::auth::{AuthError, Grant, TokenKind};
 use crate::ids::RunId;
 
@@ -106,10 +106,13 @@ pub(crate) async fn route(
         (&Method::GET, "/v1/stream") => upgrade(shared, req, Endpoint::Stream),
         (&Method::GET, "/v1/runs") => runs_list(&shared, &req),
         (&Method::GET, _) if run_events_path(path).is_some() => run_events(shared, &req),
+        (&Method::GET, _) if dashboard::serves(path) => dashboard::serve(path),
         (_, "/healthz" | "/readyz" | "/metrics" | "/v1/runtime" | "/v1/stream" | "/v1/runs") => {
             method_not_allowed()
         }
-        (_, _) if run_events_path(path).is_some() => method_not_allowed(),
+        (_, _) if run_events_path(path).is_some() || dashboard::serves(path) => {
+            method_not_allowed()
+        }
         _ => http_error(StatusCode::NOT_FOUND, "NOT_FOUND", "no such route"),
     };
     Ok(response)

@@ -13,6 +13,7 @@
 //! Must not contain protocol or session rules beyond wiring them together.
 
 mod connection;
+mod dashboard;
 mod dispatch;
 mod follow;
 mod http;

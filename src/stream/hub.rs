@@ -97,6 +97,10 @@ pub struct StreamHub {
 /// See [`StreamHub::with_drop_hook`].
 pub type DropHook = Box<dyn Fn(&RunId, &super::StreamEpoch) + Send + Sync>;
 
+/// See [`StreamHub::publish_logged`]: called with the ring just after an
+/// append that accepted events.
+pub type LogAppend<'a> = &'a mut dyn FnMut(&Ring, &PublishOutcome);
+
 impl StreamHub {
     pub fn new(limits: StreamLimits) -> StreamHub {
         StreamHub {
@@ -191,7 +195,7 @@ impl StreamHub {
         run: &RunId,
         events: &[NewEvent<'_>],
         now: Instant,
-        log: &mut dyn FnMut(&Ring, &PublishOutcome),
+        log: LogAppend<'_>,
     ) -> Result<PublishOutcome, StreamError> {
         self.append(run, events, now, Some(log))
     }
@@ -201,7 +205,7 @@ impl StreamHub {
         run: &RunId,
         events: &[NewEvent<'_>],
         now: Instant,
-        mut log: Option<&mut dyn FnMut(&Ring, &PublishOutcome)>,
+        mut log: Option<LogAppend<'_>>,
     ) -> Result<PublishOutcome, StreamError> {
         let (stream, appended, outcome) = loop {
             let stream = self.get_or_create(run, Origin::Session, now);
