@@ -224,6 +224,8 @@ impl RuntimeClient {
             reconnect_not_before: None,
             heartbeat_due: None,
             heartbeat_every: None,
+            last_heard: Instant::now(),
+            closing: None,
         };
         tokio::spawn(driver.run());
         Ok(RuntimeClient {
@@ -425,6 +427,8 @@ fn string_map(v: &Value) -> Result<BTreeMap<String, String>> {
 struct Run {
     run_id: String,
     session_id: String,
+    /// The attach reply, answered again to a repeated attach of the run.
+    attached: Attached,
     capabilities: Vec<String>,
     attempt_id: Option<String>,
     /// The `seq` the next published event gets.
@@ -491,6 +495,11 @@ struct Driver {
     heartbeat_due: Option<Instant>,
     /// The interval the gateway asked for.
     heartbeat_every: Option<Duration>,
+    /// When the socket last delivered a frame: a socket that carries
+    /// nothing while answers are owed is given up (see [`Driver::silence`]).
+    last_heard: Instant,
+    /// A `close()` waiting for the shutdown to finish.
+    closing: Option<oneshot::Sender<()>>,
 }
 
 impl Driver {
@@ -500,6 +509,7 @@ impl Driver {
                 break;
             }
             let heartbeat = self.heartbeat_due;
+            let silence = self.silence();
             let socket = match self.socket.as_mut() {
                 Some(s) => s,
                 None => continue,
@@ -508,21 +518,32 @@ impl Driver {
                 op = self.ops.recv() => match op {
                     None => break,
                     Some(Op::Close { reply }) => {
-                        let _ = reply.send(());
+                        self.closing = Some(reply);
                         break;
                     }
                     Some(op) => self.handle_op(op).await,
                 },
                 frame = link::next(socket) => match frame {
-                    Some(frame) => self.handle_frame(frame).await,
+                    Some(frame) => {
+                        self.last_heard = Instant::now();
+                        self.handle_frame(frame).await;
+                    }
                     None => self.lost(),
                 },
+                _ = sleep_until(silence.unwrap_or_else(far_future)), if silence.is_some() => {
+                    tracing::warn!("no frame from the gateway while answers are owed; reconnecting");
+                    self.lost();
+                }
                 _ = sleep_until(heartbeat.unwrap_or_else(far_future)), if heartbeat.is_some() => {
                     self.send_heartbeats().await;
                 }
             }
         }
         self.shut_down().await;
+        // Answered only now: when close() returns, the client is closed.
+        if let Some(reply) = self.closing.take() {
+            let _ = reply.send(());
+        }
     }
 
     fn next_id(&mut self) -> String {
@@ -563,6 +584,12 @@ impl Driver {
                 attempt_id,
                 reply,
             } => {
+                // Already held here (an earlier attach whose answer came
+                // after its caller gave up, say): the same session.
+                if let Some(i) = self.run_index(&run) {
+                    let _ = reply.send(Ok(self.runs[i].attached.clone()));
+                    return;
+                }
                 self.send_attach(run, capabilities, attempt_id, reply, false, 0)
                     .await
             }
@@ -727,6 +754,21 @@ impl Driver {
             .map(|_| Instant::now() + self.heartbeat_interval());
     }
 
+    /// When to give up a socket that has delivered nothing while answers
+    /// are owed (a black-holed link sends no FIN): twice the heartbeat
+    /// interval, and never sooner than the request timeout. `None` while
+    /// nothing is owed.
+    fn silence(&self) -> Option<Instant> {
+        if self.pending.is_empty() {
+            return None;
+        }
+        let patience = self
+            .options
+            .request_timeout
+            .max(self.heartbeat_interval() * 2);
+        Some(self.last_heard + patience)
+    }
+
     fn heartbeat_interval(&self) -> Duration {
         self.heartbeat_every.unwrap_or(Duration::from_secs(10))
     }
@@ -827,10 +869,12 @@ impl Driver {
                     }
                     if let Some(i) = self.run_index(&run) {
                         self.runs[i].session_id = attached.session_id.clone();
+                        self.runs[i].attached = attached.clone();
                     } else {
                         self.runs.push(Run {
                             run_id: run,
                             session_id: attached.session_id.clone(),
+                            attached: attached.clone(),
                             capabilities,
                             attempt_id,
                             next_seq: initial_seq(),
@@ -1009,7 +1053,7 @@ impl Driver {
                     op = self.ops.recv() => match op {
                         None => return false,
                         Some(Op::Close { reply }) => {
-                            let _ = reply.send(());
+                            self.closing = Some(reply);
                             return false;
                         }
                         Some(op) => self.handle_op(op).await,
@@ -1025,6 +1069,7 @@ impl Driver {
             {
                 Ok(socket) => {
                     self.socket = Some(socket);
+                    self.last_heard = Instant::now();
                     self.epoch += 1;
                     if self.restore().await {
                         let _ = self
@@ -1106,6 +1151,12 @@ impl Driver {
                     }
                 }
             }
+            // Draining, rate limited, a storage hiccup: try again later on
+            // another socket, keeping every session.
+            Some(Err(e)) if e.is_retryable() => {
+                tracing::info!(run = %main_run, error = %e, "reattach refused for now; retrying");
+                return false;
+            }
             Some(Err(e)) => {
                 tracing::warn!(run = %main_run, error = %e, "main run could not be reattached");
                 // Without the main session its sub-runs cannot move either.
@@ -1131,6 +1182,7 @@ impl Driver {
             match self.exchange("runtime.recoverConnections", payload).await {
                 None => return false,
                 Some(Ok(_)) => return true,
+                Some(Err(e)) if e.is_retryable() => return false,
                 Some(Err(e)) => {
                     // All or nothing: drop the sub-run the gateway named and
                     // try the rest; without a name, none can move.
@@ -1189,6 +1241,7 @@ impl Driver {
                     return Some(false);
                 };
                 self.runs[i].session_id = session_id.clone();
+                self.runs[i].attached.session_id = session_id.clone();
                 for p in self.outbox.iter_mut().filter(|p| p.run == run_id) {
                     p.payload["sessionId"] = json!(session_id);
                 }
