@@ -225,6 +225,7 @@ impl RuntimeClient {
             heartbeat_due: None,
             heartbeat_every: None,
             last_heard: Instant::now(),
+            owed_since: Instant::now(),
             closing: None,
         };
         tokio::spawn(driver.run());
@@ -498,6 +499,8 @@ struct Driver {
     /// When the socket last delivered a frame: a socket that carries
     /// nothing while answers are owed is given up (see [`Driver::silence`]).
     last_heard: Instant,
+    /// When answers became owed after none were (see [`Driver::silence`]).
+    owed_since: Instant,
     /// A `close()` waiting for the shutdown to finish.
     closing: Option<oneshot::Sender<()>>,
 }
@@ -557,6 +560,11 @@ impl Driver {
         let Some(socket) = self.socket.as_mut() else {
             return;
         };
+        // The first answer owed after a quiet spell starts the silence
+        // window; an idle socket has said nothing because nothing was asked.
+        if self.pending.len() == 1 && self.pending.contains_key(id) {
+            self.owed_since = Instant::now();
+        }
         if !link::send(socket, link::request(id, kind, payload)).await {
             self.lost();
         }
@@ -766,7 +774,7 @@ impl Driver {
             .options
             .request_timeout
             .max(self.heartbeat_interval() * 2);
-        Some(self.last_heard + patience)
+        Some(self.last_heard.max(self.owed_since) + patience)
     }
 
     fn heartbeat_interval(&self) -> Duration {
@@ -1272,6 +1280,7 @@ impl Driver {
             let frame = tokio::time::timeout_at(deadline, link::next(socket))
                 .await
                 .ok()??;
+            self.last_heard = Instant::now();
             match frame {
                 Incoming::Reply { id: got, payload } if got == id => {
                     return Some(Ok(

@@ -2,4 +2,5 @@
 
 pub mod harness;
 pub mod http;
+pub mod proxy;
 pub mod schema;
