@@ -39,6 +39,7 @@ pub mod config;
 pub mod demo;
 pub mod gateway;
 pub mod ids;
+pub mod loadgen;
 pub mod protocol;
 pub mod run_config;
 pub mod session;

@@ -1,0 +1,489 @@
+//! The baseline: the least a server can do to answer the same load, so
+//! every gateway figure has a ratio beside it (`rungate baseline`).
+//!
+//! A bare tokio-tungstenite server. It checks no token, keeps no session
+//! and validates nothing beyond reading the envelope; it answers every
+//! request with a reply of the gateway's shape and size (the request's id,
+//! a payload with the same members: a 32-hex `sessionId`, a fixed
+//! timestamp, …). What it does do is what any server of this protocol
+//! must: parse each request's envelope, split a publish into its events,
+//! give them offsets, build the `stream.events` frame once (the gateway's
+//! exact layout) and hand the same bytes to every viewer of the run, keep
+//! the last `--stream-max-events` events for replay, and write through a
+//! bounded queue per socket, several frames per flush. Each subscription
+//! is a `tokio::sync::broadcast` receiver plus a task; a receiver that
+//! lags gets a `stream.gap`.
+//!
+//! Differences that favour the baseline, and so count against the
+//! gateway in the ratios: no authentication or schema checks, no leases,
+//! no metrics, no logging, no `seq` de-duplication, no byte budget;
+//! WebSocket handshakes by tungstenite directly, not through hyper.
+//! Resume at an offset inside a batch starts at that batch's first event.
+
+use std::borrow::Cow;
+use std::collections::{HashMap, VecDeque};
+use std::fmt::Write;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use futures_util::stream::SplitSink;
+use futures_util::{SinkExt, StreamExt};
+use parking_lot::Mutex;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{broadcast, mpsc};
+use tokio::task::JoinHandle;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::wire::json_str;
+
+/// `rungate baseline` flags.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(name = "baseline")]
+pub struct BaselineArgs {
+    /// Address to listen on
+    #[arg(long, default_value = "127.0.0.1:7800")]
+    pub listen: SocketAddr,
+    /// heartbeatIntervalMs told to runtimes in attach replies
+    #[arg(long, default_value_t = 10_000)]
+    pub heartbeat_interval_ms: u64,
+    /// Events kept per run for replay
+    #[arg(long, default_value_t = 10_000)]
+    pub stream_max_events: usize,
+    /// Frames queued per socket
+    #[arg(long, default_value_t = 1024)]
+    pub outbound_queue: usize,
+}
+
+impl BaselineArgs {
+    /// Defaults, listening on `listen`.
+    pub fn on(listen: SocketAddr) -> BaselineArgs {
+        use clap::Parser;
+        let mut a = BaselineArgs::parse_from(["baseline"]);
+        a.listen = listen;
+        a
+    }
+}
+
+/// Frames a subscription may fall behind before it gets a gap.
+const LAG_FRAMES: usize = 1024;
+/// Most frames the writer hands to the socket before one flush (as the
+/// gateway).
+const WRITE_BATCH: usize = 64;
+/// A timestamp of the gateway's length, in every reply that has one.
+const TIMESTAMP: &str = "2026-11-28T00:00:00.000Z";
+
+/// One stored batch: offsets `first..=last` and its frame.
+#[derive(Clone)]
+struct Batch {
+    first: u64,
+    last: u64,
+    frame: Utf8Bytes,
+}
+
+struct Ring {
+    next: u64,
+    batches: VecDeque<Batch>,
+    events: usize,
+}
+
+struct RunStream {
+    ring: Mutex<Ring>,
+    tx: broadcast::Sender<Batch>,
+}
+
+struct Hub {
+    runs: Mutex<HashMap<String, Arc<RunStream>>>,
+    epoch: String,
+    sessions: AtomicU64,
+    args: BaselineArgs,
+}
+
+impl Hub {
+    fn run(&self, run: &str) -> Arc<RunStream> {
+        self.runs
+            .lock()
+            .entry(run.to_owned())
+            .or_insert_with(|| {
+                Arc::new(RunStream {
+                    ring: Mutex::new(Ring {
+                        next: 0,
+                        batches: VecDeque::new(),
+                        events: 0,
+                    }),
+                    tx: broadcast::channel(LAG_FRAMES).0,
+                })
+            })
+            .clone()
+    }
+
+    /// Appends `events` to `run`, builds the frame once, hands it to every
+    /// subscriber.
+    fn publish(&self, run: &str, events: &[&RawValue]) {
+        if events.is_empty() {
+            return;
+        }
+        let stream = self.run(run);
+        let mut ring = stream.ring.lock();
+        let first = ring.next;
+        let bytes: usize = events.iter().map(|e| e.get().len() + 32).sum();
+        let mut frame = String::with_capacity(bytes + 128);
+        let _ = write!(
+            frame,
+            r#"{{"type":"stream.events","payload":{{"runId":{},"streamEpoch":"{}","events":["#,
+            json_str(run),
+            self.epoch
+        );
+        for (i, e) in events.iter().enumerate() {
+            if i > 0 {
+                frame.push(',');
+            }
+            let _ = write!(
+                frame,
+                r#"{{"offset":{},"event":{}}}"#,
+                first + i as u64,
+                e.get()
+            );
+        }
+        frame.push_str("]}}");
+        let batch = Batch {
+            first,
+            last: first + events.len() as u64 - 1,
+            frame: Utf8Bytes::from(frame),
+        };
+        ring.next = batch.last + 1;
+        ring.events += events.len();
+        ring.batches.push_back(batch.clone());
+        while ring.events > self.args.stream_max_events && ring.batches.len() > 1 {
+            if let Some(old) = ring.batches.pop_front() {
+                ring.events -= (old.last - old.first + 1) as usize;
+            }
+        }
+        // Under the ring's lock, so a resume sees each batch exactly once:
+        // in its snapshot or from its receiver.
+        let _ = stream.tx.send(batch);
+    }
+
+    /// The replay from `from` (`None`: live), a receiver for what comes
+    /// after, and the reply's (first, next, start, truncated).
+    fn subscribe(
+        &self,
+        run: &str,
+        from: Option<u64>,
+    ) -> (Vec<Batch>, broadcast::Receiver<Batch>, [u64; 3], bool) {
+        let stream = self.run(run);
+        let ring = stream.ring.lock();
+        let first = ring.batches.front().map_or(ring.next, |b| b.first);
+        let next = ring.next;
+        let (replay, start, truncated) = match from {
+            None => (Vec::new(), next, false),
+            Some(o) => {
+                let replay: Vec<Batch> = ring
+                    .batches
+                    .iter()
+                    .filter(|b| b.last >= o)
+                    .cloned()
+                    .collect();
+                let start = replay.first().map_or(next, |b| b.first);
+                (replay, start, o < first)
+            }
+        };
+        (
+            replay,
+            stream.tx.subscribe(),
+            [first, next, start],
+            truncated,
+        )
+    }
+}
+
+/// A running baseline server.
+pub struct Baseline {
+    local_addr: SocketAddr,
+    stop: CancellationToken,
+    tasks: TaskTracker,
+    accept: JoinHandle<()>,
+}
+
+impl Baseline {
+    /// Binds `args.listen` and serves until [`Baseline::stop`].
+    pub async fn start(args: BaselineArgs) -> io::Result<Baseline> {
+        let listener = TcpListener::bind(args.listen).await?;
+        let local_addr = listener.local_addr()?;
+        let hub = Arc::new(Hub {
+            runs: Mutex::new(HashMap::new()),
+            epoch: format!(
+                "{:032x}",
+                std::process::id() as u128 * 0x9e37_79b9_7f4a_7c15
+            ),
+            sessions: AtomicU64::new(0),
+            args,
+        });
+        let stop = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        let accept = tokio::spawn(accept_loop(listener, hub, stop.clone(), tasks.clone()));
+        Ok(Baseline {
+            local_addr,
+            stop,
+            tasks,
+            accept,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Stops accepting and closes every socket.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.accept.await;
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    hub: Arc<Hub>,
+    stop: CancellationToken,
+    tasks: TaskTracker,
+) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    tasks.spawn(serve(hub.clone(), stream, stop.child_token(), tasks.clone()));
+                }
+                // Out of descriptors, say: wait a little rather than spin.
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
+            }
+        }
+    }
+}
+
+/// The gateway's per-socket WebSocket settings.
+fn ws_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(8 * 1024)
+        .write_buffer_size(0)
+        .max_write_buffer_size(4 * 1024 * 1024)
+        .max_message_size(Some(1024 * 1024))
+        .max_frame_size(Some(1024 * 1024))
+}
+
+type Sink = SplitSink<WebSocketStream<TcpStream>, Message>;
+
+async fn serve(hub: Arc<Hub>, stream: TcpStream, done: CancellationToken, tasks: TaskTracker) {
+    let _ = stream.set_nodelay(true);
+    let Ok(ws) = tokio_tungstenite::accept_async_with_config(stream, Some(ws_config())).await
+    else {
+        return;
+    };
+    let (sink, mut incoming) = ws.split();
+    let (queue, rx) = mpsc::channel(hub.args.outbound_queue.max(1));
+    let writer = tokio::spawn(write_loop(sink, rx));
+    loop {
+        tokio::select! {
+            _ = done.cancelled() => break,
+            message = incoming.next() => match message {
+                Some(Ok(Message::Text(text))) => {
+                    if !answer(&hub, &queue, &done, &tasks, text.as_str()).await {
+                        break;
+                    }
+                }
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+                Some(Ok(_)) => {}
+            }
+        }
+    }
+    done.cancel();
+    drop(queue);
+    let _ = writer.await;
+}
+
+#[derive(Deserialize)]
+struct Request<'a> {
+    #[serde(borrow)]
+    id: Cow<'a, str>,
+    #[serde(rename = "type", borrow)]
+    kind: Cow<'a, str>,
+    #[serde(borrow)]
+    payload: &'a RawValue,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RunPayload<'a> {
+    #[serde(borrow)]
+    run_id: Cow<'a, str>,
+    #[serde(default)]
+    from_offset: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PublishPayload<'a> {
+    #[serde(borrow)]
+    run_id: Cow<'a, str>,
+    #[serde(borrow)]
+    events: Vec<&'a RawValue>,
+}
+
+fn reply(id: &str, payload: &str) -> Message {
+    Message::text(format!(
+        r#"{{"id":{},"type":"reply","payload":{payload}}}"#,
+        json_str(id)
+    ))
+}
+
+fn error(code: &str) -> Message {
+    Message::text(format!(
+        r#"{{"id":null,"type":"error","error":{{"code":"{code}","message":"baseline: unreadable request","retryable":false}}}}"#
+    ))
+}
+
+const ACCEPTED: &str = r#"{"accepted":true}"#;
+
+/// Answers one request; `false` once the writer is gone.
+async fn answer(
+    hub: &Arc<Hub>,
+    queue: &mpsc::Sender<Message>,
+    done: &CancellationToken,
+    tasks: &TaskTracker,
+    text: &str,
+) -> bool {
+    let Ok(req) = serde_json::from_str::<Request>(text) else {
+        return queue.send(error("BAD_FRAME")).await.is_ok();
+    };
+    let id = req.id.as_ref();
+    let out = match req.kind.as_ref() {
+        "runtime.attach" => {
+            let run = serde_json::from_str::<RunPayload>(req.payload.get())
+                .map(|p| p.run_id.into_owned())
+                .unwrap_or_default();
+            let n = hub.sessions.fetch_add(1, Ordering::Relaxed);
+            reply(
+                id,
+                &format!(
+                    r#"{{"sessionId":"{n:032x}","runId":{},"heartbeatIntervalMs":{},"leaseExpiresAt":"{TIMESTAMP}","configVersion":"{:016x}"}}"#,
+                    json_str(&run),
+                    hub.args.heartbeat_interval_ms,
+                    0xcbf2_9ce4_8422_2325u64
+                ),
+            )
+        }
+        "runtime.heartbeat" => reply(
+            id,
+            &format!(r#"{{"accepted":true,"nextHeartbeatDueAt":"{TIMESTAMP}"}}"#),
+        ),
+        "events.publish" => match serde_json::from_str::<PublishPayload>(req.payload.get()) {
+            Ok(p) => {
+                hub.publish(&p.run_id, &p.events);
+                reply(id, ACCEPTED)
+            }
+            Err(_) => error("INVALID_PAYLOAD"),
+        },
+        "stream.resume" => match serde_json::from_str::<RunPayload>(req.payload.get()) {
+            Ok(p) => {
+                let (replay, rx, [first, next, start], truncated) =
+                    hub.subscribe(&p.run_id, p.from_offset);
+                let answer = reply(
+                    id,
+                    &format!(
+                        r#"{{"runId":{},"streamEpoch":"{}","firstOffset":{first},"nextOffset":{next},"startOffset":{start},"truncated":{truncated}}}"#,
+                        json_str(&p.run_id),
+                        hub.epoch
+                    ),
+                );
+                if queue.send(answer).await.is_err() {
+                    return false;
+                }
+                tasks.spawn(follow(
+                    p.run_id.into_owned(),
+                    hub.epoch.clone(),
+                    replay,
+                    rx,
+                    queue.clone(),
+                    done.clone(),
+                ));
+                return true;
+            }
+            Err(_) => error("INVALID_PAYLOAD"),
+        },
+        _ => reply(id, ACCEPTED),
+    };
+    queue.send(out).await.is_ok()
+}
+
+/// One subscription: the replay, then live batches; a `stream.gap` when
+/// the receiver lagged.
+async fn follow(
+    run: String,
+    epoch: String,
+    replay: Vec<Batch>,
+    mut rx: broadcast::Receiver<Batch>,
+    queue: mpsc::Sender<Message>,
+    done: CancellationToken,
+) {
+    let mut next = replay.first().map(|b| b.first);
+    for b in replay {
+        next = Some(b.last + 1);
+        if queue.send(Message::Text(b.frame)).await.is_err() {
+            return;
+        }
+    }
+    loop {
+        let batch = tokio::select! {
+            _ = done.cancelled() => return,
+            got = rx.recv() => match got {
+                Ok(b) => b,
+                Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(broadcast::error::RecvError::Closed) => return,
+            },
+        };
+        if let Some(n) = next.filter(|n| batch.first > *n) {
+            let gap = format!(
+                r#"{{"type":"stream.gap","payload":{{"runId":{},"streamEpoch":"{epoch}","fromOffset":{n},"toOffset":{}}}}}"#,
+                json_str(&run),
+                batch.first - 1
+            );
+            if queue.send(Message::text(gap)).await.is_err() {
+                return;
+            }
+        }
+        next = Some(batch.last + 1);
+        if queue.send(Message::Text(batch.frame)).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Writes queued messages, up to [`WRITE_BATCH`] per flush.
+async fn write_loop(mut sink: Sink, mut rx: mpsc::Receiver<Message>) {
+    while let Some(first) = rx.recv().await {
+        if sink.feed(first).await.is_err() {
+            return;
+        }
+        let mut fed = 1;
+        while fed < WRITE_BATCH {
+            let Ok(m) = rx.try_recv() else { break };
+            if sink.feed(m).await.is_err() {
+                return;
+            }
+            fed += 1;
+        }
+        if sink.flush().await.is_err() {
+            return;
+        }
+    }
+    let _ = sink.close().await;
+}
