@@ -339,7 +339,9 @@ fn attach(ctx: &ConnCtx, req: cmd::AttachRequest) -> Result<cmd::AttachResponse,
     // Keep the run's stream while the session lives (and fix its epoch
     // before the first publish, for viewers already waiting).
     shared.streams.session_started(&session.run_id, now);
-    tracing::info!(run = %session.run_id, epoch = session.epoch, fresh = outcome.fresh, "session attached");
+    // Per-session events are debug: at thousands of sessions an info line
+    // each would be most of the gateway's work in an attach storm.
+    tracing::debug!(run = %session.run_id, epoch = session.epoch, fresh = outcome.fresh, "session attached");
     let version = shared.runs.current().resolve(&session.run_id).version;
     Ok(cmd::AttachResponse {
         session_id: session.session_id,

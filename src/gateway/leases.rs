@@ -28,7 +28,7 @@ pub(crate) async fn run(shared: Arc<Shared>, stop: CancellationToken) {
         let now = Instant::now();
         let expired = shared.sessions.with(|r| r.expire_due(now));
         for e in expired {
-            tracing::info!(run = %e.run_id, "session lease expired");
+            tracing::debug!(run = %e.run_id, "session lease expired");
             // The run's output stays readable for the retention period.
             shared.streams.session_ended(&e.run_id, now);
             if let Some(conn) = e.conn {

@@ -97,12 +97,10 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
         Some(path) => RunConfigSource::load(path)?,
         None => RunConfigSource::fixed(RunDirectory::default()),
     };
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| StartError::Bind {
-            addr: config.listen,
-            source,
-        })?;
+    let listener = listen(config.listen).map_err(|source| StartError::Bind {
+        addr: config.listen,
+        source,
+    })?;
     let local_addr = listener.local_addr().map_err(|source| StartError::Bind {
         addr: config.listen,
         source,
@@ -138,6 +136,23 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
         upkeep,
         stop,
     })
+}
+
+/// Connections the kernel queues before `accept`: std's 128 drops SYNs
+/// during a reconnect storm of thousands of runtimes (a gateway restart),
+/// turning it into seconds of retransmit stalls.
+const LISTEN_BACKLOG: u32 = 4096;
+
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    // A restarted gateway must get its port back at once.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 impl RunningGateway {
