@@ -71,6 +71,17 @@ impl ClientError {
         }
     }
 
+    /// The run a gateway error names in `details.runId`, if any.
+    pub fn run_id(&self) -> Option<String> {
+        match self {
+            ClientError::Gateway { details, .. } => details
+                .as_ref()
+                .and_then(|d| d["runId"].as_str())
+                .map(str::to_owned),
+            _ => None,
+        }
+    }
+
     /// Whether trying again later may succeed.
     pub fn is_retryable(&self) -> bool {
         match self {

@@ -658,19 +658,7 @@ impl Driver {
         take_over: bool,
         tries: u8,
     ) {
-        let mut payload = json!({
-            "runId": run,
-            "runtimeInstanceId": self.options.runtime_instance_id,
-            "protocolVersion": "1",
-            "connectionEpoch": self.epoch,
-            "capabilities": capabilities,
-        });
-        if let Some(a) = &attempt_id {
-            payload["attemptId"] = json!(a);
-        }
-        if take_over {
-            payload["reconnect"] = json!(true);
-        }
+        let payload = self.attach_payload(&run, &capabilities, attempt_id.as_deref(), take_over);
         let id = self.next_id();
         self.pending.insert(
             id.clone(),
@@ -684,6 +672,31 @@ impl Driver {
             },
         );
         self.send(&id, "runtime.attach", &payload).await;
+    }
+
+    /// A `runtime.attach` payload for `run` at the current epoch; `reconnect`
+    /// to take an existing session over.
+    fn attach_payload(
+        &self,
+        run: &str,
+        capabilities: &[String],
+        attempt_id: Option<&str>,
+        reconnect: bool,
+    ) -> Value {
+        let mut payload = json!({
+            "runId": run,
+            "runtimeInstanceId": self.options.runtime_instance_id,
+            "protocolVersion": "1",
+            "connectionEpoch": self.epoch,
+            "capabilities": capabilities,
+        });
+        if let Some(a) = attempt_id {
+            payload["attemptId"] = json!(a);
+        }
+        if reconnect {
+            payload["reconnect"] = json!(true);
+        }
+        payload
     }
 
     /// Adds a publish to the outbox (numbering its events); false if the
@@ -915,14 +928,7 @@ impl Driver {
         let Some(code) = e.code() else {
             return;
         };
-        let named = match e {
-            ClientError::Gateway { details, .. } => details
-                .as_ref()
-                .and_then(|d| d["runId"].as_str())
-                .map(str::to_owned),
-            _ => None,
-        };
-        let Some(run) = named.or(run.map(str::to_owned)) else {
+        let Some(run) = e.run_id().or(run.map(str::to_owned)) else {
             return;
         };
         match code {
@@ -1005,6 +1011,14 @@ impl Driver {
             }
         };
         let _ = self.events.send(event);
+    }
+
+    /// Every run's session ended (the main one could not be restored).
+    fn all_sessions_gone(&mut self, superseded: bool) {
+        let all: Vec<String> = self.runs.iter().map(|r| r.run_id.clone()).collect();
+        for run in all {
+            self.session_gone(&run, superseded);
+        }
     }
 
     /// The socket is gone: answer what cannot be resent, keep the rest.
@@ -1132,17 +1146,12 @@ impl Driver {
     /// Re-attaches the main run at the new epoch and moves the sub-runs.
     async fn restore_sessions(&mut self) -> bool {
         let main = &self.runs[0];
-        let mut payload = json!({
-            "runId": main.run_id,
-            "runtimeInstanceId": self.options.runtime_instance_id,
-            "protocolVersion": "1",
-            "reconnect": true,
-            "connectionEpoch": self.epoch,
-            "capabilities": main.capabilities,
-        });
-        if let Some(a) = &main.attempt_id {
-            payload["attemptId"] = json!(a);
-        }
+        let payload = self.attach_payload(
+            &main.run_id,
+            &main.capabilities,
+            main.attempt_id.as_deref(),
+            true,
+        );
         let main_run = main.run_id.clone();
         match self.exchange("runtime.attach", payload).await {
             None => return false,
@@ -1151,10 +1160,7 @@ impl Driver {
                     None => return false,
                     Some(true) => {}
                     Some(false) => {
-                        let all: Vec<String> = self.runs.iter().map(|r| r.run_id.clone()).collect();
-                        for run in all {
-                            self.session_gone(&run, false);
-                        }
+                        self.all_sessions_gone(false);
                         return true;
                     }
                 }
@@ -1168,10 +1174,7 @@ impl Driver {
             Some(Err(e)) => {
                 tracing::warn!(run = %main_run, error = %e, "main run could not be reattached");
                 // Without the main session its sub-runs cannot move either.
-                let all: Vec<String> = self.runs.iter().map(|r| r.run_id.clone()).collect();
-                for run in all {
-                    self.session_gone(&run, e.code() == Some(ErrorCode::StaleEpoch));
-                }
+                self.all_sessions_gone(e.code() == Some(ErrorCode::StaleEpoch));
                 return true;
             }
             Some(Ok(_)) => {}
@@ -1194,14 +1197,7 @@ impl Driver {
                 Some(Err(e)) => {
                     // All or nothing: drop the sub-run the gateway named and
                     // try the rest; without a name, none can move.
-                    let named = match &e {
-                        ClientError::Gateway { details, .. } => details
-                            .as_ref()
-                            .and_then(|d| d["runId"].as_str())
-                            .map(str::to_owned),
-                        _ => None,
-                    };
-                    match named {
+                    match e.run_id() {
                         Some(run) if subs.contains(&run) => {
                             let expired = e.code() == Some(ErrorCode::SessionExpired);
                             let renewed = match self.run_index(&run) {
@@ -1232,16 +1228,12 @@ impl Driver {
     /// `None` if the socket failed.
     async fn renew(&mut self, i: usize) -> Option<bool> {
         let run = &self.runs[i];
-        let mut payload = json!({
-            "runId": run.run_id,
-            "runtimeInstanceId": self.options.runtime_instance_id,
-            "protocolVersion": "1",
-            "connectionEpoch": self.epoch,
-            "capabilities": run.capabilities,
-        });
-        if let Some(a) = &run.attempt_id {
-            payload["attemptId"] = json!(a);
-        }
+        let payload = self.attach_payload(
+            &run.run_id,
+            &run.capabilities,
+            run.attempt_id.as_deref(),
+            false,
+        );
         let run_id = run.run_id.clone();
         match self.exchange("runtime.attach", payload).await? {
             Ok(reply) => {
