@@ -683,7 +683,9 @@ impl Writer {
 /// accepted batch in the log before anyone sees it.
 pub struct DurableStreams {
     hub: Arc<StreamHub>,
-    tx: parking_lot::Mutex<mpsc::Sender<Msg>>,
+    /// To the writer thread. `mpsc::Sender` is `Sync`: publishers on any
+    /// thread send through the same one, no lock, no clone.
+    tx: mpsc::Sender<Msg>,
     state: Arc<LogState>,
     writer: Arc<parking_lot::Mutex<Option<std::thread::JoinHandle<()>>>>,
 }
@@ -699,11 +701,11 @@ impl DurableStreams {
     ) -> Result<DurableStreams, LogError> {
         fs::create_dir_all(dir).map_err(io_err(dir))?;
         let (tx, rx) = mpsc::channel::<Msg>();
-        let drop_tx = parking_lot::Mutex::new(tx.clone());
+        let drop_tx = tx.clone();
         let hub = Arc::new(StreamHub::with_drop_hook(
             limits.clone(),
             Box::new(move |run, epoch| {
-                let _ = drop_tx.lock().send(Msg::Append {
+                let _ = drop_tx.send(Msg::Append {
                     bytes: encode_drop(run, epoch),
                     commit: None,
                     ack: None,
@@ -768,7 +770,7 @@ impl DurableStreams {
             .map_err(io_err(dir))?;
         Ok(DurableStreams {
             hub,
-            tx: parking_lot::Mutex::new(tx),
+            tx,
             state,
             writer: Arc::new(parking_lot::Mutex::new(Some(handle))),
         })
@@ -787,7 +789,7 @@ impl DurableStreams {
     /// Waits until everything queued so far is written and synced.
     pub fn flush(&self) -> StreamFuture<()> {
         let (done, wait) = oneshot::channel();
-        let sent = self.tx.lock().send(Msg::Flush(done)).is_ok();
+        let sent = self.tx.send(Msg::Flush(done)).is_ok();
         Box::pin(async move {
             if sent {
                 let _ = wait.await;
@@ -799,7 +801,7 @@ impl DurableStreams {
     /// older ones, now.
     pub async fn compact_now(&self) {
         let (done, wait) = oneshot::channel();
-        if self.tx.lock().send(Msg::Compact(done)).is_ok() {
+        if self.tx.send(Msg::Compact(done)).is_ok() {
             let _ = wait.await;
         }
     }
@@ -807,7 +809,7 @@ impl DurableStreams {
     /// Flushes, stops the writer thread and waits for it.
     pub fn close(&self) -> StreamFuture<()> {
         let flushed = self.flush();
-        let tx = self.tx.lock().clone();
+        let tx = self.tx.clone();
         let writer = self.writer.clone();
         Box::pin(async move {
             flushed.await;
@@ -834,7 +836,7 @@ impl StreamEngine for DurableStreams {
         }
         let (ack, acked) = oneshot::channel();
         let mut ack = Some(ack);
-        let tx = self.tx.lock().clone();
+        let tx = &self.tx;
         let mut log = |ring: &Ring, outcome: &PublishOutcome| {
             let Some((first, texts)) = ring.last_batch() else {
                 return;
