@@ -133,6 +133,16 @@ impl Clock {
         }
     }
 
+    /// A clock that reads `wall` at `at`: for tests whose paused tokio time
+    /// has moved on while the system clock has not.
+    #[cfg(test)]
+    pub fn anchored(at: Instant, wall: Timestamp) -> Clock {
+        Clock {
+            origin: at,
+            origin_wall: wall.0,
+        }
+    }
+
     pub fn now(&self) -> Instant {
         Instant::now()
     }

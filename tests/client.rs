@@ -196,21 +196,34 @@ async fn a_gateway_restart_is_survived_and_nothing_is_published_twice() {
     let second = GatewayProcess::spawn(&data, &["--listen", &listen]).await;
     assert_eq!(second.addr, addr);
 
-    // Sessions are in memory (durable sessions are issue 8), so the new
-    // process does not know the run: the client attaches it afresh and
-    // carries on, saying so.
-    let renewed = tokio::time::timeout(Duration::from_secs(30), async {
+    // The embedded store keeps sessions too: the client reconnects at a
+    // higher epoch and keeps its session id; nothing is renewed.
+    let reconnected = tokio::time::timeout(Duration::from_secs(30), async {
         loop {
-            if let ClientEvent::SessionRenewed { run_id, session_id } = events.recv().await.unwrap()
-            {
-                assert_eq!(run_id, "restart");
-                return session_id;
+            match events.recv().await.unwrap() {
+                ClientEvent::Reconnected { epoch } => return epoch,
+                ClientEvent::SessionRenewed { .. } => panic!("the session was kept"),
+                _ => {}
             }
         }
     })
     .await
-    .expect("the client reconnected and renewed the session");
-    assert_ne!(renewed, attached.session_id);
+    .expect("the client reconnected");
+    assert!(reconnected > 0);
+    let mut probe = Client::connect(
+        &second.url("/v1/runtime"),
+        &mint(&key, TokenKind::Runtime, "*", &Capability::ALL),
+    )
+    .await;
+    // The session the client attached before the restart is the one it
+    // holds now: a stale reconnect is told the client's current epoch.
+    let stale = probe.reattach("restart", "inst-r", 1, &[]).await;
+    assert_eq!(stale["error"]["code"], "STALE_EPOCH", "{stale}");
+    assert_eq!(
+        stale["error"]["details"]["currentEpoch"], reconnected,
+        "{stale}"
+    );
+    let _ = attached;
     publisher.await.expect("every publish succeeded");
     // The stream: all 200, once each, in order, across both processes.
     let viewer_token = mint(&key, TokenKind::Viewer, "*", &[]);

@@ -25,7 +25,9 @@ use crate::protocol::commands::{self as cmd, push};
 use crate::protocol::{
     Command, CommandError, CommandKind, ErrorCode, Frame, encode_error, encode_push, encode_reply,
 };
-use crate::session::{AttachParams, ConnId, RecoverError, SessionError, SessionState, SessionView};
+use crate::session::{
+    AttachParams, ConnId, RecoverError, Saved, SessionError, SessionState, SessionView,
+};
 use crate::store::{Checkpoint, StoreError};
 use crate::stream::{NewEvent, StreamError};
 use crate::time::Timestamp;
@@ -155,9 +157,9 @@ fn record(ctx: &ConnCtx, label: &'static str, outcome: Result<(), ErrorCode>, st
 fn apply(ctx: &mut ConnCtx, id: &str, command: Command) -> Result<Reply, CommandError> {
     let reply = |payload: &dyn erased::Payload| Ok(Reply::Now(erased::encode(id, payload)));
     match command {
-        Command::Attach(req) => reply(&attach(ctx, req)?),
+        Command::Attach(req) => attach(ctx, id, req),
         Command::Heartbeat(req) => reply(&heartbeat(ctx, req)?),
-        Command::RecoverConnections(req) => reply(&recover(ctx, req)?),
+        Command::RecoverConnections(req) => recover(ctx, id, req),
         Command::SecretsGet(req) => Ok(Reply::Now(secrets_get(ctx, id, req)?)),
         Command::ConfigGet(req) => Ok(Reply::Now(config_get(ctx, id, req)?)),
         Command::KvGet(req) => kv_get(ctx, id, req),
@@ -281,7 +283,29 @@ fn session_for(
 
 // --------------------------------------------------------------- commands
 
-fn attach(ctx: &ConnCtx, req: cmd::AttachRequest) -> Result<cmd::AttachResponse, CommandError> {
+/// Answers once the session changes a command made are saved (at once when
+/// they already are, as with the memory store), so a runtime never holds a
+/// session a crash could take back. If saving fails, `undo` runs and the
+/// command is answered with a retryable error.
+fn when_saved(
+    mut saved: Saved,
+    undo: impl FnOnce() + Send + 'static,
+    finish: impl FnOnce() -> Frame + Send + 'static,
+) -> Result<Reply, CommandError> {
+    let done = move |result: Result<(), StoreError>| match result {
+        Ok(()) => Ok(finish()),
+        Err(e) => {
+            undo();
+            Err(store_error(e))
+        }
+    };
+    match (&mut saved).now_or_never() {
+        Some(result) => done(result).map(Reply::Now),
+        None => Ok(Reply::Later(async move { done(saved.await) }.boxed())),
+    }
+}
+
+fn attach(ctx: &ConnCtx, id: &str, req: cmd::AttachRequest) -> Result<Reply, CommandError> {
     let shared = &ctx.shared;
     if ctx.draining {
         return Err(CommandError::new(
@@ -321,10 +345,12 @@ fn attach(ctx: &ConnCtx, req: cmd::AttachRequest) -> Result<cmd::AttachResponse,
         capabilities: asked,
     };
     let now = Instant::now();
-    let outcome = shared
+    let (outcome, saved) = shared
         .sessions
-        .with_new_deadline(|r| r.attach(ctx.id, params, now))
-        .map_err(session_error)?;
+        .with_new_deadline(|r| r.attach(ctx.id, params, now));
+    let outcome = outcome.map_err(session_error)?;
+    // The move already happened in memory, so the old socket is fenced now
+    // whether or not the save succeeds.
     if let Some(s) = &outcome.superseded {
         let payload = push::SessionSuperseded {
             session_id: &s.session_id,
@@ -343,13 +369,29 @@ fn attach(ctx: &ConnCtx, req: cmd::AttachRequest) -> Result<cmd::AttachResponse,
     // each would be most of the gateway's work in an attach storm.
     tracing::debug!(run = %session.run_id, epoch = session.epoch, fresh = outcome.fresh, "session attached");
     let version = shared.runs.current().resolve(&session.run_id).version;
-    Ok(cmd::AttachResponse {
-        session_id: session.session_id,
-        run_id: session.run_id,
+    let response = cmd::AttachResponse {
+        session_id: session.session_id.clone(),
+        run_id: session.run_id.clone(),
         heartbeat_interval_ms: shared.config.heartbeat_interval.as_millis() as u64,
         lease_expires_at: shared.clock.wall(session.lease_deadline),
         config_version: Some(version),
-    })
+    };
+    let id = id.to_owned();
+    let undo_shared = shared.clone();
+    let undo = move || {
+        // A fresh session nobody was told about is withdrawn so the retry
+        // can start it; a moved one stays where it is (its old socket was
+        // already fenced) and the retry moves it again.
+        if outcome.fresh {
+            undo_shared
+                .sessions
+                .with(|r| r.abandon(&session.session_id));
+            undo_shared
+                .streams
+                .session_ended(&session.run_id, Instant::now());
+        }
+    };
+    when_saved(saved, undo, move || encode_reply(&id, &response))
 }
 
 fn heartbeat(
@@ -380,30 +422,28 @@ fn heartbeat(
 
 fn recover(
     ctx: &ConnCtx,
+    id: &str,
     req: cmd::RecoverConnectionsCommand,
-) -> Result<cmd::Accepted, CommandError> {
+) -> Result<Reply, CommandError> {
     let now = Instant::now();
-    let moved = ctx
-        .shared
-        .sessions
-        .with_new_deadline(|r| {
-            r.recover(
-                ctx.id,
-                &req.session_id,
-                &req.main_run_id,
-                req.sub_run_ids.as_deref(),
-                req.connection_epoch,
-                now,
-            )
-        })
-        .map_err(|RecoverError { run_id, error }| {
-            let mut e = session_error(error);
-            if let Some(run) = run_id {
-                e.message = format!("sub-run {run}: {}; nothing moved", e.message);
-                e.details = Some(json!({ "runId": run }));
-            }
-            e
-        })?;
+    let (moved, saved) = ctx.shared.sessions.with_new_deadline(|r| {
+        r.recover(
+            ctx.id,
+            &req.session_id,
+            &req.main_run_id,
+            req.sub_run_ids.as_deref(),
+            req.connection_epoch,
+            now,
+        )
+    });
+    let moved = moved.map_err(|RecoverError { run_id, error }| {
+        let mut e = session_error(error);
+        if let Some(run) = run_id {
+            e.message = format!("sub-run {run}: {}; nothing moved", e.message);
+            e.details = Some(json!({ "runId": run }));
+        }
+        e
+    })?;
     for s in moved {
         let payload = push::SessionSuperseded {
             session_id: &s.session_id,
@@ -414,7 +454,8 @@ fn recover(
             .conns
             .push(s.conn, encode_push(push::SESSION_SUPERSEDED, &payload));
     }
-    Ok(cmd::Accepted::YES)
+    let id = id.to_owned();
+    when_saved(saved, || {}, move || encode_reply(&id, &cmd::Accepted::YES))
 }
 
 fn secrets_get(ctx: &ConnCtx, id: &str, req: cmd::GetSecretsCommand) -> Outcome {

@@ -110,9 +110,29 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
         heartbeat_interval: config.heartbeat_interval,
         tombstone_ttl: config.session_tombstone_ttl,
     };
+    let clock = Clock::start();
+    let (sessions, restored, expired_while_down) =
+        Sessions::restore(policy, store.clone(), clock).await?;
+    let now = clock.now();
+    // A restored session keeps its run's stream, as on attach; one whose
+    // lease ran out while the gateway was down starts its retention now.
+    for run in &restored.live {
+        streams.session_started(run, now);
+    }
+    for e in &expired_while_down {
+        streams.session_ended(&e.run_id, now);
+    }
+    if !restored.live.is_empty() || !expired_while_down.is_empty() {
+        tracing::info!(
+            restored = restored.live.len(),
+            expired_while_down = expired_while_down.len(),
+            dropped_duplicates = restored.dropped,
+            "sessions restored"
+        );
+    }
     let shared = Arc::new(Shared {
-        clock: Clock::start(),
-        sessions: Sessions::new(policy),
+        clock,
+        sessions,
         store,
         streams,
         runs,
@@ -187,6 +207,9 @@ impl RunningGateway {
         let _ = self.lease_timer.await;
         let _ = self.upkeep.await;
         self.shared.streams.close().await;
+        // Leases renewed since the last periodic save, so a restart right
+        // after the drain gives every runtime its full reconnect window.
+        self.shared.sessions.save_renewals().await?;
         self.shared.store.flush().await?;
         tracing::info!("drained");
         Ok(())

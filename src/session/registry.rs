@@ -12,13 +12,23 @@
 //! lease deadline; an expired session's entry is the moment its tombstone is
 //! forgotten. The caller sleeps until [`SessionRegistry::next_deadline`] and
 //! then calls [`SessionRegistry::expire_due`]; there is no task per session.
+//!
+//! Durability is the caller's too: the registry only remembers which
+//! sessions changed since it was last asked. A change of identity, epoch or
+//! state is [`SessionRegistry::take_changes`]; a lease merely renewed by a
+//! heartbeat is [`SessionRegistry::take_renewals`], which may be saved
+//! lazily (at thousands of heartbeats a second, one write each would be most
+//! of the gateway's work). [`SessionRegistry::restore`] rebuilds the
+//! sessions from saved records after a restart.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::time::Duration;
 
 use tokio::time::Instant;
 
 use crate::ids::{Capabilities, Capability, OpaqueId, RunId, SessionId};
+use crate::store::{SessionChange, SessionRecord};
+use crate::time::{Clock, Timestamp};
 
 /// Names a connection (socket) without saying what it is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -121,7 +131,6 @@ struct Session {
     id: SessionId,
     run_id: RunId,
     runtime_instance_id: OpaqueId,
-    #[allow(dead_code)] // kept for logs and the durable store to come
     attempt_id: Option<OpaqueId>,
     epoch: u64,
     capabilities: Capabilities,
@@ -148,6 +157,20 @@ impl Session {
             capabilities: self.capabilities,
             lease_deadline: self.deadline,
             is_sub_run: self.parent.is_some(),
+        }
+    }
+
+    fn record(&self, clock: &Clock) -> SessionRecord {
+        SessionRecord {
+            session_id: self.id.clone(),
+            run_id: self.run_id.clone(),
+            runtime_instance_id: self.runtime_instance_id.clone(),
+            attempt_id: self.attempt_id.clone(),
+            epoch: self.epoch,
+            capabilities: self.capabilities.iter().collect(),
+            parent: self.parent.clone(),
+            expired: self.expired,
+            deadline_unix_ms: clock.wall(self.deadline).unix_millis(),
         }
     }
 
@@ -191,6 +214,22 @@ pub struct SessionRegistry {
     by_run: HashMap<RunId, SessionId>,
     conns: HashMap<ConnId, ConnRecord>,
     deadlines: BTreeSet<(Instant, SessionId)>,
+    /// Sessions started, moved, expired or forgotten since the last
+    /// [`SessionRegistry::take_changes`].
+    changed: HashSet<SessionId>,
+    /// Sessions whose lease a heartbeat renewed since the last
+    /// [`SessionRegistry::take_renewals`].
+    renewed: HashSet<SessionId>,
+}
+
+/// What [`SessionRegistry::restore`] found.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Restored {
+    /// Runs whose session is live again (detached, waiting for its runtime).
+    pub live: Vec<RunId>,
+    /// Records of a run another (live, or newer) record holds: not
+    /// restored, and deleted by the next [`SessionRegistry::take_changes`].
+    pub dropped: usize,
 }
 
 impl SessionRegistry {
@@ -201,6 +240,8 @@ impl SessionRegistry {
             by_run: HashMap::new(),
             conns: HashMap::new(),
             deadlines: BTreeSet::new(),
+            changed: HashSet::new(),
+            renewed: HashSet::new(),
         }
     }
 
@@ -288,6 +329,7 @@ impl SessionRegistry {
         self.by_run
             .insert(session.run_id.clone(), session.id.clone());
         self.bind(conn, &session.id, session.parent.is_none());
+        self.changed.insert(session.id.clone());
         self.sessions.insert(session.id.clone(), session);
         Ok(AttachOutcome {
             session: view,
@@ -389,6 +431,7 @@ impl SessionRegistry {
         }
         self.deadlines.remove(&(old_deadline, id.clone()));
         self.deadlines.insert((new_deadline, id.clone()));
+        self.changed.insert(id.clone());
         let superseded = match old_owner {
             Some(old) if old != conn => {
                 if let Some(rec) = self.conns.get_mut(&old) {
@@ -482,6 +525,7 @@ impl SessionRegistry {
                 .remove(&(session.deadline, session_id.clone()));
             session.deadline = new_deadline;
             self.deadlines.insert((new_deadline, session_id.clone()));
+            self.renewed.insert(session_id.clone());
             return Ok(session.view());
         }
         Err(SessionError::NotAttached)
@@ -623,6 +667,7 @@ impl SessionRegistry {
             let owner = session.owner.take();
             session.deadline = at + self.policy.tombstone_ttl;
             self.deadlines.insert((session.deadline, id.clone()));
+            self.changed.insert(id.clone());
             if let Some(conn) = owner {
                 session.former_owners.push(conn);
                 if let Some(rec) = self.conns.get_mut(&conn) {
@@ -647,6 +692,7 @@ impl SessionRegistry {
         let Some(session) = self.sessions.remove(id) else {
             return;
         };
+        self.changed.insert(id.clone());
         self.deadlines.remove(&(session.deadline, id.clone()));
         if self.by_run.get(&session.run_id) == Some(id) {
             self.by_run.remove(&session.run_id);
@@ -660,6 +706,97 @@ impl SessionRegistry {
                 }
             }
         }
+    }
+
+    /// Withdraws a fresh session whose start could not be saved, so the
+    /// run is free again and the runtime's retry starts it anew.
+    pub fn abandon(&mut self, id: &SessionId) {
+        self.forget(id);
+    }
+
+    /// The changes to save since the last call: started, moved, expired
+    /// (as records) and forgotten (as deletions) sessions. Save them in the
+    /// order taken; a session appears at most once, in its latest state.
+    pub fn take_changes(&mut self, clock: &Clock) -> Vec<SessionChange> {
+        let changed = std::mem::take(&mut self.changed);
+        changed
+            .into_iter()
+            .map(|id| {
+                self.renewed.remove(&id);
+                match self.sessions.get(&id) {
+                    Some(s) => SessionChange::Put(s.record(clock)),
+                    None => SessionChange::Delete(id),
+                }
+            })
+            .collect()
+    }
+
+    /// Records of sessions whose lease was renewed since the last call (and
+    /// that still exist).
+    pub fn take_renewals(&mut self, clock: &Clock) -> Vec<SessionChange> {
+        let renewed = std::mem::take(&mut self.renewed);
+        renewed
+            .into_iter()
+            .filter_map(|id| self.sessions.get(&id))
+            .map(|s| SessionChange::Put(s.record(clock)))
+            .collect()
+    }
+
+    /// Rebuilds sessions from saved records after a restart: all detached,
+    /// at their saved epoch and capabilities. A live session's deadline is
+    /// its saved one plus `slack` (renewals are saved lazily, so the saved
+    /// deadline may be up to that much behind the one the runtime was
+    /// promised); one already past stays in the index and expires on the
+    /// next [`Self::expire_due`], which the caller runs before serving.
+    pub fn restore(
+        &mut self,
+        records: Vec<SessionRecord>,
+        clock: &Clock,
+        slack: Duration,
+    ) -> Restored {
+        let mut restored = Restored::default();
+        let mut records = records;
+        // Live before tombstones, then the higher epoch: if two records
+        // name one run (a crash between saving one and deleting the other),
+        // the one a runtime can still use wins.
+        records.sort_by(|a, b| a.expired.cmp(&b.expired).then(b.epoch.cmp(&a.epoch)));
+        for r in records {
+            if self.by_run.contains_key(&r.run_id) || self.sessions.contains_key(&r.session_id) {
+                restored.dropped += 1;
+                self.changed.insert(r.session_id);
+                continue;
+            }
+            // Slack is added in wall time, before mapping to an instant:
+            // mapping clamps times already past to the clock's start.
+            let slack_ms = if r.expired {
+                0
+            } else {
+                slack.as_millis() as u64
+            };
+            let deadline = clock.instant(Timestamp::from_unix_millis(
+                r.deadline_unix_ms.saturating_add(slack_ms),
+            ));
+            if !r.expired {
+                restored.live.push(r.run_id.clone());
+            }
+            let session = Session {
+                id: r.session_id.clone(),
+                run_id: r.run_id.clone(),
+                runtime_instance_id: r.runtime_instance_id,
+                attempt_id: r.attempt_id,
+                epoch: r.epoch,
+                capabilities: r.capabilities.into_iter().collect(),
+                parent: r.parent,
+                owner: None,
+                expired: r.expired,
+                deadline,
+                former_owners: Vec::new(),
+            };
+            self.deadlines.insert((deadline, r.session_id.clone()));
+            self.by_run.insert(r.run_id, r.session_id.clone());
+            self.sessions.insert(r.session_id, session);
+        }
+        restored
     }
 
     /// The state of `run`'s session, if it has one.

@@ -406,3 +406,220 @@ fn heartbeat_with_another_instance_is_refused() {
         SessionError::OtherInstance { run_id: run("r1") }
     );
 }
+
+// ------------------------------------------------- keeping sessions (restart)
+
+use crate::store::{SessionChange, SessionRecord};
+use crate::time::Clock;
+
+fn puts(changes: Vec<SessionChange>) -> Vec<SessionRecord> {
+    let mut records: Vec<SessionRecord> = changes
+        .into_iter()
+        .map(|c| match c {
+            SessionChange::Put(r) => r,
+            SessionChange::Delete(id) => panic!("unexpected delete of {id:?}"),
+        })
+        .collect();
+    records.sort_by(|a, b| a.run_id.cmp(&b.run_id));
+    records
+}
+
+/// The clock of a process started now, on a machine whose wall clock moved
+/// with (paused) tokio time.
+fn restarted(clock: &Clock) -> Clock {
+    let now = Instant::now();
+    Clock::anchored(now, clock.wall(now))
+}
+
+#[tokio::test(start_paused = true)]
+async fn changes_are_taken_once_and_heartbeats_are_renewals_only() {
+    let clock = Clock::start();
+    let mut reg = registry();
+    let now = clock.now();
+    let s = attach(&mut reg, A, params("r1", "i1", false, Some(3), &[]), now).session;
+    let saved = puts(reg.take_changes(&clock));
+    assert_eq!(saved.len(), 1);
+    assert_eq!(saved[0].session_id, s.session_id);
+    assert_eq!(saved[0].epoch, 3);
+    assert!(!saved[0].expired);
+    assert_eq!(
+        saved[0].deadline_unix_ms,
+        clock.wall(now + TTL).unix_millis()
+    );
+    assert!(reg.take_changes(&clock).is_empty(), "taken twice");
+
+    let later = now + Duration::from_secs(10);
+    reg.heartbeat(A, &s.session_id, &s.run_id, None, later)
+        .unwrap();
+    assert!(
+        reg.take_changes(&clock).is_empty(),
+        "a heartbeat is no change"
+    );
+    let renewed = puts(reg.take_renewals(&clock));
+    assert_eq!(
+        renewed[0].deadline_unix_ms,
+        clock.wall(later + TTL).unix_millis()
+    );
+    assert!(reg.take_renewals(&clock).is_empty());
+
+    // A reconnect is a change (new epoch); expiry too; forgetting deletes.
+    attach(&mut reg, B, params("r1", "i1", true, Some(4), &[]), later);
+    assert_eq!(puts(reg.take_changes(&clock))[0].epoch, 4);
+    let expired_at = later + TTL;
+    assert_eq!(reg.expire_due(expired_at).len(), 1);
+    assert!(puts(reg.take_changes(&clock))[0].expired);
+    reg.expire_due(expired_at + Duration::from_secs(600));
+    assert_eq!(
+        reg.take_changes(&clock),
+        vec![SessionChange::Delete(s.session_id.clone())]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn restored_sessions_keep_their_id_epoch_and_fencing() {
+    let clock = Clock::start();
+    let now = clock.now();
+    let mut before = registry();
+    let f = family(&mut before, A, now);
+    let records = puts(before.take_changes(&clock));
+    assert_eq!(records.len(), 3);
+
+    // A new process: its own clock, a few seconds later.
+    tokio::time::advance(Duration::from_secs(5)).await;
+    let clock2 = restarted(&clock);
+    let mut after = registry();
+    let restored = after.restore(records, &clock2, Duration::from_secs(2));
+    assert_eq!(restored.live.len(), 3);
+    assert_eq!(restored.dropped, 0);
+    assert_eq!(after.run_state(&run("m")), Some(SessionState::Detached));
+    let now2 = clock2.now();
+    assert!(after.expire_due(now2).is_empty());
+
+    // The saved epoch still fences: not greater is refused...
+    let err = after
+        .attach(
+            B,
+            params("m", "i1", true, Some(1), &[Capability::SubtasksRun]),
+            now2,
+        )
+        .unwrap_err();
+    assert_eq!(
+        err,
+        SessionError::EpochNotGreater {
+            offered: 1,
+            current: 1
+        }
+    );
+    // ...another instance is refused, a fresh attach is refused...
+    assert!(matches!(
+        after.attach(B, params("m", "i2", true, Some(9), &[]), now2),
+        Err(SessionError::OtherInstance { .. })
+    ));
+    assert!(matches!(
+        after.attach(B, params("m", "i1", false, Some(9), &[]), now2),
+        Err(SessionError::RunTaken { .. })
+    ));
+    // ...and a higher epoch gets the same session, capabilities and sub-runs.
+    let main = attach(
+        &mut after,
+        B,
+        params("m", "i1", true, Some(2), &[Capability::SubtasksRun]),
+        now2,
+    )
+    .session;
+    assert_eq!(main.session_id, f.main.session_id);
+    assert!(main.capabilities.contains(Capability::SubtasksRun));
+    let moved = after
+        .recover(B, &main.session_id, &main.run_id, None, Some(2), now2)
+        .unwrap();
+    assert!(moved.is_empty(), "nobody held the sub-runs to be told");
+    for sub in &f.subs {
+        assert_eq!(
+            after
+                .authorize(B, &sub.session_id, &sub.run_id)
+                .unwrap()
+                .epoch,
+            2
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn leases_that_ran_out_while_down_expire_on_restore() {
+    let clock = Clock::start();
+    let now = clock.now();
+    let mut before = registry();
+    let s = attach(&mut before, A, params("r1", "i1", false, Some(1), &[]), now).session;
+    let mut records = puts(before.take_changes(&clock));
+    // An older tombstone, saved as such, is restored as one.
+    let mut tomb = records[0].clone();
+    tomb.session_id = SessionId::generate();
+    tomb.run_id = run("r0");
+    tomb.expired = true;
+    tomb.deadline_unix_ms = clock.wall(now + Duration::from_secs(3600)).unix_millis();
+    records.push(tomb);
+
+    // Down for longer than the lease plus the slack.
+    tokio::time::advance(TTL + Duration::from_secs(3)).await;
+    let clock2 = restarted(&clock);
+    let mut after = registry();
+    let restored = after.restore(records, &clock2, Duration::from_secs(2));
+    assert_eq!(restored.live, vec![run("r1")]);
+    let expired = after.expire_due(clock2.now());
+    assert_eq!(expired.len(), 1);
+    assert_eq!(expired[0].session_id, s.session_id);
+    assert_eq!(expired[0].conn, None);
+    assert!(matches!(
+        after.attach(B, params("r1", "i1", true, Some(2), &[]), clock2.now()),
+        Err(SessionError::Expired { .. })
+    ));
+    assert!(matches!(
+        after.attach(B, params("r0", "i1", true, Some(2), &[]), clock2.now()),
+        Err(SessionError::Expired { .. })
+    ));
+    // Expired sessions are saved as tombstones; a fresh attach takes the run.
+    let changes = puts(after.take_changes(&clock2));
+    assert!(changes.iter().all(|r| r.expired));
+    let fresh = attach(
+        &mut after,
+        B,
+        params("r1", "i1", false, Some(2), &[]),
+        clock2.now(),
+    );
+    assert_ne!(fresh.session.session_id, s.session_id);
+}
+
+#[tokio::test(start_paused = true)]
+async fn restore_keeps_one_session_per_run() {
+    let clock = Clock::start();
+    let mut before = registry();
+    attach(
+        &mut before,
+        A,
+        params("r1", "i1", false, Some(1), &[]),
+        clock.now(),
+    );
+    let live = puts(before.take_changes(&clock)).remove(0);
+    let mut stale = live.clone();
+    stale.session_id = SessionId::generate();
+    stale.expired = true;
+    let mut after = registry();
+    let restored = after.restore(vec![stale.clone(), live.clone()], &clock, Duration::ZERO);
+    assert_eq!(restored.live, vec![run("r1")]);
+    assert_eq!(restored.dropped, 1);
+    assert_eq!(
+        after.take_changes(&clock),
+        vec![SessionChange::Delete(stale.session_id)]
+    );
+    assert_eq!(after.run_state(&run("r1")), Some(SessionState::Detached));
+}
+
+#[test]
+fn an_abandoned_fresh_session_frees_its_run() {
+    let mut reg = registry();
+    let now = Instant::now();
+    let s = attach(&mut reg, A, params("r1", "i1", false, None, &[]), now).session;
+    reg.abandon(&s.session_id);
+    assert_eq!(reg.run_state(&run("r1")), None);
+    attach(&mut reg, A, params("r1", "i1", false, None, &[]), now);
+}

@@ -19,6 +19,12 @@
 //! | `kv`                | `(run id, key)`           | value (`&str`)            |
 //! | `checkpoints`       | `(run id, checkpoint id)` | checkpoint record (bytes) |
 //! | `latest_checkpoint` | run id                    | checkpoint id (`&str`)    |
+//! | `sessions`          | session id                | session record (bytes)    |
+//!
+//! A session record is one record-version byte (`1`) then the
+//! [`SessionRecord`] as JSON. The `sessions` table came after format 1
+//! shipped; opening an older file creates it empty, which is what that file
+//! means (no session was kept).
 //!
 //! A checkpoint record is one record-version byte (`1`), `saved_at` as
 //! unix milliseconds (`u64`, little-endian), then the checkpoint's JSON text
@@ -35,7 +41,7 @@ use redb::{Database, Durability, ReadableTable, Table, TableDefinition, WriteTra
 use serde_json::value::RawValue;
 use tokio::sync::oneshot;
 
-use super::{Checkpoint, Store, StoreError, StoreFuture};
+use super::{Checkpoint, SessionChange, SessionRecord, Store, StoreError, StoreFuture};
 use crate::ids::RunId;
 use crate::time::Timestamp;
 
@@ -55,6 +61,10 @@ const FORMAT_KEY: &str = "format_version";
 const KV: TableDefinition<(&str, &str), &str> = TableDefinition::new("kv");
 const CHECKPOINTS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("checkpoints");
 const LATEST: TableDefinition<&str, &str> = TableDefinition::new("latest_checkpoint");
+const SESSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("sessions");
+
+/// First byte of every session record.
+const SESSION_RECORD_V1: u8 = 1;
 
 const CHECKPOINT_RECORD_V1: u8 = 1;
 /// Record version byte plus the `u64` timestamp.
@@ -100,9 +110,18 @@ enum Op {
         id: Option<String>,
         reply: Reply<Option<Checkpoint>>,
     },
+    SessionsSave {
+        changes: Vec<SessionChange>,
+        reply: Reply<()>,
+    },
+    SessionsLoad {
+        reply: Reply<Vec<SessionRecord>>,
+    },
     /// Needs no work of its own: it is answered after its batch commits,
     /// and every earlier batch committed before it was answered.
-    Flush { reply: Reply<()> },
+    Flush {
+        reply: Reply<()>,
+    },
     /// Kills the worker the way a redb panic would.
     #[cfg(test)]
     Crash,
@@ -113,6 +132,7 @@ impl Op {
         match self {
             Op::KvSet { pairs, .. } => !pairs.is_empty(),
             Op::CheckpointSave { .. } => true,
+            Op::SessionsSave { changes, .. } => !changes.is_empty(),
             _ => false,
         }
     }
@@ -126,9 +146,11 @@ impl Op {
         // allowed; nobody is left to tell.
         match self {
             Op::KvGet { reply, .. } => drop(reply.send(err(msg))),
-            Op::KvSet { reply, .. } | Op::CheckpointSave { reply, .. } | Op::Flush { reply } => {
-                drop(reply.send(err(msg)))
-            }
+            Op::KvSet { reply, .. }
+            | Op::CheckpointSave { reply, .. }
+            | Op::SessionsSave { reply, .. }
+            | Op::Flush { reply } => drop(reply.send(err(msg))),
+            Op::SessionsLoad { reply } => drop(reply.send(err(msg))),
             Op::CheckpointLoad { reply, .. } => drop(reply.send(err(msg))),
             #[cfg(test)]
             Op::Crash => {}
@@ -280,6 +302,14 @@ impl Store for EmbeddedStore {
         self.submit(|reply| Op::CheckpointLoad { run, id, reply })
     }
 
+    fn sessions_save(&self, changes: Vec<SessionChange>) -> StoreFuture<()> {
+        self.submit(|reply| Op::SessionsSave { changes, reply })
+    }
+
+    fn sessions_load(&self) -> StoreFuture<Vec<SessionRecord>> {
+        self.submit(|reply| Op::SessionsLoad { reply })
+    }
+
     fn flush(&self) -> StoreFuture<()> {
         self.submit(|reply| Op::Flush { reply })
     }
@@ -375,6 +405,7 @@ fn prepare(db: &Database, path: &Path) -> Result<(), StoreError> {
         txn.open_table(KV).map_err(table_error)?;
         txn.open_table(CHECKPOINTS).map_err(table_error)?;
         txn.open_table(LATEST).map_err(table_error)?;
+        txn.open_table(SESSIONS).map_err(table_error)?;
     }
     txn.commit().map_err(|e| unavailable(&e))
 }
@@ -505,6 +536,7 @@ struct Tables<'txn> {
     kv: Table<'txn, (&'static str, &'static str), &'static str>,
     checkpoints: Table<'txn, (&'static str, &'static str), &'static [u8]>,
     latest: Table<'txn, &'static str, &'static str>,
+    sessions: Table<'txn, &'static str, &'static [u8]>,
     path: &'txn Path,
 }
 
@@ -515,6 +547,7 @@ impl<'txn> Tables<'txn> {
             kv: txn.open_table(KV).map_err(err)?,
             checkpoints: txn.open_table(CHECKPOINTS).map_err(err)?,
             latest: txn.open_table(LATEST).map_err(err)?,
+            sessions: txn.open_table(SESSIONS).map_err(err)?,
             path,
         })
     }
@@ -529,6 +562,8 @@ impl<'txn> Tables<'txn> {
                 reply,
             } => settle(reply, self.checkpoint_save(&run, &checkpoint)),
             Op::CheckpointLoad { run, id, reply } => settle(reply, self.checkpoint_load(&run, id)),
+            Op::SessionsSave { changes, reply } => settle(reply, self.sessions_save(changes)),
+            Op::SessionsLoad { reply } => settle(reply, self.sessions_load()),
             Op::Flush { reply } => settle(reply, Ok(())),
             #[cfg(test)]
             Op::Crash => panic!("storage worker crashed on purpose (test)"),
@@ -611,6 +646,66 @@ impl<'txn> Tables<'txn> {
                     self.path.display()
                 )))
             })
+    }
+}
+
+impl Tables<'_> {
+    fn sessions_save(&mut self, changes: Vec<SessionChange>) -> Result<(), Failure> {
+        let path = self.path;
+        for change in changes {
+            match change {
+                SessionChange::Put(record) => {
+                    let bytes = encode_session(&record);
+                    self.sessions
+                        .insert(record.session_id.as_str(), bytes.as_slice())
+                        .map_err(|e| storage(path, e))?;
+                }
+                SessionChange::Delete(id) => {
+                    self.sessions
+                        .remove(id.as_str())
+                        .map_err(|e| storage(path, e))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// All records, or `Corrupt` naming the first one that cannot be read:
+    /// a restarted gateway must not silently forget a session it promised.
+    fn sessions_load(&self) -> Result<Vec<SessionRecord>, Failure> {
+        let path = self.path;
+        let mut records = Vec::new();
+        for entry in self.sessions.iter().map_err(|e| storage(path, e))? {
+            let (key, value) = entry.map_err(|e| storage(path, e))?;
+            let record = decode_session(value.value()).map_err(|why| {
+                Failure::Op(StoreError::Corrupt(format!(
+                    "{}: session {:?}: {why}",
+                    path.display(),
+                    key.value()
+                )))
+            })?;
+            records.push(record);
+        }
+        Ok(records)
+    }
+}
+
+fn encode_session(record: &SessionRecord) -> Vec<u8> {
+    let mut bytes = vec![SESSION_RECORD_V1];
+    // Serializing plain strings and numbers into a Vec cannot fail.
+    if let Err(e) = serde_json::to_writer(&mut bytes, record) {
+        tracing::error!(error = %e, "encoding a session record failed");
+    }
+    bytes
+}
+
+fn decode_session(bytes: &[u8]) -> Result<SessionRecord, String> {
+    match bytes.split_first() {
+        Some((&SESSION_RECORD_V1, json)) => {
+            serde_json::from_slice(json).map_err(|e| format!("not a session record: {e}"))
+        }
+        Some((&version, _)) => Err(format!("unknown record version {version}")),
+        None => Err("empty record".into()),
     }
 }
 
@@ -706,6 +801,50 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(first.data.get(), r#"{"a":1}"#);
+    }
+
+    #[tokio::test]
+    async fn sessions_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = crate::store::conformance::session("run-a", 3);
+        {
+            let store = EmbeddedStore::open(dir.path()).unwrap();
+            store
+                .sessions_save(vec![SessionChange::Put(a.clone())])
+                .await
+                .unwrap();
+        }
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        assert_eq!(store.sessions_load().await.unwrap(), vec![a]);
+    }
+
+    /// A session record this build cannot read fails the whole load: the
+    /// gateway must refuse to start rather than forget a session it
+    /// acknowledged.
+    #[tokio::test]
+    async fn undecodable_session_record_is_corrupt() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(EmbeddedStore::open(dir.path()).unwrap());
+        for (name, bytes) in [
+            ("bad-version", vec![9u8, b'{', b'}']),
+            ("bad-json", b"\x01{not json".to_vec()),
+            ("empty", Vec::new()),
+        ] {
+            {
+                let db = Database::create(dir.path().join(FILE_NAME)).unwrap();
+                let txn = db.begin_write().unwrap();
+                {
+                    let mut table = txn.open_table(SESSIONS).unwrap();
+                    table.retain(|_, _| false).unwrap();
+                    table.insert(name, bytes.as_slice()).unwrap();
+                }
+                txn.commit().unwrap();
+            }
+            let store = EmbeddedStore::open(dir.path()).unwrap();
+            let err = store.sessions_load().await.unwrap_err();
+            assert!(matches!(err, StoreError::Corrupt(_)), "{name}: {err:?}");
+            assert!(err.to_string().contains(name), "{err}");
+        }
     }
 
     /// Ops submitted but never awaited are still written when the last

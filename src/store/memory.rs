@@ -12,8 +12,8 @@ use std::future::ready;
 
 use parking_lot::Mutex;
 
-use super::{Checkpoint, Store, StoreError, StoreFuture};
-use crate::ids::RunId;
+use super::{Checkpoint, SessionChange, SessionRecord, Store, StoreError, StoreFuture};
+use crate::ids::{RunId, SessionId};
 
 /// Keeps every run's state in process memory.
 #[derive(Debug, Default)]
@@ -25,6 +25,7 @@ pub struct MemoryStore {
 struct State {
     kv: HashMap<RunId, HashMap<String, String>>,
     checkpoints: HashMap<RunId, RunCheckpoints>,
+    sessions: HashMap<SessionId, SessionRecord>,
 }
 
 #[derive(Debug, Default)]
@@ -83,6 +84,25 @@ impl Store for MemoryStore {
             run_cps.by_id.get(id).cloned()
         });
         done(Ok(found))
+    }
+
+    fn sessions_save(&self, changes: Vec<SessionChange>) -> StoreFuture<()> {
+        let mut state = self.state.lock();
+        for change in changes {
+            match change {
+                SessionChange::Put(record) => {
+                    state.sessions.insert(record.session_id.clone(), record);
+                }
+                SessionChange::Delete(id) => {
+                    state.sessions.remove(&id);
+                }
+            }
+        }
+        done(Ok(()))
+    }
+
+    fn sessions_load(&self) -> StoreFuture<Vec<SessionRecord>> {
+        done(Ok(self.state.lock().sessions.values().cloned().collect()))
     }
 
     fn flush(&self) -> StoreFuture<()> {

@@ -1,11 +1,14 @@
-//! Durable state a run keeps between attaches: key-value pairs and checkpoints.
+//! Durable state a run keeps between attaches: key-value pairs and
+//! checkpoints, plus the session records that let a restarted gateway know
+//! its sessions again.
 //!
 //! Owns the [`Store`] trait, the one seam between the protocol code and a
 //! storage engine, plus its implementations: [`embedded`] (redb on disk, the
 //! default) and [`memory`] (for tests and `--store memory`). A distributed
 //! engine is a third implementation; nothing above this module changes.
-//! Must not know about sessions, capabilities or frames: callers have already
-//! checked that the session may touch `run`.
+//! Must not know about capabilities checks, leases or frames: callers have
+//! already checked that the session may touch `run`, and a
+//! [`SessionRecord`] is kept as given, never interpreted.
 //!
 //! Ordering contract: each method *submits* its operation before it returns
 //! the future, so operations called one after another take effect in that
@@ -17,9 +20,10 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
 
+use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use crate::ids::RunId;
+use crate::ids::{Capability, OpaqueId, RunId, SessionId};
 use crate::time::Timestamp;
 
 pub mod embedded;
@@ -48,6 +52,38 @@ pub struct Checkpoint {
     pub data: Box<RawValue>,
 }
 
+/// One session as the store keeps it: what a restarted gateway needs to
+/// accept the session's reconnect and to keep fencing stale epochs.
+/// Times are wall-clock milliseconds, the only clock the next process shares
+/// with this one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SessionRecord {
+    pub session_id: SessionId,
+    pub run_id: RunId,
+    pub runtime_instance_id: OpaqueId,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt_id: Option<OpaqueId>,
+    pub epoch: u64,
+    pub capabilities: Vec<Capability>,
+    /// The main session of a sub-run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<SessionId>,
+    /// The lease ran out; the record is a tombstone.
+    pub expired: bool,
+    /// The lease deadline, or for a tombstone the moment it is forgotten.
+    pub deadline_unix_ms: u64,
+}
+
+/// One change to the stored sessions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionChange {
+    /// Insert or replace the record with this session id.
+    Put(SessionRecord),
+    /// Forget this session (absent already is fine).
+    Delete(SessionId),
+}
+
 pub trait Store: Send + Sync + 'static {
     /// The values of those `keys` that exist for `run` (absent keys are
     /// simply not in the map).
@@ -64,6 +100,12 @@ pub trait Store: Send + Sync + 'static {
     /// `Ok(None)` when there is no such checkpoint.
     fn checkpoint_load(&self, run: &RunId, id: Option<String>) -> StoreFuture<Option<Checkpoint>>;
 
+    /// Applies `changes` in order, all or none.
+    fn sessions_save(&self, changes: Vec<SessionChange>) -> StoreFuture<()>;
+
+    /// Every stored session record, in no particular order.
+    fn sessions_load(&self) -> StoreFuture<Vec<SessionRecord>>;
+
     /// Completes once everything submitted before it is durable.
     fn flush(&self) -> StoreFuture<()>;
 }
@@ -78,8 +120,8 @@ pub(crate) mod conformance {
 
     use serde_json::value::RawValue;
 
-    use super::{Checkpoint, Store};
-    use crate::ids::RunId;
+    use super::{Checkpoint, SessionChange, SessionRecord, Store};
+    use crate::ids::{Capability, OpaqueId, RunId, SessionId};
     use crate::time::Timestamp;
 
     /// Expands to one `#[tokio::test]` per conformance check. `$make` is a
@@ -98,6 +140,8 @@ pub(crate) mod conformance {
                 checkpoints_are_scoped_per_run,
                 ops_apply_in_submission_order,
                 dropped_futures_still_apply,
+                sessions_put_replace_delete,
+                sessions_apply_in_order_within_and_across_calls,
                 many_concurrent_ops_all_succeed,
             ]);
         };
@@ -372,6 +416,75 @@ pub(crate) mod conformance {
         a.unwrap();
         b.unwrap();
         c.unwrap();
+    }
+
+    pub(crate) fn session(run_name: &str, epoch: u64) -> SessionRecord {
+        SessionRecord {
+            session_id: SessionId::generate(),
+            run_id: run(run_name),
+            runtime_instance_id: OpaqueId::new("worker-1").unwrap(),
+            attempt_id: Some(OpaqueId::new("attempt-7").unwrap()),
+            epoch,
+            capabilities: vec![Capability::KvRead, Capability::KvWrite],
+            parent: None,
+            expired: false,
+            deadline_unix_ms: 1_764_064_800_123,
+        }
+    }
+
+    fn sorted(mut records: Vec<SessionRecord>) -> Vec<SessionRecord> {
+        records.sort_by(|a, b| a.run_id.cmp(&b.run_id));
+        records
+    }
+
+    pub(crate) async fn sessions_put_replace_delete(store: Arc<dyn Store>) {
+        assert!(store.sessions_load().await.unwrap().is_empty());
+        let a = session("run-a", 1);
+        let mut b = session("run-b", 5);
+        b.parent = Some(a.session_id.clone());
+        b.attempt_id = None;
+        store
+            .sessions_save(vec![
+                SessionChange::Put(a.clone()),
+                SessionChange::Put(b.clone()),
+            ])
+            .await
+            .unwrap();
+        assert_eq!(
+            sorted(store.sessions_load().await.unwrap()),
+            vec![a.clone(), b.clone()]
+        );
+
+        let mut a2 = a.clone();
+        a2.epoch = 9;
+        a2.expired = true;
+        store
+            .sessions_save(vec![
+                SessionChange::Put(a2.clone()),
+                SessionChange::Delete(b.session_id.clone()),
+                // Forgetting what is not there is not an error.
+                SessionChange::Delete(SessionId::generate()),
+            ])
+            .await
+            .unwrap();
+        assert_eq!(store.sessions_load().await.unwrap(), vec![a2]);
+    }
+
+    pub(crate) async fn sessions_apply_in_order_within_and_across_calls(store: Arc<dyn Store>) {
+        let a = session("run-a", 1);
+        let mut later = a.clone();
+        later.epoch = 2;
+        // Within one call: put, delete, put again leaves the last put.
+        let first = store.sessions_save(vec![
+            SessionChange::Put(a.clone()),
+            SessionChange::Delete(a.session_id.clone()),
+            SessionChange::Put(a.clone()),
+        ]);
+        // Across calls: the later call wins even if awaited first.
+        let second = store.sessions_save(vec![SessionChange::Put(later.clone())]);
+        second.await.unwrap();
+        first.await.unwrap();
+        assert_eq!(store.sessions_load().await.unwrap(), vec![later]);
     }
 
     pub(crate) async fn dropped_futures_still_apply(store: Arc<dyn Store>) {
