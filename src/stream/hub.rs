@@ -90,12 +90,24 @@ pub struct StreamHub {
     budget: Mutex<()>,
     /// Events evicted by per-run bounds or the global budget (for metrics).
     evicted_events: AtomicU64,
-    /// Told whenever a stream is dropped (a durable engine logs it).
-    on_drop: Option<DropHook>,
+    /// Told whenever a stream is created or dropped (a durable engine logs
+    /// both, so a stream's epoch is the same after a restart even if nothing
+    /// was ever published to it).
+    hooks: Option<Hooks>,
 }
 
-/// See [`StreamHub::with_drop_hook`].
-pub type DropHook = Box<dyn Fn(&RunId, &super::StreamEpoch) + Send + Sync>;
+/// See [`StreamHub::with_hooks`]. Both are called under the map's lock, so
+/// they see creations, drops and appends of one run in the order they
+/// happened; they must not block.
+pub struct Hooks {
+    /// A new, empty stream: its ring as created.
+    pub created: Box<dyn Fn(&Ring) + Send + Sync>,
+    /// A stream dropped by retention or the budget: its run and epoch.
+    pub dropped: DroppedHook,
+}
+
+/// See [`Hooks::dropped`].
+pub type DroppedHook = Box<dyn Fn(&RunId, &super::StreamEpoch) + Send + Sync>;
 
 /// See [`StreamHub::publish_logged`]: called with the ring just after an
 /// append that accepted events.
@@ -109,15 +121,14 @@ impl StreamHub {
             total_bytes: AtomicUsize::new(0),
             budget: Mutex::new(()),
             evicted_events: AtomicU64::new(0),
-            on_drop: None,
+            hooks: None,
         }
     }
 
-    /// A hub that calls `hook` with the run and epoch of every stream it
-    /// drops (retention or the global budget), under the map's lock.
-    pub fn with_drop_hook(limits: StreamLimits, hook: DropHook) -> StreamHub {
+    /// A hub that tells `hooks` of every stream it creates and drops.
+    pub fn with_hooks(limits: StreamLimits, hooks: Hooks) -> StreamHub {
         StreamHub {
-            on_drop: Some(hook),
+            hooks: Some(hooks),
             ..StreamHub::new(limits)
         }
     }
@@ -163,11 +174,11 @@ impl StreamHub {
                     Origin::Session => None,
                     Origin::Viewer => Some(now),
                 };
-                Arc::new(RunStream::new(
-                    Ring::new(run.clone(), self.ring_limits()),
-                    idle_since,
-                    now,
-                ))
+                let ring = Ring::new(run.clone(), self.ring_limits());
+                if let Some(hooks) = &self.hooks {
+                    (hooks.created)(&ring);
+                }
+                Arc::new(RunStream::new(ring, idle_since, now))
             })
             .clone()
     }
@@ -532,8 +543,8 @@ impl StreamHub {
             let before = state.ring.bytes();
             state.ring.clear();
             self.account(before, 0);
-            if let Some(hook) = &self.on_drop {
-                hook(run, state.ring.epoch());
+            if let Some(hooks) = &self.hooks {
+                (hooks.dropped)(run, state.ring.epoch());
             }
             true
         });

@@ -33,7 +33,7 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use super::hub::StreamHub;
+use super::hub::{Hooks, StreamHub};
 use super::ring::{Ring, RingLimits};
 use super::{
     NewEvent, PublishOutcome, ResumeInfo, StreamEngine, StreamEpoch, StreamError, StreamFuture,
@@ -701,17 +701,24 @@ impl DurableStreams {
     ) -> Result<DurableStreams, LogError> {
         fs::create_dir_all(dir).map_err(io_err(dir))?;
         let (tx, rx) = mpsc::channel::<Msg>();
-        let drop_tx = tx.clone();
-        let hub = Arc::new(StreamHub::with_drop_hook(
-            limits.clone(),
-            Box::new(move |run, epoch| {
-                let _ = drop_tx.send(Msg::Append {
+        let (created_tx, dropped_tx) = (tx.clone(), tx.clone());
+        let hooks = Hooks {
+            created: Box::new(move |ring| {
+                let _ = created_tx.send(Msg::Append {
+                    bytes: encode_snapshot(ring),
+                    commit: None,
+                    ack: None,
+                });
+            }),
+            dropped: Box::new(move |run, epoch| {
+                let _ = dropped_tx.send(Msg::Append {
                     bytes: encode_drop(run, epoch),
                     commit: None,
                     ack: None,
                 });
             }),
-        ));
+        };
+        let hub = Arc::new(StreamHub::with_hooks(limits.clone(), hooks));
         let numbers = segments(dir)?;
         let mut recovery = Recovery {
             limits: RingLimits {

@@ -189,6 +189,36 @@ async fn a_dropped_stream_stays_dropped_after_a_restart() {
     assert_eq!(runs, vec!["kept"]);
 }
 
+/// A stream that exists only because a session started or a viewer asked
+/// for it keeps its epoch across a restart: a viewer that resumed it empty
+/// resumes it again with `truncated: false`.
+#[tokio::test]
+async fn a_stream_never_published_to_keeps_its_epoch_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let (attached, watched) = (run("attached"), run("watched"));
+    let epochs = {
+        let engine = open(dir.path());
+        engine.session_started(&attached, Instant::now());
+        let (info, _sub) = engine
+            .resume(&watched, Some(0), None, Instant::now())
+            .unwrap();
+        let epochs = (
+            contents(&engine, &attached).0,
+            info.stream_epoch.as_str().to_owned(),
+        );
+        engine.close().await;
+        epochs
+    };
+    let engine = open(dir.path());
+    assert_eq!(contents(&engine, &attached).0, epochs.0);
+    let (info, _sub) = engine
+        .resume(&watched, Some(0), Some(&epochs.1), Instant::now())
+        .unwrap();
+    assert_eq!(info.stream_epoch.as_str().to_owned(), epochs.1);
+    assert!(!info.truncated);
+    assert_eq!(info.next_offset, 0);
+}
+
 #[tokio::test]
 async fn compaction_keeps_every_live_event_and_frees_the_rest() {
     let dir = tempfile::tempdir().unwrap();
