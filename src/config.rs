@@ -15,13 +15,15 @@ use serde::Deserialize;
 use crate::stream::StreamLimits;
 use crate::stream::log::SyncPolicy;
 
-/// Which engine holds KV and checkpoints.
+/// Which engine holds KV, checkpoints and session records.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreKind {
     /// redb files under `--data-dir` (the default).
     Embedded,
     /// Process memory: gone on restart.
     Memory,
+    /// A Redis server shared by several gateways (`redis://HOST:PORT/DB`).
+    Redis { url: String },
 }
 
 impl std::str::FromStr for StoreKind {
@@ -30,8 +32,11 @@ impl std::str::FromStr for StoreKind {
         match s {
             "embedded" => Ok(StoreKind::Embedded),
             "memory" => Ok(StoreKind::Memory),
+            url if url.starts_with("redis://") => Ok(StoreKind::Redis {
+                url: url.to_owned(),
+            }),
             other => Err(ConfigError::Invalid(format!(
-                "--store {other:?} is not supported; use \"embedded\" or \"memory\""
+                "--store {other:?} is not supported; use \"embedded\", \"memory\" or \"redis://HOST:PORT/DB\""
             ))),
         }
     }
@@ -201,7 +206,8 @@ pub struct ServeArgs {
     /// HMAC key for tokens; created on first start [default: DATA_DIR/auth.key]
     #[arg(long, env = "RUNGATE_AUTH_KEY_FILE")]
     pub auth_key_file: Option<PathBuf>,
-    /// Storage engine: "embedded" (redb under --data-dir) or "memory" [default: embedded]
+    /// Storage engine: "embedded" (redb under --data-dir), "memory", or
+    /// "redis://HOST:PORT/DB" (KV, checkpoints, sessions in Redis) [default: embedded]
     #[arg(long, env = "RUNGATE_STORE")]
     pub store: Option<String>,
     /// Heartbeat interval told to runtimes, ms (≥ 1000) [default: 10000]

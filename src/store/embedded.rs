@@ -21,14 +21,9 @@
 //! | `latest_checkpoint` | run id                    | checkpoint id (`&str`)    |
 //! | `sessions`          | session id                | session record (bytes)    |
 //!
-//! A session record is one record-version byte (`1`) then the
-//! [`SessionRecord`] as JSON. The `sessions` table came after format 1
-//! shipped; opening an older file creates it empty, which is what that file
-//! means (no session was kept).
-//!
-//! A checkpoint record is one record-version byte (`1`), `saved_at` as
-//! unix milliseconds (`u64`, little-endian), then the checkpoint's JSON text
-//! exactly as received (UTF-8, to the end of the record).
+//! Records are encoded as [`super::records`] says. The `sessions` table came
+//! after format 1 shipped; opening an older file creates it empty, which is
+//! what that file means (no session was kept).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -38,12 +33,11 @@ use std::sync::mpsc;
 use std::thread::JoinHandle;
 
 use redb::{Database, Durability, ReadableTable, Table, TableDefinition, WriteTransaction};
-use serde_json::value::RawValue;
 use tokio::sync::oneshot;
 
+use super::records::{decode_checkpoint, decode_session, encode_checkpoint, encode_session};
 use super::{Checkpoint, SessionChange, SessionRecord, Store, StoreError, StoreFuture};
 use crate::ids::RunId;
-use crate::time::Timestamp;
 
 /// The database file's name inside the data directory.
 pub const FILE_NAME: &str = "rungate.redb";
@@ -62,13 +56,6 @@ const KV: TableDefinition<(&str, &str), &str> = TableDefinition::new("kv");
 const CHECKPOINTS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("checkpoints");
 const LATEST: TableDefinition<&str, &str> = TableDefinition::new("latest_checkpoint");
 const SESSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("sessions");
-
-/// First byte of every session record.
-const SESSION_RECORD_V1: u8 = 1;
-
-const CHECKPOINT_RECORD_V1: u8 = 1;
-/// Record version byte plus the `u64` timestamp.
-const CHECKPOINT_HEADER_LEN: usize = 1 + 8;
 
 /// Handle to the store. Clones share one database and one worker thread.
 /// Dropping the last clone blocks until the worker has run the ops already
@@ -690,63 +677,17 @@ impl Tables<'_> {
     }
 }
 
-fn encode_session(record: &SessionRecord) -> Vec<u8> {
-    let mut bytes = vec![SESSION_RECORD_V1];
-    // Serializing plain strings and numbers into a Vec cannot fail.
-    if let Err(e) = serde_json::to_writer(&mut bytes, record) {
-        tracing::error!(error = %e, "encoding a session record failed");
-    }
-    bytes
-}
-
-fn decode_session(bytes: &[u8]) -> Result<SessionRecord, String> {
-    match bytes.split_first() {
-        Some((&SESSION_RECORD_V1, json)) => {
-            serde_json::from_slice(json).map_err(|e| format!("not a session record: {e}"))
-        }
-        Some((&version, _)) => Err(format!("unknown record version {version}")),
-        None => Err("empty record".into()),
-    }
-}
-
-fn encode_checkpoint(checkpoint: &Checkpoint) -> Vec<u8> {
-    let json = checkpoint.data.get().as_bytes();
-    let mut record = Vec::with_capacity(CHECKPOINT_HEADER_LEN + json.len());
-    record.push(CHECKPOINT_RECORD_V1);
-    record.extend_from_slice(&checkpoint.saved_at.unix_millis().to_le_bytes());
-    record.extend_from_slice(json);
-    record
-}
-
-fn decode_checkpoint(id: String, record: &[u8]) -> Result<Checkpoint, String> {
-    let Some((&version, rest)) = record.split_first() else {
-        return Err("empty record".into());
-    };
-    if version != CHECKPOINT_RECORD_V1 {
-        return Err(format!("unknown record version {version}"));
-    }
-    let Some((millis, json)) = rest.split_first_chunk::<8>() else {
-        return Err("record too short".into());
-    };
-    let json = std::str::from_utf8(json).map_err(|e| format!("data is not UTF-8: {e}"))?;
-    let data =
-        RawValue::from_string(json.to_owned()).map_err(|e| format!("data is not JSON: {e}"))?;
-    Ok(Checkpoint {
-        id,
-        saved_at: Timestamp::from_unix_millis(u64::from_le_bytes(*millis)),
-        data,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::store::Store;
+    use crate::time::Timestamp;
+    use serde_json::value::RawValue;
 
-    fn make() -> (Arc<dyn Store>, tempfile::TempDir) {
+    async fn make() -> Option<(Arc<dyn Store>, tempfile::TempDir)> {
         let dir = tempfile::tempdir().unwrap();
         let store = EmbeddedStore::open(dir.path()).unwrap();
-        (Arc::new(store), dir)
+        Some((Arc::new(store), dir))
     }
 
     crate::store::conformance::conformance_tests!(make);
@@ -1040,7 +981,7 @@ mod tests {
                 table
                     .insert(("run-1", "bad-version"), [9u8, 0, 0].as_slice())
                     .unwrap();
-                let mut not_json = vec![CHECKPOINT_RECORD_V1];
+                let mut not_json = vec![super::super::records::CHECKPOINT_RECORD_V1];
                 not_json.extend_from_slice(&7u64.to_le_bytes());
                 not_json.extend_from_slice(b"{not json");
                 table
@@ -1079,21 +1020,5 @@ mod tests {
         assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
         // Dropping the handle of a dead worker must not panic either.
         drop(store);
-    }
-
-    #[test]
-    fn checkpoint_record_roundtrip() {
-        let cp = checkpoint("id", 1_764_064_800_123, r#"{"x": [1, "é"]}"#);
-        let record = encode_checkpoint(&cp);
-        assert_eq!(record[0], CHECKPOINT_RECORD_V1);
-        assert_eq!(record.len(), CHECKPOINT_HEADER_LEN + cp.data.get().len());
-        let back = decode_checkpoint("id".into(), &record).unwrap();
-        assert_eq!(back.saved_at, cp.saved_at);
-        assert_eq!(back.data.get(), cp.data.get());
-        assert!(decode_checkpoint("id".into(), &[]).is_err());
-        assert!(decode_checkpoint("id".into(), &record[..5]).is_err());
-        let mut bad_utf8 = record[..CHECKPOINT_HEADER_LEN].to_vec();
-        bad_utf8.extend_from_slice(&[b'"', 0xff, b'"']);
-        assert!(decode_checkpoint("id".into(), &bad_utf8).is_err());
     }
 }

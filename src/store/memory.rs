@@ -117,8 +117,8 @@ mod tests {
     use super::*;
     use crate::store::Store;
 
-    fn make() -> (Arc<dyn Store>, ()) {
-        (Arc::new(MemoryStore::new()), ())
+    async fn make() -> Option<(Arc<dyn Store>, ())> {
+        Some((Arc::new(MemoryStore::new()), ()))
     }
 
     crate::store::conformance::conformance_tests!(make);

@@ -1,0 +1,65 @@
+//! A Redis for tests: `REDIS_URL` when set, else a `redis-server` of our own
+//! on a free loopback port, stopped on drop. Without either the tests skip,
+//! saying so, except under `CI=true`, where that is a failure (`.ci/run`
+//! installs redis-server).
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct TestRedis {
+    pub url: String,
+    child: Option<Child>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Drop for TestRedis {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.child {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+pub fn start() -> Option<TestRedis> {
+    if let Ok(url) = std::env::var("REDIS_URL") {
+        return Some(TestRedis {
+            url,
+            child: None,
+            _dir: None,
+        });
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let spawned = Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(["--save", "", "--appendonly", "no", "--dir"])
+        .arg(dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn();
+    let child = match spawned {
+        Ok(child) => child,
+        Err(e) => {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "CI=true but redis-server cannot start: {e}"
+            );
+            eprintln!("SKIPPED: no REDIS_URL and no redis-server ({e})");
+            return None;
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "redis-server did not listen");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Some(TestRedis {
+        url: format!("redis://127.0.0.1:{port}/0"),
+        child: Some(child),
+        _dir: Some(dir),
+    })
+}
