@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::gateway::origin::AllowedOrigins;
 use crate::stream::StreamLimits;
 use crate::stream::log::SyncPolicy;
 
@@ -137,6 +138,9 @@ pub struct Config {
     pub streams: StreamLimits,
     /// When the output-event log is synced (embedded store only).
     pub stream_sync: SyncPolicy,
+    /// Browser origins allowed besides the gateway's own (`Origin` equal to
+    /// the `Host` the request was sent to).
+    pub allowed_origins: AllowedOrigins,
 }
 
 impl Config {
@@ -158,6 +162,7 @@ impl Config {
             limits: Limits::default(),
             streams: StreamLimits::default(),
             stream_sync: SyncPolicy::Always,
+            allowed_origins: AllowedOrigins::default(),
         }
     }
 
@@ -339,6 +344,10 @@ pub struct ServeArgs {
     /// Commands one socket may send in a burst above that rate [default: 2000]
     #[arg(long, env = "RUNGATE_COMMAND_BURST")]
     pub command_burst: Option<u32>,
+    /// Browser origins allowed besides the gateway's own, comma-separated
+    /// (https://app.example.com,http://localhost:3000), or * for any [default: same origin only]
+    #[arg(long, env = "RUNGATE_ALLOWED_ORIGINS")]
+    pub allowed_origins: Option<String>,
 }
 
 /// The `[gateway]` table: the same settings as the flags.
@@ -378,6 +387,9 @@ struct FileGateway {
     idle_timeout_secs: Option<u64>,
     max_commands_per_sec: Option<u32>,
     command_burst: Option<u32>,
+    /// A list in the file (`["https://a.example"]`); the flag takes the
+    /// same list comma-separated.
+    allowed_origins: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -524,6 +536,14 @@ impl ServeArgs {
         if let Some(v) = self.command_burst.or(file.command_burst) {
             l.command_burst = v;
         }
+        let origins = match (self.allowed_origins, file.allowed_origins) {
+            (Some(flag), _) => Some(AllowedOrigins::parse_list(&flag)),
+            (None, Some(list)) => Some(AllowedOrigins::parse(list.iter().map(String::as_str))),
+            (None, None) => None,
+        };
+        if let Some(origins) = origins {
+            c.allowed_origins = origins.map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        }
         c.validate()?;
         Ok(c)
     }
@@ -552,6 +572,70 @@ mod tests {
         assert_eq!(c.lease_ttl, Duration::from_millis(6000));
         assert_eq!(c.limits.max_frame_bytes, 8192);
         assert_eq!(c.listen, SocketAddr::from(([127, 0, 0, 1], 7700)));
+    }
+
+    #[test]
+    fn every_limit_is_a_config_key_and_a_flag() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rungate.toml");
+        std::fs::write(
+            &path,
+            "[gateway]\nmax_kv_key_bytes = 1\nmax_kv_value_bytes = 2\nmax_kv_keys_per_run = 3\n\
+             max_checkpoint_bytes = 4\nmax_sessions_per_socket = 5\nmax_sockets_per_token = 6\n\
+             max_connections = 7\nidle_timeout_secs = 8\nmax_commands_per_sec = 9\n\
+             command_burst = 10\nallowed_origins = [\"https://a.example\"]\n",
+        )
+        .unwrap();
+        let args = ServeArgs {
+            config: Some(path.clone()),
+            ..ServeArgs::default()
+        };
+        let c = args.into_config().unwrap();
+        let l = &c.limits;
+        assert_eq!(
+            (
+                l.max_kv_key_bytes,
+                l.max_kv_value_bytes,
+                l.max_kv_keys_per_run
+            ),
+            (1, 2, 3)
+        );
+        assert_eq!(
+            (
+                l.max_checkpoint_bytes,
+                l.max_sessions_per_socket,
+                l.max_sockets_per_token
+            ),
+            (4, 5, 6)
+        );
+        assert_eq!(l.max_connections, 7);
+        assert_eq!(l.idle_timeout, Duration::from_secs(8));
+        assert_eq!((l.max_commands_per_sec, l.command_burst), (9, 10));
+        assert_eq!(
+            c.allowed_origins,
+            AllowedOrigins::List(vec!["https://a.example".into()])
+        );
+        // Flags win over the file.
+        let args = ServeArgs {
+            config: Some(path),
+            max_connections: Some(70),
+            allowed_origins: Some("*".into()),
+            ..ServeArgs::default()
+        };
+        let c = args.into_config().unwrap();
+        assert_eq!(c.limits.max_connections, 70);
+        assert_eq!(c.allowed_origins, AllowedOrigins::Any);
+        // Zero is refused, as is an origin with a path.
+        let zero = ServeArgs {
+            command_burst: Some(0),
+            ..ServeArgs::default()
+        };
+        assert!(matches!(zero.into_config(), Err(ConfigError::Invalid(_))));
+        let bad = ServeArgs {
+            allowed_origins: Some("https://a.example/app".into()),
+            ..ServeArgs::default()
+        };
+        assert!(matches!(bad.into_config(), Err(ConfigError::Invalid(_))));
     }
 
     #[test]

@@ -521,6 +521,7 @@ async fn every_limit_is_in_serve_help_with_its_env_var() {
         ("idle-timeout-secs", "60"),
         ("max-commands-per-sec", "1000"),
         ("command-burst", "2000"),
+        ("allowed-origins", "same origin only"),
     ] {
         let at = help
             .find(&format!("--{flag} "))

@@ -3,10 +3,11 @@
 //!
 //! Owns the HTTP side of PROTOCOL.md §1: which path serves what, how a token
 //! is found (`Authorization: Bearer` or `?token=`), and the refusals that
-//! happen before any upgrade, in this order: 503 while draining, 401 for a
-//! missing, expired or badly signed token, 403 for the wrong kind of token,
-//! 503 when the gateway holds its maximum of connections and 429 when the
-//! token does (`admission`). Must not log tokens or query strings (nor URIs, which
+//! happen before any upgrade, in this order: 403 for a browser origin not
+//! allowed (`origin`), 503 while draining, 401 for a missing, expired or
+//! badly signed token, 403 for the wrong kind of token, 503 when the
+//! gateway holds its maximum of connections and 429 when the token does
+//! (`admission`). Must not log tokens or query strings (nor URIs, which
 //! carry them), and must not know what happens inside a socket.
 
 use std::convert::Infallible;
@@ -99,6 +100,12 @@ pub(crate) async fn route(
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     let path = req.uri().path();
+    if req.method() == Method::GET
+        && browser_facing(path)
+        && let Some(refused) = origin_refusal(&shared, &req)
+    {
+        return Ok(refused);
+    }
     let response = match (req.method(), path) {
         (&Method::GET, "/healthz") => respond(StatusCode::OK, "text/plain", "ok\n"),
         (&Method::GET, "/readyz") => {
@@ -145,6 +152,32 @@ fn method_not_allowed() -> Response<Body> {
         ErrorCode::BadFrame,
         "method not allowed; use GET",
     )
+}
+
+/// The paths that give a page in a browser something: data behind a token,
+/// or the dashboard. Health, readiness and metrics are for probes.
+fn browser_facing(path: &str) -> bool {
+    matches!(path, "/v1/runtime" | "/v1/stream" | "/v1/runs")
+        || run_events_path(path).is_some()
+        || dashboard::serves(path)
+}
+
+/// 403 `FORBIDDEN` for a browser page from an origin not allowed
+/// (`--allowed-origins`); `None` lets the request through (requests
+/// without `Origin` always pass).
+fn origin_refusal(shared: &Shared, req: &Request<Incoming>) -> Option<Response<Body>> {
+    let header = |name| req.headers().get(name).map(|v| v.to_str().unwrap_or(""));
+    let refused = shared
+        .config
+        .allowed_origins
+        .check(header(header::ORIGIN), header(header::HOST))
+        .err()?;
+    shared.metrics.refused("origin");
+    Some(http_error(
+        StatusCode::FORBIDDEN,
+        ErrorCode::Forbidden,
+        &refused.to_string(),
+    ))
 }
 
 /// A place for one more long-lived connection of this grant's token.
