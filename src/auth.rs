@@ -212,7 +212,16 @@ pub struct Grant {
     pub runs: RunScope,
     pub caps: Capabilities,
     pub expires_at: Timestamp,
+    /// Which token this is, for counting what one credential holds open.
+    pub token: TokenId,
 }
+
+/// Names one token without carrying its text: a keyed hash of it, so a
+/// table of open connections per token holds no credential, and nobody
+/// can craft two tokens that collide. Two byte-identical tokens are the
+/// same token; [`AuthKey::mint`] never makes two alike.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct TokenId(u64);
 
 /// The claims on the wire. Patterns and capabilities travel as plain strings
 /// and are checked after the signature, so a malformed claim surfaces as our
@@ -225,6 +234,11 @@ struct Claims {
     caps: Vec<String>,
     iat: u64,
     exp: u64,
+    /// Random, so two tokens minted in the same second for the same runs
+    /// are still two tokens (each counted on its own against
+    /// `max_sockets_per_token`). Absent from tokens minted before it existed.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    jti: String,
 }
 
 /// The HMAC secret that signs and checks tokens.
@@ -232,6 +246,8 @@ struct Claims {
 pub struct AuthKey {
     encoding: EncodingKey,
     decoding: DecodingKey,
+    /// The key of [`TokenId`] hashes; random per process.
+    ids: std::hash::RandomState,
 }
 
 impl fmt::Debug for AuthKey {
@@ -280,6 +296,7 @@ impl AuthKey {
         AuthKey {
             encoding: EncodingKey::from_secret(bytes),
             decoding: DecodingKey::from_secret(bytes),
+            ids: std::hash::RandomState::new(),
         }
     }
 
@@ -326,6 +343,7 @@ impl AuthKey {
             caps: caps.iter().map(|c| c.as_str().to_owned()).collect(),
             iat,
             exp,
+            jti: hex(&rand::random::<[u8; 8]>()),
         };
         jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
             .map_err(|e| AuthError::Invalid(format!("cannot sign: {}", describe(e.kind()))))
@@ -365,6 +383,7 @@ impl AuthKey {
             runs: RunScope(runs),
             caps,
             expires_at: Timestamp::from_unix_millis(claims.exp.saturating_mul(1000)),
+            token: TokenId(std::hash::BuildHasher::hash_one(&self.ids, token)),
         })
     }
 }
@@ -609,6 +628,25 @@ mod tests {
     }
 
     #[test]
+    fn tokens_minted_alike_are_distinct_and_ids_follow_the_token() {
+        let k = key();
+        let mint = || {
+            k.mint(
+                TokenKind::Runtime,
+                &scope("a"),
+                Capabilities::default(),
+                Duration::from_secs(60),
+            )
+            .unwrap()
+        };
+        let (a, b) = (mint(), mint());
+        assert_ne!(a, b, "same claims in the same second still differ");
+        let (ga, gb) = (k.verify(&a).unwrap(), k.verify(&b).unwrap());
+        assert_ne!(ga.token, gb.token);
+        assert_eq!(ga.token, k.verify(&a).unwrap().token);
+    }
+
+    #[test]
     fn expired_token_is_expired() {
         let k = key();
         let now = unix_secs(SystemTime::now());
@@ -682,6 +720,7 @@ mod tests {
             caps: vec![],
             iat: now,
             exp: now + 600,
+            jti: String::new(),
         };
         let hs512 =
             jsonwebtoken::encode(&Header::new(Algorithm::HS512), &claims, &k.encoding).unwrap();
@@ -705,6 +744,7 @@ mod tests {
                 caps: caps.into_iter().map(String::from).collect(),
                 iat: now,
                 exp: now + 600,
+                jti: String::new(),
             };
             jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &k.encoding).unwrap()
         };

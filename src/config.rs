@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::gateway::origin::AllowedOrigins;
 use crate::stream::StreamLimits;
 use crate::stream::log::SyncPolicy;
 
@@ -67,6 +68,29 @@ pub struct Limits {
     /// How often an idle SSE response gets a comment line, so proxies and
     /// browsers keep it open.
     pub sse_keepalive: Duration,
+    /// Bytes of one KV key (UTF-8).
+    pub max_kv_key_bytes: usize,
+    /// Bytes of one KV value (UTF-8).
+    pub max_kv_value_bytes: usize,
+    /// Keys one run's KV may hold: KV is never deleted, so without this a
+    /// runtime could grow the store without bound, one new key at a time.
+    pub max_kv_keys_per_run: usize,
+    /// Bytes of one checkpoint's `data` JSON, as sent.
+    pub max_checkpoint_bytes: usize,
+    /// Sessions one socket may hold: its main run plus sub-runs.
+    pub max_sessions_per_socket: usize,
+    /// Open WebSockets and SSE responses one token may hold at once, so
+    /// one leaked or looping credential cannot take every place.
+    pub max_sockets_per_token: usize,
+    /// Open WebSockets and SSE responses the gateway holds in all; past it
+    /// new ones are refused with 503 before any upgrade.
+    pub max_connections: usize,
+    /// How long a runtime socket may hold no session before it is closed.
+    pub idle_timeout: Duration,
+    /// Commands one socket may send per second, sustained (token bucket).
+    pub max_commands_per_sec: u32,
+    /// Commands one socket may send at once above the sustained rate.
+    pub command_burst: u32,
 }
 
 impl Default for Limits {
@@ -81,6 +105,16 @@ impl Default for Limits {
             max_event_bytes: 64 * 1024,
             max_subscriptions_per_socket: 256,
             sse_keepalive: Duration::from_secs(15),
+            max_kv_key_bytes: 512,
+            max_kv_value_bytes: 64 * 1024,
+            max_kv_keys_per_run: 1000,
+            max_checkpoint_bytes: 1024 * 1024,
+            max_sessions_per_socket: 128,
+            max_sockets_per_token: 1000,
+            max_connections: 100_000,
+            idle_timeout: Duration::from_secs(60),
+            max_commands_per_sec: 1000,
+            command_burst: 2000,
         }
     }
 }
@@ -109,6 +143,9 @@ pub struct Config {
     pub streams: StreamLimits,
     /// When the output-event log is synced (embedded store only).
     pub stream_sync: SyncPolicy,
+    /// Browser origins allowed besides the gateway's own (`Origin` equal to
+    /// the `Host` the request was sent to).
+    pub allowed_origins: AllowedOrigins,
 }
 
 impl Config {
@@ -130,6 +167,7 @@ impl Config {
             limits: Limits::default(),
             streams: StreamLimits::default(),
             stream_sync: SyncPolicy::Always,
+            allowed_origins: AllowedOrigins::default(),
         }
     }
 
@@ -160,6 +198,21 @@ impl Config {
         {
             return Err(ConfigError::Invalid(
                 "publish, subscription and keepalive limits must be positive".into(),
+            ));
+        }
+        if l.max_kv_key_bytes == 0
+            || l.max_kv_value_bytes == 0
+            || l.max_kv_keys_per_run == 0
+            || l.max_checkpoint_bytes == 0
+            || l.max_sessions_per_socket == 0
+            || l.max_sockets_per_token == 0
+            || l.max_connections == 0
+            || l.idle_timeout.is_zero()
+            || l.max_commands_per_sec == 0
+            || l.command_burst == 0
+        {
+            return Err(ConfigError::Invalid(
+                "KV, checkpoint, session, connection, idle and rate limits must be positive".into(),
             ));
         }
         let s = &self.streams;
@@ -267,6 +320,40 @@ pub struct ServeArgs {
     /// When the event log reaches the disk: always (before every ack), interval:MS, or os [default: always]
     #[arg(long, env = "RUNGATE_STREAM_SYNC")]
     pub stream_sync: Option<String>,
+    /// Bytes of one KV key [default: 512]
+    #[arg(long, env = "RUNGATE_MAX_KV_KEY_BYTES")]
+    pub max_kv_key_bytes: Option<usize>,
+    /// Bytes of one KV value [default: 65536]
+    #[arg(long, env = "RUNGATE_MAX_KV_VALUE_BYTES")]
+    pub max_kv_value_bytes: Option<usize>,
+    /// Keys one run's KV may hold [default: 1000]
+    #[arg(long, env = "RUNGATE_MAX_KV_KEYS_PER_RUN")]
+    pub max_kv_keys_per_run: Option<usize>,
+    /// Bytes of one checkpoint's data JSON [default: 1048576]
+    #[arg(long, env = "RUNGATE_MAX_CHECKPOINT_BYTES")]
+    pub max_checkpoint_bytes: Option<usize>,
+    /// Sessions (main run and sub-runs) one socket may hold [default: 128]
+    #[arg(long, env = "RUNGATE_MAX_SESSIONS_PER_SOCKET")]
+    pub max_sessions_per_socket: Option<usize>,
+    /// Open WebSockets and SSE responses per token [default: 1000]
+    #[arg(long, env = "RUNGATE_MAX_SOCKETS_PER_TOKEN")]
+    pub max_sockets_per_token: Option<usize>,
+    /// Open WebSockets and SSE responses in all; more get HTTP 503 [default: 100000]
+    #[arg(long, env = "RUNGATE_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// Seconds a runtime socket may hold no session before it is closed [default: 60]
+    #[arg(long, env = "RUNGATE_IDLE_TIMEOUT_SECS")]
+    pub idle_timeout_secs: Option<u64>,
+    /// Commands per second one socket may send, sustained [default: 1000]
+    #[arg(long, env = "RUNGATE_MAX_COMMANDS_PER_SEC")]
+    pub max_commands_per_sec: Option<u32>,
+    /// Commands one socket may send in a burst above that rate [default: 2000]
+    #[arg(long, env = "RUNGATE_COMMAND_BURST")]
+    pub command_burst: Option<u32>,
+    /// Browser origins allowed besides the gateway's own, comma-separated
+    /// (https://app.example.com,http://localhost:3000), or * for any [default: same origin only]
+    #[arg(long, env = "RUNGATE_ALLOWED_ORIGINS")]
+    pub allowed_origins: Option<String>,
 }
 
 /// The `[gateway]` table: the same settings as the flags.
@@ -296,6 +383,19 @@ struct FileGateway {
     stream_global_max_bytes: Option<usize>,
     stream_retention_secs: Option<u64>,
     stream_sync: Option<String>,
+    max_kv_key_bytes: Option<usize>,
+    max_kv_value_bytes: Option<usize>,
+    max_kv_keys_per_run: Option<usize>,
+    max_checkpoint_bytes: Option<usize>,
+    max_sessions_per_socket: Option<usize>,
+    max_sockets_per_token: Option<usize>,
+    max_connections: Option<usize>,
+    idle_timeout_secs: Option<u64>,
+    max_commands_per_sec: Option<u32>,
+    command_burst: Option<u32>,
+    /// A list in the file (`["https://a.example"]`); the flag takes the
+    /// same list comma-separated.
+    allowed_origins: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -408,6 +508,48 @@ impl ServeArgs {
         if let Some(s) = self.stream_sync.or(file.stream_sync) {
             c.stream_sync = s.parse().map_err(ConfigError::Invalid)?;
         }
+        let l = &mut c.limits;
+        if let Some(v) = self.max_kv_key_bytes.or(file.max_kv_key_bytes) {
+            l.max_kv_key_bytes = v;
+        }
+        if let Some(v) = self.max_kv_value_bytes.or(file.max_kv_value_bytes) {
+            l.max_kv_value_bytes = v;
+        }
+        if let Some(v) = self.max_kv_keys_per_run.or(file.max_kv_keys_per_run) {
+            l.max_kv_keys_per_run = v;
+        }
+        if let Some(v) = self.max_checkpoint_bytes.or(file.max_checkpoint_bytes) {
+            l.max_checkpoint_bytes = v;
+        }
+        if let Some(v) = self
+            .max_sessions_per_socket
+            .or(file.max_sessions_per_socket)
+        {
+            l.max_sessions_per_socket = v;
+        }
+        if let Some(v) = self.max_sockets_per_token.or(file.max_sockets_per_token) {
+            l.max_sockets_per_token = v;
+        }
+        if let Some(v) = self.max_connections.or(file.max_connections) {
+            l.max_connections = v;
+        }
+        if let Some(s) = self.idle_timeout_secs.or(file.idle_timeout_secs) {
+            l.idle_timeout = Duration::from_secs(s);
+        }
+        if let Some(v) = self.max_commands_per_sec.or(file.max_commands_per_sec) {
+            l.max_commands_per_sec = v;
+        }
+        if let Some(v) = self.command_burst.or(file.command_burst) {
+            l.command_burst = v;
+        }
+        let origins = match (self.allowed_origins, file.allowed_origins) {
+            (Some(flag), _) => Some(AllowedOrigins::parse_list(&flag)),
+            (None, Some(list)) => Some(AllowedOrigins::parse(list.iter().map(String::as_str))),
+            (None, None) => None,
+        };
+        if let Some(origins) = origins {
+            c.allowed_origins = origins.map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        }
         c.validate()?;
         Ok(c)
     }
@@ -436,6 +578,70 @@ mod tests {
         assert_eq!(c.lease_ttl, Duration::from_millis(6000));
         assert_eq!(c.limits.max_frame_bytes, 8192);
         assert_eq!(c.listen, SocketAddr::from(([127, 0, 0, 1], 7700)));
+    }
+
+    #[test]
+    fn every_limit_is_a_config_key_and_a_flag() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rungate.toml");
+        std::fs::write(
+            &path,
+            "[gateway]\nmax_kv_key_bytes = 1\nmax_kv_value_bytes = 2\nmax_kv_keys_per_run = 3\n\
+             max_checkpoint_bytes = 4\nmax_sessions_per_socket = 5\nmax_sockets_per_token = 6\n\
+             max_connections = 7\nidle_timeout_secs = 8\nmax_commands_per_sec = 9\n\
+             command_burst = 10\nallowed_origins = [\"https://a.example\"]\n",
+        )
+        .unwrap();
+        let args = ServeArgs {
+            config: Some(path.clone()),
+            ..ServeArgs::default()
+        };
+        let c = args.into_config().unwrap();
+        let l = &c.limits;
+        assert_eq!(
+            (
+                l.max_kv_key_bytes,
+                l.max_kv_value_bytes,
+                l.max_kv_keys_per_run
+            ),
+            (1, 2, 3)
+        );
+        assert_eq!(
+            (
+                l.max_checkpoint_bytes,
+                l.max_sessions_per_socket,
+                l.max_sockets_per_token
+            ),
+            (4, 5, 6)
+        );
+        assert_eq!(l.max_connections, 7);
+        assert_eq!(l.idle_timeout, Duration::from_secs(8));
+        assert_eq!((l.max_commands_per_sec, l.command_burst), (9, 10));
+        assert_eq!(
+            c.allowed_origins,
+            AllowedOrigins::List(vec!["https://a.example".into()])
+        );
+        // Flags win over the file.
+        let args = ServeArgs {
+            config: Some(path),
+            max_connections: Some(70),
+            allowed_origins: Some("*".into()),
+            ..ServeArgs::default()
+        };
+        let c = args.into_config().unwrap();
+        assert_eq!(c.limits.max_connections, 70);
+        assert_eq!(c.allowed_origins, AllowedOrigins::Any);
+        // Zero is refused, as is an origin with a path.
+        let zero = ServeArgs {
+            command_burst: Some(0),
+            ..ServeArgs::default()
+        };
+        assert!(matches!(zero.into_config(), Err(ConfigError::Invalid(_))));
+        let bad = ServeArgs {
+            allowed_origins: Some("https://a.example/app".into()),
+            ..ServeArgs::default()
+        };
+        assert!(matches!(bad.into_config(), Err(ConfigError::Invalid(_))));
     }
 
     #[test]

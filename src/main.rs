@@ -225,6 +225,14 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
 fn init_tracing() {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("RUNGATE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    // Whatever RUNGATE_LOG says, never the WebSocket library's own debug
+    // and trace lines (they reach tracing through its `log` bridge): they
+    // print every frame, secrets.get replies included, and client
+    // handshake requests, tokens included.
+    let filter = ["tungstenite=info", "tokio_tungstenite=info"]
+        .into_iter()
+        .filter_map(|d| d.parse().ok())
+        .fold(filter, |f, d| f.add_directive(d));
     // Colours only for a person at a terminal, not for log files.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     tracing_subscriber::fmt()

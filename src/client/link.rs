@@ -28,7 +28,7 @@ pub(crate) async fn connect(
 ) -> Result<Socket, ClientError> {
     let mut request = url
         .into_client_request()
-        .map_err(|e| ClientError::Connect(format!("bad URL {url:?}: {e}")))?;
+        .map_err(|e| ClientError::Connect(format!("bad URL {:?}: {e}", without_query(url))))?;
     let bearer = HeaderValue::from_str(&format!("Bearer {token}"))
         .map_err(|_| ClientError::Connect("the token is not a valid header value".into()))?;
     request.headers_mut().insert("authorization", bearer);
@@ -46,6 +46,12 @@ pub(crate) async fn connect(
         Ok(Err(e)) => Err(ClientError::Connect(e.to_string())),
         Ok(Ok((socket, _))) => Ok(socket),
     }
+}
+
+/// `url` up to its query: a `?token=` there must not reach an error
+/// message, which callers log.
+fn without_query(url: &str) -> &str {
+    url.split(['?', '#']).next().unwrap_or(url)
 }
 
 /// Whether a connect error is a refusal (bad token) rather than a network

@@ -7,8 +7,11 @@
 //! socket sends — replies, errors, pushes from other tasks — passes through
 //! the one queue, and only the writer task touches the sink. When the queue
 //! is full the reader stops reading: a client that does not read its replies
-//! slows only itself. Must not know protocol rules or leases: it moves
-//! frames and tells the registry when the socket is gone.
+//! slows only itself. A runtime socket that holds no session for the idle
+//! timeout is closed (1008): it costs a place and a task and does nothing.
+//! Must not know protocol rules or leases: it moves frames, asks the
+//! registry how many sessions the socket holds, and tells it when the
+//! socket is gone.
 
 use std::sync::Arc;
 
@@ -27,6 +30,7 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 
 use super::dispatch::{self, Answer, ConnCtx, Endpoint};
 use super::follow::Following;
+use super::rate_limit::TokenBucket;
 use super::state::{Outbox, Outgoing, Shared};
 use crate::auth::Grant;
 use crate::protocol::commands::push;
@@ -49,6 +53,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, socket: Socket, endpoint: Endpoin
     shared.metrics.connection_opened(endpoint.label());
     let writer = tokio::spawn(write_loop(sink, rx, shared.config.limits.write_timeout));
 
+    let limits = &shared.config.limits;
     let mut ctx = ConnCtx {
         id,
         endpoint,
@@ -56,7 +61,17 @@ pub(crate) async fn serve(shared: Arc<Shared>, socket: Socket, endpoint: Endpoin
         shared: shared.clone(),
         draining: false,
         following: Following::default(),
+        rate: TokenBucket::new(
+            limits.max_commands_per_sec,
+            limits.command_burst,
+            Instant::now(),
+        ),
+        bound_session: false,
     };
+    // Runtime sockets only: a viewer socket following nothing is a
+    // dashboard with no run selected, which is fine.
+    let idle_timeout = limits.idle_timeout;
+    let mut idle_check = (endpoint == Endpoint::Runtime).then(|| Instant::now() + idle_timeout);
     // Subscriptions counted in the metrics for this socket so far.
     let mut counted_subscriptions = 0;
     let max_inflight = shared.config.limits.max_inflight_per_socket;
@@ -70,9 +85,30 @@ pub(crate) async fn serve(shared: Arc<Shared>, socket: Socket, endpoint: Endpoin
                 None => std::future::pending().await,
             }
         };
+        let idle_timer = async {
+            match idle_check {
+                Some(at) => sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             biased;
             _ = kill.cancelled() => break Some((CloseCode::Policy, "not reading")),
+            _ = idle_timer => {
+                // Checked once per timeout rather than on every change: a
+                // socket that held a session at any time since the last
+                // check gets another full period, so none is closed sooner
+                // than the timeout after losing its last session (and none
+                // later than twice that).
+                let bound = shared.sessions.with(|r| r.sessions_on(id));
+                if bound == 0 && !std::mem::take(&mut ctx.bound_session) {
+                    tracing::debug!(conn = id.0, "no session within the idle timeout; closing");
+                    shared.metrics.refused("idle_timeout");
+                    break Some((CloseCode::Policy, "no session on this socket within the idle timeout"));
+                }
+                ctx.bound_session = bound > 0;
+                idle_check = Some(Instant::now() + idle_timeout);
+            }
             Some(frame) = inflight.next(), if !inflight.is_empty() => {
                 if queue.send(Outgoing::from(frame)).await.is_err() {
                     break None;

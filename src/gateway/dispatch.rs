@@ -18,6 +18,7 @@ use tokio::time::Instant;
 
 use super::follow::Following;
 use super::metrics::UNDECODED;
+use super::rate_limit::TokenBucket;
 use super::state::Shared;
 use crate::auth::Grant;
 use crate::ids::{Capability, RunId, SessionId};
@@ -70,6 +71,11 @@ pub(crate) struct ConnCtx {
     pub draining: bool,
     /// The runs whose streams this socket follows (`stream.resume`).
     pub following: Following,
+    /// This socket's command budget.
+    pub rate: TokenBucket,
+    /// Set when an attach or recovery bound a session here; the idle
+    /// check reads and clears it.
+    pub bound_session: bool,
 }
 
 /// A request's answer: ready now, or once the store has done its part.
@@ -89,6 +95,9 @@ enum Reply {
 /// Handles one text frame. Never fails: every problem becomes an error frame.
 pub(crate) fn handle_text(ctx: &mut ConnCtx, text: &str) -> Answer {
     let started = Instant::now();
+    if let Err(wait) = ctx.rate.take(started) {
+        return Answer::Now(rate_limited(ctx, text, wait, started));
+    }
     let request = match crate::protocol::decode(text) {
         Ok(r) => r,
         Err(rejected) => {
@@ -144,6 +153,38 @@ pub(crate) fn handle_text(ctx: &mut ConnCtx, text: &str) -> Answer {
     }
 }
 
+/// The answer to a frame over the socket's command budget: `RATE_LIMITED`,
+/// retryable, under the request's id if it has one. Nothing of the command
+/// is applied; the socket and its sessions carry on.
+fn rate_limited(ctx: &ConnCtx, text: &str, wait: std::time::Duration, started: Instant) -> Frame {
+    let (id, label) = match crate::protocol::decode(text) {
+        Ok(r) => {
+            let label = CommandKind::parse(&r.kind).map_or(UNDECODED, CommandKind::as_str);
+            (Some(r.id), label)
+        }
+        Err(rejected) => (rejected.id, UNDECODED),
+    };
+    let limits = &ctx.shared.config.limits;
+    // Rounded up, so a client that waits exactly this long finds a token.
+    let retry_after_ms = wait.as_micros().div_ceil(1000) as u64;
+    let err = CommandError::new(
+        ErrorCode::RateLimited,
+        format!(
+            "this socket sends more than {} commands per second (bursts of {}); retry in {retry_after_ms} ms",
+            limits.max_commands_per_sec, limits.command_burst
+        ),
+    )
+    .retryable(true)
+    .with_details(json!({
+        "retryAfterMs": retry_after_ms,
+        "maxCommandsPerSec": limits.max_commands_per_sec,
+        "commandBurst": limits.command_burst,
+    }));
+    ctx.shared.metrics.refused("max_commands_per_sec");
+    record(ctx, label, Err(err.code), started);
+    encode_error(id.as_deref(), &err)
+}
+
 fn record(ctx: &ConnCtx, label: &'static str, outcome: Result<(), ErrorCode>, started: Instant) {
     let outcome = match outcome {
         Ok(()) => "ok",
@@ -157,9 +198,17 @@ fn record(ctx: &ConnCtx, label: &'static str, outcome: Result<(), ErrorCode>, st
 fn apply(ctx: &mut ConnCtx, id: &str, command: Command) -> Result<Reply, CommandError> {
     let reply = |payload: &dyn erased::Payload| Ok(Reply::Now(erased::encode(id, payload)));
     match command {
-        Command::Attach(req) => attach(ctx, id, req),
+        Command::Attach(req) => {
+            let attached = attach(ctx, id, req)?;
+            ctx.bound_session = true;
+            Ok(attached)
+        }
         Command::Heartbeat(req) => reply(&heartbeat(ctx, req)?),
-        Command::RecoverConnections(req) => recover(ctx, id, req),
+        Command::RecoverConnections(req) => {
+            let recovered = recover(ctx, id, req)?;
+            ctx.bound_session = true;
+            Ok(recovered)
+        }
         Command::SecretsGet(req) => Ok(Reply::Now(secrets_get(ctx, id, req)?)),
         Command::ConfigGet(req) => Ok(Reply::Now(config_get(ctx, id, req)?)),
         Command::KvGet(req) => kv_get(ctx, id, req),
@@ -213,6 +262,14 @@ pub(crate) fn session_error(e: SessionError) -> CommandError {
             CommandError::new(ErrorCode::Conflict, message).with_details(json!({ "runId": run_id }))
         }
         SessionError::Forbidden(_) => CommandError::new(ErrorCode::Forbidden, message),
+        // Not retryable: the same attach on the same socket fails until the
+        // runtime ends a session there or opens another socket.
+        SessionError::TooManySessions { max } => CommandError::new(
+            ErrorCode::RateLimited,
+            format!("{message}; open another socket or let a session end"),
+        )
+        .retryable(false)
+        .with_details(json!({ "maxSessionsPerSocket": max })),
     }
 }
 
@@ -245,6 +302,12 @@ pub(crate) fn store_error(e: StoreError) -> CommandError {
         StoreError::Corrupt(_) => {
             tracing::error!(error = %e, "store is corrupt");
             CommandError::internal("storage is corrupt").retryable(false)
+        }
+        // The run's KV is full: writing existing keys still works, new
+        // ones never will (KV has no delete), so this is a size refusal.
+        StoreError::TooManyKeys { max } => {
+            CommandError::new(ErrorCode::PayloadTooLarge, e.to_string())
+                .with_details(json!({ "maxKvKeysPerRun": max }))
         }
     }
 }
@@ -520,10 +583,50 @@ fn kv_get(ctx: &ConnCtx, id: &str, req: cmd::GetKvCommand) -> Result<Reply, Comm
 
 fn kv_set(ctx: &ConnCtx, id: &str, req: cmd::SetKvCommand) -> Result<Reply, CommandError> {
     session_for(ctx, CommandKind::KvSet, &req.session_id, &req.run_id)?;
-    let fut = ctx.shared.store.kv_set(&req.run_id, req.kv);
+    let limits = &ctx.shared.config.limits;
+    // Checked here, before the store sees anything, so a refused write
+    // stores none of its pairs. An over-long key is not echoed back.
+    for (key, value) in &req.kv {
+        if key.len() > limits.max_kv_key_bytes {
+            return Err(CommandError::new(
+                ErrorCode::PayloadTooLarge,
+                format!(
+                    "a key is {} bytes; the limit is {}",
+                    key.len(),
+                    limits.max_kv_key_bytes
+                ),
+            )
+            .with_details(
+                json!({ "path": "/payload/kv", "maxKvKeyBytes": limits.max_kv_key_bytes }),
+            ));
+        }
+        if value.len() > limits.max_kv_value_bytes {
+            return Err(CommandError::new(
+                ErrorCode::PayloadTooLarge,
+                format!(
+                    "a value is {} bytes; the limit is {}",
+                    value.len(),
+                    limits.max_kv_value_bytes
+                ),
+            )
+            .with_details(json!({
+                "path": format!("/payload/kv/{}", json_pointer_token(key)),
+                "maxKvValueBytes": limits.max_kv_value_bytes,
+            })));
+        }
+    }
+    let fut = ctx
+        .shared
+        .store
+        .kv_set_within(&req.run_id, req.kv, limits.max_kv_keys_per_run);
     Ok(later(id, fut, |id, ()| {
         Ok(encode_reply(id, &cmd::Accepted::YES))
     }))
+}
+
+/// `key` as one reference token of a JSON pointer (RFC 6901).
+fn json_pointer_token(key: &str) -> String {
+    key.replace('~', "~0").replace('/', "~1")
 }
 
 /// A new checkpoint id: millisecond time then randomness, so ids sort by age.
@@ -542,6 +645,15 @@ fn checkpoint_save(
         &req.session_id,
         &req.run_id,
     )?;
+    let max = ctx.shared.config.limits.max_checkpoint_bytes;
+    let size = req.data.get().len();
+    if size > max {
+        return Err(CommandError::new(
+            ErrorCode::PayloadTooLarge,
+            format!("the checkpoint data is {size} bytes; the limit is {max}"),
+        )
+        .with_details(json!({ "path": "/payload/data", "maxCheckpointBytes": max })));
+    }
     let saved_at = Timestamp::now();
     let checkpoint_id = req
         .checkpoint_id

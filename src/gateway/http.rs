@@ -3,9 +3,12 @@
 //!
 //! Owns the HTTP side of PROTOCOL.md §1: which path serves what, how a token
 //! is found (`Authorization: Bearer` or `?token=`), and the refusals that
-//! happen before any upgrade (401 for a missing, expired or badly signed
-//! token; 403 for the wrong kind of token). Must not log tokens or query
-//! strings, and must not know what happens inside a socket.
+//! happen before any upgrade, in this order: 403 for a browser origin not
+//! allowed (`origin`), 503 while draining, 401 for a missing, expired or
+//! badly signed token, 403 for the wrong kind of token, 503 when the
+//! gateway holds its maximum of connections and 429 when the token does
+//! (`admission`). Must not log tokens or query strings (nor URIs, which
+//! carry them), and must not know what happens inside a socket.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -22,11 +25,13 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::server::create_response_with_body;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 
+use super::admission::{Permit, Refused};
 use super::dispatch::{self, Endpoint};
 use super::state::Shared;
 use super::{connection, dashboard, sse};
 use crate::auth::{AuthError, Grant, TokenKind};
 use crate::ids::RunId;
+use crate::protocol::{CommandError, ErrorCode};
 
 /// Every response body: a whole buffer, or a stream (SSE). Not `Sync`
 /// because a stream body owns a subscription; hyper needs only `Send`.
@@ -52,10 +57,27 @@ fn respond(
 
 /// An HTTP error in the same shape as a WebSocket error frame's `error`,
 /// with a code from the same closed list.
-fn http_error(status: StatusCode, code: &str, message: &str) -> Response<Body> {
-    let retryable = status == StatusCode::SERVICE_UNAVAILABLE;
-    let body = json!({ "error": { "code": code, "message": message, "retryable": retryable } });
-    respond(status, "application/json", body.to_string())
+fn http_error(status: StatusCode, code: ErrorCode, message: &str) -> Response<Body> {
+    refusal(status, &CommandError::new(code, message))
+}
+
+/// [`http_error`] for a [`CommandError`] with its details; a retryable one
+/// also says when to come back (`Retry-After`, seconds).
+fn refusal(status: StatusCode, e: &CommandError) -> Response<Body> {
+    let mut error = json!({ "code": e.code, "message": e.message, "retryable": e.retryable });
+    if let Some(details) = &e.details {
+        error["details"] = details.clone();
+    }
+    let mut r = respond(
+        status,
+        "application/json",
+        json!({ "error": error }).to_string(),
+    );
+    if e.retryable {
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    r
 }
 
 /// `INVALID_PAYLOAD` for a bad header or query value; `path` names it as
@@ -78,6 +100,12 @@ pub(crate) async fn route(
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     let path = req.uri().path();
+    if req.method() == Method::GET
+        && browser_facing(path)
+        && let Some(refused) = origin_refusal(&shared, &req)
+    {
+        return Ok(refused);
+    }
     let response = match (req.method(), path) {
         (&Method::GET, "/healthz") => respond(StatusCode::OK, "text/plain", "ok\n"),
         (&Method::GET, "/readyz") => {
@@ -113,7 +141,7 @@ pub(crate) async fn route(
         (_, _) if run_events_path(path).is_some() || dashboard::serves(path) => {
             method_not_allowed()
         }
-        _ => http_error(StatusCode::NOT_FOUND, "NOT_FOUND", "no such route"),
+        _ => http_error(StatusCode::NOT_FOUND, ErrorCode::NotFound, "no such route"),
     };
     Ok(response)
 }
@@ -121,9 +149,62 @@ pub(crate) async fn route(
 fn method_not_allowed() -> Response<Body> {
     http_error(
         StatusCode::METHOD_NOT_ALLOWED,
-        "BAD_FRAME",
+        ErrorCode::BadFrame,
         "method not allowed; use GET",
     )
+}
+
+/// The paths that give a page in a browser something: data behind a token,
+/// or the dashboard. Health, readiness and metrics are for probes.
+fn browser_facing(path: &str) -> bool {
+    matches!(path, "/v1/runtime" | "/v1/stream" | "/v1/runs")
+        || run_events_path(path).is_some()
+        || dashboard::serves(path)
+}
+
+/// 403 `FORBIDDEN` for a browser page from an origin not allowed
+/// (`--allowed-origins`); `None` lets the request through (requests
+/// without `Origin` always pass).
+fn origin_refusal(shared: &Shared, req: &Request<Incoming>) -> Option<Response<Body>> {
+    let header = |name| req.headers().get(name).map(|v| v.to_str().unwrap_or(""));
+    let refused = shared
+        .config
+        .allowed_origins
+        .check(header(header::ORIGIN), header(header::HOST))
+        .err()?;
+    shared.metrics.refused("origin");
+    Some(http_error(
+        StatusCode::FORBIDDEN,
+        ErrorCode::Forbidden,
+        &refused.to_string(),
+    ))
+}
+
+/// A place for one more long-lived connection of this grant's token.
+fn admit(shared: &Shared, grant: &Grant) -> Result<Permit, Refused> {
+    shared.admission.admit(grant.token).inspect_err(|refused| {
+        shared.metrics.refused(match refused {
+            Refused::GatewayFull { .. } => "max_connections",
+            Refused::TokenFull { .. } => "max_sockets_per_token",
+        });
+    })
+}
+
+/// The answer to a connection not admitted: 503 when the gateway is full,
+/// 429 when the token is; `RATE_LIMITED` and retryable either way.
+fn admission_refusal(refused: Refused) -> Response<Body> {
+    let (status, details) = match refused {
+        Refused::GatewayFull { max } => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({ "maxConnections": max }),
+        ),
+        Refused::TokenFull { max } => (
+            StatusCode::TOO_MANY_REQUESTS,
+            json!({ "maxSocketsPerToken": max }),
+        ),
+    };
+    let e = CommandError::new(ErrorCode::RateLimited, refused.to_string()).with_details(details);
+    refusal(status, &e)
 }
 
 /// The `{runId}` of `/v1/runs/{runId}/events`, not yet validated.
@@ -150,7 +231,7 @@ fn run_events(shared: Arc<Shared>, req: &Request<Incoming>) -> Response<Body> {
     if shared.draining.is_cancelled() {
         return http_error(
             StatusCode::SERVICE_UNAVAILABLE,
-            "DRAINING",
+            ErrorCode::Draining,
             "the gateway is draining",
         );
     }
@@ -162,7 +243,7 @@ fn run_events(shared: Arc<Shared>, req: &Request<Incoming>) -> Response<Body> {
     if !grant.runs.covers(&run) {
         return http_error(
             StatusCode::FORBIDDEN,
-            "FORBIDDEN",
+            ErrorCode::Forbidden,
             "the token does not cover this run",
         );
     }
@@ -175,9 +256,17 @@ fn run_events(shared: Arc<Shared>, req: &Request<Incoming>) -> Response<Body> {
         Ok(s) => s,
         Err(sse::BadStart { path, message }) => return invalid_input(path, message),
     };
-    match sse::respond(shared, run, start) {
+    let permit = match admit(&shared, &grant) {
+        Ok(p) => p,
+        Err(refused) => return admission_refusal(refused),
+    };
+    match sse::respond(shared, run, start, permit) {
         Ok(response) => response,
-        Err(e) => http_error(StatusCode::SERVICE_UNAVAILABLE, "INTERNAL", &e.to_string()),
+        Err(e) => http_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::Internal,
+            &e.to_string(),
+        ),
     }
 }
 
@@ -204,7 +293,7 @@ pub(crate) fn query_param(query: &str, name: &str) -> Option<String> {
 }
 
 /// A refusal before the upgrade: status, error code, message.
-type Refusal = (StatusCode, &'static str, &'static str);
+type Refusal = (StatusCode, ErrorCode, &'static str);
 
 /// Checks the token for `endpoint`: 401 without a valid one, 403 for the
 /// wrong kind.
@@ -216,7 +305,7 @@ fn authenticate(
     let Some(token) = token_of(req) else {
         return Err((
             StatusCode::UNAUTHORIZED,
-            "UNAUTHENTICATED",
+            ErrorCode::Unauthenticated,
             "a token is required (Authorization: Bearer <token> or ?token=<token>)",
         ));
     };
@@ -225,14 +314,18 @@ fn authenticate(
             AuthError::Expired => "the token has expired",
             _ => "the token is not valid",
         };
-        (StatusCode::UNAUTHORIZED, "UNAUTHENTICATED", message)
+        (
+            StatusCode::UNAUTHORIZED,
+            ErrorCode::Unauthenticated,
+            message,
+        )
     })?;
     if grant.kind != want {
         let message = match want {
             TokenKind::Runtime => "this endpoint needs a runtime token",
             TokenKind::Viewer => "this endpoint needs a viewer token",
         };
-        return Err((StatusCode::FORBIDDEN, "FORBIDDEN", message));
+        return Err((StatusCode::FORBIDDEN, ErrorCode::Forbidden, message));
     }
     Ok(grant)
 }
@@ -243,7 +336,7 @@ fn upgrade(shared: Arc<Shared>, req: Request<Incoming>, endpoint: Endpoint) -> R
     if shared.draining.is_cancelled() {
         return http_error(
             StatusCode::SERVICE_UNAVAILABLE,
-            "DRAINING",
+            ErrorCode::Draining,
             "the gateway is draining",
         );
     }
@@ -260,10 +353,15 @@ fn upgrade(shared: Arc<Shared>, req: Request<Incoming>, endpoint: Endpoint) -> R
         Err(e) => {
             return http_error(
                 StatusCode::BAD_REQUEST,
-                "BAD_FRAME",
+                ErrorCode::BadFrame,
                 &format!("expected a WebSocket upgrade: {e}"),
             );
         }
+    };
+    // Counted from here: the 101 is about to go out.
+    let permit = match admit(&shared, &grant) {
+        Ok(p) => p,
+        Err(refused) => return admission_refusal(refused),
     };
     let limits = &shared.config.limits;
     // Small read buffers and no write buffering keep an idle socket at a
@@ -290,6 +388,7 @@ fn upgrade(shared: Arc<Shared>, req: Request<Incoming>, endpoint: Endpoint) -> R
             }
             Err(e) => tracing::debug!(error = %e, "upgrade failed"),
         }
+        drop(permit);
     });
     response
 }

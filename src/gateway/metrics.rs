@@ -2,7 +2,8 @@
 //!
 //! Owns the registry and the handful of instruments the rest of the gateway
 //! updates: open connections by endpoint, commands by type and outcome,
-//! command latency, published events, gaps and subscriptions. Session
+//! command latency, published events, gaps, subscriptions, and refusals by
+//! the limit that refused. Session
 //! counts and stream totals are read from their owners at scrape time rather
 //! than kept in step by hand. Must never label anything with a run
 //! id, session id, token or secret: labels are closed sets.
@@ -29,6 +30,7 @@ pub struct Metrics {
     stream_bytes: Gauge,
     log_bytes: Gauge,
     evicted: Counter,
+    refusals: Family<Labels<1>, Counter>,
 }
 
 /// The `type` label for frames that never became a known command.
@@ -103,6 +105,12 @@ impl Default for Metrics {
             "Events evicted by per-run bounds or the global budget",
             evicted.clone(),
         );
+        let refusals = Family::<Labels<1>, Counter>::default();
+        registry.register(
+            "limit_refusals",
+            "Connections refused, sockets closed and commands refused by a limit, by limit",
+            refusals.clone(),
+        );
         Metrics {
             registry,
             connections,
@@ -116,6 +124,7 @@ impl Default for Metrics {
             stream_bytes,
             log_bytes,
             evicted,
+            refusals,
         }
     }
 }
@@ -150,6 +159,12 @@ impl Metrics {
         self.events
             .get_or_create(&[("outcome", "duplicate")])
             .inc_by(duplicates as u64);
+    }
+
+    /// Something refused or closed by the limit named `limit` (the
+    /// setting's name, e.g. `max_connections`, or `origin`).
+    pub fn refused(&self, limit: &'static str) {
+        self.refusals.get_or_create(&[("limit", limit)]).inc();
     }
 
     pub fn gap_sent(&self) {

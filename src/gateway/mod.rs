@@ -6,12 +6,14 @@
 //! [`RunningGateway::drain`] is the SIGTERM path: readiness false,
 //! `gateway.draining` to every socket, in-flight requests answered, store
 //! flushed. Modules: `server` (accept), `http` (routes, auth, upgrade),
-//! `connection` (one socket), `dispatch` (one request), `follow` (a
-//! socket's stream subscriptions), `sse` (the event-stream response),
-//! `leases` (the expiry timer), `upkeep` (stream retention and budget),
-//! `state` (what they share), `metrics`.
+//! `origin` (which browser pages may call), `admission` (connection caps),
+//! `connection` (one socket), `rate_limit` (its command budget),
+//! `dispatch` (one request), `follow` (a socket's stream subscriptions),
+//! `sse` (the event-stream response), `leases` (the expiry timer), `upkeep`
+//! (stream retention and budget), `state` (what they share), `metrics`.
 //! Must not contain protocol or session rules beyond wiring them together.
 
+mod admission;
 mod connection;
 mod dashboard;
 mod dispatch;
@@ -19,6 +21,8 @@ mod follow;
 mod http;
 mod leases;
 pub mod metrics;
+pub mod origin;
+mod rate_limit;
 mod server;
 mod sse;
 mod state;
@@ -123,6 +127,7 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
         lease_ttl: config.lease_ttl,
         heartbeat_interval: config.heartbeat_interval,
         tombstone_ttl: config.session_tombstone_ttl,
+        max_sessions_per_conn: config.limits.max_sessions_per_socket,
     };
     let clock = Clock::start();
     let (sessions, restored, expired_while_down) =
@@ -152,6 +157,10 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
         runs,
         auth,
         conns: Connections::default(),
+        admission: admission::Admission::new(
+            config.limits.max_connections,
+            config.limits.max_sockets_per_token,
+        ),
         metrics: metrics::Metrics::default(),
         draining: CancellationToken::new(),
         tasks: TaskTracker::new(),

@@ -34,6 +34,7 @@ use serde_json::json;
 use tokio::time::{Instant, Interval, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
+use super::admission::Permit;
 use super::http::Body;
 use super::state::Shared;
 use crate::ids::RunId;
@@ -93,11 +94,13 @@ impl Start {
     }
 }
 
-/// The streaming response for `run`, starting at `start`.
+/// The streaming response for `run`, starting at `start`; it holds
+/// `permit` (its place among the open connections) until it ends.
 pub(crate) fn respond(
     shared: Arc<Shared>,
     run: RunId,
     start: Start,
+    permit: Permit,
 ) -> Result<Response<Body>, StreamError> {
     let (mut info, subscription) =
         shared
@@ -122,6 +125,7 @@ pub(crate) fn respond(
         keepalive,
         finished: false,
         shared,
+        _permit: permit,
     };
     let body = futures_util::stream::unfold(reader, |mut reader| async move {
         let chunk = reader.next_chunk().await?;
@@ -152,6 +156,8 @@ struct Reader {
     reconnect_after: Duration,
     /// A final event was sent; the next poll ends the response.
     finished: bool,
+    /// This response's place among the open connections, freed with it.
+    _permit: Permit,
 }
 
 impl Drop for Reader {

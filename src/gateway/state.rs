@@ -15,6 +15,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::admission::Admission;
 use super::metrics::Metrics;
 use crate::auth::AuthKey;
 use crate::config::Config;
@@ -35,6 +36,8 @@ pub(crate) struct Shared {
     pub runs: RunConfigSource,
     pub auth: AuthKey,
     pub conns: Connections,
+    /// Places for long-lived connections, in all and per token.
+    pub admission: Admission,
     pub metrics: Metrics,
     /// Cancelled when a drain begins: readiness goes false, sockets are told.
     pub draining: CancellationToken,

@@ -174,13 +174,17 @@ pub struct LoadgenArgs {
     /// fastest here: 7,400/s against 1,900/s with 256)
     #[arg(long, default_value_t = 64)]
     pub connect_concurrency: usize,
-    /// Runtime token; it must cover the runs RUN_PREFIX*
+    /// Runtime token; it must cover the runs RUN_PREFIX*. Every runtime
+    /// socket uses it, so past 1,000 sockets start the gateway with
+    /// --max-sockets-per-token raised (or give --auth-key-file instead)
     #[arg(long, env = "RUNGATE_LOADGEN_TOKEN")]
     pub token: Option<String>,
-    /// Viewer token; it must cover the runs RUN_PREFIX*
+    /// Viewer token; it must cover the runs RUN_PREFIX* (the same
+    /// --max-sockets-per-token note applies)
     #[arg(long, env = "RUNGATE_LOADGEN_VIEWER_TOKEN")]
     pub viewer_token: Option<String>,
-    /// Mint both tokens with this key file (the gateway's --auth-key-file)
+    /// Mint the tokens with this key file (the gateway's --auth-key-file):
+    /// one per 500 sockets, within the gateway's default per-token cap
     #[arg(long)]
     pub auth_key_file: Option<PathBuf>,
     /// Run ids are RUN_PREFIX0, RUN_PREFIX1, … [default: lg-XXXXXX-, new
@@ -285,8 +289,10 @@ pub(crate) struct Shared {
     pub sources: net::Sources,
     pub runtime_url: String,
     pub viewer_url: String,
-    pub token: String,
-    pub viewer_token: String,
+    /// Runtime tokens: socket `i` uses `tokens[i / SOCKETS_PER_TOKEN]`
+    /// (wrapping), so no token holds more than the gateway allows one.
+    pub tokens: Vec<String>,
+    pub viewer_tokens: Vec<String>,
     pub prefix: String,
     pub connect_gate: Semaphore,
     pub args: LoadgenArgs,
@@ -299,7 +305,27 @@ pub(crate) struct Shared {
     pub last_caught_up_us: AtomicU64,
 }
 
+/// Sockets loadgen opens with one token it minted: half the gateway's
+/// default `--max-sockets-per-token`.
+const SOCKETS_PER_TOKEN: usize = 500;
+
+/// The token of socket `index` out of `tokens`.
+fn token_for(tokens: &[String], index: usize) -> &str {
+    match tokens.len() {
+        0 => "",
+        n => &tokens[(index / SOCKETS_PER_TOKEN) % n],
+    }
+}
+
 impl Shared {
+    pub fn runtime_token(&self, index: usize) -> &str {
+        token_for(&self.tokens, index)
+    }
+
+    pub fn viewer_token(&self, index: usize) -> &str {
+        token_for(&self.viewer_tokens, index)
+    }
+
     pub fn now_us(&self) -> u64 {
         self.clock.elapsed().as_micros() as u64
     }
@@ -334,7 +360,12 @@ pub(crate) struct Timings {
     pub viewers_connect: Duration,
 }
 
-fn mint_tokens(args: &LoadgenArgs, prefix: &str) -> Result<(String, String), LoadgenError> {
+/// The runtime and viewer tokens: the ones given, or as many minted as
+/// keep each under [`SOCKETS_PER_TOKEN`] sockets.
+fn mint_tokens(
+    args: &LoadgenArgs,
+    prefix: &str,
+) -> Result<(Vec<String>, Vec<String>), LoadgenError> {
     let key = match &args.auth_key_file {
         Some(path) => Some(AuthKey::load_or_create(path)?),
         None => None,
@@ -349,14 +380,19 @@ fn mint_tokens(args: &LoadgenArgs, prefix: &str) -> Result<(String, String), Loa
             )),
         }
     };
+    let needed = |sockets: usize| sockets.div_ceil(SOCKETS_PER_TOKEN).max(1);
     let runtime = match &args.token {
-        Some(t) => t.clone(),
-        None => mint(TokenKind::Runtime, Capability::ALL.into_iter().collect())?,
+        Some(t) => vec![t.clone()],
+        None => (0..needed(args.runtime_sockets()))
+            .map(|_| mint(TokenKind::Runtime, Capability::ALL.into_iter().collect()))
+            .collect::<Result<_, _>>()?,
     };
     let viewer = match &args.viewer_token {
-        Some(t) => t.clone(),
-        None if args.viewers == 0 => String::new(),
-        None => mint(TokenKind::Viewer, Capabilities::default())?,
+        Some(t) => vec![t.clone()],
+        None if args.viewers == 0 => Vec::new(),
+        None => (0..needed(args.viewers))
+            .map(|_| mint(TokenKind::Viewer, Capabilities::default()))
+            .collect::<Result<_, _>>()?,
     };
     Ok((runtime, viewer))
 }
@@ -410,7 +446,7 @@ pub async fn run(args: LoadgenArgs) -> Result<Report, LoadgenError> {
             source,
         })?;
     let prefix = args.run_prefix.clone().unwrap_or_else(default_prefix);
-    let (token, viewer_token) = mint_tokens(&args, &prefix)?;
+    let (tokens, viewer_tokens) = mint_tokens(&args, &prefix)?;
     let publishers = args.publishers();
     let (phase_tx, phase_rx) = watch::channel(Phase::Connect);
     let shared = Arc::new(Shared {
@@ -421,8 +457,8 @@ pub async fn run(args: LoadgenArgs) -> Result<Report, LoadgenError> {
         sources: net::Sources::new(target, args.sources, sockets),
         runtime_url: format!("{base}/v1/runtime"),
         viewer_url: format!("{base}/v1/stream"),
-        token,
-        viewer_token,
+        tokens,
+        viewer_tokens,
         prefix,
         connect_gate: Semaphore::new(args.connect_concurrency.max(1)),
         publishers,

@@ -149,7 +149,7 @@ pub async fn run_socket(sh: Arc<Shared>, index: usize) {
         sh.target,
         &sh.sources,
         &sh.runtime_url,
-        &sh.token,
+        sh.runtime_token(index),
         net::ws_config(4 * 1024),
         ATTACH_TIMEOUT,
     )

@@ -64,7 +64,7 @@ pub async fn run_socket(sh: Arc<Shared>, j: usize) {
         sh.target,
         &sh.sources,
         &sh.viewer_url,
-        &sh.viewer_token,
+        sh.viewer_token(j),
         net::ws_config(8 * 1024),
         Duration::from_secs(60),
     )

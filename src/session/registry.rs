@@ -68,6 +68,8 @@ pub enum SessionError {
     OtherInstance { run_id: RunId },
     #[error("{0}")]
     Forbidden(String),
+    #[error("this socket already holds its maximum of {max} sessions")]
+    TooManySessions { max: usize },
 }
 
 /// What a runtime asks for in `runtime.attach`.
@@ -197,13 +199,16 @@ struct ConnRecord {
     moved_away: Vec<SessionId>,
 }
 
-/// Lease and tombstone lifetimes.
+/// Lease and tombstone lifetimes, and how many sessions one socket holds.
 #[derive(Debug, Clone, Copy)]
 pub struct LeasePolicy {
     pub lease_ttl: Duration,
     pub heartbeat_interval: Duration,
     /// How long an expired session is remembered.
     pub tombstone_ttl: Duration,
+    /// Sessions (main and sub-runs) bound to one socket at once; an attach
+    /// or recovery that would bind more is refused and changes nothing.
+    pub max_sessions_per_conn: usize,
 }
 
 /// All sessions. See the module docs.
@@ -285,7 +290,7 @@ impl SessionRegistry {
         socket_main: Option<SessionView>,
         now: Instant,
     ) -> Result<AttachOutcome, SessionError> {
-        if let Some(existing) = self
+        let replaced = if let Some(existing) = self
             .by_run
             .get(&params.run_id)
             .and_then(|id| self.sessions.get(id))
@@ -295,7 +300,14 @@ impl SessionRegistry {
                     run_id: params.run_id,
                 });
             }
-            let old = existing.id.clone();
+            // An expired session's tombstone gives way to the fresh one,
+            // once the fresh one is sure to be created.
+            Some(existing.id.clone())
+        } else {
+            None
+        };
+        self.check_room(conn, 1)?;
+        if let Some(old) = replaced {
             self.forget(&old);
         }
         let parent = match socket_main {
@@ -390,6 +402,8 @@ impl SessionRegistry {
             }
         };
         let id = session.id.clone();
+        let arriving = usize::from(session.owner != Some(conn));
+        self.check_room(conn, arriving)?;
         let superseded = self.move_to(&id, conn, offered, Some(params.capabilities), now, is_main);
         let view = self
             .sessions
@@ -463,6 +477,20 @@ impl SessionRegistry {
         if is_main && rec.main.is_none() {
             rec.main = Some(id.clone());
         }
+    }
+
+    /// Sessions bound to `conn` now.
+    pub fn sessions_on(&self, conn: ConnId) -> usize {
+        self.conns.get(&conn).map_or(0, |r| r.bound.len())
+    }
+
+    /// Whether `arriving` more sessions fit on `conn`.
+    fn check_room(&self, conn: ConnId, arriving: usize) -> Result<(), SessionError> {
+        let max = self.policy.max_sessions_per_conn;
+        if self.sessions_on(conn) + arriving > max {
+            return Err(SessionError::TooManySessions { max });
+        }
+        Ok(())
     }
 
     /// Checks that `session_id` names a session of `run_id` bound to `conn`
@@ -614,6 +642,16 @@ impl SessionRegistry {
                 });
             }
         }
+        let arriving = targets
+            .iter()
+            .filter(|id| {
+                self.sessions
+                    .get(*id)
+                    .is_some_and(|s| s.owner != Some(conn))
+            })
+            .count();
+        self.check_room(conn, arriving)
+            .map_err(RecoverError::main)?;
         let mut superseded = Vec::new();
         for id in &targets {
             if let Some(s) = self.move_to(id, conn, main.epoch, None, now, false) {

@@ -15,6 +15,7 @@ fn registry() -> SessionRegistry {
         lease_ttl: TTL,
         heartbeat_interval: Duration::from_secs(10),
         tombstone_ttl: Duration::from_secs(600),
+        max_sessions_per_conn: 3,
     })
 }
 
@@ -622,4 +623,69 @@ fn an_abandoned_fresh_session_frees_its_run() {
     reg.abandon(&s.session_id);
     assert_eq!(reg.run_state(&run("r1")), None);
     attach(&mut reg, A, params("r1", "i1", false, None, &[]), now);
+}
+
+#[test]
+fn a_socket_holds_at_most_its_maximum_of_sessions() {
+    let mut reg = registry();
+    let t0 = Instant::now();
+    let main = attach(
+        &mut reg,
+        A,
+        params("m", "i", false, None, &[Capability::SubtasksRun]),
+        t0,
+    );
+    attach(&mut reg, A, params("s1", "i", false, None, &[]), t0);
+    attach(&mut reg, A, params("s2", "i", false, None, &[]), t0);
+    assert_eq!(reg.sessions_on(A), 3);
+    let err = reg
+        .attach(A, params("s3", "i", false, None, &[]), t0)
+        .unwrap_err();
+    assert_eq!(err, SessionError::TooManySessions { max: 3 });
+    assert_eq!(reg.run_state(&run("s3")), None, "nothing was created");
+    // Another socket is not affected.
+    attach(&mut reg, B, params("other", "j", false, None, &[]), t0);
+    // Moving the sessions to a new socket: the main reattaches, then
+    // recovery moves both sub-runs (3 in all: fits).
+    let re = reg
+        .attach(
+            C,
+            params("m", "i", true, Some(1), &[Capability::SubtasksRun]),
+            t0,
+        )
+        .unwrap();
+    assert_eq!(re.session.session_id, main.session.session_id);
+    reg.recover(C, &main.session.session_id, &run("m"), None, Some(1), t0)
+        .unwrap();
+    assert_eq!(reg.sessions_on(C), 3);
+    assert_eq!(reg.sessions_on(A), 0);
+}
+
+#[test]
+fn recovery_that_would_overfill_a_socket_moves_nothing() {
+    let mut reg = registry();
+    let t0 = Instant::now();
+    let main = attach(
+        &mut reg,
+        A,
+        params("m", "i", false, None, &[Capability::SubtasksRun]),
+        t0,
+    );
+    attach(&mut reg, A, params("s1", "i", false, None, &[]), t0);
+    attach(&mut reg, A, params("s2", "i", false, None, &[]), t0);
+    reg.attach(
+        C,
+        params("m", "i", true, Some(1), &[Capability::SubtasksRun]),
+        t0,
+    )
+    .unwrap();
+    // A fresh sub-run on the new socket first: 2 bound, 2 more would be 4.
+    attach(&mut reg, C, params("s3", "i", false, None, &[]), t0);
+    let err = reg
+        .recover(C, &main.session.session_id, &run("m"), None, Some(1), t0)
+        .unwrap_err();
+    assert_eq!(err.error, SessionError::TooManySessions { max: 3 });
+    assert_eq!(err.run_id, None);
+    assert_eq!(reg.sessions_on(C), 2);
+    assert_eq!(reg.sessions_on(A), 2, "the sub-runs stayed where they were");
 }

@@ -85,6 +85,7 @@ enum Op {
     KvSet {
         run: RunId,
         pairs: BTreeMap<String, String>,
+        max_keys: usize,
         reply: Reply<()>,
     },
     CheckpointSave {
@@ -270,9 +271,19 @@ impl Store for EmbeddedStore {
         self.submit(|reply| Op::KvGet { run, keys, reply })
     }
 
-    fn kv_set(&self, run: &RunId, pairs: BTreeMap<String, String>) -> StoreFuture<()> {
+    fn kv_set_within(
+        &self,
+        run: &RunId,
+        pairs: BTreeMap<String, String>,
+        max_keys: usize,
+    ) -> StoreFuture<()> {
         let run = run.clone();
-        self.submit(|reply| Op::KvSet { run, pairs, reply })
+        self.submit(|reply| Op::KvSet {
+            run,
+            pairs,
+            max_keys,
+            reply,
+        })
     }
 
     fn checkpoint_save(&self, run: &RunId, checkpoint: Checkpoint) -> StoreFuture<()> {
@@ -542,7 +553,12 @@ impl<'txn> Tables<'txn> {
     fn execute(&mut self, op: Op) -> (Answer, Option<String>) {
         match op {
             Op::KvGet { run, keys, reply } => settle(reply, self.kv_get(&run, keys)),
-            Op::KvSet { run, pairs, reply } => settle(reply, self.kv_set(&run, &pairs)),
+            Op::KvSet {
+                run,
+                pairs,
+                max_keys,
+                reply,
+            } => settle(reply, self.kv_set(&run, &pairs, max_keys)),
             Op::CheckpointSave {
                 run,
                 checkpoint,
@@ -572,8 +588,40 @@ impl<'txn> Tables<'txn> {
         Ok(found)
     }
 
-    fn kv_set(&mut self, run: &RunId, pairs: &BTreeMap<String, String>) -> Result<(), Failure> {
+    fn kv_set(
+        &mut self,
+        run: &RunId,
+        pairs: &BTreeMap<String, String>,
+        max_keys: usize,
+    ) -> Result<(), Failure> {
         let path = self.path;
+        let mut new_keys = 0;
+        for key in pairs.keys() {
+            let found = self
+                .kv
+                .get((run.as_str(), key.as_str()))
+                .map_err(|e| storage(path, e))?;
+            new_keys += usize::from(found.is_none());
+        }
+        // Only a write that adds keys pays for counting the run's keys (a
+        // range scan, at most `max_keys` long once the limit holds).
+        if new_keys > 0 && max_keys != usize::MAX {
+            let mut held = 0usize;
+            let range = self
+                .kv
+                .range((run.as_str(), "")..)
+                .map_err(|e| storage(path, e))?;
+            for entry in range {
+                let (k, _) = entry.map_err(|e| storage(path, e))?;
+                if k.value().0 != run.as_str() || held + new_keys > max_keys {
+                    break;
+                }
+                held += 1;
+            }
+            if held.saturating_add(new_keys) > max_keys {
+                return Err(Failure::Op(StoreError::TooManyKeys { max: max_keys }));
+            }
+        }
         for (key, value) in pairs {
             self.kv
                 .insert((run.as_str(), key.as_str()), value.as_str())

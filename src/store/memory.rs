@@ -59,12 +59,22 @@ impl Store for MemoryStore {
         done(Ok(found))
     }
 
-    fn kv_set(&self, run: &RunId, pairs: BTreeMap<String, String>) -> StoreFuture<()> {
+    fn kv_set_within(
+        &self,
+        run: &RunId,
+        pairs: BTreeMap<String, String>,
+        max_keys: usize,
+    ) -> StoreFuture<()> {
         // Inserting into a map cannot fail halfway, so holding the lock for
-        // the whole loop is all the atomicity needed.
+        // the count and the whole loop is all the atomicity needed.
         if !pairs.is_empty() {
             let mut state = self.state.lock();
-            state.kv.entry(run.clone()).or_default().extend(pairs);
+            let values = state.kv.entry(run.clone()).or_default();
+            let new_keys = pairs.keys().filter(|k| !values.contains_key(*k)).count();
+            if values.len().saturating_add(new_keys) > max_keys {
+                return done(Err(StoreError::TooManyKeys { max: max_keys }));
+            }
+            values.extend(pairs);
         }
         done(Ok(()))
     }

@@ -43,6 +43,10 @@ pub enum StoreError {
     /// Data on disk is not what this version can read.
     #[error("storage corrupt or incompatible: {0}")]
     Corrupt(String),
+    /// A KV write would give the run more than `max` keys. Nothing was
+    /// written.
+    #[error("the run's KV would hold more than {max} keys; nothing was written")]
+    TooManyKeys { max: usize },
 }
 
 /// One saved checkpoint.
@@ -92,7 +96,21 @@ pub trait Store: Send + Sync + 'static {
     fn kv_get(&self, run: &RunId, keys: Vec<String>) -> StoreFuture<BTreeMap<String, String>>;
 
     /// Writes all pairs for `run` atomically: all or none.
-    fn kv_set(&self, run: &RunId, pairs: BTreeMap<String, String>) -> StoreFuture<()>;
+    fn kv_set(&self, run: &RunId, pairs: BTreeMap<String, String>) -> StoreFuture<()> {
+        self.kv_set_within(run, pairs, usize::MAX)
+    }
+
+    /// [`Store::kv_set`], refused with [`StoreError::TooManyKeys`] (and
+    /// nothing written) if afterwards `run` would have more than
+    /// `max_keys` keys. Overwriting existing keys never counts against it.
+    /// The count is taken where the write is applied, so concurrent writes
+    /// cannot overshoot it together.
+    fn kv_set_within(
+        &self,
+        run: &RunId,
+        pairs: BTreeMap<String, String>,
+        max_keys: usize,
+    ) -> StoreFuture<()>;
 
     /// Saves `checkpoint` for `run` as its latest. An existing checkpoint
     /// with the same id is replaced (so a retried save is harmless).
@@ -136,6 +154,7 @@ pub(crate) mod conformance {
                 kv_set_overwrites_and_keeps_other_keys,
                 kv_set_is_atomic_over_many_keys,
                 kv_is_scoped_per_run,
+                kv_key_count_is_bounded_per_run,
                 checkpoint_latest_and_named,
                 checkpoint_replace_same_id_becomes_latest,
                 checkpoint_preserves_data_and_time,
@@ -284,6 +303,45 @@ pub(crate) mod conformance {
                 .unwrap()
                 .is_empty()
         );
+    }
+
+    pub(crate) async fn kv_key_count_is_bounded_per_run(store: Arc<dyn Store>) {
+        let r = run("run-1");
+        store
+            .kv_set_within(&r, pairs(&[("a", "1"), ("b", "2")]), 3)
+            .await
+            .unwrap();
+        // Two new keys would make four: refused, and nothing of it written.
+        let err = store
+            .kv_set_within(&r, pairs(&[("a", "changed"), ("c", "3"), ("d", "4")]), 3)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, super::StoreError::TooManyKeys { max: 3 }),
+            "{err:?}"
+        );
+        let got = store.kv_get(&r, keys(&["a", "c", "d"])).await.unwrap();
+        assert_eq!(got, pairs(&[("a", "1")]));
+        // Overwrites and the last free key fit; then the run is full.
+        store
+            .kv_set_within(&r, pairs(&[("a", "x"), ("b", "y"), ("c", "z")]), 3)
+            .await
+            .unwrap();
+        store
+            .kv_set_within(&r, pairs(&[("c", "again")]), 3)
+            .await
+            .unwrap();
+        assert!(
+            store
+                .kv_set_within(&r, pairs(&[("d", "4")]), 3)
+                .await
+                .is_err()
+        );
+        // Another run has its own count.
+        store
+            .kv_set_within(&run("run-2"), pairs(&[("d", "4")]), 3)
+            .await
+            .unwrap();
     }
 
     pub(crate) async fn checkpoint_latest_and_named(store: Arc<dyn Store>) {

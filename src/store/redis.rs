@@ -6,7 +6,7 @@
 //! returns, and the task runs them one after another, so submission order
 //! is execution order (the ordering contract in [`super`]); each op is one
 //! round trip and atomic on the server (one command, `MULTI`/`EXEC`, or a
-//! script). An `Ok` means Redis applied the op; how durable that is, is
+//! small Lua script). An `Ok` means Redis applied the op; how durable that is, is
 //! Redis's own persistence setting (`appendonly yes` with `appendfsync
 //! everysec` or `always`).
 //! Must not retry on its own: Redis being away is a retryable
@@ -59,6 +59,25 @@ if not record then return {id} end
 return {id, record}
 ";
 
+/// Writes every pair of `ARGV[2..]` (key, value, key, value, ...) to the
+/// hash `KEYS[1]` unless that would leave it with more than `ARGV[1]`
+/// fields; returns the field count it would have had when refused, else 0.
+/// Counting and writing in one script keeps concurrent writers from
+/// overshooting the limit together.
+const KV_SET_WITHIN: &str = r"
+local max = tonumber(ARGV[1])
+local fresh = 0
+for i = 2, #ARGV, 2 do
+  if redis.call('HEXISTS', KEYS[1], ARGV[i]) == 0 then fresh = fresh + 1 end
+end
+local total = redis.call('HLEN', KEYS[1]) + fresh
+if fresh > 0 and total > max then return total end
+for i = 2, #ARGV, 2 do
+  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+end
+return 0
+";
+
 /// Handle to the store. Clones share one task and one connection.
 #[derive(Clone)]
 pub struct RedisStore {
@@ -77,6 +96,7 @@ enum Op {
     KvSet {
         run: RunId,
         pairs: BTreeMap<String, String>,
+        max_keys: usize,
         reply: Reply<()>,
     },
     CheckpointSave {
@@ -135,6 +155,7 @@ impl RedisStore {
             keys: Keys {
                 prefix: prefix.to_owned(),
             },
+            kv_set_within: Script::new(KV_SET_WITHIN),
             checkpoint_load: Script::new(CHECKPOINT_LOAD),
         };
         tokio::spawn(worker.run(rx));
@@ -174,9 +195,19 @@ impl Store for RedisStore {
         self.submit(|reply| Op::KvGet { run, keys, reply })
     }
 
-    fn kv_set(&self, run: &RunId, pairs: BTreeMap<String, String>) -> StoreFuture<()> {
+    fn kv_set_within(
+        &self,
+        run: &RunId,
+        pairs: BTreeMap<String, String>,
+        max_keys: usize,
+    ) -> StoreFuture<()> {
         let run = run.clone();
-        self.submit(|reply| Op::KvSet { run, pairs, reply })
+        self.submit(|reply| Op::KvSet {
+            run,
+            pairs,
+            max_keys,
+            reply,
+        })
     }
 
     fn checkpoint_save(&self, run: &RunId, checkpoint: Checkpoint) -> StoreFuture<()> {
@@ -230,6 +261,7 @@ impl Keys {
 struct Worker {
     conn: ConnectionManager,
     keys: Keys,
+    kv_set_within: Script,
     checkpoint_load: Script,
 }
 
@@ -247,7 +279,12 @@ impl Worker {
         // allowed (the op still ran); nobody is left to tell.
         match op {
             Op::KvGet { run, keys, reply } => drop(reply.send(self.kv_get(&run, keys).await)),
-            Op::KvSet { run, pairs, reply } => drop(reply.send(self.kv_set(&run, pairs).await)),
+            Op::KvSet {
+                run,
+                pairs,
+                max_keys,
+                reply,
+            } => drop(reply.send(self.kv_set(&run, pairs, max_keys).await)),
             Op::CheckpointSave {
                 run,
                 checkpoint,
@@ -289,19 +326,25 @@ impl Worker {
         &mut self,
         run: &RunId,
         pairs: BTreeMap<String, String>,
+        max_keys: usize,
     ) -> Result<(), StoreError> {
         if pairs.is_empty() {
             return Ok(());
         }
-        // One HSET with every pair: atomic on the server.
-        let mut cmd = redis::cmd("HSET");
-        cmd.arg(self.keys.kv(run));
+        let mut invocation = self.kv_set_within.key(self.keys.kv(run));
+        // Lua numbers are doubles: "no limit" must stay a number it can hold.
+        invocation.arg(max_keys.min(1 << 50));
         for (k, v) in &pairs {
-            cmd.arg(k).arg(v);
+            invocation.arg(k).arg(v);
         }
-        cmd.query_async::<()>(&mut self.conn)
+        let refused: u64 = invocation
+            .invoke_async(&mut self.conn)
             .await
-            .map_err(redis_error)
+            .map_err(redis_error)?;
+        if refused > 0 {
+            return Err(StoreError::TooManyKeys { max: max_keys });
+        }
+        Ok(())
     }
 
     async fn checkpoint_save(

@@ -128,6 +128,17 @@ impl Client {
         }
     }
 
+    /// A client over a socket the test opened itself (a token in the
+    /// query string, extra headers).
+    pub fn from_stream(ws: WebSocketStream<MaybeTlsStream<TcpStream>>) -> Client {
+        Client {
+            ws,
+            next_id: 0,
+            backlog: VecDeque::new(),
+            seen: Vec::new(),
+        }
+    }
+
     pub async fn send_raw(&mut self, message: Message) {
         self.ws.send(message).await.expect("send");
     }
