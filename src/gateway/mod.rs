@@ -9,13 +9,17 @@
 //! `connection` (one socket), `dispatch` (one request), `follow` (a
 //! socket's stream subscriptions), `sse` (the event-stream response),
 //! `leases` (the expiry timer), `upkeep` (stream retention and budget),
-//! `state` (what they share), `metrics`.
+//! `state` (what they share), `metrics`; `fuzzing` (feature `fuzzing`)
+//! hands the dispatcher to `fuzz/`.
 //! Must not contain protocol or session rules beyond wiring them together.
 
 mod connection;
 mod dashboard;
 mod dispatch;
 mod follow;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 mod http;
 mod leases;
 pub mod metrics;
