@@ -21,6 +21,7 @@ use tokio::sync::mpsc;
 
 use tokio::time::{Instant, sleep_until, timeout};
 use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::error::ProtocolError;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
@@ -106,6 +107,14 @@ pub(crate) async fn serve(shared: Arc<Shared>, socket: Socket, endpoint: Endpoin
                     Some(Err(WsError::Utf8(_))) => {
                         let _ = queue.send(encode_error(None, &CommandError::bad_frame("text frame is not valid UTF-8")).into()).await;
                         break Some((CloseCode::Invalid, "invalid UTF-8"));
+                    }
+                    Some(Err(WsError::Protocol(e))) if e != ProtocolError::ResetWithoutClosingHandshake => {
+                        // RFC 6455 §7.4.1: a framing violation (reserved bits
+                        // or opcodes, an unmasked or stray frame) fails the
+                        // connection with 1002, so the peer learns why.
+                        tracing::debug!(conn = id.0, error = %e, "WebSocket protocol violation");
+                        let _ = queue.send(encode_error(None, &CommandError::bad_frame(format!("WebSocket protocol violation: {e}"))).into()).await;
+                        break Some((CloseCode::Protocol, "protocol error"));
                     }
                     Some(Err(e)) => {
                         tracing::debug!(conn = id.0, error = %e, "socket read failed");
