@@ -3,4 +3,5 @@
 pub mod harness;
 pub mod http;
 pub mod proxy;
+pub mod raw_ws;
 pub mod schema;
