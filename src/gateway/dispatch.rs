@@ -393,6 +393,8 @@ fn recover(
                 &req.main_run_id,
                 req.sub_run_ids.as_deref(),
                 req.connection_epoch,
+                // Moving a sub-run here is taking it, like an attach.
+                &|run| ctx.grant.runs.covers(run),
                 now,
             )
         })

@@ -291,7 +291,15 @@ fn recover_moves_every_sub_run_to_the_reattached_main() {
     .session;
     assert_eq!(main.session_id, f.main.session_id);
     let moved = reg
-        .recover(B, &main.session_id, &main.run_id, None, Some(2), now)
+        .recover(
+            B,
+            &main.session_id,
+            &main.run_id,
+            None,
+            Some(2),
+            &|_| true,
+            now,
+        )
         .unwrap();
     assert_eq!(moved.len(), 2);
     assert!(moved.iter().all(|s| s.conn == A && s.new_epoch == 2));
@@ -325,7 +333,15 @@ fn recover_is_all_or_nothing() {
     .session;
     let list = [run("s1"), run("stranger")];
     let err = reg
-        .recover(B, &main.session_id, &main.run_id, Some(&list), None, now)
+        .recover(
+            B,
+            &main.session_id,
+            &main.run_id,
+            Some(&list),
+            None,
+            &|_| true,
+            now,
+        )
         .unwrap_err();
     assert_eq!(err.run_id, Some(run("stranger")));
     assert!(matches!(err.error, SessionError::Forbidden(_)));
@@ -343,13 +359,78 @@ fn recover_is_all_or_nothing() {
     // An expired sub-run blocks the whole move too.
     let missing = [run("s1"), run("gone")];
     let err = reg
-        .recover(B, &main.session_id, &main.run_id, Some(&missing), None, now)
+        .recover(
+            B,
+            &main.session_id,
+            &main.run_id,
+            Some(&missing),
+            None,
+            &|_| true,
+            now,
+        )
         .unwrap_err();
     assert_eq!(err.run_id, Some(run("gone")));
     assert!(
         reg.authorize(A, &f.subs[0].session_id, &f.subs[0].run_id)
             .is_ok()
     );
+}
+
+#[test]
+fn recover_takes_only_runs_the_socket_may_cover() {
+    let mut reg = registry();
+    let now = Instant::now();
+    let f = family(&mut reg, A, now);
+    let main = attach(
+        &mut reg,
+        B,
+        params("m", "i1", true, Some(2), &[Capability::SubtasksRun]),
+        now,
+    )
+    .session;
+    let covered = |r: &RunId| r.as_str() == "m" || r.as_str() == "s1";
+    // Every sub-run: s2 is not covered, so nothing moves.
+    let err = reg
+        .recover(B, &main.session_id, &main.run_id, None, None, &covered, now)
+        .unwrap_err();
+    assert_eq!(err.run_id, Some(run("s2")));
+    assert!(matches!(err.error, SessionError::Forbidden(_)));
+    assert!(
+        reg.authorize(A, &f.subs[0].session_id, &f.subs[0].run_id)
+            .is_ok()
+    );
+    // Named runs are checked before they are looked up: an uncovered run
+    // that does not exist is refused exactly like one that does.
+    for name in ["s2", "nobody"] {
+        let list = [run("s1"), run(name)];
+        let err = reg
+            .recover(
+                B,
+                &main.session_id,
+                &main.run_id,
+                Some(&list),
+                None,
+                &covered,
+                now,
+            )
+            .unwrap_err();
+        assert_eq!(err.run_id, Some(run(name)));
+        assert!(matches!(err.error, SessionError::Forbidden(_)));
+    }
+    // What is covered moves.
+    let list = [run("s1")];
+    let moved = reg
+        .recover(
+            B,
+            &main.session_id,
+            &main.run_id,
+            Some(&list),
+            None,
+            &covered,
+            now,
+        )
+        .unwrap();
+    assert_eq!(moved.len(), 1);
 }
 
 #[test]
@@ -365,11 +446,27 @@ fn recover_refuses_a_wrong_epoch_and_a_foreign_socket() {
     )
     .session;
     let err = reg
-        .recover(B, &main.session_id, &main.run_id, None, Some(7), now)
+        .recover(
+            B,
+            &main.session_id,
+            &main.run_id,
+            None,
+            Some(7),
+            &|_| true,
+            now,
+        )
         .unwrap_err();
     assert!(matches!(err.error, SessionError::EpochNotGreater { .. }));
     let err = reg
-        .recover(C, &main.session_id, &main.run_id, None, None, now)
+        .recover(
+            C,
+            &main.session_id,
+            &main.run_id,
+            None,
+            None,
+            &|_| true,
+            now,
+        )
         .unwrap_err();
     assert_eq!(err.error, SessionError::NotAttached);
     assert!(
