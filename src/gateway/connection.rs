@@ -24,13 +24,13 @@ use tokio::sync::mpsc;
 
 use tokio::time::{Instant, sleep_until, timeout};
 use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::error::ProtocolError;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 
 use super::dispatch::{self, Answer, ConnCtx, Endpoint};
 use super::follow::Following;
-use super::rate_limit::TokenBucket;
 use super::state::{Outbox, Outgoing, Shared};
 use crate::auth::Grant;
 use crate::protocol::commands::push;
@@ -54,20 +54,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, socket: Socket, endpoint: Endpoin
     let writer = tokio::spawn(write_loop(sink, rx, shared.config.limits.write_timeout));
 
     let limits = &shared.config.limits;
-    let mut ctx = ConnCtx {
-        id,
-        endpoint,
-        grant,
-        shared: shared.clone(),
-        draining: false,
-        following: Following::default(),
-        rate: TokenBucket::new(
-            limits.max_commands_per_sec,
-            limits.command_burst,
-            Instant::now(),
-        ),
-        bound_session: false,
-    };
+    let mut ctx = ConnCtx::new(id, endpoint, grant, shared.clone());
     // Runtime sockets only: a viewer socket following nothing is a
     // dashboard with no run selected, which is fine.
     let idle_timeout = limits.idle_timeout;
@@ -142,6 +129,14 @@ pub(crate) async fn serve(shared: Arc<Shared>, socket: Socket, endpoint: Endpoin
                     Some(Err(WsError::Utf8(_))) => {
                         let _ = queue.send(encode_error(None, &CommandError::bad_frame("text frame is not valid UTF-8")).into()).await;
                         break Some((CloseCode::Invalid, "invalid UTF-8"));
+                    }
+                    Some(Err(WsError::Protocol(e))) if e != ProtocolError::ResetWithoutClosingHandshake => {
+                        // RFC 6455 §7.4.1: a framing violation (reserved bits
+                        // or opcodes, an unmasked or stray frame) fails the
+                        // connection with 1002, so the peer learns why.
+                        tracing::debug!(conn = id.0, error = %e, "WebSocket protocol violation");
+                        let _ = queue.send(encode_error(None, &CommandError::bad_frame(format!("WebSocket protocol violation: {e}"))).into()).await;
+                        break Some((CloseCode::Protocol, "protocol error"));
                     }
                     Some(Err(e)) => {
                         tracing::debug!(conn = id.0, error = %e, "socket read failed");

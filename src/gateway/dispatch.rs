@@ -78,6 +78,28 @@ pub(crate) struct ConnCtx {
     pub bound_session: bool,
 }
 
+impl ConnCtx {
+    /// A socket just registered, before its first frame.
+    pub fn new(id: ConnId, endpoint: Endpoint, grant: Grant, shared: Arc<Shared>) -> ConnCtx {
+        let limits = &shared.config.limits;
+        let rate = TokenBucket::new(
+            limits.max_commands_per_sec,
+            limits.command_burst,
+            Instant::now(),
+        );
+        ConnCtx {
+            id,
+            endpoint,
+            grant,
+            shared,
+            draining: false,
+            following: Following::default(),
+            rate,
+            bound_session: false,
+        }
+    }
+}
+
 /// A request's answer: ready now, or once the store has done its part.
 pub(crate) enum Answer {
     Now(Frame),
@@ -496,6 +518,8 @@ fn recover(
             &req.main_run_id,
             req.sub_run_ids.as_deref(),
             req.connection_epoch,
+            // Moving a sub-run here is taking it, like an attach.
+            &|run| ctx.grant.runs.covers(run),
             now,
         )
     });

@@ -10,7 +10,9 @@
 //! `connection` (one socket), `rate_limit` (its command budget),
 //! `dispatch` (one request), `follow` (a socket's stream subscriptions),
 //! `sse` (the event-stream response), `leases` (the expiry timer), `upkeep`
-//! (stream retention and budget), `state` (what they share), `metrics`.
+//! (stream retention and budget, saving renewed leases), `state` (what they
+//! share), `metrics`; `fuzzing` (feature `fuzzing`) hands the dispatcher to
+//! `fuzz/`.
 //! Must not contain protocol or session rules beyond wiring them together.
 
 mod admission;
@@ -18,6 +20,9 @@ mod connection;
 mod dashboard;
 mod dispatch;
 mod follow;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 mod http;
 mod leases;
 pub mod metrics;
@@ -123,15 +128,9 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
         addr: config.listen,
         source,
     })?;
-    let policy = LeasePolicy {
-        lease_ttl: config.lease_ttl,
-        heartbeat_interval: config.heartbeat_interval,
-        tombstone_ttl: config.session_tombstone_ttl,
-        max_sessions_per_conn: config.limits.max_sessions_per_socket,
-    };
     let clock = Clock::start();
     let (sessions, restored, expired_while_down) =
-        Sessions::restore(policy, store.clone(), clock).await?;
+        Sessions::restore(lease_policy(&config), store.clone(), clock).await?;
     let now = clock.now();
     // A restored session keeps its run's stream, as on attach; one whose
     // lease ran out while the gateway was down starts its retention now.
@@ -149,7 +148,44 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
             "sessions restored"
         );
     }
-    let shared = Arc::new(Shared {
+    let shared = shared_state(config, clock, sessions, store, streams, runs, auth);
+    let stop = CancellationToken::new();
+    let lease_timer = tokio::spawn(leases::run(shared.clone(), stop.clone()));
+    let upkeep = tokio::spawn(upkeep::run(shared.clone(), stop.clone()));
+    let accept = tokio::spawn(server::accept_loop(listener, shared.clone(), stop.clone()));
+    tracing::info!(addr = %local_addr, "rungate listening");
+    Ok(RunningGateway {
+        shared,
+        local_addr,
+        accept,
+        lease_timer,
+        upkeep,
+        stop,
+    })
+}
+
+/// The lease rules `config` asks for.
+fn lease_policy(config: &Config) -> LeasePolicy {
+    LeasePolicy {
+        lease_ttl: config.lease_ttl,
+        heartbeat_interval: config.heartbeat_interval,
+        tombstone_ttl: config.session_tombstone_ttl,
+        max_sessions_per_conn: config.limits.max_sessions_per_socket,
+    }
+}
+
+/// What every connection task shares, from its parts: built here only (the
+/// fuzzing harness comes through here too, so it cannot drift).
+fn shared_state(
+    config: Config,
+    clock: Clock,
+    sessions: Sessions,
+    store: Arc<dyn Store>,
+    streams: Arc<dyn StreamEngine>,
+    runs: RunConfigSource,
+    auth: AuthKey,
+) -> Arc<Shared> {
+    Arc::new(Shared {
         clock,
         sessions,
         store,
@@ -165,19 +201,6 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
         draining: CancellationToken::new(),
         tasks: TaskTracker::new(),
         config,
-    });
-    let stop = CancellationToken::new();
-    let lease_timer = tokio::spawn(leases::run(shared.clone(), stop.clone()));
-    let upkeep = tokio::spawn(upkeep::run(shared.clone(), stop.clone()));
-    let accept = tokio::spawn(server::accept_loop(listener, shared.clone(), stop.clone()));
-    tracing::info!(addr = %local_addr, "rungate listening");
-    Ok(RunningGateway {
-        shared,
-        local_addr,
-        accept,
-        lease_timer,
-        upkeep,
-        stop,
     })
 }
 

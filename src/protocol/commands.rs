@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use serde_json::value::RawValue;
 
+use super::any_json::AnyJson;
 use super::error::{CommandError, ErrorCode};
 use crate::ids::{Capability, OpaqueId, RunId, SessionId, StreamEpoch};
 
@@ -303,15 +304,15 @@ pub struct OutputEventIn {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 #[allow(dead_code)] // fields exist to be validated, not read
-struct OutputEventShape<'a> {
+struct OutputEventShape {
     #[serde(rename = "type")]
     kind: EventType,
     #[serde(default, deserialize_with = "wire::present_whole_u64")]
     seq: Option<u64>,
     #[serde(default, deserialize_with = "wire::present")]
     timestamp: Option<crate::time::Timestamp>,
-    #[serde(borrow)]
-    data: Option<&'a RawValue>,
+    /// Any JSON, but one every viewer's parser can read back.
+    data: Option<AnyJson>,
 }
 
 /// An event's `type`: 1 to 128 characters.
@@ -339,7 +340,7 @@ impl<'de> Deserialize<'de> for OutputEventIn {
                 "an output event must be a JSON object",
             ));
         }
-        let shape: OutputEventShape<'_> =
+        let shape: OutputEventShape =
             serde_json::from_str(raw.get()).map_err(serde::de::Error::custom)?;
         let seq = shape.seq;
         Ok(OutputEventIn { raw, seq })
@@ -351,6 +352,8 @@ impl<'de> Deserialize<'de> for OutputEventIn {
 pub struct CheckpointSaveCommand {
     pub session_id: SessionId,
     pub run_id: RunId,
+    /// Any JSON, but one the runtime's parser can read back at load.
+    #[serde(deserialize_with = "super::any_json::raw")]
     pub data: Box<RawValue>,
     #[serde(default, deserialize_with = "wire::present")]
     pub checkpoint_id: Option<OpaqueId>,
@@ -592,6 +595,28 @@ mod tests {
         assert_eq!(path(parse("events.publish", &bad)), "/payload/events/0");
         let no_type = format!(r#"{{"sessionId":"{sid}","runId":"r","events":[{{"data":1}}]}}"#);
         assert_eq!(path(parse("events.publish", &no_type)), "/payload/events/0");
+    }
+
+    /// Found with the fuzz target: data that strict parsers refuse was
+    /// stored, and the frames carrying it back out could not be read
+    /// (any_json.rs).
+    #[test]
+    fn data_members_must_read_back_with_a_strict_parser() {
+        let sid = SessionId::generate();
+        let deep = format!("{}{}", "[".repeat(65), "]".repeat(65));
+        for data in [r#""\ud800""#, "1e400", &deep] {
+            let publish = format!(
+                r#"{{"sessionId":"{sid}","runId":"r","events":[{{"type":"x","data":{data}}}]}}"#
+            );
+            assert_eq!(path(parse("events.publish", &publish)), "/payload/events/0");
+            let save = format!(r#"{{"sessionId":"{sid}","runId":"r","data":{data}}}"#);
+            assert_eq!(path(parse("checkpoint.save", &save)), "/payload/data");
+        }
+        let save = format!(r#"{{"sessionId":"{sid}","runId":"r","data":[1e308,"\u00e9"]}}"#);
+        let Ok(Command::CheckpointSave(c)) = parse("checkpoint.save", &save) else {
+            panic!("checkpoint.save should parse")
+        };
+        assert_eq!(c.data.get(), r#"[1e308,"\u00e9"]"#);
     }
 
     #[test]

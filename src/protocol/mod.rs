@@ -2,8 +2,10 @@
 //!
 //! Decoding goes [`envelope::decode`] (the outside of a frame) then
 //! [`commands::Command::parse`] (the payload, by type). Encoding produces
-//! shared [`envelope::Frame`] bytes.
+//! shared [`envelope::Frame`] bytes. [`any_json`] checks the members
+//! whose value may be any JSON.
 
+pub mod any_json;
 pub mod commands;
 pub mod envelope;
 pub mod error;

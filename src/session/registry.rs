@@ -561,6 +561,13 @@ impl SessionRegistry {
 
     /// `runtime.recoverConnections`: moves sub-runs of the main session onto
     /// `conn` at the main session's epoch, all or none.
+    ///
+    /// `covers` says which runs `conn` may take (its token's scope): a
+    /// sub-run attached under one token must not follow its main run onto a
+    /// socket whose token does not cover it. A named run that it does not
+    /// cover is refused before it is looked up, so the answer is the same
+    /// whether or not that run exists.
+    #[allow(clippy::too_many_arguments)] // one per member of the command
     pub fn recover(
         &mut self,
         conn: ConnId,
@@ -568,8 +575,13 @@ impl SessionRegistry {
         main_run: &RunId,
         sub_runs: Option<&[RunId]>,
         connection_epoch: Option<u64>,
+        covers: &dyn Fn(&RunId) -> bool,
         now: Instant,
     ) -> Result<Vec<Superseded>, RecoverError> {
+        let not_covered = |run: &RunId| RecoverError {
+            run_id: Some(run.clone()),
+            error: SessionError::Forbidden(format!("the token does not cover run {run}")),
+        };
         let main = self
             .authorize(conn, main_session, main_run)
             .map_err(RecoverError::main)?;
@@ -588,6 +600,9 @@ impl SessionRegistry {
         }
         let targets: Vec<SessionId> = match sub_runs {
             Some(runs) => {
+                if let Some(run) = runs.iter().find(|run| !covers(run)) {
+                    return Err(not_covered(run));
+                }
                 let mut ids = Vec::with_capacity(runs.len());
                 for run in runs {
                     let id = self.by_run.get(run).ok_or_else(|| RecoverError {
@@ -618,6 +633,9 @@ impl SessionRegistry {
                     error,
                 })
             };
+            if !covers(&sub.run_id) {
+                return Err(not_covered(&sub.run_id));
+            }
             if sub.expired {
                 return fail(SessionError::Expired {
                     run_id: sub.run_id.clone(),

@@ -292,7 +292,15 @@ fn recover_moves_every_sub_run_to_the_reattached_main() {
     .session;
     assert_eq!(main.session_id, f.main.session_id);
     let moved = reg
-        .recover(B, &main.session_id, &main.run_id, None, Some(2), now)
+        .recover(
+            B,
+            &main.session_id,
+            &main.run_id,
+            None,
+            Some(2),
+            &|_| true,
+            now,
+        )
         .unwrap();
     assert_eq!(moved.len(), 2);
     assert!(moved.iter().all(|s| s.conn == A && s.new_epoch == 2));
@@ -326,7 +334,15 @@ fn recover_is_all_or_nothing() {
     .session;
     let list = [run("s1"), run("stranger")];
     let err = reg
-        .recover(B, &main.session_id, &main.run_id, Some(&list), None, now)
+        .recover(
+            B,
+            &main.session_id,
+            &main.run_id,
+            Some(&list),
+            None,
+            &|_| true,
+            now,
+        )
         .unwrap_err();
     assert_eq!(err.run_id, Some(run("stranger")));
     assert!(matches!(err.error, SessionError::Forbidden(_)));
@@ -344,13 +360,78 @@ fn recover_is_all_or_nothing() {
     // An expired sub-run blocks the whole move too.
     let missing = [run("s1"), run("gone")];
     let err = reg
-        .recover(B, &main.session_id, &main.run_id, Some(&missing), None, now)
+        .recover(
+            B,
+            &main.session_id,
+            &main.run_id,
+            Some(&missing),
+            None,
+            &|_| true,
+            now,
+        )
         .unwrap_err();
     assert_eq!(err.run_id, Some(run("gone")));
     assert!(
         reg.authorize(A, &f.subs[0].session_id, &f.subs[0].run_id)
             .is_ok()
     );
+}
+
+#[test]
+fn recover_takes_only_runs_the_socket_may_cover() {
+    let mut reg = registry();
+    let now = Instant::now();
+    let f = family(&mut reg, A, now);
+    let main = attach(
+        &mut reg,
+        B,
+        params("m", "i1", true, Some(2), &[Capability::SubtasksRun]),
+        now,
+    )
+    .session;
+    let covered = |r: &RunId| r.as_str() == "m" || r.as_str() == "s1";
+    // Every sub-run: s2 is not covered, so nothing moves.
+    let err = reg
+        .recover(B, &main.session_id, &main.run_id, None, None, &covered, now)
+        .unwrap_err();
+    assert_eq!(err.run_id, Some(run("s2")));
+    assert!(matches!(err.error, SessionError::Forbidden(_)));
+    assert!(
+        reg.authorize(A, &f.subs[0].session_id, &f.subs[0].run_id)
+            .is_ok()
+    );
+    // Named runs are checked before they are looked up: an uncovered run
+    // that does not exist is refused exactly like one that does.
+    for name in ["s2", "nobody"] {
+        let list = [run("s1"), run(name)];
+        let err = reg
+            .recover(
+                B,
+                &main.session_id,
+                &main.run_id,
+                Some(&list),
+                None,
+                &covered,
+                now,
+            )
+            .unwrap_err();
+        assert_eq!(err.run_id, Some(run(name)));
+        assert!(matches!(err.error, SessionError::Forbidden(_)));
+    }
+    // What is covered moves.
+    let list = [run("s1")];
+    let moved = reg
+        .recover(
+            B,
+            &main.session_id,
+            &main.run_id,
+            Some(&list),
+            None,
+            &covered,
+            now,
+        )
+        .unwrap();
+    assert_eq!(moved.len(), 1);
 }
 
 #[test]
@@ -366,11 +447,27 @@ fn recover_refuses_a_wrong_epoch_and_a_foreign_socket() {
     )
     .session;
     let err = reg
-        .recover(B, &main.session_id, &main.run_id, None, Some(7), now)
+        .recover(
+            B,
+            &main.session_id,
+            &main.run_id,
+            None,
+            Some(7),
+            &|_| true,
+            now,
+        )
         .unwrap_err();
     assert!(matches!(err.error, SessionError::EpochNotGreater { .. }));
     let err = reg
-        .recover(C, &main.session_id, &main.run_id, None, None, now)
+        .recover(
+            C,
+            &main.session_id,
+            &main.run_id,
+            None,
+            None,
+            &|_| true,
+            now,
+        )
         .unwrap_err();
     assert_eq!(err.error, SessionError::NotAttached);
     assert!(
@@ -531,7 +628,15 @@ async fn restored_sessions_keep_their_id_epoch_and_fencing() {
     assert_eq!(main.session_id, f.main.session_id);
     assert!(main.capabilities.contains(Capability::SubtasksRun));
     let moved = after
-        .recover(B, &main.session_id, &main.run_id, None, Some(2), now2)
+        .recover(
+            B,
+            &main.session_id,
+            &main.run_id,
+            None,
+            Some(2),
+            &|_| true,
+            now2,
+        )
         .unwrap();
     assert!(moved.is_empty(), "nobody held the sub-runs to be told");
     for sub in &f.subs {
@@ -655,8 +760,16 @@ fn a_socket_holds_at_most_its_maximum_of_sessions() {
         )
         .unwrap();
     assert_eq!(re.session.session_id, main.session.session_id);
-    reg.recover(C, &main.session.session_id, &run("m"), None, Some(1), t0)
-        .unwrap();
+    reg.recover(
+        C,
+        &main.session.session_id,
+        &run("m"),
+        None,
+        Some(1),
+        &|_| true,
+        t0,
+    )
+    .unwrap();
     assert_eq!(reg.sessions_on(C), 3);
     assert_eq!(reg.sessions_on(A), 0);
 }
@@ -682,7 +795,15 @@ fn recovery_that_would_overfill_a_socket_moves_nothing() {
     // A fresh sub-run on the new socket first: 2 bound, 2 more would be 4.
     attach(&mut reg, C, params("s3", "i", false, None, &[]), t0);
     let err = reg
-        .recover(C, &main.session.session_id, &run("m"), None, Some(1), t0)
+        .recover(
+            C,
+            &main.session.session_id,
+            &run("m"),
+            None,
+            Some(1),
+            &|_| true,
+            t0,
+        )
         .unwrap_err();
     assert_eq!(err.error, SessionError::TooManySessions { max: 3 });
     assert_eq!(err.run_id, None);

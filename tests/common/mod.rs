@@ -3,5 +3,6 @@
 pub mod harness;
 pub mod http;
 pub mod proxy;
+pub mod raw_ws;
 pub mod redis;
 pub mod schema;
