@@ -787,15 +787,25 @@ impl SessionRegistry {
             .collect()
     }
 
-    /// Records of sessions whose lease was renewed since the last call (and
-    /// that still exist).
-    pub fn take_renewals(&mut self, clock: &Clock) -> Vec<SessionChange> {
-        let renewed = std::mem::take(&mut self.renewed);
-        renewed
-            .into_iter()
-            .filter_map(|id| self.sessions.get(&id))
-            .map(|s| SessionChange::Put(s.record(clock)))
-            .collect()
+    /// Records of up to `max` sessions whose lease was renewed since they
+    /// were last taken (and that still exist); the rest wait for the next
+    /// call. Taking them in slices lets the caller release the registry
+    /// between slices, so heartbeats never wait behind thousands of records.
+    pub fn take_renewals(&mut self, clock: &Clock, max: usize) -> Vec<SessionChange> {
+        let ids: Vec<SessionId> = self.renewed.iter().take(max).cloned().collect();
+        let mut records = Vec::with_capacity(ids.len());
+        for id in ids {
+            self.renewed.remove(&id);
+            if let Some(s) = self.sessions.get(&id) {
+                records.push(SessionChange::Put(s.record(clock)));
+            }
+        }
+        records
+    }
+
+    /// Whether any renewal waits to be taken.
+    pub fn has_renewals(&self) -> bool {
+        !self.renewed.is_empty()
     }
 
     /// Rebuilds sessions from saved records after a restart: all detached,

@@ -553,12 +553,12 @@ async fn changes_are_taken_once_and_heartbeats_are_renewals_only() {
         reg.take_changes(&clock).is_empty(),
         "a heartbeat is no change"
     );
-    let renewed = puts(reg.take_renewals(&clock));
+    let renewed = puts(reg.take_renewals(&clock, usize::MAX));
     assert_eq!(
         renewed[0].deadline_unix_ms,
         clock.wall(later + TTL).unix_millis()
     );
-    assert!(reg.take_renewals(&clock).is_empty());
+    assert!(reg.take_renewals(&clock, usize::MAX).is_empty());
 
     // A reconnect is a change (new epoch); expiry too; forgetting deletes.
     attach(&mut reg, B, params("r1", "i1", true, Some(4), &[]), later);
@@ -809,4 +809,31 @@ fn recovery_that_would_overfill_a_socket_moves_nothing() {
     assert_eq!(err.run_id, None);
     assert_eq!(reg.sessions_on(C), 2);
     assert_eq!(reg.sessions_on(A), 2, "the sub-runs stayed where they were");
+}
+
+#[tokio::test(start_paused = true)]
+async fn renewals_are_taken_in_slices() {
+    let clock = Clock::start();
+    let mut reg = registry();
+    let now = clock.now();
+    let mut sessions = Vec::new();
+    for (i, conn) in [A, B, C].into_iter().enumerate() {
+        let p = params(&format!("r{i}"), "i1", false, None, &[]);
+        sessions.push((conn, attach(&mut reg, conn, p, now).session));
+    }
+    // Saving a change saves the deadline too: nothing is left to renew.
+    reg.take_changes(&clock);
+    assert!(!reg.has_renewals());
+    for (conn, s) in &sessions {
+        reg.heartbeat(*conn, &s.session_id, &s.run_id, None, now)
+            .unwrap();
+    }
+    let mut taken = 0;
+    while reg.has_renewals() {
+        let slice = reg.take_renewals(&clock, 2);
+        assert!(!slice.is_empty() && slice.len() <= 2);
+        taken += slice.len();
+    }
+    assert_eq!(taken, 3);
+    assert!(reg.take_renewals(&clock, 2).is_empty());
 }
