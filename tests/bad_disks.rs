@@ -164,26 +164,6 @@ async fn publish_until_refused(rt: &mut Client, sid: &Value, run: &str) -> (Vec<
     panic!("the disk never filled");
 }
 
-/// The run's whole stream as a viewer resuming from 0 sees it.
-async fn read_all(url: &str, token: &str, run: &str) -> (String, Vec<Value>) {
-    let mut viewer = Client::connect(url, token).await;
-    let info = viewer
-        .ok("stream.resume", json!({ "runId": run, "fromOffset": 0 }))
-        .await;
-    assert_eq!(info["firstOffset"], 0, "{info}");
-    assert_eq!(info["truncated"], false, "{info}");
-    let next = info["nextOffset"].as_u64().unwrap();
-    let mut data = Vec::new();
-    while (data.len() as u64) < next {
-        let push = viewer.push("stream.events").await;
-        for e in push["events"].as_array().unwrap() {
-            assert_eq!(e["offset"], data.len() as u64, "contiguous offsets");
-            data.push(e["event"]["data"].clone());
-        }
-    }
-    (info["streamEpoch"].as_str().unwrap().to_owned(), data)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_disk_that_fills_up_refuses_publishes_and_loses_nothing_acknowledged() {
     let Some(fs) = Tmpfs::mount("16m", "") else {
@@ -220,7 +200,7 @@ async fn a_disk_that_fills_up_refuses_publishes_and_loses_nothing_acknowledged()
     .await;
     let ready = common::http::get(gw.addr, "/readyz", &[]).await;
     assert_eq!(ready.status, 503);
-    let (epoch, seen) = read_all(&gw.url("/v1/stream"), &viewer_token, "full").await;
+    let (epoch, seen) = read_stream(&gw.url("/v1/stream"), &viewer_token, "full").await;
     assert_eq!(seen, acked, "exactly the acknowledged events, in order");
     gw.kill().await;
 
@@ -228,7 +208,7 @@ async fn a_disk_that_fills_up_refuses_publishes_and_loses_nothing_acknowledged()
     // under the same epoch, and publishing works again.
     std::fs::remove_file(filler).unwrap();
     let gw = GatewayProcess::spawn(&data, &[]).await;
-    let (epoch_after, seen) = read_all(&gw.url("/v1/stream"), &viewer_token, "full").await;
+    let (epoch_after, seen) = read_stream(&gw.url("/v1/stream"), &viewer_token, "full").await;
     assert_eq!(epoch_after, epoch);
     assert_eq!(seen, acked);
     let mut rt = Client::connect(&gw.url("/v1/runtime"), &token).await;
@@ -241,7 +221,7 @@ async fn a_disk_that_fills_up_refuses_publishes_and_loses_nothing_acknowledged()
                 "events": [{ "type": "log", "seq": next_seq, "data": { "after": true } }] }),
     )
     .await;
-    let (_, seen) = read_all(&gw.url("/v1/stream"), &viewer_token, "full").await;
+    let (_, seen) = read_stream(&gw.url("/v1/stream"), &viewer_token, "full").await;
     assert_eq!(seen.len(), acked.len() + 1);
     assert_eq!(seen.last(), Some(&json!({ "after": true })));
     gw.kill().await;

@@ -4,16 +4,12 @@
 
 mod common;
 
-use std::process::Stdio;
-use std::time::Duration;
-
 use common::harness::*;
 use common::http;
 use rungate::auth::{AuthKey, TokenKind};
 use rungate::gateway::origin::AllowedOrigins;
 use rungate::ids::Capability;
 use serde_json::{Value, json};
-use tokio::io::AsyncBufReadExt;
 use tokio_tungstenite::tungstenite;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
@@ -256,8 +252,7 @@ const SECRET: &str = "s3cr3t-VALUE-never-logged-7f1c";
 
 /// `rungate serve` at the most verbose log level, its stderr in a file.
 struct LoggedGateway {
-    child: tokio::process::Child,
-    addr: String,
+    gateway: GatewayProcess,
     log: std::path::PathBuf,
     key: AuthKey,
     _dir: tempfile::TempDir,
@@ -273,28 +268,15 @@ async fn logged_gateway() -> LoggedGateway {
     .unwrap();
     let data = data_dir(&dir);
     let log = dir.path().join("stderr.log");
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_rungate"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(&data)
-        .arg("--config")
-        .arg(&config)
+    let config_arg = config.to_str().unwrap();
+    let mut command = GatewayProcess::command(&data, &["--config", config_arg]);
+    command
         .env("RUNGATE_LOG", "trace")
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn rungate");
-    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
-    let line = tokio::time::timeout(WAIT, lines.next_line())
-        .await
-        .expect("address in time")
-        .unwrap()
-        .unwrap();
-    let addr = line.strip_prefix("listening on ").unwrap().to_owned();
+        .stderr(std::fs::File::create(&log).unwrap());
+    let gateway = GatewayProcess::start(command).await;
     let key = AuthKey::load_or_create(&data.join("auth.key")).unwrap();
     LoggedGateway {
-        child,
-        addr,
+        gateway,
         log,
         key,
         _dir: dir,
@@ -307,14 +289,14 @@ fn hex(s: &str) -> String {
 
 #[tokio::test]
 async fn tokens_in_query_strings_and_secrets_never_reach_the_logs() {
-    let mut gw = logged_gateway().await;
+    let gw = logged_gateway().await;
     let runtime = mint(&gw.key, TokenKind::Runtime, "*", &Capability::ALL);
     let viewer = mint(&gw.key, TokenKind::Viewer, "*", &[]);
-    let addr: std::net::SocketAddr = gw.addr.parse().unwrap();
+    let addr = gw.gateway.addr;
 
     // A runtime whose token travels in the query string, as a browser's
     // would, reads the secret over the wire.
-    let url = format!("ws://{}/v1/runtime?token={runtime}", gw.addr);
+    let url = format!("ws://{addr}/v1/runtime?token={runtime}");
     let (ws, _) = tokio_tungstenite::connect_async(url)
         .await
         .expect("upgrade");
@@ -370,17 +352,7 @@ async fn tokens_in_query_strings_and_secrets_never_reach_the_logs() {
     rt.close().await;
 
     // Drain, so everything is written.
-    let pid = gw.child.id().expect("running").to_string();
-    let status = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let exit = tokio::time::timeout(Duration::from_secs(30), gw.child.wait())
-        .await
-        .expect("exits in time")
-        .unwrap();
-    assert!(exit.success());
+    assert_eq!(gw.gateway.terminate().await, Some(0), "drains and exits 0");
     let log = std::fs::read_to_string(&gw.log).unwrap();
     // The log is there and verbose, so its silence below means something.
     assert!(

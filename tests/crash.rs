@@ -14,32 +14,10 @@ use parking_lot::Mutex;
 use rungate::auth::{AuthKey, TokenKind};
 use rungate::client::{Event, RuntimeClient, RuntimeOptions};
 use rungate::ids::Capability;
-use serde_json::{Value, json};
+use serde_json::json;
 
 const RUNTIMES: u64 = 3;
 const CRASHES: usize = 20;
-
-/// Reads run `run`'s whole stream: (epoch, events' data in offset order).
-async fn read_stream(url: &str, token: &str, run: &str) -> (String, Vec<Value>) {
-    let mut viewer = Client::connect(url, token).await;
-    let info = viewer
-        .ok("stream.resume", json!({ "runId": run, "fromOffset": 0 }))
-        .await;
-    assert_eq!(
-        info["firstOffset"], 0,
-        "nothing evicted in this test: {info}"
-    );
-    let next = info["nextOffset"].as_u64().unwrap();
-    let mut data = Vec::new();
-    while (data.len() as u64) < next {
-        let push = viewer.push("stream.events").await;
-        for e in push["events"].as_array().unwrap() {
-            assert_eq!(e["offset"], data.len() as u64, "contiguous offsets");
-            data.push(e["event"]["data"].clone());
-        }
-    }
-    (info["streamEpoch"].as_str().unwrap().to_owned(), data)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_events_survive_twenty_kill_9s() {

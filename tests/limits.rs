@@ -557,25 +557,10 @@ async fn limits_come_from_the_config_file_and_the_environment() {
     )
     .unwrap();
     let data = data_dir(&dir);
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_rungate"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(&data)
-        .arg("--config")
-        .arg(&config)
-        .env("RUNGATE_LOG", "warn")
-        .env("RUNGATE_MAX_KV_KEY_BYTES", "4")
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn rungate");
-    use tokio::io::AsyncBufReadExt;
-    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
-    let line = tokio::time::timeout(WAIT, lines.next_line())
-        .await
-        .expect("address in time")
-        .unwrap()
-        .unwrap();
-    let addr = line.strip_prefix("listening on ").unwrap().to_owned();
+    let mut command = GatewayProcess::command(&data, &["--config", config.to_str().unwrap()]);
+    command.env("RUNGATE_MAX_KV_KEY_BYTES", "4");
+    let gw = GatewayProcess::start(command).await;
+    let addr = gw.addr;
     let key = rungate::auth::AuthKey::load_or_create(&data.join("auth.key")).unwrap();
     let token = mint(&key, TokenKind::Runtime, "*", &Capability::ALL);
     let mut rt = Client::connect(&format!("ws://{addr}/v1/runtime"), &token).await;
@@ -596,5 +581,5 @@ async fn limits_come_from_the_config_file_and_the_environment() {
     .await;
     assert_eq!(e["details"]["maxSessionsPerSocket"], 1, "{e}");
     rt.ok("kv.set", set(json!({ "k": "fits" }))).await;
-    let _ = child.kill().await;
+    gw.kill().await;
 }

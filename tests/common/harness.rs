@@ -279,6 +279,32 @@ impl Client {
     }
 }
 
+/// A run's whole stream as a viewer resuming from offset 0 sees it: its
+/// epoch and each event's `data`, in offset order. Asserts that nothing was
+/// evicted or lost (`firstOffset` 0, not truncated, offsets contiguous).
+pub async fn read_stream(url: &str, token: &str, run: &str) -> (String, Vec<Value>) {
+    let mut viewer = Client::connect(url, token).await;
+    let info = viewer
+        .ok("stream.resume", json!({ "runId": run, "fromOffset": 0 }))
+        .await;
+    assert_eq!(info["firstOffset"], 0, "nothing evicted: {info}");
+    assert_eq!(info["truncated"], false, "{info}");
+    let next = info["nextOffset"].as_u64().expect("nextOffset");
+    let mut data = Vec::new();
+    while (data.len() as u64) < next {
+        let push = viewer.push("stream.events").await;
+        for e in push["events"].as_array().expect("events") {
+            assert_eq!(e["offset"], data.len() as u64, "contiguous offsets");
+            data.push(e["event"]["data"].clone());
+        }
+    }
+    let epoch = info["streamEpoch"]
+        .as_str()
+        .expect("streamEpoch")
+        .to_owned();
+    (epoch, data)
+}
+
 /// The `rungate` binary as a child process, for restart and signal tests.
 pub struct GatewayProcess {
     child: tokio::process::Child,
@@ -290,20 +316,33 @@ impl GatewayProcess {
     /// `--listen` in `extra` replaces the default (to restart on the same
     /// address).
     pub async fn spawn(data_dir: &Path, extra: &[&str]) -> GatewayProcess {
+        GatewayProcess::start(GatewayProcess::command(data_dir, extra)).await
+    }
+
+    /// The command [`Self::spawn`] runs, for a test that changes it
+    /// (environment, log level, where stderr goes) before [`Self::start`].
+    pub fn command(data_dir: &Path, extra: &[&str]) -> tokio::process::Command {
         let listen: &[&str] = if extra.contains(&"--listen") {
             &[]
         } else {
             &["--listen", "127.0.0.1:0"]
         };
-        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_rungate"))
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_rungate"));
+        command
             .arg("serve")
             .args(listen)
             .arg("--data-dir")
             .arg(data_dir)
             .args(extra)
             .env("RUNGATE_LOG", "warn")
+            .stderr(Stdio::inherit());
+        command
+    }
+
+    /// Runs a `rungate serve` command and waits for the address it prints.
+    pub async fn start(mut command: tokio::process::Command) -> GatewayProcess {
+        let mut child = command
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
             .kill_on_drop(true)
             .spawn()
             .expect("spawn rungate");
