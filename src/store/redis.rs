@@ -454,107 +454,11 @@ fn redis_error(e: RedisError) -> StoreError {
     }
 }
 
-/// A throwaway `redis-server` for tests: `REDIS_URL` if set, else one of our
-/// own on a free loopback port, stopped on drop. `None` (said loudly) when
-/// neither is available, except under `CI=true`, where that is a failure.
+/// A throwaway `redis-server` for tests: the integration tests' own helper,
+/// shared rather than copied.
 #[cfg(test)]
-pub(crate) mod test_server {
-    use std::process::{Child, Command, Stdio};
-    use std::time::{Duration, Instant};
-
-    pub(crate) struct TestRedis {
-        pub url: String,
-        child: Option<Child>,
-        _dir: Option<tempfile::TempDir>,
-    }
-
-    impl Drop for TestRedis {
-        fn drop(&mut self) {
-            if let Some(child) = &mut self.child {
-                let _ = child.kill();
-                let _ = child.wait();
-            }
-        }
-    }
-
-    impl TestRedis {
-        /// Stops the server (ours only), as a crash would.
-        pub(crate) fn stop(&mut self) {
-            if let Some(child) = &mut self.child {
-                let _ = child.kill();
-                let _ = child.wait();
-            }
-        }
-
-        /// Starts our server again on the same port.
-        pub(crate) fn restart(&mut self) {
-            self.stop();
-            let port = self.port();
-            let dir = self._dir.as_ref().map(|d| d.path().to_owned());
-            self.child = Some(spawn(port, &dir.unwrap_or_default()).expect("restart redis-server"));
-            wait_listening(port);
-        }
-
-        fn port(&self) -> u16 {
-            self.url
-                .rsplit(':')
-                .next()
-                .and_then(|p| p.split('/').next())
-                .and_then(|p| p.parse().ok())
-                .unwrap_or(6379)
-        }
-    }
-
-    fn spawn(port: u16, dir: &std::path::Path) -> std::io::Result<Child> {
-        Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no", "--dir"])
-            .arg(dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-    }
-
-    fn wait_listening(port: u16) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "redis-server did not listen");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    pub(crate) fn start() -> Option<TestRedis> {
-        if let Ok(url) = std::env::var("REDIS_URL") {
-            return Some(TestRedis {
-                url,
-                child: None,
-                _dir: None,
-            });
-        }
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("a free port");
-        let dir = tempfile::tempdir().expect("temp dir");
-        let child = match spawn(port, dir.path()) {
-            Ok(child) => child,
-            Err(e) => {
-                assert!(
-                    std::env::var("CI").as_deref() != Ok("true"),
-                    "CI=true but redis-server cannot start: {e}"
-                );
-                eprintln!("SKIPPED: no REDIS_URL and no redis-server ({e})");
-                return None;
-            }
-        };
-        wait_listening(port);
-        Some(TestRedis {
-            url: format!("redis://127.0.0.1:{port}/0"),
-            child: Some(child),
-            _dir: Some(dir),
-        })
-    }
-}
+#[path = "../../tests/common/redis.rs"]
+pub(crate) mod test_server;
 
 #[cfg(test)]
 mod tests {

@@ -1,7 +1,8 @@
 //! A Redis for tests: `REDIS_URL` when set, else a `redis-server` of our own
 //! on a free loopback port, stopped on drop. Without either the tests skip,
 //! saying so, except under `CI=true`, where that is a failure (`.ci/run`
-//! installs redis-server).
+//! installs redis-server). Also compiled into the crate's own unit tests
+//! (`store::redis::test_server`), so there is one copy.
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -21,6 +22,52 @@ impl Drop for TestRedis {
     }
 }
 
+impl TestRedis {
+    /// Stops the server (ours only), as a crash would.
+    pub fn stop(&mut self) {
+        if let Some(child) = &mut self.child {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts our server again on the same port.
+    pub fn restart(&mut self) {
+        self.stop();
+        let port = self.port();
+        let dir = self._dir.as_ref().map(|d| d.path().to_owned());
+        self.child = Some(spawn(port, &dir.unwrap_or_default()).expect("restart redis-server"));
+        wait_listening(port);
+    }
+
+    fn port(&self) -> u16 {
+        self.url
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.split('/').next())
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(6379)
+    }
+}
+
+fn spawn(port: u16, dir: &std::path::Path) -> std::io::Result<Child> {
+    Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(["--save", "", "--appendonly", "no", "--dir"])
+        .arg(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+}
+
+fn wait_listening(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "redis-server did not listen");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 pub fn start() -> Option<TestRedis> {
     if let Ok(url) = std::env::var("REDIS_URL") {
         return Some(TestRedis {
@@ -34,14 +81,7 @@ pub fn start() -> Option<TestRedis> {
         .map(|a| a.port())
         .expect("a free port");
     let dir = tempfile::tempdir().expect("temp dir");
-    let spawned = Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-        .args(["--save", "", "--appendonly", "no", "--dir"])
-        .arg(dir.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn();
-    let child = match spawned {
+    let child = match spawn(port, dir.path()) {
         Ok(child) => child,
         Err(e) => {
             assert!(
@@ -52,11 +92,7 @@ pub fn start() -> Option<TestRedis> {
             return None;
         }
     };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "redis-server did not listen");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_listening(port);
     Some(TestRedis {
         url: format!("redis://127.0.0.1:{port}/0"),
         child: Some(child),
