@@ -113,18 +113,18 @@ impl Sessions {
     pub async fn save_renewals(&self) -> Result<(), StoreError> {
         let mut pending = Vec::new();
         loop {
-            let saved = {
+            let more = {
+                // Other changes were submitted by the call that made them
+                // (see `with`), so only renewals can be waiting here.
                 let mut registry = self.registry.lock();
-                let mut changes = registry.take_changes(&self.clock);
-                changes.extend(registry.take_renewals(&self.clock, RENEWALS_PER_SLICE));
+                let changes = registry.take_renewals(&self.clock, RENEWALS_PER_SLICE);
                 if changes.is_empty() {
                     break;
                 }
-                let more = registry.has_renewals();
-                (self.store.sessions_save(changes), more)
+                pending.push(self.store.sessions_save(changes));
+                registry.has_renewals()
             };
-            pending.push(saved.0);
-            if !saved.1 {
+            if !more {
                 break;
             }
             tokio::task::yield_now().await;
