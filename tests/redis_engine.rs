@@ -105,3 +105,129 @@ async fn an_unreachable_redis_stops_the_gateway_at_start() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains(&url), "names the address: {stderr}");
 }
+
+/// Two gateways in this process on one Redis, sharing one auth key (each
+/// with its own data dir, as two machines would have).
+async fn two_gateways(
+    redis: &common::redis::TestRedis,
+    lease: std::time::Duration,
+) -> (TestGateway, TestGateway, AuthKey, tempfile::TempDir) {
+    let key_dir = tempfile::tempdir().unwrap();
+    let key_file = key_dir.path().join("auth.key");
+    let key = AuthKey::load_or_create(&key_file).unwrap();
+    let mut gateways = Vec::new();
+    for _ in 0..2 {
+        let (url, key_file) = (redis.url.clone(), key_file.clone());
+        gateways.push(
+            TestGateway::start_with(move |c| {
+                c.store = rungate::config::StoreKind::Redis { url };
+                c.auth_key_file = key_file;
+                c.lease_ttl = lease;
+            })
+            .await,
+        );
+    }
+    let b = gateways.pop().unwrap();
+    let a = gateways.pop().unwrap();
+    (a, b, key, key_dir)
+}
+
+/// The frames a socket gets within `quiet` of each other, until it goes
+/// quiet (for counting pushes that must come exactly once).
+async fn frames_until_quiet(
+    client: &mut Client,
+    quiet: std::time::Duration,
+) -> Vec<serde_json::Value> {
+    let mut frames = Vec::new();
+    while let Ok(text) = tokio::time::timeout(quiet, client.next_text()).await {
+        frames.push(serde_json::from_str(&text).unwrap());
+    }
+    frames
+}
+
+/// A reconnect at a newer epoch on the other gateway takes the session
+/// over: same `sessionId`, the old socket is told `session.superseded` and
+/// is fenced with `STALE_EPOCH`; a fresh attach of the run anywhere is
+/// `CONFLICT`. When the lease then runs out, exactly one socket hears
+/// `session.expired`, once, and a late reconnect on either gateway is
+/// `SESSION_EXPIRED`.
+#[tokio::test]
+async fn a_session_moves_between_gateways_and_expires_once() {
+    let Some(redis) = common::redis::start() else {
+        return;
+    };
+    let lease = std::time::Duration::from_secs(3);
+    let (a, b, key, _key_dir) = two_gateways(&redis, lease).await;
+    let token = mint(
+        &key,
+        TokenKind::Runtime,
+        "*",
+        &rungate::ids::Capability::ALL,
+    );
+    let caps = ["kv.read", "kv.write"];
+
+    let mut on_a = Client::connect(&a.url("/v1/runtime"), &token).await;
+    let first = on_a.reattach("moving-run", "w", 1, &caps).await;
+    assert_eq!(
+        first["error"]["code"], "SESSION_EXPIRED",
+        "nothing to reconnect to yet: {first}"
+    );
+    let attached = on_a
+        .ok(
+            "runtime.attach",
+            json!({ "runId": "moving-run", "runtimeInstanceId": "w", "protocolVersion": "1",
+                    "connectionEpoch": 1, "capabilities": caps }),
+        )
+        .await;
+    let sid = attached["sessionId"].clone();
+    let heartbeat = json!({ "sessionId": sid, "runId": "moving-run" });
+
+    let mut on_b = Client::connect(&b.url("/v1/runtime"), &token).await;
+    let same_epoch = on_b.reattach("moving-run", "w", 1, &caps).await;
+    assert_eq!(same_epoch["error"]["code"], "STALE_EPOCH", "{same_epoch}");
+    assert_eq!(
+        on_b.err(
+            "runtime.attach",
+            json!({ "runId": "moving-run", "runtimeInstanceId": "w", "protocolVersion": "1", "capabilities": caps }),
+        )
+        .await,
+        "CONFLICT",
+        "the run is live on the other gateway"
+    );
+    let moved = on_b.reattach("moving-run", "w", 2, &caps).await;
+    assert_eq!(moved["payload"]["sessionId"], sid, "{moved}");
+
+    let superseded = on_a.push("session.superseded").await;
+    assert_eq!(superseded["sessionId"], sid);
+    assert_eq!(superseded["connectionEpoch"], 2);
+    assert_eq!(
+        on_a.err("runtime.heartbeat", heartbeat.clone()).await,
+        "STALE_EPOCH"
+    );
+    on_b.ok("runtime.heartbeat", heartbeat.clone()).await;
+    on_b.ok(
+        "kv.set",
+        json!({ "sessionId": sid, "runId": "moving-run", "kv": { "k": "from-b" } }),
+    )
+    .await;
+
+    // The lease runs out on B (no more heartbeats): one expiry, on B's socket.
+    let expired = on_b.push("session.expired").await;
+    assert_eq!(expired["sessionId"], sid);
+    let quiet = lease * 2;
+    let (rest_a, rest_b) = tokio::join!(
+        frames_until_quiet(&mut on_a, quiet),
+        frames_until_quiet(&mut on_b, quiet)
+    );
+    let more: Vec<_> = rest_a
+        .iter()
+        .chain(rest_b.iter())
+        .filter(|f| f["type"] == "session.expired")
+        .collect();
+    assert!(more.is_empty(), "session.expired once, not again: {more:?}");
+    for gateway in [&a, &b] {
+        let mut late = Client::connect(&gateway.url("/v1/runtime"), &token).await;
+        let answer = late.reattach("moving-run", "w", 3, &caps).await;
+        assert_eq!(answer["error"]["code"], "SESSION_EXPIRED", "{answer}");
+    }
+}

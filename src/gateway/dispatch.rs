@@ -331,6 +331,19 @@ pub(crate) fn store_error(e: StoreError) -> CommandError {
             CommandError::new(ErrorCode::PayloadTooLarge, e.to_string())
                 .with_details(json!({ "maxKvKeysPerRun": max }))
         }
+        // Another gateway got there first: it moved the session on to a
+        // newer epoch, or (no epoch) holds a live session of the run.
+        StoreError::Fenced { sessions } => match sessions.iter().find_map(|(_, e)| *e) {
+            Some(current_epoch) => CommandError::new(
+                ErrorCode::StaleEpoch,
+                "the session moved to another gateway at a newer connection epoch",
+            )
+            .with_details(json!({ "currentEpoch": current_epoch })),
+            None => CommandError::new(
+                ErrorCode::Conflict,
+                "the run already has a live session on another gateway",
+            ),
+        },
     }
 }
 
@@ -429,10 +442,37 @@ fn attach(ctx: &ConnCtx, id: &str, req: cmd::AttachRequest) -> Result<Reply, Com
         connection_epoch: req.connection_epoch,
         capabilities: asked,
     };
+    if !shared.sessions.shared() {
+        return attach_here(ctx.id, shared.clone(), id.to_owned(), params);
+    }
+    // Other gateways share the sessions: learn the run's session from the
+    // store first, so a reconnect finds one another gateway held and a
+    // fresh attach finds the run taken.
+    let loaded = shared.sessions.load_from_shared(&params.run_id);
+    let (conn, shared, id) = (ctx.id, shared.clone(), id.to_owned());
+    Ok(Reply::Later(
+        async move {
+            loaded.await.map_err(store_error)?;
+            match attach_here(conn, shared, id, params)? {
+                Reply::Now(frame) => Ok(frame),
+                Reply::Later(answer) => answer.await,
+            }
+        }
+        .boxed(),
+    ))
+}
+
+/// Attaches on the registry as it stands and answers once saved.
+fn attach_here(
+    conn: ConnId,
+    shared: Arc<Shared>,
+    id: String,
+    params: AttachParams,
+) -> Result<Reply, CommandError> {
     let now = Instant::now();
     let (outcome, saved) = shared
         .sessions
-        .with_new_deadline(|r| r.attach(ctx.id, params, now));
+        .with_new_deadline(|r| r.attach(conn, params, now));
     let outcome = outcome.map_err(session_error)?;
     // The move already happened in memory, so the old socket is fenced now
     // whether or not the save succeeds.
@@ -447,9 +487,6 @@ fn attach(ctx: &ConnCtx, id: &str, req: cmd::AttachRequest) -> Result<Reply, Com
             .push(s.conn, encode_push(push::SESSION_SUPERSEDED, &payload));
     }
     let session = outcome.session;
-    // Keep the run's stream while the session lives (and fix its epoch
-    // before the first publish, for viewers already waiting).
-    shared.streams.session_started(&session.run_id, now);
     // Per-session events are debug: at thousands of sessions an info line
     // each would be most of the gateway's work in an attach storm.
     tracing::debug!(run = %session.run_id, epoch = session.epoch, fresh = outcome.fresh, "session attached");
@@ -461,8 +498,8 @@ fn attach(ctx: &ConnCtx, id: &str, req: cmd::AttachRequest) -> Result<Reply, Com
         lease_expires_at: shared.clock.wall(session.lease_deadline),
         config_version: Some(version),
     };
-    let id = id.to_owned();
     let undo_shared = shared.clone();
+    let run = session.run_id.clone();
     let undo = move || {
         // A fresh session nobody was told about is withdrawn so the retry
         // can start it; a moved one stays where it is (its old socket was
@@ -471,12 +508,15 @@ fn attach(ctx: &ConnCtx, id: &str, req: cmd::AttachRequest) -> Result<Reply, Com
             undo_shared
                 .sessions
                 .with(|r| r.abandon(&session.session_id));
-            undo_shared
-                .streams
-                .session_ended(&session.run_id, Instant::now());
         }
     };
-    when_saved(saved, undo, move || encode_reply(&id, &response))
+    when_saved(saved, undo, move || {
+        // Keep the run's stream while the session lives (and fix its epoch
+        // before the first publish, for viewers already waiting). Only once
+        // saved: a session another gateway fenced off never started here.
+        shared.streams.session_started(&run, now);
+        encode_reply(&id, &response)
+    })
 }
 
 fn heartbeat(
@@ -510,16 +550,61 @@ fn recover(
     id: &str,
     req: cmd::RecoverConnectionsCommand,
 ) -> Result<Reply, CommandError> {
-    let now = Instant::now();
-    let (moved, saved) = ctx.shared.sessions.with_new_deadline(|r| {
-        r.recover(
+    let named: Vec<RunId> = match &req.sub_run_ids {
+        Some(runs) if ctx.shared.sessions.shared() => runs
+            .iter()
+            .filter(|run| ctx.grant.runs.covers(run))
+            .cloned()
+            .collect(),
+        _ => Vec::new(),
+    };
+    if named.is_empty() {
+        return recover_here(
             ctx.id,
+            ctx.shared.clone(),
+            ctx.grant.clone(),
+            id.to_owned(),
+            req,
+        );
+    }
+    // Sub-runs another gateway held are learnt from the shared store first
+    // (the runs the token covers only: the others are refused unread).
+    let loads: Vec<_> = named
+        .iter()
+        .map(|run| ctx.shared.sessions.load_from_shared(run))
+        .collect();
+    let (conn, shared, grant, id) = (ctx.id, ctx.shared.clone(), ctx.grant.clone(), id.to_owned());
+    Ok(Reply::Later(
+        async move {
+            for load in loads {
+                load.await.map_err(store_error)?;
+            }
+            match recover_here(conn, shared, grant, id, req)? {
+                Reply::Now(frame) => Ok(frame),
+                Reply::Later(answer) => answer.await,
+            }
+        }
+        .boxed(),
+    ))
+}
+
+fn recover_here(
+    conn: ConnId,
+    shared: Arc<Shared>,
+    grant: Grant,
+    id: String,
+    req: cmd::RecoverConnectionsCommand,
+) -> Result<Reply, CommandError> {
+    let now = Instant::now();
+    let (moved, saved) = shared.sessions.with_new_deadline(|r| {
+        r.recover(
+            conn,
             &req.session_id,
             &req.main_run_id,
             req.sub_run_ids.as_deref(),
             req.connection_epoch,
             // Moving a sub-run here is taking it, like an attach.
-            &|run| ctx.grant.runs.covers(run),
+            &|run| grant.runs.covers(run),
             now,
         )
     });
@@ -537,11 +622,10 @@ fn recover(
             run_id: &s.run_id,
             connection_epoch: s.new_epoch,
         };
-        ctx.shared
+        shared
             .conns
             .push(s.conn, encode_push(push::SESSION_SUPERSEDED, &payload));
     }
-    let id = id.to_owned();
     when_saved(saved, || {}, move || encode_reply(&id, &cmd::Accepted::YES))
 }
 

@@ -11,9 +11,14 @@ use std::sync::Arc;
 use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 
+use futures_util::FutureExt;
+
 use super::state::Shared;
+use crate::ids::SessionId;
 use crate::protocol::commands::push;
 use crate::protocol::encode_push;
+use crate::session::Expired;
+use crate::store::StoreError;
 
 pub(crate) async fn run(shared: Arc<Shared>, stop: CancellationToken) {
     loop {
@@ -26,20 +31,44 @@ pub(crate) async fn run(shared: Arc<Shared>, stop: CancellationToken) {
             _ = sleep_until(next.unwrap_or(far)) => {}
         }
         let now = Instant::now();
-        let expired = shared.sessions.with(|r| r.expire_due(now));
-        for e in expired {
-            tracing::debug!(run = %e.run_id, "session lease expired");
-            // The run's output stays readable for the retention period.
-            shared.streams.session_ended(&e.run_id, now);
-            if let Some(conn) = e.conn {
-                let payload = push::SessionExpired {
-                    session_id: &e.session_id,
-                    run_id: &e.run_id,
-                };
-                shared
-                    .conns
-                    .push(conn, encode_push(push::SESSION_EXPIRED, &payload));
-            }
+        let (expired, saved) = shared.sessions.expire_due(now);
+        if expired.is_empty() {
+            continue;
         }
+        // Sockets hear of an expiry once it is saved: with a store other
+        // gateways share, one fenced off there did not happen (the session
+        // moved on), which is what keeps it to one `session.expired`.
+        let shared = shared.clone();
+        let mut tell = Box::pin(async move {
+            let fenced: Vec<SessionId> = match saved.await {
+                Err(StoreError::Fenced { sessions }) => {
+                    sessions.into_iter().map(|(id, _)| id).collect()
+                }
+                _ => Vec::new(),
+            };
+            let now = Instant::now();
+            for e in expired.iter().filter(|e| !fenced.contains(&e.session_id)) {
+                tell_expired(&shared, e, now);
+            }
+        });
+        // A store of the gateway's own has usually saved already.
+        if (&mut tell).now_or_never().is_none() {
+            tokio::spawn(tell);
+        }
+    }
+}
+
+fn tell_expired(shared: &Shared, e: &Expired, now: Instant) {
+    tracing::debug!(run = %e.run_id, "session lease expired");
+    // The run's output stays readable for the retention period.
+    shared.streams.session_ended(&e.run_id, now);
+    if let Some(conn) = e.conn {
+        let payload = push::SessionExpired {
+            session_id: &e.session_id,
+            run_id: &e.run_id,
+        };
+        shared
+            .conns
+            .push(conn, encode_push(push::SESSION_EXPIRED, &payload));
     }
 }

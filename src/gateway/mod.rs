@@ -10,12 +10,14 @@
 //! `connection` (one socket), `rate_limit` (its command budget),
 //! `dispatch` (one request), `follow` (a socket's stream subscriptions),
 //! `sse` (the event-stream response), `leases` (the expiry timer), `upkeep`
-//! (stream retention and budget, saving renewed leases), `state` (what they
+//! (stream retention and budget, saving renewed leases), `cluster` (sessions
+//! shared with other gateways), `state` (what they
 //! share), `metrics`; `fuzzing` (feature `fuzzing`) hands the dispatcher to
 //! `fuzz/`.
 //! Must not contain protocol or session rules beyond wiring them together.
 
 mod admission;
+mod cluster;
 mod connection;
 mod dashboard;
 mod dispatch;
@@ -81,6 +83,7 @@ pub struct RunningGateway {
     accept: JoinHandle<()>,
     lease_timer: JoinHandle<()>,
     upkeep: JoinHandle<()>,
+    cluster: JoinHandle<()>,
     /// Stops the accept loop and the lease timer, at the end of a drain.
     stop: CancellationToken,
 }
@@ -152,6 +155,7 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
     let stop = CancellationToken::new();
     let lease_timer = tokio::spawn(leases::run(shared.clone(), stop.clone()));
     let upkeep = tokio::spawn(upkeep::run(shared.clone(), stop.clone()));
+    let cluster = tokio::spawn(cluster::run(shared.clone(), stop.clone()));
     let accept = tokio::spawn(server::accept_loop(listener, shared.clone(), stop.clone()));
     tracing::info!(addr = %local_addr, "rungate listening");
     Ok(RunningGateway {
@@ -160,6 +164,7 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
         accept,
         lease_timer,
         upkeep,
+        cluster,
         stop,
     })
 }
@@ -252,6 +257,7 @@ impl RunningGateway {
         let _ = self.accept.await;
         let _ = self.lease_timer.await;
         let _ = self.upkeep.await;
+        let _ = self.cluster.await;
         self.shared.streams.close().await;
         // Leases renewed since the last periodic save, so a restart right
         // after the drain gives every runtime its full reconnect window.

@@ -17,9 +17,11 @@ use std::time::Duration;
 
 use futures_util::FutureExt;
 use parking_lot::Mutex;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, mpsc};
+use tokio::time::Instant;
 
-use crate::store::{Store, StoreError, StoreFuture};
+use crate::ids::RunId;
+use crate::store::{SessionMoved, Store, StoreError, StoreFuture};
 use crate::time::Clock;
 
 pub use registry::{
@@ -40,11 +42,18 @@ const RENEWALS_PER_SLICE: usize = 256;
 /// may have moved and the store that keeps sessions across restarts.
 /// Critical sections are short map operations plus the (non-blocking)
 /// submission of a store write; nothing awaits while holding the lock.
+///
+/// With a store several gateways share, a session held here can be lost
+/// to another gateway at any time (its takeover reported by the store, or
+/// a save here fenced off). Every such loss goes out through one channel,
+/// [`Sessions::lost_sessions`], whoever noticed it.
 pub struct Sessions {
-    registry: Mutex<SessionRegistry>,
+    registry: Arc<Mutex<SessionRegistry>>,
     deadline_moved: Notify,
     store: Arc<dyn Store>,
     clock: Clock,
+    lost_tx: mpsc::UnboundedSender<Superseded>,
+    lost_rx: Mutex<Option<mpsc::UnboundedReceiver<Superseded>>>,
 }
 
 /// Completes when the session changes a call made are saved.
@@ -52,11 +61,14 @@ pub type Saved = StoreFuture<()>;
 
 impl Sessions {
     pub fn new(policy: LeasePolicy, store: Arc<dyn Store>, clock: Clock) -> Self {
+        let (lost_tx, lost_rx) = mpsc::unbounded_channel();
         Sessions {
-            registry: Mutex::new(SessionRegistry::new(policy)),
+            registry: Arc::new(Mutex::new(SessionRegistry::new(policy))),
             deadline_moved: Notify::new(),
             store,
             clock,
+            lost_tx,
+            lost_rx: Mutex::new(Some(lost_rx)),
         }
     }
 
@@ -121,7 +133,7 @@ impl Sessions {
                 if changes.is_empty() {
                     break;
                 }
-                pending.push(self.store.sessions_save(changes));
+                pending.push(self.fenced_means_lost(self.store.sessions_save(changes)));
                 registry.has_renewals()
             };
             if !more {
@@ -140,14 +152,127 @@ impl Sessions {
         self.deadline_moved.notified().await
     }
 
+    /// Expires what is due at `now` (see [`SessionRegistry::expire_due`]).
+    /// Tell the sockets only once the returned future says the expiries
+    /// are saved: with a store other gateways share, an expiry fenced off
+    /// there (the session moved on) did not happen, and the future names it.
+    pub fn expire_due(&self, now: Instant) -> (Vec<Expired>, Saved) {
+        let mut registry = self.registry.lock();
+        let expired = registry.expire_due(now);
+        let saved = self.submit_changes(&mut registry);
+        (expired, saved)
+    }
+
+    /// Sessions held on a socket here that another gateway took over: each
+    /// socket is to be told `session.superseded`. Called once; `None` after.
+    pub fn lost_sessions(&self) -> Option<mpsc::UnboundedReceiver<Superseded>> {
+        self.lost_rx.lock().take()
+    }
+
+    /// Whether another gateway may hold sessions of this store (so
+    /// attaching reads the run's session from the store first).
+    pub fn shared(&self) -> bool {
+        self.store.shared_sessions().is_some()
+    }
+
+    /// Reads `run`'s session from a store other gateways share and takes
+    /// it in (see [`SessionRegistry::adopt`]), so a reconnect here finds a
+    /// session another gateway held, and a fresh attach finds the run
+    /// taken. Resolves at once for a store of this gateway's own.
+    pub fn load_from_shared(&self, run: &RunId) -> Saved {
+        let Some(shared) = self.store.shared_sessions() else {
+            return ready();
+        };
+        let loaded = shared.session_of_run(run);
+        let registry = self.registry.clone();
+        let (lost, clock) = (self.lost_tx.clone(), self.clock);
+        Box::pin(async move {
+            if let Some((record, held_here)) = loaded.await? {
+                let superseded = registry.lock().adopt(
+                    record,
+                    held_here,
+                    &clock,
+                    RENEWALS_SAVED_EVERY * 2,
+                    clock.now(),
+                );
+                for s in superseded {
+                    let _ = lost.send(s);
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// Tells a store other gateways share that this one is alive, and
+    /// takes over the sessions of any that stopped (their leases run here
+    /// from now on, from their saved deadlines). Returns how many were
+    /// taken over.
+    pub async fn keep_alive(&self) -> Result<usize, StoreError> {
+        let Some(shared) = self.store.shared_sessions() else {
+            return Ok(0);
+        };
+        let records = shared.keep_alive().await?;
+        if records.is_empty() {
+            return Ok(0);
+        }
+        let count = records.len();
+        let (_, saved) = self.with_new_deadline(|r| {
+            let now = self.clock.now();
+            for record in records {
+                r.adopt(record, true, &self.clock, RENEWALS_SAVED_EVERY * 2, now);
+            }
+        });
+        saved.await?;
+        Ok(count)
+    }
+
+    /// Another gateway took a session over: the socket here that held it
+    /// (if any) is reported on [`Sessions::lost_sessions`].
+    pub fn moved_elsewhere(&self, moved: &SessionMoved) {
+        let now = self.clock.now();
+        let lost = self
+            .registry
+            .lock()
+            .lose(&moved.session_id, moved.epoch, now);
+        if let Some(s) = lost {
+            let _ = self.lost_tx.send(s);
+        }
+    }
+
     /// Submitting under the registry's lock is what keeps the saved order
-    /// the order the registry changed in.
+    /// the order the registry changed in. A save a shared store fenced off
+    /// means those sessions are held elsewhere: they are given up here
+    /// before the future reports it.
     fn submit_changes(&self, registry: &mut SessionRegistry) -> Saved {
         let changes = registry.take_changes(&self.clock);
         if changes.is_empty() {
             return ready();
         }
-        self.store.sessions_save(changes)
+        self.fenced_means_lost(self.store.sessions_save(changes))
+    }
+
+    fn fenced_means_lost(&self, saved: Saved) -> Saved {
+        if self.store.shared_sessions().is_none() {
+            return saved;
+        }
+        let registry = self.registry.clone();
+        let (lost, clock) = (self.lost_tx.clone(), self.clock);
+        Box::pin(async move {
+            let result = saved.await;
+            if let Err(StoreError::Fenced { sessions }) = &result {
+                let now = clock.now();
+                let mut registry = registry.lock();
+                for (id, epoch) in sessions {
+                    // `None`: a fresh session whose run another gateway
+                    // holds; the attach that made it withdraws it.
+                    let Some(epoch) = epoch else { continue };
+                    if let Some(s) = registry.lose(id, *epoch, now) {
+                        let _ = lost.send(s);
+                    }
+                }
+            }
+            result
+        })
     }
 }
 

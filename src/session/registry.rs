@@ -147,6 +147,12 @@ struct Session {
     /// answer `STALE_EPOCH` for it); kept so forgetting the session can tidy
     /// them. Usually zero or one entry.
     former_owners: Vec<ConnId>,
+    /// Another gateway holds it (a store shared between gateways said so).
+    /// Kept only to answer for it: `STALE_EPOCH` to the sockets here that
+    /// held it, `CONFLICT` to a fresh attach of its run. Its lease runs
+    /// there, so its `deadline` here is when it is forgotten, it never
+    /// expires here, and nothing about it is saved from here.
+    elsewhere: bool,
 }
 
 impl Session {
@@ -176,6 +182,23 @@ impl Session {
         }
     }
 
+    fn from_record(r: SessionRecord, deadline: Instant, elsewhere: bool) -> Session {
+        Session {
+            id: r.session_id,
+            run_id: r.run_id,
+            runtime_instance_id: r.runtime_instance_id,
+            attempt_id: r.attempt_id,
+            epoch: r.epoch,
+            capabilities: r.capabilities.into_iter().collect(),
+            parent: r.parent,
+            owner: None,
+            expired: r.expired,
+            deadline,
+            former_owners: Vec::new(),
+            elsewhere,
+        }
+    }
+
     fn state(&self) -> SessionState {
         if self.expired {
             SessionState::Expired
@@ -185,6 +208,23 @@ impl Session {
             SessionState::Detached
         }
     }
+}
+
+/// Where a session held here from a saved record stands in the deadline
+/// index: a live one's saved deadline plus `slack` (renewals are saved
+/// lazily, so the saved deadline may be up to that much behind the one the
+/// runtime was promised), a tombstone's moment to be forgotten.
+fn held_deadline(r: &SessionRecord, clock: &Clock, slack: Duration) -> Instant {
+    // Slack is added in wall time, before mapping to an instant: mapping
+    // clamps times already past to the clock's start.
+    let slack_ms = if r.expired {
+        0
+    } else {
+        slack.as_millis() as u64
+    };
+    clock.instant(Timestamp::from_unix_millis(
+        r.deadline_unix_ms.saturating_add(slack_ms),
+    ))
 }
 
 /// What the registry remembers about one socket.
@@ -334,6 +374,7 @@ impl SessionRegistry {
             expired: false,
             deadline: now + self.policy.lease_ttl,
             former_owners: Vec::new(),
+            elsewhere: false,
         };
         let view = session.view();
         self.deadlines
@@ -432,6 +473,7 @@ impl SessionRegistry {
         let session = self.sessions.get_mut(id)?;
         let old_owner = session.owner.replace(conn);
         session.epoch = epoch;
+        session.elsewhere = false;
         if let Some(caps) = capabilities {
             session.capabilities = caps;
         }
@@ -715,7 +757,7 @@ impl SessionRegistry {
             let Some(session) = self.sessions.get_mut(&id) else {
                 continue;
             };
-            if session.expired {
+            if session.expired || session.elsewhere {
                 self.forget(&id);
                 continue;
             }
@@ -748,7 +790,9 @@ impl SessionRegistry {
         let Some(session) = self.sessions.remove(id) else {
             return;
         };
-        self.changed.insert(id.clone());
+        if !session.elsewhere {
+            self.changed.insert(id.clone());
+        }
         self.deadlines.remove(&(session.deadline, id.clone()));
         if self.by_run.get(&session.run_id) == Some(id) {
             self.by_run.remove(&session.run_id);
@@ -832,37 +876,137 @@ impl SessionRegistry {
                 self.changed.insert(r.session_id);
                 continue;
             }
-            // Slack is added in wall time, before mapping to an instant:
-            // mapping clamps times already past to the clock's start.
-            let slack_ms = if r.expired {
-                0
-            } else {
-                slack.as_millis() as u64
-            };
-            let deadline = clock.instant(Timestamp::from_unix_millis(
-                r.deadline_unix_ms.saturating_add(slack_ms),
-            ));
             if !r.expired {
                 restored.live.push(r.run_id.clone());
             }
-            let session = Session {
-                id: r.session_id.clone(),
-                run_id: r.run_id.clone(),
-                runtime_instance_id: r.runtime_instance_id,
-                attempt_id: r.attempt_id,
-                epoch: r.epoch,
-                capabilities: r.capabilities.into_iter().collect(),
-                parent: r.parent,
-                owner: None,
-                expired: r.expired,
-                deadline,
-                former_owners: Vec::new(),
-            };
-            self.deadlines.insert((deadline, r.session_id.clone()));
-            self.by_run.insert(r.run_id, r.session_id.clone());
-            self.sessions.insert(r.session_id, session);
+            let deadline = held_deadline(&r, clock, slack);
+            self.insert(Session::from_record(r, deadline, false));
         }
         restored
+    }
+
+    fn insert(&mut self, session: Session) {
+        self.deadlines
+            .insert((session.deadline, session.id.clone()));
+        self.by_run
+            .insert(session.run_id.clone(), session.id.clone());
+        self.sessions.insert(session.id.clone(), session);
+    }
+
+    /// Takes in a record from a store other gateways share: the state of
+    /// `record`'s run there. `held_here` says whether this gateway holds it
+    /// (a session it took over from a gateway that stopped, see
+    /// [`crate::store::SharedSessions::keep_alive`]); otherwise another one
+    /// does, and it is kept as held elsewhere (see `Session::elsewhere`).
+    /// A session of the run held on a socket here loses it: the socket is
+    /// returned, to be told `session.superseded`, and answers `STALE_EPOCH`.
+    ///
+    /// What this gateway holds and changed more recently than the record
+    /// (a save still on its way) is kept as it is.
+    pub fn adopt(
+        &mut self,
+        record: SessionRecord,
+        held_here: bool,
+        clock: &Clock,
+        slack: Duration,
+        now: Instant,
+    ) -> Vec<Superseded> {
+        if let Some(local) = self.sessions.get(&record.session_id)
+            && !local.elsewhere
+            && (held_here || local.epoch > record.epoch)
+        {
+            // Held here already, or moved here and its save is on the way:
+            // this gateway's copy is the newer one.
+            return Vec::new();
+        }
+        let mut superseded = Vec::new();
+        let mut former_owners = Vec::new();
+        let same_run = self.by_run.get(&record.run_id).cloned();
+        for id in same_run.iter().chain(std::iter::once(&record.session_id)) {
+            if let Some(s) = self.release(id, record.epoch) {
+                superseded.push(s);
+            }
+            if let Some(old) = self.sessions.get(id) {
+                former_owners.extend(old.former_owners.iter().copied());
+            }
+            if *id == record.session_id {
+                // Forgotten below without a trace in the store: the
+                // record replaces it.
+                if let Some(old) = self.sessions.get_mut(id) {
+                    old.elsewhere = true;
+                }
+            }
+            self.forget(id);
+        }
+        let deadline = if held_here {
+            held_deadline(&record, clock, slack)
+        } else {
+            now + self.policy.tombstone_ttl
+        };
+        let session_id = record.session_id.clone();
+        let mut session = Session::from_record(record, deadline, !held_here);
+        // The sockets that held it still answer STALE_EPOCH for it.
+        session.former_owners = former_owners;
+        for conn in &session.former_owners {
+            if let Some(rec) = self.conns.get_mut(conn)
+                && !rec.moved_away.contains(&session_id)
+            {
+                rec.moved_away.push(session_id.clone());
+            }
+        }
+        if held_here {
+            self.changed.insert(session_id);
+        }
+        self.insert(session);
+        superseded
+    }
+
+    /// Another gateway took session `id` over at `epoch`: a socket here
+    /// that held it loses it (returned, to be told `session.superseded`)
+    /// and the session is kept as held elsewhere. Ignored if this gateway
+    /// holds it at a later epoch already.
+    pub fn lose(&mut self, id: &SessionId, epoch: u64, now: Instant) -> Option<Superseded> {
+        let session = self.sessions.get(id)?;
+        if session.epoch > epoch || (session.elsewhere && session.epoch == epoch) {
+            return None;
+        }
+        let superseded = self.release(id, epoch);
+        let forget_at = now + self.policy.tombstone_ttl;
+        let session = self.sessions.get_mut(id)?;
+        session.elsewhere = true;
+        session.epoch = epoch;
+        let old_deadline = std::mem::replace(&mut session.deadline, forget_at);
+        self.deadlines.remove(&(old_deadline, id.clone()));
+        self.deadlines.insert((forget_at, id.clone()));
+        self.renewed.remove(id);
+        self.changed.remove(id);
+        superseded
+    }
+
+    /// Unbinds session `id` from the socket holding it, which remembers it
+    /// as moved away (`STALE_EPOCH`); returns that socket.
+    fn release(&mut self, id: &SessionId, new_epoch: u64) -> Option<Superseded> {
+        let session = self.sessions.get_mut(id)?;
+        let conn = session.owner.take()?;
+        if !session.former_owners.contains(&conn) {
+            session.former_owners.push(conn);
+        }
+        let run_id = session.run_id.clone();
+        if let Some(rec) = self.conns.get_mut(&conn) {
+            rec.bound.retain(|s| s != id);
+            if rec.main.as_ref() == Some(id) {
+                rec.main = None;
+            }
+            if !rec.moved_away.contains(id) {
+                rec.moved_away.push(id.clone());
+            }
+        }
+        Some(Superseded {
+            conn,
+            session_id: id.clone(),
+            run_id,
+            new_epoch,
+        })
     }
 
     /// The state of `run`'s session, if it has one.
@@ -875,13 +1019,14 @@ impl SessionRegistry {
     pub fn runs(&self) -> Vec<(RunId, SessionState)> {
         self.sessions
             .values()
+            .filter(|s| !s.elsewhere)
             .map(|s| (s.run_id.clone(), s.state()))
             .collect()
     }
 
     pub fn counts(&self) -> Counts {
         let mut c = Counts::default();
-        for s in self.sessions.values() {
+        for s in self.sessions.values().filter(|s| !s.elsewhere) {
             match s.state() {
                 SessionState::Attached => c.attached += 1,
                 SessionState::Detached => c.detached += 1,

@@ -837,3 +837,125 @@ async fn renewals_are_taken_in_slices() {
     assert_eq!(taken, 3);
     assert!(reg.take_renewals(&clock, 2).is_empty());
 }
+
+// ------------------------------------- sessions shared with other gateways
+
+/// Two registries standing for two gateways on one shared store: the
+/// record one saves is what the other adopts.
+#[tokio::test(start_paused = true)]
+async fn a_session_held_elsewhere_fences_here_and_never_expires_here() {
+    let clock = Clock::start();
+    let now = clock.now();
+    let (mut here, mut there) = (registry(), registry());
+    let s = attach(&mut here, A, params("r1", "i1", false, Some(1), &[]), now).session;
+    let record = puts(here.take_changes(&clock)).remove(0);
+
+    // There: the run is taken, so a fresh attach conflicts; a reconnect at
+    // a higher epoch takes it over with the same id.
+    assert!(
+        there
+            .adopt(record.clone(), false, &clock, Duration::ZERO, now)
+            .is_empty()
+    );
+    assert_eq!(
+        there
+            .attach(C, params("r1", "i1", false, None, &[]), now)
+            .unwrap_err(),
+        SessionError::RunTaken { run_id: run("r1") }
+    );
+    assert_eq!(
+        there
+            .attach(C, params("r1", "i1", true, Some(1), &[]), now)
+            .unwrap_err(),
+        SessionError::EpochNotGreater {
+            offered: 1,
+            current: 1
+        }
+    );
+    assert_eq!(
+        there.counts(),
+        Counts::default(),
+        "not counted where it is not held"
+    );
+    let moved = attach(&mut there, C, params("r1", "i1", true, Some(2), &[]), now);
+    assert_eq!(moved.session.session_id, s.session_id);
+    assert!(moved.superseded.is_none(), "no socket here held it");
+    assert_eq!(puts(there.take_changes(&clock))[0].epoch, 2);
+
+    // Here: told of the move, the socket loses it and is fenced.
+    let lost = here.lose(&s.session_id, 2, now).expect("A held it");
+    assert_eq!((lost.conn, lost.new_epoch), (A, 2));
+    assert_eq!(
+        here.heartbeat(A, &s.session_id, &s.run_id, None, now)
+            .unwrap_err(),
+        SessionError::StaleEpoch {
+            session_id: s.session_id.clone(),
+            current_epoch: 2
+        }
+    );
+    assert!(
+        here.lose(&s.session_id, 2, now).is_none(),
+        "told twice, lost once"
+    );
+    assert!(
+        here.take_changes(&clock).is_empty(),
+        "nothing to save from here"
+    );
+    assert!(here.take_renewals(&clock, usize::MAX).is_empty());
+
+    // Its lease runs there only: here it is quietly forgotten later.
+    let long_after = now + TTL + Duration::from_secs(601);
+    assert!(here.expire_due(long_after).is_empty(), "no expiry here");
+    assert_eq!(here.run_state(&run("r1")), None);
+    assert!(
+        here.take_changes(&clock).is_empty(),
+        "forgetting it saves nothing"
+    );
+    assert_eq!(there.expire_due(now + TTL).len(), 1, "expires there, once");
+}
+
+/// A session taken over from a gateway that stopped is held here: its
+/// lease runs here from the saved deadline (plus slack), and a fresh copy
+/// held elsewhere gives way to it.
+#[tokio::test(start_paused = true)]
+async fn a_session_taken_over_from_a_stopped_gateway_runs_its_lease_here() {
+    let clock = Clock::start();
+    let now = clock.now();
+    let mut gone = registry();
+    let s = attach(&mut gone, A, params("r1", "i1", false, Some(5), &[]), now).session;
+    let record = puts(gone.take_changes(&clock)).remove(0);
+
+    let mut here = registry();
+    here.adopt(record.clone(), false, &clock, Duration::ZERO, now);
+    here.adopt(record.clone(), true, &clock, Duration::from_secs(2), now);
+    assert_eq!(here.run_state(&run("r1")), Some(SessionState::Detached));
+    assert_eq!(
+        puts(here.take_changes(&clock))[0].session_id,
+        s.session_id,
+        "saved as held here"
+    );
+    assert!(
+        here.expire_due(now + TTL + Duration::from_secs(1))
+            .is_empty(),
+        "slack"
+    );
+    let expired = here.expire_due(now + TTL + Duration::from_secs(2));
+    assert_eq!(expired.len(), 1);
+    assert_eq!(expired[0].conn, None);
+
+    // A record older than what this gateway holds changes nothing.
+    let mut fresh = registry();
+    let mine = attach(&mut fresh, B, params("r2", "i1", false, Some(3), &[]), now).session;
+    let mut stale = puts(fresh.take_changes(&clock)).remove(0);
+    stale.epoch = 2;
+    assert!(
+        fresh
+            .adopt(stale, false, &clock, Duration::ZERO, now)
+            .is_empty()
+    );
+    assert!(
+        fresh
+            .heartbeat(B, &mine.session_id, &mine.run_id, None, now)
+            .is_ok()
+    );
+}

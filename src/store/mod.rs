@@ -47,6 +47,15 @@ pub enum StoreError {
     /// written.
     #[error("the run's KV would hold more than {max} keys; nothing was written")]
     TooManyKeys { max: usize },
+    /// Only from a store several gateways share: these sessions are held by
+    /// another gateway (a newer epoch, or a live session of the same run),
+    /// so their changes were not applied. Every other change was.
+    /// Each with the epoch it is held at there, or `None` for a session
+    /// the store never had whose run has another live session.
+    #[error("{} session(s) are held by another gateway", sessions.len())]
+    Fenced {
+        sessions: Vec<(SessionId, Option<u64>)>,
+    },
 }
 
 /// One saved checkpoint.
@@ -120,14 +129,53 @@ pub trait Store: Send + Sync + 'static {
     /// `Ok(None)` when there is no such checkpoint.
     fn checkpoint_load(&self, run: &RunId, id: Option<String>) -> StoreFuture<Option<Checkpoint>>;
 
-    /// Applies `changes` in order, all or none.
+    /// Applies `changes` in order, all or none; a store several gateways
+    /// share leaves out the changes of sessions another gateway holds and
+    /// says which ([`StoreError::Fenced`]).
     fn sessions_save(&self, changes: Vec<SessionChange>) -> StoreFuture<()>;
 
-    /// Every stored session record, in no particular order.
+    /// The session records this gateway holds, in no particular order: all
+    /// of them for a store of its own.
     fn sessions_load(&self) -> StoreFuture<Vec<SessionRecord>>;
 
     /// Completes once everything submitted before it is durable.
     fn flush(&self) -> StoreFuture<()>;
+
+    /// The cross-gateway side of sessions, for a store several gateways
+    /// share at once; `None` for a store of one gateway's own.
+    fn shared_sessions(&self) -> Option<&dyn SharedSessions> {
+        None
+    }
+}
+
+/// Sessions in a store that several gateways share (Redis). Each session is
+/// *held* by one gateway: the one that attached it last, at its epoch. The
+/// store fences the others' writes ([`StoreError::Fenced`]), tells every
+/// gateway when a session moves ([`SharedSessions::moves`]), and hands the
+/// sessions of a gateway that stopped answering to one that does
+/// ([`SharedSessions::keep_alive`]), so every lease is run by exactly one
+/// gateway.
+pub trait SharedSessions: Send + Sync {
+    /// The record of `run`'s session, if the store has one, and whether
+    /// this gateway holds it. Read before a runtime attaches or reconnects,
+    /// so a session held elsewhere is known here.
+    fn session_of_run(&self, run: &RunId) -> StoreFuture<Option<(SessionRecord, bool)>>;
+
+    /// Says this gateway is alive, and takes over the sessions of gateways
+    /// that stopped saying so: returns their records, now held here. Call
+    /// about once a second ([`crate::session::RENEWALS_SAVED_EVERY`]).
+    fn keep_alive(&self) -> StoreFuture<Vec<SessionRecord>>;
+
+    /// Sessions another gateway took over, as they happen. Called once;
+    /// `None` after the first call.
+    fn moves(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<SessionMoved>>;
+}
+
+/// Another gateway now holds `session_id`, at `epoch`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionMoved {
+    pub session_id: SessionId,
+    pub epoch: u64,
 }
 
 /// Behavior every [`Store`] must show, written once and run against each

@@ -21,10 +21,34 @@
 //! | `{p}:cp:{run}`           | hash   | checkpoint id → checkpoint record       |
 //! | `{p}:cp-latest:{run}`    | string | id of the run's latest checkpoint       |
 //! | `{p}:sessions`           | hash   | session id → session record             |
+//! | `{p}:session-holder`     | hash   | session id → `NODE EPOCH EXPIRED`       |
+//! | `{p}:session-of-run`     | hash   | run id → session id                     |
+//! | `{p}:held:{node}`        | set    | session ids that gateway holds          |
+//! | `{p}:alive:{node}`       | string | present while that gateway is alive     |
+//! | `{p}:nodes`              | set    | gateways that have said they are alive  |
+//! | `{p}:suspects`           | hash   | node → when it was first found silent   |
+//! | `{p}:session-moves`      | channel| `SESSION_ID EPOCH NODE` per takeover    |
 //!
 //! Records are encoded as [`super::records`] says, the same bytes as in the
 //! embedded store. A run id may contain `:`; it is always the last part of
-//! a key, so keys stay unambiguous.
+//! a key, so keys stay unambiguous. Epochs are written as 20-digit
+//! zero-padded decimals, because Lua numbers are doubles: two `u64`s
+//! compare correctly as strings of equal length, not as doubles.
+//!
+//! # Sessions shared between gateways
+//!
+//! Each gateway (node) has a random id for the life of its process. A
+//! session is *held* by the node that saved it last; the save script
+//! ([`SESSIONS_SAVE`]) refuses a node's write of a session another node
+//! holds at the same or a newer epoch, and a fresh session for a run that
+//! has a live one ([`StoreError::Fenced`]). A save that moves a session to
+//! a newer epoch on another node publishes the move, so the old node fences
+//! its socket at once. Every node says it is alive once a second
+//! ([`KEEP_ALIVE`]); the sessions of a node silent for longer than
+//! [`NODE_SILENT_AFTER`] go, in one atomic step, to the first live node that
+//! notices, which runs their leases from then on: so each lease has exactly
+//! one node running it. Keys outside `KEYS` are named inside the scripts,
+//! so this layout needs a single Redis (not Redis Cluster).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -34,8 +58,11 @@ use redis::{RedisError, Script};
 use tokio::sync::{mpsc, oneshot};
 
 use super::records::{decode_checkpoint, decode_session, encode_checkpoint, encode_session};
-use super::{Checkpoint, SessionChange, SessionRecord, Store, StoreError, StoreFuture};
-use crate::ids::RunId;
+use super::{
+    Checkpoint, SessionChange, SessionMoved, SessionRecord, SharedSessions, Store, StoreError,
+    StoreFuture,
+};
+use crate::ids::{RunId, SessionId};
 
 /// Key prefix when none is given.
 pub const DEFAULT_PREFIX: &str = "rungate";
@@ -43,6 +70,139 @@ pub const DEFAULT_PREFIX: &str = "rungate";
 /// How long one op may wait for Redis before it is answered `Unavailable`.
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A node silent this long has its sessions taken over. Five missed
+/// keep-alives: long enough for a busy process or a Redis restart (after
+/// which every live node says so again within a second), short next to a
+/// lease.
+pub const NODE_SILENT_AFTER: Duration = Duration::from_secs(5);
+
+/// Applies session changes (`ARGV[3..]`, six values each: `P`ut or `D`elete,
+/// session id, run id, padded epoch, expired `0`/`1`, record) for node
+/// `ARGV[2]` under prefix `ARGV[1]`, skipping those another node holds:
+/// returns them flat as `{session id, holder's padded epoch or ''}`.
+const SESSIONS_SAVE: &str = r"
+local p, me = ARGV[1], ARGV[2]
+local mine = p .. ':held:' .. me
+local refused = {}
+for i = 3, #ARGV, 6 do
+  local op, sid, run, epoch, expired, record =
+    ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5]
+  local holder = redis.call('HGET', KEYS[2], sid)
+  local hnode, hepoch
+  if holder then hnode, hepoch = string.match(holder, '^(%S+) (%d+)') end
+  if op == 'P' then
+    local ok = true
+    if holder then
+      if epoch < hepoch or (epoch == hepoch and hnode ~= me) then
+        ok = false
+        refused[#refused + 1] = sid
+        refused[#refused + 1] = hepoch
+      end
+    else
+      local other = redis.call('HGET', KEYS[3], run)
+      if other and other ~= sid then
+        local oh = redis.call('HGET', KEYS[2], other)
+        if oh and string.sub(oh, -1) == '0' then
+          ok = false
+          refused[#refused + 1] = sid
+          refused[#refused + 1] = ''
+        else
+          -- A tombstone of the run gives way to its fresh session.
+          redis.call('HDEL', KEYS[1], other)
+          redis.call('HDEL', KEYS[2], other)
+          if oh then
+            redis.call('SREM', p .. ':held:' .. string.match(oh, '^(%S+)'), other)
+          end
+        end
+      end
+    end
+    if ok then
+      redis.call('HSET', KEYS[1], sid, record)
+      redis.call('HSET', KEYS[2], sid, me .. ' ' .. epoch .. ' ' .. expired)
+      redis.call('HSET', KEYS[3], run, sid)
+      redis.call('SADD', mine, sid)
+      if holder and hnode ~= me then
+        redis.call('SREM', p .. ':held:' .. hnode, sid)
+        redis.call('PUBLISH', p .. ':session-moves', sid .. ' ' .. epoch .. ' ' .. me)
+      end
+    end
+  else
+    if holder and hnode ~= me then
+      refused[#refused + 1] = sid
+      refused[#refused + 1] = hepoch
+    else
+      redis.call('HDEL', KEYS[1], sid)
+      redis.call('HDEL', KEYS[2], sid)
+      redis.call('SREM', mine, sid)
+    end
+  end
+end
+return refused
+";
+
+/// The record of run `ARGV[1]`'s session and its holder entry
+/// (`{record, holder}`), or nil.
+const SESSION_OF_RUN: &str = r"
+local sid = redis.call('HGET', KEYS[1], ARGV[1])
+if not sid then return nil end
+local record = redis.call('HGET', KEYS[2], sid)
+if not record then return nil end
+return {record, redis.call('HGET', KEYS[3], sid) or ''}
+";
+
+/// Node `ARGV[2]` (prefix `ARGV[1]`) is alive for `ARGV[3]` ms more; a
+/// node silent for `ARGV[3]` ms since first found so has its sessions
+/// moved to this one. Returns the records taken over.
+const KEEP_ALIVE: &str = r"
+local p, me, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('SET', p .. ':alive:' .. me, '1', 'PX', ttl)
+redis.call('SADD', p .. ':nodes', me)
+redis.call('HDEL', p .. ':suspects', me)
+local taken = {}
+for _, node in ipairs(redis.call('SMEMBERS', p .. ':nodes')) do
+  if node ~= me then
+    if redis.call('EXISTS', p .. ':alive:' .. node) == 1 then
+      redis.call('HDEL', p .. ':suspects', node)
+    else
+      redis.call('HSETNX', p .. ':suspects', node, now)
+      local since = tonumber(redis.call('HGET', p .. ':suspects', node))
+      if now - since >= ttl then
+        local held = p .. ':held:' .. node
+        for _, sid in ipairs(redis.call('SMEMBERS', held)) do
+          local h = redis.call('HGET', KEYS[1], sid)
+          if h then
+            local hnode, rest = string.match(h, '^(%S+) (.*)$')
+            if hnode == node then
+              redis.call('HSET', KEYS[1], sid, me .. ' ' .. rest)
+              redis.call('SADD', p .. ':held:' .. me, sid)
+              local record = redis.call('HGET', KEYS[2], sid)
+              if record then taken[#taken + 1] = record end
+            end
+          end
+        end
+        redis.call('DEL', held)
+        redis.call('SREM', p .. ':nodes', node)
+        redis.call('HDEL', p .. ':suspects', node)
+      end
+    end
+  end
+end
+return taken
+";
+
+/// The records of the sessions in set `KEYS[1]` (those a node holds), from
+/// hash `KEYS[2]`.
+const SESSIONS_LOAD: &str = r"
+local out = {}
+for _, sid in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local record = redis.call('HGET', KEYS[2], sid)
+  if record then out[#out + 1] = record end
+end
+return out
+";
 
 /// The latest checkpoint (`ARGV[1]` = `latest`) or a named one
 /// (`ARGV[1]` = `named`, `ARGV[2]` = id) in one round trip. Returns nil when
@@ -83,6 +243,11 @@ return 0
 pub struct RedisStore {
     tx: mpsc::UnboundedSender<Op>,
     url: String,
+    /// This gateway's node id, random per process.
+    node: String,
+    #[cfg(test)]
+    prefix: String,
+    moves: std::sync::Arc<parking_lot::Mutex<Option<mpsc::UnboundedReceiver<SessionMoved>>>>,
 }
 
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
@@ -116,6 +281,13 @@ enum Op {
     SessionsLoad {
         reply: Reply<Vec<SessionRecord>>,
     },
+    SessionOfRun {
+        run: RunId,
+        reply: Reply<Option<(SessionRecord, bool)>>,
+    },
+    KeepAlive {
+        reply: Reply<Vec<SessionRecord>>,
+    },
     /// Answered once every op before it has been answered.
     Flush {
         reply: Reply<()>,
@@ -127,6 +299,16 @@ impl RedisStore {
     /// answers, so a wrong address is an error at start, not at the first
     /// command.
     pub async fn connect(url: &str, prefix: &str) -> Result<RedisStore, StoreError> {
+        RedisStore::connect_with(url, prefix, NODE_SILENT_AFTER).await
+    }
+
+    /// [`RedisStore::connect`], taking over the sessions of gateways silent
+    /// for `node_silent_after` (tests shorten it).
+    pub async fn connect_with(
+        url: &str,
+        prefix: &str,
+        node_silent_after: Duration,
+    ) -> Result<RedisStore, StoreError> {
         let client = redis::Client::open(url)
             .map_err(|e| StoreError::Unavailable(format!("bad Redis URL {url:?}: {e}")))?;
         let config = ConnectionManagerConfig::new()
@@ -135,7 +317,7 @@ impl RedisStore {
             .set_number_of_retries(2);
         let mut conn = tokio::time::timeout(
             CONNECT_TIMEOUT * 3,
-            ConnectionManager::new_with_config(client, config),
+            ConnectionManager::new_with_config(client.clone(), config),
         )
         .await
         .map_err(|_| StoreError::Unavailable(format!("Redis at {url} did not answer in time")))?
@@ -150,19 +332,43 @@ impl RedisStore {
             )));
         }
         let (tx, rx) = mpsc::unbounded_channel();
+        let node = format!("{:016x}", rand::random::<u64>());
+        let keys = Keys {
+            prefix: prefix.to_owned(),
+        };
+        let (moves_tx, moves_rx) = mpsc::unbounded_channel();
+        tokio::spawn(follow_moves(client, keys.moves(), node.clone(), moves_tx));
         let worker = Worker {
             conn,
-            keys: Keys {
-                prefix: prefix.to_owned(),
-            },
+            keys,
+            node: node.clone(),
+            node_silent_after,
             kv_set_within: Script::new(KV_SET_WITHIN),
             checkpoint_load: Script::new(CHECKPOINT_LOAD),
+            sessions_save: Script::new(SESSIONS_SAVE),
+            session_of_run: Script::new(SESSION_OF_RUN),
+            keep_alive: Script::new(KEEP_ALIVE),
+            sessions_load: Script::new(SESSIONS_LOAD),
         };
         tokio::spawn(worker.run(rx));
         Ok(RedisStore {
             tx,
             url: url.to_owned(),
+            #[cfg(test)]
+            prefix: prefix.to_owned(),
+            node,
+            moves: std::sync::Arc::new(parking_lot::Mutex::new(Some(moves_rx))),
         })
+    }
+
+    /// This gateway's node id (random per process).
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    #[cfg(test)]
+    fn keys_prefix_for_tests(&self) -> String {
+        self.prefix.clone()
     }
 
     fn submit<T: Send + 'static>(&self, make: impl FnOnce(Reply<T>) -> Op) -> StoreFuture<T> {
@@ -185,6 +391,7 @@ impl std::fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisStore")
             .field("url", &self.url)
+            .field("node", &self.node)
             .finish()
     }
 }
@@ -235,6 +442,82 @@ impl Store for RedisStore {
     fn flush(&self) -> StoreFuture<()> {
         self.submit(|reply| Op::Flush { reply })
     }
+
+    fn shared_sessions(&self) -> Option<&dyn SharedSessions> {
+        Some(self)
+    }
+}
+
+impl SharedSessions for RedisStore {
+    fn session_of_run(&self, run: &RunId) -> StoreFuture<Option<(SessionRecord, bool)>> {
+        let run = run.clone();
+        self.submit(|reply| Op::SessionOfRun { run, reply })
+    }
+
+    fn keep_alive(&self) -> StoreFuture<Vec<SessionRecord>> {
+        self.submit(|reply| Op::KeepAlive { reply })
+    }
+
+    fn moves(&self) -> Option<mpsc::UnboundedReceiver<SessionMoved>> {
+        self.moves.lock().take()
+    }
+}
+
+/// Follows the channel of session takeovers for as long as anyone listens,
+/// resubscribing after a lost connection. A move missed while away is not
+/// lost for good: the old node's next save of that session is fenced.
+async fn follow_moves(
+    client: redis::Client,
+    channel: String,
+    node: String,
+    out: mpsc::UnboundedSender<SessionMoved>,
+) {
+    use futures_util::StreamExt;
+    while !out.is_closed() {
+        let pubsub = async {
+            let mut pubsub = client.get_async_pubsub().await?;
+            pubsub.subscribe(&channel).await?;
+            Ok::<_, RedisError>(pubsub)
+        };
+        let mut pubsub = match tokio::time::timeout(CONNECT_TIMEOUT * 3, pubsub).await {
+            Ok(Ok(p)) => p,
+            _ => {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+        };
+        let mut messages = pubsub.on_message();
+        loop {
+            let message = tokio::select! {
+                // The store is gone: nobody is left to tell.
+                _ = out.closed() => return,
+                message = messages.next() => message,
+            };
+            let Some(message) = message else { break };
+            let Ok(text) = message.get_payload::<String>() else {
+                continue;
+            };
+            // This node's own takeovers are news only to the others.
+            if let Some((moved, by)) = parse_move(&text)
+                && by != node
+                && out.send(moved).is_err()
+            {
+                return;
+            }
+        }
+        tracing::warn!("lost Redis's channel of session moves; resubscribing");
+    }
+}
+
+/// `SESSION_ID EPOCH NODE` as [`SESSIONS_SAVE`] publishes it: the move and
+/// the node that made it.
+fn parse_move(text: &str) -> Option<(SessionMoved, &str)> {
+    let mut parts = text.split(' ');
+    let moved = SessionMoved {
+        session_id: SessionId::new(parts.next()?).ok()?,
+        epoch: parts.next()?.parse().ok()?,
+    };
+    Some((moved, parts.next()?))
 }
 
 /// Builds the keys of the layout in the module docs.
@@ -255,14 +538,32 @@ impl Keys {
     fn sessions(&self) -> String {
         format!("{}:sessions", self.prefix)
     }
+    fn holders(&self) -> String {
+        format!("{}:session-holder", self.prefix)
+    }
+    fn session_of_run(&self) -> String {
+        format!("{}:session-of-run", self.prefix)
+    }
+    fn held(&self, node: &str) -> String {
+        format!("{}:held:{node}", self.prefix)
+    }
+    fn moves(&self) -> String {
+        format!("{}:session-moves", self.prefix)
+    }
 }
 
 /// Owned by the store's task.
 struct Worker {
     conn: ConnectionManager,
     keys: Keys,
+    node: String,
+    node_silent_after: Duration,
     kv_set_within: Script,
     checkpoint_load: Script,
+    sessions_save: Script,
+    session_of_run: Script,
+    keep_alive: Script,
+    sessions_load: Script,
 }
 
 impl Worker {
@@ -297,6 +598,8 @@ impl Worker {
                 drop(reply.send(self.sessions_save(changes).await))
             }
             Op::SessionsLoad { reply } => drop(reply.send(self.sessions_load().await)),
+            Op::SessionOfRun { run, reply } => drop(reply.send(self.session_of_run(&run).await)),
+            Op::KeepAlive { reply } => drop(reply.send(self.keep_alive().await)),
             Op::Flush { reply } => drop(reply.send(Ok(()))),
         }
     }
@@ -409,38 +712,107 @@ impl Worker {
         if changes.is_empty() {
             return Ok(());
         }
-        let key = self.keys.sessions();
-        let mut pipe = redis::pipe();
-        pipe.atomic();
+        let mut invocation = self.sessions_save.key(self.keys.sessions());
+        invocation
+            .key(self.keys.holders())
+            .key(self.keys.session_of_run())
+            .arg(&self.keys.prefix)
+            .arg(&self.node);
         for change in &changes {
             match change {
-                SessionChange::Put(record) => pipe
-                    .cmd("HSET")
-                    .arg(&key)
-                    .arg(record.session_id.as_str())
-                    .arg(encode_session(record))
-                    .ignore(),
-                SessionChange::Delete(id) => pipe.cmd("HDEL").arg(&key).arg(id.as_str()).ignore(),
+                SessionChange::Put(r) => invocation
+                    .arg("P")
+                    .arg(r.session_id.as_str())
+                    .arg(r.run_id.as_str())
+                    .arg(padded(r.epoch))
+                    .arg(if r.expired { "1" } else { "0" })
+                    .arg(encode_session(r)),
+                SessionChange::Delete(id) => invocation
+                    .arg("D")
+                    .arg(id.as_str())
+                    .arg("")
+                    .arg("")
+                    .arg("")
+                    .arg(""),
             };
         }
-        pipe.query_async::<()>(&mut self.conn)
+        let refused: Vec<String> = invocation
+            .invoke_async(&mut self.conn)
             .await
-            .map_err(redis_error)
+            .map_err(redis_error)?;
+        if refused.is_empty() {
+            return Ok(());
+        }
+        let sessions = refused
+            .chunks(2)
+            .filter_map(|pair| {
+                let id = SessionId::new(pair.first()?.as_str()).ok()?;
+                Some((id, pair.get(1).and_then(|e| e.parse().ok())))
+            })
+            .collect();
+        Err(StoreError::Fenced { sessions })
     }
 
     async fn sessions_load(&mut self) -> Result<Vec<SessionRecord>, StoreError> {
-        let all: Vec<(String, Vec<u8>)> = redis::cmd("HGETALL")
-            .arg(self.keys.sessions())
-            .query_async(&mut self.conn)
+        let mut invocation = self.sessions_load.key(self.keys.held(&self.node));
+        invocation.key(self.keys.sessions());
+        let records: Vec<Vec<u8>> = invocation
+            .invoke_async(&mut self.conn)
             .await
             .map_err(redis_error)?;
-        all.into_iter()
-            .map(|(id, bytes)| {
-                decode_session(&bytes)
-                    .map_err(|why| StoreError::Corrupt(format!("Redis: session {id:?}: {why}")))
-            })
-            .collect()
+        decode_all(records)
     }
+
+    async fn session_of_run(
+        &mut self,
+        run: &RunId,
+    ) -> Result<Option<(SessionRecord, bool)>, StoreError> {
+        let mut invocation = self.session_of_run.key(self.keys.session_of_run());
+        invocation
+            .key(self.keys.sessions())
+            .key(self.keys.holders())
+            .arg(run.as_str());
+        let found: Option<(Vec<u8>, String)> = invocation
+            .invoke_async(&mut self.conn)
+            .await
+            .map_err(redis_error)?;
+        let Some((bytes, holder)) = found else {
+            return Ok(None);
+        };
+        let record = decode_session(&bytes)
+            .map_err(|why| StoreError::Corrupt(format!("Redis: session of run {run}: {why}")))?;
+        let held_here = holder.split(' ').next() == Some(self.node.as_str());
+        Ok(Some((record, held_here)))
+    }
+
+    async fn keep_alive(&mut self) -> Result<Vec<SessionRecord>, StoreError> {
+        let mut invocation = self.keep_alive.key(self.keys.holders());
+        invocation
+            .key(self.keys.sessions())
+            .arg(&self.keys.prefix)
+            .arg(&self.node)
+            .arg(self.node_silent_after.as_millis() as u64);
+        let records: Vec<Vec<u8>> = invocation
+            .invoke_async(&mut self.conn)
+            .await
+            .map_err(redis_error)?;
+        decode_all(records)
+    }
+}
+
+fn decode_all(records: Vec<Vec<u8>>) -> Result<Vec<SessionRecord>, StoreError> {
+    records
+        .iter()
+        .map(|bytes| {
+            decode_session(bytes)
+                .map_err(|why| StoreError::Corrupt(format!("Redis: session: {why}")))
+        })
+        .collect()
+}
+
+/// An epoch as the scripts compare it: see the module docs.
+fn padded(epoch: u64) -> String {
+    format!("{epoch:020}")
 }
 
 /// A key of the wrong type means someone else's data under our prefix;
@@ -563,10 +935,206 @@ mod tests {
             .query_async::<()>(&mut conn)
             .await
             .unwrap();
+        redis::cmd("SADD")
+            .arg(format!("f:held:{}", store.node()))
+            .arg("s")
+            .query_async::<()>(&mut conn)
+            .await
+            .unwrap();
         let err = store.kv_get(&run("r"), vec!["k".into()]).await.unwrap_err();
         assert!(matches!(err, StoreError::Corrupt(_)), "{err:?}");
         let err = store.sessions_load().await.unwrap_err();
         assert!(matches!(err, StoreError::Corrupt(_)), "{err:?}");
         store.kv_set(&run("other"), one("k", "v")).await.unwrap();
+    }
+
+    // ------------------------------------------- sessions shared by nodes
+
+    use crate::store::conformance::session;
+
+    /// Two gateways (nodes) on one Redis, under one prefix.
+    async fn two_nodes(silent_after: Duration) -> Option<(RedisStore, RedisStore, TestRedis)> {
+        let server = test_server::start()?;
+        let prefix = format!("nodes-{}", SessionId::generate());
+        let a = RedisStore::connect_with(&server.url, &prefix, silent_after)
+            .await
+            .unwrap();
+        let b = RedisStore::connect_with(&server.url, &prefix, silent_after)
+            .await
+            .unwrap();
+        assert_ne!(a.node(), b.node());
+        Some((a, b, server))
+    }
+
+    fn put(r: &SessionRecord) -> Vec<SessionChange> {
+        vec![SessionChange::Put(r.clone())]
+    }
+
+    fn fenced(result: Result<(), StoreError>) -> Vec<(SessionId, Option<u64>)> {
+        match result {
+            Err(StoreError::Fenced { sessions }) => sessions,
+            other => panic!("expected Fenced, got {other:?}"),
+        }
+    }
+
+    /// A takeover at a newer epoch wins once, is announced to the old node,
+    /// and fences the old node's writes of that session from then on.
+    #[tokio::test]
+    async fn a_takeover_fences_the_old_node_and_is_announced() {
+        let Some((a, b, _server)) = two_nodes(NODE_SILENT_AFTER).await else {
+            return;
+        };
+        let mut moves = a.moves().expect("first call");
+        assert!(a.moves().is_none(), "handed out once");
+        let mut s = session("r", 1);
+        a.sessions_save(put(&s)).await.unwrap();
+        let (seen, held_here) = b.session_of_run(&s.run_id).await.unwrap().unwrap();
+        assert_eq!((seen.clone(), held_here), (s.clone(), false));
+        assert!(a.session_of_run(&s.run_id).await.unwrap().unwrap().1);
+
+        // The same epoch from another node is refused and names the holder's.
+        assert_eq!(
+            fenced(b.sessions_save(put(&s)).await),
+            vec![(s.session_id.clone(), Some(1))]
+        );
+        s.epoch = 2;
+        b.sessions_save(put(&s)).await.unwrap();
+        let moved = tokio::time::timeout(Duration::from_secs(30), moves.recv())
+            .await
+            .expect("announced in time")
+            .expect("a move");
+        assert_eq!(
+            moved,
+            SessionMoved {
+                session_id: s.session_id.clone(),
+                epoch: 2
+            }
+        );
+        // The old node's renewal at its old epoch, and its delete, are fenced.
+        let mut old = s.clone();
+        old.epoch = 1;
+        old.deadline_unix_ms += 10_000;
+        assert_eq!(
+            fenced(a.sessions_save(put(&old)).await),
+            vec![(s.session_id.clone(), Some(2))]
+        );
+        assert_eq!(
+            fenced(
+                a.sessions_save(vec![SessionChange::Delete(s.session_id.clone())])
+                    .await
+            ),
+            vec![(s.session_id.clone(), Some(2))]
+        );
+        assert_eq!(
+            b.session_of_run(&s.run_id).await.unwrap().unwrap(),
+            (s.clone(), true)
+        );
+        // Each node loads what it holds, nothing else.
+        assert_eq!(b.sessions_load().await.unwrap(), vec![s.clone()]);
+        assert!(a.sessions_load().await.unwrap().is_empty());
+        // An epoch beyond a double's precision still compares exactly.
+        s.epoch = u64::MAX - 1;
+        a.sessions_save(put(&s)).await.unwrap();
+        let mut b_old = s.clone();
+        b_old.epoch = u64::MAX - 2;
+        assert_eq!(
+            fenced(b.sessions_save(put(&b_old)).await),
+            vec![(s.session_id.clone(), Some(u64::MAX - 1))]
+        );
+    }
+
+    /// A fresh session of a run with a live session elsewhere is refused
+    /// (no epoch: it is another session); once that one is a tombstone it
+    /// gives way and the tombstone is gone.
+    #[tokio::test]
+    async fn a_run_has_one_live_session_across_nodes() {
+        let Some((a, b, _server)) = two_nodes(NODE_SILENT_AFTER).await else {
+            return;
+        };
+        let mut first = session("r", 1);
+        a.sessions_save(put(&first)).await.unwrap();
+        let second = session("r", 1);
+        assert_eq!(
+            fenced(b.sessions_save(put(&second)).await),
+            vec![(second.session_id.clone(), None)]
+        );
+        // Other changes in the same save still apply.
+        let other = session("other", 1);
+        assert_eq!(
+            fenced(
+                b.sessions_save(vec![
+                    SessionChange::Put(second.clone()),
+                    SessionChange::Put(other.clone())
+                ])
+                .await
+            ),
+            vec![(second.session_id.clone(), None)]
+        );
+        assert_eq!(
+            b.session_of_run(&other.run_id).await.unwrap().unwrap().0,
+            other
+        );
+        first.expired = true;
+        a.sessions_save(put(&first)).await.unwrap();
+        b.sessions_save(put(&second)).await.unwrap();
+        assert_eq!(
+            b.session_of_run(&second.run_id).await.unwrap().unwrap(),
+            (second, true)
+        );
+        assert!(
+            a.sessions_load().await.unwrap().is_empty(),
+            "the tombstone went"
+        );
+    }
+
+    /// A node that stops saying it is alive has its sessions taken over by
+    /// exactly one live node, once it has been silent long enough.
+    #[tokio::test]
+    async fn a_silent_nodes_sessions_go_to_one_live_node() {
+        let silent = Duration::from_millis(300);
+        let Some((a, b, server)) = two_nodes(silent).await else {
+            return;
+        };
+        let c = RedisStore::connect_with(&server.url, &b.keys_prefix_for_tests(), silent)
+            .await
+            .unwrap();
+        let held = [session("r1", 1), session("r2", 4)];
+        for s in &held {
+            a.sessions_save(put(s)).await.unwrap();
+        }
+        assert!(a.keep_alive().await.unwrap().is_empty());
+        // A keeps saying it is alive: nothing is taken.
+        for _ in 0..3 {
+            tokio::time::sleep(silent).await;
+            assert!(a.keep_alive().await.unwrap().is_empty());
+            assert!(b.keep_alive().await.unwrap().is_empty());
+        }
+        // A goes silent. B and C race; each session goes to one of them.
+        drop(a);
+        let mut taken: Vec<SessionRecord> = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while taken.len() < held.len() {
+            assert!(tokio::time::Instant::now() < deadline, "taken over in time");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            taken.extend(b.keep_alive().await.unwrap());
+            taken.extend(c.keep_alive().await.unwrap());
+        }
+        taken.sort_by(|x, y| x.run_id.cmp(&y.run_id));
+        assert_eq!(taken, held.to_vec(), "each session once");
+        for _ in 0..3 {
+            tokio::time::sleep(silent).await;
+            assert!(b.keep_alive().await.unwrap().is_empty());
+            assert!(c.keep_alive().await.unwrap().is_empty());
+        }
+        // Whoever took them holds them now: their saves pass.
+        let mut holders = 0;
+        for node in [&b, &c] {
+            let mine = node.sessions_load().await.unwrap();
+            for s in &mine {
+                node.sessions_save(put(s)).await.unwrap();
+            }
+            holders += mine.len();
+        }
+        assert_eq!(holders, held.len());
     }
 }

@@ -1,0 +1,53 @@
+//! The gateway's part in sharing sessions with other gateways (a store
+//! several gateways use at once, `--store redis://`).
+//!
+//! One task: says every second that this gateway is alive (and takes over
+//! the sessions of gateways that stopped saying so), hands the store's
+//! reports of sessions another gateway took over to the registry, and tells
+//! every socket that lost a session `session.superseded`, whichever way the
+//! loss was noticed. Must not decide who holds a session: the store fences,
+//! the registry keeps the rules; this only carries the news between them
+//! and the sockets.
+
+use std::sync::Arc;
+
+use tokio::time::MissedTickBehavior;
+use tokio_util::sync::CancellationToken;
+
+use super::state::Shared;
+use crate::protocol::commands::push;
+use crate::protocol::encode_push;
+use crate::session::RENEWALS_SAVED_EVERY;
+
+pub(crate) async fn run(shared: Arc<Shared>, stop: CancellationToken) {
+    let Some(mut lost) = shared.sessions.lost_sessions() else {
+        return;
+    };
+    let mut moves = shared.store.shared_sessions().and_then(|s| s.moves());
+    let mut alive = tokio::time::interval(RENEWALS_SAVED_EVERY);
+    alive.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let shared_store = shared.sessions.shared();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            Some(s) = lost.recv() => {
+                tracing::debug!(run = %s.run_id, epoch = s.new_epoch, "session taken over by another gateway");
+                let payload = push::SessionSuperseded {
+                    session_id: &s.session_id,
+                    run_id: &s.run_id,
+                    connection_epoch: s.new_epoch,
+                };
+                shared.conns.push(s.conn, encode_push(push::SESSION_SUPERSEDED, &payload));
+            }
+            Some(moved) = async { match moves.as_mut() {
+                Some(m) => m.recv().await,
+                None => std::future::pending().await,
+            } } => shared.sessions.moved_elsewhere(&moved),
+            _ = alive.tick(), if shared_store => match shared.sessions.keep_alive().await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(sessions = n, "took over the sessions of a gateway that stopped"),
+                Err(e) => tracing::warn!(error = %e, "cannot tell the shared store this gateway is alive"),
+            },
+        }
+    }
+}
