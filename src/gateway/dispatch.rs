@@ -240,7 +240,11 @@ fn apply(ctx: &mut ConnCtx, id: &str, command: Command) -> Result<Reply, Command
         Command::Publish(req) => publish(ctx, id, req),
         Command::StreamResume(req) => reply(&stream_resume(ctx, req)?),
         Command::StreamCancel(req) => reply(&stream_cancel(ctx, req)?),
-        Command::RunsList(cmd::RunsListCommand {}) => reply(&runs_list(&ctx.shared, &ctx.grant)),
+        Command::RunsList(cmd::RunsListCommand {}) => {
+            Ok(later(id, runs_list(&ctx.shared, &ctx.grant), |id, runs| {
+                Ok(encode_reply(id, &runs))
+            }))
+        }
     }
 }
 
@@ -960,29 +964,68 @@ fn stream_cancel(
 /// A stream that no session ever fed and that holds nothing (a viewer
 /// resumed a run that has not started) is not listed: there is no run to
 /// show yet. A stream whose session is forgotten is listed as `expired`.
-pub(crate) fn runs_list(shared: &Shared, grant: &Grant) -> cmd::RunsListResponse {
-    let streams = shared.streams.runs();
-    let runs = shared.sessions.with(|registry| {
+pub(crate) fn runs_list(
+    shared: &Shared,
+    grant: &Grant,
+) -> crate::store::StoreFuture<cmd::RunsListResponse> {
+    let streams: Vec<_> = shared
+        .streams
+        .runs()
+        .into_iter()
+        .filter(|s| grant.runs.covers(&s.run_id))
+        .collect();
+    let states: Vec<Option<SessionState>> = shared.sessions.with(|registry| {
         streams
-            .into_iter()
-            .filter(|s| grant.runs.covers(&s.run_id))
-            .filter_map(|s| {
-                let state = match registry.run_state(&s.run_id) {
-                    Some(SessionState::Attached) => "attached",
-                    Some(SessionState::Detached) => "detached",
-                    Some(SessionState::Expired) => "expired",
-                    None if s.next_offset > 0 => "expired",
-                    None => return None,
-                };
-                Some(cmd::RunSummary {
-                    run_id: s.run_id,
-                    state,
-                    stream_epoch: s.stream_epoch,
-                    first_offset: s.first_offset,
-                    next_offset: s.next_offset,
-                })
-            })
+            .iter()
+            .map(|s| registry.run_state(&s.run_id))
             .collect()
     });
-    cmd::RunsListResponse { runs }
+    // Runs with no session held here may have one on another gateway.
+    let elsewhere: Vec<RunId> = streams
+        .iter()
+        .zip(&states)
+        .filter(|(_, state)| state.is_none())
+        .map(|(s, _)| s.run_id.clone())
+        .collect();
+    let from_store = match shared.store.shared_sessions() {
+        Some(store) if !elsewhere.is_empty() => Some(store.sessions_of_runs(elsewhere)),
+        _ => None,
+    };
+    Box::pin(async move {
+        // One record per run without a state here, in the same order.
+        let mut records = match from_store {
+            Some(loaded) => loaded.await?,
+            None => Vec::new(),
+        }
+        .into_iter();
+        let mut runs = Vec::with_capacity(streams.len());
+        for (s, state) in streams.into_iter().zip(states) {
+            let state = state.or_else(|| {
+                records.next().flatten().map(|r| {
+                    if r.expired {
+                        SessionState::Expired
+                    } else if r.attached {
+                        SessionState::Attached
+                    } else {
+                        SessionState::Detached
+                    }
+                })
+            });
+            let state = match state {
+                Some(SessionState::Attached) => "attached",
+                Some(SessionState::Detached) => "detached",
+                Some(SessionState::Expired) => "expired",
+                None if s.next_offset > 0 => "expired",
+                None => continue,
+            };
+            runs.push(cmd::RunSummary {
+                run_id: s.run_id,
+                state,
+                stream_epoch: s.stream_epoch,
+                first_offset: s.first_offset,
+                next_offset: s.next_offset,
+            });
+        }
+        Ok(cmd::RunsListResponse { runs })
+    })
 }

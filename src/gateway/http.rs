@@ -132,7 +132,7 @@ pub(crate) async fn route(
         }
         (&Method::GET, "/v1/runtime") => upgrade(shared, req, Endpoint::Runtime),
         (&Method::GET, "/v1/stream") => upgrade(shared, req, Endpoint::Stream),
-        (&Method::GET, "/v1/runs") => runs_list(&shared, &req),
+        (&Method::GET, "/v1/runs") => runs_list(&shared, &req).await,
         (&Method::GET, _) if run_events_path(path).is_some() => run_events(shared, &req),
         (&Method::GET, _) if dashboard::serves(path) => dashboard::serve(path),
         (_, "/healthz" | "/readyz" | "/metrics" | "/v1/runtime" | "/v1/stream" | "/v1/runs") => {
@@ -213,13 +213,26 @@ fn run_events_path(path: &str) -> Option<&str> {
 }
 
 /// `GET /v1/runs`: the runs the viewer token covers.
-fn runs_list(shared: &Shared, req: &Request<Incoming>) -> Response<Body> {
+async fn runs_list(shared: &Shared, req: &Request<Incoming>) -> Response<Body> {
     let grant = match authenticate(shared, req, TokenKind::Viewer) {
         Ok(g) => g,
         Err((status, code, message)) => return http_error(status, code, message),
     };
-    let body = serde_json::to_vec(&dispatch::runs_list(shared, &grant)).unwrap_or_default();
-    respond(StatusCode::OK, "application/json", body)
+    match dispatch::runs_list(shared, &grant).await {
+        Ok(runs) => respond(
+            StatusCode::OK,
+            "application/json",
+            serde_json::to_vec(&runs).unwrap_or_default(),
+        ),
+        Err(e) => {
+            tracing::warn!(error = %e, "runs list: the shared store did not answer");
+            http_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                ErrorCode::Internal,
+                "the session store is unavailable; retry",
+            )
+        }
+    }
 }
 
 /// `GET /v1/runs/{runId}/events`: the run's stream as Server-Sent Events.

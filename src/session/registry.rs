@@ -178,6 +178,7 @@ impl Session {
             capabilities: self.capabilities.iter().collect(),
             parent: self.parent.clone(),
             expired: self.expired,
+            attached: self.owner.is_some(),
             deadline_unix_ms: clock.wall(self.deadline).unix_millis(),
         }
     }
@@ -733,6 +734,8 @@ impl SessionRegistry {
                 if s.owner == Some(conn) {
                     s.owner = None;
                     detached.push(s.run_id.clone());
+                    // Saved so other gateways sharing the store see it.
+                    self.changed.insert(id.clone());
                 }
                 s.former_owners.retain(|c| *c != conn);
             }
@@ -1009,10 +1012,14 @@ impl SessionRegistry {
         })
     }
 
-    /// The state of `run`'s session, if it has one.
+    /// The state of `run`'s session, if it has one held here (one held
+    /// elsewhere is for the shared store to say).
     pub fn run_state(&self, run: &RunId) -> Option<SessionState> {
         let id = self.by_run.get(run)?;
-        self.sessions.get(id).map(Session::state)
+        self.sessions
+            .get(id)
+            .filter(|s| !s.elsewhere)
+            .map(Session::state)
     }
 
     /// Every run with a session, and its state.

@@ -86,6 +86,10 @@ pub struct SessionRecord {
     pub parent: Option<SessionId>,
     /// The lease ran out; the record is a tombstone.
     pub expired: bool,
+    /// Bound to a socket when saved (what another gateway's `runs.list`
+    /// shows for it); a restarted gateway restores every session detached.
+    #[serde(default)]
+    pub attached: bool,
     /// The lease deadline, or for a tombstone the moment it is forgotten.
     pub deadline_unix_ms: u64,
 }
@@ -165,6 +169,10 @@ pub trait SharedSessions: Send + Sync {
     /// that stopped saying so: returns their records, now held here. Call
     /// about once a second ([`crate::session::RENEWALS_SAVED_EVERY`]).
     fn keep_alive(&self) -> StoreFuture<Vec<SessionRecord>>;
+
+    /// The records of these runs' sessions (`None` where a run has none),
+    /// in the order asked: what `runs.list` shows for runs held elsewhere.
+    fn sessions_of_runs(&self, runs: Vec<RunId>) -> StoreFuture<Vec<Option<SessionRecord>>>;
 
     /// Sessions another gateway took over, as they happen. Called once;
     /// `None` after the first call.
@@ -538,6 +546,7 @@ pub(crate) mod conformance {
             capabilities: vec![Capability::KvRead, Capability::KvWrite],
             parent: None,
             expired: false,
+            attached: true,
             deadline_unix_ms: 1_764_064_800_123,
         }
     }

@@ -193,6 +193,16 @@ end
 return taken
 ";
 
+/// The record of each run in `ARGV` (false where it has none).
+const SESSIONS_OF_RUNS: &str = r"
+local out = {}
+for i, run in ipairs(ARGV) do
+  local sid = redis.call('HGET', KEYS[1], run)
+  out[i] = (sid and redis.call('HGET', KEYS[2], sid)) or false
+end
+return out
+";
+
 /// The records of the sessions in set `KEYS[1]` (those a node holds), from
 /// hash `KEYS[2]`.
 const SESSIONS_LOAD: &str = r"
@@ -288,6 +298,10 @@ enum Op {
     KeepAlive {
         reply: Reply<Vec<SessionRecord>>,
     },
+    SessionsOfRuns {
+        runs: Vec<RunId>,
+        reply: Reply<Vec<Option<SessionRecord>>>,
+    },
     /// Answered once every op before it has been answered.
     Flush {
         reply: Reply<()>,
@@ -349,6 +363,7 @@ impl RedisStore {
             session_of_run: Script::new(SESSION_OF_RUN),
             keep_alive: Script::new(KEEP_ALIVE),
             sessions_load: Script::new(SESSIONS_LOAD),
+            sessions_of_runs: Script::new(SESSIONS_OF_RUNS),
         };
         tokio::spawn(worker.run(rx));
         Ok(RedisStore {
@@ -458,6 +473,10 @@ impl SharedSessions for RedisStore {
         self.submit(|reply| Op::KeepAlive { reply })
     }
 
+    fn sessions_of_runs(&self, runs: Vec<RunId>) -> StoreFuture<Vec<Option<SessionRecord>>> {
+        self.submit(|reply| Op::SessionsOfRuns { runs, reply })
+    }
+
     fn moves(&self) -> Option<mpsc::UnboundedReceiver<SessionMoved>> {
         self.moves.lock().take()
     }
@@ -564,6 +583,7 @@ struct Worker {
     session_of_run: Script,
     keep_alive: Script,
     sessions_load: Script,
+    sessions_of_runs: Script,
 }
 
 impl Worker {
@@ -600,6 +620,9 @@ impl Worker {
             Op::SessionsLoad { reply } => drop(reply.send(self.sessions_load().await)),
             Op::SessionOfRun { run, reply } => drop(reply.send(self.session_of_run(&run).await)),
             Op::KeepAlive { reply } => drop(reply.send(self.keep_alive().await)),
+            Op::SessionsOfRuns { runs, reply } => {
+                drop(reply.send(self.sessions_of_runs(&runs).await))
+            }
             Op::Flush { reply } => drop(reply.send(Ok(()))),
         }
     }
@@ -800,14 +823,36 @@ impl Worker {
     }
 }
 
+impl Worker {
+    async fn sessions_of_runs(
+        &mut self,
+        runs: &[RunId],
+    ) -> Result<Vec<Option<SessionRecord>>, StoreError> {
+        if runs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut invocation = self.sessions_of_runs.key(self.keys.session_of_run());
+        invocation.key(self.keys.sessions());
+        for run in runs {
+            invocation.arg(run.as_str());
+        }
+        let records: Vec<Option<Vec<u8>>> = invocation
+            .invoke_async(&mut self.conn)
+            .await
+            .map_err(redis_error)?;
+        records
+            .into_iter()
+            .map(|r| r.as_deref().map(decode_one).transpose())
+            .collect()
+    }
+}
+
 fn decode_all(records: Vec<Vec<u8>>) -> Result<Vec<SessionRecord>, StoreError> {
-    records
-        .iter()
-        .map(|bytes| {
-            decode_session(bytes)
-                .map_err(|why| StoreError::Corrupt(format!("Redis: session: {why}")))
-        })
-        .collect()
+    records.iter().map(|bytes| decode_one(bytes)).collect()
+}
+
+fn decode_one(bytes: &[u8]) -> Result<SessionRecord, StoreError> {
+    decode_session(bytes).map_err(|why| StoreError::Corrupt(format!("Redis: session: {why}")))
 }
 
 /// An epoch as the scripts compare it: see the module docs.
