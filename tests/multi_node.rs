@@ -118,6 +118,16 @@ async fn cluster(n: usize, extra: &[&str]) -> Option<Cluster> {
     Some(Cluster::start(redis, n, extra).await)
 }
 
+/// `name` made unique to this test run: tests on a shared `REDIS_URL`
+/// (and runs of the suite one after another) never meet each other's runs.
+fn unique(name: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("{name}-{}-{nanos}", std::process::id())
+}
+
 /// Event number `i` as published (with `seq` = i + 1: one per event, so a
 /// resent batch is de-duplicated).
 fn event(run: &str, i: u64) -> Value {
@@ -205,7 +215,8 @@ async fn a_run_published_on_one_node_is_read_from_every_node() {
     let Some(c) = cluster(3, &[]).await else {
         return;
     };
-    let run = "fan-1";
+    let run = unique("fan-1");
+    let run = run.as_str();
     let mut rt = c.runtime(0, run).await;
     let sid = attach_at(&mut rt, run, 0).await;
     publish(&mut rt, &sid, run, 0..10).await;
@@ -284,7 +295,8 @@ async fn runs_published_from_two_nodes_keep_contiguous_offsets() {
     let Some(c) = cluster(3, &[]).await else {
         return;
     };
-    let (x, y) = ("mix-x", "mix-y");
+    let (x, y) = (unique("mix-x"), unique("mix-y"));
+    let (x, y) = (x.as_str(), y.as_str());
     let mut rx = c.runtime(0, x).await;
     let mut ry = c.runtime(1, y).await;
     let sx = attach_at(&mut rx, x, 1).await;
@@ -348,7 +360,8 @@ async fn a_takeover_fences_publishes_in_flight_on_the_old_node() {
     let Some(c) = cluster(2, &[]).await else {
         return;
     };
-    let run = "race-1";
+    let run = unique("race-1");
+    let run = run.as_str();
     let mut a = c.runtime(0, run).await;
     let sid = attach_at(&mut a, run, 1).await;
     let mut b = c.runtime(1, run).await;
@@ -427,7 +440,8 @@ async fn a_reconnect_on_another_node_takes_the_session_over() {
     let Some(c) = cluster(3, &[]).await else {
         return;
     };
-    let run = "take-1";
+    let run = unique("take-1");
+    let run = run.as_str();
     let mut a = c.runtime(0, run).await;
     let sid = attach_at(&mut a, run, 1).await;
     a.ok("runtime.heartbeat", heartbeat(&sid, run)).await;
@@ -546,7 +560,8 @@ async fn a_lease_runs_out_exactly_once_with_three_nodes() {
     let Some(c) = cluster(3, &SHORT_LEASE).await else {
         return;
     };
-    let run = "lease-1";
+    let run = unique("lease-1");
+    let run = run.as_str();
     let mut rt = c.runtime(0, run).await;
     let sid = attach_at(&mut rt, run, 1).await;
 
@@ -608,7 +623,8 @@ async fn a_runtime_and_a_viewer_carry_on_on_b_after_a_is_killed() {
     let Some(mut c) = cluster(2, &[]).await else {
         return;
     };
-    let run = "crash-1";
+    let run = unique("crash-1");
+    let run = run.as_str();
     let mut rt = c.runtime(0, run).await;
     let sid = attach_at(&mut rt, run, 1).await;
     rt.ok(
@@ -681,7 +697,8 @@ async fn redis_stopped_is_retryable_and_restarted_is_recovered_from() {
         return;
     }
     let mut c = Cluster::start(redis, 2, &[]).await;
-    let run = "outage-1";
+    let run = unique("outage-1");
+    let run = run.as_str();
     let mut rt = c.runtime(0, run).await;
     let sid = attach_at(&mut rt, run, 1).await;
     rt.ok(
