@@ -21,14 +21,68 @@
 # `rungate serve` flags, MAX_LOAD (e.g. 1.5) waits up to 3 minutes before
 # each run for the 1-minute load average to drop below it.
 # Needs jq.
+#
+# Two gateway nodes over one Redis (c, d and e only):
+#
+#   NODES=2 STORE=redis benches/scenarios.sh c|d|e
+#
+# Each gateway run then starts a redis-server of its own (REDIS_SERVER,
+# default redis-server; a free loopback port; its files under OUT) and two
+# gateways, A and B, with `--store redis://127.0.0.1:PORT/0` and one shared
+# `--auth-key-file`. Runtimes attach and publish on A; viewers connect to
+# B (`loadgen --viewer-url`), so every delivery crosses Redis. Redis runs
+# with no RDB snapshots (`--save ""`) and no AOF rewrite
+# (`--auto-aof-rewrite-percentage 0`), so no fork lands in a measurement,
+# and with the append-only file fsync'd as REDIS_FSYNC says: everysec
+# (default; what a deployment would run), always (fsync before every
+# reply), or off (no AOF: nothing on disk). Besides the single-node
+# figures the summary gives node B's CPU, Redis's CPU (utime + stime of
+# the redis-server process from /proc over the same interval as the
+# gateway's: `loadgen --watch-pid`), and Redis CPU per event: ms of Redis
+# CPU per 1,000 events accepted (c, d) or delivered (e), which is the same
+# number as Redis CPU-milliseconds per second per 1,000 events/s. The
+# baseline is still the one bare server (it has no nodes): compare the
+# two-node figures with a single-node run of the same scenario as well.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scenario=${1:?usage: benches/scenarios.sh a|b|b5|c|d|e}
 runs=${RUNS:-3}
 bin=${BIN:-target/release/rungate}
-out=${OUT:-target/loadgen/$(date -u +%Y%m%dT%H%M%SZ)-$scenario}
+nodes=${NODES:-1}
+store=${STORE:-embedded}
+case "$nodes/$store" in
+1/embedded | 1/redis) ;;
+2/redis)
+    case $scenario in c | d | e) ;; *)
+        echo "NODES=2 runs scenarios c, d and e (runtimes on node A, viewers on node B)" >&2
+        exit 2
+        ;;
+    esac
+    ;;
+*)
+    echo "NODES=$nodes STORE=$store: use NODES=1 (STORE=embedded or redis) or NODES=2 STORE=redis" >&2
+    exit 2
+    ;;
+esac
+suffix=
+[ "$store" = redis ] && suffix="-${nodes}node-redis"
+out=${OUT:-target/loadgen/$(date -u +%Y%m%dT%H%M%SZ)-$scenario$suffix}
 command -v jq >/dev/null || { echo "scenarios.sh needs jq (apt-get install jq)" >&2; exit 1; }
+redis_server=${REDIS_SERVER:-redis-server}
+redis_fsync=${REDIS_FSYNC:-everysec}
+redis_flags=(--bind 127.0.0.1 --save "" --auto-aof-rewrite-percentage 0)
+case $redis_fsync in
+everysec | always) redis_flags+=(--appendonly yes --appendfsync "$redis_fsync") ;;
+off) redis_flags+=(--appendonly no) ;;
+*)
+    echo "REDIS_FSYNC=$redis_fsync: use everysec, always or off" >&2
+    exit 2
+    ;;
+esac
+if [ "$store" = redis ]; then
+    command -v "$redis_server" >/dev/null || { echo "STORE=redis needs $redis_server (apt-get install redis-server)" >&2; exit 1; }
+fi
 [ -n "${SKIP_BUILD:-}" ] || cargo build --release -q
 mkdir -p "$out"
 
@@ -109,9 +163,28 @@ esac
 gw_flags+=(${GATEWAY_FLAGS:-})
 # shellcheck disable=SC2206
 lg_flags+=(${LOADGEN_FLAGS:-})
+if [ "$nodes" = 2 ]; then
+    what="$what — 2 gateway nodes over one Redis (AOF fsync $redis_fsync): runtimes on A, viewers on B"
+    # Deliveries B owes: non-zero when node B did not get every event
+    # from A (a replay that "caught up" with an empty stream included).
+    [ "$scenario" != c ] && metrics+=("deliveries short (B)|.events.deliveries_expected - .events.events_delivered")
+    metrics+=("node B CPU % (traffic)|.watched.gateway_b.cpu_percent"
+        "Redis CPU % (traffic)|.watched.redis.cpu_percent")
+    if [ "$scenario" = e ]; then
+        metrics+=("Redis CPU ms/1k delivered|.watched.redis.cpu_secs as \$c | .events.events_delivered as \$n | if \$c == null or \$n == 0 then null else \$c * 1e6 / \$n end")
+    else
+        metrics+=("Redis CPU ms/1k events|.watched.redis.cpu_secs as \$c | .events.events_accepted as \$n | if \$c == null or \$n == 0 then null else \$c * 1e6 / \$n end")
+    fi
+elif [ "$store" = redis ]; then
+    what="$what — on Redis (AOF fsync $redis_fsync)"
+    metrics+=("Redis CPU % (traffic)|.watched.redis.cpu_percent")
+fi
 
-pid=
-cleanup() { [ -n "$pid" ] && kill "$pid" 2>/dev/null || true; }
+# The processes of the current run: the server (node A), node B, Redis.
+pid= pid_b= redis_pid=
+cleanup() {
+    for p in $pid $pid_b $redis_pid; do kill "$p" 2>/dev/null || true; done
+}
 trap cleanup EXIT
 
 wait_quiet() {
@@ -122,32 +195,82 @@ wait_quiet() {
     done
 }
 
-# start_server gateway|baseline RUN: sets pid, url, auth.
-start_server() {
-    local target=$1 run=$2 stdout="$out/$1-$2.stdout"
-    if [ "$target" = gateway ]; then
-        local dir="$out/gateway-$run-data"
-        "$bin" serve --listen 127.0.0.1:0 --data-dir "$dir" "${gw_flags[@]}" >"$stdout" 2>"$out/$target-$run.log" &
-        auth=(--auth-key-file "$dir/auth.key")
-    else
-        "$bin" baseline --listen 127.0.0.1:0 "${bl_flags[@]}" >"$stdout" 2>"$out/$target-$run.log" &
-        auth=(--token unchecked --viewer-token unchecked)
-    fi
-    pid=$!
+# wait_addr STDOUT LOG: the address a server printed ("listening on ADDR").
+wait_addr() {
     local addr=
     for _ in $(seq 200); do
-        addr=$(sed -n 's/^listening on //p' "$stdout")
+        addr=$(sed -n 's/^listening on //p' "$1")
         [ -n "$addr" ] && break
         sleep 0.05
     done
-    [ -n "$addr" ] || { echo "$target did not start; see $out/$target-$run.log" >&2; exit 1; }
-    url="ws://$addr"
+    [ -n "$addr" ] || { echo "server did not start; see $2" >&2; return 1; }
+    echo "$addr"
+}
+
+free_port() {
+    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# start_redis RUN: a fresh redis-server on a free port; sets redis_pid, redis_url.
+start_redis() {
+    local run=$1 dir="$out/redis-$run" port
+    mkdir -p "$dir"
+    port=$(free_port)
+    "$redis_server" --port "$port" --dir "$dir" "${redis_flags[@]}" >"$out/redis-$run.log" 2>&1 &
+    redis_pid=$!
+    for _ in $(seq 200); do
+        if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+            redis_url="redis://127.0.0.1:$port/0"
+            return 0
+        fi
+        sleep 0.05
+    done
+    echo "redis-server did not start; see $out/redis-$run.log" >&2
+    exit 1
+}
+
+# start_server gateway|baseline RUN: sets pid, url, auth, node_flags (and
+# pid_b, redis_pid on Redis).
+start_server() {
+    local target=$1 run=$2 stdout="$out/$1-$2.stdout"
+    node_flags=()
+    if [ "$target" = gateway ]; then
+        local dir="$out/gateway-$run-data" store_flags=()
+        auth=(--auth-key-file "$dir/auth.key")
+        if [ "$store" = redis ]; then
+            start_redis "$run"
+            auth=(--auth-key-file "$out/gateway-$run-auth.key")
+            store_flags=(--store "$redis_url" "${auth[@]}")
+            node_flags=(--watch-pid "redis=$redis_pid")
+        fi
+        "$bin" serve --listen 127.0.0.1:0 --data-dir "$dir" "${store_flags[@]}" "${gw_flags[@]}" >"$stdout" 2>"$out/$target-$run.log" &
+        pid=$!
+        url="ws://$(wait_addr "$stdout" "$out/$target-$run.log")"
+        if [ "$nodes" = 2 ]; then
+            # Node B starts once A has created the shared key file.
+            "$bin" serve --listen 127.0.0.1:0 --data-dir "$out/gateway-$run-data-b" "${store_flags[@]}" "${gw_flags[@]}" \
+                >"$out/$target-$run-b.stdout" 2>"$out/$target-$run-b.log" &
+            pid_b=$!
+            local url_b
+            url_b="ws://$(wait_addr "$out/$target-$run-b.stdout" "$out/$target-$run-b.log")"
+            node_flags+=(--viewer-url "$url_b" --watch-pid "gateway_b=$pid_b")
+        fi
+    else
+        "$bin" baseline --listen 127.0.0.1:0 "${bl_flags[@]}" >"$stdout" 2>"$out/$target-$run.log" &
+        pid=$!
+        auth=(--token unchecked --viewer-token unchecked)
+        url="ws://$(wait_addr "$stdout" "$out/$target-$run.log")"
+    fi
 }
 
 stop_server() {
-    kill -TERM "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
-    pid=
+    for p in $pid $pid_b; do kill -TERM "$p" 2>/dev/null || true; done
+    for p in $pid $pid_b; do wait "$p" 2>/dev/null || true; done
+    if [ -n "$redis_pid" ]; then
+        kill -TERM "$redis_pid" 2>/dev/null || true
+        wait "$redis_pid" 2>/dev/null || true
+    fi
+    pid= pid_b= redis_pid=
 }
 
 echo "scenario $scenario: $what; $runs runs each; results in $out" >&2
@@ -157,6 +280,13 @@ echo "scenario $scenario: $what; $runs runs each; results in $out" >&2
     echo "gateway: $bin serve --listen 127.0.0.1:0 --data-dir DIR ${gw_flags[*]}"
     echo "baseline: $bin baseline --listen 127.0.0.1:0 ${bl_flags[*]}"
     echo "loadgen: $bin loadgen --url URL --json --gateway-pid PID ${lg_flags[*]}"
+    if [ "$store" = redis ]; then
+        echo "store: $nodes gateway node(s) with --store redis://127.0.0.1:PORT/0 --auth-key-file (shared)"
+        echo "redis: $("$redis_server" --version | head -1)"
+        echo "redis: $redis_server --port PORT --dir DIR $(printf '%q ' "${redis_flags[@]}")"
+        [ "$nodes" = 2 ] && echo "loadgen (2 nodes): --url ws://A --viewer-url ws://B --watch-pid gateway_b=PID_B --watch-pid redis=PID_REDIS"
+        [ "$nodes" = 1 ] && echo "loadgen (Redis): --watch-pid redis=PID_REDIS"
+    fi
 } >"$out/summary.txt"
 
 for run in $(seq "$runs"); do
@@ -166,10 +296,10 @@ for run in $(seq "$runs"); do
         start_server "$target" "$run"
         echo "run $run/$runs $target (load $load)" >&2
         "$bin" loadgen --url "$url" "${auth[@]}" --json --gateway-pid "$pid" --label "$target" \
-            "${lg_flags[@]}" >"$out/$target-$run.json"
+            "${node_flags[@]}" "${lg_flags[@]}" >"$out/$target-$run.json"
         stop_server
         echo "run $run $target: load average before $load" >>"$out/summary.txt"
-        rm -rf "$out/gateway-$run-data"
+        rm -rf "$out/gateway-$run-data" "$out/gateway-$run-data-b" "$out/redis-$run"
     done
 done
 

@@ -32,7 +32,11 @@
 //! Every request's round trip goes into an HdrHistogram by command type;
 //! errors are counted by code. With `--gateway-pid`, the gateway's RSS is
 //! read before connecting, after attaching and at the end, and its CPU over
-//! the traffic phase.
+//! the traffic phase; each `--watch-pid NAME=PID` (a second gateway node,
+//! the Redis server) gets its CPU over the same interval.
+//!
+//! Several gateway nodes: `--viewer-url` sends the viewers to another node
+//! than the runtimes (`--url`), so every delivery crosses the shared store.
 //!
 //! Layout: `wire` (frames out, classification in), `net` (sockets, source
 //! addresses, descriptor limit), `runtime` and `viewer` (one task per
@@ -104,6 +108,17 @@ impl StartAt {
     }
 }
 
+fn parse_watch(s: &str) -> Result<(String, u32), String> {
+    let (name, pid) = s.split_once('=').ok_or("expected NAME=PID")?;
+    let pid = pid
+        .parse()
+        .map_err(|_| format!("{pid:?} is not a process id"))?;
+    if name.is_empty() {
+        return Err("expected NAME=PID".into());
+    }
+    Ok((name.to_owned(), pid))
+}
+
 fn parse_from(s: &str) -> Result<StartAt, String> {
     if s == "live" {
         return Ok(StartAt::Live);
@@ -121,6 +136,10 @@ pub struct LoadgenArgs {
     /// /v1/stream are appended
     #[arg(long, default_value = "ws://127.0.0.1:7700")]
     pub url: String,
+    /// Where viewers connect, ws://HOST:PORT, when not --url: another
+    /// gateway node sharing the runtimes' store [default: --url]
+    #[arg(long)]
+    pub viewer_url: Option<String>,
     /// Runtime sessions to attach
     #[arg(long, default_value_t = 100)]
     pub sessions: usize,
@@ -194,6 +213,11 @@ pub struct LoadgenArgs {
     /// The gateway's process id: report its RSS and CPU
     #[arg(long)]
     pub gateway_pid: Option<u32>,
+    /// Another process to report CPU (user + system) and RSS of, over the
+    /// same interval as the gateway's, as NAME=PID (e.g. redis=4242,
+    /// gateway_b=4243); repeatable
+    #[arg(long, value_parser = parse_watch)]
+    pub watch_pid: Vec<(String, u32)>,
     /// Seconds to wait after the last attach before reading the RSS
     #[arg(long, default_value_t = 1.0)]
     pub settle: f64,
@@ -287,6 +311,10 @@ pub(crate) struct Shared {
     pub clock: Instant,
     pub target: std::net::SocketAddr,
     pub sources: net::Sources,
+    /// Where viewers connect: `target`, or `--viewer-url`'s address with
+    /// source addresses of its own.
+    pub viewer_target: std::net::SocketAddr,
+    pub viewer_sources: Option<net::Sources>,
     pub runtime_url: String,
     pub viewer_url: String,
     /// Runtime tokens: socket `i` uses `tokens[i / SOCKETS_PER_TOKEN]`
@@ -324,6 +352,10 @@ impl Shared {
 
     pub fn viewer_token(&self, index: usize) -> &str {
         token_for(&self.viewer_tokens, index)
+    }
+
+    pub fn viewer_sources(&self) -> &net::Sources {
+        self.viewer_sources.as_ref().unwrap_or(&self.sources)
     }
 
     pub fn now_us(&self) -> u64 {
@@ -445,6 +477,19 @@ pub async fn run(args: LoadgenArgs) -> Result<Report, LoadgenError> {
             url: base.clone(),
             source,
         })?;
+    let viewer_base = args
+        .viewer_url
+        .as_deref()
+        .map(|u| u.trim_end_matches('/').to_owned());
+    let viewer_target = match &viewer_base {
+        Some(url) => net::resolve(url)
+            .await
+            .map_err(|source| LoadgenError::Resolve {
+                url: url.clone(),
+                source,
+            })?,
+        None => target,
+    };
     let prefix = args.run_prefix.clone().unwrap_or_else(default_prefix);
     let (tokens, viewer_tokens) = mint_tokens(&args, &prefix)?;
     let publishers = args.publishers();
@@ -454,9 +499,21 @@ pub async fn run(args: LoadgenArgs) -> Result<Report, LoadgenError> {
         phase: phase_rx,
         clock: Instant::now(),
         target,
-        sources: net::Sources::new(target, args.sources, sockets),
+        sources: net::Sources::new(
+            target,
+            args.sources,
+            if viewer_base.is_some() {
+                runtime_sockets
+            } else {
+                sockets
+            },
+        ),
+        viewer_target,
+        viewer_sources: viewer_base
+            .is_some()
+            .then(|| net::Sources::new(viewer_target, args.sources, args.viewers)),
         runtime_url: format!("{base}/v1/runtime"),
-        viewer_url: format!("{base}/v1/stream"),
+        viewer_url: format!("{}/v1/stream", viewer_base.as_deref().unwrap_or(&base)),
         tokens,
         viewer_tokens,
         prefix,
@@ -472,6 +529,12 @@ pub async fn run(args: LoadgenArgs) -> Result<Report, LoadgenError> {
     let progress = progress::Progress::start(shared.clone(), args.quiet);
     let gateway = args.gateway_pid.map(|p| p.to_string());
     let sample_gateway = || gateway.as_deref().and_then(|p| procfs::sample(p).ok());
+    let sample_watched = || -> Vec<Option<procfs::Sample>> {
+        args.watch_pid
+            .iter()
+            .map(|(_, pid)| procfs::sample(&pid.to_string()).ok())
+            .collect()
+    };
     let gw_before = sample_gateway();
 
     // 1. Connect and attach.
@@ -520,7 +583,11 @@ pub async fn run(args: LoadgenArgs) -> Result<Report, LoadgenError> {
     let viewers_connect = viewers_started.elapsed();
     // A replay is the work to measure: CPU from the storm on.
     let replay_only = args.rate == Rate::Off && args.viewers > 0 && args.from.offset().is_some();
-    let storm_samples = (sample_gateway(), procfs::sample("self").ok());
+    let storm_samples = (
+        sample_gateway(),
+        procfs::sample("self").ok(),
+        sample_watched(),
+    );
     let resume_storm_start_us = shared.now_us();
     let _ = phase_tx.send(Phase::Resume);
     if args.viewers > 0 {
@@ -539,10 +606,14 @@ pub async fn run(args: LoadgenArgs) -> Result<Report, LoadgenError> {
             format!("{} s", args.duration)
         },
     );
-    let (gw_t0, self_t0) = if replay_only {
+    let (gw_t0, self_t0, watched_t0) = if replay_only {
         storm_samples
     } else {
-        (sample_gateway(), procfs::sample("self").ok())
+        (
+            sample_gateway(),
+            procfs::sample("self").ok(),
+            sample_watched(),
+        )
     };
     let traffic_start_us = shared.now_us();
     let traffic_started = Instant::now();
@@ -566,6 +637,7 @@ pub async fn run(args: LoadgenArgs) -> Result<Report, LoadgenError> {
     .await;
     let gw_t1 = sample_gateway();
     let self_t1 = procfs::sample("self").ok();
+    let watched_t1 = sample_watched();
     if args.viewers > 0 {
         wait_for(secs(args.drain_timeout), || {
             get(&st.events_delivered) + get(&st.events_missed) >= shared.expected_deliveries()
@@ -596,6 +668,12 @@ pub async fn run(args: LoadgenArgs) -> Result<Report, LoadgenError> {
         gw_t1,
         self_t0,
         self_t1,
+        watched: args
+            .watch_pid
+            .iter()
+            .zip(watched_t0.into_iter().zip(watched_t1))
+            .map(|((name, pid), (t0, t1))| (name.clone(), *pid, t0, t1))
+            .collect(),
         fd_limit,
     };
     Ok(Report::build(&shared, &timings, &samples))

@@ -48,6 +48,8 @@ impl Percentiles {
 pub struct Setup {
     pub label: String,
     pub url: String,
+    /// `--viewer-url`, when viewers went to another node.
+    pub viewer_url: Option<String>,
     pub sessions: usize,
     pub sessions_per_socket: usize,
     pub runtime_sockets: usize,
@@ -135,6 +137,19 @@ pub struct Process {
     pub threads: Option<u64>,
 }
 
+/// A process watched with `--watch-pid NAME=PID` (another gateway node,
+/// the Redis server), over the gateway's interval.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Watched {
+    pub pid: u32,
+    /// User + system CPU seconds over the traffic phase (for a replay:
+    /// from the resume storm), all threads.
+    pub cpu_secs: Option<f64>,
+    /// The same in percent of one core.
+    pub cpu_percent: Option<f64>,
+    pub rss_end_kib: Option<u64>,
+}
+
 /// Everything a run measured.
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
@@ -149,6 +164,8 @@ pub struct Report {
     /// Requests unanswered when their socket closed.
     pub unanswered: u64,
     pub gateway: Option<Process>,
+    /// By the name given to `--watch-pid`.
+    pub watched: BTreeMap<String, Watched>,
     pub loadgen: Process,
 }
 
@@ -161,6 +178,8 @@ pub(crate) struct Samples {
     pub gw_t1: Option<Sample>,
     pub self_t0: Option<Sample>,
     pub self_t1: Option<Sample>,
+    /// `--watch-pid`: name, pid, samples at the gateway's t0 and t1.
+    pub watched: Vec<(String, u32, Option<Sample>, Option<Sample>)>,
     pub fd_limit: u64,
 }
 
@@ -185,6 +204,7 @@ impl Report {
         let setup = Setup {
             label: a.label.clone(),
             url: a.url.clone(),
+            viewer_url: a.viewer_url.clone(),
             sessions: a.sessions,
             sessions_per_socket: a.sessions_per_socket,
             runtime_sockets: a.runtime_sockets(),
@@ -296,6 +316,26 @@ impl Report {
             },
             threads: me.map(|x| x.threads),
         };
+        let watched = s
+            .watched
+            .iter()
+            .map(|(name, pid, t0, t1)| {
+                let (cpu_secs, cpu_percent) = match (t0, t1) {
+                    (Some(a), Some(b)) => (
+                        Some(((b.cpu_secs - a.cpu_secs) * 1000.0).round() / 1000.0),
+                        Some((procfs::cpu_percent(a, b) * 10.0).round() / 10.0),
+                    ),
+                    _ => (None, None),
+                };
+                let w = Watched {
+                    pid: *pid,
+                    cpu_secs,
+                    cpu_percent,
+                    rss_end_kib: t1.map(|x| x.rss_kib),
+                };
+                (name.clone(), w)
+            })
+            .collect();
         Report {
             setup,
             connections,
@@ -305,6 +345,7 @@ impl Report {
             errors: st.errors(),
             unanswered: get(&st.unanswered),
             gateway,
+            watched,
             loadgen,
         }
     }
@@ -332,9 +373,13 @@ impl fmt::Display for Report {
         let s = &self.setup;
         let c = &self.connections;
         let label = if s.label.is_empty() { "" } else { " " };
+        let viewers_at = match &s.viewer_url {
+            Some(v) => format!(", viewers on {v}"),
+            None => String::new(),
+        };
         writeln!(
             f,
-            "rungate loadgen{label}{} against {} ({})",
+            "rungate loadgen{label}{} against {}{viewers_at} ({})",
             s.label, s.url, s.finished_at
         )?;
         writeln!(
@@ -464,6 +509,16 @@ impl fmt::Display for Report {
             }
             if let Some(cpu) = p.cpu_percent {
                 parts.push(format!("CPU {cpu:.0}% of a core in traffic"));
+            }
+            writeln!(f, "  {name:<10} {}", parts.join("; "))?;
+        }
+        for (name, w) in &self.watched {
+            let mut parts = vec![format!("pid {}", w.pid)];
+            if let Some(end) = w.rss_end_kib {
+                parts.push(format!("RSS {} at the end", mib(end)));
+            }
+            if let (Some(secs), Some(cpu)) = (w.cpu_secs, w.cpu_percent) {
+                parts.push(format!("CPU {secs:.2} s = {cpu:.0}% of a core in traffic"));
             }
             writeln!(f, "  {name:<10} {}", parts.join("; "))?;
         }

@@ -61,8 +61,8 @@ pub async fn run_socket(sh: Arc<Shared>, j: usize) {
     let permit = sh.connect_gate.acquire().await;
     let started = Instant::now();
     let connected = net::connect(
-        sh.target,
-        &sh.sources,
+        sh.viewer_target,
+        sh.viewer_sources(),
         &sh.viewer_url,
         sh.viewer_token(j),
         net::ws_config(8 * 1024),

@@ -158,19 +158,64 @@ impl Client {
 
     /// The next frame from the socket (not the backlog).
     async fn read(&mut self) -> Option<Value> {
+        self.read_within(WAIT).await.expect("a frame in time")
+    }
+
+    /// The next frame from the socket (not the backlog): `Err` when none
+    /// came within `limit`, `Ok(None)` when the socket closed.
+    async fn read_within(&mut self, limit: Duration) -> Result<Option<Value>, ()> {
+        let until = tokio::time::Instant::now() + limit;
         loop {
-            let msg = tokio::time::timeout(WAIT, self.ws.next())
+            let msg = tokio::time::timeout_at(until, self.ws.next())
                 .await
-                .expect("a frame in time")?;
+                .map_err(|_| ())?;
             match msg {
-                Ok(Message::Text(t)) => {
+                Some(Ok(Message::Text(t))) => {
                     let v: Value = serde_json::from_str(t.as_str()).expect("gateway sends JSON");
                     self.seen.push(v.clone());
-                    return Some(v);
+                    return Ok(Some(v));
                 }
-                Ok(Message::Close(_)) | Err(_) => return None,
-                Ok(_) => continue,
+                Some(Ok(Message::Close(_)) | Err(_)) | None => return Ok(None),
+                Some(Ok(_)) => continue,
             }
+        }
+    }
+
+    /// Every frame that arrives within `window` (the backlog's first),
+    /// for checks that something does *not* come; stops early if the
+    /// socket closes.
+    pub async fn frames_within(&mut self, window: Duration) -> Vec<Value> {
+        let until = tokio::time::Instant::now() + window;
+        let mut frames: Vec<Value> = self.backlog.drain(..).collect();
+        loop {
+            let left = until.saturating_duration_since(tokio::time::Instant::now());
+            match self.read_within(left).await {
+                Ok(Some(v)) => frames.push(v),
+                Ok(None) | Err(()) => return frames,
+            }
+        }
+    }
+
+    /// Like [`Self::call`], but waits up to `limit` for the answer (for a
+    /// gateway whose backend is away and answers only after its own
+    /// timeout).
+    pub async fn call_within(&mut self, kind: &str, payload: Value, limit: Duration) -> Value {
+        let id = self.send(kind, payload).await;
+        if let Some(pos) = self.backlog.iter().position(|v| v["id"] == id) {
+            return self.backlog.remove(pos).unwrap();
+        }
+        let until = tokio::time::Instant::now() + limit;
+        loop {
+            let left = until.saturating_duration_since(tokio::time::Instant::now());
+            let v = self
+                .read_within(left)
+                .await
+                .unwrap_or_else(|()| panic!("no answer to {kind} within {limit:?}"))
+                .expect("socket closed while waiting for an answer");
+            if v["id"] == id {
+                return v;
+            }
+            self.backlog.push_back(v);
         }
     }
 

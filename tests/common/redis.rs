@@ -11,6 +11,8 @@ pub struct TestRedis {
     pub url: String,
     child: Option<Child>,
     _dir: Option<tempfile::TempDir>,
+    /// Append-only file, fsync'd before every reply ([`start_durable`]).
+    durable: bool,
 }
 
 impl Drop for TestRedis {
@@ -36,7 +38,9 @@ impl TestRedis {
         self.stop();
         let port = self.port();
         let dir = self._dir.as_ref().map(|d| d.path().to_owned());
-        self.child = Some(spawn(port, &dir.unwrap_or_default()).expect("restart redis-server"));
+        self.child = Some(
+            spawn(port, &dir.unwrap_or_default(), self.durable).expect("restart redis-server"),
+        );
         wait_listening(port);
     }
 
@@ -50,10 +54,19 @@ impl TestRedis {
     }
 }
 
-fn spawn(port: u16, dir: &std::path::Path) -> std::io::Result<Child> {
+fn spawn(port: u16, dir: &std::path::Path, durable: bool) -> std::io::Result<Child> {
+    // Durable: every write is in the append-only file, fsync'd, before
+    // Redis answers, so a kill -9 of the server loses nothing it acknowledged.
+    let aof: &[&str] = if durable {
+        &["--appendonly", "yes", "--appendfsync", "always"]
+    } else {
+        &["--appendonly", "no"]
+    };
     Command::new("redis-server")
         .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-        .args(["--save", "", "--appendonly", "no", "--dir"])
+        .args(["--save", ""])
+        .args(aof)
+        .arg("--dir")
         .arg(dir)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -69,11 +82,32 @@ fn wait_listening(port: u16) {
 }
 
 pub fn start() -> Option<TestRedis> {
+    start_with(false)
+}
+
+/// Like [`start`], but our server keeps an append-only file fsync'd on
+/// every write, so [`TestRedis::stop`] then [`TestRedis::restart`] loses
+/// nothing it acknowledged (for tests of a Redis crash). With `REDIS_URL`
+/// the server is someone else's: durability and stopping are theirs.
+#[allow(dead_code)] // The crate's unit tests include this file too.
+pub fn start_durable() -> Option<TestRedis> {
+    start_with(true)
+}
+
+/// Whether [`TestRedis::stop`] and [`TestRedis::restart`] act (only on a
+/// server of our own, not on `REDIS_URL`).
+#[allow(dead_code)]
+pub fn can_stop(redis: &TestRedis) -> bool {
+    redis.child.is_some()
+}
+
+fn start_with(durable: bool) -> Option<TestRedis> {
     if let Ok(url) = std::env::var("REDIS_URL") {
         return Some(TestRedis {
             url,
             child: None,
             _dir: None,
+            durable,
         });
     }
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -81,7 +115,7 @@ pub fn start() -> Option<TestRedis> {
         .map(|a| a.port())
         .expect("a free port");
     let dir = tempfile::tempdir().expect("temp dir");
-    let child = match spawn(port, dir.path()) {
+    let child = match spawn(port, dir.path(), durable) {
         Ok(child) => child,
         Err(e) => {
             assert!(
@@ -97,5 +131,6 @@ pub fn start() -> Option<TestRedis> {
         url: format!("redis://127.0.0.1:{port}/0"),
         child: Some(child),
         _dir: Some(dir),
+        durable,
     })
 }
