@@ -615,3 +615,24 @@ fn wall_clock_round_trips() {
     assert_eq!(redacted("redis://u:p@h:1/0"), "redis://***@h:1/0");
     assert_eq!(redacted("redis://h:1/0"), "redis://h:1/0");
 }
+
+#[tokio::test]
+async fn close_answers_every_publish_queued_before_it() {
+    let Some((server, prefix)) = server() else {
+        return;
+    };
+    let a = node(&server, &prefix, StreamLimits::default()).await;
+    let r = run("closing");
+    let texts: Vec<String> = (0..20).map(ev).collect();
+    let pending: Vec<_> = texts
+        .iter()
+        .map(|json| a.publish(&r, &[NewEvent { json, seq: None }], Instant::now()))
+        .collect();
+    within("close", a.close()).await;
+    for (i, p) in pending.into_iter().enumerate() {
+        assert_eq!(p.await.unwrap().first_offset, i as u64);
+    }
+    assert_eq!(head(&a, &r).unwrap().2, 20, "applied before close returned");
+    let late = publish_range(&a, &r, 20..21, false).await.unwrap_err();
+    assert!(matches!(late, StreamError::Unavailable(_)), "{late:?}");
+}

@@ -48,6 +48,8 @@ pub enum Apply {
     /// channel was lost, since notices were missed). Answered with the
     /// first failure, if any.
     ResyncAll(Option<oneshot::Sender<Result<(), String>>>),
+    /// Answered when reached: everything sent before it was applied.
+    Flush(oneshot::Sender<()>),
 }
 
 pub struct Applier {
@@ -131,6 +133,9 @@ impl Applier {
                 self.shared.hub.remove_replica(&run, &epoch);
             }
             Apply::Check(run) => self.sync_run(&run).await,
+            Apply::Flush(done) => {
+                let _ = done.send(());
+            }
             Apply::ResyncAll(done) => {
                 let result = self.resync_all().await;
                 if let Some(done) = done {

@@ -67,7 +67,8 @@ pub enum Op {
         run: RunId,
         epoch: StreamEpoch,
     },
-    /// Answered once every op before it ran; the task then ends.
+    /// Answered once every op before it ran and every publish before it
+    /// was answered; the task then ends.
     Stop(oneshot::Sender<()>),
 }
 
@@ -204,7 +205,13 @@ impl Writer {
         }
         let stopping = !stop.is_empty();
         for done in stop {
-            let _ = done.send(());
+            // Answered once the applier has answered the publishes before
+            // it too.
+            if let Err(mpsc::error::SendError(Apply::Flush(done))) =
+                self.applier.send(Apply::Flush(done))
+            {
+                let _ = done.send(());
+            }
         }
         stopping
     }
