@@ -52,6 +52,7 @@ use crate::store::memory::MemoryStore;
 use crate::store::redis::{self, RedisStore};
 use crate::store::{Store, StoreError};
 use crate::stream::log::{DurableStreams, LogError};
+use crate::stream::redis::{RedisStreams, RedisStreamsError};
 use crate::stream::{StreamEngine, StreamHub};
 use crate::time::Clock;
 use state::{Connections, Shared};
@@ -65,6 +66,9 @@ pub enum StartError {
     Store(#[from] StoreError),
     #[error(transparent)]
     StreamLog(#[from] LogError),
+    /// Names the Redis address (without its password).
+    #[error("output streams: {0}")]
+    RedisStreams(#[from] RedisStreamsError),
     #[error(transparent)]
     Auth(#[from] AuthError),
     #[error(transparent)]
@@ -106,15 +110,18 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
         ),
         StoreKind::Redis { url } => {
             // Said at every start until the distributed engine is whole
-            // (issue 9): what Redis holds so far, and what it does not.
+            // (issue 9): what is not shared across gateways yet.
             tracing::warn!(
-                "the Redis engine keeps KV, checkpoints and session records; output streams \
-                 stay in this process and sessions are not yet fenced across gateways, so run \
-                 one gateway per Redis database for now"
+                "the Redis engine shares KV, checkpoints, session records and output streams; \
+                 sessions are not yet fenced across gateways, so run one gateway per Redis \
+                 database for now"
             );
             (
                 Arc::new(RedisStore::connect(url, redis::DEFAULT_PREFIX).await?),
-                Arc::new(StreamHub::new(config.streams.clone())),
+                Arc::new(
+                    RedisStreams::connect(url, redis::DEFAULT_PREFIX, config.streams.clone())
+                        .await?,
+                ),
             )
         }
     };

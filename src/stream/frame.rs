@@ -53,14 +53,7 @@ impl FrameBuilder {
         events: usize,
         json_bytes: usize,
     ) -> FrameBuilder {
-        let capacity = EVENTS_HEAD.len()
-            + run.len()
-            + EPOCH_KEY.len()
-            + epoch.len()
-            + EVENTS_KEY.len()
-            + EVENTS_TAIL.len()
-            + json_bytes
-            + events * (ENTRY_OVERHEAD + 20);
+        let capacity = events_frame_bound(run, epoch, events, json_bytes);
         let mut buf = Vec::with_capacity(capacity);
         buf.extend_from_slice(EVENTS_HEAD);
         buf.extend_from_slice(run.as_bytes());
@@ -96,6 +89,21 @@ impl FrameBuilder {
         self.buf.extend_from_slice(EVENTS_TAIL);
         Bytes::from(self.buf)
     }
+}
+
+/// The most bytes a `stream.events` frame of `events` events holding
+/// `json_bytes` of JSON can take, whatever their offsets (each counted at
+/// 20 digits). An engine that must refuse a batch before its offsets are
+/// known checks this against the per-run byte bound.
+pub fn events_frame_bound(run: &str, epoch: &str, events: usize, json_bytes: usize) -> usize {
+    EVENTS_HEAD.len()
+        + run.len()
+        + EPOCH_KEY.len()
+        + epoch.len()
+        + EVENTS_KEY.len()
+        + EVENTS_TAIL.len()
+        + json_bytes
+        + events * (ENTRY_OVERHEAD + 20)
 }
 
 /// The `stream.gap` push: the subscriber missed offsets `from..=to`

@@ -14,6 +14,12 @@
 //! `DashMap::remove_if`), never the other way round. A stream's lock is
 //! held only to append, to read one delivery, or to change lifecycle
 //! state; no lock is held across an `.await`.
+//!
+//! Replication (an engine whose authority is elsewhere, [`super::redis`])
+//! uses [`StreamHub::replicate`], [`StreamHub::replace`],
+//! [`StreamHub::set_idle`] and [`StreamHub::remove_replica`]: the same
+//! rules, and none of them calls the hooks (the change came from the
+//! authority, so telling it again would echo).
 
 use std::future::Future;
 use std::pin::{Pin, pin};
@@ -156,7 +162,8 @@ impl StreamHub {
         self.streams.is_empty()
     }
 
-    fn ring_limits(&self) -> RingLimits {
+    /// The bounds every ring of this hub has.
+    pub fn ring_limits(&self) -> RingLimits {
         RingLimits {
             max_events: self.limits.max_events_per_run,
             max_bytes: self.limits.max_bytes_per_run,
@@ -531,6 +538,18 @@ impl StreamHub {
         stream: &Arc<RunStream>,
         keep_going: impl FnOnce(&Arc<RunStream>, &StreamState) -> bool,
     ) -> bool {
+        self.drop_stream_telling(run, stream, keep_going, true)
+    }
+
+    /// As [`StreamHub::drop_stream`]; `tell` says whether the dropped hook
+    /// hears of it.
+    fn drop_stream_telling(
+        &self,
+        run: &RunId,
+        stream: &Arc<RunStream>,
+        keep_going: impl FnOnce(&Arc<RunStream>, &StreamState) -> bool,
+        tell: bool,
+    ) -> bool {
         let removed = self.streams.remove_if(run, |_, current| {
             if !Arc::ptr_eq(current, stream) {
                 return false;
@@ -543,7 +562,7 @@ impl StreamHub {
             let before = state.ring.bytes();
             state.ring.clear();
             self.account(before, 0);
-            if let Some(hooks) = &self.hooks {
+            if tell && let Some(hooks) = &self.hooks {
                 (hooks.dropped)(run, state.ring.epoch());
             }
             true
@@ -552,6 +571,191 @@ impl StreamHub {
             stream.notify.notify_waiters();
         }
         removed.is_some()
+    }
+}
+
+/// One batch as the authority stored it, for [`StreamHub::replicate`].
+#[derive(Debug, Clone)]
+pub struct ReplicaBatch<'a> {
+    pub first_offset: u64,
+    pub events: Vec<&'a str>,
+}
+
+/// What [`StreamHub::replicate`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Replicated {
+    /// Every batch is now held (some may have been held already).
+    Applied,
+    /// A batch starts beyond the head: offsets `head..` are missing here.
+    /// Batches before it were applied, none after.
+    Hole { head: u64 },
+    /// The run has no stream here, or one with another epoch.
+    Absent,
+}
+
+impl StreamHub {
+    /// `run`'s stream, created (as by a publish: not idle) if it has none;
+    /// its epoch. For an engine that must know the epoch before it stores
+    /// a publish elsewhere.
+    pub fn ensure(&self, run: &RunId, now: Instant) -> super::StreamEpoch {
+        loop {
+            let stream = self.get_or_create(run, Origin::Session, now);
+            let state = stream.state.read();
+            if !state.closed {
+                return state.ring.epoch().clone();
+            }
+        }
+    }
+
+    /// `run`'s stream's epoch, head and idle time (`None`: a session is
+    /// active), if it has one.
+    pub fn head(&self, run: &RunId) -> Option<(super::StreamEpoch, u64, Option<Instant>)> {
+        let stream = self.streams.get(run)?.clone();
+        let state = stream.state.read();
+        (!state.closed).then(|| {
+            (
+                state.ring.epoch().clone(),
+                state.ring.appended_head(),
+                state.idle_since,
+            )
+        })
+    }
+
+    /// Appends batches another node stored to `run`'s stream, if it has
+    /// `epoch`, and wakes its subscribers. Events are appended without
+    /// their `seq` (the authority de-duplicated them); `last_seq` is the
+    /// authority's mark after them.
+    ///
+    /// Events already held are skipped, so a batch may arrive twice (its
+    /// publisher's own result and the broadcast). A batch beyond the head:
+    /// if `authoritative` (the batches come from reading the authority's
+    /// kept range, so what lies between was evicted there) the ring starts
+    /// over at it with the same epoch, and readers behind get a gap as on
+    /// any eviction; otherwise it stops and answers [`Replicated::Hole`].
+    pub fn replicate(
+        &self,
+        run: &RunId,
+        epoch: &super::StreamEpoch,
+        batches: &[ReplicaBatch<'_>],
+        last_seq: Option<u64>,
+        authoritative: bool,
+        now: Instant,
+    ) -> Replicated {
+        let Some(stream) = self.streams.get(run).map(|s| s.clone()) else {
+            return Replicated::Absent;
+        };
+        let mut state = stream.state.write();
+        if state.closed || state.ring.epoch() != epoch {
+            return Replicated::Absent;
+        }
+        let before = state.ring.bytes();
+        let mut evicted = 0;
+        let mut moved = false;
+        let mut answer = Replicated::Applied;
+        for batch in batches {
+            let head = state.ring.appended_head();
+            let end = batch.first_offset + batch.events.len() as u64;
+            if end <= head {
+                continue;
+            }
+            if batch.first_offset > head {
+                if !authoritative {
+                    answer = Replicated::Hole { head };
+                    break;
+                }
+                let last = state.ring.last_seq();
+                evicted += state.ring.len();
+                state.ring = Ring::restored(
+                    run.clone(),
+                    epoch.clone(),
+                    self.ring_limits(),
+                    batch.first_offset,
+                    last,
+                );
+            }
+            let skip = (state.ring.appended_head() - batch.first_offset) as usize;
+            let events: Vec<NewEvent<'_>> = batch.events[skip..]
+                .iter()
+                .map(|json| NewEvent { json, seq: None })
+                .collect();
+            match state.ring.append(&events) {
+                Ok(appended) => evicted += appended.evicted,
+                Err(e) => {
+                    // This node's limits are smaller than the publisher's:
+                    // the batch cannot be held here, and a ring cannot have
+                    // a hole, so it starts over after it (readers get a gap).
+                    tracing::warn!(run = %run, error = %e, "replica: a batch exceeds this node's stream limits; skipped");
+                    let last = state.ring.last_seq();
+                    evicted += state.ring.len();
+                    state.ring =
+                        Ring::restored(run.clone(), epoch.clone(), self.ring_limits(), end, last);
+                }
+            }
+            moved = true;
+        }
+        state.ring.set_last_seq(last_seq);
+        self.account(before, state.ring.bytes());
+        if moved {
+            state.last_publish = now;
+        }
+        drop(state);
+        self.evicted_events.fetch_add(evicted, Ordering::Relaxed);
+        if moved {
+            stream.notify.notify_waiters();
+            if self.total_bytes() > self.limits.global_max_bytes {
+                self.enforce_budget();
+            }
+        }
+        answer
+    }
+
+    /// Makes `ring` `run`'s stream, closing the one it had (its
+    /// subscribers get [`super::Delivery::Closed`] and resume into this
+    /// one): the authority holds another history of the run.
+    pub fn replace(&self, ring: Ring, idle_since: Option<Instant>, now: Instant) {
+        let run = ring.run().clone();
+        // Counted before anyone can see it, so a drop can never subtract
+        // bytes that were not added.
+        self.account(0, ring.bytes());
+        let stream = Arc::new(RunStream::new(ring, idle_since, now));
+        let Some(old) = self.streams.insert(run, stream) else {
+            return;
+        };
+        let mut state = old.state.write();
+        if !state.closed {
+            state.closed = true;
+            let before = state.ring.bytes();
+            state.ring.clear();
+            self.account(before, 0);
+        }
+        drop(state);
+        old.notify.notify_waiters();
+    }
+
+    /// Sets whether `run`'s stream (if it has `epoch`) is idle, and since
+    /// when, as the authority recorded it.
+    pub fn set_idle(&self, run: &RunId, epoch: &super::StreamEpoch, idle_since: Option<Instant>) {
+        let Some(stream) = self.streams.get(run).map(|s| s.clone()) else {
+            return;
+        };
+        let mut state = stream.state.write();
+        if !state.closed && state.ring.epoch() == epoch {
+            state.idle_since = idle_since;
+        }
+    }
+
+    /// Drops `run`'s stream if it has `epoch` (the authority dropped it),
+    /// closing its subscribers; the hooks are not told.
+    pub fn remove_replica(&self, run: &RunId, epoch: &super::StreamEpoch) -> bool {
+        let Some(stream) = self.streams.get(run).map(|s| s.clone()) else {
+            return false;
+        };
+        self.drop_stream_telling(run, &stream, |_, state| state.ring.epoch() == epoch, false)
+    }
+
+    /// Every run with a stream here.
+    pub fn run_ids(&self) -> Vec<RunId> {
+        self.streams.iter().map(|e| e.key().clone()).collect()
     }
 }
 
@@ -1118,6 +1322,86 @@ mod tests {
         // History (and with it dedupe state) is gone; the epoch says so.
         assert_eq!((out.first_offset, out.accepted), (0, 1));
         assert_ne!(hub.summary(&r).unwrap().stream_epoch, old.stream_epoch);
+    }
+
+    #[test]
+    fn replicate_skips_what_it_holds_and_stops_at_a_hole() {
+        let hub = StreamHub::new(StreamLimits::default());
+        let r = run("r");
+        let now = Instant::now();
+        let epoch = hub.ensure(&r, now);
+        let (_, mut sub) = hub.resume(&r, Some(0), None, now);
+        let texts: Vec<String> = (0..6).map(ev).collect();
+        let batch = |first: u64, to: u64| ReplicaBatch {
+            first_offset: first,
+            events: texts[first as usize..to as usize]
+                .iter()
+                .map(String::as_str)
+                .collect(),
+        };
+        let other = super::super::StreamEpoch::generate();
+        assert_eq!(
+            hub.replicate(&r, &other, &[batch(0, 2)], None, false, now),
+            Replicated::Absent
+        );
+        assert_eq!(
+            hub.replicate(&r, &epoch, &[batch(0, 2)], Some(2), false, now),
+            Replicated::Applied
+        );
+        // Again (the broadcast after the publisher's own result), and one
+        // that overlaps: only the new part is appended.
+        assert_eq!(
+            hub.replicate(&r, &epoch, &[batch(0, 2), batch(1, 3)], None, false, now),
+            Replicated::Applied
+        );
+        assert_eq!(
+            hub.replicate(&r, &epoch, &[batch(4, 6)], None, false, now),
+            Replicated::Hole { head: 3 }
+        );
+        assert_eq!(
+            offsets(&frames(sub.next().now_or_never().unwrap())),
+            vec![0, 1, 2]
+        );
+        // From the authority's kept range: 3 was evicted there.
+        assert_eq!(
+            hub.replicate(&r, &epoch, &[batch(4, 6)], Some(6), true, now),
+            Replicated::Applied
+        );
+        assert!(matches!(
+            sub.next().now_or_never(),
+            Some(Delivery::Gap { from: 3, to: 3, .. })
+        ));
+        assert_eq!(
+            offsets(&frames(sub.next().now_or_never().unwrap())),
+            vec![4, 5]
+        );
+        let s = hub.summary(&r).unwrap();
+        assert_eq!((s.first_offset, s.next_offset), (4, 6));
+    }
+
+    #[test]
+    fn replace_closes_the_old_history_and_keeps_the_byte_count() {
+        let hub = StreamHub::new(StreamLimits::default());
+        let r = run("r");
+        let now = Instant::now();
+        publish(&hub, &r, 0..3, now);
+        let (_, mut sub) = hub.resume(&r, Some(0), None, now);
+        let epoch = super::super::StreamEpoch::generate();
+        hub.replace(
+            Ring::restored(r.clone(), epoch.clone(), hub.ring_limits(), 7, None),
+            None,
+            now,
+        );
+        assert_eq!(hub.total_bytes(), 0);
+        assert_eq!(
+            sub.next().now_or_never(),
+            Some(Delivery::Closed),
+            "the old history's reader is told"
+        );
+        let (info, _) = hub.resume(&r, Some(0), None, now);
+        assert_eq!((info.stream_epoch, info.first_offset), (epoch.clone(), 7));
+        assert!(hub.remove_replica(&r, &epoch));
+        assert!(hub.summary(&r).is_none());
     }
 
     #[tokio::test]

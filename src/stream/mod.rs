@@ -60,6 +60,7 @@ pub use crate::ids::StreamEpoch;
 pub mod frame;
 pub mod hub;
 pub mod log;
+pub mod redis;
 pub mod ring;
 
 pub use hub::{StreamHub, Subscription};

@@ -1,0 +1,638 @@
+//! The Redis engine against a real `redis-server`: two or three
+//! [`RedisStreams`] on one Redis stand for gateways on different machines.
+//! Without redis-server the tests skip loudly (and fail under `CI=true`):
+//! see `tests/common/redis.rs`.
+
+use std::future::Future;
+use std::time::Duration;
+
+use futures_util::future::join_all;
+
+use super::*;
+use crate::ids::SessionId;
+use crate::store::redis::test_server::{self, TestRedis};
+use crate::stream::tests::decode;
+use crate::stream::{Delivery, EventDelivery};
+
+/// Generous: the machine may be busy with other builds.
+const PATIENCE: Duration = Duration::from_secs(30);
+
+fn run(s: &str) -> RunId {
+    RunId::new(s).unwrap()
+}
+
+fn ev(i: u64) -> String {
+    format!(r#"{{"type":"t","data":{i}}}"#)
+}
+
+/// A server and a prefix of its own for one test.
+fn server() -> Option<(TestRedis, String)> {
+    let server = test_server::start()?;
+    Some((server, format!("t-{}", SessionId::generate())))
+}
+
+async fn node(server: &TestRedis, prefix: &str, limits: StreamLimits) -> RedisStreams {
+    RedisStreams::connect(&server.url, prefix, limits)
+        .await
+        .expect("connect to the test Redis")
+}
+
+async fn publish_range(
+    engine: &RedisStreams,
+    r: &RunId,
+    range: std::ops::Range<u64>,
+    seq: bool,
+) -> Result<PublishOutcome, StreamError> {
+    let texts: Vec<(u64, String)> = range.map(|i| (i, ev(i))).collect();
+    let events: Vec<NewEvent<'_>> = texts
+        .iter()
+        .map(|(i, json)| NewEvent {
+            json,
+            seq: seq.then_some(*i + 1),
+        })
+        .collect();
+    engine.publish(r, &events, Instant::now()).await
+}
+
+/// Polls `check` until it holds; the wait is bounded, the check is the
+/// assertion.
+async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + PATIENCE;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
+    tokio::time::timeout(PATIENCE, f)
+        .await
+        .unwrap_or_else(|_| panic!("timed out: {what}"))
+}
+
+/// Reads frames until the cursor reaches `until`; any gap or close fails.
+async fn read_to(sub: &mut Box<dyn StreamSubscription>, until: u64) -> Vec<(u64, String)> {
+    let mut got = Vec::new();
+    while sub.cursor() < until {
+        match within("the next delivery", sub.next()).await {
+            Delivery::Frames(frames) => got.extend(frames.iter().flat_map(|f| decode(f))),
+            other => panic!("expected frames at {}, got {other:?}", sub.cursor()),
+        }
+    }
+    got
+}
+
+fn expected(range: std::ops::Range<u64>) -> Vec<(u64, String)> {
+    range.map(|i| (i, ev(i))).collect()
+}
+
+fn head(engine: &RedisStreams, r: &RunId) -> Option<(StreamEpoch, u64, u64)> {
+    engine
+        .summary(r)
+        .map(|s| (s.stream_epoch, s.first_offset, s.next_offset))
+}
+
+async fn redis_conn(server: &TestRedis) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(server.url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn publish_on_one_node_resume_and_tail_on_another() {
+    let Some((server, prefix)) = server() else {
+        return;
+    };
+    let a = node(&server, &prefix, StreamLimits::default()).await;
+    let b = node(&server, &prefix, StreamLimits::default()).await;
+    let r = run("r1");
+    let out = publish_range(&a, &r, 0..5, true).await.unwrap();
+    assert_eq!((out.first_offset, out.accepted, out.next_offset), (0, 5, 5));
+    // Read-your-writes: the publisher's node shows it once answered.
+    assert_eq!(head(&a, &r).unwrap().2, 5);
+    eventually("B holds A's batch", || {
+        head(&b, &r).is_some_and(|h| h.2 == 5)
+    })
+    .await;
+    let (info, mut sub) = b.resume(&r, Some(0), None, Instant::now()).unwrap();
+    assert_eq!((info.start_offset, info.truncated), (0, false));
+    assert_eq!(info.stream_epoch, head(&a, &r).unwrap().0);
+    let reader = tokio::spawn(async move { read_to(&mut sub, 15).await });
+    publish_range(&a, &r, 5..10, true).await.unwrap();
+    let out = publish_range(&b, &r, 10..15, true).await.unwrap();
+    assert_eq!(out.first_offset, 10);
+    assert_eq!(within("reader", reader).await.unwrap(), expected(0..15));
+    eventually("A holds B's batch", || {
+        head(&a, &r).is_some_and(|h| h.2 == 15)
+    })
+    .await;
+    assert_eq!(head(&a, &r), head(&b, &r));
+    // SSE readers on the other node see the same events.
+    let (_, mut sse) = a.resume(&r, Some(13), None, Instant::now()).unwrap();
+    let EventDelivery::Events(events) = within("sse", sse.next_events()).await else {
+        panic!("expected events")
+    };
+    assert_eq!(
+        events
+            .iter()
+            .map(|e| (e.offset, String::from_utf8(e.json.to_vec()).unwrap()))
+            .collect::<Vec<_>>(),
+        expected(13..15)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_publishers_on_two_nodes_share_one_order() {
+    let Some((server, prefix)) = server() else {
+        return;
+    };
+    let a = Arc::new(node(&server, &prefix, StreamLimits::default()).await);
+    let b = Arc::new(node(&server, &prefix, StreamLimits::default()).await);
+    let r = run("busy");
+    a.session_started(&r, Instant::now());
+    eventually("B knows the stream", || b.summary(&r).is_some()).await;
+    let (_, mut sub_a) = a.resume(&r, Some(0), None, Instant::now()).unwrap();
+    let (_, mut sub_b) = b.resume(&r, Some(0), None, Instant::now()).unwrap();
+    const BATCHES: u64 = 40;
+    const PER: u64 = 3;
+    let total = 2 * BATCHES * PER;
+    let readers = [
+        tokio::spawn(async move { read_to(&mut sub_a, total).await }),
+        tokio::spawn(async move { read_to(&mut sub_b, total).await }),
+    ];
+    let publishers = [(a.clone(), 0u64), (b.clone(), 1u64)].map(|(engine, node)| {
+        let r = r.clone();
+        tokio::spawn(async move {
+            let mut outcomes = Vec::new();
+            for i in 0..BATCHES {
+                let texts: Vec<String> = (0..PER)
+                    .map(|j| format!(r#"{{"node":{node},"batch":{i},"j":{j}}}"#))
+                    .collect();
+                let events: Vec<NewEvent<'_>> = texts
+                    .iter()
+                    .map(|json| NewEvent { json, seq: None })
+                    .collect();
+                outcomes.push(engine.publish(&r, &events, Instant::now()).await.unwrap());
+            }
+            outcomes
+        })
+    });
+    let mut offsets: Vec<u64> = Vec::new();
+    for outcomes in join_all(publishers).await {
+        for o in outcomes.unwrap() {
+            assert_eq!(o.accepted as u64, PER);
+            offsets.extend(o.first_offset..o.first_offset + PER);
+        }
+    }
+    offsets.sort_unstable();
+    assert_eq!(
+        offsets,
+        (0..total).collect::<Vec<_>>(),
+        "contiguous, no reuse"
+    );
+    let [seen_a, seen_b] = join_all(readers)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap())
+        .collect::<Vec<_>>()
+        .try_into()
+        .unwrap();
+    assert_eq!(seen_a, seen_b, "both nodes show one sequence");
+    assert_eq!(
+        seen_a.iter().map(|e| e.0).collect::<Vec<_>>(),
+        (0..total).collect::<Vec<_>>()
+    );
+    let mut texts: Vec<&String> = seen_a.iter().map(|e| &e.1).collect();
+    texts.sort();
+    texts.dedup();
+    assert_eq!(texts.len() as u64, total, "every event exactly once");
+    // Each publisher's batches kept their own order.
+    for node in 0..2 {
+        let batches: Vec<u64> = seen_a
+            .iter()
+            .filter_map(|(_, t)| {
+                let v: serde_json::Value = serde_json::from_str(t).unwrap();
+                (v["node"] == node && v["j"] == 0).then(|| v["batch"].as_u64().unwrap())
+            })
+            .collect();
+        assert_eq!(batches, (0..BATCHES).collect::<Vec<_>>());
+    }
+}
+
+#[tokio::test]
+async fn seq_duplicates_are_dropped_across_nodes() {
+    let Some((server, prefix)) = server() else {
+        return;
+    };
+    let a = node(&server, &prefix, StreamLimits::default()).await;
+    let b = node(&server, &prefix, StreamLimits::default()).await;
+    let r = run("dedupe");
+    // seq 1..=3 on A.
+    publish_range(&a, &r, 0..3, true).await.unwrap();
+    // B resends seq 2..=3 and adds 4..=5, before or after it has seen A's:
+    // Redis decides, not B's replica.
+    let out = publish_range(&b, &r, 1..5, true).await.unwrap();
+    assert_eq!(
+        out,
+        PublishOutcome {
+            first_offset: 3,
+            accepted: 2,
+            duplicates: 2,
+            next_offset: 5
+        }
+    );
+    let all_again = publish_range(&a, &r, 0..5, true).await.unwrap();
+    assert_eq!((all_again.accepted, all_again.duplicates), (0, 5));
+    let (_, mut sub) = b.resume(&r, Some(0), None, Instant::now()).unwrap();
+    let got = read_to(&mut sub, 5).await;
+    let texts: Vec<String> = got.into_iter().map(|e| e.1).collect();
+    assert_eq!(texts, vec![ev(0), ev(1), ev(2), ev(3), ev(4)]);
+}
+
+#[tokio::test]
+async fn nodes_agree_on_the_epoch_of_a_stream_both_created() {
+    let Some((server, prefix)) = server() else {
+        return;
+    };
+    let a = node(&server, &prefix, StreamLimits::default()).await;
+    let b = node(&server, &prefix, StreamLimits::default()).await;
+    let r = run("two-viewers");
+    // Both create the stream locally before either hears of the other's.
+    let (info_a, mut sub_a) = a.resume(&r, None, None, Instant::now()).unwrap();
+    let (info_b, mut sub_b) = b.resume(&r, None, None, Instant::now()).unwrap();
+    eventually(
+        "one epoch",
+        || matches!((head(&a, &r), head(&b, &r)), (Some(x), Some(y)) if x.0 == y.0),
+    )
+    .await;
+    let agreed = head(&a, &r).unwrap().0;
+    assert!(agreed == info_a.stream_epoch || agreed == info_b.stream_epoch);
+    // A viewer of the history that lost is told, and resumes into the other.
+    for (info, sub, engine) in [(&info_a, &mut sub_a, &a), (&info_b, &mut sub_b, &b)] {
+        if info.stream_epoch != agreed {
+            assert_eq!(within("closed", sub.next()).await, Delivery::Closed);
+            let (again, fresh) = engine
+                .resume(
+                    &r,
+                    Some(0),
+                    Some(info.stream_epoch.as_str()),
+                    Instant::now(),
+                )
+                .unwrap();
+            assert_eq!(again.stream_epoch, agreed);
+            assert!(again.truncated);
+            *sub = fresh;
+        }
+    }
+    publish_range(&b, &r, 0..2, false).await.unwrap();
+    assert_eq!(read_to(&mut sub_a, 2).await, expected(0..2));
+    assert_eq!(read_to(&mut sub_b, 2).await, expected(0..2));
+    // A third node agrees too.
+    let c = node(&server, &prefix, StreamLimits::default()).await;
+    assert_eq!(head(&c, &r).unwrap().0, agreed);
+}
+
+#[tokio::test]
+async fn a_node_started_later_loads_every_stream() {
+    let Some((server, prefix)) = server() else {
+        return;
+    };
+    let a = node(&server, &prefix, StreamLimits::default()).await;
+    let (r1, r2, r3) = (run("one"), run("two"), run("empty"));
+    publish_range(&a, &r1, 0..5, true).await.unwrap();
+    publish_range(&a, &r2, 0..2, false).await.unwrap();
+    publish_range(&a, &r2, 2..3, false).await.unwrap();
+    a.session_started(&r3, Instant::now());
+    // Let A's creation of r3 reach Redis (its next publish is ordered after).
+    publish_range(&a, &r1, 5..6, true).await.unwrap();
+    let c = node(&server, &prefix, StreamLimits::default()).await;
+    // Loaded before `connect` returned: no waiting.
+    for r in [&r1, &r2, &r3] {
+        assert_eq!(head(&c, r), head(&a, r), "{r}");
+    }
+    assert_eq!(c.runs(), a.runs());
+    let (info, mut sub) = c.resume(&r2, Some(0), None, Instant::now()).unwrap();
+    assert!(!info.truncated);
+    assert_eq!(read_to(&mut sub, 3).await, expected(0..3));
+    // Its de-duplication continues where A's left off.
+    let again = publish_range(&c, &r1, 0..6, true).await.unwrap();
+    assert_eq!((again.accepted, again.duplicates), (0, 6));
+}
+
+#[tokio::test]
+async fn events_published_while_a_node_lost_the_channel_reach_it_after() {
+    let Some((server, prefix)) = server() else {
+        return;
+    };
+    let a = node(&server, &prefix, StreamLimits::default()).await;
+    let b = node(&server, &prefix, StreamLimits::default()).await;
+    let r = run("partitioned");
+    publish_range(&a, &r, 0..2, false).await.unwrap();
+    eventually("B holds 2", || head(&b, &r).is_some_and(|h| h.2 == 2)).await;
+    let (_, mut sub) = b.resume(&r, Some(0), None, Instant::now()).unwrap();
+    assert_eq!(read_to(&mut sub, 2).await, expected(0..2));
+    b.pause_channel(true);
+    eventually("B notices", || !b.healthy()).await;
+    for i in 0..3 {
+        publish_range(&a, &r, 2 + i * 2..4 + i * 2, false)
+            .await
+            .unwrap();
+    }
+    // B missed them (it would have them by now otherwise: A's node has).
+    tokio::task::yield_now().await;
+    assert_eq!(head(&b, &r).unwrap().2, 2);
+    b.pause_channel(false);
+    assert_eq!(read_to(&mut sub, 8).await, expected(2..8));
+    eventually("B healthy again", || b.healthy()).await;
+    // And live again afterwards.
+    publish_range(&a, &r, 8..9, false).await.unwrap();
+    assert_eq!(read_to(&mut sub, 9).await, expected(8..9));
+}
+
+#[tokio::test]
+async fn a_reader_behind_redis_maxlen_gets_a_gap() {
+    let Some((server, prefix)) = server() else {
+        return;
+    };
+    let limits = StreamLimits {
+        max_events_per_run: 4,
+        ..StreamLimits::default()
+    };
+    let a = node(&server, &prefix, limits.clone()).await;
+    let b = node(&server, &prefix, limits.clone()).await;
+    let r = run("capped");
+    a.session_started(&r, Instant::now());
+    eventually("B knows the stream", || b.summary(&r).is_some()).await;
+    let (_, mut slow) = b.resume(&r, Some(0), None, Instant::now()).unwrap();
+    // B is cut off while 10 events go in; Redis keeps the last 4.
+    b.pause_channel(true);
+    eventually("B notices", || !b.healthy()).await;
+    for i in 0..5 {
+        publish_range(&a, &r, i * 2..i * 2 + 2, false)
+            .await
+            .unwrap();
+    }
+    let mut conn = redis_conn(&server).await;
+    let kept: u64 = redis::cmd("XLEN")
+        .arg(format!("{prefix}:x:capped"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(kept, 4);
+    assert_eq!(head(&b, &r).unwrap().2, 0, "B missed them");
+    b.pause_channel(false);
+    match within("gap", slow.next()).await {
+        Delivery::Gap { from, to, .. } => assert_eq!((from, to), (0, 5)),
+        other => panic!("expected a gap, got {other:?}"),
+    }
+    assert_eq!(read_to(&mut slow, 10).await, expected(6..10));
+    let (_, first, next) = head(&b, &r).unwrap();
+    assert_eq!((first, next), (6, 10));
+    // A node starting now sees the same kept range.
+    let c = node(&server, &prefix, limits).await;
+    assert_eq!(head(&c, &r), head(&b, &r));
+    let (info, _) = c.resume(&r, Some(2), None, Instant::now()).unwrap();
+    assert_eq!((info.start_offset, info.truncated), (6, true));
+}
+
+#[tokio::test]
+async fn a_drop_on_one_node_drops_the_stream_everywhere() {
+    let Some((server, prefix)) = server() else {
+        return;
+    };
+    let limits = StreamLimits {
+        retention: Duration::ZERO,
+        ..StreamLimits::default()
+    };
+    let a = node(&server, &prefix, limits.clone()).await;
+    let b = node(&server, &prefix, limits).await;
+    let r = run("short-lived");
+    let t0 = Instant::now();
+    a.session_started(&r, t0);
+    publish_range(&a, &r, 0..3, true).await.unwrap();
+    eventually("B holds it", || head(&b, &r).is_some_and(|h| h.2 == 3)).await;
+    let old = head(&b, &r).unwrap().0;
+    let (_, mut sub) = b.resume(&r, Some(3), None, Instant::now()).unwrap();
+    // Active: no node's sweep drops it.
+    assert_eq!(b.sweep(Instant::now()).expired_streams, 0);
+    a.session_ended(&r, Instant::now());
+    // B learns the session ended (retention counts on every node)...
+    eventually("B sees it idle", || {
+        b.sweep(Instant::now()).expired_streams == 1
+    })
+    .await;
+    // ...and B's sweep dropped it everywhere.
+    assert_eq!(within("closed", sub.next()).await, Delivery::Closed);
+    eventually("A dropped it", || a.summary(&r).is_none()).await;
+    let mut conn = redis_conn(&server).await;
+    let exists: u64 = redis::cmd("EXISTS")
+        .arg(format!("{prefix}:s:{r}"))
+        .arg(format!("{prefix}:x:{r}"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(exists, 0);
+    // The run's next stream is a new history, seq marks and all.
+    let out = publish_range(&a, &r, 0..1, true).await.unwrap();
+    assert_eq!((out.first_offset, out.accepted), (0, 1));
+    let new = head(&a, &r).unwrap().0;
+    assert_ne!(new, old);
+    eventually("B has the new history", || {
+        head(&b, &r).is_some_and(|h| h.0 == new && h.2 == 1)
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_session_active_on_another_node_keeps_the_stream() {
+    let Some((server, prefix)) = server() else {
+        return;
+    };
+    let limits = StreamLimits {
+        retention: Duration::ZERO,
+        ..StreamLimits::default()
+    };
+    let a = node(&server, &prefix, limits.clone()).await;
+    let b = node(&server, &prefix, limits).await;
+    let r = run("moved");
+    a.session_started(&r, Instant::now());
+    publish_range(&a, &r, 0..2, false).await.unwrap();
+    eventually("B holds it", || head(&b, &r).is_some_and(|h| h.2 == 2)).await;
+    let epoch = head(&a, &r).unwrap().0;
+    // A's session ends and, while A hears nothing, the run's session
+    // starts on B. A's sweep drops its copy, but Redis keeps the stream,
+    // and A loads it back without waiting for its channel.
+    a.pause_channel(true);
+    eventually("A notices", || !a.healthy()).await;
+    a.session_ended(&r, Instant::now());
+    publish_range(&a, &r, 2..2, false).await.unwrap(); // A's end is in Redis
+    b.session_started(&r, Instant::now());
+    publish_range(&b, &r, 2..3, false).await.unwrap();
+    assert_eq!(a.sweep(Instant::now()).expired_streams, 1);
+    eventually("A has it back", || {
+        head(&a, &r).is_some_and(|h| h.0 == epoch && h.2 == 3)
+    })
+    .await;
+    assert_eq!(head(&b, &r).unwrap().0, epoch);
+    a.pause_channel(false);
+    eventually("A healthy", || a.healthy()).await;
+}
+
+#[tokio::test]
+async fn redis_away_is_unavailable_and_replicas_resync_after() {
+    if std::env::var("REDIS_URL").is_ok() {
+        return; // Cannot stop a server that is not ours.
+    }
+    let Some((mut server, prefix)) = server() else {
+        return;
+    };
+    let a = node(&server, &prefix, StreamLimits::default()).await;
+    let b = node(&server, &prefix, StreamLimits::default()).await;
+    let r = run("outage");
+    publish_range(&a, &r, 0..3, true).await.unwrap();
+    eventually("B holds 3", || head(&b, &r).is_some_and(|h| h.2 == 3)).await;
+    let epoch = head(&b, &r).unwrap().0;
+    let (_, mut sub) = b.resume(&r, Some(0), None, Instant::now()).unwrap();
+    assert_eq!(read_to(&mut sub, 3).await, expected(0..3));
+    // A Redis that persists: what it acknowledged survives its restart.
+    redis::cmd("SAVE")
+        .query_async::<()>(&mut redis_conn(&server).await)
+        .await
+        .unwrap();
+    server.stop();
+    let err = within("publish answered", publish_range(&a, &r, 3..6, true))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StreamError::Unavailable(_)), "{err:?}");
+    eventually("A unhealthy", || !a.healthy()).await;
+    eventually("B unhealthy", || !b.healthy()).await;
+    // Replicas are still served.
+    assert_eq!(head(&b, &r).unwrap().2, 3);
+    server.restart();
+    // The runtime retries the same batch until it is accepted; anything a
+    // failed attempt stored after all is dropped by seq.
+    let deadline = Instant::now() + PATIENCE;
+    let out = loop {
+        match publish_range(&a, &r, 3..6, true).await {
+            Ok(out) => break out,
+            Err(StreamError::Unavailable(_)) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("{e:?}"),
+        }
+    };
+    assert_eq!(out.first_offset, 3);
+    publish_range(&b, &r, 6..8, true).await.unwrap();
+    assert_eq!(read_to(&mut sub, 8).await, expected(3..8));
+    eventually("both healthy", || a.healthy() && b.healthy()).await;
+    eventually("A holds B's batch", || {
+        head(&a, &r).is_some_and(|h| h.2 == 8)
+    })
+    .await;
+    assert_eq!(head(&a, &r).unwrap().0, epoch, "same history throughout");
+    let (_, mut from_zero) = a.resume(&r, Some(0), None, Instant::now()).unwrap();
+    assert_eq!(read_to(&mut from_zero, 8).await, expected(0..8));
+}
+
+#[tokio::test]
+async fn too_large_batches_are_refused_before_redis() {
+    let Some((server, prefix)) = server() else {
+        return;
+    };
+    let limits = StreamLimits {
+        max_events_per_run: 5,
+        max_bytes_per_run: 4096,
+        ..StreamLimits::default()
+    };
+    let a = node(&server, &prefix, limits).await;
+    let r = run("big");
+    let err = publish_range(&a, &r, 0..6, false).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StreamError::TooLarge {
+                events: 6,
+                max_events: 5,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let huge = format!("\"{}\"", "x".repeat(5000));
+    let err = a
+        .publish(
+            &r,
+            &[NewEvent {
+                json: &huge,
+                seq: None,
+            }],
+            Instant::now(),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StreamError::TooLarge { .. }), "{err:?}");
+    let out = publish_range(&a, &r, 0..5, false).await.unwrap();
+    assert_eq!(out.first_offset, 0, "nothing of the refused batches stored");
+}
+
+#[tokio::test]
+async fn nothing_listening_is_a_clear_error_at_connect() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let err = RedisStreams::connect(
+        &format!("redis://:secret@127.0.0.1:{port}/0"),
+        "t",
+        StreamLimits::default(),
+    )
+    .await
+    .err()
+    .expect("refused");
+    let text = err.to_string();
+    assert!(text.contains(&port.to_string()), "{text}");
+    assert!(!text.contains("secret"), "{text}");
+    let err = RedisStreams::connect("http://nope", "t", StreamLimits::default())
+        .await
+        .err()
+        .expect("refused");
+    assert!(err.to_string().contains("bad Redis URL"), "{err}");
+}
+
+#[test]
+fn wall_clock_round_trips() {
+    let now = Instant::now();
+    for at in [now, now + Duration::from_secs(90)] {
+        let back = instant_at(wall_ms(at));
+        let diff = if back > at { back - at } else { at - back };
+        assert!(diff < Duration::from_millis(50), "{diff:?}");
+    }
+    // Long before this process (or boot): still in the past.
+    assert!(instant_at(1_000) <= Instant::now());
+    assert_eq!(redacted("redis://u:p@h:1/0"), "redis://***@h:1/0");
+    assert_eq!(redacted("redis://h:1/0"), "redis://h:1/0");
+}
+
+#[tokio::test]
+async fn close_answers_every_publish_queued_before_it() {
+    let Some((server, prefix)) = server() else {
+        return;
+    };
+    let a = node(&server, &prefix, StreamLimits::default()).await;
+    let r = run("closing");
+    let texts: Vec<String> = (0..20).map(ev).collect();
+    let pending: Vec<_> = texts
+        .iter()
+        .map(|json| a.publish(&r, &[NewEvent { json, seq: None }], Instant::now()))
+        .collect();
+    within("close", a.close()).await;
+    for (i, p) in pending.into_iter().enumerate() {
+        assert_eq!(p.await.unwrap().first_offset, i as u64);
+    }
+    assert_eq!(head(&a, &r).unwrap().2, 20, "applied before close returned");
+    let late = publish_range(&a, &r, 20..21, false).await.unwrap_err();
+    assert!(matches!(late, StreamError::Unavailable(_)), "{late:?}");
+}
