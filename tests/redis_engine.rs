@@ -211,6 +211,24 @@ async fn a_session_moves_between_gateways_and_expires_once() {
     )
     .await;
 
+    // A dashboard on A sees the run as the gateway holding it does; a run
+    // whose runtime left B is detached.
+    let viewer_token = mint(&key, TokenKind::Viewer, "*", &[]);
+    let mut dashboard = Client::connect(&a.url("/v1/stream"), &viewer_token).await;
+    assert_eq!(run_state(&mut dashboard, "moving-run").await, "attached");
+    let mut leaving = Client::connect(&b.url("/v1/runtime"), &token).await;
+    leaving.attach("left-run", "w2", &caps).await;
+    assert_eq!(run_state(&mut dashboard, "left-run").await, "attached");
+    leaving.close().await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while run_state(&mut dashboard, "left-run").await != "detached" {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "seen detached in time"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+
     // The lease runs out on B (no more heartbeats): one expiry, on B's socket.
     let expired = on_b.push("session.expired").await;
     assert_eq!(expired["sessionId"], sid);
@@ -225,9 +243,21 @@ async fn a_session_moves_between_gateways_and_expires_once() {
         .filter(|f| f["type"] == "session.expired")
         .collect();
     assert!(more.is_empty(), "session.expired once, not again: {more:?}");
+    assert_eq!(run_state(&mut dashboard, "moving-run").await, "expired");
     for gateway in [&a, &b] {
         let mut late = Client::connect(&gateway.url("/v1/runtime"), &token).await;
         let answer = late.reattach("moving-run", "w", 3, &caps).await;
         assert_eq!(answer["error"]["code"], "SESSION_EXPIRED", "{answer}");
     }
+}
+
+/// The `state` `runs.list` gives `run` (`"none"` when it is not listed).
+async fn run_state(viewer: &mut Client, run: &str) -> String {
+    let list = viewer.ok("runs.list", json!({})).await;
+    list["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["runId"] == run)
+        .map_or("none".into(), |r| r["state"].as_str().unwrap().to_owned())
 }

@@ -109,15 +109,13 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
             Arc::new(StreamHub::new(config.streams.clone())),
         ),
         StoreKind::Redis { url } => {
-            // Said at every start until the distributed engine is whole
-            // (issue 9): what is not shared across gateways yet.
-            tracing::warn!(
-                "the Redis engine shares KV, checkpoints, session records and output streams; \
-                 sessions are not yet fenced across gateways, so run one gateway per Redis \
-                 database for now"
+            let store = RedisStore::connect(url, redis::DEFAULT_PREFIX).await?;
+            tracing::info!(
+                node = store.node(),
+                "sharing sessions, state and streams through Redis"
             );
             (
-                Arc::new(RedisStore::connect(url, redis::DEFAULT_PREFIX).await?),
+                Arc::new(store),
                 Arc::new(
                     RedisStreams::connect(url, redis::DEFAULT_PREFIX, config.streams.clone())
                         .await?,
