@@ -30,7 +30,7 @@ use crate::session::{
     AttachParams, ConnId, RecoverError, Saved, SessionError, SessionState, SessionView,
 };
 use crate::store::{Checkpoint, StoreError};
-use crate::stream::{NewEvent, StreamError};
+use crate::stream::{NewEvent, Publisher, StreamError};
 use crate::time::Timestamp;
 
 /// Which WebSocket endpoint a socket came in on.
@@ -314,6 +314,10 @@ pub(crate) fn stream_error(e: StreamError) -> CommandError {
             CommandError::internal("the stream is unavailable; nothing was stored, retry")
                 .retryable(true)
         }
+        StreamError::Fenced => CommandError::new(
+            ErrorCode::StaleEpoch,
+            "the session moved to another gateway at a newer connection epoch; nothing was stored",
+        ),
     }
 }
 
@@ -823,7 +827,7 @@ fn checkpoint_load(
 // ---------------------------------------------------------------- streams
 
 fn publish(ctx: &ConnCtx, id: &str, req: cmd::PublishRequest) -> Result<Reply, CommandError> {
-    session_for(
+    let session = session_for(
         ctx,
         CommandKind::EventsPublish,
         &req.session_id,
@@ -866,10 +870,14 @@ fn publish(ctx: &ConnCtx, id: &str, req: cmd::PublishRequest) -> Result<Reply, C
         .collect();
     // The engine fixes the batch's place in the stream before returning, so
     // publishes are ordered as they arrived even if their replies are not.
+    let publisher = Publisher {
+        session_id: session.session_id.as_str(),
+        epoch: session.epoch,
+    };
     let pending = ctx
         .shared
         .streams
-        .publish(&req.run_id, &events, Instant::now());
+        .publish_as(&req.run_id, &events, publisher, Instant::now());
     let shared = ctx.shared.clone();
     let id = id.to_owned();
     Ok(Reply::Later(

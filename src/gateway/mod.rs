@@ -114,13 +114,12 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
                 node = store.node(),
                 "sharing sessions, state and streams through Redis"
             );
-            (
-                Arc::new(store),
-                Arc::new(
-                    RedisStreams::connect(url, redis::DEFAULT_PREFIX, config.streams.clone())
-                        .await?,
-                ),
-            )
+            // Publishes are fenced by this node's hold on the session, in
+            // the same Redis script as the append.
+            let streams = RedisStreams::connect(url, redis::DEFAULT_PREFIX, config.streams.clone())
+                .await?
+                .fenced_as(store.node());
+            (Arc::new(store), Arc::new(streams))
         }
     };
     let auth = AuthKey::load_or_create(&config.auth_key_file)?;

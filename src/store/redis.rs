@@ -860,6 +860,20 @@ fn padded(epoch: u64) -> String {
     format!("{epoch:020}")
 }
 
+/// The hash of who holds each session, under `prefix`: for the stream
+/// engine's publish fence, which checks it in the same script as the append.
+pub fn session_holder_key(prefix: &str) -> String {
+    Keys {
+        prefix: prefix.to_owned(),
+    }
+    .holders()
+}
+
+/// How the holder entry of a session `node` holds at `epoch` begins.
+pub fn holder_entry_prefix(node: &str, epoch: u64) -> String {
+    format!("{node} {} ", padded(epoch))
+}
+
 /// A key of the wrong type means someone else's data under our prefix;
 /// everything else (connection lost, timeout, Redis loading or read-only)
 /// is worth a retry.

@@ -136,6 +136,24 @@ pub enum StreamError {
     /// retry. The in-memory hub never returns it.
     #[error("stream storage unavailable: {0}")]
     Unavailable(String),
+    /// Only from an engine several gateways share: the publisher's fence
+    /// ([`Publisher`]) no longer holds (its session moved on); nothing was
+    /// stored.
+    #[error("the publisher's session is held at another epoch or by another gateway")]
+    Fenced,
+}
+
+/// Who publishes: the fencing token an engine shared by several gateways
+/// checks atomically with the append, so a gateway that lost a session to
+/// another cannot add to its run's stream afterwards, not even in the
+/// moment before it hears of the loss. An engine of one gateway's own
+/// ignores it (the session registry already checked the publisher).
+#[derive(Debug, Clone, Copy)]
+pub struct Publisher<'a> {
+    /// The session published under.
+    pub session_id: &'a str,
+    /// The connection epoch this gateway holds it at.
+    pub epoch: u64,
 }
 
 /// What a publish did.
@@ -250,6 +268,20 @@ pub trait StreamEngine: Send + Sync + 'static {
         events: &[NewEvent<'_>],
         now: Instant,
     ) -> StreamFuture<Result<PublishOutcome, StreamError>>;
+
+    /// [`StreamEngine::publish`] on behalf of `publisher`: an engine shared
+    /// by several gateways refuses the batch with [`StreamError::Fenced`] if
+    /// `publisher` no longer holds its session there.
+    fn publish_as(
+        &self,
+        run: &RunId,
+        events: &[NewEvent<'_>],
+        publisher: Publisher<'_>,
+        now: Instant,
+    ) -> StreamFuture<Result<PublishOutcome, StreamError>> {
+        let _ = publisher;
+        self.publish(run, events, now)
+    }
 
     /// Starts reading `run`'s stream (creating an empty one if it has none).
     /// See [`StreamHub::resume`] for where the subscription starts.

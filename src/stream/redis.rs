@@ -56,8 +56,8 @@ use tokio_util::sync::CancellationToken;
 use super::frame::events_frame_bound;
 use super::hub::{Hooks, StreamHub};
 use super::{
-    NewEvent, PublishOutcome, ResumeInfo, StreamEngine, StreamEpoch, StreamError, StreamFuture,
-    StreamLimits, StreamStats, StreamSubscription, StreamSummary, SweepOutcome,
+    NewEvent, PublishOutcome, Publisher, ResumeInfo, StreamEngine, StreamEpoch, StreamError,
+    StreamFuture, StreamLimits, StreamStats, StreamSubscription, StreamSummary, SweepOutcome,
 };
 use crate::ids::RunId;
 
@@ -115,6 +115,8 @@ pub struct RedisStreams {
     /// Held so the subscriber's receiver stays open; only tests send.
     #[cfg_attr(not(test), allow(dead_code))]
     paused: watch::Sender<bool>,
+    /// The node id publishes are fenced with ([`RedisStreams::fenced_as`]).
+    node: Option<String>,
 }
 
 impl RedisStreams {
@@ -212,6 +214,7 @@ impl RedisStreams {
             cancel,
             tasks: Mutex::new(tasks),
             paused,
+            node: None,
         };
         // Subscribed first, loaded second: see `subscriber`.
         let (done, loaded) = oneshot::channel();
@@ -228,11 +231,57 @@ impl RedisStreams {
         }
     }
 
+    /// Publishes made with [`StreamEngine::publish_as`] are fenced by the
+    /// session store of node `node` (see [`crate::store::redis`]): refused
+    /// once that node no longer holds the publisher's session at its epoch.
+    pub fn fenced_as(mut self, node: &str) -> RedisStreams {
+        self.node = Some(node.to_owned());
+        self
+    }
+
     /// Holds this node's channel down (`true`) or lets it reconnect, as a
     /// network fault between this node and Redis would.
     #[cfg(test)]
     fn pause_channel(&self, paused: bool) {
         self.paused.send_replace(paused);
+    }
+
+    /// A publish, fenced or not (see [`Publisher`]).
+    fn submit_publish(
+        &self,
+        run: &RunId,
+        events: &[NewEvent<'_>],
+        fence: Option<(String, String)>,
+        now: Instant,
+    ) -> StreamFuture<Result<PublishOutcome, StreamError>> {
+        // The local stream's epoch is what Redis takes if it has none.
+        let epoch = self.shared.hub.ensure(run, now);
+        let limits = &self.shared.limits;
+        let json_bytes: usize = events.iter().map(|e| e.json.len()).sum();
+        let bound = events_frame_bound(run.as_str(), epoch.as_str(), events.len(), json_bytes);
+        if events.len() > limits.max_events_per_run || bound > limits.max_bytes_per_run {
+            return Box::pin(std::future::ready(Err(StreamError::TooLarge {
+                events: events.len(),
+                bytes: bound,
+                max_events: limits.max_events_per_run,
+                max_bytes: limits.max_bytes_per_run,
+            })));
+        }
+        let (reply, answer) = oneshot::channel();
+        self.send(Op::Publish {
+            run: run.clone(),
+            epoch,
+            events: events.iter().map(|e| (e.seq, e.json.to_owned())).collect(),
+            fence,
+            reply,
+        });
+        Box::pin(async move {
+            answer.await.unwrap_or_else(|_| {
+                Err(StreamError::Unavailable(
+                    "the Redis stream engine has stopped".into(),
+                ))
+            })
+        })
     }
 
     fn send(&self, op: Op) {
@@ -276,33 +325,23 @@ impl StreamEngine for RedisStreams {
         events: &[NewEvent<'_>],
         now: Instant,
     ) -> StreamFuture<Result<PublishOutcome, StreamError>> {
-        // The local stream's epoch is what Redis takes if it has none.
-        let epoch = self.shared.hub.ensure(run, now);
-        let limits = &self.shared.limits;
-        let json_bytes: usize = events.iter().map(|e| e.json.len()).sum();
-        let bound = events_frame_bound(run.as_str(), epoch.as_str(), events.len(), json_bytes);
-        if events.len() > limits.max_events_per_run || bound > limits.max_bytes_per_run {
-            return Box::pin(std::future::ready(Err(StreamError::TooLarge {
-                events: events.len(),
-                bytes: bound,
-                max_events: limits.max_events_per_run,
-                max_bytes: limits.max_bytes_per_run,
-            })));
-        }
-        let (reply, answer) = oneshot::channel();
-        self.send(Op::Publish {
-            run: run.clone(),
-            epoch,
-            events: events.iter().map(|e| (e.seq, e.json.to_owned())).collect(),
-            reply,
+        self.submit_publish(run, events, None, now)
+    }
+
+    fn publish_as(
+        &self,
+        run: &RunId,
+        events: &[NewEvent<'_>],
+        publisher: Publisher<'_>,
+        now: Instant,
+    ) -> StreamFuture<Result<PublishOutcome, StreamError>> {
+        let fence = self.node.as_deref().map(|node| {
+            (
+                publisher.session_id.to_owned(),
+                crate::store::redis::holder_entry_prefix(node, publisher.epoch),
+            )
         });
-        Box::pin(async move {
-            answer.await.unwrap_or_else(|_| {
-                Err(StreamError::Unavailable(
-                    "the Redis stream engine has stopped".into(),
-                ))
-            })
-        })
+        self.submit_publish(run, events, fence, now)
     }
 
     fn resume(

@@ -636,3 +636,81 @@ async fn close_answers_every_publish_queued_before_it() {
     let late = publish_range(&a, &r, 20..21, false).await.unwrap_err();
     assert!(matches!(late, StreamError::Unavailable(_)), "{late:?}");
 }
+
+/// A publish made on behalf of a session is fenced in the same script as
+/// the append: once another node holds the session (or for a session this
+/// node never held), nothing is stored, however soon after the takeover.
+#[tokio::test]
+async fn a_publish_fenced_by_a_lost_session_stores_nothing() {
+    use crate::store::conformance::session;
+    use crate::store::redis::RedisStore;
+    use crate::store::{SessionChange, Store};
+
+    let Some((server, prefix)) = server() else {
+        return;
+    };
+    let (store_a, store_b) = (
+        RedisStore::connect(&server.url, &prefix).await.unwrap(),
+        RedisStore::connect(&server.url, &prefix).await.unwrap(),
+    );
+    let a = node(&server, &prefix, StreamLimits::default())
+        .await
+        .fenced_as(store_a.node());
+    let mut s = session("fenced-run", 1);
+    let r = s.run_id.clone();
+    store_a
+        .sessions_save(vec![SessionChange::Put(s.clone())])
+        .await
+        .unwrap();
+    let texts = [ev(0)];
+    let events = [NewEvent {
+        json: &texts[0],
+        seq: None,
+    }];
+    let as_a = |epoch| Publisher {
+        session_id: s.session_id.as_str(),
+        epoch,
+    };
+    let held = a.publish_as(&r, &events, as_a(1), Instant::now()).await;
+    assert_eq!(held.unwrap().next_offset, 1);
+    assert_eq!(
+        a.publish_as(&r, &events, as_a(2), Instant::now()).await,
+        Err(StreamError::Fenced),
+        "not at an epoch it does not hold"
+    );
+
+    s.epoch = 2;
+    store_b
+        .sessions_save(vec![SessionChange::Put(s.clone())])
+        .await
+        .unwrap();
+    for epoch in [1, 2] {
+        assert_eq!(
+            a.publish_as(&r, &events, as_a(epoch), Instant::now()).await,
+            Err(StreamError::Fenced),
+            "B holds it now"
+        );
+    }
+    let unknown = SessionId::generate();
+    let stranger = Publisher {
+        session_id: unknown.as_str(),
+        epoch: 1,
+    };
+    assert_eq!(
+        a.publish_as(&r, &events, stranger, Instant::now()).await,
+        Err(StreamError::Fenced)
+    );
+    assert_eq!(
+        head(&a, &r).map(|(_, _, next)| next),
+        Some(1),
+        "nothing stored"
+    );
+    // Unfenced publishes (an engine used without sessions) still work.
+    assert_eq!(
+        a.publish(&r, &events, Instant::now())
+            .await
+            .unwrap()
+            .next_offset,
+        2
+    );
+}

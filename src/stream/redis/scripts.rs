@@ -45,6 +45,11 @@ impl Keys {
     pub fn channel(&self) -> String {
         format!("{}:events", self.prefix)
     }
+    /// The session store's hash of who holds each session (the publish
+    /// fence reads it).
+    pub fn session_holders(&self) -> String {
+        crate::store::redis::session_holder_key(&self.prefix)
+    }
 }
 
 /// Shared by the scripts: a notice field, and a stream's creation.
@@ -57,9 +62,14 @@ local function create(meta, set, channel, run, epoch, idle)
 end
 ";
 
-/// Publish. KEYS: meta, events, streams set. ARGV: channel, run, proposed
-/// epoch, maxlen, then (seq, json) pairs (seq as 20 digits or empty).
+/// Publish. KEYS: meta, events, streams set, session holders. ARGV:
+/// channel, run, proposed epoch, maxlen, publisher's session id (or empty),
+/// how its holder entry must begin, then (seq, json) pairs (seq as 20
+/// digits or empty).
 ///
+/// First the fence: with a session id, the batch is refused (`'fenced'`,
+/// nothing stored) unless the session's holder entry still names this
+/// node at the publisher's epoch.
 /// Creates the stream with the proposed epoch if it has none (a publisher
 /// has a session: `active`). Drops every event whose seq is not above the
 /// mark (counting earlier events of the batch), stores the others at
@@ -69,6 +79,10 @@ end
 const PUBLISH: &str = r"
 local meta, xs = KEYS[1], KEYS[2]
 local channel, run = ARGV[1], ARGV[2]
+if ARGV[5] ~= '' then
+  local holder = redis.call('HGET', KEYS[4], ARGV[5]) or ''
+  if string.sub(holder, 1, #ARGV[6]) ~= ARGV[6] then return 'fenced' end
+end
 local epoch = redis.call('HGET', meta, 'epoch')
 if not epoch then
   epoch = ARGV[3]
@@ -78,7 +92,7 @@ local next = tonumber(redis.call('HGET', meta, 'next'))
 local seq = redis.call('HGET', meta, 'seq') or ''
 local first = next
 local flags, kept = {}, {}
-for i = 5, #ARGV, 2 do
+for i = 7, #ARGV, 2 do
   local s = ARGV[i]
   if s ~= '' and seq ~= '' and s <= seq then
     flags[#flags + 1] = '0'

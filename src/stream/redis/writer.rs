@@ -50,6 +50,9 @@ pub enum Op {
         /// The local stream's epoch: Redis takes it if the run has none.
         epoch: StreamEpoch,
         events: Vec<(Option<u64>, String)>,
+        /// The publisher's session id and how its holder entry must begin
+        /// (see the publish script); `None`: not fenced.
+        fence: Option<(String, String)>,
         reply: PublishReply,
     },
     /// A stream created here: propose its epoch.
@@ -139,15 +142,23 @@ impl Writer {
         for (op, attempts) in group {
             match &op {
                 Op::Publish {
-                    run, epoch, events, ..
+                    run,
+                    epoch,
+                    events,
+                    fence,
+                    ..
                 } => {
+                    let (session, holder) = fence.clone().unwrap_or_default();
                     let mut call = scripts.publish.key(keys.meta(run));
                     call.key(keys.events(run))
                         .key(keys.streams())
+                        .key(keys.session_holders())
                         .arg(&channel)
                         .arg(run.as_str())
                         .arg(epoch.as_str())
-                        .arg(maxlen);
+                        .arg(maxlen)
+                        .arg(session)
+                        .arg(holder);
                     for (seq, json) in events {
                         call.arg(seq_arg(*seq)).arg(json);
                     }
@@ -252,6 +263,12 @@ impl Writer {
             return;
         }
         match op {
+            Op::Publish { reply: answer, .. }
+                if reply == Value::SimpleString("fenced".into())
+                    || reply == Value::BulkString(b"fenced".to_vec()) =>
+            {
+                let _ = answer.send(Err(StreamError::Fenced));
+            }
             Op::Publish {
                 run,
                 events,
