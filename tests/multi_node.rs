@@ -729,6 +729,8 @@ async fn redis_stopped_is_retryable_and_restarted_is_recovered_from() {
         assert_eq!(answer["error"]["code"], "INTERNAL", "{kind}: {answer}");
         assert_eq!(answer["error"]["retryable"], true, "{kind}: {answer}");
     }
+    // The load balancer is told too.
+    wait_ready(&c, 0, 503).await;
 
     c.redis.restart();
     // The runtime retries the refused batch until it is taken; a retry
@@ -753,6 +755,7 @@ async fn redis_stopped_is_retryable_and_restarted_is_recovered_from() {
     publish(&mut rt, &sid, run, 10..15).await;
     publish(&mut rt, &sid, run, 15..20).await;
 
+    wait_ready(&c, 0, 200).await;
     // The viewer on B, subscribed before the outage, carries on.
     expect_events(&mut viewer, run, &epoch, 10, 20).await;
     let kv = rt
@@ -774,5 +777,23 @@ async fn redis_stopped_is_retryable_and_restarted_is_recovered_from() {
             "node {node}: history kept across the Redis restart"
         );
         assert_eq!(all, (0..20).collect::<Vec<_>>(), "node {node}");
+    }
+}
+
+/// Polls node `i`'s `/readyz` until it answers `status`.
+async fn wait_ready(c: &Cluster, i: usize, status: u16) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let got = common::http::get(c.node(i).addr, "/readyz", &[])
+            .await
+            .status;
+        if got == status {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "/readyz of node {i} is {got}, not {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }

@@ -115,7 +115,7 @@ pub(crate) async fn route(
                 respond(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "text/plain",
-                    "the stream log cannot be written\n",
+                    "output streams cannot be stored (event log or Redis)\n",
                 )
             } else {
                 respond(StatusCode::OK, "text/plain", "ready\n")
