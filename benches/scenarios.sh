@@ -5,7 +5,7 @@
 #   benches/scenarios.sh b    # idle attached sessions (as many as descriptors allow): RSS per session
 #   benches/scenarios.sh b5   # the same sockets with 5 sessions each (main run + 4 sub-runs)
 #   benches/scenarios.sh c    # ingest: 100 runtimes, batches of 100 × 200 B as fast as acknowledged
-#   benches/scenarios.sh d    # fan-out: one run, 1,000 viewers: deliveries/s, publish-to-viewer latency
+#   benches/scenarios.sh d    # fan-out: one run, 1,000 viewers: deliveries/s, publish-to-viewer latency (RATE=N batches/s paces the publisher)
 #   benches/scenarios.sh e    # resume: 1,000 viewers replay 10,000 events from offset 0: time to caught up
 #
 # Each run starts the release gateway (fresh data dir, port 0) and runs
@@ -131,8 +131,12 @@ c)
         "errors|[.errors[]] | add // 0")
     ;;
 d)
-    what="one run, ${VIEWERS:-1000} viewers, one publisher of 100 × 200 B batches as fast as acknowledged for ${DURATION:-10} s"
-    lg_flags=(--sessions 1 --viewers "${VIEWERS:-1000}" --rate max --window 2 --batch 100 --event-bytes 200 --duration "${DURATION:-10}")
+    # RATE (batches/s) paces the publisher: with viewers on another node
+    # nothing slows it to what they can take, so "max" only measures gaps.
+    pace=${RATE:-max}
+    if [ "$pace" = max ]; then pace_text="as fast as acknowledged"; else pace_text="at $pace batches/s"; fi
+    what="one run, ${VIEWERS:-1000} viewers, one publisher of 100 × 200 B batches $pace_text for ${DURATION:-10} s"
+    lg_flags=(--sessions 1 --viewers "${VIEWERS:-1000}" --rate "$pace" --window 2 --batch 100 --event-bytes 200 --duration "${DURATION:-10}")
     metrics=("deliveries/s|.events.delivered_per_sec"
         "accepted events/s|.events.accepted_per_sec"
         "publish→viewer p50 µs|.events.publish_to_viewer.p50_us"

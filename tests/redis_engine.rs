@@ -218,16 +218,10 @@ async fn a_session_moves_between_gateways_and_expires_once() {
     assert_eq!(run_state(&mut dashboard, "moving-run").await, "attached");
     let mut leaving = Client::connect(&b.url("/v1/runtime"), &token).await;
     leaving.attach("left-run", "w2", &caps).await;
-    assert_eq!(run_state(&mut dashboard, "left-run").await, "attached");
+    // A learns of the new run's stream from Redis a moment later.
+    wait_state(&mut dashboard, "left-run", "attached").await;
     leaving.close().await;
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while run_state(&mut dashboard, "left-run").await != "detached" {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "seen detached in time"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    wait_state(&mut dashboard, "left-run", "detached").await;
 
     // The lease runs out on B (no more heartbeats): one expiry, on B's socket.
     let expired = on_b.push("session.expired").await;
@@ -260,4 +254,20 @@ async fn run_state(viewer: &mut Client, run: &str) -> String {
         .iter()
         .find(|r| r["runId"] == run)
         .map_or("none".into(), |r| r["state"].as_str().unwrap().to_owned())
+}
+
+/// Polls `runs.list` until `run` is in `state`.
+async fn wait_state(viewer: &mut Client, run: &str, state: &str) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let now = run_state(viewer, run).await;
+        if now == state {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{run} is {now}, not {state}, after {WAIT:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 }

@@ -248,6 +248,62 @@ end
 return 0
 ";
 
+/// Why [`open`] failed; the URL is shown without its password.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("bad Redis URL {url:?}: {why}")]
+    Url { url: String, why: String },
+    #[error("cannot reach Redis at {url}: {why}")]
+    Connect { url: String, why: String },
+}
+
+/// Opens `url` the way both Redis engines (this store and
+/// [`crate::stream::redis`]) talk to Redis: a client, and a connection
+/// manager with bounded connect and response times that reconnects by
+/// itself; checked with a `PING`, so a wrong address is an error at start.
+pub(crate) async fn open(url: &str) -> Result<(redis::Client, ConnectionManager), OpenError> {
+    let shown = redacted(url);
+    let client = redis::Client::open(url).map_err(|e| OpenError::Url {
+        url: shown.clone(),
+        why: e.to_string(),
+    })?;
+    let unreachable = |why: String| OpenError::Connect {
+        url: shown.clone(),
+        why,
+    };
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(CONNECT_TIMEOUT))
+        .set_response_timeout(Some(RESPONSE_TIMEOUT))
+        .set_number_of_retries(2);
+    let mut conn = tokio::time::timeout(
+        CONNECT_TIMEOUT * 3,
+        ConnectionManager::new_with_config(client.clone(), config),
+    )
+    .await
+    .map_err(|_| unreachable("no answer in time".into()))?
+    .map_err(|e| unreachable(e.to_string()))?;
+    let pong: String = redis::cmd("PING")
+        .query_async(&mut conn)
+        .await
+        .map_err(|e| unreachable(format!("PING refused: {e}")))?;
+    if pong != "PONG" {
+        return Err(unreachable(format!(
+            "answered PING with {pong:?}; is it Redis?"
+        )));
+    }
+    Ok((client, conn))
+}
+
+/// `url` without its password, for messages and logs.
+pub(crate) fn redacted(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}://***@{}", &url[..scheme], &url[at + 1..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
 /// Handle to the store. Clones share one task and one connection.
 #[derive(Clone)]
 pub struct RedisStore {
@@ -323,28 +379,9 @@ impl RedisStore {
         prefix: &str,
         node_silent_after: Duration,
     ) -> Result<RedisStore, StoreError> {
-        let client = redis::Client::open(url)
-            .map_err(|e| StoreError::Unavailable(format!("bad Redis URL {url:?}: {e}")))?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(CONNECT_TIMEOUT))
-            .set_response_timeout(Some(RESPONSE_TIMEOUT))
-            .set_number_of_retries(2);
-        let mut conn = tokio::time::timeout(
-            CONNECT_TIMEOUT * 3,
-            ConnectionManager::new_with_config(client.clone(), config),
-        )
-        .await
-        .map_err(|_| StoreError::Unavailable(format!("Redis at {url} did not answer in time")))?
-        .map_err(|e| StoreError::Unavailable(format!("cannot connect to Redis at {url}: {e}")))?;
-        let pong: String = redis::cmd("PING")
-            .query_async(&mut conn)
+        let (client, conn) = open(url)
             .await
-            .map_err(|e| StoreError::Unavailable(format!("Redis at {url} refused PING: {e}")))?;
-        if pong != "PONG" {
-            return Err(StoreError::Unavailable(format!(
-                "{url} answered PING with {pong:?}; is it Redis?"
-            )));
-        }
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
         let (tx, rx) = mpsc::unbounded_channel();
         let node = format!("{:016x}", rand::random::<u64>());
         let keys = Keys {
@@ -963,10 +1000,15 @@ mod tests {
             .local_addr()
             .unwrap()
             .port();
-        let err = RedisStore::connect(&format!("redis://127.0.0.1:{port}/0"), "t")
+        // (The stream engine opens Redis through the same `open`.)
+        let err = RedisStore::connect(&format!("redis://:secret@127.0.0.1:{port}/0"), "t")
             .await
             .unwrap_err();
         assert!(err.to_string().contains(&port.to_string()), "{err}");
+        assert!(
+            !err.to_string().contains("secret"),
+            "no password in errors: {err}"
+        );
         let err = RedisStore::connect("http://nope", "t").await.unwrap_err();
         assert!(err.to_string().contains("bad Redis URL"), "{err}");
     }

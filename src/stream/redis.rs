@@ -47,7 +47,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use parking_lot::Mutex;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -60,6 +59,7 @@ use super::{
     StreamFuture, StreamLimits, StreamStats, StreamSubscription, StreamSummary, SweepOutcome,
 };
 use crate::ids::RunId;
+use crate::store::redis::{OpenError, open, redacted};
 
 mod applier;
 mod notice;
@@ -73,17 +73,14 @@ use scripts::{Keys, Scripts};
 use subscriber::Subscriber;
 use writer::{Op, Writer};
 
-/// How long one command may wait for Redis before it is `Unavailable`.
-const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Loading every stream at start may take a while with many of them.
 const LOAD_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Why [`RedisStreams::connect`] failed.
 #[derive(Debug, thiserror::Error)]
 pub enum RedisStreamsError {
-    #[error("bad Redis URL {url:?}: {why}")]
-    Url { url: String, why: String },
+    #[error(transparent)]
+    Open(#[from] OpenError),
     #[error("cannot reach Redis at {url}: {why}")]
     Connect { url: String, why: String },
     #[error("cannot load the output streams from Redis at {url}: {why}")]
@@ -130,32 +127,11 @@ impl RedisStreams {
         limits: StreamLimits,
     ) -> Result<RedisStreams, RedisStreamsError> {
         let shown = redacted(url);
-        let client = redis::Client::open(url).map_err(|e| RedisStreamsError::Url {
-            url: shown.clone(),
-            why: e.to_string(),
-        })?;
+        let (client, conn) = open(url).await?;
         let connect_error = |why: String| RedisStreamsError::Connect {
             url: shown.clone(),
             why,
         };
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(CONNECT_TIMEOUT))
-            .set_response_timeout(Some(RESPONSE_TIMEOUT))
-            .set_number_of_retries(2);
-        let mut conn = tokio::time::timeout(
-            CONNECT_TIMEOUT * 3,
-            ConnectionManager::new_with_config(client.clone(), config),
-        )
-        .await
-        .map_err(|_| connect_error("no answer in time".into()))?
-        .map_err(|e| connect_error(e.to_string()))?;
-        let pong: String = redis::cmd("PING")
-            .query_async(&mut conn)
-            .await
-            .map_err(|e| connect_error(format!("PING refused: {e}")))?;
-        if pong != "PONG" {
-            return Err(connect_error(format!("answered PING with {pong:?}")));
-        }
         let keys = Keys::new(prefix);
         let pubsub = subscriber::subscribe(&client, &keys.channel())
             .await
@@ -443,15 +419,6 @@ fn unix_ms() -> u64 {
 }
 
 /// `url` without its password, for messages.
-fn redacted(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            format!("{}://***@{}", &url[..scheme], &url[at + 1..])
-        }
-        _ => url.to_owned(),
-    }
-}
-
 #[cfg(test)]
 #[path = "redis_tests.rs"]
 mod tests;

@@ -577,31 +577,6 @@ async fn too_large_batches_are_refused_before_redis() {
     assert_eq!(out.first_offset, 0, "nothing of the refused batches stored");
 }
 
-#[tokio::test]
-async fn nothing_listening_is_a_clear_error_at_connect() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let err = RedisStreams::connect(
-        &format!("redis://:secret@127.0.0.1:{port}/0"),
-        "t",
-        StreamLimits::default(),
-    )
-    .await
-    .err()
-    .expect("refused");
-    let text = err.to_string();
-    assert!(text.contains(&port.to_string()), "{text}");
-    assert!(!text.contains("secret"), "{text}");
-    let err = RedisStreams::connect("http://nope", "t", StreamLimits::default())
-        .await
-        .err()
-        .expect("refused");
-    assert!(err.to_string().contains("bad Redis URL"), "{err}");
-}
-
 #[test]
 fn wall_clock_round_trips() {
     let now = Instant::now();
