@@ -37,6 +37,26 @@ async fn node(server: &TestRedis, prefix: &str, limits: StreamLimits) -> RedisSt
         .expect("connect to the test Redis")
 }
 
+/// Two nodes on one Redis and prefix, as two gateways.
+async fn two_nodes(
+    server: &TestRedis,
+    prefix: &str,
+    limits: StreamLimits,
+) -> (RedisStreams, RedisStreams) {
+    (
+        node(server, prefix, limits.clone()).await,
+        node(server, prefix, limits).await,
+    )
+}
+
+/// Streams dropped by the first sweep after their session ends.
+fn no_retention() -> StreamLimits {
+    StreamLimits {
+        retention: Duration::ZERO,
+        ..StreamLimits::default()
+    }
+}
+
 async fn publish_range(
     engine: &RedisStreams,
     r: &RunId,
@@ -105,8 +125,7 @@ async fn publish_on_one_node_resume_and_tail_on_another() {
     let Some((server, prefix)) = server() else {
         return;
     };
-    let a = node(&server, &prefix, StreamLimits::default()).await;
-    let b = node(&server, &prefix, StreamLimits::default()).await;
+    let (a, b) = two_nodes(&server, &prefix, StreamLimits::default()).await;
     let r = run("r1");
     let out = publish_range(&a, &r, 0..5, true).await.unwrap();
     assert_eq!((out.first_offset, out.accepted, out.next_offset), (0, 5, 5));
@@ -226,8 +245,7 @@ async fn seq_duplicates_are_dropped_across_nodes() {
     let Some((server, prefix)) = server() else {
         return;
     };
-    let a = node(&server, &prefix, StreamLimits::default()).await;
-    let b = node(&server, &prefix, StreamLimits::default()).await;
+    let (a, b) = two_nodes(&server, &prefix, StreamLimits::default()).await;
     let r = run("dedupe");
     // seq 1..=3 on A.
     publish_range(&a, &r, 0..3, true).await.unwrap();
@@ -256,8 +274,7 @@ async fn nodes_agree_on_the_epoch_of_a_stream_both_created() {
     let Some((server, prefix)) = server() else {
         return;
     };
-    let a = node(&server, &prefix, StreamLimits::default()).await;
-    let b = node(&server, &prefix, StreamLimits::default()).await;
+    let (a, b) = two_nodes(&server, &prefix, StreamLimits::default()).await;
     let r = run("two-viewers");
     // Both create the stream locally before either hears of the other's.
     let (info_a, mut sub_a) = a.resume(&r, None, None, Instant::now()).unwrap();
@@ -326,8 +343,7 @@ async fn events_published_while_a_node_lost_the_channel_reach_it_after() {
     let Some((server, prefix)) = server() else {
         return;
     };
-    let a = node(&server, &prefix, StreamLimits::default()).await;
-    let b = node(&server, &prefix, StreamLimits::default()).await;
+    let (a, b) = two_nodes(&server, &prefix, StreamLimits::default()).await;
     let r = run("partitioned");
     publish_range(&a, &r, 0..2, false).await.unwrap();
     eventually("B holds 2", || head(&b, &r).is_some_and(|h| h.2 == 2)).await;
@@ -360,8 +376,7 @@ async fn a_reader_behind_redis_maxlen_gets_a_gap() {
         max_events_per_run: 4,
         ..StreamLimits::default()
     };
-    let a = node(&server, &prefix, limits.clone()).await;
-    let b = node(&server, &prefix, limits.clone()).await;
+    let (a, b) = two_nodes(&server, &prefix, limits.clone()).await;
     let r = run("capped");
     a.session_started(&r, Instant::now());
     eventually("B knows the stream", || b.summary(&r).is_some()).await;
@@ -402,12 +417,7 @@ async fn a_drop_on_one_node_drops_the_stream_everywhere() {
     let Some((server, prefix)) = server() else {
         return;
     };
-    let limits = StreamLimits {
-        retention: Duration::ZERO,
-        ..StreamLimits::default()
-    };
-    let a = node(&server, &prefix, limits.clone()).await;
-    let b = node(&server, &prefix, limits).await;
+    let (a, b) = two_nodes(&server, &prefix, no_retention()).await;
     let r = run("short-lived");
     let t0 = Instant::now();
     a.session_started(&r, t0);
@@ -450,12 +460,7 @@ async fn a_session_active_on_another_node_keeps_the_stream() {
     let Some((server, prefix)) = server() else {
         return;
     };
-    let limits = StreamLimits {
-        retention: Duration::ZERO,
-        ..StreamLimits::default()
-    };
-    let a = node(&server, &prefix, limits.clone()).await;
-    let b = node(&server, &prefix, limits).await;
+    let (a, b) = two_nodes(&server, &prefix, no_retention()).await;
     let r = run("moved");
     a.session_started(&r, Instant::now());
     publish_range(&a, &r, 0..2, false).await.unwrap();
@@ -488,8 +493,7 @@ async fn redis_away_is_unavailable_and_replicas_resync_after() {
     let Some((mut server, prefix)) = server() else {
         return;
     };
-    let a = node(&server, &prefix, StreamLimits::default()).await;
-    let b = node(&server, &prefix, StreamLimits::default()).await;
+    let (a, b) = two_nodes(&server, &prefix, StreamLimits::default()).await;
     let r = run("outage");
     publish_range(&a, &r, 0..3, true).await.unwrap();
     eventually("B holds 3", || head(&b, &r).is_some_and(|h| h.2 == 3)).await;
