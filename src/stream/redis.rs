@@ -6,8 +6,9 @@
 //! whichever a viewer reads from.
 //!
 //! Owns how the nodes agree. Redis is the authority for each stream's
-//! epoch, offsets, `seq` mark and idle state, and keeps its last
-//! `max_events_per_run` events ([`scripts`] has the keys). Every node keeps
+//! epoch, offsets, `seq` mark and idle state, and keeps the batches within
+//! its last `max_events_per_run` offsets, one stream entry per batch
+//! ([`scripts`] has the keys). Every node keeps
 //! a *replica* of every stream in an ordinary [`StreamHub`], so `resume`
 //! stays synchronous, and readers, frames and fan-out are the hub's: one
 //! frame per batch per node, shared by all its viewers.

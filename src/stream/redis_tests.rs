@@ -390,12 +390,17 @@ async fn a_reader_behind_redis_maxlen_gets_a_gap() {
             .unwrap();
     }
     let mut conn = redis_conn(&server).await;
-    let kept: u64 = redis::cmd("XLEN")
+    // One entry per batch: two batches of two events.
+    let kept: Vec<(String, Vec<String>)> = redis::cmd("XRANGE")
         .arg(format!("{prefix}:x:capped"))
+        .arg("-")
+        .arg("+")
         .query_async(&mut conn)
         .await
         .unwrap();
-    assert_eq!(kept, 4);
+    let ids: Vec<&str> = kept.iter().map(|(id, _)| id.as_str()).collect();
+    assert_eq!(ids, ["6-1", "8-1"]);
+    assert_eq!(kept.iter().map(|(_, f)| f.len() / 2).sum::<usize>(), 4);
     assert_eq!(head(&b, &r).unwrap().2, 0, "B missed them");
     b.pause_channel(false);
     match within("gap", slow.next()).await {
@@ -692,4 +697,64 @@ async fn a_publish_fenced_by_a_lost_session_stores_nothing() {
             .next_offset,
         2
     );
+}
+
+/// Redis keeps one entry per batch (a batch over `EVENTS_PER_ENTRY` events
+/// takes several) and a catch-up reads them a page at a time: a node
+/// started later holds every event once, in order, and can be resumed in
+/// the middle of a split batch.
+#[tokio::test]
+async fn a_late_node_reads_many_entries_and_split_batches() {
+    let Some((server, prefix)) = server() else {
+        return;
+    };
+    let a = node(&server, &prefix, StreamLimits::default()).await;
+    let r = run("paged");
+    a.session_started(&r, Instant::now());
+    for i in 0..40 {
+        publish_range(&a, &r, i * 5..i * 5 + 5, false)
+            .await
+            .unwrap();
+    }
+    let big = 200..200 + 2 * scripts::EVENTS_PER_ENTRY as u64 + 500;
+    let end = big.end;
+    publish_range(&a, &r, big, false).await.unwrap();
+
+    let c = node(&server, &prefix, StreamLimits::default()).await;
+    assert_eq!(head(&c, &r), head(&a, &r));
+    let (_, mut all) = c.resume(&r, Some(0), None, Instant::now()).unwrap();
+    assert_eq!(read_to(&mut all, end).await, expected(0..end));
+    let middle = 200 + scripts::EVENTS_PER_ENTRY as u64 + 7;
+    let (info, mut part) = c.resume(&r, Some(middle), None, Instant::now()).unwrap();
+    assert_eq!((info.start_offset, info.truncated), (middle, false));
+    assert_eq!(read_to(&mut part, end).await, expected(middle..end));
+}
+
+/// Trimming keeps whole entries: a batch that starts before the last
+/// `max_events_per_run` offsets goes whole, so Redis may keep fewer events
+/// than a live replica, and a node started later starts there.
+#[tokio::test]
+async fn trimming_keeps_whole_batches() {
+    let Some((server, prefix)) = server() else {
+        return;
+    };
+    let limits = StreamLimits {
+        max_events_per_run: 4,
+        ..StreamLimits::default()
+    };
+    let a = node(&server, &prefix, limits.clone()).await;
+    let r = run("straddled");
+    for i in 0..4 {
+        publish_range(&a, &r, i * 3..i * 3 + 3, false)
+            .await
+            .unwrap();
+    }
+    // A's replica took the batches live: the last 4 events.
+    assert_eq!(head(&a, &r).map(|h| (h.1, h.2)), Some((8, 12)));
+    // Redis kept the batch starting at 9 only (6..9 started before 8).
+    let c = node(&server, &prefix, limits).await;
+    assert_eq!(head(&c, &r).map(|h| (h.1, h.2)), Some((9, 12)));
+    let (info, mut sub) = c.resume(&r, Some(8), None, Instant::now()).unwrap();
+    assert_eq!((info.start_offset, info.truncated), (9, true));
+    assert_eq!(read_to(&mut sub, 12).await, expected(9..12));
 }

@@ -29,8 +29,9 @@ use crate::stream::PublishOutcome;
 use crate::stream::hub::{ReplicaBatch, Replicated};
 use crate::stream::ring::Ring;
 
-/// Kept events read per round trip when catching up.
-const PAGE: usize = 1000;
+/// Stream entries (batches, each within the per-run byte bound) read per
+/// round trip when catching up.
+const PAGE: usize = 16;
 /// How soon a run whose catch-up failed is tried again.
 const STALE_RETRY: Duration = Duration::from_secs(1);
 
@@ -67,9 +68,9 @@ struct Remote {
     next: u64,
     last_seq: Option<u64>,
     idle: Idle,
-    /// Kept events from where the read started: (offset, json, length of
-    /// the batch it opens, if it opens one).
-    entries: Vec<(u64, String, Option<usize>)>,
+    /// Kept entries from where the read started: (first offset, the
+    /// events' JSON), each a batch (or part of one) as published.
+    entries: Vec<(u64, Vec<String>)>,
 }
 
 impl Applier {
@@ -251,19 +252,14 @@ impl Applier {
             );
             hub.replace(ring, idle_instant(remote.idle), now);
         }
-        let mut batches: Vec<ReplicaBatch<'_>> = Vec::new();
-        for (offset, json, opens) in &remote.entries {
-            let joins = batches.last().is_some_and(|b: &ReplicaBatch<'_>| {
-                opens.is_none() && b.first_offset + b.events.len() as u64 == *offset
-            });
-            match batches.last_mut() {
-                Some(b) if joins => b.events.push(json),
-                _ => batches.push(ReplicaBatch {
-                    first_offset: *offset,
-                    events: vec![json],
-                }),
-            }
-        }
+        let mut batches: Vec<ReplicaBatch<'_>> = remote
+            .entries
+            .iter()
+            .map(|(first, events)| ReplicaBatch {
+                first_offset: *first,
+                events: events.iter().map(String::as_str).collect(),
+            })
+            .collect();
         // Ends at Redis's head even if nothing is kept before it.
         batches.push(ReplicaBatch {
             first_offset: remote.next,
@@ -286,12 +282,16 @@ impl Applier {
             None => (String::new(), 0),
         };
         let mut got: Option<Remote> = None;
+        // The first page starts at the entry holding `from`; the next ones
+        // after the last entry read.
+        let mut position = "at";
         loop {
             let mut call = self.shared.scripts.fetch.key(self.shared.keys.meta(run));
             call.key(self.shared.keys.events(run))
                 .arg(&expect)
                 .arg(from)
-                .arg(PAGE);
+                .arg(PAGE)
+                .arg(position);
             let reply: Value = call
                 .invoke_async(&mut self.conn)
                 .await
@@ -307,6 +307,7 @@ impl Applier {
                 // page's): read it all from its start.
                 expect = epoch.to_string();
                 from = 0;
+                position = "at";
                 got = None;
                 continue;
             }
@@ -324,7 +325,8 @@ impl Applier {
             remote.last_seq = parse_seq(&seq);
             remote.idle = Idle::parse(&idle).unwrap_or(Idle::Active);
             if let Some(last) = entries.last() {
-                from = last.0 + 1;
+                from = last.0;
+                position = "after";
             }
             remote.entries.extend(entries);
             if !page_full {
@@ -334,26 +336,26 @@ impl Applier {
     }
 }
 
-/// XRANGE's shape: `[[id, [field, value, ...]], ...]`.
-fn parse_entries(value: Value) -> Result<Vec<(u64, String, Option<usize>)>, String> {
+/// XRANGE's shape: `[[id, [field, value, ...]], ...]`, each entry a
+/// batch's first offset (its id) and its events (the `e` fields, in order).
+fn parse_entries(value: Value) -> Result<Vec<(u64, Vec<String>)>, String> {
     let raw: Vec<(String, Vec<String>)> =
         redis::from_redis_value(value).map_err(|e| format!("Redis entries: {e}"))?;
     raw.into_iter()
         .map(|(id, fields)| {
-            let offset = id
+            let first = id
                 .split_once('-')
                 .and_then(|(o, _)| o.parse().ok())
                 .ok_or_else(|| format!("Redis entry id {id:?}"))?;
-            let (mut json, mut opens) = (None, None);
-            for pair in fields.chunks_exact(2) {
-                match pair[0].as_str() {
-                    "e" => json = Some(pair[1].clone()),
-                    "n" => opens = pair[1].parse().ok(),
-                    _ => {}
-                }
+            let events: Vec<String> = fields
+                .chunks_exact(2)
+                .filter(|pair| pair[0] == "e")
+                .map(|pair| pair[1].clone())
+                .collect();
+            if events.is_empty() {
+                return Err(format!("Redis entry {id} has no event"));
             }
-            let json = json.ok_or_else(|| format!("Redis entry {id} has no event"))?;
-            Ok((offset, json, opens))
+            Ok((first, events))
         })
         .collect()
 }

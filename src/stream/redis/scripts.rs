@@ -10,7 +10,7 @@
 //! | key           | type   | holds                                         |
 //! |---------------|--------|-----------------------------------------------|
 //! | `{p}:s:{run}` | hash   | `epoch`; `next` (the head); `seq` (the highest accepted `seq`, 20 digits, or empty); `idle` (`active`, or wall-clock ms since idle) |
-//! | `{p}:x:{run}` | stream | one entry per kept event, id `{offset}-1`, field `e` = the event's JSON; a batch's first entry also has `n` = the batch's length. `MAXLEN` exact, so the first entry is the first kept offset |
+//! | `{p}:x:{run}` | stream | one entry per published batch (a batch over [`EVENTS_PER_ENTRY`] events takes several), id `{first offset}-1`, one field `e` per event, in order. Trimmed with `MINID` to the entries that start within the last `max_events_per_run` offsets |
 //! | `{p}:streams` | set    | the run ids that have a stream                |
 //! | `{p}:events`  | channel| one message per change ([`super::notice`])   |
 //!
@@ -52,6 +52,11 @@ impl Keys {
     }
 }
 
+/// Events per stream entry at most: Lua's `unpack` has to pass two
+/// arguments per event to `XADD` (and stops at a few thousand), and a catch-up
+/// read pages by entries.
+pub const EVENTS_PER_ENTRY: usize = 1000;
+
 /// Shared by the scripts: a notice field, and a stream's creation.
 const PRELUDE: &str = r"
 local function field(s) return #s .. ':' .. s end
@@ -64,8 +69,8 @@ end
 
 /// Publish. KEYS: meta, events, streams set, session holders. ARGV:
 /// channel, run, proposed epoch, maxlen, publisher's session id (or empty),
-/// how its holder entry must begin, then (seq, json) pairs (seq as 20
-/// digits or empty).
+/// how its holder entry must begin, events per entry, then (seq, json)
+/// pairs (seq as 20 digits or empty).
 ///
 /// First the fence: with a session id, the batch is refused (`'fenced'`,
 /// nothing stored) unless the session's holder entry still names this
@@ -73,7 +78,10 @@ end
 /// Creates the stream with the proposed epoch if it has none (a publisher
 /// has a session: `active`). Drops every event whose seq is not above the
 /// mark (counting earlier events of the batch), stores the others at
-/// consecutive offsets, and announces them as one `B` notice. Returns
+/// consecutive offsets (one stream entry per batch, or per
+/// `EVENTS_PER_ENTRY` events of it: one `XADD` however many events), trims
+/// the entries that start before the last `maxlen` offsets, and announces
+/// the batch as one `B` notice. Returns
 /// `{epoch, first offset, accepted, duplicates, next, seq mark, flags}`
 /// with `flags` a `1` (accepted) or `0` (duplicate) per event.
 const PUBLISH: &str = r"
@@ -92,7 +100,7 @@ local next = tonumber(redis.call('HGET', meta, 'next'))
 local seq = redis.call('HGET', meta, 'seq') or ''
 local first = next
 local flags, kept = {}, {}
-for i = 7, #ARGV, 2 do
+for i = 8, #ARGV, 2 do
   local s = ARGV[i]
   if s ~= '' and seq ~= '' and s <= seq then
     flags[#flags + 1] = '0'
@@ -103,15 +111,21 @@ for i = 7, #ARGV, 2 do
   end
 end
 local parts = {}
-for j, json in ipairs(kept) do
-  local id = string.format('%d-1', next)
-  if j == 1 then
-    redis.call('XADD', xs, 'MAXLEN', ARGV[4], id, 'e', json, 'n', tostring(#kept))
-  else
-    redis.call('XADD', xs, 'MAXLEN', ARGV[4], id, 'e', json)
+local floor = math.max(0, next + #kept - tonumber(ARGV[4]))
+local per = tonumber(ARGV[7])
+local j = 1
+while j <= #kept do
+  local fields = {}
+  local last = math.min(#kept, j + per - 1)
+  for k = j, last do
+    fields[#fields + 1] = 'e'
+    fields[#fields + 1] = kept[k]
+    parts[k] = field(kept[k])
   end
-  parts[j] = field(json)
-  next = next + 1
+  redis.call('XADD', xs, 'MINID', '=', string.format('%d-0', floor),
+    string.format('%d-1', next), unpack(fields))
+  next = next + (last - j + 1)
+  j = last + 1
 end
 if #kept > 0 then
   redis.call('HSET', meta, 'next', string.format('%d', next), 'seq', seq)
@@ -161,16 +175,34 @@ return 1
 ";
 
 /// Fetch. KEYS: meta, events. ARGV: expected epoch (empty: any), from
-/// offset, count. Returns nil if the run has no stream, else
-/// `{epoch, next, seq, idle, entries}` where entries are up to `count`
-/// kept events from `from` on (XRANGE's shape), or none if the epoch is
-/// not the expected one. Meta and entries are read at one instant.
+/// offset, count, `at` or `after`. Returns nil if the run has no stream,
+/// else `{epoch, next, seq, idle, entries}` where entries are up to `count`
+/// kept entries (XRANGE's shape), or none if the epoch is not the expected
+/// one: with `at`, from the entry holding offset `from` (or the first kept
+/// after it); with `after`, from the entry after the one starting at
+/// `from` (the next page). Meta and entries are read at one instant.
 const FETCH: &str = r"
 local m = redis.call('HMGET', KEYS[1], 'epoch', 'next', 'seq', 'idle')
 if not m[1] then return nil end
 local entries = {}
 if ARGV[1] == '' or ARGV[1] == m[1] then
-  entries = redis.call('XRANGE', KEYS[2], ARGV[2] .. '-1', '+', 'COUNT', ARGV[3])
+  local start = ARGV[2] .. '-1'
+  if ARGV[4] == 'after' then
+    start = '(' .. start
+  else
+    local holding = redis.call('XREVRANGE', KEYS[2], start, '-', 'COUNT', 1)
+    if holding[1] then
+      -- The last entry starting at or before `from`: it holds `from`
+      -- unless it ends before it (then the read starts after it).
+      local first = tonumber(string.match(holding[1][1], '^(%d+)'))
+      if first + #holding[1][2] / 2 > tonumber(ARGV[2]) then
+        start = holding[1][1]
+      else
+        start = '(' .. holding[1][1]
+      end
+    end
+  end
+  entries = redis.call('XRANGE', KEYS[2], start, '+', 'COUNT', ARGV[3])
 end
 return {m[1], m[2], m[3] or '', m[4] or 'active', entries}
 ";

@@ -158,7 +158,8 @@ impl Writer {
                         .arg(epoch.as_str())
                         .arg(maxlen)
                         .arg(session)
-                        .arg(holder);
+                        .arg(holder)
+                        .arg(super::scripts::EVENTS_PER_ENTRY);
                     for (seq, json) in events {
                         call.arg(seq_arg(*seq)).arg(json);
                     }
