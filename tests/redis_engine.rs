@@ -200,6 +200,11 @@ async fn a_session_moves_between_gateways_and_expires_once() {
     let superseded = on_a.push("session.superseded").await;
     assert_eq!(superseded["sessionId"], sid);
     assert_eq!(superseded["connectionEpoch"], 2);
+    let metrics = common::http::get(a.addr, "/metrics", &[]).await.text().await;
+    assert!(
+        metrics.contains("rungate_session_handovers_total{way=\"lost\"} 1"),
+        "A counts the session it lost: {metrics}"
+    );
     assert_eq!(
         on_a.err("runtime.heartbeat", heartbeat.clone()).await,
         "STALE_EPOCH"

@@ -38,6 +38,7 @@ pub(crate) async fn run(shared: Arc<Shared>, stop: CancellationToken) {
                     connection_epoch: s.new_epoch,
                 };
                 shared.conns.push(s.conn, encode_push(push::SESSION_SUPERSEDED, &payload));
+                shared.metrics.handovers("lost", 1);
             }
             Some(moved) = async { match moves.as_mut() {
                 Some(m) => m.recv().await,
@@ -45,7 +46,10 @@ pub(crate) async fn run(shared: Arc<Shared>, stop: CancellationToken) {
             } } => shared.sessions.moved_elsewhere(&moved),
             _ = alive.tick(), if shared_store => match shared.sessions.keep_alive().await {
                 Ok(0) => {}
-                Ok(n) => tracing::info!(sessions = n, "took over the sessions of a gateway that stopped"),
+                Ok(n) => {
+                    tracing::info!(sessions = n, "took over the sessions of a gateway that stopped");
+                    shared.metrics.handovers("taken_over", n as u64);
+                }
                 Err(e) => tracing::warn!(error = %e, "cannot tell the shared store this gateway is alive"),
             },
         }

@@ -31,6 +31,7 @@ pub struct Metrics {
     log_bytes: Gauge,
     evicted: Counter,
     refusals: Family<Labels<1>, Counter>,
+    handovers: Family<Labels<1>, Counter>,
 }
 
 /// The `type` label for frames that never became a known command.
@@ -111,6 +112,12 @@ impl Default for Metrics {
             "Connections refused, sockets closed and commands refused by a limit, by limit",
             refusals.clone(),
         );
+        let handovers = Family::<Labels<1>, Counter>::default();
+        registry.register(
+            "session_handovers",
+            "Sessions moved between gateways sharing a store: lost (a socket here was superseded by another gateway) or taken_over (from a gateway that stopped)",
+            handovers.clone(),
+        );
         Metrics {
             registry,
             connections,
@@ -125,6 +132,7 @@ impl Default for Metrics {
             log_bytes,
             evicted,
             refusals,
+            handovers,
         }
     }
 }
@@ -163,6 +171,11 @@ impl Metrics {
 
     /// Something refused or closed by the limit named `limit` (the
     /// setting's name, e.g. `max_connections`, or `origin`).
+    /// `way`: `lost` or `taken_over` (see the metric's help).
+    pub fn handovers(&self, way: &'static str, count: u64) {
+        self.handovers.get_or_create(&[("way", way)]).inc_by(count);
+    }
+
     pub fn refused(&self, limit: &'static str) {
         self.refusals.get_or_create(&[("limit", limit)]).inc();
     }
