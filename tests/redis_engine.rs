@@ -200,7 +200,10 @@ async fn a_session_moves_between_gateways_and_expires_once() {
     let superseded = on_a.push("session.superseded").await;
     assert_eq!(superseded["sessionId"], sid);
     assert_eq!(superseded["connectionEpoch"], 2);
-    let metrics = common::http::get(a.addr, "/metrics", &[]).await.text().await;
+    let metrics = common::http::get(a.addr, "/metrics", &[])
+        .await
+        .text()
+        .await;
     assert!(
         metrics.contains("rungate_session_handovers_total{way=\"lost\"} 1"),
         "A counts the session it lost: {metrics}"
@@ -274,5 +277,73 @@ async fn wait_state(viewer: &mut Client, run: &str, state: &str) {
             "{run} is {now}, not {state}, after {WAIT:?}"
         );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// `recoverConnections` on another gateway moves the sub-runs the old one
+/// held, named or not: the old socket hears `session.superseded` for each,
+/// and they work on the new socket.
+#[tokio::test]
+async fn sub_runs_follow_their_main_session_to_another_gateway() {
+    let Some(redis) = common::redis::start() else {
+        return;
+    };
+    let (a, b, key, _key_dir) = two_gateways(&redis, std::time::Duration::from_secs(30)).await;
+    let token = mint(
+        &key,
+        TokenKind::Runtime,
+        "*",
+        &rungate::ids::Capability::ALL,
+    );
+    for named in [false, true] {
+        let (main_run, subs) = if named {
+            ("main-named", ["named-a", "named-b"])
+        } else {
+            ("main-all", ["all-a", "all-b"])
+        };
+        let mut on_a = Client::connect(&a.url("/v1/runtime"), &token).await;
+        let main = on_a
+            .ok(
+                "runtime.attach",
+                json!({ "runId": main_run, "runtimeInstanceId": "w", "protocolVersion": "1",
+                        "connectionEpoch": 1, "capabilities": ["subtasks.run", "kv.write"] }),
+            )
+            .await;
+        let mut sub_sessions = Vec::new();
+        for sub in subs {
+            let attached = on_a
+                .ok(
+                    "runtime.attach",
+                    json!({ "runId": sub, "runtimeInstanceId": "w", "protocolVersion": "1",
+                            "connectionEpoch": 1, "capabilities": ["kv.write"] }),
+                )
+                .await;
+            sub_sessions.push(attached["sessionId"].clone());
+        }
+        let mut on_b = Client::connect(&b.url("/v1/runtime"), &token).await;
+        let moved = on_b
+            .reattach(main_run, "w", 2, &["subtasks.run", "kv.write"])
+            .await;
+        assert_eq!(moved["payload"]["sessionId"], main["sessionId"], "{moved}");
+        let mut recover = json!({ "sessionId": main["sessionId"], "mainRunId": main_run,
+                                  "connectionEpoch": 2 });
+        if named {
+            recover["subRunIds"] = json!(subs);
+        }
+        on_b.ok("runtime.recoverConnections", recover).await;
+        let mut superseded = Vec::new();
+        for _ in 0..3 {
+            let push = on_a.push("session.superseded").await;
+            superseded.push(push["runId"].as_str().unwrap().to_owned());
+        }
+        superseded.sort();
+        let mut expected = vec![main_run.to_owned(), subs[0].to_owned(), subs[1].to_owned()];
+        expected.sort();
+        assert_eq!(superseded, expected, "named: {named}");
+        for (sub, sid) in subs.iter().zip(&sub_sessions) {
+            let write = json!({ "sessionId": sid, "runId": sub, "kv": { "k": "v" } });
+            on_b.ok("kv.set", write.clone()).await;
+            assert_eq!(on_a.err("kv.set", write).await, "STALE_EPOCH");
+        }
     }
 }

@@ -558,15 +558,8 @@ fn recover(
     id: &str,
     req: cmd::RecoverConnectionsCommand,
 ) -> Result<Reply, CommandError> {
-    let named: Vec<RunId> = match &req.sub_run_ids {
-        Some(runs) if ctx.shared.sessions.shared() => runs
-            .iter()
-            .filter(|run| ctx.grant.runs.covers(run))
-            .cloned()
-            .collect(),
-        _ => Vec::new(),
-    };
-    if named.is_empty() {
+    let sessions = &ctx.shared.sessions;
+    if !sessions.shared() {
         return recover_here(
             ctx.id,
             ctx.shared.clone(),
@@ -575,12 +568,17 @@ fn recover(
             req,
         );
     }
-    // Sub-runs another gateway held are learnt from the shared store first
-    // (the runs the token covers only: the others are refused unread).
-    let loads: Vec<_> = named
-        .iter()
-        .map(|run| ctx.shared.sessions.load_from_shared(run))
-        .collect();
+    // Sub-runs another gateway held are learnt from the shared store first:
+    // those named (that the token covers: the others are refused unread),
+    // or all of the main session's.
+    let loads: Vec<_> = match &req.sub_run_ids {
+        Some(runs) => runs
+            .iter()
+            .filter(|run| ctx.grant.runs.covers(run))
+            .map(|run| sessions.load_from_shared(run))
+            .collect(),
+        None => vec![sessions.load_sub_runs_from_shared(&req.session_id)],
+    };
     let (conn, shared, grant, id) = (ctx.id, ctx.shared.clone(), ctx.grant.clone(), id.to_owned());
     Ok(Reply::Later(
         async move {

@@ -20,8 +20,8 @@ use parking_lot::Mutex;
 use tokio::sync::{Notify, mpsc};
 use tokio::time::Instant;
 
-use crate::ids::RunId;
-use crate::store::{SessionMoved, Store, StoreError, StoreFuture};
+use crate::ids::{RunId, SessionId};
+use crate::store::{SessionMoved, SessionRecord, Store, StoreError, StoreFuture};
 use crate::time::Clock;
 
 pub use registry::{
@@ -184,10 +184,25 @@ impl Sessions {
             return ready();
         };
         let loaded = shared.session_of_run(run);
+        self.adopt_loaded(Box::pin(
+            async move { Ok(loaded.await?.into_iter().collect()) },
+        ))
+    }
+
+    /// As [`Sessions::load_from_shared`] for every sub-run of main session
+    /// `parent` (before `recoverConnections` names none).
+    pub fn load_sub_runs_from_shared(&self, parent: &SessionId) -> Saved {
+        match self.store.shared_sessions() {
+            Some(shared) => self.adopt_loaded(shared.sub_sessions(parent)),
+            None => ready(),
+        }
+    }
+
+    fn adopt_loaded(&self, loaded: StoreFuture<Vec<(SessionRecord, bool)>>) -> Saved {
         let registry = self.registry.clone();
         let (lost, clock) = (self.lost_tx.clone(), self.clock);
         Box::pin(async move {
-            if let Some((record, held_here)) = loaded.await? {
+            for (record, held_here) in loaded.await? {
                 let superseded = registry.lock().adopt(
                     record,
                     held_here,

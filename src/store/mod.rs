@@ -170,6 +170,11 @@ pub trait SharedSessions: Send + Sync {
     /// about once a second ([`crate::session::RENEWALS_SAVED_EVERY`]).
     fn keep_alive(&self) -> StoreFuture<Vec<SessionRecord>>;
 
+    /// The records of the sub-runs of main session `parent`, each with
+    /// whether this gateway holds it: what `recoverConnections` without
+    /// `subRunIds` moves.
+    fn sub_sessions(&self, parent: &SessionId) -> StoreFuture<Vec<(SessionRecord, bool)>>;
+
     /// The records of these runs' sessions (`None` where a run has none),
     /// in the order asked: what `runs.list` shows for runs held elsewhere.
     fn sessions_of_runs(&self, runs: Vec<RunId>) -> StoreFuture<Vec<Option<SessionRecord>>>;

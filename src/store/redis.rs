@@ -24,6 +24,7 @@
 //! | `{p}:session-holder`     | hash   | session id → `NODE EPOCH EXPIRED`       |
 //! | `{p}:session-of-run`     | hash   | run id → session id                     |
 //! | `{p}:held:{node}`        | set    | session ids that gateway holds          |
+//! | `{p}:children:{session}` | set    | session ids of that main session's sub-runs |
 //! | `{p}:alive:{node}`       | string | present while that gateway is alive     |
 //! | `{p}:nodes`              | set    | gateways that have said they are alive  |
 //! | `{p}:suspects`           | hash   | node → when it was first found silent   |
@@ -77,17 +78,18 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// lease.
 pub const NODE_SILENT_AFTER: Duration = Duration::from_secs(5);
 
-/// Applies session changes (`ARGV[3..]`, six values each: `P`ut or `D`elete,
-/// session id, run id, padded epoch, expired `0`/`1`, record) for node
+/// Applies session changes (`ARGV[3..]`, seven values each: `P`ut or
+/// `D`elete, session id, run id, padded epoch, expired `0`/`1`, parent
+/// session id or empty, record) for node
 /// `ARGV[2]` under prefix `ARGV[1]`, skipping those another node holds:
 /// returns them flat as `{session id, holder's padded epoch or ''}`.
 const SESSIONS_SAVE: &str = r"
 local p, me = ARGV[1], ARGV[2]
 local mine = p .. ':held:' .. me
 local refused = {}
-for i = 3, #ARGV, 6 do
-  local op, sid, run, epoch, expired, record =
-    ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5]
+for i = 3, #ARGV, 7 do
+  local op, sid, run, epoch, expired, parent, record = ARGV[i], ARGV[i + 1],
+    ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5], ARGV[i + 6]
   local holder = redis.call('HGET', KEYS[2], sid)
   local hnode, hepoch
   if holder then hnode, hepoch = string.match(holder, '^(%S+) (%d+)') end
@@ -122,6 +124,7 @@ for i = 3, #ARGV, 6 do
       redis.call('HSET', KEYS[2], sid, me .. ' ' .. epoch .. ' ' .. expired)
       redis.call('HSET', KEYS[3], run, sid)
       redis.call('SADD', mine, sid)
+      if parent ~= '' then redis.call('SADD', p .. ':children:' .. parent, sid) end
       if holder and hnode ~= me then
         redis.call('SREM', p .. ':held:' .. hnode, sid)
         redis.call('PUBLISH', p .. ':session-moves', sid .. ' ' .. epoch .. ' ' .. me)
@@ -191,6 +194,23 @@ for _, node in ipairs(redis.call('SMEMBERS', p .. ':nodes')) do
   end
 end
 return taken
+";
+
+/// The records of the sub-runs of a main session (set `KEYS[1]`, filled
+/// by [`SESSIONS_SAVE`]), each with its holder entry: `{record, holder,
+/// ...}`. Members whose record is gone are removed from the set.
+const SUB_SESSIONS: &str = r"
+local out = {}
+for _, sid in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local record = redis.call('HGET', KEYS[2], sid)
+  if record then
+    out[#out + 1] = record
+    out[#out + 1] = redis.call('HGET', KEYS[3], sid) or ''
+  else
+    redis.call('SREM', KEYS[1], sid)
+  end
+end
+return out
 ";
 
 /// The record of each run in `ARGV` (false where it has none).
@@ -358,6 +378,10 @@ enum Op {
         runs: Vec<RunId>,
         reply: Reply<Vec<Option<SessionRecord>>>,
     },
+    SubSessions {
+        parent: SessionId,
+        reply: Reply<Vec<(SessionRecord, bool)>>,
+    },
     /// Answered once every op before it has been answered.
     Flush {
         reply: Reply<()>,
@@ -401,6 +425,7 @@ impl RedisStore {
             keep_alive: Script::new(KEEP_ALIVE),
             sessions_load: Script::new(SESSIONS_LOAD),
             sessions_of_runs: Script::new(SESSIONS_OF_RUNS),
+            sub_sessions: Script::new(SUB_SESSIONS),
         };
         tokio::spawn(worker.run(rx));
         Ok(RedisStore {
@@ -514,6 +539,11 @@ impl SharedSessions for RedisStore {
         self.submit(|reply| Op::SessionsOfRuns { runs, reply })
     }
 
+    fn sub_sessions(&self, parent: &SessionId) -> StoreFuture<Vec<(SessionRecord, bool)>> {
+        let parent = parent.clone();
+        self.submit(|reply| Op::SubSessions { parent, reply })
+    }
+
     fn moves(&self) -> Option<mpsc::UnboundedReceiver<SessionMoved>> {
         self.moves.lock().take()
     }
@@ -621,6 +651,7 @@ struct Worker {
     keep_alive: Script,
     sessions_load: Script,
     sessions_of_runs: Script,
+    sub_sessions: Script,
 }
 
 impl Worker {
@@ -660,6 +691,7 @@ impl Worker {
             Op::SessionsOfRuns { runs, reply } => {
                 drop(reply.send(self.sessions_of_runs(&runs).await))
             }
+            Op::SubSessions { parent, reply } => drop(reply.send(self.sub_sessions(&parent).await)),
             Op::Flush { reply } => drop(reply.send(Ok(()))),
         }
     }
@@ -786,10 +818,12 @@ impl Worker {
                     .arg(r.run_id.as_str())
                     .arg(padded(r.epoch))
                     .arg(if r.expired { "1" } else { "0" })
+                    .arg(r.parent.as_ref().map_or("", |p| p.as_str()))
                     .arg(encode_session(r)),
                 SessionChange::Delete(id) => invocation
                     .arg("D")
                     .arg(id.as_str())
+                    .arg("")
                     .arg("")
                     .arg("")
                     .arg("")
@@ -861,6 +895,30 @@ impl Worker {
 }
 
 impl Worker {
+    async fn sub_sessions(
+        &mut self,
+        parent: &SessionId,
+    ) -> Result<Vec<(SessionRecord, bool)>, StoreError> {
+        let mut invocation = self
+            .sub_sessions
+            .key(format!("{}:children:{parent}", self.keys.prefix));
+        invocation
+            .key(self.keys.sessions())
+            .key(self.keys.holders());
+        let flat: Vec<Vec<u8>> = invocation
+            .invoke_async(&mut self.conn)
+            .await
+            .map_err(redis_error)?;
+        flat.chunks(2)
+            .map(|pair| {
+                let record = decode_one(&pair[0])?;
+                let holder = pair.get(1).map(|h| h.as_slice()).unwrap_or_default();
+                let held_here = holder.split(|b| *b == b' ').next() == Some(self.node.as_bytes());
+                Ok((record, held_here))
+            })
+            .collect()
+    }
+
     async fn sessions_of_runs(
         &mut self,
         runs: &[RunId],
