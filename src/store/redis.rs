@@ -135,6 +135,20 @@ for i = 3, #ARGV, 7 do
       refused[#refused + 1] = sid
       refused[#refused + 1] = hepoch
     else
+      -- The run's index and the parent's set name the session only
+      -- through its record (a delete carries no run): read them there.
+      local old = redis.call('HGET', KEYS[1], sid)
+      if old then
+        local ok, r = pcall(cjson.decode, string.sub(old, 2))
+        if ok and type(r) == 'table' then
+          if type(r.runId) == 'string' and redis.call('HGET', KEYS[3], r.runId) == sid then
+            redis.call('HDEL', KEYS[3], r.runId)
+          end
+          if type(r.parent) == 'string' then
+            redis.call('SREM', p .. ':children:' .. r.parent, sid)
+          end
+        end
+      end
       redis.call('HDEL', KEYS[1], sid)
       redis.call('HDEL', KEYS[2], sid)
       redis.call('SREM', mine, sid)
@@ -1207,7 +1221,7 @@ mod tests {
     /// gives way and the tombstone is gone.
     #[tokio::test]
     async fn a_run_has_one_live_session_across_nodes() {
-        let Some((a, b, _server)) = two_nodes(NODE_SILENT_AFTER).await else {
+        let Some((a, b, server)) = two_nodes(NODE_SILENT_AFTER).await else {
             return;
         };
         let mut first = session("r", 1);
@@ -1238,12 +1252,26 @@ mod tests {
         b.sessions_save(put(&second)).await.unwrap();
         assert_eq!(
             b.session_of_run(&second.run_id).await.unwrap().unwrap(),
-            (second, true)
+            (second.clone(), true)
         );
         assert!(
             a.sessions_load().await.unwrap().is_empty(),
             "the tombstone went"
         );
+        // A deleted session leaves no trace: not its record, not its run's
+        // index entry.
+        b.sessions_save(vec![SessionChange::Delete(second.session_id.clone())])
+            .await
+            .unwrap();
+        assert!(b.session_of_run(&second.run_id).await.unwrap().is_none());
+        let client = redis::Client::open(server.url.as_str()).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let indexed: Vec<String> = redis::cmd("HKEYS")
+            .arg(b.keys_prefix_for_tests() + ":session-of-run")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(indexed, vec![other.run_id.to_string()], "only the live run");
     }
 
     /// A node that stops saying it is alive has its sessions taken over by
