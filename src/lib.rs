@@ -32,6 +32,15 @@
 //! command → `stream::StreamHub::publish` appends it and builds its
 //! `stream.events` frame once → every subscribed connection's
 //! `gateway::follow` wakes, takes the same `Bytes` and queues it → sockets.
+//!
+//! Several gateways on one Redis (`--store redis://`) change the engines,
+//! not the paths: `store::redis` holds KV, checkpoints and sessions (and
+//! fences each session to the gateway that holds it), `stream::redis` makes
+//! Redis the authority for every stream and keeps a replica of each in the
+//! local `StreamHub`, so the batch above takes one detour (a Lua script in
+//! Redis, then its announcement back into every gateway's hub) and the rest
+//! is the same. `gateway::cluster` carries the news between gateways:
+//! sessions taken over elsewhere, and this gateway's keep-alive.
 
 pub mod auth;
 pub mod client;
