@@ -40,12 +40,12 @@
 //!
 //! Each gateway (node) has a random id for the life of its process. A
 //! session is *held* by the node that saved it last; the save script
-//! ([`SESSIONS_SAVE`]) refuses a node's write of a session another node
+//! (`SESSIONS_SAVE`) refuses a node's write of a session another node
 //! holds at the same or a newer epoch, and a fresh session for a run that
 //! has a live one ([`StoreError::Fenced`]). A save that moves a session to
 //! a newer epoch on another node publishes the move, so the old node fences
 //! its socket at once. Every node says it is alive once a second
-//! ([`KEEP_ALIVE`]); the sessions of a node silent for longer than
+//! (`KEEP_ALIVE`); the sessions of a node silent for longer than
 //! [`NODE_SILENT_AFTER`] go, in one atomic step, to the first live node that
 //! notices, which runs their leases from then on: so each lease has exactly
 //! one node running it. Keys outside `KEYS` are named inside the scripts,
@@ -282,7 +282,7 @@ end
 return 0
 ";
 
-/// Why [`open`] failed; the URL is shown without its password.
+/// Why `open` failed; the URL is shown without its password.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
     #[error("bad Redis URL {url:?}: {why}")]
