@@ -780,6 +780,64 @@ async fn redis_stopped_is_retryable_and_restarted_is_recovered_from() {
     }
 }
 
+/// A gateway killed while it holds a session nobody reconnects: after it
+/// has been silent long enough, exactly one of the others takes the
+/// session over and runs out its lease, so the run ends (a late reconnect
+/// anywhere is `SESSION_EXPIRED`, a dashboard sees it `expired`).
+#[tokio::test]
+async fn a_dead_nodes_session_expires_on_exactly_one_other_node() {
+    let Some(mut c) = cluster(3, &SHORT_LEASE).await else {
+        return;
+    };
+    let run = unique("orphan-1");
+    let run = run.as_str();
+    let mut rt = c.runtime(0, run).await;
+    attach_at(&mut rt, run, 1).await;
+    c.kill(0).await;
+
+    // Taken over once A has been silent for 5 s, then the lease (saved
+    // deadline + 2 s slack) runs out there.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut viewer = c.viewer(1, run).await;
+    loop {
+        let list = viewer.ok("runs.list", json!({})).await;
+        let state = list["runs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["runId"] == run)
+            .map(|r| r["state"].clone());
+        if state == Some(json!("expired")) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the dead node's session never expired: {list}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for node in [1, 2] {
+        let mut late = c.runtime(node, run).await;
+        let answer = late.reattach(run, "w", 2, &CAPS).await;
+        assert_eq!(
+            answer["error"]["code"], "SESSION_EXPIRED",
+            "node {node}: {answer}"
+        );
+    }
+    let mut taken = 0;
+    for node in [1, 2] {
+        let metrics = common::http::get(c.node(node).addr, "/metrics", &[])
+            .await
+            .text()
+            .await;
+        taken += metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("rungate_session_handovers_total{way=\"taken_over\"} "))
+            .map_or(0, |n| n.trim().parse::<u64>().unwrap());
+    }
+    assert_eq!(taken, 1, "one node took the session over");
+}
+
 /// Polls node `i`'s `/readyz` until it answers `status`.
 async fn wait_ready(c: &Cluster, i: usize, status: u16) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
