@@ -362,3 +362,41 @@ async fn commands_for_sessions_of_other_sockets_are_not_attached() {
         .await;
     assert_eq!(code, "NOT_ATTACHED");
 }
+
+/// A runtime socket follows its run's stream only while it holds the run's
+/// session: superseded, it gets no more of the stream (reading it there
+/// needs the session, like any command would).
+#[tokio::test]
+async fn a_superseded_socket_stops_following_the_runs_stream() {
+    let gw = TestGateway::start().await;
+    let caps = ["stream.resume"];
+    let mut old = gw.runtime("*").await;
+    let attached = old
+        .ok(
+            "runtime.attach",
+            json!({ "runId": "followed", "runtimeInstanceId": "w", "protocolVersion": "1",
+                    "connectionEpoch": 1, "capabilities": caps }),
+        )
+        .await;
+    let sid = attached["sessionId"].clone();
+    old.ok(
+        "stream.resume",
+        json!({ "runId": "followed", "sessionId": sid, "fromOffset": 0 }),
+    )
+    .await;
+    let mut new = gw.runtime("*").await;
+    let moved = new.reattach("followed", "w", 2, &caps).await;
+    assert_eq!(moved["type"], "reply", "{moved}");
+    old.push("session.superseded").await;
+    new.ok(
+        "events.publish",
+        json!({ "sessionId": sid, "runId": "followed",
+                "events": [{ "type": "log", "data": { "n": 1 } }] }),
+    )
+    .await;
+    let later = old.frames_within(Duration::from_millis(1500)).await;
+    assert!(
+        later.iter().all(|f| f["type"] != "stream.events"),
+        "nothing of the stream after the session moved: {later:?}"
+    );
+}

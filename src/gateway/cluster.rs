@@ -37,7 +37,7 @@ pub(crate) async fn run(shared: Arc<Shared>, stop: CancellationToken) {
                     run_id: &s.run_id,
                     connection_epoch: s.new_epoch,
                 };
-                shared.conns.push(s.conn, encode_push(push::SESSION_SUPERSEDED, &payload));
+                shared.conns.session_lost(s.conn, &s.run_id, encode_push(push::SESSION_SUPERSEDED, &payload));
                 shared.metrics.handovers("lost", 1);
             }
             Some(moved) = async { match moves.as_mut() {

@@ -46,9 +46,11 @@ pub(crate) async fn serve(shared: Arc<Shared>, socket: Socket, endpoint: Endpoin
     let (sink, mut stream) = socket.split();
     let (queue, rx) = mpsc::channel(shared.config.limits.outbound_queue);
     let kill = tokio_util::sync::CancellationToken::new();
+    let (lost_runs, mut lost_rx) = mpsc::unbounded_channel();
     let id = shared.conns.register(Outbox {
         queue: queue.clone(),
         kill: kill.clone(),
+        lost_runs,
     });
     shared.metrics.connection_opened(endpoint.label());
     let writer = tokio::spawn(write_loop(sink, rx, shared.config.limits.write_timeout));
@@ -95,6 +97,12 @@ pub(crate) async fn serve(shared: Arc<Shared>, socket: Socket, endpoint: Endpoin
                 }
                 ctx.bound_session = bound > 0;
                 idle_check = Some(Instant::now() + idle_timeout);
+            }
+            // Before the subscriptions: a stream of a run whose session
+            // this socket lost sends nothing more.
+            Some(run) = lost_rx.recv(), if endpoint == Endpoint::Runtime => {
+                ctx.following.remove(&run);
+                count_subscriptions(&shared, &ctx.following, &mut counted_subscriptions);
             }
             Some(frame) = inflight.next(), if !inflight.is_empty() => {
                 if queue.send(Outgoing::from(frame)).await.is_err() {

@@ -490,9 +490,11 @@ fn attach_here(
             run_id: &s.run_id,
             connection_epoch: s.new_epoch,
         };
-        shared
-            .conns
-            .push(s.conn, encode_push(push::SESSION_SUPERSEDED, &payload));
+        shared.conns.session_lost(
+            s.conn,
+            &s.run_id,
+            encode_push(push::SESSION_SUPERSEDED, &payload),
+        );
     }
     let session = outcome.session;
     // Per-session events are debug: at thousands of sessions an info line
@@ -628,9 +630,11 @@ fn recover_here(
             run_id: &s.run_id,
             connection_epoch: s.new_epoch,
         };
-        shared
-            .conns
-            .push(s.conn, encode_push(push::SESSION_SUPERSEDED, &payload));
+        shared.conns.session_lost(
+            s.conn,
+            &s.run_id,
+            encode_push(push::SESSION_SUPERSEDED, &payload),
+        );
     }
     when_saved(saved, || {}, move || encode_reply(&id, &cmd::Accepted::YES))
 }

@@ -144,6 +144,7 @@ impl FakeSocket {
         let id = shared.conns.register(Outbox {
             queue,
             kill: CancellationToken::new(),
+            lost_runs: tokio::sync::mpsc::unbounded_channel().0,
         });
         let caps = match kind {
             TokenKind::Runtime => Capability::ALL.into_iter().collect(),

@@ -67,8 +67,10 @@ fn tell_expired(shared: &Shared, e: &Expired, now: Instant) {
             session_id: &e.session_id,
             run_id: &e.run_id,
         };
-        shared
-            .conns
-            .push(conn, encode_push(push::SESSION_EXPIRED, &payload));
+        shared.conns.session_lost(
+            conn,
+            &e.run_id,
+            encode_push(push::SESSION_EXPIRED, &payload),
+        );
     }
 }

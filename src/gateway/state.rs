@@ -19,6 +19,7 @@ use super::admission::Admission;
 use super::metrics::Metrics;
 use crate::auth::AuthKey;
 use crate::config::Config;
+use crate::ids::RunId;
 use crate::protocol::Frame;
 use crate::run_config::RunConfigSource;
 use crate::session::{ConnId, Sessions};
@@ -67,6 +68,10 @@ pub(crate) struct Outbox {
     /// Cancelled to make the socket's task close it (a peer that stopped
     /// reading while pushes pile up).
     pub kill: CancellationToken,
+    /// Runs whose session this socket lost (superseded or expired): the
+    /// socket's task stops following them, since reading a run's stream on
+    /// `/v1/runtime` needs that run's session on the socket.
+    pub lost_runs: mpsc::UnboundedSender<RunId>,
 }
 
 /// All open sockets by id.
@@ -101,5 +106,16 @@ impl Connections {
             tracing::warn!(conn = id.0, "outbound queue full; closing the socket");
             outbox.kill.cancel();
         }
+    }
+
+    /// Socket `id` lost its session of `run` (`frame` says how:
+    /// `session.superseded` or `session.expired`): pushes it, and the
+    /// socket stops following `run`'s stream.
+    pub fn session_lost(&self, id: ConnId, run: &RunId, frame: Frame) {
+        let Some(outbox) = self.open.get(&id).map(|o| o.clone()) else {
+            return;
+        };
+        let _ = outbox.lost_runs.send(run.clone());
+        self.push(id, frame);
     }
 }
