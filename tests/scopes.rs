@@ -490,3 +490,43 @@ async fn http_routes_show_only_covered_runs_and_the_right_token_kind() {
         401
     );
 }
+
+/// A socket or an SSE response is only as good as the token it opened
+/// with: when the token expires, the WebSocket is closed (1008, "token
+/// expired") and the event stream ends, so a revoked-by-expiry credential
+/// stops reading and writing even on a connection it already holds.
+#[tokio::test]
+async fn connections_end_when_their_token_expires() {
+    use rungate::auth::RunScope;
+
+    let gw = TestGateway::start().await;
+    let short = |kind, caps: &[Capability]| {
+        gw.key
+            .mint(
+                kind,
+                &RunScope::parse_list("*").unwrap(),
+                caps.iter().copied().collect(),
+                std::time::Duration::from_secs(2),
+            )
+            .unwrap()
+    };
+    let runtime_token = short(TokenKind::Runtime, &Capability::ALL);
+    let url = format!("{}?token={runtime_token}", gw.url("/v1/runtime"));
+    let (ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    let mut rt = Client::from_stream(ws);
+    rt.attach("short-lived", "w", &[]).await;
+    let viewer_token = short(TokenKind::Viewer, &[]);
+    let sse = http::get_with_token(gw.addr, "/v1/runs/short-lived/events", &viewer_token).await;
+    assert_eq!(sse.status, 200);
+
+    // Within the token's life plus a generous margin: the close frame.
+    let close = rt
+        .close_frame(std::time::Duration::from_secs(15))
+        .await
+        .expect("a close frame with a code");
+    assert_eq!(u16::from(close.code), 1008);
+    assert_eq!(close.reason.as_str(), "token expired");
+    // The SSE response ends by itself too (text() waits for its end).
+    let body = sse.text().await;
+    assert!(body.contains("event: stream"), "{body}");
+}

@@ -56,6 +56,10 @@ pub(crate) async fn serve(shared: Arc<Shared>, socket: Socket, endpoint: Endpoin
     let writer = tokio::spawn(write_loop(sink, rx, shared.config.limits.write_timeout));
 
     let limits = &shared.config.limits;
+    // A socket is as good as the token it opened with: it closes when the
+    // token expires (the client reconnects with a fresh one; its sessions
+    // wait, detached, for their leases).
+    let token_expires = shared.clock.instant(grant.expires_at);
     let mut ctx = ConnCtx::new(id, endpoint, grant, shared.clone());
     // Runtime sockets only: a viewer socket following nothing is a
     // dashboard with no run selected, which is fine.
@@ -83,6 +87,10 @@ pub(crate) async fn serve(shared: Arc<Shared>, socket: Socket, endpoint: Endpoin
         tokio::select! {
             biased;
             _ = kill.cancelled() => break Some((CloseCode::Policy, "not reading")),
+            _ = sleep_until(token_expires) => {
+                shared.metrics.refused("token_expired");
+                break Some((CloseCode::Policy, "token expired"));
+            }
             _ = idle_timer => {
                 // Checked once per timeout rather than on every change: a
                 // socket that held a session at any time since the last

@@ -273,7 +273,8 @@ fn run_events(shared: Arc<Shared>, req: &Request<Incoming>) -> Response<Body> {
         Ok(p) => p,
         Err(refused) => return admission_refusal(refused),
     };
-    match sse::respond(shared, run, start, permit) {
+    let token_expires = shared.clock.instant(grant.expires_at);
+    match sse::respond(shared, run, start, permit, token_expires) {
         Ok(response) => response,
         Err(e) => http_error(
             StatusCode::SERVICE_UNAVAILABLE,

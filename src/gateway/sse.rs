@@ -19,7 +19,8 @@
 //!   gateway is shutting down), after which the response ends. A browser's
 //!   `EventSource` then reconnects with `Last-Event-ID` by itself.
 //!
-//! Must not check tokens (`http` does) or know about sessions.
+//! The response also ends when the viewer's token expires (`http` says
+//! when). Must not check tokens (`http` does) or know about sessions.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -101,6 +102,7 @@ pub(crate) fn respond(
     run: RunId,
     start: Start,
     permit: Permit,
+    token_expires: Instant,
 ) -> Result<Response<Body>, StreamError> {
     let (mut info, subscription) =
         shared
@@ -124,6 +126,7 @@ pub(crate) fn respond(
         subscription,
         keepalive,
         finished: false,
+        token_expires,
         shared,
         _permit: permit,
     };
@@ -156,6 +159,8 @@ struct Reader {
     reconnect_after: Duration,
     /// A final event was sent; the next poll ends the response.
     finished: bool,
+    /// The response ends when the viewer's token expires.
+    token_expires: Instant,
     /// This response's place among the open connections, freed with it.
     _permit: Permit,
 }
@@ -206,6 +211,10 @@ impl Reader {
                 })
             }
             _ = self.keepalive.tick() => Some(Bytes::from_static(b": keepalive\n\n")),
+            _ = tokio::time::sleep_until(self.token_expires) => {
+                self.shared.metrics.refused("token_expired");
+                None
+            }
         }
     }
 }

@@ -319,6 +319,26 @@ impl Client {
         .await
     }
 
+    /// Reads until the gateway closes the socket; its close frame, if it
+    /// sent one (waits up to `limit`).
+    #[allow(dead_code)] // Not every test binary uses it.
+    pub async fn close_frame(
+        &mut self,
+        limit: Duration,
+    ) -> Option<tungstenite::protocol::CloseFrame> {
+        tokio::time::timeout(limit, async {
+            loop {
+                match self.ws.next().await {
+                    Some(Ok(Message::Close(frame))) => return frame,
+                    Some(Ok(_)) => continue,
+                    _ => return None,
+                }
+            }
+        })
+        .await
+        .expect("the socket closed in time")
+    }
+
     pub async fn close(mut self) {
         let _ = self.ws.close(None).await;
     }
