@@ -300,3 +300,67 @@ async fn a_restarted_worker_takes_its_session_over_and_others_cannot() {
     let err = other.attach("job", &[]).await.unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::Conflict));
 }
+
+/// Tokens that last 2 s, and a worker and a viewer that run for several of
+/// them: each socket is closed when its token expires, and each client
+/// reconnects with a fresh token from its source, so the worker's session
+/// and the viewer's stream carry on (every event once, in order).
+#[tokio::test]
+async fn clients_outlive_their_tokens_with_a_token_source() {
+    use rungate::auth::RunScope;
+    use rungate::client::TokenSource;
+
+    let gw = TestGateway::start().await;
+    let source = |kind: TokenKind, caps: Vec<Capability>| {
+        let key = gw.key.clone();
+        TokenSource::new(move || {
+            key.mint(
+                kind,
+                &RunScope::parse_list("*").unwrap(),
+                caps.iter().copied().collect(),
+                Duration::from_secs(2),
+            )
+            .unwrap()
+        })
+    };
+    let options = RuntimeOptions::new(gw.url("/v1/runtime"), "unused", "inst-t")
+        .with_token_source(source(TokenKind::Runtime, Capability::ALL.to_vec()));
+    let rt = RuntimeClient::connect(options).await.unwrap();
+    let mut events = rt.events();
+    rt.attach("long-worker", &CAPS).await.unwrap();
+    let viewer = ViewerClient::new(
+        ViewerOptions::new(gw.url("/v1/stream"), "unused")
+            .with_token_source(source(TokenKind::Viewer, Vec::new())),
+    );
+    let mut follower = viewer.follow("long-worker", Some(0));
+
+    // About 6 s of work: three tokens' worth.
+    for i in 0..30u64 {
+        rt.publish("long-worker", vec![Event::new("n").data(json!(i))])
+            .await
+            .expect("published across token expiries");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut reconnects = 0;
+    while let Ok(event) = events.try_recv() {
+        if matches!(event, ClientEvent::Reconnected { .. }) {
+            reconnects += 1;
+        }
+    }
+    assert!(
+        reconnects >= 2,
+        "reconnected as tokens expired: {reconnects}"
+    );
+    let mut seen = Vec::new();
+    while seen.len() < 30 {
+        match tokio::time::timeout(WAIT, follower.next())
+            .await
+            .expect("in time")
+        {
+            Some(Ok(StreamItem::Event { event, .. })) => seen.push(event["data"].as_u64().unwrap()),
+            Some(Ok(_)) => continue,
+            other => panic!("the viewer stopped: {other:?}"),
+        }
+    }
+    assert_eq!(seen, (0..30).collect::<Vec<_>>());
+}

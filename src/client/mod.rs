@@ -17,10 +17,12 @@
 mod backoff;
 mod link;
 mod runtime;
+mod token;
 mod viewer;
 
 pub use backoff::Backoff;
 pub use runtime::{Attached, ClientEvent, ConnectionState, Event, RuntimeClient, RuntimeOptions};
+pub use token::TokenSource;
 pub use viewer::{Follower, StreamItem, ViewerClient, ViewerOptions};
 
 use serde_json::Value;

@@ -29,7 +29,7 @@ use tokio::time::{Instant, sleep_until};
 
 use super::link::{self, Incoming, Socket};
 use super::viewer::{Follower, StreamItem, StreamState};
-use super::{Backoff, ClientError};
+use super::{Backoff, ClientError, TokenSource};
 use crate::protocol::ErrorCode;
 
 type Result<T> = std::result::Result<T, ClientError>;
@@ -39,8 +39,12 @@ type Result<T> = std::result::Result<T, ClientError>;
 pub struct RuntimeOptions {
     /// `ws://HOST:PORT/v1/runtime`.
     pub url: String,
-    /// A runtime token covering the runs this client attaches.
+    /// A runtime token covering the runs this client attaches (unless
+    /// `token_source` is set).
     pub token: String,
+    /// Asked for a token at every connection, so a client outlives any one
+    /// token ([`RuntimeOptions::with_token_source`]).
+    pub token_source: Option<TokenSource>,
     /// This runtime's identity; a reconnect must present the same one.
     pub runtime_instance_id: String,
     /// Longest a call waits for its answer.
@@ -59,10 +63,27 @@ impl RuntimeOptions {
         RuntimeOptions {
             url: url.into(),
             token: token.into(),
+            token_source: None,
             runtime_instance_id: runtime_instance_id.into(),
             request_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(10),
             backoff: Backoff::default(),
+        }
+    }
+
+    /// Takes each connection's token from `source` instead of `token`: the
+    /// gateway closes a socket when its token expires, and the client's
+    /// reconnect then presents a fresh one (its sessions carry on).
+    pub fn with_token_source(mut self, source: TokenSource) -> RuntimeOptions {
+        self.token_source = Some(source);
+        self
+    }
+
+    /// The token for the connection about to open.
+    fn current_token(&self) -> String {
+        match &self.token_source {
+            Some(source) => source.token(),
+            None => self.token.clone(),
         }
     }
 }
@@ -202,7 +223,12 @@ impl RuntimeClient {
     /// on the first attempt only if the gateway refuses the token) and
     /// starts the driver.
     pub async fn connect(options: RuntimeOptions) -> Result<RuntimeClient> {
-        let socket = link::connect(&options.url, &options.token, options.connect_timeout).await?;
+        let socket = link::connect(
+            &options.url,
+            &options.current_token(),
+            options.connect_timeout,
+        )
+        .await?;
         let (ops_tx, ops_rx) = mpsc::channel(1024);
         let epoch = initial_epoch();
         let (state_tx, state_rx) = watch::channel(ConnectionState::Connected { epoch });
@@ -1084,7 +1110,7 @@ impl Driver {
             }
             match link::connect(
                 &self.options.url,
-                &self.options.token,
+                &self.options.current_token(),
                 self.options.connect_timeout,
             )
             .await

@@ -21,15 +21,18 @@ use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until};
 
 use super::link::{self, Incoming};
-use super::{Backoff, ClientError};
+use super::{Backoff, ClientError, TokenSource};
 
 /// Where and how to connect as a viewer.
 #[derive(Debug, Clone)]
 pub struct ViewerOptions {
     /// `ws://HOST:PORT/v1/stream`.
     pub url: String,
-    /// A viewer token covering the runs to follow.
+    /// A viewer token covering the runs to follow (unless `token_source`
+    /// is set).
     pub token: String,
+    /// Asked for a token at every connection ([`ViewerOptions::with_token_source`]).
+    pub token_source: Option<TokenSource>,
     pub connect_timeout: Duration,
     pub backoff: Backoff,
     /// Items buffered for a caller that reads slowly.
@@ -41,9 +44,24 @@ impl ViewerOptions {
         ViewerOptions {
             url: url.into(),
             token: token.into(),
+            token_source: None,
             connect_timeout: Duration::from_secs(10),
             backoff: Backoff::default(),
             buffer: 256,
+        }
+    }
+
+    /// Takes each connection's token from `source` (see
+    /// [`super::RuntimeOptions::with_token_source`]).
+    pub fn with_token_source(mut self, source: TokenSource) -> ViewerOptions {
+        self.token_source = Some(source);
+        self
+    }
+
+    fn current_token(&self) -> String {
+        match &self.token_source {
+            Some(source) => source.token(),
+            None => self.token.clone(),
         }
     }
 }
@@ -231,18 +249,23 @@ async fn follow(options: ViewerOptions, run: String, mut state: StreamState, ite
                 _ = items.closed() => return,
             }
         }
-        let mut socket =
-            match link::connect(&options.url, &options.token, options.connect_timeout).await {
-                Ok(s) => s,
-                Err(e) if link::is_refusal(&e) => {
-                    let _ = items.send(Err(e)).await;
-                    return;
-                }
-                Err(_) => {
-                    attempt = attempt.saturating_add(1);
-                    continue;
-                }
-            };
+        let mut socket = match link::connect(
+            &options.url,
+            &options.current_token(),
+            options.connect_timeout,
+        )
+        .await
+        {
+            Ok(s) => s,
+            Err(e) if link::is_refusal(&e) => {
+                let _ = items.send(Err(e)).await;
+                return;
+            }
+            Err(_) => {
+                attempt = attempt.saturating_add(1);
+                continue;
+            }
+        };
         let mut resume_id = 0u64;
         let mut send_resume =
             async |socket: &mut link::Socket, state: &StreamState| -> Option<String> {
