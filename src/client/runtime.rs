@@ -29,7 +29,7 @@ use tokio::time::{Instant, sleep_until};
 
 use super::link::{self, Incoming, Socket};
 use super::viewer::{Follower, StreamItem, StreamState};
-use super::{Backoff, ClientError, TokenSource};
+use super::{Backoff, ClientError, TokenSource, token};
 use crate::protocol::ErrorCode;
 
 type Result<T> = std::result::Result<T, ClientError>;
@@ -77,14 +77,6 @@ impl RuntimeOptions {
     pub fn with_token_source(mut self, source: TokenSource) -> RuntimeOptions {
         self.token_source = Some(source);
         self
-    }
-
-    /// The token for the connection about to open.
-    fn current_token(&self) -> String {
-        match &self.token_source {
-            Some(source) => source.token(),
-            None => self.token.clone(),
-        }
     }
 }
 
@@ -225,7 +217,7 @@ impl RuntimeClient {
     pub async fn connect(options: RuntimeOptions) -> Result<RuntimeClient> {
         let socket = link::connect(
             &options.url,
-            &options.current_token(),
+            &token::for_connection(&options.token, options.token_source.as_ref()),
             options.connect_timeout,
         )
         .await?;
@@ -1110,7 +1102,7 @@ impl Driver {
             }
             match link::connect(
                 &self.options.url,
-                &self.options.current_token(),
+                &token::for_connection(&self.options.token, self.options.token_source.as_ref()),
                 self.options.connect_timeout,
             )
             .await

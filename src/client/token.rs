@@ -24,6 +24,15 @@ impl TokenSource {
     }
 }
 
+/// The token for the connection about to open: from `source` if the
+/// client has one, else the `fixed` token it was given.
+pub(crate) fn for_connection(fixed: &str, source: Option<&TokenSource>) -> String {
+    match source {
+        Some(source) => source.token(),
+        None => fixed.to_owned(),
+    }
+}
+
 impl fmt::Debug for TokenSource {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // Never the token itself.

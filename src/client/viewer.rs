@@ -21,7 +21,7 @@ use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until};
 
 use super::link::{self, Incoming};
-use super::{Backoff, ClientError, TokenSource};
+use super::{Backoff, ClientError, TokenSource, token};
 
 /// Where and how to connect as a viewer.
 #[derive(Debug, Clone)]
@@ -56,13 +56,6 @@ impl ViewerOptions {
     pub fn with_token_source(mut self, source: TokenSource) -> ViewerOptions {
         self.token_source = Some(source);
         self
-    }
-
-    fn current_token(&self) -> String {
-        match &self.token_source {
-            Some(source) => source.token(),
-            None => self.token.clone(),
-        }
     }
 }
 
@@ -251,7 +244,7 @@ async fn follow(options: ViewerOptions, run: String, mut state: StreamState, ite
         }
         let mut socket = match link::connect(
             &options.url,
-            &options.current_token(),
+            &token::for_connection(&options.token, options.token_source.as_ref()),
             options.connect_timeout,
         )
         .await
