@@ -210,23 +210,6 @@ end
 return taken
 ";
 
-/// The records of the sub-runs of a main session (set `KEYS[1]`, filled
-/// by [`SESSIONS_SAVE`]), each with its holder entry: `{record, holder,
-/// ...}`. Members whose record is gone are removed from the set.
-const SUB_SESSIONS: &str = r"
-local out = {}
-for _, sid in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-  local record = redis.call('HGET', KEYS[2], sid)
-  if record then
-    out[#out + 1] = record
-    out[#out + 1] = redis.call('HGET', KEYS[3], sid) or ''
-  else
-    redis.call('SREM', KEYS[1], sid)
-  end
-end
-return out
-";
-
 /// The record of each run in `ARGV` (false where it has none).
 const SESSIONS_OF_RUNS: &str = r"
 local out = {}
@@ -237,13 +220,20 @@ end
 return out
 ";
 
-/// The records of the sessions in set `KEYS[1]` (those a node holds), from
-/// hash `KEYS[2]`.
-const SESSIONS_LOAD: &str = r"
+/// The records of the session ids in set `KEYS[1]` (a node's held set,
+/// or a main session's sub-runs), from hash `KEYS[2]`, each followed by its
+/// holder entry from `KEYS[3]`: `{record, holder, ...}`. Members whose
+/// record is gone leave the set.
+const SESSION_SET: &str = r"
 local out = {}
 for _, sid in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   local record = redis.call('HGET', KEYS[2], sid)
-  if record then out[#out + 1] = record end
+  if record then
+    out[#out + 1] = record
+    out[#out + 1] = redis.call('HGET', KEYS[3], sid) or ''
+  else
+    redis.call('SREM', KEYS[1], sid)
+  end
 end
 return out
 ";
@@ -437,9 +427,8 @@ impl RedisStore {
             sessions_save: Script::new(SESSIONS_SAVE),
             session_of_run: Script::new(SESSION_OF_RUN),
             keep_alive: Script::new(KEEP_ALIVE),
-            sessions_load: Script::new(SESSIONS_LOAD),
+            session_set: Script::new(SESSION_SET),
             sessions_of_runs: Script::new(SESSIONS_OF_RUNS),
-            sub_sessions: Script::new(SUB_SESSIONS),
         };
         tokio::spawn(worker.run(rx));
         Ok(RedisStore {
@@ -650,6 +639,9 @@ impl Keys {
     fn moves(&self) -> String {
         format!("{}:session-moves", self.prefix)
     }
+    fn children(&self, parent: &SessionId) -> String {
+        format!("{}:children:{parent}", self.prefix)
+    }
 }
 
 /// Owned by the store's task.
@@ -663,9 +655,8 @@ struct Worker {
     sessions_save: Script,
     session_of_run: Script,
     keep_alive: Script,
-    sessions_load: Script,
+    session_set: Script,
     sessions_of_runs: Script,
-    sub_sessions: Script,
 }
 
 impl Worker {
@@ -862,13 +853,32 @@ impl Worker {
     }
 
     async fn sessions_load(&mut self) -> Result<Vec<SessionRecord>, StoreError> {
-        let mut invocation = self.sessions_load.key(self.keys.held(&self.node));
-        invocation.key(self.keys.sessions());
-        let records: Vec<Vec<u8>> = invocation
+        let held = self.session_set(self.keys.held(&self.node)).await?;
+        Ok(held.into_iter().map(|(record, _)| record).collect())
+    }
+
+    /// The records of a set of session ids (see [`SESSION_SET`]), each
+    /// with whether this node holds it.
+    async fn session_set(&mut self, set: String) -> Result<Vec<(SessionRecord, bool)>, StoreError> {
+        let mut invocation = self.session_set.key(set);
+        invocation
+            .key(self.keys.sessions())
+            .key(self.keys.holders());
+        let flat: Vec<Vec<u8>> = invocation
             .invoke_async(&mut self.conn)
             .await
             .map_err(redis_error)?;
-        decode_all(records)
+        flat.chunks(2)
+            .map(|pair| {
+                let holder = pair.get(1).map(Vec::as_slice).unwrap_or_default();
+                Ok((decode_one(&pair[0])?, self.held_here(holder)))
+            })
+            .collect()
+    }
+
+    /// Whether a holder entry (`NODE EPOCH EXPIRED`) names this node.
+    fn held_here(&self, holder: &[u8]) -> bool {
+        holder.split(|b| *b == b' ').next() == Some(self.node.as_bytes())
     }
 
     async fn session_of_run(
@@ -889,8 +899,7 @@ impl Worker {
         };
         let record = decode_session(&bytes)
             .map_err(|why| StoreError::Corrupt(format!("Redis: session of run {run}: {why}")))?;
-        let held_here = holder.split(' ').next() == Some(self.node.as_str());
-        Ok(Some((record, held_here)))
+        Ok(Some((record, self.held_here(holder.as_bytes()))))
     }
 
     async fn keep_alive(&mut self) -> Result<Vec<SessionRecord>, StoreError> {
@@ -913,24 +922,7 @@ impl Worker {
         &mut self,
         parent: &SessionId,
     ) -> Result<Vec<(SessionRecord, bool)>, StoreError> {
-        let mut invocation = self
-            .sub_sessions
-            .key(format!("{}:children:{parent}", self.keys.prefix));
-        invocation
-            .key(self.keys.sessions())
-            .key(self.keys.holders());
-        let flat: Vec<Vec<u8>> = invocation
-            .invoke_async(&mut self.conn)
-            .await
-            .map_err(redis_error)?;
-        flat.chunks(2)
-            .map(|pair| {
-                let record = decode_one(&pair[0])?;
-                let holder = pair.get(1).map(|h| h.as_slice()).unwrap_or_default();
-                let held_here = holder.split(|b| *b == b' ').next() == Some(self.node.as_bytes());
-                Ok((record, held_here))
-            })
-            .collect()
+        self.session_set(self.keys.children(parent)).await
     }
 
     async fn sessions_of_runs(
