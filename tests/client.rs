@@ -19,16 +19,6 @@ use rungate::ids::Capability;
 use rungate::protocol::ErrorCode;
 use serde_json::json;
 
-const CAPS: [&str; 7] = [
-    "secrets.read",
-    "kv.read",
-    "kv.write",
-    "checkpoint.save",
-    "checkpoint.load",
-    "subtasks.run",
-    "stream.resume",
-];
-
 async fn runtime(gw: &TestGateway, runs: &str) -> RuntimeClient {
     let token = gw.token(TokenKind::Runtime, runs, &Capability::ALL);
     RuntimeClient::connect(RuntimeOptions::new(gw.url("/v1/runtime"), token, "inst-1"))
@@ -40,7 +30,7 @@ async fn runtime(gw: &TestGateway, runs: &str) -> RuntimeClient {
 async fn every_typed_call_works() {
     let gw = TestGateway::start().await;
     let rt = runtime(&gw, "c-*").await;
-    let attached = rt.attach("c-1", &CAPS).await.unwrap();
+    let attached = rt.attach("c-1", &all_caps()).await.unwrap();
     assert_eq!(attached.run_id, "c-1");
     assert_eq!(attached.session_id.len(), 32);
     rt.heartbeat("c-1").await.unwrap();
@@ -101,7 +91,7 @@ async fn every_typed_call_works() {
 async fn many_tasks_share_one_client_and_dropped_calls_harm_nothing() {
     let gw = TestGateway::start().await;
     let rt = runtime(&gw, "*").await;
-    rt.attach("shared", &CAPS).await.unwrap();
+    rt.attach("shared", &all_caps()).await.unwrap();
     let mut tasks = Vec::new();
     for t in 0..20 {
         let rt = rt.clone();
@@ -174,7 +164,7 @@ async fn a_gateway_restart_is_survived_and_nothing_is_published_twice() {
     options.backoff.initial = Duration::from_millis(50);
     options.backoff.max = Duration::from_millis(500);
     let rt = Arc::new(RuntimeClient::connect(options).await.unwrap());
-    let attached = rt.attach("restart", &CAPS).await.unwrap();
+    let attached = rt.attach("restart", &all_caps()).await.unwrap();
     let mut events = rt.events();
 
     let publisher = {
@@ -327,7 +317,7 @@ async fn clients_outlive_their_tokens_with_a_token_source() {
         .with_token_source(source(TokenKind::Runtime, Capability::ALL.to_vec()));
     let rt = RuntimeClient::connect(options).await.unwrap();
     let mut events = rt.events();
-    rt.attach("long-worker", &CAPS).await.unwrap();
+    rt.attach("long-worker", &all_caps()).await.unwrap();
     let viewer = ViewerClient::new(
         ViewerOptions::new(gw.url("/v1/stream"), "unused")
             .with_token_source(source(TokenKind::Viewer, Vec::new())),

@@ -34,16 +34,6 @@ use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep, timeout};
 
-const CAPS: [&str; 7] = [
-    "secrets.read",
-    "kv.read",
-    "kv.write",
-    "checkpoint.save",
-    "checkpoint.load",
-    "subtasks.run",
-    "stream.resume",
-];
-
 /// Events the main fault test publishes.
 const EVENTS: u64 = 3000;
 
@@ -382,7 +372,7 @@ async fn random_faults_lose_nothing_and_duplicate_nothing() {
     let rt = runtime_at(proxy.url("/v1/runtime"), &gw, "faults-*", "inst-f").await;
     let initial_epoch = connected(&rt).await;
     let (events, recorder) = record_events(&rt);
-    rt.attach(run, &CAPS).await.expect("attach");
+    rt.attach(run, &all_caps()).await.expect("attach");
 
     let viewer = viewer_at(proxy.url("/v1/stream"), &gw, "faults-*");
     let tailing = tail(viewer.follow(run, Some(0)), EVENTS);
@@ -612,7 +602,7 @@ async fn a_viewer_that_falls_behind_is_told_exactly_what_it_missed() {
     let proxy = Proxy::start(gw.addr).await;
     let rt = runtime_at(gw.url("/v1/runtime"), &gw, "behind-*", "inst-v").await;
     let run = "behind-1";
-    rt.attach(run, &CAPS).await.unwrap();
+    rt.attach(run, &all_caps()).await.unwrap();
     let viewer = viewer_at(proxy.url("/v1/stream"), &gw, "behind-*");
     let mut follower = viewer.follow(run, Some(0));
     let mut tail = Tail::default();
@@ -690,7 +680,7 @@ async fn sub_runs_move_with_the_main_run() {
     let proxy = Proxy::start(gw.addr).await;
     let rt = runtime_at(proxy.url("/v1/runtime"), &gw, "sub-*", "inst-s").await;
     let runs = ["sub-main", "sub-main.a", "sub-main.b"];
-    let main = rt.attach(runs[0], &CAPS).await.expect("main");
+    let main = rt.attach(runs[0], &all_caps()).await.expect("main");
     let a = rt.attach(runs[1], &["kv.read", "kv.write"]).await.unwrap();
     let b = rt.attach(runs[2], &["kv.read", "kv.write"]).await.unwrap();
     let (events, recorder) = record_events(&rt);
@@ -770,7 +760,7 @@ async fn an_outage_longer_than_the_lease_renews_every_session() {
     let runs = ["out-main", "out-main.a", "out-main.b"];
     let mut sessions = Vec::new();
     for run in runs {
-        sessions.push(rt.attach(run, &CAPS).await.unwrap().session_id);
+        sessions.push(rt.attach(run, &all_caps()).await.unwrap().session_id);
     }
     rt.publish(runs[0], vec![Event::new("before")])
         .await
@@ -883,7 +873,7 @@ async fn stalls_time_calls_out_and_dropped_futures_mix_nothing_up() {
         .await
         .unwrap();
     let run = "stall-1";
-    rt.attach(run, &CAPS).await.unwrap();
+    rt.attach(run, &all_caps()).await.unwrap();
     let kv: BTreeMap<String, String> = (0..20)
         .map(|i| (format!("k{i}"), format!("v{i}")))
         .collect();
@@ -970,7 +960,7 @@ async fn a_refusing_network_is_retried_until_it_recovers() {
     let proxy = Proxy::start(gw.addr).await;
     let rt = runtime_at(proxy.url("/v1/runtime"), &gw, "refuse-*", "inst-r").await;
     let run = "refuse-1";
-    rt.attach(run, &CAPS).await.unwrap();
+    rt.attach(run, &all_caps()).await.unwrap();
     let mut rx = rt.events();
     proxy.refuse(true);
     proxy.cut_all().await;
@@ -1011,7 +1001,7 @@ async fn a_refusing_network_is_retried_until_it_recovers() {
 async fn a_drain_is_announced_to_the_client() {
     let mut gw = TestGateway::start_with(|c| c.reconnect_after = Duration::from_millis(300)).await;
     let rt = runtime_at(gw.url("/v1/runtime"), &gw, "drain-*", "inst-d").await;
-    rt.attach("drain-1", &CAPS).await.unwrap();
+    rt.attach("drain-1", &all_caps()).await.unwrap();
     let mut rx = rt.events();
     let drained = tokio::spawn(async move {
         gw.drain().await;
@@ -1064,7 +1054,7 @@ async fn a_lost_attach_reply_does_not_make_the_run_conflict() {
     proxy.stall_towards_client(Duration::from_secs(60));
     let attach = {
         let rt = rt.clone();
-        tokio::spawn(async move { rt.attach("lost-1", &CAPS).await })
+        tokio::spawn(async move { rt.attach("lost-1", &all_caps()).await })
     };
     // The gateway holds the session; the reply waits in the proxy.
     let viewer = gw.token(TokenKind::Viewer, "lost-*", &[]);
@@ -1098,7 +1088,7 @@ async fn a_reattach_refused_while_draining_keeps_the_sessions() {
     let proxy = Proxy::start(gw.addr).await;
     let rt = runtime_at(proxy.url("/v1/runtime"), &gw, "dr-*", "inst-x").await;
     let run = "dr-1";
-    rt.attach(run, &CAPS).await.unwrap();
+    rt.attach(run, &all_caps()).await.unwrap();
     let (events, recorder) = record_events(&rt);
     let mut rx = rt.events();
     // Hold the next socket's handshake answer in the proxy; the gateway
@@ -1155,7 +1145,7 @@ async fn a_black_holed_socket_is_given_up() {
     let mut options = RuntimeOptions::new(proxy.url("/v1/runtime"), token, "inst-b");
     options.request_timeout = Duration::from_millis(500);
     let rt = RuntimeClient::connect(options).await.unwrap();
-    rt.attach("bh-1", &CAPS).await.unwrap();
+    rt.attach("bh-1", &all_caps()).await.unwrap();
     let mut rx = rt.events();
     // Nothing passes any more, on this socket or on new ones.
     proxy.stall(Duration::from_secs(120));
@@ -1230,14 +1220,14 @@ async fn an_attach_retried_after_a_timeout_succeeds() {
     options.request_timeout = Duration::from_millis(300);
     let rt = RuntimeClient::connect(options).await.unwrap();
     proxy.stall_towards_client(Duration::from_secs(1));
-    let err = rt.attach("again-1", &CAPS).await.unwrap_err();
+    let err = rt.attach("again-1", &all_caps()).await.unwrap_err();
     assert!(matches!(err, ClientError::Timeout(_)), "{err}");
     sleep(Duration::from_millis(1200)).await;
     // The late answer attached the run on this client after all.
     rt.kv_get("again-1", &["x"])
         .await
         .expect("the run is attached here");
-    let again = rt.attach("again-1", &CAPS).await;
+    let again = rt.attach("again-1", &all_caps()).await;
     assert!(again.is_ok(), "attach again: {again:?}");
 }
 
@@ -1256,7 +1246,7 @@ async fn an_idle_client_keeps_its_healthy_socket() {
     // Longer than any patience the client may have with a silent socket
     // (twice the default heartbeat interval of 10 s).
     sleep(Duration::from_secs(21)).await;
-    rt.attach("idle-1", &CAPS).await.expect("attach");
+    rt.attach("idle-1", &all_caps()).await.expect("attach");
     rt.kv_get("idle-1", &["x"]).await.expect("kv.get");
     sleep(Duration::from_millis(300)).await;
     rt.close().await;

@@ -25,16 +25,6 @@ use serde_json::{Value, json};
 use tokio::sync::Mutex;
 use tokio_tungstenite::tungstenite::Message;
 
-const ALL_CAPS: [&str; 7] = [
-    "secrets.read",
-    "kv.read",
-    "kv.write",
-    "checkpoint.save",
-    "checkpoint.load",
-    "stream.resume",
-    "subtasks.run",
-];
-
 /// Every command type, for payload fuzzing.
 const COMMANDS: [&str; 13] = [
     "runtime.attach",
@@ -55,7 +45,7 @@ const COMMANDS: [&str; 13] = [
 /// A runtime socket with a session of `run` attached.
 async fn attached(gw: &TestGateway, run: &str) -> (Client, String) {
     let mut rt = gw.runtime("host-*").await;
-    let reply = rt.attach(run, &format!("inst-{run}"), &ALL_CAPS).await;
+    let reply = rt.attach(run, &format!("inst-{run}"), &all_caps()).await;
     let sid = reply["sessionId"].as_str().unwrap().to_owned();
     (rt, sid)
 }

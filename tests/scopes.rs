@@ -14,20 +14,10 @@ use rungate::auth::TokenKind;
 use rungate::ids::Capability;
 use serde_json::{Value, json};
 
-const ALL_CAPS: [&str; 7] = [
-    "secrets.read",
-    "kv.read",
-    "kv.write",
-    "checkpoint.save",
-    "checkpoint.load",
-    "stream.resume",
-    "subtasks.run",
-];
-
 /// A socket whose runtime token covers `runs`, with `run` attached.
 async fn attached(gw: &TestGateway, runs: &str, run: &str, instance: &str) -> (Client, String) {
     let mut rt = gw.runtime(runs).await;
-    let reply = rt.attach(run, instance, &ALL_CAPS).await;
+    let reply = rt.attach(run, instance, &all_caps()).await;
     (rt, reply["sessionId"].as_str().unwrap().to_owned())
 }
 
@@ -215,7 +205,7 @@ async fn a_session_touches_only_its_own_run() {
 async fn sub_runs_only_through_their_own_sessions() {
     let gw = TestGateway::start().await;
     let mut rt = gw.runtime("m-*").await;
-    let main = rt.attach("m-1", "inst", &ALL_CAPS).await;
+    let main = rt.attach("m-1", "inst", &all_caps()).await;
     let sid_main = main["sessionId"].as_str().unwrap().to_owned();
     let sub = rt.attach("m-1-sub", "inst", &["kv.read", "kv.write"]).await;
     let sid_sub = sub["sessionId"].as_str().unwrap().to_owned();
@@ -284,7 +274,7 @@ async fn recover_connections_moves_only_runs_the_token_covers() {
         .ok(
             "runtime.attach",
             json!({ "runId": "m-1", "runtimeInstanceId": "inst", "protocolVersion": "1",
-                    "connectionEpoch": 1, "capabilities": ALL_CAPS }),
+                    "connectionEpoch": 1, "capabilities": all_caps() }),
         )
         .await;
     let sub = first.attach("m-1-sub", "inst", &["kv.read"]).await;
@@ -292,7 +282,7 @@ async fn recover_connections_moves_only_runs_the_token_covers() {
     // Socket 2: a token for m-1 only reattaches the main run.
     let token = gw.token(TokenKind::Runtime, "m-1", &Capability::ALL);
     let mut second = Client::connect(&gw.url("/v1/runtime"), &token).await;
-    let moved = second.reattach("m-1", "inst", 2, &ALL_CAPS).await;
+    let moved = second.reattach("m-1", "inst", 2, &all_caps()).await;
     assert_eq!(moved["type"], "reply", "{moved}");
     let sid_main = moved["payload"]["sessionId"].as_str().unwrap().to_owned();
 
@@ -338,7 +328,7 @@ async fn recover_connections_moves_only_runs_the_token_covers() {
     assert_eq!(e["code"], "NOT_ATTACHED");
     // A token covering the family may move it.
     let mut third = gw.runtime("m-*").await;
-    let moved = third.reattach("m-1", "inst", 3, &ALL_CAPS).await;
+    let moved = third.reattach("m-1", "inst", 3, &all_caps()).await;
     assert_eq!(moved["type"], "reply", "{moved}");
     third
         .ok(

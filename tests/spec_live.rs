@@ -74,17 +74,6 @@ OTHER = "s-other"
 const RUN: &str = "spec-run";
 const SUB_RUN: &str = "spec-run.sub";
 const INSTANCE: &str = "inst-1";
-/// What the main session asks for at attach: every capability its commands
-/// need, and `subtasks.run` for the sub-run.
-const MAIN_CAPS: [&str; 7] = [
-    "secrets.read",
-    "kv.read",
-    "kv.write",
-    "checkpoint.save",
-    "checkpoint.load",
-    "subtasks.run",
-    "stream.resume",
-];
 /// A sessionId bound nowhere.
 const UNKNOWN_SID: &str = "0123456789abcdef0123456789abcdef";
 
@@ -557,7 +546,7 @@ async fn every_frame_of_a_live_session_matches_the_spec() {
         .ok(
             "runtime.attach",
             json!({ "runId": RUN, "runtimeInstanceId": INSTANCE, "attemptId": "attempt-1",
-                    "protocolVersion": "1", "connectionEpoch": 1, "capabilities": MAIN_CAPS }),
+                    "protocolVersion": "1", "connectionEpoch": 1, "capabilities": all_caps() }),
         )
         .await;
     let sid = attached["sessionId"]
@@ -744,7 +733,7 @@ async fn every_frame_of_a_live_session_matches_the_spec() {
             "runtime.attach",
             json!({ "runId": RUN, "runtimeInstanceId": INSTANCE, "attemptId": "attempt-1",
                     "protocolVersion": "1", "reconnect": true, "connectionEpoch": 2,
-                    "capabilities": MAIN_CAPS }),
+                    "capabilities": all_caps() }),
         )
         .await;
     assert_eq!(again["sessionId"], sid, "a reconnect keeps the session id");

@@ -76,6 +76,13 @@ impl TestGateway {
     }
 }
 
+/// Every capability's wire name, from [`Capability::ALL`]: what a runtime
+/// asks for at attach to be allowed everything.
+#[allow(dead_code)] // Not every test binary uses it.
+pub fn all_caps() -> Vec<&'static str> {
+    Capability::ALL.iter().map(|c| c.as_str()).collect()
+}
+
 pub fn mint(key: &AuthKey, kind: TokenKind, runs: &str, caps: &[Capability]) -> String {
     let scope = RunScope::parse_list(runs).expect("pattern");
     let caps: Capabilities = caps.iter().copied().collect();
