@@ -458,10 +458,22 @@ fn attach(ctx: &ConnCtx, id: &str, req: cmd::AttachRequest) -> Result<Reply, Com
     // fresh attach finds the run taken.
     let loaded = shared.sessions.load_from_shared(&params.run_id);
     let (conn, shared, id) = (ctx.id, shared.clone(), id.to_owned());
+    once_loaded(vec![loaded], move || attach_here(conn, shared, id, params))
+}
+
+/// Answers with `then` once `loads` (sessions read from a store other
+/// gateways share into the registry) are done: for a command whose rules
+/// need to know sessions held elsewhere.
+fn once_loaded(
+    loads: Vec<Saved>,
+    then: impl FnOnce() -> Result<Reply, CommandError> + Send + 'static,
+) -> Result<Reply, CommandError> {
     Ok(Reply::Later(
         async move {
-            loaded.await.map_err(store_error)?;
-            match attach_here(conn, shared, id, params)? {
+            for load in loads {
+                load.await.map_err(store_error)?;
+            }
+            match then()? {
                 Reply::Now(frame) => Ok(frame),
                 Reply::Later(answer) => answer.await,
             }
@@ -582,18 +594,7 @@ fn recover(
         None => vec![sessions.load_sub_runs_from_shared(&req.session_id)],
     };
     let (conn, shared, grant, id) = (ctx.id, ctx.shared.clone(), ctx.grant.clone(), id.to_owned());
-    Ok(Reply::Later(
-        async move {
-            for load in loads {
-                load.await.map_err(store_error)?;
-            }
-            match recover_here(conn, shared, grant, id, req)? {
-                Reply::Now(frame) => Ok(frame),
-                Reply::Later(answer) => answer.await,
-            }
-        }
-        .boxed(),
-    ))
+    once_loaded(loads, move || recover_here(conn, shared, grant, id, req))
 }
 
 fn recover_here(
