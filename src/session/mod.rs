@@ -34,6 +34,12 @@ pub use registry::{
 /// because its last heartbeat had not been saved yet.
 pub const RENEWALS_SAVED_EVERY: Duration = Duration::from_secs(1);
 
+/// Added to a saved lease deadline when a session comes back from the
+/// store (a restart, or one taken over from another gateway): the saved
+/// deadline may be up to a renewal period behind the one the runtime was
+/// promised, so it is never cut short, and is at most this much late.
+const SAVED_DEADLINE_SLACK: Duration = Duration::from_secs(RENEWALS_SAVED_EVERY.as_secs() * 2);
+
 /// Renewals saved per slice: a few hundred records is tens of
 /// microseconds under the lock.
 const RENEWALS_PER_SLICE: usize = 256;
@@ -84,7 +90,7 @@ impl Sessions {
         let records = store.sessions_load().await?;
         let sessions = Sessions::new(policy, store, clock);
         let ((restored, expired), saved) = sessions.with_new_deadline(|r| {
-            let restored = r.restore(records, &clock, RENEWALS_SAVED_EVERY * 2);
+            let restored = r.restore(records, &clock, SAVED_DEADLINE_SLACK);
             let expired = r.expire_due(clock.now());
             (restored, expired)
         });
@@ -207,7 +213,7 @@ impl Sessions {
                     record,
                     held_here,
                     &clock,
-                    RENEWALS_SAVED_EVERY * 2,
+                    SAVED_DEADLINE_SLACK,
                     clock.now(),
                 );
                 for s in superseded {
@@ -234,7 +240,7 @@ impl Sessions {
         let (_, saved) = self.with_new_deadline(|r| {
             let now = self.clock.now();
             for record in records {
-                r.adopt(record, true, &self.clock, RENEWALS_SAVED_EVERY * 2, now);
+                r.adopt(record, true, &self.clock, SAVED_DEADLINE_SLACK, now);
             }
         });
         saved.await?;
