@@ -932,14 +932,11 @@ impl SessionRegistry {
             if let Some(old) = self.sessions.get(id) {
                 former_owners.extend(old.former_owners.iter().copied());
             }
-            if *id == record.session_id {
-                // Forgotten below without a trace in the store: the
-                // record replaces it.
-                if let Some(old) = self.sessions.get_mut(id) {
-                    old.elsewhere = true;
-                }
-            }
             self.forget(id);
+            if *id == record.session_id {
+                // The record replaces it: nothing of the old copy is saved.
+                self.changed.remove(id);
+            }
         }
         let deadline = if held_here {
             held_deadline(&record, clock, slack)
