@@ -9,14 +9,15 @@
 #   benches/scenarios.sh e    # resume: 1,000 viewers replay 10,000 events from offset 0: time to caught up
 #
 # Each run starts the release gateway (fresh data dir, port 0) and runs
-# `rungate loadgen` against it, then does the same against `rungate
-# baseline` (the bare tokio-tungstenite echo/broadcast server), RUNS times
+# `rungate-loadgen run` against it, then does the same against
+# `rungate-loadgen baseline` (the bare tokio-tungstenite echo/broadcast server), RUNS times
 # (default 3), alternating; then prints the medians and the ratio
 # gateway / baseline. Reports (JSON), server logs and the summary go to
 # OUT (default target/loadgen/DATE-SCENARIO).
 #
-# Environment: RUNS, OUT, BIN (default target/release/rungate; built
-# unless SKIP_BUILD=1), SESSIONS / VIEWERS / DURATION override the
+# Environment: RUNS, OUT, BIN (default target/release/rungate) and LOADGEN_BIN
+# (default target/release/rungate-loadgen), both built
+# unless SKIP_BUILD=1, SESSIONS / VIEWERS / DURATION override the
 # scenario's size, LOADGEN_FLAGS adds loadgen flags, GATEWAY_FLAGS adds
 # `rungate serve` flags, MAX_LOAD (e.g. 1.5) waits up to 3 minutes before
 # each run for the 1-minute load average to drop below it.
@@ -49,6 +50,7 @@ cd "$(dirname "$0")/.."
 scenario=${1:?usage: benches/scenarios.sh a|b|b5|c|d|e}
 runs=${RUNS:-3}
 bin=${BIN:-target/release/rungate}
+loadgen=${LOADGEN_BIN:-target/release/rungate-loadgen}
 nodes=${NODES:-1}
 store=${STORE:-embedded}
 case "$nodes/$store" in
@@ -83,7 +85,7 @@ esac
 if [ "$store" = redis ]; then
     command -v "$redis_server" >/dev/null || { echo "STORE=redis needs $redis_server (apt-get install redis-server)" >&2; exit 1; }
 fi
-[ -n "${SKIP_BUILD:-}" ] || cargo build --release -q
+[ -n "${SKIP_BUILD:-}" ] || cargo build --release -q -p rungate -p rungate-loadgen
 mkdir -p "$out"
 
 # Per scenario: what it is, server flags, loadgen flags, metrics to
@@ -260,7 +262,7 @@ start_server() {
             node_flags+=(--viewer-url "$url_b" --watch-pid "gateway_b=$pid_b")
         fi
     else
-        "$bin" baseline --listen 127.0.0.1:0 "${bl_flags[@]}" >"$stdout" 2>"$out/$target-$run.log" &
+        "$loadgen" baseline --listen 127.0.0.1:0 "${bl_flags[@]}" >"$stdout" 2>"$out/$target-$run.log" &
         pid=$!
         auth=(--token unchecked --viewer-token unchecked)
         url="ws://$(wait_addr "$stdout" "$out/$target-$run.log")"
@@ -282,8 +284,8 @@ echo "scenario $scenario: $what; $runs runs each; results in $out" >&2
     echo "scenario $scenario: $what"
     echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)  host: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -sr), $(rustc --version 2>/dev/null || echo rustc ?)"
     echo "gateway: $bin serve --listen 127.0.0.1:0 --data-dir DIR ${gw_flags[*]}"
-    echo "baseline: $bin baseline --listen 127.0.0.1:0 ${bl_flags[*]}"
-    echo "loadgen: $bin loadgen --url URL --json --gateway-pid PID ${lg_flags[*]}"
+    echo "baseline: $loadgen baseline --listen 127.0.0.1:0 ${bl_flags[*]}"
+    echo "loadgen: $loadgen run --url URL --json --gateway-pid PID ${lg_flags[*]}"
     if [ "$store" = redis ]; then
         echo "store: $nodes gateway node(s) with --store redis://127.0.0.1:PORT/0 --auth-key-file (shared)"
         echo "redis: $("$redis_server" --version | head -1)"
@@ -299,7 +301,7 @@ for run in $(seq "$runs"); do
         load=$(cut -d' ' -f1-3 /proc/loadavg)
         start_server "$target" "$run"
         echo "run $run/$runs $target (load $load)" >&2
-        "$bin" loadgen --url "$url" "${auth[@]}" --json --gateway-pid "$pid" --label "$target" \
+        "$loadgen" run --url "$url" "${auth[@]}" --json --gateway-pid "$pid" --label "$target" \
             "${node_flags[@]}" "${lg_flags[@]}" >"$out/$target-$run.json"
         stop_server
         echo "run $run $target: load average before $load" >>"$out/summary.txt"

@@ -1,4 +1,4 @@
-//! A worker built on `rungate::client::RuntimeClient`: it attaches its run,
+//! A worker built on `rungate_client::RuntimeClient`: it attaches its run,
 //! reads its config and secrets, keeps its progress in KV, checkpoints, and
 //! publishes events steadily. Cut its network or restart the gateway: it
 //! reconnects, keeps its session, and nothing it published is lost or
@@ -19,7 +19,7 @@ use std::collections::BTreeMap;
 use std::error::Error;
 use std::time::Duration;
 
-use rungate::client::{ClientEvent, Event, RuntimeClient, RuntimeOptions};
+use rungate_client::{ClientEvent, Event, RuntimeClient, RuntimeOptions};
 use serde_json::json;
 
 struct Args {

@@ -1,4 +1,4 @@
-//! Tails a run's output to the terminal with `rungate::client::ViewerClient`,
+//! Tails a run's output to the terminal with `rungate_client::ViewerClient`,
 //! surviving disconnects and gateway restarts: it resumes from the last
 //! offset it printed and says so when history was lost.
 //!
@@ -13,7 +13,7 @@
 
 use std::error::Error;
 
-use rungate::client::{StreamItem, ViewerClient, ViewerOptions};
+use rungate_client::{StreamItem, ViewerClient, ViewerOptions};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn Error>> {

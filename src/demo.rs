@@ -12,7 +12,7 @@ use rand::RngExt;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use crate::client::{ClientError, Event, RuntimeClient, RuntimeOptions};
+use rungate_client::{ClientError, Event, RuntimeClient, RuntimeOptions};
 
 /// What a simulated run does in one step.
 const TOOLS: [&str; 5] = ["search", "read_file", "run_tests", "http_get", "summarize"];

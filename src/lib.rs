@@ -43,15 +43,16 @@
 //! sessions taken over elsewhere, and this gateway's keep-alive.
 
 pub mod auth;
-pub mod client;
 pub mod config;
 pub mod demo;
 pub mod gateway;
-pub mod ids;
-pub mod loadgen;
-pub mod protocol;
 pub mod run_config;
 pub mod session;
 pub mod store;
 pub mod stream;
 pub mod time;
+
+/// The wire vocabulary lives in the protocol crate; the gateway reads it
+/// under these names.
+pub use rungate_protocol as protocol;
+pub use rungate_protocol::ids;

@@ -2,8 +2,9 @@
 //!
 //! `serve` runs the gateway until SIGTERM or Ctrl-C, then drains; `token`
 //! mints a token; `demo` runs the gateway with simulated runtimes and
-//! prints the dashboard's address; `loadgen` and `baseline` measure it
-//! (`rungate::loadgen`). Everything else lives in the library.
+//! prints the dashboard's address. The load generator and its baseline
+//! server are their own binary, `rungate-loadgen` (crates/rungate-loadgen).
+//! Everything else lives in the library.
 
 use std::path::PathBuf;
 
@@ -32,10 +33,6 @@ enum Cmd {
     Token(TokenArgs),
     /// Run the gateway with simulated runtimes and print the dashboard URL.
     Demo(Box<DemoArgs>),
-    /// Drive sessions and viewers against a gateway and report on it.
-    Loadgen(Box<rungate::loadgen::LoadgenArgs>),
-    /// Serve the bare WebSocket echo/broadcast baseline for loadgen.
-    Baseline(rungate::loadgen::BaselineArgs),
 }
 
 #[derive(clap::Args)]
@@ -117,23 +114,6 @@ fn main() -> anyhow::Result<()> {
             init_tracing();
             runtime()?.block_on(demo(*args))
         }
-        Cmd::Loadgen(args) => {
-            let json = args.json;
-            let report = runtime()?.block_on(rungate::loadgen::run(*args))?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
-            } else {
-                print!("{report}");
-            }
-            Ok(())
-        }
-        Cmd::Baseline(args) => runtime()?.block_on(async {
-            let server = rungate::loadgen::Baseline::start(args).await?;
-            println!("listening on {}", server.local_addr());
-            shutdown_signal().await?;
-            server.stop().await;
-            Ok(())
-        }),
     }
 }
 

@@ -986,11 +986,9 @@ fn redis_error(e: RedisError) -> StoreError {
     }
 }
 
-/// A throwaway `redis-server` for tests: the integration tests' own helper,
-/// shared rather than copied.
+/// A throwaway `redis-server` for tests, from the shared test-support crate.
 #[cfg(test)]
-#[path = "../../tests/common/redis.rs"]
-pub(crate) mod test_server;
+pub(crate) use rungate_test_support::redis as test_server;
 
 #[cfg(test)]
 mod tests {

@@ -57,10 +57,11 @@ use tokio::time::Instant;
 use crate::ids::RunId;
 pub use crate::ids::StreamEpoch;
 
-pub mod frame;
 pub mod hub;
 pub mod log;
 pub mod redis;
+/// The `stream.events` / `stream.gap` frame builders the ring stores.
+pub use rungate_protocol::stream_frame as frame;
 pub mod ring;
 
 pub use hub::{StreamHub, Subscription};

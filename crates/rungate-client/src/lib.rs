@@ -1,0 +1,109 @@
+//! Rust clients for the gateway: [`RuntimeClient`] for runtimes and
+//! [`ViewerClient`] for anything that tails a run's output.
+//!
+//! Owns the client side of the protocol: matching replies to requests by
+//! id, reconnecting with backoff, re-attaching with a higher
+//! `connectionEpoch`, resending unacknowledged publishes (which `seq`
+//! de-duplication makes safe), and resuming streams from the last offset
+//! delivered. Speaks only the wire protocol, like any third-party client:
+//! it must not reach into the gateway's internals, so it works against any
+//! gateway that implements PROTOCOL.md.
+//!
+//! Both clients keep their socket in a background task (a *driver*) and
+//! talk to it through channels, so they are cheap to clone, safe to call
+//! from many tasks at once, and a caller that drops a future loses nothing
+//! but its own answer.
+
+mod backoff;
+mod link;
+mod runtime;
+mod token;
+mod viewer;
+
+pub use backoff::Backoff;
+pub use runtime::{Attached, ClientEvent, ConnectionState, Event, RuntimeClient, RuntimeOptions};
+pub use token::TokenSource;
+pub use viewer::{Follower, StreamItem, ViewerClient, ViewerOptions};
+
+use serde_json::Value;
+
+use rungate_protocol::ErrorCode;
+
+/// What a client call can fail with.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ClientError {
+    /// The gateway answered with an error frame.
+    #[error("{code}: {message}")]
+    Gateway {
+        code: ErrorCode,
+        message: String,
+        retryable: bool,
+        details: Option<Value>,
+    },
+    /// No answer within the request timeout. The request may or may not
+    /// have been applied.
+    #[error("no answer within {0:?}")]
+    Timeout(std::time::Duration),
+    /// The socket was lost after the request was sent and before its
+    /// answer came: it may or may not have been applied. (Publishes are
+    /// never failed this way: they are resent.)
+    #[error("the connection was lost before the answer came; the request may have been applied")]
+    ConnectionLost,
+    /// The client was shut down.
+    #[error("the client is closed")]
+    Closed,
+    /// The run was not attached through this client, or its session ended
+    /// (expired or taken over by another connection).
+    #[error("run {0} has no session on this client")]
+    NoSession(String),
+    /// The gateway could not be reached or refused the connection.
+    #[error("cannot connect: {0}")]
+    Connect(String),
+    /// A reply did not have the shape the protocol promises.
+    #[error("unexpected reply: {0}")]
+    BadReply(String),
+}
+
+impl ClientError {
+    /// The protocol error code, if the gateway sent one.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            ClientError::Gateway { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+
+    /// The run a gateway error names in `details.runId`, if any.
+    pub fn run_id(&self) -> Option<String> {
+        match self {
+            ClientError::Gateway { details, .. } => details
+                .as_ref()
+                .and_then(|d| d["runId"].as_str())
+                .map(str::to_owned),
+            _ => None,
+        }
+    }
+
+    /// Whether trying again later may succeed.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            ClientError::Gateway { retryable, .. } => *retryable,
+            ClientError::Timeout(_) | ClientError::ConnectionLost | ClientError::Connect(_) => true,
+            ClientError::Closed | ClientError::NoSession(_) | ClientError::BadReply(_) => false,
+        }
+    }
+
+    /// An error frame's `error` object as a [`ClientError`].
+    pub(crate) fn from_error_body(body: &Value) -> ClientError {
+        let code = body["code"]
+            .as_str()
+            .and_then(ErrorCode::parse)
+            .unwrap_or(ErrorCode::Internal);
+        ClientError::Gateway {
+            code,
+            message: body["message"].as_str().unwrap_or_default().to_owned(),
+            retryable: body["retryable"].as_bool().unwrap_or(false),
+            details: body.get("details").cloned(),
+        }
+    }
+}

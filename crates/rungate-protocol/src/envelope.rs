@@ -1,0 +1,319 @@
+//! The frame envelope: turning one text message into a request, and replies,
+//! errors and pushes into the bytes that go on the wire.
+//!
+//! Owns the rules of PROTOCOL.md §2 about the *outside* of a frame: the `id`
+//! (1 to 128 characters), the `type`, the presence of `payload`. Payloads are
+//! left raw here and typed by [`super::commands`]. Encoding produces
+//! [`Frame`], cheap-to-clone shared bytes, so one frame can go to many sockets.
+//! Must not do I/O or know which commands exist beyond their names.
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use super::error::{CommandError, ErrorBody};
+
+/// Longest request id, in characters.
+pub const MAX_REQUEST_ID_CHARS: usize = 128;
+
+/// An encoded frame: valid UTF-8 JSON, shared by reference count.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Frame(Bytes);
+
+impl Frame {
+    /// Wraps bytes that the caller guarantees are UTF-8 JSON.
+    fn from_json_vec(v: Vec<u8>) -> Frame {
+        Frame(Bytes::from(v))
+    }
+
+    pub fn bytes(&self) -> &Bytes {
+        &self.0
+    }
+
+    pub fn into_bytes(self) -> Bytes {
+        self.0
+    }
+
+    pub fn as_str(&self) -> &str {
+        // Every constructor serializes with serde_json, which emits UTF-8.
+        std::str::from_utf8(&self.0).unwrap_or("")
+    }
+}
+
+/// A request whose envelope is valid; its payload is still raw JSON.
+#[derive(Debug)]
+pub struct Request<'a> {
+    pub id: String,
+    /// Borrowed unless the sender used JSON escapes in it.
+    pub kind: std::borrow::Cow<'a, str>,
+    pub payload: &'a RawValue,
+}
+
+/// A frame that could not become a [`Request`], with the id to answer under
+/// (`None` when the id itself was unusable: the error frame then says `null`).
+#[derive(Debug)]
+pub struct Rejected {
+    pub id: Option<String>,
+    pub error: CommandError,
+}
+
+/// The envelope as it may arrive, every member optional so that each missing
+/// piece gets its own precise error. Deserialized by hand (not with
+/// `#[serde(flatten)]`, which cannot borrow `RawValue`s) so that unknown
+/// members are noticed without losing the id to answer under.
+#[derive(Default)]
+struct WireRequest<'a> {
+    id: Option<&'a RawValue>,
+    kind: Option<&'a RawValue>,
+    payload: Option<&'a RawValue>,
+    /// The first member that is none of the three: the envelope is strict
+    /// like the payloads.
+    unknown: Option<String>,
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for WireRequest<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for Visitor<'a> {
+            type Value = WireRequest<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<M: serde::de::MapAccess<'de>>(
+                self,
+                mut map: M,
+            ) -> Result<Self::Value, M::Error> {
+                let mut wire = WireRequest::default();
+                while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                    let slot = match key.as_ref() {
+                        "id" => &mut wire.id,
+                        "type" => &mut wire.kind,
+                        "payload" => &mut wire.payload,
+                        other => {
+                            if wire.unknown.is_none() {
+                                wire.unknown = Some(other.to_owned());
+                            }
+                            map.next_value::<serde::de::IgnoredAny>()?;
+                            continue;
+                        }
+                    };
+                    if slot.is_some() {
+                        return Err(serde::de::Error::custom(format!(
+                            "duplicate member \"{key}\""
+                        )));
+                    }
+                    *slot = Some(map.next_value()?);
+                }
+                Ok(wire)
+            }
+        }
+        d.deserialize_map(Visitor(std::marker::PhantomData))
+    }
+}
+
+/// Parses one text frame's envelope.
+pub fn decode(text: &str) -> Result<Request<'_>, Rejected> {
+    let reject = |id: Option<String>, error| Err(Rejected { id, error });
+    if !text.trim_start().starts_with('{') {
+        return match serde_json::from_str::<serde::de::IgnoredAny>(text) {
+            Err(e) => reject(None, CommandError::bad_frame(format!("not JSON: {e}"))),
+            Ok(_) => reject(
+                None,
+                CommandError::bad_frame("a frame must be a JSON object"),
+            ),
+        };
+    }
+    let wire: WireRequest<'_> = match serde_json::from_str(text) {
+        Ok(w) => w,
+        Err(e) => return reject(None, CommandError::bad_frame(format!("not JSON: {e}"))),
+    };
+    let id = match wire.id.map(|raw| serde_json::from_str::<String>(raw.get())) {
+        Some(Ok(id)) if !id.is_empty() && id.chars().count() <= MAX_REQUEST_ID_CHARS => id,
+        _ => {
+            return reject(
+                None,
+                CommandError::bad_frame(format!(
+                    "\"id\" must be a string of 1 to {MAX_REQUEST_ID_CHARS} characters"
+                )),
+            );
+        }
+    };
+    let kind = match wire
+        .kind
+        .map(|raw| serde_json::from_str::<std::borrow::Cow<'_, str>>(raw.get()))
+    {
+        Some(Ok(kind)) if !kind.is_empty() => kind,
+        _ => {
+            return reject(
+                Some(id),
+                CommandError::bad_frame("\"type\" must be a non-empty string"),
+            );
+        }
+    };
+    if let Some(name) = wire.unknown {
+        return reject(
+            Some(id),
+            CommandError::invalid_payload(
+                &format!("/{name}"),
+                format!("unknown envelope member \"{name}\""),
+            ),
+        );
+    }
+    let Some(payload) = wire.payload else {
+        return reject(
+            Some(id),
+            CommandError::invalid_payload("/payload", "\"payload\" is required"),
+        );
+    };
+    Ok(Request { id, kind, payload })
+}
+
+#[derive(Serialize)]
+struct ReplyFrame<'a, T: Serialize> {
+    id: &'a str,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    payload: &'a T,
+}
+
+#[derive(Serialize)]
+struct ErrorFrame<'a> {
+    id: Option<&'a str>,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    error: ErrorBody<'a>,
+}
+
+#[derive(Serialize)]
+struct PushFrame<'a, T: Serialize> {
+    #[serde(rename = "type")]
+    kind: &'a str,
+    payload: &'a T,
+}
+
+/// `{"id", "type": "reply", "payload"}`.
+pub fn encode_reply<T: Serialize>(id: &str, payload: &T) -> Frame {
+    encode(&ReplyFrame {
+        id,
+        kind: "reply",
+        payload,
+    })
+}
+
+/// `{"id" | null, "type": "error", "error": {...}}`.
+pub fn encode_error(id: Option<&str>, error: &CommandError) -> Frame {
+    encode(&ErrorFrame {
+        id,
+        kind: "error",
+        error: error.into(),
+    })
+}
+
+/// `{"type": <push type>, "payload"}`: no id, nobody asked for it.
+pub fn encode_push<T: Serialize>(kind: &str, payload: &T) -> Frame {
+    encode(&PushFrame { kind, payload })
+}
+
+fn encode<T: Serialize>(value: &T) -> Frame {
+    // Serializing our own derive(Serialize) types to a Vec cannot fail: no
+    // maps with non-string keys, no I/O. Should it ever, say so on the wire.
+    match serde_json::to_vec(value) {
+        Ok(v) => Frame::from_json_vec(v),
+        Err(e) => Frame::from_json_vec(
+            format!(
+                r#"{{"id":null,"type":"error","error":{{"code":"INTERNAL","message":"encode failed: {}","retryable":false}}}}"#,
+                e.to_string().replace(['"', '\\'], "'")
+            )
+            .into_bytes(),
+        ),
+    }
+}
+
+/// Builds a frame from JSON text the caller assembled itself (the stream
+/// module splices raw event JSON into `stream.events` frames).
+pub fn frame_from_json_bytes(bytes: Bytes) -> Frame {
+    Frame(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ErrorCode;
+
+    fn code(text: &str) -> (Option<String>, ErrorCode) {
+        let r = decode(text).expect_err("should be rejected");
+        (r.id, r.error.code)
+    }
+
+    #[test]
+    fn accepts_a_well_formed_request() {
+        let r = decode(r#" {"id":"1","type":"runtime.heartbeat","payload":{"a":1}}"#).unwrap();
+        assert_eq!(r.id, "1");
+        assert_eq!(r.kind, "runtime.heartbeat");
+        assert_eq!(r.payload.get(), r#"{"a":1}"#);
+    }
+
+    #[test]
+    fn rejects_bad_envelopes_with_the_right_code_and_id() {
+        assert_eq!(code("nope"), (None, ErrorCode::BadFrame));
+        assert_eq!(code("[1,2]"), (None, ErrorCode::BadFrame));
+        assert_eq!(code("{\"id\":"), (None, ErrorCode::BadFrame));
+        assert_eq!(
+            code(r#"{"type":"x","payload":{}}"#),
+            (None, ErrorCode::BadFrame)
+        );
+        assert_eq!(
+            code(r#"{"id":"","type":"x","payload":{}}"#),
+            (None, ErrorCode::BadFrame)
+        );
+        assert_eq!(
+            code(r#"{"id":7,"type":"x","payload":{}}"#),
+            (None, ErrorCode::BadFrame)
+        );
+        let long = "x".repeat(129);
+        assert_eq!(
+            code(&format!(r#"{{"id":"{long}","type":"x","payload":{{}}}}"#)),
+            (None, ErrorCode::BadFrame)
+        );
+        let max = "é".repeat(128);
+        assert!(decode(&format!(r#"{{"id":"{max}","type":"x","payload":{{}}}}"#)).is_ok());
+        assert_eq!(
+            code(r#"{"id":"a","payload":{}}"#),
+            (Some("a".into()), ErrorCode::BadFrame)
+        );
+        assert_eq!(
+            code(r#"{"id":"a","type":3,"payload":{}}"#),
+            (Some("a".into()), ErrorCode::BadFrame)
+        );
+        assert_eq!(
+            code(r#"{"id":"a","type":"x"}"#),
+            (Some("a".into()), ErrorCode::InvalidPayload)
+        );
+        assert_eq!(
+            code(r#"{"id":"a","type":"x","payload":{},"extra":1}"#),
+            (Some("a".into()), ErrorCode::InvalidPayload)
+        );
+    }
+
+    #[test]
+    fn encodes_the_three_outgoing_shapes() {
+        let reply = encode_reply("7", &serde_json::json!({"accepted": true}));
+        assert_eq!(
+            reply.as_str(),
+            r#"{"id":"7","type":"reply","payload":{"accepted":true}}"#
+        );
+        let err = encode_error(None, &CommandError::bad_frame("x"));
+        assert_eq!(
+            err.as_str(),
+            r#"{"id":null,"type":"error","error":{"code":"BAD_FRAME","message":"x","retryable":false}}"#
+        );
+        let push = encode_push(
+            "gateway.draining",
+            &serde_json::json!({"reconnectAfterMs": 5}),
+        );
+        assert_eq!(
+            push.as_str(),
+            r#"{"type":"gateway.draining","payload":{"reconnectAfterMs":5}}"#
+        );
+    }
+}

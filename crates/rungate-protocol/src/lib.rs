@@ -1,0 +1,27 @@
+//! rungate wire protocol v1, shared by the gateway and every Rust client:
+//! identifiers ([`ids`]), timestamps ([`time`]), the envelope and its codec
+//! ([`envelope`]), typed command payloads ([`commands`]), error codes
+//! ([`error`]), the members whose value may be any JSON ([`any_json`]) and
+//! the `stream.events` / `stream.gap` frames a ring stores
+//! ([`stream_frame`]).
+//!
+//! Decoding goes [`envelope::decode`] (the outside of a frame) then
+//! [`commands::Command::parse`] (the payload, by type). Encoding produces
+//! shared [`envelope::Frame`] bytes.
+//!
+//! Owns what a frame looks like. Must not do I/O, keep time, or know what
+//! a command does: applying commands is the gateway's, sending them the
+//! clients'. Depends on serde, serde_json and bytes, never on tokio, so a
+//! client that embeds it compiles nothing of the server.
+
+pub mod any_json;
+pub mod commands;
+pub mod envelope;
+pub mod error;
+pub mod ids;
+pub mod stream_frame;
+pub mod time;
+
+pub use commands::{Command, CommandKind};
+pub use envelope::{Frame, Rejected, Request, decode, encode_error, encode_push, encode_reply};
+pub use error::{CommandError, ErrorCode};
