@@ -1,7 +1,7 @@
 //! The Redis engine against a real `redis-server`: two or three
 //! [`RedisStreams`] on one Redis stand for gateways on different machines.
 //! Without redis-server the tests skip loudly (and fail under `CI=true`):
-//! see `tests/common/redis.rs`.
+//! see `crates/rungate-test-support/src/redis.rs`.
 
 use std::future::Future;
 use std::time::Duration;

@@ -185,23 +185,20 @@ fn the_index_covers_every_command_and_push_and_points_at_existing_defs() {
     }
 }
 
+/// The given command schema is never edited. Its length and CRC-32 were
+/// taken from the copy the project was given (2026-12-02), so the check
+/// needs nothing outside the repository.
 #[test]
 fn the_given_runtime_session_schema_is_unchanged() {
+    const GIVEN_LEN: usize = 7603;
+    const GIVEN_CRC32: u32 = 0xca5e_dcf8;
     let ours = crate_root().join("spec/v1/schemas/commands/runtime-session.json");
-    let shared_dir = crate_root().join("../shared");
-    let shared = shared_dir.join("spec/v1/schemas/commands/runtime-session.json");
     let ours = std::fs::read(&ours).expect("runtime-session.json is present");
-    if !shared_dir.is_dir() {
-        eprintln!(
-            "skipping the byte comparison: {} is absent",
-            shared_dir.display()
-        );
-        return;
-    }
-    let shared = std::fs::read(&shared).expect("the shared runtime-session.json is present");
-    assert!(
-        ours == shared,
-        "runtime-session.json differs from ../shared/spec/"
+    assert_eq!(ours.len(), GIVEN_LEN, "runtime-session.json was edited");
+    assert_eq!(
+        crc32fast::hash(&ours),
+        GIVEN_CRC32,
+        "runtime-session.json was edited"
     );
 }
 

@@ -93,17 +93,16 @@ impl ClientError {
         }
     }
 
-    /// An error frame's `error` object as a [`ClientError`].
-    pub(crate) fn from_error_body(body: &Value) -> ClientError {
-        let code = body["code"]
-            .as_str()
-            .and_then(ErrorCode::parse)
-            .unwrap_or(ErrorCode::Internal);
+}
+
+impl From<rungate_protocol::CommandError> for ClientError {
+    /// An error frame from the gateway, as its codec read it.
+    fn from(e: rungate_protocol::CommandError) -> ClientError {
         ClientError::Gateway {
-            code,
-            message: body["message"].as_str().unwrap_or_default().to_owned(),
-            retryable: body["retryable"].as_bool().unwrap_or(false),
-            details: body.get("details").cloned(),
+            code: e.code,
+            message: e.message,
+            retryable: e.retryable,
+            details: e.details,
         }
     }
 }

@@ -7,11 +7,11 @@
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use serde::Deserialize;
-use serde_json::Value;
+use rungate_protocol::envelope;
+use serde::Serialize;
 use serde_json::value::RawValue;
 use tokio::net::TcpStream;
-use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
@@ -60,13 +60,18 @@ pub(crate) fn is_refusal(e: &ClientError) -> bool {
     matches!(e, ClientError::Connect(m) if m.contains("HTTP 401") || m.contains("HTTP 403"))
 }
 
-/// A request frame.
-pub(crate) fn request(id: &str, kind: &str, payload: &Value) -> Message {
-    let frame = serde_json::json!({ "id": id, "type": kind, "payload": payload });
-    Message::text(frame.to_string())
+/// A request frame, encoded by the protocol crate's codec.
+pub(crate) fn request<T: Serialize + ?Sized>(id: &str, kind: &str, payload: &T) -> Message {
+    let frame = envelope::encode_request(id, kind, payload);
+    match Utf8Bytes::try_from(frame.into_bytes()) {
+        Ok(text) => Message::Text(text),
+        // The codec writes JSON, which is UTF-8; should that ever break,
+        // an empty message draws a BAD_FRAME rather than a panic.
+        Err(_) => Message::text(""),
+    }
 }
 
-/// One frame from the gateway, sorted.
+/// One frame from the gateway, sorted, owned so it can cross a channel.
 #[derive(Debug)]
 pub(crate) enum Incoming {
     Reply {
@@ -84,36 +89,24 @@ pub(crate) enum Incoming {
     },
 }
 
-#[derive(Deserialize)]
-struct Envelope {
-    #[serde(default)]
-    id: Option<String>,
-    #[serde(rename = "type")]
-    kind: String,
-    #[serde(default)]
-    payload: Option<Box<RawValue>>,
-    #[serde(default)]
-    error: Option<Value>,
-}
-
-/// Sorts one text frame; `None` for anything that is not a frame of the
-/// protocol (ignored, as a client must ignore what it does not know).
+/// Sorts one text frame with the protocol crate's codec; `None` for
+/// anything that is not a frame of the protocol (ignored, as a client must
+/// ignore what it does not know).
 pub(crate) fn sort(text: &str) -> Option<Incoming> {
-    let env: Envelope = serde_json::from_str(text).ok()?;
-    match env.kind.as_str() {
-        "reply" => Some(Incoming::Reply {
-            id: env.id?,
-            payload: env.payload?,
-        }),
-        "error" => Some(Incoming::Error {
-            id: env.id,
-            error: ClientError::from_error_body(env.error.as_ref()?),
-        }),
-        _ => Some(Incoming::Push {
-            kind: env.kind,
-            payload: env.payload?,
-        }),
-    }
+    Some(match envelope::decode_incoming(text)? {
+        envelope::Incoming::Reply { id, payload } => Incoming::Reply {
+            id: id.into_owned(),
+            payload: payload.to_owned(),
+        },
+        envelope::Incoming::Error { id, error } => Incoming::Error {
+            id: id.map(|i| i.into_owned()),
+            error: ClientError::from(error),
+        },
+        envelope::Incoming::Push { kind, payload } => Incoming::Push {
+            kind: kind.into_owned(),
+            payload: payload.to_owned(),
+        },
+    })
 }
 
 /// The next protocol frame, or `None` once the socket is closed or broken.

@@ -22,7 +22,6 @@
 
 use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
-use std::fmt::Write;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -42,7 +41,9 @@ use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::wire::json_str;
+use rungate_protocol::envelope;
+use rungate_protocol::stream_frame::{FrameBuilder, gap_frame};
+use rungate_protocol::{CommandError, ErrorCode};
 
 /// `rungate baseline` flags.
 #[derive(Debug, Clone, clap::Parser)]
@@ -133,30 +134,15 @@ impl Hub {
         let stream = self.run(run);
         let mut ring = stream.ring.lock();
         let first = ring.next;
-        let bytes: usize = events.iter().map(|e| e.get().len() + 32).sum();
-        let mut frame = String::with_capacity(bytes + 128);
-        let _ = write!(
-            frame,
-            r#"{{"type":"stream.events","payload":{{"runId":{},"streamEpoch":"{}","events":["#,
-            json_str(run),
-            self.epoch
-        );
-        for (i, e) in events.iter().enumerate() {
-            if i > 0 {
-                frame.push(',');
-            }
-            let _ = write!(
-                frame,
-                r#"{{"offset":{},"event":{}}}"#,
-                first + i as u64,
-                e.get()
-            );
+        let json_bytes: usize = events.iter().map(|e| e.get().len()).sum();
+        let mut frame = FrameBuilder::new(run, &self.epoch, first, events.len(), json_bytes);
+        for e in events {
+            frame.push(e.get().as_bytes());
         }
-        frame.push_str("]}}");
         let batch = Batch {
             first,
             last: first + events.len() as u64 - 1,
-            frame: Utf8Bytes::from(frame),
+            frame: text(frame.finish()),
         };
         ring.next = batch.last + 1;
         ring.events += events.len();
@@ -311,16 +297,6 @@ async fn serve(hub: Arc<Hub>, stream: TcpStream, done: CancellationToken, tasks:
 }
 
 #[derive(Deserialize)]
-struct Request<'a> {
-    #[serde(borrow)]
-    id: Cow<'a, str>,
-    #[serde(rename = "type", borrow)]
-    kind: Cow<'a, str>,
-    #[serde(borrow)]
-    payload: &'a RawValue,
-}
-
-#[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct RunPayload<'a> {
     #[serde(borrow)]
@@ -338,20 +314,39 @@ struct PublishPayload<'a> {
     events: Vec<&'a RawValue>,
 }
 
-fn reply(id: &str, payload: &str) -> Message {
-    Message::text(format!(
-        r#"{{"id":{},"type":"reply","payload":{payload}}}"#,
-        json_str(id)
-    ))
+/// A frame of the protocol crate's codec as a text message.
+fn text(bytes: bytes::Bytes) -> Utf8Bytes {
+    // The codec and the frame builder write JSON, which is UTF-8.
+    Utf8Bytes::try_from(bytes).unwrap_or_default()
 }
 
-fn error(code: &str) -> Message {
-    Message::text(format!(
-        r#"{{"id":null,"type":"error","error":{{"code":"{code}","message":"baseline: unreadable request","retryable":false}}}}"#
-    ))
+fn reply(id: &str, payload: &impl serde::Serialize) -> Message {
+    Message::Text(text(envelope::encode_reply(id, payload).into_bytes()))
 }
 
-const ACCEPTED: &str = r#"{"accepted":true}"#;
+fn error(code: ErrorCode) -> Message {
+    let error = CommandError::new(code, "baseline: unreadable request");
+    Message::Text(text(envelope::encode_error(None, &error).into_bytes()))
+}
+
+#[derive(serde::Serialize)]
+struct Accepted {
+    accepted: bool,
+}
+
+const ACCEPTED: Accepted = Accepted { accepted: true };
+
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct HeartbeatReply {
+    accepted: bool,
+    next_heartbeat_due_at: &'static str,
+}
+
+const HEARTBEAT: HeartbeatReply = HeartbeatReply {
+    accepted: true,
+    next_heartbeat_due_at: TIMESTAMP,
+};
 
 /// Answers one request; `false` once the writer is gone.
 async fn answer(
@@ -361,10 +356,10 @@ async fn answer(
     tasks: &TaskTracker,
     text: &str,
 ) -> bool {
-    let Ok(req) = serde_json::from_str::<Request>(text) else {
-        return queue.send(error("BAD_FRAME")).await.is_ok();
+    let Ok(req) = rungate_protocol::decode(text) else {
+        return queue.send(error(ErrorCode::BadFrame)).await.is_ok();
     };
-    let id = req.id.as_ref();
+    let id = req.id.as_str();
     let out = match req.kind.as_ref() {
         "runtime.attach" => {
             let run = serde_json::from_str::<RunPayload>(req.payload.get())
@@ -373,24 +368,22 @@ async fn answer(
             let n = hub.sessions.fetch_add(1, Ordering::Relaxed);
             reply(
                 id,
-                &format!(
-                    r#"{{"sessionId":"{n:032x}","runId":{},"heartbeatIntervalMs":{},"leaseExpiresAt":"{TIMESTAMP}","configVersion":"{:016x}"}}"#,
-                    json_str(&run),
-                    hub.args.heartbeat_interval_ms,
-                    0xcbf2_9ce4_8422_2325u64
-                ),
+                &serde_json::json!({
+                    "sessionId": format!("{n:032x}"),
+                    "runId": run,
+                    "heartbeatIntervalMs": hub.args.heartbeat_interval_ms,
+                    "leaseExpiresAt": TIMESTAMP,
+                    "configVersion": format!("{:016x}", 0xcbf2_9ce4_8422_2325u64),
+                }),
             )
         }
-        "runtime.heartbeat" => reply(
-            id,
-            &format!(r#"{{"accepted":true,"nextHeartbeatDueAt":"{TIMESTAMP}"}}"#),
-        ),
+        "runtime.heartbeat" => reply(id, &HEARTBEAT),
         "events.publish" => match serde_json::from_str::<PublishPayload>(req.payload.get()) {
             Ok(p) => {
                 hub.publish(&p.run_id, &p.events);
-                reply(id, ACCEPTED)
+                reply(id, &ACCEPTED)
             }
-            Err(_) => error("INVALID_PAYLOAD"),
+            Err(_) => error(ErrorCode::InvalidPayload),
         },
         "stream.resume" => match serde_json::from_str::<RunPayload>(req.payload.get()) {
             Ok(p) => {
@@ -398,11 +391,14 @@ async fn answer(
                     hub.subscribe(&p.run_id, p.from_offset);
                 let answer = reply(
                     id,
-                    &format!(
-                        r#"{{"runId":{},"streamEpoch":"{}","firstOffset":{first},"nextOffset":{next},"startOffset":{start},"truncated":{truncated}}}"#,
-                        json_str(&p.run_id),
-                        hub.epoch
-                    ),
+                    &serde_json::json!({
+                        "runId": p.run_id,
+                        "streamEpoch": hub.epoch,
+                        "firstOffset": first,
+                        "nextOffset": next,
+                        "startOffset": start,
+                        "truncated": truncated,
+                    }),
                 );
                 if queue.send(answer).await.is_err() {
                     return false;
@@ -417,9 +413,9 @@ async fn answer(
                 ));
                 return true;
             }
-            Err(_) => error("INVALID_PAYLOAD"),
+            Err(_) => error(ErrorCode::InvalidPayload),
         },
-        _ => reply(id, ACCEPTED),
+        _ => reply(id, &ACCEPTED),
     };
     queue.send(out).await.is_ok()
 }
@@ -451,12 +447,8 @@ async fn follow(
             },
         };
         if let Some(n) = next.filter(|n| batch.first > *n) {
-            let gap = format!(
-                r#"{{"type":"stream.gap","payload":{{"runId":{},"streamEpoch":"{epoch}","fromOffset":{n},"toOffset":{}}}}}"#,
-                json_str(&run),
-                batch.first - 1
-            );
-            if queue.send(Message::text(gap)).await.is_err() {
+            let gap = text(gap_frame(&run, &epoch, n, batch.first - 1));
+            if queue.send(Message::Text(gap)).await.is_err() {
                 return;
             }
         }

@@ -388,7 +388,7 @@ async fn send_publish(
     counted: bool,
 ) -> bool {
     let id = conn.id();
-    wire::publish(
+    let frame = wire::publish(
         buf,
         id,
         session,
@@ -405,5 +405,5 @@ async fn send_publish(
         events: count as u32,
         counted,
     });
-    conn.ws.send(Message::text(buf.as_str())).await.is_ok()
+    conn.ws.send(frame).await.is_ok()
 }

@@ -1,22 +1,22 @@
 //! The frames the load generator writes and the little it reads of the
-//! frames it gets back.
+//! frames it gets back, both through the protocol crate's codec.
 //!
-//! Requests are built by hand into one `String` (no `serde_json::Value`
-//! per frame): a publish of 100 events is one allocation. What arrives is
-//! only *classified*: a reply's numeric id, an error's code, and for a
+//! Payloads are written by hand into one `String` (a publish of 100
+//! events is one buffer, no `serde_json::Value` per event) and wrapped in
+//! the envelope by [`envelope::encode_request_raw`]. What arrives is only
+//! *classified*: a reply's numeric id, an error's code, and for a
 //! `stream.events` push the run, the first and last offsets and the send
-//! timestamp embedded in the first event. Those are found by scanning the
-//! known layout of the gateway's frames (serde's field order for replies,
-//! `stream::frame` for stream pushes), with a serde fallback for any frame
-//! laid out differently, so a viewer reading a million events a second
-//! does not parse a million events a second. Must not keep state between
-//! frames.
+//! timestamp embedded in the first event, read by
+//! [`stream_frame::summarize_events`] without parsing every event, so a
+//! viewer reading a million events a second does not parse a million
+//! events a second. Must not keep state between frames.
 
 use std::borrow::Cow;
 use std::fmt::Write;
 
+use rungate_protocol::{envelope, stream_frame};
 use serde::Deserialize;
-use serde_json::value::RawValue;
+use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
 /// The part of every command that names a session:
 /// `"sessionId":"…","runId":"…"`, written once per session.
@@ -49,9 +49,12 @@ pub fn json_str(s: &str) -> String {
     serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into())
 }
 
-/// `{"id":"N","type":KIND,"payload":PAYLOAD}`.
+/// `{"id":"N","type":KIND,"payload":PAYLOAD}`, `payload` being JSON text
+/// this module wrote.
 pub fn request(id: u64, kind: &str, payload: &str) -> String {
-    format!(r#"{{"id":"{id}","type":"{kind}","payload":{payload}}}"#)
+    envelope::encode_request_raw(&id.to_string(), kind, payload)
+        .as_str()
+        .to_owned()
 }
 
 pub fn attach(
@@ -102,7 +105,8 @@ fn digits(mut n: u64) -> usize {
 /// An `events.publish` of `count` events numbered from `seq`, each
 /// `event_bytes` bytes of JSON (or the smallest possible, if that is
 /// less) and carrying `t_us`, the loadgen clock when it was sent, as the
-/// first member of its `data`.
+/// first member of its `data`. `buf` is scratch space for the payload,
+/// kept between calls.
 pub fn publish(
     buf: &mut String,
     id: u64,
@@ -111,13 +115,9 @@ pub fn publish(
     count: usize,
     event_bytes: usize,
     t_us: u64,
-) {
+) -> Message {
     buf.clear();
-    let _ = write!(
-        buf,
-        r#"{{"id":"{id}","type":"events.publish","payload":{{{},"events":["#,
-        session.members
-    );
+    let _ = write!(buf, r#"{{{},"events":["#, session.members);
     for i in 0..count as u64 {
         if i > 0 {
             buf.push(',');
@@ -131,7 +131,12 @@ pub fn publish(
         buf.extend(std::iter::repeat_n('x', pad));
         buf.push_str(r#""}}"#);
     }
-    buf.push_str("]}}");
+    buf.push_str("]}");
+    let frame = envelope::encode_request_raw(&id.to_string(), "events.publish", buf);
+    match Utf8Bytes::try_from(frame.into_bytes()) {
+        Ok(text) => Message::Text(text),
+        Err(_) => Message::text(""),
+    }
 }
 
 /// What one frame from the server is, as far as the load generator cares.
@@ -167,164 +172,68 @@ pub enum Incoming<'a> {
     Unknown,
 }
 
-/// Reads the decimal digits at the start of `s`.
-fn leading_u64(s: &str) -> Option<(u64, usize)> {
-    let end = s.bytes().take_while(u8::is_ascii_digit).count();
-    if end == 0 {
-        return None;
-    }
-    s[..end].parse().ok().map(|n| (n, end))
-}
-
-const REPLY_HEAD: &str = r#"{"id":""#;
-const EVENTS_HEAD: &str = r#"{"type":"stream.events","payload":{"runId":""#;
-const FIRST_ENTRY: &str = r#""events":[{"offset":"#;
-const ENTRY: &str = r#"{"offset":"#;
-
 /// Sorts one text frame.
 pub fn classify(text: &str) -> Incoming<'_> {
-    fast(text).unwrap_or_else(|| slow(text))
-}
-
-/// The gateway's own layouts; `None` sends the frame to [`slow`].
-fn fast(text: &str) -> Option<Incoming<'_>> {
-    if let Some(rest) = text.strip_prefix(REPLY_HEAD) {
-        let (id, n) = leading_u64(rest)?;
-        let rest = rest[n..].strip_prefix(r#"","type":""#)?;
-        if rest.starts_with(r#"reply""#) {
-            return Some(Incoming::Reply { id: Some(id) });
-        }
-        let rest = rest.strip_prefix(r#"error","error":{"code":""#)?;
-        let end = rest.find('"')?;
-        return Some(Incoming::Error {
-            id: Some(id),
-            code: Cow::Borrowed(&rest[..end]),
-        });
+    if let Some(events) = stream_frame::summarize_events(text) {
+        return Incoming::Events {
+            run: events.run,
+            first: events.first,
+            last: events.last,
+            t_us: sent_at(events.first_event),
+        };
     }
-    let rest = text.strip_prefix(EVENTS_HEAD)?;
-    let run_end = rest.find('"')?;
-    let run = &rest[..run_end];
-    let at = rest.find(FIRST_ENTRY)? + FIRST_ENTRY.len();
-    let (first, n) = leading_u64(&rest[at..])?;
-    let event = rest[at + n..].strip_prefix(r#","event":"#)?;
-    let last_at = rest.rfind(ENTRY)? + ENTRY.len();
-    let (last, _) = leading_u64(&rest[last_at..])?;
-    Some(Incoming::Events {
-        run: Cow::Borrowed(run),
-        first,
-        last,
-        t_us: sent_at(event),
-    })
+    match envelope::decode_incoming(text) {
+        None => Incoming::Unknown,
+        Some(envelope::Incoming::Reply { id, .. }) => Incoming::Reply {
+            id: id.parse().ok(),
+        },
+        Some(envelope::Incoming::Error { id, error }) => Incoming::Error {
+            id: id.and_then(|i| i.parse().ok()),
+            code: Cow::Borrowed(error.code.as_str()),
+        },
+        Some(envelope::Incoming::Push { kind, payload }) if kind == "stream.gap" => {
+            #[derive(Deserialize)]
+            #[serde(rename_all = "camelCase")]
+            struct Gap<'a> {
+                #[serde(borrow)]
+                run_id: Cow<'a, str>,
+                from_offset: u64,
+                to_offset: u64,
+            }
+            match serde_json::from_str::<Gap>(payload.get()) {
+                Ok(g) => Incoming::Gap {
+                    run: Cow::Owned(g.run_id.into_owned()),
+                    from: g.from_offset,
+                    to: g.to_offset,
+                },
+                Err(_) => Incoming::Unknown,
+            }
+        }
+        Some(envelope::Incoming::Push { kind, .. }) => Incoming::Push { kind },
+    }
 }
 
-/// The `"t":N` near the start of an event written by [`publish`].
+/// The `t` of an event written by [`publish`] (`{"type":"lg","seq":N,
+/// "data":{"t":T,…}}`), read from its first bytes; any other event
+/// through serde.
 fn sent_at(event: &str) -> Option<u64> {
     let head = &event[..event.len().min(64)];
-    let at = head.find(r#""data":{"t":"#)? + r#""data":{"t":"#.len();
-    leading_u64(&head[at..]).map(|(t, _)| t)
-}
-
-#[derive(Deserialize)]
-struct Envelope<'a> {
-    #[serde(default, borrow)]
-    id: Option<Cow<'a, str>>,
-    #[serde(rename = "type", borrow)]
-    kind: Cow<'a, str>,
-    #[serde(default, borrow)]
-    payload: Option<&'a RawValue>,
-    #[serde(default, borrow)]
-    error: Option<ErrorBody<'a>>,
-}
-
-#[derive(Deserialize)]
-struct ErrorBody<'a> {
-    #[serde(borrow)]
-    code: Cow<'a, str>,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct EventsPayload<'a> {
-    #[serde(borrow)]
-    run_id: Cow<'a, str>,
-    #[serde(borrow)]
-    events: Vec<Entry<'a>>,
-}
-
-#[derive(Deserialize)]
-struct Entry<'a> {
-    offset: u64,
-    #[serde(borrow)]
-    event: &'a RawValue,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct GapPayload<'a> {
-    #[serde(borrow)]
-    run_id: Cow<'a, str>,
-    from_offset: u64,
-    to_offset: u64,
-}
-
-/// Any layout, through serde.
-fn slow(text: &str) -> Incoming<'_> {
-    let Ok(env) = serde_json::from_str::<Envelope>(text) else {
-        return Incoming::Unknown;
-    };
-    let id = env.id.as_deref().and_then(|i| i.parse().ok());
-    match env.kind.as_ref() {
-        "reply" => Incoming::Reply { id },
-        "error" => Incoming::Error {
-            id,
-            code: env
-                .error
-                .map(|e| Cow::Owned(e.code.into_owned()))
-                .unwrap_or(Cow::Borrowed("?")),
-        },
-        "stream.events" => {
-            let Some(p) = env
-                .payload
-                .and_then(|p| serde_json::from_str::<EventsPayload>(p.get()).ok())
-            else {
-                return Incoming::Unknown;
-            };
-            let (Some(f), Some(l)) = (p.events.first(), p.events.last()) else {
-                return Incoming::Unknown;
-            };
-            #[derive(Deserialize)]
-            struct Data {
-                t: u64,
-            }
-            #[derive(Deserialize)]
-            struct Ev {
-                data: Data,
-            }
-            let t_us = serde_json::from_str::<Ev>(f.event.get())
-                .ok()
-                .map(|e| e.data.t);
-            Incoming::Events {
-                run: Cow::Owned(p.run_id.into_owned()),
-                first: f.offset,
-                last: l.offset,
-                t_us,
-            }
+    if let Some(at) = head.find(r#""data":{"t":"#) {
+        let digits = &head[at + r#""data":{"t":"#.len()..];
+        let end = digits.bytes().take_while(u8::is_ascii_digit).count();
+        if let Ok(t) = digits[..end].parse() {
+            return Some(t);
         }
-        "stream.gap" => match env
-            .payload
-            .and_then(|p| serde_json::from_str::<GapPayload>(p.get()).ok())
-        {
-            Some(g) => Incoming::Gap {
-                run: Cow::Owned(g.run_id.into_owned()),
-                from: g.from_offset,
-                to: g.to_offset,
-            },
-            None => Incoming::Unknown,
-        },
-        other => Incoming::Push {
-            kind: Cow::Owned(other.to_owned()),
-        },
     }
+    #[derive(Deserialize)]
+    struct Data {
+        t: u64,
+    }
+    #[derive(Deserialize)]
+    struct Ev {
+        data: Data,
+    }
+    serde_json::from_str::<Ev>(event).ok().map(|e| e.data.t)
 }
 
 #[cfg(test)]
@@ -335,8 +244,8 @@ mod tests {
     fn events_have_the_asked_size_and_parse() {
         let s = SessionRef::new("0123456789abcdef0123456789abcdef", "lg-1");
         let mut buf = String::new();
-        publish(&mut buf, 7, &s, 1, 3, 200, 123_456);
-        let v: serde_json::Value = serde_json::from_str(&buf).unwrap();
+        let frame = publish(&mut buf, 7, &s, 1, 3, 200, 123_456);
+        let v: serde_json::Value = serde_json::from_str(frame.to_text().unwrap()).unwrap();
         let events = v["payload"]["events"].as_array().unwrap();
         assert_eq!(events.len(), 3);
         for e in events {
@@ -356,7 +265,7 @@ mod tests {
             last: 6,
             t_us: Some(99),
         };
-        assert_eq!(fast(frame), Some(want));
+        assert_eq!(classify(frame), want);
         assert_eq!(
             classify(r#"{"id":"12","type":"reply","payload":{"accepted":true}}"#),
             Incoming::Reply { id: Some(12) }

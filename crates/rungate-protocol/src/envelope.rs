@@ -11,7 +11,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use super::error::{CommandError, ErrorBody};
+use super::error::{CommandError, ErrorBody, ErrorCode};
 
 /// Longest request id, in characters.
 pub const MAX_REQUEST_ID_CHARS: usize = 128;
@@ -229,6 +229,121 @@ fn encode<T: Serialize>(value: &T) -> Frame {
     }
 }
 
+/// `{"id", "type", "payload"}`: a request, as a client sends it.
+pub fn encode_request<T: Serialize + ?Sized>(id: &str, kind: &str, payload: &T) -> Frame {
+    #[derive(Serialize)]
+    struct RequestFrame<'a, T: ?Sized> {
+        id: &'a str,
+        #[serde(rename = "type")]
+        kind: &'a str,
+        payload: &'a T,
+    }
+    encode(&RequestFrame { id, kind, payload })
+}
+
+/// The same as [`encode_request`] for a payload that is already JSON text
+/// (a load generator writes its publishes by hand, one buffer per batch).
+/// The caller guarantees `payload` is one JSON value.
+pub fn encode_request_raw(id: &str, kind: &str, payload: &str) -> Frame {
+    let mut buf = Vec::with_capacity(payload.len() + id.len() + kind.len() + 32);
+    buf.extend_from_slice(br#"{"id":"#);
+    // Ids and types are strings of the caller's; serde_json escapes them.
+    buf.extend_from_slice(
+        serde_json::to_string(id)
+            .unwrap_or_else(|_| "\"\"".into())
+            .as_bytes(),
+    );
+    buf.extend_from_slice(br#","type":"#);
+    buf.extend_from_slice(
+        serde_json::to_string(kind)
+            .unwrap_or_else(|_| "\"\"".into())
+            .as_bytes(),
+    );
+    buf.extend_from_slice(br#","payload":"#);
+    buf.extend_from_slice(payload.as_bytes());
+    buf.push(b'}');
+    Frame::from_json_vec(buf)
+}
+
+/// One frame from the gateway, as a client sorts it: the other direction
+/// of [`encode_reply`], [`encode_error`] and [`encode_push`].
+#[derive(Debug)]
+pub enum Incoming<'a> {
+    /// The answer to request `id`; its payload is typed by whoever sent it.
+    Reply {
+        /// The request's id, as it was sent.
+        id: std::borrow::Cow<'a, str>,
+        /// The reply payload, unparsed.
+        payload: &'a RawValue,
+    },
+    /// A refusal: of request `id`, or of a frame whose id the gateway could
+    /// not read (`None`).
+    Error {
+        /// The request's id, or `None` for `"id": null`.
+        id: Option<std::borrow::Cow<'a, str>>,
+        /// The error body. A code this crate does not know reads as
+        /// `INTERNAL` (with the message kept), so a newer gateway's codes
+        /// still fail a call.
+        error: CommandError,
+    },
+    /// A push: no id, a type of its own.
+    Push {
+        /// The push type (`stream.events`, `session.expired`, …).
+        kind: std::borrow::Cow<'a, str>,
+        /// The push payload, unparsed.
+        payload: &'a RawValue,
+    },
+}
+
+/// Sorts one text frame from the gateway. `None` for anything that is not
+/// a frame of the protocol, which a client ignores as it ignores what it
+/// does not know.
+pub fn decode_incoming(text: &str) -> Option<Incoming<'_>> {
+    #[derive(Deserialize)]
+    struct Wire<'a> {
+        #[serde(default, borrow)]
+        id: Option<std::borrow::Cow<'a, str>>,
+        #[serde(rename = "type", borrow)]
+        kind: std::borrow::Cow<'a, str>,
+        #[serde(default, borrow)]
+        payload: Option<&'a RawValue>,
+        #[serde(default, borrow)]
+        error: Option<WireErrorBody<'a>>,
+    }
+    #[derive(Deserialize)]
+    struct WireErrorBody<'a> {
+        #[serde(borrow)]
+        code: std::borrow::Cow<'a, str>,
+        #[serde(default)]
+        message: String,
+        #[serde(default)]
+        retryable: bool,
+        #[serde(default)]
+        details: Option<serde_json::Value>,
+    }
+    let wire: Wire<'_> = serde_json::from_str(text).ok()?;
+    match wire.kind.as_ref() {
+        "reply" => Some(Incoming::Reply {
+            id: wire.id?,
+            payload: wire.payload?,
+        }),
+        "error" => {
+            let body = wire.error?;
+            let error = CommandError {
+                code: ErrorCode::parse(&body.code).unwrap_or(ErrorCode::Internal),
+                message: body.message,
+                retryable: body.retryable,
+                details: body.details,
+            };
+            Some(Incoming::Error { id: wire.id, error })
+        }
+        _ => Some(Incoming::Push {
+            kind: wire.kind,
+            payload: wire.payload?,
+        }),
+    }
+}
+
 /// Builds a frame from JSON text the caller assembled itself (the stream
 /// module splices raw event JSON into `stream.events` frames).
 pub fn frame_from_json_bytes(bytes: Bytes) -> Frame {
@@ -238,7 +353,6 @@ pub fn frame_from_json_bytes(bytes: Bytes) -> Frame {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ErrorCode;
 
     fn code(text: &str) -> (Option<String>, ErrorCode) {
         let r = decode(text).expect_err("should be rejected");
@@ -315,5 +429,51 @@ mod tests {
             push.as_str(),
             r#"{"type":"gateway.draining","payload":{"reconnectAfterMs":5}}"#
         );
+    }
+
+    #[test]
+    fn what_the_gateway_encodes_a_client_decodes() {
+        let reply = encode_reply("r1", &serde_json::json!({"accepted": true}));
+        match decode_incoming(reply.as_str()) {
+            Some(Incoming::Reply { id, payload }) => {
+                assert_eq!(id, "r1");
+                assert_eq!(payload.get(), r#"{"accepted":true}"#);
+            }
+            other => panic!("{other:?}"),
+        }
+        let err = CommandError::new(ErrorCode::StaleEpoch, "moved").with_details(
+            serde_json::json!({"connectionEpoch": 3}),
+        );
+        match decode_incoming(encode_error(None, &err).as_str()) {
+            Some(Incoming::Error { id: None, error }) => assert_eq!(error, err),
+            other => panic!("{other:?}"),
+        }
+        let push = encode_push("gateway.draining", &serde_json::json!({"reconnectAfterMs": 5}));
+        match decode_incoming(push.as_str()) {
+            Some(Incoming::Push { kind, payload }) => {
+                assert_eq!(kind, "gateway.draining");
+                assert_eq!(payload.get(), r#"{"reconnectAfterMs":5}"#);
+            }
+            other => panic!("{other:?}"),
+        }
+        let request = encode_request("7", "runs.list", &serde_json::json!({}));
+        assert_eq!(request.as_str(), r#"{"id":"7","type":"runs.list","payload":{}}"#);
+        assert!(decode(request.as_str()).is_ok(), "the gateway reads what a client encodes");
+    }
+
+    #[test]
+    fn an_unknown_error_code_reads_as_internal_and_non_frames_are_none() {
+        let text = r#"{"id":"1","type":"error","error":{"code":"FROM_THE_FUTURE","message":"m","retryable":true}}"#;
+        match decode_incoming(text) {
+            Some(Incoming::Error { error, .. }) => {
+                assert_eq!(error.code, ErrorCode::Internal);
+                assert_eq!(error.message, "m");
+                assert!(error.retryable);
+            }
+            other => panic!("{other:?}"),
+        }
+        for junk in ["", "[]", "{}", r#"{"type":"reply","id":"1"}"#, r#"{"type":"error"}"#] {
+            assert!(decode_incoming(junk).is_none(), "{junk}");
+        }
     }
 }

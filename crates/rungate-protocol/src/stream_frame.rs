@@ -122,6 +122,100 @@ pub fn gap_frame(run: &str, epoch: &str, from: u64, to: u64) -> Bytes {
     Bytes::from(buf)
 }
 
+/// What a reader that only counts needs of a `stream.events` frame: its
+/// run, the offsets of its first and last events, and the first event's
+/// JSON text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventsSummary<'a> {
+    /// The run the events belong to.
+    pub run: std::borrow::Cow<'a, str>,
+    /// Offset of the first event in the frame.
+    pub first: u64,
+    /// Offset of the last event in the frame.
+    pub last: u64,
+    /// The first event, as published.
+    pub first_event: &'a str,
+}
+
+/// Reads an [`EventsSummary`] out of one `stream.events` frame without
+/// parsing its events, by the layout [`FrameBuilder`] writes: a load
+/// generator reading millions of events a second must not parse each.
+/// Any other layout (another gateway's, or a push of another type) goes
+/// through serde instead; `None` means the text is not a `stream.events`
+/// frame at all. The layout path finds the last entry by searching back for
+/// `{"offset":`, so an event whose JSON text contains that string can make
+/// it report a later `last`: exact for events the caller wrote itself, not
+/// for a viewer that must trust what it reads (it parses the frame).
+pub fn summarize_events(text: &str) -> Option<EventsSummary<'_>> {
+    by_layout(text).or_else(|| by_serde(text))
+}
+
+fn by_layout(text: &str) -> Option<EventsSummary<'_>> {
+    let head = std::str::from_utf8(EVENTS_HEAD).ok()?;
+    let entry = std::str::from_utf8(ENTRY_HEAD).ok()?;
+    let rest = text.strip_prefix(head)?;
+    let run_end = rest.find('"')?;
+    let run = &rest[..run_end];
+    let first_entry = r#""events":[{"offset":"#;
+    let at = rest.find(first_entry)? + first_entry.len();
+    let (first, n) = leading_u64(&rest[at..])?;
+    let event = rest[at + n..].strip_prefix(r#","event":"#)?;
+    let last_at = rest.rfind(entry)? + entry.len();
+    let (last, _) = leading_u64(&rest[last_at..])?;
+    Some(EventsSummary {
+        run: std::borrow::Cow::Borrowed(run),
+        first,
+        last,
+        first_event: event,
+    })
+}
+
+fn by_serde(text: &str) -> Option<EventsSummary<'_>> {
+    use serde::Deserialize;
+    use serde_json::value::RawValue;
+    #[derive(Deserialize)]
+    struct Frame<'a> {
+        #[serde(rename = "type", borrow)]
+        kind: std::borrow::Cow<'a, str>,
+        #[serde(borrow)]
+        payload: Payload<'a>,
+    }
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Payload<'a> {
+        #[serde(borrow)]
+        run_id: std::borrow::Cow<'a, str>,
+        #[serde(borrow)]
+        events: Vec<Entry<'a>>,
+    }
+    #[derive(Deserialize)]
+    struct Entry<'a> {
+        offset: u64,
+        #[serde(borrow)]
+        event: &'a RawValue,
+    }
+    let frame: Frame<'_> = serde_json::from_str(text).ok()?;
+    if frame.kind != "stream.events" {
+        return None;
+    }
+    let (first, last) = (frame.payload.events.first()?, frame.payload.events.last()?);
+    Some(EventsSummary {
+        run: frame.payload.run_id,
+        first: first.offset,
+        last: last.offset,
+        first_event: first.event.get(),
+    })
+}
+
+/// The decimal digits at the start of `s`, and how many there were.
+fn leading_u64(s: &str) -> Option<(u64, usize)> {
+    let end = s.bytes().take_while(u8::is_ascii_digit).count();
+    if end == 0 {
+        return None;
+    }
+    s[..end].parse().ok().map(|n| (n, end))
+}
+
 /// Writes `n` in decimal without going through `fmt` (which would allocate
 /// or need a `Write` adapter per event).
 fn push_decimal(buf: &mut Vec<u8>, mut n: u64) {
@@ -191,5 +285,34 @@ mod tests {
             push_decimal(&mut buf, n);
             assert_eq!(buf, n.to_string().as_bytes());
         }
+    }
+
+    #[test]
+    fn a_summary_reads_the_builders_layout_and_any_other_through_serde() {
+        let events = [r#"{"type":"a","data":{"t":5}}"#, r#"{"type":"b"}"#, "3"];
+        let total: usize = events.iter().map(|e| e.len()).sum();
+        let mut b = FrameBuilder::new("run-1", "00ff", 40, events.len(), total);
+        for e in events {
+            b.push(e.as_bytes());
+        }
+        let frame = b.finish();
+        let text = std::str::from_utf8(&frame).unwrap();
+        let want = EventsSummary {
+            run: "run-1".into(),
+            first: 40,
+            last: 42,
+            first_event: events[0],
+        };
+        assert_eq!(summarize_events(text), Some(want.clone()));
+        // Another gateway's layout: members in another order, spaces.
+        let other = r#"{ "payload": {"events": [{"event": {"type":"a","data":{"t":5}}, "offset": 40},
+            {"offset": 41, "event": 1}, {"offset": 42, "event": 2}], "streamEpoch": "00ff", "runId": "run-1"},
+            "type": "stream.events" }"#;
+        let got = summarize_events(other).expect("read through serde");
+        assert_eq!((got.run.as_ref(), got.first, got.last), ("run-1", 40, 42));
+        assert_eq!(got.first_event, r#"{"type":"a","data":{"t":5}}"#);
+        let gap = gap_frame("run-1", "00ff", 1, 2);
+        assert_eq!(summarize_events(std::str::from_utf8(&gap).unwrap()), None);
+        assert_eq!(summarize_events("not json"), None);
     }
 }
