@@ -9,7 +9,6 @@
 //! Mounting needs CAP_SYS_ADMIN: without it these tests skip loudly, except
 //! under `CI=true`, where they fail.
 
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 

@@ -2,12 +2,11 @@
 //! endpoint a page can reach, viewer tokens that never reach runtime
 //! commands, and logs that never carry a token or a secret.
 
-
 use crate::harness::*;
-use rungate_test_support::http;
 use rungate::auth::{AuthKey, TokenKind};
 use rungate::gateway::origin::AllowedOrigins;
 use rungate::ids::Capability;
+use rungate_test_support::http;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;

@@ -3,19 +3,18 @@
 //! cut (here by draining one gateway process and starting another on the
 //! same address; tests/client_faults.rs cuts it with a proxy).
 
-
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::harness::*;
 use rungate::auth::{AuthKey, TokenKind};
+use rungate::ids::Capability;
+use rungate::protocol::ErrorCode;
 use rungate_client::{
     ClientError, ClientEvent, ConnectionState, Event, RuntimeClient, RuntimeOptions, StreamItem,
     ViewerClient, ViewerOptions,
 };
-use rungate::ids::Capability;
-use rungate::protocol::ErrorCode;
 use serde_json::json;
 
 async fn runtime(gw: &TestGateway, runs: &str) -> RuntimeClient {

@@ -1,4 +1,3 @@
-
 // `rungate_client` through a fault-injecting proxy (tests/common/proxy.rs)
 // that cuts, stalls and half-closes connections while a runtime publishes
 // and a viewer tails: nothing published may be lost or stored twice, and
@@ -19,13 +18,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::harness::*;
-use rungate_test_support::proxy::Proxy;
 use rungate::auth::TokenKind;
+use rungate::ids::Capability;
 use rungate_client::{
     Backoff, ClientError, ClientEvent, ConnectionState, Event, Follower, RuntimeClient,
     RuntimeOptions, StreamItem, ViewerClient, ViewerOptions,
 };
-use rungate::ids::Capability;
+use rungate_test_support::proxy::Proxy;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};

@@ -3,7 +3,6 @@
 //! stream holds every acknowledged event exactly once, in order, under the
 //! same `streamEpoch`.
 
-
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,8 +10,8 @@ use std::time::Duration;
 use crate::harness::*;
 use parking_lot::Mutex;
 use rungate::auth::{AuthKey, TokenKind};
-use rungate_client::{Event, RuntimeClient, RuntimeOptions};
 use rungate::ids::Capability;
+use rungate_client::{Event, RuntimeClient, RuntimeOptions};
 use serde_json::json;
 
 const RUNTIMES: u64 = 3;

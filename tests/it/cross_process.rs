@@ -3,7 +3,6 @@
 //! viewer that is cut off again and again and resumes each time from the
 //! last offset it saw. They must agree event for event.
 
-
 use std::time::Duration;
 
 use crate::harness::*;

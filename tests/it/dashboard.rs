@@ -16,11 +16,11 @@ use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use browser::{Headless, Tab};
 use crate::harness::*;
-use rungate_test_support::http;
+use browser::{Headless, Tab};
 use futures_util::FutureExt;
 use rungate::auth::{AuthKey, TokenKind};
+use rungate_test_support::http;
 use serde_json::{Value, json};
 
 #[tokio::test]

@@ -2,7 +2,6 @@
 //! of its own, its simulated runtimes publish, the URL's token reads them,
 //! and SIGTERM ends it cleanly.
 
-
 use std::process::Stdio;
 use std::time::Duration;
 

@@ -1,6 +1,5 @@
 //! The examples, run end to end against a live gateway.
 
-
 use std::time::Duration;
 
 use crate::harness::*;

@@ -12,14 +12,13 @@
 //!
 //! Case counts are modest: the suite shares two busy cores.
 
-
 use crate::harness::*;
-use rungate_test_support::raw_ws::*;
 use proptest::prelude::*;
 use proptest::test_runner::{Config as ProptestConfig, TestRunner};
 use rungate::auth::TokenKind;
 use rungate::ids::Capability;
 use rungate::protocol::ErrorCode;
+use rungate_test_support::raw_ws::*;
 use serde_json::{Value, json};
 use tokio::sync::Mutex;
 use tokio_tungstenite::tungstenite::Message;

@@ -6,14 +6,13 @@
 //! No timing is asserted: the abusers run for as long as the good clients
 //! need, and every wait is bounded only by the harness's generous `WAIT`.
 
-
 use std::collections::HashSet;
 
 use crate::harness::*;
-use rungate_test_support::http::connect_with_small_window;
-use rungate_test_support::raw_ws::*;
 use rungate::auth::TokenKind;
 use rungate::ids::Capability;
+use rungate_test_support::http::connect_with_small_window;
+use rungate_test_support::raw_ws::*;
 use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 

@@ -4,14 +4,13 @@
 //! limits so a test needs only a few requests; waits are generous because
 //! the tests share two busy cores.
 
-
 use std::time::{Duration, Instant};
 
 use crate::harness::*;
-use rungate_test_support::http;
 use futures_util::StreamExt;
 use rungate::auth::TokenKind;
 use rungate::ids::Capability;
+use rungate_test_support::http;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;

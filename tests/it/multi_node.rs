@@ -23,14 +23,13 @@
 //! for an assertion; the only fixed windows are where a test checks that
 //! something does *not* happen (a second `session.expired`).
 
-
 use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::harness::*;
-use rungate_test_support::redis::TestRedis;
 use rungate::auth::{AuthKey, TokenKind};
 use rungate::ids::Capability;
+use rungate_test_support::redis::TestRedis;
 use serde_json::{Value, json};
 
 const CAPS: [&str; 3] = ["kv.read", "kv.write", "stream.resume"];

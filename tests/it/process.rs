@@ -2,7 +2,6 @@
 //! and `kill -9`) of state and sessions, SIGTERM draining, and the `token`
 //! command.
 
-
 use std::time::Duration;
 
 use crate::harness::*;

@@ -4,7 +4,6 @@
 //! and session there: the reconnect keeps its `sessionId`, the old epoch is
 //! still fenced, and the KV and checkpoint read back.
 
-
 use crate::harness::*;
 use rungate::auth::{AuthKey, TokenKind};
 use serde_json::json;

@@ -4,7 +4,6 @@
 //! order, under the same `streamEpoch`; a third gateway started afterwards
 //! serves the same stream.
 
-
 use crate::harness::*;
 use rungate::auth::{AuthKey, TokenKind};
 use rungate::ids::Capability;

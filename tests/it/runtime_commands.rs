@@ -1,7 +1,6 @@
 //! Config, secrets, KV and checkpoints over a real socket; many requests in
 //! flight; every error code a runtime socket can provoke; the HTTP side.
 
-
 use std::time::Duration;
 
 use crate::harness::*;

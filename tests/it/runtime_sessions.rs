@@ -1,6 +1,5 @@
 //! PROTOCOL.md §3 over real sockets: one test per rule.
 
-
 use std::time::Duration;
 
 use crate::harness::*;

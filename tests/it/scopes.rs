@@ -6,11 +6,10 @@
 //! this socket (PROTOCOL.md §3) — in both cases without revealing whether
 //! the other run exists.
 
-
 use crate::harness::*;
-use rungate_test_support::http;
 use rungate::auth::TokenKind;
 use rungate::ids::Capability;
+use rungate_test_support::http;
 use serde_json::{Value, json};
 
 /// A socket whose runtime token covers `runs`, with `run` attached.

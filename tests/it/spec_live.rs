@@ -20,14 +20,13 @@
 //! To drive one more command type: add a [`Step`] to [`session_steps`] (or
 //! to [`refusals`] for an error), and delete its line from [`NOT_DRIVEN`].
 
-
 use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
 use crate::harness::*;
-use rungate_test_support::schema::Spec;
 use rungate::auth::TokenKind;
 use rungate::ids::Capability;
+use rungate_test_support::schema::Spec;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 

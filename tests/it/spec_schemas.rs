@@ -10,8 +10,6 @@
 //!   `Command::parse` accepts it; the same for identifiers, timestamps and
 //!   request envelopes (`decode`); and what the Rust encoders emit validates.
 
-
-use rungate_test_support::schema::{Spec, absolute_ref, crate_root};
 use rungate::ids::{Capability, OpaqueId, RunId, SessionId};
 use rungate::protocol::commands::{
     Accepted, AttachResponse, CheckpointLoaded, CheckpointSaved, HeartbeatResponse, push,
@@ -20,6 +18,7 @@ use rungate::protocol::{
     Command, CommandError, CommandKind, ErrorCode, decode, encode_error, encode_push, encode_reply,
 };
 use rungate::time::Timestamp;
+use rungate_test_support::schema::{Spec, absolute_ref, crate_root};
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
 

@@ -4,13 +4,12 @@
 //! tail, keepalives, pretty-printed events, gaps, draining, a dropped
 //! stream). Bodies that have a schema are checked against `spec/v1`.
 
-
 use std::time::Duration;
 
 use crate::harness::*;
+use rungate::auth::{AuthKey, TokenKind};
 use rungate_test_support::http::{self, SseEvent, SseItem, SseParser, SseReader};
 use rungate_test_support::schema::Spec;
-use rungate::auth::{AuthKey, TokenKind};
 use serde_json::{Value, json};
 use tokio::time::Instant;
 

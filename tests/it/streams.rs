@@ -3,14 +3,13 @@
 //! endpoints, the race-free hand-over from replay to live, slow
 //! subscribers, retention, and every frame checked against the schemas.
 
-
 use std::collections::BTreeSet;
 use std::time::Duration;
 
 use crate::harness::*;
-use rungate_test_support::schema::Spec;
 use rungate::auth::TokenKind;
 use rungate::ids::Capability;
+use rungate_test_support::schema::Spec;
 use serde_json::{Value, json};
 
 fn event(i: u64) -> Value {

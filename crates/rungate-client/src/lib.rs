@@ -92,7 +92,6 @@ impl ClientError {
             ClientError::Closed | ClientError::NoSession(_) | ClientError::BadReply(_) => false,
         }
     }
-
 }
 
 impl From<rungate_protocol::CommandError> for ClientError {

@@ -223,6 +223,7 @@ impl Baseline {
         })
     }
 
+    /// Where it listens.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
     }

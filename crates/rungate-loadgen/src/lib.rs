@@ -73,7 +73,9 @@ use stats::{Stats, get};
 /// Batches per second per publisher.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Rate {
+    /// No publishing.
     Off,
+    /// This many batches per second per publisher.
     PerSec(f64),
     /// As fast as acknowledged, `--window` batches in flight.
     Max,
@@ -96,10 +98,12 @@ fn parse_rate(s: &str) -> Result<Rate, String> {
 pub enum StartAt {
     /// At the head: only what is published after the resume.
     Live,
+    /// From this offset: a replay, then live.
     Offset(u64),
 }
 
 impl StartAt {
+    /// The `fromOffset` to send, if any.
     pub fn offset(self) -> Option<u64> {
         match self {
             StartAt::Live => None,
@@ -239,12 +243,21 @@ pub struct LoadgenArgs {
 /// Why a run could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadgenError {
+    /// Flags that contradict each other or the run's size.
     #[error("{0}")]
     Usage(String),
+    /// The gateway's address did not resolve.
     #[error("cannot resolve {url}: {source}")]
-    Resolve { url: String, source: std::io::Error },
+    Resolve {
+        /// The URL given.
+        url: String,
+        /// Why it did not resolve.
+        source: std::io::Error,
+    },
+    /// Tokens could not be minted from `--auth-key-file`.
     #[error("minting tokens: {0}")]
     Auth(#[from] AuthError),
+    /// An operating-system limit (open files) is too low for the run.
     #[error("{0}")]
     Limit(String),
 }
@@ -346,23 +359,23 @@ fn token_for(tokens: &[String], index: usize) -> &str {
 }
 
 impl Shared {
-    pub fn runtime_token(&self, index: usize) -> &str {
+    pub(crate) fn runtime_token(&self, index: usize) -> &str {
         token_for(&self.tokens, index)
     }
 
-    pub fn viewer_token(&self, index: usize) -> &str {
+    pub(crate) fn viewer_token(&self, index: usize) -> &str {
         token_for(&self.viewer_tokens, index)
     }
 
-    pub fn viewer_sources(&self) -> &net::Sources {
+    pub(crate) fn viewer_sources(&self) -> &net::Sources {
         self.viewer_sources.as_ref().unwrap_or(&self.sources)
     }
 
-    pub fn now_us(&self) -> u64 {
+    pub(crate) fn now_us(&self) -> u64 {
         self.clock.elapsed().as_micros() as u64
     }
 
-    pub fn run_id(&self, socket: usize, sub: usize) -> String {
+    pub(crate) fn run_id(&self, socket: usize, sub: usize) -> String {
         if sub == 0 {
             format!("{}{socket}", self.prefix)
         } else {
@@ -372,7 +385,7 @@ impl Shared {
 
     /// Deliveries to expect so far: every accepted event of a run, once
     /// per viewer following it, from where that viewer started.
-    pub fn expected_deliveries(&self) -> u64 {
+    pub(crate) fn expected_deliveries(&self) -> u64 {
         let all: u64 = self
             .accepted
             .iter()

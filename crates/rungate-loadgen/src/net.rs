@@ -20,17 +20,17 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
-pub type Ws = WebSocketStream<TcpStream>;
+pub(crate) type Ws = WebSocketStream<TcpStream>;
 
 /// Sockets per source address when `--sources` is not given. The
 /// ephemeral range (32768–60999 by default) allows ~28,000 per address
 /// pair; fewer per address also keeps the kernel's port search short.
-pub const SOCKETS_PER_SOURCE: usize = 4_000;
+pub(crate) const SOCKETS_PER_SOURCE: usize = 4_000;
 
 /// Raises the soft `RLIMIT_NOFILE` to the hard limit; answers (before,
 /// now). Only the hard limit bounds a process without `CAP_SYS_RESOURCE`,
 /// and raising to it needs no privilege.
-pub fn raise_nofile_limit() -> io::Result<(u64, u64)> {
+pub(crate) fn raise_nofile_limit() -> io::Result<(u64, u64)> {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -52,14 +52,14 @@ pub fn raise_nofile_limit() -> io::Result<(u64, u64)> {
 
 /// Source addresses handed out round-robin: 127.0.0.1 ..= 127.0.0.K when
 /// the target is on loopback, else none (the kernel picks).
-pub struct Sources {
+pub(crate) struct Sources {
     addrs: Vec<Ipv4Addr>,
     next: AtomicUsize,
 }
 
 impl Sources {
     /// `count` = 0 picks enough for `sockets`.
-    pub fn new(target: SocketAddr, count: usize, sockets: usize) -> Sources {
+    pub(crate) fn new(target: SocketAddr, count: usize, sockets: usize) -> Sources {
         let loopback = matches!(target.ip(), IpAddr::V4(ip) if ip.is_loopback());
         let count = if count == 0 {
             sockets.div_ceil(SOCKETS_PER_SOURCE).max(1)
@@ -79,7 +79,7 @@ impl Sources {
         }
     }
 
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.addrs.len()
     }
 
@@ -120,7 +120,7 @@ fn bind_address_no_port(socket: &TcpSocket) {
 /// WebSocket settings for a load socket: small read buffer, no write
 /// buffering (ENGINEERING.md: ≈ 7–11 KiB per idle socket instead of
 /// ≈ 135 KiB), and the gateway's 1 MiB message limit.
-pub fn ws_config(read_buffer: usize) -> WebSocketConfig {
+pub(crate) fn ws_config(read_buffer: usize) -> WebSocketConfig {
     WebSocketConfig::default()
         .read_buffer_size(read_buffer)
         .write_buffer_size(0)
@@ -130,7 +130,7 @@ pub fn ws_config(read_buffer: usize) -> WebSocketConfig {
 }
 
 /// Why a connection failed, as an error-table key.
-pub fn connect_error_code(e: &io::Error) -> String {
+pub(crate) fn connect_error_code(e: &io::Error) -> String {
     match e.kind() {
         io::ErrorKind::ConnectionRefused => "connect:refused".into(),
         io::ErrorKind::AddrNotAvailable => "connect:no_source_port".into(),
@@ -142,7 +142,7 @@ pub fn connect_error_code(e: &io::Error) -> String {
 
 /// Opens `url` on `target` from the next source address with `token` as
 /// a bearer token. The error is an error-table key.
-pub async fn connect(
+pub(crate) async fn connect(
     target: SocketAddr,
     sources: &Sources,
     url: &str,
@@ -198,7 +198,7 @@ fn short(message: &str) -> String {
 }
 
 /// The target address of a `ws://HOST:PORT` URL.
-pub async fn resolve(url: &str) -> io::Result<SocketAddr> {
+pub(crate) async fn resolve(url: &str) -> io::Result<SocketAddr> {
     let rest = url
         .strip_prefix("ws://")
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "the URL must be ws://"))?;

@@ -9,7 +9,7 @@ use tokio::time::Instant;
 
 /// One look at a process.
 #[derive(Debug, Clone, Copy)]
-pub struct Sample {
+pub(crate) struct Sample {
     /// Resident set, KiB (`VmRSS`).
     pub rss_kib: u64,
     /// Peak resident set so far, KiB (`VmHWM`).
@@ -35,7 +35,7 @@ fn status_kib(status: &str, key: &str) -> Option<u64> {
 }
 
 /// Reads `/proc/{pid}` (`pid` = "self" for this process).
-pub fn sample(pid: &str) -> io::Result<Sample> {
+pub(crate) fn sample(pid: &str) -> io::Result<Sample> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     let bad = || io::Error::new(io::ErrorKind::InvalidData, "unexpected /proc format");
@@ -57,7 +57,7 @@ pub fn sample(pid: &str) -> io::Result<Sample> {
 }
 
 /// CPU used between two samples, in percent of one core.
-pub fn cpu_percent(from: &Sample, to: &Sample) -> f64 {
+pub(crate) fn cpu_percent(from: &Sample, to: &Sample) -> f64 {
     let wall = to.at.duration_since(from.at).as_secs_f64();
     if wall <= 0.0 {
         return 0.0;

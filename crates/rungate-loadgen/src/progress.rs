@@ -12,7 +12,7 @@ use tokio::task::JoinHandle;
 use super::stats::get;
 use super::{Phase, Shared};
 
-pub struct Progress {
+pub(crate) struct Progress {
     bar: Option<ProgressBar>,
     ticker: Option<JoinHandle<()>>,
     /// Phase lines without a bar.
@@ -20,7 +20,7 @@ pub struct Progress {
 }
 
 impl Progress {
-    pub fn start(sh: Arc<Shared>, quiet: bool) -> Progress {
+    pub(crate) fn start(sh: Arc<Shared>, quiet: bool) -> Progress {
         if quiet {
             return Progress {
                 bar: None,
@@ -73,7 +73,7 @@ impl Progress {
     }
 
     /// A new phase begins.
-    pub fn phase(&self, phase: Phase, what: &str) {
+    pub(crate) fn phase(&self, phase: Phase, what: &str) {
         let name = format!("{phase:?}").to_lowercase();
         if let Some(bar) = &self.bar {
             bar.set_prefix(name);
@@ -83,7 +83,7 @@ impl Progress {
     }
 
     /// A line worth keeping above the bar.
-    pub fn note(&self, line: &str) {
+    pub(crate) fn note(&self, line: &str) {
         if let Some(bar) = &self.bar {
             bar.println(line);
         } else if self.lines {
@@ -91,7 +91,7 @@ impl Progress {
         }
     }
 
-    pub fn finish(self) {
+    pub(crate) fn finish(self) {
         if let Some(t) = &self.ticker {
             t.abort();
         }

@@ -153,19 +153,26 @@ pub struct Watched {
 /// Everything a run measured.
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
+    /// What was asked for: the flags that shape the run.
     pub setup: Setup,
+    /// Sockets and sessions made, and how long it took.
     pub connections: Connections,
     /// Round trips by command type; for heartbeats and publishes, those
     /// sent in the traffic phase.
     pub commands: BTreeMap<&'static str, Percentiles>,
+    /// Events published, delivered, missed.
     pub events: Events,
+    /// How long viewers took to read a replay, when they started behind.
     pub replay: Option<Replay>,
+    /// Error frames received, by code.
     pub errors: BTreeMap<String, u64>,
     /// Requests unanswered when their socket closed.
     pub unanswered: u64,
+    /// The gateway's RSS and CPU, with `--gateway-pid`.
     pub gateway: Option<Process>,
     /// By the name given to `--watch-pid`.
     pub watched: BTreeMap<String, Watched>,
+    /// The load generator's own RSS and CPU.
     pub loadgen: Process,
 }
 

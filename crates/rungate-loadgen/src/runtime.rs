@@ -140,7 +140,7 @@ async fn attach(
 }
 
 /// Drives runtime socket `index` through every phase.
-pub async fn run_socket(sh: Arc<Shared>, index: usize) {
+pub(crate) async fn run_socket(sh: Arc<Shared>, index: usize) {
     let publisher = index < sh.publishers;
     let mut phase_rx = sh.phase.clone();
     let permit = sh.connect_gate.acquire().await;

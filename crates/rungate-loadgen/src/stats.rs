@@ -18,7 +18,7 @@ const SHARDS: usize = 16;
 const MAX_US: u64 = 600_000_000;
 
 /// A latency histogram (µs) that many threads record into.
-pub struct Latency {
+pub(crate) struct Latency {
     shards: Vec<Mutex<Histogram<u64>>>,
 }
 
@@ -44,7 +44,7 @@ impl Default for Latency {
 
 impl Latency {
     /// Records `count` samples of `us` microseconds.
-    pub fn record_n(&self, us: u64, count: u64) {
+    pub(crate) fn record_n(&self, us: u64, count: u64) {
         if count == 0 {
             return;
         }
@@ -52,17 +52,17 @@ impl Latency {
         let _ = self.shards[shard()].lock().record_n(us, count);
     }
 
-    pub fn record(&self, us: u64) {
+    pub(crate) fn record(&self, us: u64) {
         self.record_n(us, 1);
     }
 
     /// Records the time since `since`.
-    pub fn since(&self, since: Instant) {
+    pub(crate) fn since(&self, since: Instant) {
         self.record(since.elapsed().as_micros() as u64);
     }
 
     /// All shards merged.
-    pub fn merged(&self) -> Histogram<u64> {
+    pub(crate) fn merged(&self) -> Histogram<u64> {
         let mut all = histogram();
         for s in &self.shards {
             let _ = all.add(&*s.lock());
@@ -73,7 +73,7 @@ impl Latency {
 
 /// The commands whose round trips are measured.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
+pub(crate) enum Kind {
     Attach,
     Heartbeat,
     Publish,
@@ -81,9 +81,9 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 4] = [Kind::Attach, Kind::Heartbeat, Kind::Publish, Kind::Resume];
+    pub(crate) const ALL: [Kind; 4] = [Kind::Attach, Kind::Heartbeat, Kind::Publish, Kind::Resume];
 
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Kind::Attach => "runtime.attach",
             Kind::Heartbeat => "runtime.heartbeat",
@@ -95,7 +95,7 @@ impl Kind {
 
 /// Everything the load tasks count.
 #[derive(Default)]
-pub struct Stats {
+pub(crate) struct Stats {
     /// Sockets that completed the WebSocket handshake.
     pub runtime_sockets: AtomicU64,
     pub viewer_sockets: AtomicU64,
@@ -142,30 +142,30 @@ pub struct Stats {
 }
 
 impl Stats {
-    pub fn rtt(&self, kind: Kind) -> &Latency {
+    pub(crate) fn rtt(&self, kind: Kind) -> &Latency {
         &self.rtt[kind as usize]
     }
 
     /// Counts one error under `code` (a protocol error code, or a name for
     /// a transport failure such as `connect:refused`).
-    pub fn error(&self, code: &str) {
+    pub(crate) fn error(&self, code: &str) {
         *self.errors.lock().entry(code.to_owned()).or_insert(0) += 1;
     }
 
-    pub fn errors(&self) -> BTreeMap<String, u64> {
+    pub(crate) fn errors(&self) -> BTreeMap<String, u64> {
         self.errors.lock().clone()
     }
 
-    pub fn error_count(&self) -> u64 {
+    pub(crate) fn error_count(&self) -> u64 {
         self.errors.lock().values().sum()
     }
 }
 
 /// Shorthand for relaxed atomics, which is all the counters need.
-pub fn add(counter: &AtomicU64, n: u64) {
+pub(crate) fn add(counter: &AtomicU64, n: u64) {
     counter.fetch_add(n, Ordering::Relaxed);
 }
 
-pub fn get(counter: &AtomicU64) -> u64 {
+pub(crate) fn get(counter: &AtomicU64) -> u64 {
     counter.load(Ordering::Relaxed)
 }

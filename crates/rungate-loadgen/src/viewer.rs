@@ -38,7 +38,7 @@ struct Follow {
 
 /// Runs each viewer follows: `--follow`, at most the publishing runs
 /// (or one, with no publisher) and the gateway's default 256 per socket.
-pub fn follows_per_viewer(sh: &Shared) -> usize {
+pub(crate) fn follows_per_viewer(sh: &Shared) -> usize {
     let pool = sh.publishers.max(1);
     match sh.args.follow {
         0 => pool,
@@ -55,7 +55,7 @@ fn runs_of(sh: &Shared, j: usize) -> Vec<usize> {
 }
 
 /// Drives viewer socket `j` through every phase.
-pub async fn run_socket(sh: Arc<Shared>, j: usize) {
+pub(crate) async fn run_socket(sh: Arc<Shared>, j: usize) {
     let stats = &sh.stats;
     let mut phase_rx = sh.phase.clone();
     let permit = sh.connect_gate.acquire().await;

@@ -21,7 +21,7 @@ use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 /// The part of every command that names a session:
 /// `"sessionId":"…","runId":"…"`, written once per session.
 #[derive(Debug, Clone)]
-pub struct SessionRef {
+pub(crate) struct SessionRef {
     pub run: String,
     /// `{"sessionId":"…","runId":"…"}`.
     heartbeat_payload: String,
@@ -30,7 +30,7 @@ pub struct SessionRef {
 }
 
 impl SessionRef {
-    pub fn new(session_id: &str, run: &str) -> SessionRef {
+    pub(crate) fn new(session_id: &str, run: &str) -> SessionRef {
         let members = format!(
             r#""sessionId":{},"runId":{}"#,
             json_str(session_id),
@@ -45,19 +45,19 @@ impl SessionRef {
 }
 
 /// A JSON string literal.
-pub fn json_str(s: &str) -> String {
+pub(crate) fn json_str(s: &str) -> String {
     serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into())
 }
 
 /// `{"id":"N","type":KIND,"payload":PAYLOAD}`, `payload` being JSON text
 /// this module wrote.
-pub fn request(id: u64, kind: &str, payload: &str) -> String {
+pub(crate) fn request(id: u64, kind: &str, payload: &str) -> String {
     envelope::encode_request_raw(&id.to_string(), kind, payload)
         .as_str()
         .to_owned()
 }
 
-pub fn attach(
+pub(crate) fn attach(
     id: u64,
     run: &str,
     instance: &str,
@@ -75,13 +75,13 @@ pub fn attach(
     request(id, "runtime.attach", &payload)
 }
 
-pub fn heartbeat(id: u64, session: &SessionRef) -> String {
+pub(crate) fn heartbeat(id: u64, session: &SessionRef) -> String {
     request(id, "runtime.heartbeat", &session.heartbeat_payload)
 }
 
 /// `stream.resume` for a viewer socket: live (`from` = `None`) or from an
 /// offset.
-pub fn resume(id: u64, run: &str, from: Option<u64>) -> String {
+pub(crate) fn resume(id: u64, run: &str, from: Option<u64>) -> String {
     let payload = match from {
         Some(offset) => format!(r#"{{"runId":{},"fromOffset":{offset}}}"#, json_str(run)),
         None => format!(r#"{{"runId":{}}}"#, json_str(run)),
@@ -107,7 +107,7 @@ fn digits(mut n: u64) -> usize {
 /// less) and carrying `t_us`, the loadgen clock when it was sent, as the
 /// first member of its `data`. `buf` is scratch space for the payload,
 /// kept between calls.
-pub fn publish(
+pub(crate) fn publish(
     buf: &mut String,
     id: u64,
     session: &SessionRef,
@@ -141,7 +141,7 @@ pub fn publish(
 
 /// What one frame from the server is, as far as the load generator cares.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Incoming<'a> {
+pub(crate) enum Incoming<'a> {
     /// A reply to request `id` (ids are numbers in this tool).
     Reply {
         id: Option<u64>,
@@ -173,7 +173,7 @@ pub enum Incoming<'a> {
 }
 
 /// Sorts one text frame.
-pub fn classify(text: &str) -> Incoming<'_> {
+pub(crate) fn classify(text: &str) -> Incoming<'_> {
     if let Some(events) = stream_frame::summarize_events(text) {
         return Incoming::Events {
             run: events.run,

@@ -441,14 +441,16 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        let err = CommandError::new(ErrorCode::StaleEpoch, "moved").with_details(
-            serde_json::json!({"connectionEpoch": 3}),
-        );
+        let err = CommandError::new(ErrorCode::StaleEpoch, "moved")
+            .with_details(serde_json::json!({"connectionEpoch": 3}));
         match decode_incoming(encode_error(None, &err).as_str()) {
             Some(Incoming::Error { id: None, error }) => assert_eq!(error, err),
             other => panic!("{other:?}"),
         }
-        let push = encode_push("gateway.draining", &serde_json::json!({"reconnectAfterMs": 5}));
+        let push = encode_push(
+            "gateway.draining",
+            &serde_json::json!({"reconnectAfterMs": 5}),
+        );
         match decode_incoming(push.as_str()) {
             Some(Incoming::Push { kind, payload }) => {
                 assert_eq!(kind, "gateway.draining");
@@ -457,8 +459,14 @@ mod tests {
             other => panic!("{other:?}"),
         }
         let request = encode_request("7", "runs.list", &serde_json::json!({}));
-        assert_eq!(request.as_str(), r#"{"id":"7","type":"runs.list","payload":{}}"#);
-        assert!(decode(request.as_str()).is_ok(), "the gateway reads what a client encodes");
+        assert_eq!(
+            request.as_str(),
+            r#"{"id":"7","type":"runs.list","payload":{}}"#
+        );
+        assert!(
+            decode(request.as_str()).is_ok(),
+            "the gateway reads what a client encodes"
+        );
     }
 
     #[test]
@@ -472,7 +480,13 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        for junk in ["", "[]", "{}", r#"{"type":"reply","id":"1"}"#, r#"{"type":"error"}"#] {
+        for junk in [
+            "",
+            "[]",
+            "{}",
+            r#"{"type":"reply","id":"1"}"#,
+            r#"{"type":"error"}"#,
+        ] {
             assert!(decode_incoming(junk).is_none(), "{junk}");
         }
     }

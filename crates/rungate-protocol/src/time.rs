@@ -130,5 +130,4 @@ mod tests {
         assert!(Timestamp::parse("0001-01-01T00:00:00Z").is_ok());
         assert!(Timestamp::parse("9999-12-31T23:59:59.999Z").is_ok());
     }
-
 }
