@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::gateway::origin::AllowedOrigins;
+use crate::origin::AllowedOrigins;
 use crate::stream::StreamLimits;
 use crate::stream::log::SyncPolicy;
 
@@ -160,7 +160,7 @@ impl Config {
             config_file: None,
             store: StoreKind::Embedded,
             heartbeat_interval,
-            lease_ttl: heartbeat_interval * 3,
+            lease_ttl: heartbeat_interval * LEASE_TTL_HEARTBEATS,
             session_tombstone_ttl: Duration::from_secs(3600),
             reconnect_after: Duration::from_millis(1000),
             drain_timeout: Duration::from_secs(30),
@@ -169,6 +169,14 @@ impl Config {
             stream_sync: SyncPolicy::Always,
             allowed_origins: AllowedOrigins::default(),
         }
+    }
+
+    /// Every default: what `rungate serve` runs with when told nothing.
+    pub fn defaults() -> Config {
+        Config::new(
+            SocketAddr::from(([127, 0, 0, 1], 7700)),
+            PathBuf::from("rungate-data"),
+        )
     }
 
     /// Checks relations between settings that no single flag can.
@@ -243,160 +251,279 @@ pub enum ConfigError {
     Invalid(String),
 }
 
-/// `rungate serve` flags. Every flag also reads `RUNGATE_<FLAG>` and the
-/// `[gateway]` table of `--config` (same names with underscores).
-#[derive(Debug, Clone, Default, clap::Args)]
-pub struct ServeArgs {
-    /// Address to listen on [default: 127.0.0.1:7700]
-    #[arg(long, env = "RUNGATE_LISTEN")]
-    pub listen: Option<SocketAddr>,
-    /// Directory for the embedded store and the auth key [default: ./rungate-data]
-    #[arg(long, env = "RUNGATE_DATA_DIR")]
-    pub data_dir: Option<PathBuf>,
-    /// TOML file: a [gateway] table with these settings, [[runs]] config and secrets
-    #[arg(long, env = "RUNGATE_CONFIG")]
-    pub config: Option<PathBuf>,
-    /// HMAC key for tokens; created on first start [default: DATA_DIR/auth.key]
-    #[arg(long, env = "RUNGATE_AUTH_KEY_FILE")]
-    pub auth_key_file: Option<PathBuf>,
-    /// Storage engine: "embedded" (redb under --data-dir), "memory", or
-    /// "redis://HOST:PORT/DB" (KV, checkpoints, sessions in Redis) [default: embedded]
-    #[arg(long, env = "RUNGATE_STORE")]
-    pub store: Option<String>,
-    /// Heartbeat interval told to runtimes, ms (≥ 1000) [default: 10000]
-    #[arg(long, env = "RUNGATE_HEARTBEAT_INTERVAL_MS")]
-    pub heartbeat_interval_ms: Option<u64>,
-    /// Lease TTL, ms [default: 3 × heartbeat interval]
-    #[arg(long, env = "RUNGATE_LEASE_TTL_MS")]
-    pub lease_ttl_ms: Option<u64>,
-    /// How long an expired session is remembered, s [default: 3600]
-    #[arg(long, env = "RUNGATE_SESSION_TOMBSTONE_SECS")]
-    pub session_tombstone_secs: Option<u64>,
-    /// Largest WebSocket message accepted, bytes [default: 1048576]
-    #[arg(long, env = "RUNGATE_MAX_FRAME_BYTES")]
-    pub max_frame_bytes: Option<usize>,
-    /// Requests in flight per socket before reading pauses [default: 256]
-    #[arg(long, env = "RUNGATE_MAX_INFLIGHT_PER_SOCKET")]
-    pub max_inflight_per_socket: Option<usize>,
-    /// Frames queued per socket [default: 1024]
-    #[arg(long, env = "RUNGATE_OUTBOUND_QUEUE")]
-    pub outbound_queue: Option<usize>,
-    /// Seconds a client has to send its HTTP headers [default: 10]
-    #[arg(long, env = "RUNGATE_HANDSHAKE_TIMEOUT_SECS")]
-    pub handshake_timeout_secs: Option<u64>,
-    /// reconnectAfterMs told to clients when draining [default: 1000]
-    #[arg(long, env = "RUNGATE_RECONNECT_AFTER_MS")]
-    pub reconnect_after_ms: Option<u64>,
-    /// Longest a drain waits for in-flight work, s [default: 30]
-    #[arg(long, env = "RUNGATE_DRAIN_TIMEOUT_SECS")]
-    pub drain_timeout_secs: Option<u64>,
-    /// Seconds a socket may take no data while frames wait before it is closed [default: 30]
-    #[arg(long, env = "RUNGATE_WRITE_TIMEOUT_SECS")]
-    pub write_timeout_secs: Option<u64>,
-    /// Events one events.publish may carry [default: 1000]
-    #[arg(long, env = "RUNGATE_MAX_EVENTS_PER_PUBLISH")]
-    pub max_events_per_publish: Option<usize>,
-    /// Bytes of one output event's JSON [default: 65536]
-    #[arg(long, env = "RUNGATE_MAX_EVENT_BYTES")]
-    pub max_event_bytes: Option<usize>,
-    /// Runs one socket may follow at once [default: 256]
-    #[arg(long, env = "RUNGATE_MAX_SUBSCRIPTIONS_PER_SOCKET")]
-    pub max_subscriptions_per_socket: Option<usize>,
-    /// Seconds between keepalive comments on an idle SSE response [default: 15]
-    #[arg(long, env = "RUNGATE_SSE_KEEPALIVE_SECS")]
-    pub sse_keepalive_secs: Option<u64>,
-    /// Events kept per run's stream [default: 10000]
-    #[arg(long, env = "RUNGATE_STREAM_MAX_EVENTS")]
-    pub stream_max_events: Option<usize>,
-    /// Bytes kept per run's stream [default: 16777216]
-    #[arg(long, env = "RUNGATE_STREAM_MAX_BYTES")]
-    pub stream_max_bytes: Option<usize>,
-    /// Bytes kept across all streams; idle streams are evicted first [default: 536870912]
-    #[arg(long, env = "RUNGATE_STREAM_GLOBAL_MAX_BYTES")]
-    pub stream_global_max_bytes: Option<usize>,
-    /// Seconds a run's stream stays readable after its session ends [default: 3600]
-    #[arg(long, env = "RUNGATE_STREAM_RETENTION_SECS")]
-    pub stream_retention_secs: Option<u64>,
-    /// When the event log reaches the disk: always (before every ack), interval:MS, or os [default: always]
-    #[arg(long, env = "RUNGATE_STREAM_SYNC")]
-    pub stream_sync: Option<String>,
-    /// Bytes of one KV key [default: 512]
-    #[arg(long, env = "RUNGATE_MAX_KV_KEY_BYTES")]
-    pub max_kv_key_bytes: Option<usize>,
-    /// Bytes of one KV value [default: 65536]
-    #[arg(long, env = "RUNGATE_MAX_KV_VALUE_BYTES")]
-    pub max_kv_value_bytes: Option<usize>,
-    /// Keys one run's KV may hold [default: 1000]
-    #[arg(long, env = "RUNGATE_MAX_KV_KEYS_PER_RUN")]
-    pub max_kv_keys_per_run: Option<usize>,
-    /// Bytes of one checkpoint's data JSON [default: 1048576]
-    #[arg(long, env = "RUNGATE_MAX_CHECKPOINT_BYTES")]
-    pub max_checkpoint_bytes: Option<usize>,
-    /// Sessions (main run and sub-runs) one socket may hold [default: 128]
-    #[arg(long, env = "RUNGATE_MAX_SESSIONS_PER_SOCKET")]
-    pub max_sessions_per_socket: Option<usize>,
-    /// Open WebSockets and SSE responses per token [default: 1000]
-    #[arg(long, env = "RUNGATE_MAX_SOCKETS_PER_TOKEN")]
-    pub max_sockets_per_token: Option<usize>,
-    /// Open WebSockets and SSE responses in all; more get HTTP 503 [default: 100000]
-    #[arg(long, env = "RUNGATE_MAX_CONNECTIONS")]
-    pub max_connections: Option<usize>,
-    /// Seconds a runtime socket may hold no session before it is closed [default: 60]
-    #[arg(long, env = "RUNGATE_IDLE_TIMEOUT_SECS")]
-    pub idle_timeout_secs: Option<u64>,
-    /// Commands per second one socket may send, sustained [default: 1000]
-    #[arg(long, env = "RUNGATE_MAX_COMMANDS_PER_SEC")]
-    pub max_commands_per_sec: Option<u32>,
-    /// Commands one socket may send in a burst above that rate [default: 2000]
-    #[arg(long, env = "RUNGATE_COMMAND_BURST")]
-    pub command_burst: Option<u32>,
-    /// Browser origins allowed besides the gateway's own, comma-separated
-    /// (https://app.example.com,http://localhost:3000), or * for any [default: same origin only]
-    #[arg(long, env = "RUNGATE_ALLOWED_ORIGINS")]
-    pub allowed_origins: Option<String>,
+/// One `--help` line: what a setting is, then its default.
+fn help(what: &str, default: impl std::fmt::Display) -> String {
+    format!("{what} [default: {default}]")
 }
 
-/// The `[gateway]` table: the same settings as the flags.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileGateway {
-    listen: Option<SocketAddr>,
-    data_dir: Option<PathBuf>,
-    auth_key_file: Option<PathBuf>,
-    store: Option<String>,
-    heartbeat_interval_ms: Option<u64>,
-    lease_ttl_ms: Option<u64>,
-    session_tombstone_secs: Option<u64>,
-    max_frame_bytes: Option<usize>,
-    max_inflight_per_socket: Option<usize>,
-    outbound_queue: Option<usize>,
-    handshake_timeout_secs: Option<u64>,
-    reconnect_after_ms: Option<u64>,
-    drain_timeout_secs: Option<u64>,
-    write_timeout_secs: Option<u64>,
-    max_events_per_publish: Option<usize>,
-    max_event_bytes: Option<usize>,
-    max_subscriptions_per_socket: Option<usize>,
-    sse_keepalive_secs: Option<u64>,
-    stream_max_events: Option<usize>,
-    stream_max_bytes: Option<usize>,
-    stream_global_max_bytes: Option<usize>,
-    stream_retention_secs: Option<u64>,
-    stream_sync: Option<String>,
-    max_kv_key_bytes: Option<usize>,
-    max_kv_value_bytes: Option<usize>,
-    max_kv_keys_per_run: Option<usize>,
-    max_checkpoint_bytes: Option<usize>,
-    max_sessions_per_socket: Option<usize>,
-    max_sockets_per_token: Option<usize>,
-    max_connections: Option<usize>,
-    idle_timeout_secs: Option<u64>,
-    max_commands_per_sec: Option<u32>,
-    command_burst: Option<u32>,
-    /// A list in the file (`["https://a.example"]`); the flag takes the
-    /// same list comma-separated.
-    allowed_origins: Option<Vec<String>>,
+/// The `allowed_origins` setting as written: a comma-separated list on the
+/// command line and in the environment, a list (or the same string) in the
+/// config file. Parsed into [`AllowedOrigins`] when the config is built.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OriginList(pub Vec<String>);
+
+impl std::str::FromStr for OriginList {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(OriginList(
+            s.split(',')
+                .map(str::trim)
+                .filter(|e| !e.is_empty())
+                .map(str::to_owned)
+                .collect(),
+        ))
+    }
 }
+
+impl<'de> Deserialize<'de> for OriginList {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Written {
+            List(Vec<String>),
+            Comma(String),
+        }
+        Ok(match Written::deserialize(d)? {
+            Written::List(list) => OriginList(list),
+            Written::Comma(s) => match s.parse() {
+                Ok(list) => list,
+                Err(never) => match never {},
+            },
+        })
+    }
+}
+
+/// The table of settings: each is written once, here, and becomes a flag
+/// (`--name-with-dashes`), an environment variable (`RUNGATE_NAME`), a key
+/// of the config file's `[gateway]` table (`name`), a line of `--help`
+/// (its doc and its default, read from [`Config::defaults`]) and a step of
+/// [`ServeArgs::into_config`] (`set`, applied in table order, so a setting
+/// that derives another's default comes before it).
+macro_rules! settings {
+    ($(
+        $(#[doc = $doc:literal])+
+        $name:ident: $ty:ty, $env:literal,
+            default |$d:ident| $default:expr,
+            set |$c:ident, $v:ident| $set:block
+    )*) => {
+        /// `rungate serve` flags. Every flag also reads `RUNGATE_<FLAG>` and the
+        /// `[gateway]` table of `--config` (same names with underscores).
+        #[derive(Debug, Clone, Default, clap::Args)]
+        pub struct ServeArgs {
+            /// TOML file: a [gateway] table with these settings, [[runs]] config and secrets
+            #[arg(long, env = "RUNGATE_CONFIG")]
+            pub config: Option<PathBuf>,
+            $(
+                $(#[doc = $doc])+
+                #[arg(long, env = $env, help = help(concat!($($doc),+).trim(), {
+                    let $d = Config::defaults();
+                    $default
+                }))]
+                pub $name: Option<$ty>,
+            )*
+        }
+
+        /// The `[gateway]` table of the config file: the same settings.
+        #[derive(Debug, Default, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct FileGateway {
+            $( $name: Option<$ty>, )*
+        }
+
+        impl ServeArgs {
+            /// Layers flags/env over the config file over defaults.
+            pub fn into_config(self) -> Result<Config, ConfigError> {
+                let file = match &self.config {
+                    Some(path) => read_file_gateway(path)?,
+                    None => FileGateway::default(),
+                };
+                let mut config = Config::defaults();
+                config.config_file = self.config;
+                $(
+                    if let Some(value) = self.$name.or(file.$name) {
+                        #[allow(unused_variables)]
+                        fn set($c: &mut Config, $v: $ty) -> Result<(), ConfigError> {
+                            $set
+                            Ok(())
+                        }
+                        set(&mut config, value)?;
+                    }
+                )*
+                config.validate()?;
+                Ok(config)
+            }
+
+            /// Every setting's name, as a config-file key.
+            #[cfg(test)]
+            fn names() -> &'static [&'static str] {
+                &[$(stringify!($name)),*]
+            }
+        }
+    };
+}
+
+fn secs(d: Duration) -> u64 {
+    d.as_secs()
+}
+
+fn millis(d: Duration) -> u128 {
+    d.as_millis()
+}
+
+settings! {
+    /// Address to listen on
+    listen: SocketAddr, "RUNGATE_LISTEN",
+        default |d| d.listen,
+        set |c, v| { c.listen = v; }
+    /// Directory for the embedded store and the auth key
+    data_dir: PathBuf, "RUNGATE_DATA_DIR",
+        default |d| d.data_dir.display().to_string(),
+        set |c, v| {
+            // The key file lives in the data directory unless told apart
+            // (auth_key_file comes after this in the table).
+            c.auth_key_file = v.join("auth.key");
+            c.data_dir = v;
+        }
+    /// HMAC key for tokens; created on first start
+    auth_key_file: PathBuf, "RUNGATE_AUTH_KEY_FILE",
+        default |_d| "DATA_DIR/auth.key",
+        set |c, v| { c.auth_key_file = v; }
+    /// Storage engine: "embedded" (redb under --data-dir), "memory", or
+    /// "redis://HOST:PORT/DB" (KV, checkpoints, sessions in Redis)
+    store: String, "RUNGATE_STORE",
+        default |_d| "embedded",
+        set |c, v| { c.store = v.parse()?; }
+    /// Heartbeat interval told to runtimes, ms (≥ 1000)
+    heartbeat_interval_ms: u64, "RUNGATE_HEARTBEAT_INTERVAL_MS",
+        default |d| millis(d.heartbeat_interval),
+        set |c, v| {
+            c.heartbeat_interval = Duration::from_millis(v);
+            c.lease_ttl = c.heartbeat_interval * LEASE_TTL_HEARTBEATS;
+        }
+    /// Lease TTL, ms
+    lease_ttl_ms: u64, "RUNGATE_LEASE_TTL_MS",
+        default |_d| format!("{LEASE_TTL_HEARTBEATS} × heartbeat interval"),
+        set |c, v| { c.lease_ttl = Duration::from_millis(v); }
+    /// How long an expired session is remembered, s
+    session_tombstone_secs: u64, "RUNGATE_SESSION_TOMBSTONE_SECS",
+        default |d| secs(d.session_tombstone_ttl),
+        set |c, v| { c.session_tombstone_ttl = Duration::from_secs(v); }
+    /// Largest WebSocket message accepted, bytes
+    max_frame_bytes: usize, "RUNGATE_MAX_FRAME_BYTES",
+        default |d| d.limits.max_frame_bytes,
+        set |c, v| { c.limits.max_frame_bytes = v; }
+    /// Requests in flight per socket before reading pauses
+    max_inflight_per_socket: usize, "RUNGATE_MAX_INFLIGHT_PER_SOCKET",
+        default |d| d.limits.max_inflight_per_socket,
+        set |c, v| { c.limits.max_inflight_per_socket = v; }
+    /// Frames queued per socket
+    outbound_queue: usize, "RUNGATE_OUTBOUND_QUEUE",
+        default |d| d.limits.outbound_queue,
+        set |c, v| { c.limits.outbound_queue = v; }
+    /// Seconds a client has to send its HTTP headers
+    handshake_timeout_secs: u64, "RUNGATE_HANDSHAKE_TIMEOUT_SECS",
+        default |d| secs(d.limits.handshake_timeout),
+        set |c, v| { c.limits.handshake_timeout = Duration::from_secs(v); }
+    /// reconnectAfterMs told to clients when draining
+    reconnect_after_ms: u64, "RUNGATE_RECONNECT_AFTER_MS",
+        default |d| millis(d.reconnect_after),
+        set |c, v| { c.reconnect_after = Duration::from_millis(v); }
+    /// Longest a drain waits for in-flight work, s
+    drain_timeout_secs: u64, "RUNGATE_DRAIN_TIMEOUT_SECS",
+        default |d| secs(d.drain_timeout),
+        set |c, v| { c.drain_timeout = Duration::from_secs(v); }
+    /// Seconds a socket may take no data while frames wait before it is closed
+    write_timeout_secs: u64, "RUNGATE_WRITE_TIMEOUT_SECS",
+        default |d| secs(d.limits.write_timeout),
+        set |c, v| { c.limits.write_timeout = Duration::from_secs(v); }
+    /// Events one events.publish may carry
+    max_events_per_publish: usize, "RUNGATE_MAX_EVENTS_PER_PUBLISH",
+        default |d| d.limits.max_events_per_publish,
+        set |c, v| { c.limits.max_events_per_publish = v; }
+    /// Bytes of one output event's JSON
+    max_event_bytes: usize, "RUNGATE_MAX_EVENT_BYTES",
+        default |d| d.limits.max_event_bytes,
+        set |c, v| { c.limits.max_event_bytes = v; }
+    /// Runs one socket may follow at once
+    max_subscriptions_per_socket: usize, "RUNGATE_MAX_SUBSCRIPTIONS_PER_SOCKET",
+        default |d| d.limits.max_subscriptions_per_socket,
+        set |c, v| { c.limits.max_subscriptions_per_socket = v; }
+    /// Seconds between keepalive comments on an idle SSE response
+    sse_keepalive_secs: u64, "RUNGATE_SSE_KEEPALIVE_SECS",
+        default |d| secs(d.limits.sse_keepalive),
+        set |c, v| { c.limits.sse_keepalive = Duration::from_secs(v); }
+    /// Events kept per run's stream
+    stream_max_events: usize, "RUNGATE_STREAM_MAX_EVENTS",
+        default |d| d.streams.max_events_per_run,
+        set |c, v| { c.streams.max_events_per_run = v; }
+    /// Bytes kept per run's stream
+    stream_max_bytes: usize, "RUNGATE_STREAM_MAX_BYTES",
+        default |d| d.streams.max_bytes_per_run,
+        set |c, v| { c.streams.max_bytes_per_run = v; }
+    /// Bytes kept across all streams; idle streams are evicted first
+    stream_global_max_bytes: usize, "RUNGATE_STREAM_GLOBAL_MAX_BYTES",
+        default |d| d.streams.global_max_bytes,
+        set |c, v| { c.streams.global_max_bytes = v; }
+    /// Seconds a run's stream stays readable after its session ends
+    stream_retention_secs: u64, "RUNGATE_STREAM_RETENTION_SECS",
+        default |d| secs(d.streams.retention),
+        set |c, v| { c.streams.retention = Duration::from_secs(v); }
+    /// When the event log reaches the disk: always (before every ack), interval:MS, or os
+    stream_sync: String, "RUNGATE_STREAM_SYNC",
+        default |_d| "always",
+        set |c, v| { c.stream_sync = v.parse().map_err(ConfigError::Invalid)?; }
+    /// Bytes of one KV key
+    max_kv_key_bytes: usize, "RUNGATE_MAX_KV_KEY_BYTES",
+        default |d| d.limits.max_kv_key_bytes,
+        set |c, v| { c.limits.max_kv_key_bytes = v; }
+    /// Bytes of one KV value
+    max_kv_value_bytes: usize, "RUNGATE_MAX_KV_VALUE_BYTES",
+        default |d| d.limits.max_kv_value_bytes,
+        set |c, v| { c.limits.max_kv_value_bytes = v; }
+    /// Keys one run's KV may hold
+    max_kv_keys_per_run: usize, "RUNGATE_MAX_KV_KEYS_PER_RUN",
+        default |d| d.limits.max_kv_keys_per_run,
+        set |c, v| { c.limits.max_kv_keys_per_run = v; }
+    /// Bytes of one checkpoint's data JSON
+    max_checkpoint_bytes: usize, "RUNGATE_MAX_CHECKPOINT_BYTES",
+        default |d| d.limits.max_checkpoint_bytes,
+        set |c, v| { c.limits.max_checkpoint_bytes = v; }
+    /// Sessions one socket may hold (main run and sub-runs)
+    max_sessions_per_socket: usize, "RUNGATE_MAX_SESSIONS_PER_SOCKET",
+        default |d| d.limits.max_sessions_per_socket,
+        set |c, v| { c.limits.max_sessions_per_socket = v; }
+    /// Open WebSockets and SSE responses one token may hold
+    max_sockets_per_token: usize, "RUNGATE_MAX_SOCKETS_PER_TOKEN",
+        default |d| d.limits.max_sockets_per_token,
+        set |c, v| { c.limits.max_sockets_per_token = v; }
+    /// Open WebSockets and SSE responses in all; more get HTTP 503
+    max_connections: usize, "RUNGATE_MAX_CONNECTIONS",
+        default |d| d.limits.max_connections,
+        set |c, v| { c.limits.max_connections = v; }
+    /// Seconds a runtime socket may hold no session before it is closed
+    idle_timeout_secs: u64, "RUNGATE_IDLE_TIMEOUT_SECS",
+        default |d| secs(d.limits.idle_timeout),
+        set |c, v| { c.limits.idle_timeout = Duration::from_secs(v); }
+    /// Commands one socket may send per second, sustained
+    max_commands_per_sec: u32, "RUNGATE_MAX_COMMANDS_PER_SEC",
+        default |d| d.limits.max_commands_per_sec,
+        set |c, v| { c.limits.max_commands_per_sec = v; }
+    /// Commands one socket may send at once above the sustained rate
+    command_burst: u32, "RUNGATE_COMMAND_BURST",
+        default |d| d.limits.command_burst,
+        set |c, v| { c.limits.command_burst = v; }
+    /// Browser origins allowed besides the gateway's own, comma-separated
+    /// (scheme://host[:port]), or * for any
+    allowed_origins: OriginList, "RUNGATE_ALLOWED_ORIGINS",
+        default |_d| "none",
+        set |c, v| {
+            c.allowed_origins = AllowedOrigins::parse(v.0.iter().map(String::as_str))
+                .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        }
+}
+
+/// The lease TTL, in heartbeat intervals, when it is not set itself.
+const LEASE_TTL_HEARTBEATS: u32 = 3;
 
 #[derive(Debug, Default, Deserialize)]
 struct FileTop {
@@ -416,143 +543,6 @@ fn read_file_gateway(path: &Path) -> Result<FileGateway, ConfigError> {
         message: e.message().to_owned(),
     })?;
     Ok(top.gateway)
-}
-
-impl ServeArgs {
-    /// Layers flags/env over the config file over defaults.
-    pub fn into_config(self) -> Result<Config, ConfigError> {
-        let file = match &self.config {
-            Some(path) => read_file_gateway(path)?,
-            None => FileGateway::default(),
-        };
-        let listen = self
-            .listen
-            .or(file.listen)
-            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7700)));
-        let data_dir = self
-            .data_dir
-            .or(file.data_dir)
-            .unwrap_or_else(|| PathBuf::from("rungate-data"));
-        let mut c = Config::new(listen, data_dir);
-        c.config_file = self.config;
-        if let Some(p) = self.auth_key_file.or(file.auth_key_file) {
-            c.auth_key_file = p;
-        }
-        if let Some(s) = self.store.or(file.store) {
-            c.store = s.parse()?;
-        }
-        if let Some(ms) = self.heartbeat_interval_ms.or(file.heartbeat_interval_ms) {
-            c.heartbeat_interval = Duration::from_millis(ms);
-            c.lease_ttl = c.heartbeat_interval * 3;
-        }
-        if let Some(ms) = self.lease_ttl_ms.or(file.lease_ttl_ms) {
-            c.lease_ttl = Duration::from_millis(ms);
-        }
-        if let Some(s) = self.session_tombstone_secs.or(file.session_tombstone_secs) {
-            c.session_tombstone_ttl = Duration::from_secs(s);
-        }
-        if let Some(v) = self.max_frame_bytes.or(file.max_frame_bytes) {
-            c.limits.max_frame_bytes = v;
-        }
-        if let Some(v) = self
-            .max_inflight_per_socket
-            .or(file.max_inflight_per_socket)
-        {
-            c.limits.max_inflight_per_socket = v;
-        }
-        if let Some(v) = self.outbound_queue.or(file.outbound_queue) {
-            c.limits.outbound_queue = v;
-        }
-        if let Some(s) = self.handshake_timeout_secs.or(file.handshake_timeout_secs) {
-            c.limits.handshake_timeout = Duration::from_secs(s);
-        }
-        if let Some(ms) = self.reconnect_after_ms.or(file.reconnect_after_ms) {
-            c.reconnect_after = Duration::from_millis(ms);
-        }
-        if let Some(s) = self.drain_timeout_secs.or(file.drain_timeout_secs) {
-            c.drain_timeout = Duration::from_secs(s);
-        }
-        if let Some(s) = self.write_timeout_secs.or(file.write_timeout_secs) {
-            c.limits.write_timeout = Duration::from_secs(s);
-        }
-        if let Some(v) = self.max_events_per_publish.or(file.max_events_per_publish) {
-            c.limits.max_events_per_publish = v;
-        }
-        if let Some(v) = self.max_event_bytes.or(file.max_event_bytes) {
-            c.limits.max_event_bytes = v;
-        }
-        if let Some(v) = self
-            .max_subscriptions_per_socket
-            .or(file.max_subscriptions_per_socket)
-        {
-            c.limits.max_subscriptions_per_socket = v;
-        }
-        if let Some(s) = self.sse_keepalive_secs.or(file.sse_keepalive_secs) {
-            c.limits.sse_keepalive = Duration::from_secs(s);
-        }
-        if let Some(v) = self.stream_max_events.or(file.stream_max_events) {
-            c.streams.max_events_per_run = v;
-        }
-        if let Some(v) = self.stream_max_bytes.or(file.stream_max_bytes) {
-            c.streams.max_bytes_per_run = v;
-        }
-        if let Some(v) = self
-            .stream_global_max_bytes
-            .or(file.stream_global_max_bytes)
-        {
-            c.streams.global_max_bytes = v;
-        }
-        if let Some(s) = self.stream_retention_secs.or(file.stream_retention_secs) {
-            c.streams.retention = Duration::from_secs(s);
-        }
-        if let Some(s) = self.stream_sync.or(file.stream_sync) {
-            c.stream_sync = s.parse().map_err(ConfigError::Invalid)?;
-        }
-        let l = &mut c.limits;
-        if let Some(v) = self.max_kv_key_bytes.or(file.max_kv_key_bytes) {
-            l.max_kv_key_bytes = v;
-        }
-        if let Some(v) = self.max_kv_value_bytes.or(file.max_kv_value_bytes) {
-            l.max_kv_value_bytes = v;
-        }
-        if let Some(v) = self.max_kv_keys_per_run.or(file.max_kv_keys_per_run) {
-            l.max_kv_keys_per_run = v;
-        }
-        if let Some(v) = self.max_checkpoint_bytes.or(file.max_checkpoint_bytes) {
-            l.max_checkpoint_bytes = v;
-        }
-        if let Some(v) = self
-            .max_sessions_per_socket
-            .or(file.max_sessions_per_socket)
-        {
-            l.max_sessions_per_socket = v;
-        }
-        if let Some(v) = self.max_sockets_per_token.or(file.max_sockets_per_token) {
-            l.max_sockets_per_token = v;
-        }
-        if let Some(v) = self.max_connections.or(file.max_connections) {
-            l.max_connections = v;
-        }
-        if let Some(s) = self.idle_timeout_secs.or(file.idle_timeout_secs) {
-            l.idle_timeout = Duration::from_secs(s);
-        }
-        if let Some(v) = self.max_commands_per_sec.or(file.max_commands_per_sec) {
-            l.max_commands_per_sec = v;
-        }
-        if let Some(v) = self.command_burst.or(file.command_burst) {
-            l.command_burst = v;
-        }
-        let origins = match (self.allowed_origins, file.allowed_origins) {
-            (Some(flag), _) => Some(AllowedOrigins::parse_list(&flag)),
-            (None, Some(list)) => Some(AllowedOrigins::parse(list.iter().map(String::as_str))),
-            (None, None) => None,
-        };
-        if let Some(origins) = origins {
-            c.allowed_origins = origins.map_err(|e| ConfigError::Invalid(e.to_string()))?;
-        }
-        c.validate()?;
-        Ok(c)
-    }
 }
 
 #[cfg(test)]
@@ -625,7 +615,7 @@ mod tests {
         let args = ServeArgs {
             config: Some(path),
             max_connections: Some(70),
-            allowed_origins: Some("*".into()),
+            allowed_origins: Some(OriginList(vec!["*".into()])),
             ..ServeArgs::default()
         };
         let c = args.into_config().unwrap();
@@ -638,7 +628,7 @@ mod tests {
         };
         assert!(matches!(zero.into_config(), Err(ConfigError::Invalid(_))));
         let bad = ServeArgs {
-            allowed_origins: Some("https://a.example/app".into()),
+            allowed_origins: Some("https://a.example/app".parse().unwrap()),
             ..ServeArgs::default()
         };
         assert!(matches!(bad.into_config(), Err(ConfigError::Invalid(_))));
@@ -659,5 +649,43 @@ mod tests {
             ..ServeArgs::default()
         };
         assert!(matches!(args.into_config(), Err(ConfigError::Parse { .. })));
+    }
+
+    /// The table gives every setting its file key, flag and variable: a
+    /// file naming each key parses, and `--help` names each flag and
+    /// variable once.
+    #[test]
+    fn every_setting_is_a_file_key_a_flag_and_a_variable() {
+        use clap::CommandFactory;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            serve: ServeArgs,
+        }
+        let mut help = Vec::new();
+        Cli::command().write_long_help(&mut help).unwrap();
+        let help = String::from_utf8(help).unwrap();
+        for name in ServeArgs::names() {
+            let flag = format!("--{} ", name.replace('_', "-"));
+            let var = format!("RUNGATE_{}=", name.to_uppercase());
+            assert_eq!(help.matches(&flag).count(), 1, "{flag} in --help:\n{help}");
+            assert_eq!(help.matches(&var).count(), 1, "{var} in --help");
+            let text = format!("[gateway]\n{name} = {}\n", sample(name));
+            let parsed: Result<FileTop, _> = toml::from_str(&text);
+            assert!(parsed.is_ok(), "{text}: {:?}", parsed.err());
+        }
+        assert!(
+            help.contains("[default: 1048576]"),
+            "defaults come from Config::defaults"
+        );
+    }
+
+    fn sample(name: &str) -> &'static str {
+        match name {
+            "listen" => "\"127.0.0.1:1\"",
+            "data_dir" | "auth_key_file" | "store" | "stream_sync" => "\"x\"",
+            "allowed_origins" => "[\"https://a.example\"]",
+            _ => "1",
+        }
     }
 }

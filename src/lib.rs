@@ -46,6 +46,7 @@ pub mod auth;
 pub mod config;
 pub mod demo;
 pub mod gateway;
+pub mod origin;
 pub mod run_config;
 pub mod session;
 pub mod store;

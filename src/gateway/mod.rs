@@ -6,7 +6,7 @@
 //! [`RunningGateway::drain`] is the SIGTERM path: readiness false,
 //! `gateway.draining` to every socket, in-flight requests answered, store
 //! flushed. Modules: `server` (accept), `http` (routes, auth, upgrade),
-//! `origin` (which browser pages may call), `admission` (connection caps),
+//! `admission` (connection caps),
 //! `connection` (one socket), `rate_limit` (its command budget),
 //! `dispatch` (one request), `follow` (a socket's stream subscriptions),
 //! `sse` (the event-stream response), `leases` (the expiry timer), `upkeep`
@@ -28,7 +28,6 @@ pub mod fuzzing;
 mod http;
 mod leases;
 pub mod metrics;
-pub mod origin;
 mod rate_limit;
 mod server;
 mod sse;

@@ -4,8 +4,8 @@
 
 use crate::harness::*;
 use rungate::auth::{AuthKey, TokenKind};
-use rungate::gateway::origin::AllowedOrigins;
 use rungate::ids::Capability;
+use rungate::origin::AllowedOrigins;
 use rungate_test_support::http;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite;
