@@ -147,6 +147,8 @@ class EventStream:
         self.ended: EndedItem | None = None
         #: How many sockets it opened (1 + reconnects), for the curious.
         self.connections = 0
+        #: How many of its sockets were lost (cut, stalled, closed).
+        self.losses = 0
         self._gen: AsyncGenerator[StreamItem, None] = self._run()
 
     @property
@@ -254,6 +256,7 @@ class EventStream:
             finally:
                 v._sockets.discard(ws)
                 await ws.close()
+            self.losses += 1
             attempt += 1
 
     def _resumed(self, info: t.StreamResumeResponse) -> TruncatedItem | None:
