@@ -12,7 +12,9 @@ import os
 import signal
 import subprocess
 from pathlib import Path
-from typing import Any, Awaitable, Callable, TypeVar
+from typing import Any, Awaitable, Callable, TypedDict, TypeVar
+
+from rungate import Backoff
 
 REPO = Path(__file__).resolve().parents[3]
 BIN = os.environ.get("RUNGATE_BIN") or str(REPO / "target" / "debug" / "rungate")
@@ -197,3 +199,18 @@ def caps_list(caps: str) -> list[str]:
 
 def dump(x: Any) -> str:
     return repr(x)[:2000]
+
+
+class Fast(TypedDict, total=False):
+    ping_interval: float | None
+    ping_timeout: float | None
+    connect_timeout: float
+    backoff: Backoff
+
+
+#: Client settings for fault tests: quick pings notice a stall within
+#: seconds, short backoff keeps the tests brisk. Correctness never depends
+#: on them (a ping that times out on a slow machine costs a reconnect).
+FAST: Fast = {"ping_interval": 0.5, "ping_timeout": 2.0, "connect_timeout": 3.0, "backoff": Backoff(0.05, 0.5)}
+#: The same without pings (a reader that must fall behind, not reconnect).
+NO_PINGS: Fast = {"ping_interval": None, "ping_timeout": None, "connect_timeout": 3.0, "backoff": Backoff(0.05, 0.5)}

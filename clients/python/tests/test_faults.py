@@ -13,9 +13,8 @@ import pytest
 
 import rungate
 from conftest import StartGateway, StartProxy
-from harness import ALL_CAP_LIST, ALL_CAPS, Gateway, eventually, mint, within
+from harness import ALL_CAP_LIST, ALL_CAPS, FAST, Gateway, eventually, mint, within
 
-FAST = dict(ping_interval=0.5, ping_timeout=2.0, connect_timeout=3.0, backoff=rungate.Backoff(0.05, 0.5))
 
 
 async def read_values(stream: rungate.EventStream, total: int) -> list[int]:

@@ -210,19 +210,16 @@ class StreamResumeCommand(_StreamResumeCommandRequired, total=False):
     sessionId: str
 
 
-class _StreamResumeResponseRequired(TypedDict):
+class StreamResumeResponse(TypedDict):
     runId: str
     streamEpoch: str
     firstOffset: int
     nextOffset: int
     startOffset: int
     truncated: bool
-
-
-class StreamResumeResponse(_StreamResumeResponseRequired, total=False):
-    # Required once the lifecycle decisions (runtime.finish, stream.ended)
-    # are in spec/: always present there, false for a live run. Optional
-    # here so that a gateway without them still type-checks.
+    #: The run ended: replay, then stream.ended at once (lifecycle decisions;
+    #: a gateway from before them does not send it, and the client never
+    #: reads it: stream.ended itself ends an iterator).
     ended: bool
 
 

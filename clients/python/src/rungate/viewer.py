@@ -229,6 +229,9 @@ class EventStream:
                             continue
                         if frame.type == "stream.events":
                             for event_item in self._events(cast(t.StreamEvents, p)):
+                                # Moved per item, so it always names what the
+                                # caller is owed next.
+                                self.next_offset = event_item.offset + 1
                                 yield event_item
                         elif frame.type == "stream.gap":
                             g = cast(t.StreamGap, p)
@@ -276,12 +279,13 @@ class EventStream:
 
     def _events(self, push: t.StreamEvents) -> list[EventItem]:
         out: list[EventItem] = []
+        floor = self.next_offset
         for e in push["events"]:
             offset = e["offset"]
             # Never hand the caller an offset twice.
-            if self.next_offset is not None and offset < self.next_offset:
+            if floor is not None and offset < floor:
                 continue
-            self.next_offset = offset + 1
+            floor = offset + 1
             out.append(EventItem(offset, e["event"], push["streamEpoch"]))
         return out
 
