@@ -513,6 +513,7 @@ class RuntimeClient:
         self._heartbeat_s: float | None = None
         self._not_before = 0.0
         self._events = _Broadcast()
+        self._beats: set[asyncio.Task[None]] = set()
 
     # -- public
 
@@ -888,7 +889,12 @@ class RuntimeClient:
                 continue
             await asyncio.sleep(self._heartbeat_s)
             for run in self.runs:
-                asyncio.create_task(self._heartbeat(ws, run))
+                # Each in its own task: a slow answer must not delay the
+                # others. Kept referenced until done (asyncio holds only weak
+                # references to tasks).
+                task = asyncio.create_task(self._heartbeat(ws, run))
+                self._beats.add(task)
+                task.add_done_callback(self._beats.discard)
 
     async def _heartbeat(self, ws: ClientConnection, run: Run) -> None:
         try:
