@@ -233,3 +233,55 @@ async def test_a_refused_token_at_reconnect_fails_the_client(gateway: Gateway) -
         assert isinstance(failed.error, rungate.ConnectError) and failed.error.status == 401
         with pytest.raises(rungate.ConnectError):
             await run.publish([{"type": "x"}])
+
+
+async def test_a_drain_is_announced_and_the_sessions_move_on(
+    start_gateway: StartGateway, start_proxy: StartProxy
+) -> None:
+    gw = await start_gateway("--reconnect-after-ms", "300")
+    proxy = await start_proxy(gw)
+    async with rungate.RuntimeClient(proxy.url, gw.token("runtime", "dr-*", ALL_CAPS), **FAST) as rt:
+        rec = Recorder(rt)
+        run = await rt.attach("dr-1", capabilities=ALL_CAP_LIST)
+        await run.publish([{"type": "n", "data": {"n": 0}}])
+        assert await gw.terminate() == 0
+        drains = rec.of(rungate.Draining)
+        assert drains and drains[0].reconnect_after_ms == 300, rec.events
+        await gw.start()  # the same data: a rolling restart
+        proxy.upstream = gw.addr
+        await within("publish after the drain", run.publish([{"type": "n", "data": {"n": 1}}]))
+        assert run.active and rec.of(rungate.Reconnected)
+        rec.stop()
+    async with rungate.ViewerClient(gw.url, gw.token("viewer", "dr-*")) as v:
+        assert await within("read", read_values(v.events("dr-1"), 2)) == [0, 1]
+
+
+async def test_an_outage_longer_than_the_lease_renews_the_session(
+    start_gateway: StartGateway, start_proxy: StartProxy
+) -> None:
+    gw = await start_gateway("--heartbeat-interval-ms", "1000", "--lease-ttl-ms", "2000")
+    proxy = await start_proxy(gw)
+    async with rungate.RuntimeClient(proxy.url, gw.token("runtime", "ren-*", ALL_CAPS), **FAST) as rt:
+        rec = Recorder(rt)
+        run = await rt.attach("ren-1", capabilities=ALL_CAP_LIST)
+        old_session = run.session_id
+        await run.publish([{"type": "n", "data": {"n": 0}}])
+        proxy.refuse = True
+        proxy.cut()
+        async with rungate.ViewerClient(gw.url, gw.token("viewer", "ren-*")) as v:
+            for _ in range(400):
+                state = {r["runId"]: r["state"] for r in await v.runs()}.get("ren-1")
+                if state == "expired":
+                    break
+                await asyncio.sleep(0.05)
+            assert state == "expired"
+            # Published while the socket is down: waits in the outbox.
+            pending = asyncio.create_task(run.publish([{"type": "n", "data": {"n": 1}}]))
+            proxy.refuse = False
+            await within("the queued publish is stored", pending)
+            renewed = rec.of(rungate.SessionRenewed)
+            assert renewed and renewed[0].run_id == "ren-1", rec.events
+            assert run.session_id == renewed[0].session_id != old_session
+            await run.publish([{"type": "n", "data": {"n": 2}}])
+            assert await within("read", read_values(v.events("ren-1"), 3)) == [0, 1, 2]
+        rec.stop()
