@@ -111,3 +111,31 @@ async def test_a_restart_that_loses_history_is_a_new_epoch(start_gateway: StartG
             ev = await within("the new stream's event", stream.__anext__())
             assert isinstance(ev, rungate.EventItem) and ev.event["data"]["n"] == 100
             await stream.aclose()
+
+
+async def test_a_dropped_stream_is_a_closed_item_and_the_next_stream_follows(start_gateway: StartGateway) -> None:
+    gw = await start_gateway(
+        "--heartbeat-interval-ms", "1000", "--lease-ttl-ms", "2000", "--stream-retention-secs", "1"
+    )
+    rt_token = gw.token("runtime", "cl-*", ALL_CAPS)
+    async with rungate.ViewerClient(gw.url, gw.token("viewer", "cl-*"), **NO_PINGS) as v:
+        async with rungate.RuntimeClient(gw.url, rt_token) as rt:
+            run = await rt.attach("cl-1", capabilities=ALL_CAP_LIST)
+            await run.publish([{"type": "n", "data": {"n": n}} for n in range(3)])
+        # The runtime is gone: its lease runs out, then the retention, and
+        # the gateway drops the stream.
+        stream = v.events("cl-1", from_offset=0)
+        items = [await within("item", stream.__anext__()) for _ in range(3)]
+        assert [i.offset for i in items if isinstance(i, rungate.EventItem)] == [0, 1, 2]
+        old_epoch = stream.stream_epoch
+        closed = await within("the stream is dropped", stream.__anext__())
+        assert isinstance(closed, rungate.ClosedItem) and closed.stream_epoch == old_epoch
+        resumed = await within("the next stream", stream.__anext__())
+        assert isinstance(resumed, rungate.TruncatedItem) and resumed.epoch_changed, resumed
+        async with rungate.RuntimeClient(gw.url, rt_token) as rt:
+            run = await rt.attach("cl-1", capabilities=ALL_CAP_LIST)
+            await run.publish([{"type": "n", "data": {"n": 10}}])
+            ev = await within("an event of the next stream", stream.__anext__())
+            assert isinstance(ev, rungate.EventItem) and ev.event["data"]["n"] == 10
+            assert ev.stream_epoch != old_epoch
+        await stream.aclose()
