@@ -244,16 +244,28 @@ async def test_a_drain_is_announced_and_the_sessions_move_on(
         rec = Recorder(rt)
         run = await rt.attach("dr-1", capabilities=ALL_CAP_LIST)
         await run.publish([{"type": "n", "data": {"n": 0}}])
+
+        async def publish_on_drain() -> None:
+            # Sent while the gateway drains: refused with DRAINING or not
+            # sent before the socket closes; either way stored once, later.
+            async for e in rt.events():
+                if isinstance(e, rungate.Draining):
+                    await run.publish([{"type": "n", "data": {"n": 1}}])
+                    return
+
+        during = asyncio.create_task(publish_on_drain())
+        await asyncio.sleep(0.05)
         assert await gw.terminate() == 0
         drains = rec.of(rungate.Draining)
         assert drains and drains[0].reconnect_after_ms == 300, rec.events
         await gw.start()  # the same data: a rolling restart
         proxy.upstream = gw.addr
-        await within("publish after the drain", run.publish([{"type": "n", "data": {"n": 1}}]))
+        await within("the publish made during the drain", during)
+        await within("publish after the drain", run.publish([{"type": "n", "data": {"n": 2}}]))
         assert run.active and rec.of(rungate.Reconnected)
         rec.stop()
     async with rungate.ViewerClient(gw.url, gw.token("viewer", "dr-*")) as v:
-        assert await within("read", read_values(v.events("dr-1"), 2)) == [0, 1]
+        assert await within("read", read_values(v.events("dr-1"), 3)) == [0, 1, 2]
 
 
 async def test_an_outage_longer_than_the_lease_renews_the_session(

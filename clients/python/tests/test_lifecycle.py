@@ -142,7 +142,7 @@ async def test_a_cancel_asked_while_detached_arrives_at_the_reconnect_once(
         proxy.refuse = True
         proxy.cut()
         async with rungate.ViewerClient(gateway.url, gateway.token("viewer", "cd-*", "run.cancel")) as v:
-            for _ in range(100):
+            for _ in range(600):  # up to 30 s
                 runs = {r["runId"]: r for r in await v.runs()}
                 if runs["cd-1"]["state"] == "detached":
                     break

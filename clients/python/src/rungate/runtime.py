@@ -836,6 +836,12 @@ class RuntimeClient:
             return
         pub = pending.publication
         if pub is not None:
+            if isinstance(frame, ErrorFrame) and frame.error.code == "DRAINING":
+                # The gateway refuses every request after its draining push,
+                # so no later batch of ours was stored either: this one and
+                # those after it go out again, in order, on the next socket.
+                pub.rid = None
+                return
             if pub in self._outbox:
                 self._outbox.remove(pub)
             if isinstance(frame, Reply):
