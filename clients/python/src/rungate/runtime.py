@@ -822,6 +822,10 @@ class RuntimeClient:
                     self._dispatch(frame)
         except ConnectionClosed:
             pass
+        finally:
+            # At once, not when the driver gets to it: a restore waiting for
+            # an answer on this socket must learn now that none will come.
+            self._fail_pending()
 
     def _dispatch(self, frame: Reply | ErrorFrame | Push) -> None:
         if isinstance(frame, Push):
@@ -915,6 +919,12 @@ class RuntimeClient:
         """The socket is gone: answer what cannot be resent, keep the rest."""
         if self._ws is ws:
             self._ws = None
+        self._fail_pending()
+        self._events.send(Disconnected(ws.close_code, ws.close_reason or ""))
+
+    def _fail_pending(self) -> None:
+        """Requests in flight on the lost socket: calls fail with
+        ``ConnectionLostError``, publishes wait to be sent again."""
         self._ready.clear()
         pending, self._pending = self._pending, {}
         for entry in pending.values():
@@ -922,7 +932,6 @@ class RuntimeClient:
                 entry.publication.rid = None
             elif entry.future is not None and not entry.future.done():
                 entry.future.set_exception(ConnectionLostError())
-        self._events.send(Disconnected(ws.close_code, ws.close_reason or ""))
 
     async def _restore(self, ws: ClientConnection) -> bool:
         """On a new socket: main run, sub-runs, then the unacknowledged
