@@ -16,6 +16,8 @@ if [[ ! -x "$RUNGATE_BIN" ]]; then
   echo "test.sh: no gateway binary at $RUNGATE_BIN (cargo build --bin rungate, or set RUNGATE_BIN)" >&2
   exit 1
 fi
+# Absolute, since the tests run from clients/python.
+RUNGATE_BIN="$(cd "$(dirname "$RUNGATE_BIN")" && pwd)/$(basename "$RUNGATE_BIN")"
 venv="$here/.venv"
 if [[ ! -x "$venv/bin/python" ]]; then
   "${PYTHON:-python3}" -m venv "$venv"

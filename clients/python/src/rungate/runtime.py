@@ -210,9 +210,14 @@ class _Broadcast:
             q.put_nowait(None)
         self._queues.clear()
 
-    async def listen(self) -> AsyncIterator[ClientEvent]:
+    def listen(self) -> AsyncIterator[ClientEvent]:
+        # Registered now, not at the first step of the iterator: an event
+        # that happens between events() and the first __anext__ is kept.
         q: asyncio.Queue[ClientEvent | None] = asyncio.Queue()
         self._queues.append(q)
+        return self._drain(q)
+
+    async def _drain(self, q: asyncio.Queue[ClientEvent | None]) -> AsyncIterator[ClientEvent]:
         try:
             while (item := await q.get()) is not None:
                 yield item
