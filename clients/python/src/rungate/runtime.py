@@ -936,7 +936,8 @@ class RuntimeClient:
             if entry.publication is not None:
                 entry.publication.rid = None
             elif entry.future is not None and not entry.future.done():
-                entry.future.set_exception(ConnectionLostError())
+                # Closing: say so, rather than "lost".
+                entry.future.set_exception(self._fatal or ConnectionLostError())
 
     async def _restore(self, ws: ClientConnection) -> bool:
         """On a new socket: main run, sub-runs, then the unacknowledged
