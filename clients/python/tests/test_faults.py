@@ -174,6 +174,7 @@ async def test_an_epoch_takeover_supersedes_the_old_client(gateway: Gateway) -> 
             assert taken.session_id == run.session_id
             await eventually("the old client is told", lambda: not run.active)
             assert isinstance(run.ended_error, rungate.StaleEpochError)
+            await eventually("the event is recorded", lambda: bool(rec.of(rungate.SessionSuperseded)))
             sup = rec.of(rungate.SessionSuperseded)
             assert sup and sup[0].run_id == "take-1" and sup[0].connection_epoch == new.epoch
             with pytest.raises(rungate.StaleEpochError) as e:
