@@ -181,10 +181,14 @@ pub enum Capability {
     SubtasksRun,
     #[serde(rename = "stream.resume")]
     StreamResume,
+    /// Viewer tokens only: may ask a run's runtime to stop (`run.cancel`).
+    /// Not a runtime capability: `runtime.attach` refuses it.
+    #[serde(rename = "run.cancel")]
+    RunCancel,
 }
 
 impl Capability {
-    pub const ALL: [Capability; 7] = [
+    pub const ALL: [Capability; 8] = [
         Capability::SecretsRead,
         Capability::KvRead,
         Capability::KvWrite,
@@ -192,6 +196,7 @@ impl Capability {
         Capability::CheckpointLoad,
         Capability::SubtasksRun,
         Capability::StreamResume,
+        Capability::RunCancel,
     ];
 
     /// The wire name, as in the schema's `RuntimeCapability` enum.
@@ -204,6 +209,7 @@ impl Capability {
             Capability::CheckpointLoad => "checkpoint.load",
             Capability::SubtasksRun => "subtasks.run",
             Capability::StreamResume => "stream.resume",
+            Capability::RunCancel => "run.cancel",
         }
     }
 
@@ -227,6 +233,54 @@ impl<'de> Deserialize<'de> for Capability {
 }
 
 impl fmt::Display for Capability {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How a run ended (`runtime.finish`), as the wire spells it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunOutcome {
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+impl RunOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunOutcome::Completed => "completed",
+            RunOutcome::Failed => "failed",
+            RunOutcome::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<RunOutcome> {
+        [
+            RunOutcome::Completed,
+            RunOutcome::Failed,
+            RunOutcome::Cancelled,
+        ]
+        .into_iter()
+        .find(|o| o.as_str() == s)
+    }
+}
+
+impl<'de> Deserialize<'de> for RunOutcome {
+    /// From its wire name only (a derived enum would also take
+    /// `{"completed": null}`).
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = std::borrow::Cow::<'de, str>::deserialize(d)?;
+        RunOutcome::parse(&s).ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "unknown outcome {s:?}; known: completed, failed, cancelled"
+            ))
+        })
+    }
+}
+
+impl fmt::Display for RunOutcome {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
     }

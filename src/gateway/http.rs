@@ -269,6 +269,15 @@ fn run_events(shared: Arc<Shared>, req: &Request<Incoming>) -> Response<Body> {
         Ok(s) => s,
         Err(sse::BadStart { path, message }) => return invalid_input(path, message),
     };
+    // A reader that has seen the whole of an ended run gets 204, the one
+    // answer that makes a browser's EventSource stop reconnecting.
+    if let Some(end) = shared.streams.summary(&run).and_then(|s| s.end)
+        && start.past_end(end.next_offset)
+    {
+        let mut r = respond(StatusCode::NO_CONTENT, "text/plain", Bytes::new());
+        r.headers_mut().remove(header::CONTENT_TYPE);
+        return r;
+    }
     let permit = match admit(&shared, &grant) {
         Ok(p) => p,
         Err(refused) => return admission_refusal(refused),

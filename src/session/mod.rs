@@ -25,7 +25,7 @@ use crate::store::{SessionMoved, SessionRecord, Store, StoreError, StoreFuture};
 use crate::time::Clock;
 
 pub use registry::{
-    AttachOutcome, AttachParams, ConnId, Counts, Expired, LeasePolicy, RecoverError, Restored,
+    AttachOutcome, AttachParams, CancelTarget, ConnId, Counts, Expired, LeasePolicy, RecoverError, Restored,
     SessionError, SessionRegistry, SessionState, SessionView, Superseded,
 };
 
