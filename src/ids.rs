@@ -188,7 +188,9 @@ pub enum Capability {
 }
 
 impl Capability {
-    pub const ALL: [Capability; 8] = [
+    /// The runtime capabilities, as the schema's `RuntimeCapability` lists
+    /// them: what `runtime.attach` may ask for.
+    pub const ALL: [Capability; 7] = [
         Capability::SecretsRead,
         Capability::KvRead,
         Capability::KvWrite,
@@ -196,8 +198,10 @@ impl Capability {
         Capability::CheckpointLoad,
         Capability::SubtasksRun,
         Capability::StreamResume,
-        Capability::RunCancel,
     ];
+
+    /// Capabilities only a viewer token carries (checked on `/v1/stream`).
+    pub const VIEWER: [Capability; 1] = [Capability::RunCancel];
 
     /// The wire name, as in the schema's `RuntimeCapability` enum.
     pub fn as_str(self) -> &'static str {
@@ -213,8 +217,14 @@ impl Capability {
         }
     }
 
+    /// A runtime capability by its wire name (what attach accepts).
     pub fn parse(s: &str) -> Option<Capability> {
         Capability::ALL.into_iter().find(|c| c.as_str() == s)
+    }
+
+    /// Any capability a token may carry: a runtime one or a viewer one.
+    pub fn parse_any(s: &str) -> Option<Capability> {
+        Capability::parse(s).or_else(|| Capability::VIEWER.into_iter().find(|c| c.as_str() == s))
     }
 }
 
@@ -307,6 +317,7 @@ impl Capabilities {
     pub fn iter(self) -> impl Iterator<Item = Capability> {
         Capability::ALL
             .into_iter()
+            .chain(Capability::VIEWER)
             .filter(move |c| self.contains(*c))
     }
 

@@ -480,7 +480,7 @@ fn attach(ctx: &ConnCtx, id: &str, req: cmd::AttachRequest) -> Result<Reply, Com
     let asked = req
         .capabilities
         .iter()
-        .map(|c| c.0)
+        .copied()
         .collect::<crate::ids::Capabilities>();
     let refused: Vec<Capability> = asked.missing_from(ctx.grant.caps);
     if !refused.is_empty() {

@@ -239,24 +239,9 @@ pub struct AttachRequest {
     pub reconnect: bool,
     #[serde(default, deserialize_with = "wire::present_whole_u64")]
     pub connection_epoch: Option<u64>,
+    /// Runtime capabilities only: the viewer's `run.cancel` is unknown here.
     #[serde(default)]
-    pub capabilities: Vec<RuntimeCapability>,
-}
-
-/// A capability a runtime may ask for at attach: any but the viewer-only
-/// `run.cancel` (the schema's `RuntimeCapability` does not list it).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RuntimeCapability(pub Capability);
-
-impl<'de> Deserialize<'de> for RuntimeCapability {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        match Capability::deserialize(d)? {
-            Capability::RunCancel => Err(serde::de::Error::custom(
-                "run.cancel is a viewer capability; a runtime cannot ask for it",
-            )),
-            c => Ok(RuntimeCapability(c)),
-        }
-    }
+    pub capabilities: Vec<Capability>,
 }
 
 /// The longest `message` (runtime.finish) or `reason` (run.cancel), in

@@ -429,3 +429,7 @@ pub trait StreamEngine: Send + Sync + 'static {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+#[path = "end_tests.rs"]
+mod end_tests;
