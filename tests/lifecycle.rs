@@ -145,8 +145,8 @@ async fn after_the_end_the_run_is_closed_and_finish_is_idempotent_by_outcome() {
     let gw = TestGateway::start_with(|c| {
         // A short lease: had the session only been left, it would expire
         // (and be pushed session.expired) well within the wait below.
-        c.lease_ttl = Duration::from_millis(600);
-        c.heartbeat_interval = Duration::from_millis(200);
+        c.lease_ttl = Duration::from_millis(1500);
+        c.heartbeat_interval = Duration::from_millis(1000);
     })
     .await;
     let (mut rt, sid) = attached(&gw, "r2").await;
@@ -200,7 +200,7 @@ async fn after_the_end_the_run_is_closed_and_finish_is_idempotent_by_outcome() {
     assert_eq!(reconnect["error"]["code"], "RUN_ENDED", "{reconnect}");
 
     // No session.expired ever follows a finish (the lease stopped).
-    let frames = rt.frames_within(Duration::from_millis(1500)).await;
+    let frames = rt.frames_within(Duration::from_millis(2500)).await;
     assert!(
         frames.iter().all(|f| f["type"] != "session.expired"),
         "{frames:?}"

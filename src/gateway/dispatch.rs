@@ -598,6 +598,7 @@ fn heartbeat(
     ctx: &ConnCtx,
     req: cmd::HeartbeatCommand,
 ) -> Result<cmd::HeartbeatResponse, CommandError> {
+    refuse_ended(ctx, &req.run_id)?;
     let now = Instant::now();
     ctx.shared
         .sessions
