@@ -1162,8 +1162,16 @@ async fn announce_cancel(
     run: &RunId,
     cancel: &PendingCancel,
 ) -> Result<bool, CommandError> {
-    let _ = (shared, session_id, run, cancel);
-    Ok(false)
+    let Some(store) = shared.store.shared_sessions() else {
+        return Ok(false);
+    };
+    let attached = store.session_of_run(run);
+    store
+        .announce_cancel(session_id, cancel)
+        .await
+        .map_err(store_error)?;
+    let record = attached.await.map_err(store_error)?;
+    Ok(record.is_some_and(|(r, _)| r.attached && !r.expired && r.session_id == *session_id))
 }
 
 /// Who may read `run`'s stream on this socket: on `/v1/runtime` a session

@@ -875,6 +875,23 @@ impl SessionRegistry {
         }
     }
 
+    /// A cancel for session `id` (another gateway passed it on): kept if
+    /// the session is live and held here; answers its socket and run when
+    /// it is attached, to push it to.
+    pub fn request_cancel_of(
+        &mut self,
+        id: &SessionId,
+        cancel: PendingCancel,
+    ) -> Option<(ConnId, RunId)> {
+        let session = self.sessions.get_mut(id)?;
+        if session.expired || session.elsewhere {
+            return None;
+        }
+        session.cancel = Some(cancel);
+        self.changed.insert(id.clone());
+        session.owner.map(|conn| (conn, session.run_id.clone()))
+    }
+
     /// The pending cancels of `root` and its sub-runs bound to `conn`:
     /// pushed again after a reattach or recovery.
     pub fn pending_cancels(

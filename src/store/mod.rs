@@ -195,6 +195,22 @@ pub trait SharedSessions: Send + Sync {
     /// Sessions another gateway took over, as they happen. Called once;
     /// `None` after the first call.
     fn moves(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<SessionMoved>>;
+
+    /// Tells the gateway holding `session_id` that a viewer asked its run
+    /// to stop (announced beside the moves, to every gateway); that one
+    /// keeps it with the session and pushes it. Completes once announced.
+    fn announce_cancel(&self, session_id: &SessionId, cancel: &PendingCancel) -> StoreFuture<()> {
+        let _ = (session_id, cancel);
+        Box::pin(std::future::ready(Ok(())))
+    }
+
+    /// Cancels other gateways announced, as they arrive. Called once;
+    /// `None` after the first call (and for a store that has none).
+    fn cancels(
+        &self,
+    ) -> Option<tokio::sync::mpsc::UnboundedReceiver<(SessionId, PendingCancel)>> {
+        None
+    }
 }
 
 /// Another gateway now holds `session_id`, at `epoch`.

@@ -852,6 +852,30 @@ impl StreamHub {
         self.drop_stream_telling(run, &stream, |_, state| state.ring.epoch() == epoch, false)
     }
 
+    /// Marks `run`'s stream (if it has `epoch`) ended as the authority
+    /// recorded it, and wakes its subscribers. False if this replica does
+    /// not hold every event before the end yet (catch up first: nothing is
+    /// appended to an ended ring).
+    pub fn apply_end(&self, run: &RunId, epoch: &super::StreamEpoch, end: Arc<RunEnd>) -> bool {
+        let Some(stream) = self.streams.get(run).map(|s| s.clone()) else {
+            return false;
+        };
+        let mut state = stream.state.write();
+        if state.closed || state.ring.epoch() != epoch {
+            return false;
+        }
+        if state.ring.end().is_some() {
+            return true;
+        }
+        if state.ring.appended_head() < end.next_offset {
+            return false;
+        }
+        state.ring.set_end(end, true);
+        drop(state);
+        stream.notify.notify_waiters();
+        true
+    }
+
     /// Every run with a stream here.
     pub fn run_ids(&self) -> Vec<RunId> {
         self.streams.iter().map(|e| e.key().clone()).collect()

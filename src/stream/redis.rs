@@ -56,8 +56,9 @@ use tokio_util::sync::CancellationToken;
 use super::frame::events_frame_bound;
 use super::hub::{Hooks, StreamHub};
 use super::{
-    NewEvent, PublishOutcome, Publisher, ResumeInfo, StreamEngine, StreamEpoch, StreamError,
-    StreamFuture, StreamLimits, StreamStats, StreamSubscription, StreamSummary, SweepOutcome,
+    EndRequest, NewEvent, PublishOutcome, Publisher, ResumeInfo, RunEnd, StreamEngine,
+    StreamEpoch, StreamError, StreamFuture, StreamLimits, StreamStats, StreamSubscription,
+    StreamSummary, SweepOutcome,
 };
 use crate::ids::RunId;
 use crate::store::redis::{OpenError, open, redacted};
@@ -361,6 +362,44 @@ impl StreamEngine for RedisStreams {
 
     fn sweep(&self, now: Instant) -> SweepOutcome {
         self.shared.hub.sweep(now)
+    }
+
+    fn finish(
+        &self,
+        run: &RunId,
+        end: EndRequest,
+        now: Instant,
+    ) -> StreamFuture<Result<Arc<RunEnd>, StreamError>> {
+        // An end this node already shows is the answer: Redis has it.
+        if let Some(ended) = self.shared.hub.ended(run) {
+            let answer = if ended.outcome == end.outcome {
+                Ok(ended)
+            } else {
+                Err(StreamError::EndConflict {
+                    outcome: ended.outcome,
+                })
+            };
+            return Box::pin(std::future::ready(answer));
+        }
+        let epoch = self.shared.hub.ensure(run, now);
+        let (reply, answer) = oneshot::channel();
+        self.send(Op::End {
+            run: run.clone(),
+            epoch,
+            end,
+            reply,
+        });
+        Box::pin(async move {
+            answer.await.unwrap_or_else(|_| {
+                Err(StreamError::Unavailable(
+                    "the Redis stream engine has stopped".into(),
+                ))
+            })
+        })
+    }
+
+    fn ended(&self, run: &RunId) -> Option<Arc<RunEnd>> {
+        self.shared.hub.ended(run)
     }
 
     fn healthy(&self) -> bool {
