@@ -122,3 +122,98 @@ async fn an_event_source_following_a_run_that_ends_stops_reconnecting() {
     assert!(tab.exceptions().is_empty(), "{:?}", tab.exceptions());
     chrome.close().await;
 }
+
+const SHOWN: &str = "({ status: document.getElementById('run-status').textContent, \
+    stop: !document.getElementById('stop').hidden, \
+    rows: document.querySelectorAll('#log > .row.ev').length, \
+    log: document.getElementById('log').innerText.slice(-600), \
+    runs: document.querySelector('#runs-table').innerText })";
+
+#[tokio::test]
+async fn the_dashboard_shows_the_end_and_stops_a_run_when_its_token_may() {
+    let Some(chromium) = browser::chromium("the dashboard end and stop test") else {
+        return;
+    };
+    let gw = TestGateway::start().await;
+    let runtime = gw.token(TokenKind::Runtime, "*", &Capability::ALL);
+    let stopper = gw.token(TokenKind::Viewer, "dash-*", &[Capability::RunCancel]);
+    let plain = gw.token(TokenKind::Viewer, "dash-*", &[]);
+    let mut rt = Client::connect(&gw.url("/v1/runtime"), &runtime).await;
+    let sid = rt.attach("dash-end", "w", &[]).await["sessionId"].clone();
+    publish(&mut rt, &sid, "dash-end", 0..3).await;
+
+    let chrome = Headless::launch(&chromium).await;
+    // A token without run.cancel: no Stop button.
+    let viewer_tab = chrome
+        .open(&format!("http://{}/?token={plain}&run=dash-end", gw.addr))
+        .await;
+    viewer_tab
+        .wait_until(
+            "the rows",
+            "document.querySelectorAll('#log > .row.ev').length === 3",
+            SHOWN,
+            Duration::from_secs(30),
+        )
+        .await;
+    assert!(
+        viewer_tab.eval::<bool>("document.getElementById('stop').hidden").await,
+        "no Stop for a token that may not cancel"
+    );
+
+    let tab = chrome
+        .open(&format!("http://{}/?token={stopper}&run=dash-end", gw.addr))
+        .await;
+    tab.wait_until(
+        "the rows and the Stop button",
+        "document.querySelectorAll('#log > .row.ev').length === 3 && !document.getElementById('stop').hidden",
+        SHOWN,
+        Duration::from_secs(30),
+    )
+    .await;
+    tab.eval::<bool>("(document.getElementById('stop').click(), true)")
+        .await;
+    let push = rt.push("run.cancelRequested").await;
+    assert_eq!(push["reason"], "stopped from the dashboard");
+    tab.wait_until(
+        "the stop acknowledged",
+        "document.getElementById('log').innerText.includes('Stop requested')",
+        SHOWN,
+        Duration::from_secs(30),
+    )
+    .await;
+
+    // The runtime stops: both pages show the end, the badge and no Stop.
+    publish(&mut rt, &sid, "dash-end", 3..4).await;
+    rt.ok(
+        "runtime.finish",
+        json!({ "sessionId": sid, "runId": "dash-end", "outcome": "cancelled", "message": "stopped by a viewer" }),
+    )
+    .await;
+    for t in [&tab, &viewer_tab] {
+        t.wait_until(
+            "the ended status",
+            "document.getElementById('run-status').dataset.state === 'ended' && \
+             document.getElementById('run-status').textContent === 'ended · cancelled' && \
+             document.querySelectorAll('#log > .row.ev').length === 4",
+            SHOWN,
+            Duration::from_secs(30),
+        )
+        .await;
+        t.wait_until(
+            "the ended badge in the runs list",
+            "[...document.querySelectorAll('#runs-table tbody tr')].some(tr => \
+                tr.dataset.run === 'dash-end' && tr.cells[1].textContent === 'ended · cancelled')",
+            SHOWN,
+            Duration::from_secs(30),
+        )
+        .await;
+        let shown: Value = t.eval(SHOWN).await;
+        assert_eq!(shown["stop"], false, "{shown}");
+        assert!(
+            shown["log"].as_str().unwrap().contains("stopped by a viewer"),
+            "{shown}"
+        );
+        assert!(t.exceptions().is_empty(), "{:?}", t.exceptions());
+    }
+    chrome.close().await;
+}
