@@ -190,6 +190,8 @@ async fn the_dashboard_shows_the_end_and_stops_a_run_when_its_token_may() {
     )
     .await;
     for t in [&tab, &viewer_tab] {
+        // A background tab renders rows lazily (animation frames).
+        t.page.bring_to_front().await.expect("bring the tab to the front");
         t.wait_until(
             "the ended status",
             "document.getElementById('run-status').dataset.state === 'ended' && \
