@@ -15,8 +15,7 @@ use common::http::{self, SseEvent, SseReader};
 use common::schema::Spec;
 use rungate::auth::TokenKind;
 use rungate::client::{
-    ClientEvent, RunOutcome, RuntimeClient, RuntimeOptions, StreamItem, ViewerClient,
-    ViewerOptions,
+    ClientEvent, RunOutcome, RuntimeClient, RuntimeOptions, StreamItem, ViewerClient, ViewerOptions,
 };
 use rungate::ids::Capability;
 use serde_json::{Value, json};
@@ -109,10 +108,17 @@ async fn finish_ends_the_run_for_a_follower_and_a_resumer_in_order_and_once() {
     publish(&mut rt, &sid, "r1", 0..3).await;
     publish(&mut rt, &sid, "r1", 3..5).await;
     let reply = finish(&mut rt, &sid, "r1", "completed").await;
-    assert_eq!(reply["payload"], json!({ "accepted": true, "nextOffset": 5 }));
+    assert_eq!(
+        reply["payload"],
+        json!({ "accepted": true, "nextOffset": 5 })
+    );
 
     let (offsets, ended) = until_ended(&mut live, "r1").await;
-    assert_eq!(offsets, [0, 1, 2, 3, 4], "every event, in order, before the end");
+    assert_eq!(
+        offsets,
+        [0, 1, 2, 3, 4],
+        "every event, in order, before the end"
+    );
     assert_eq!(ended["outcome"], "completed");
     assert_eq!(ended["message"], "all done");
     assert_eq!(ended["nextOffset"], 5);
@@ -167,7 +173,10 @@ async fn after_the_end_the_run_is_closed_and_finish_is_idempotent_by_outcome() {
             "checkpoint.save",
             json!({ "sessionId": sid, "runId": "r2", "data": { "x": 1 } }),
         ),
-        ("kv.get", json!({ "sessionId": sid, "runId": "r2", "keys": ["a"] })),
+        (
+            "kv.get",
+            json!({ "sessionId": sid, "runId": "r2", "keys": ["a"] }),
+        ),
         (
             "runtime.heartbeat",
             json!({ "sessionId": sid, "runId": "r2" }),
@@ -205,7 +214,8 @@ async fn after_the_end_the_run_is_closed_and_finish_is_idempotent_by_outcome() {
         frames.iter().all(|f| f["type"] != "session.expired"),
         "{frames:?}"
     );
-    let events = common::harness::read_stream(&gw.url("/v1/stream"), &viewer(&gw, "r2"), "r2").await;
+    let events =
+        common::harness::read_stream(&gw.url("/v1/stream"), &viewer(&gw, "r2"), "r2").await;
     assert_eq!(events.1.len(), 2, "nothing was stored after the end");
     assert_valid(&rt.seen);
 }
@@ -226,14 +236,23 @@ async fn finishing_a_main_run_cancels_its_open_sub_runs_and_not_the_other_way() 
     // A sub-run ends on its own; the main run goes on.
     let done = finish(&mut rt, &b_sid, "sub-b", "completed").await;
     assert_eq!(done["type"], "reply", "{done}");
-    rt.ok("runtime.heartbeat", json!({ "sessionId": main_sid, "runId": "main" }))
-        .await;
-    rt.ok("runtime.heartbeat", json!({ "sessionId": a_sid, "runId": "sub-a" }))
-        .await;
+    rt.ok(
+        "runtime.heartbeat",
+        json!({ "sessionId": main_sid, "runId": "main" }),
+    )
+    .await;
+    rt.ok(
+        "runtime.heartbeat",
+        json!({ "sessionId": a_sid, "runId": "sub-a" }),
+    )
+    .await;
 
     let mut watcher = Client::connect(&gw.url("/v1/stream"), &viewer(&gw, "*")).await;
     watcher
-        .ok("stream.resume", json!({ "runId": "sub-a", "fromOffset": 0 }))
+        .ok(
+            "stream.resume",
+            json!({ "runId": "sub-a", "fromOffset": 0 }),
+        )
         .await;
     let ended = finish(&mut rt, &main_sid, "main", "completed").await;
     assert_eq!(ended["type"], "reply", "{ended}");
@@ -276,7 +295,13 @@ async fn runs_list_over_http_shows_ended_runs_with_outcome_and_time() {
         .await
         .json()
         .await;
-    let h1 = before["runs"].as_array().unwrap().iter().find(|r| r["runId"] == "h1").cloned().unwrap();
+    let h1 = before["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["runId"] == "h1")
+        .cloned()
+        .unwrap();
     assert_eq!(h1["state"], "attached");
     assert!(h1.get("outcome").is_none());
     finish(&mut rt, &sid, "h1", "cancelled").await;
@@ -284,13 +309,25 @@ async fn runs_list_over_http_shows_ended_runs_with_outcome_and_time() {
         .await
         .json()
         .await;
-    let h1 = after["runs"].as_array().unwrap().iter().find(|r| r["runId"] == "h1").cloned().unwrap();
+    let h1 = after["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["runId"] == "h1")
+        .cloned()
+        .unwrap();
     assert_eq!(h1["state"], "ended", "{after}");
     assert_eq!(h1["outcome"], "cancelled");
     assert_eq!(h1["message"], "all done");
     assert_eq!(h1["nextOffset"], 1);
     rungate::time::Timestamp::parse(h1["endedAt"].as_str().unwrap()).expect("an RFC 3339 time");
-    let h2 = after["runs"].as_array().unwrap().iter().find(|r| r["runId"] == "h2").cloned().unwrap();
+    let h2 = after["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["runId"] == "h2")
+        .cloned()
+        .unwrap();
     assert_eq!(h2["state"], "attached", "another run is untouched");
 }
 
@@ -342,7 +379,10 @@ async fn sse_ends_with_an_end_event_and_answers_204_to_a_reader_past_the_end() {
     Spec::load()
         .check_def("frames/pushes.json#/$defs/StreamEnded", &payload)
         .unwrap_or_else(|e| panic!("{e}"));
-    assert!(body.next_event().await.is_none(), "the response ends after end");
+    assert!(
+        body.next_event().await.is_none(),
+        "the response ends after end"
+    );
 
     // Past the end: 204 No Content, whichever way the reader says so.
     for (query, headers) in [
@@ -357,7 +397,8 @@ async fn sse_ends_with_an_end_event_and_answers_204_to_a_reader_past_the_end() {
         assert_eq!(r.text().await, "");
     }
     // From earlier: replay, then end again.
-    let (opening, events) = read_all(sse(&gw, "s1", "", &[("last-event-id", "0")]).await.sse()).await;
+    let (opening, events) =
+        read_all(sse(&gw, "s1", "", &[("last-event-id", "0")]).await.sse()).await;
     assert_eq!(opening["ended"], true);
     let names: Vec<&str> = events.iter().map(|e| e.name()).collect();
     assert_eq!(names, ["output", "output", "end"]);
@@ -378,7 +419,10 @@ async fn sse_of_a_run_with_no_events_ends_and_last_event_id_end_on_a_live_run_st
     assert_eq!(events.len(), 1);
     assert_eq!(events[0].name(), "end");
     assert_eq!(events[0].json()["nextOffset"], 0);
-    assert_eq!(sse(&gw, "s2", "", &[("last-event-id", "end")]).await.status, 204);
+    assert_eq!(
+        sse(&gw, "s2", "", &[("last-event-id", "end")]).await.status,
+        204
+    );
     // A run that has not ended: `end` means from the beginning.
     let r = sse(&gw, "s3", "", &[("last-event-id", "end")]).await;
     assert_eq!(r.status, 200);
@@ -425,17 +469,29 @@ async fn run_cancel_needs_the_capability_and_reaches_the_runtime_at_once() {
     let refused = plain.call("run.cancel", json!({ "runId": "c1" })).await;
     assert_eq!(refused["error"]["code"], "FORBIDDEN", "{refused}");
     let mut narrow = Client::connect(&gw.url("/v1/stream"), &canceller(&gw, "other")).await;
-    assert_eq!(narrow.err("run.cancel", json!({ "runId": "c1" })).await, "FORBIDDEN");
+    assert_eq!(
+        narrow.err("run.cancel", json!({ "runId": "c1" })).await,
+        "FORBIDDEN"
+    );
     // Not offered on the runtime endpoint, whatever the token.
     let on_runtime = rt.call("run.cancel", json!({ "runId": "c1" })).await;
     assert_eq!(on_runtime["error"]["code"], "FORBIDDEN", "{on_runtime}");
     let pushed = rt.frames_within(Duration::from_millis(200)).await;
-    assert!(pushed.is_empty(), "refused cancels push nothing: {pushed:?}");
+    assert!(
+        pushed.is_empty(),
+        "refused cancels push nothing: {pushed:?}"
+    );
 
     let mut ops = Client::connect(&gw.url("/v1/stream"), &canceller(&gw, "c*")).await;
-    assert_eq!(ops.err("run.cancel", json!({ "runId": "c-unknown" })).await, "NOT_FOUND");
+    assert_eq!(
+        ops.err("run.cancel", json!({ "runId": "c-unknown" })).await,
+        "NOT_FOUND"
+    );
     let reply = ops
-        .ok("run.cancel", json!({ "runId": "c1", "reason": "user pressed stop" }))
+        .ok(
+            "run.cancel",
+            json!({ "runId": "c1", "reason": "user pressed stop" }),
+        )
         .await;
     assert_eq!(reply, json!({ "delivered": true, "ended": false }));
     let push = rt.push("run.cancelRequested").await;
@@ -449,7 +505,10 @@ async fn run_cancel_needs_the_capability_and_reaches_the_runtime_at_once() {
     let after = ops.ok("run.cancel", json!({ "runId": "c1" })).await;
     assert_eq!(after, json!({ "delivered": false, "ended": true }));
     let later = rt.frames_within(Duration::from_millis(300)).await;
-    assert!(later.iter().all(|f| f["type"] != "run.cancelRequested"), "{later:?}");
+    assert!(
+        later.iter().all(|f| f["type"] != "run.cancelRequested"),
+        "{later:?}"
+    );
     assert_valid(&rt.seen);
     assert_valid(&ops.seen);
     assert_valid(&plain.seen);
@@ -469,16 +528,23 @@ async fn a_cancel_for_a_detached_runtime_waits_durably_and_comes_on_every_reatta
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let reply = ops.ok("run.cancel", json!({ "runId": "c2", "reason": "first" })).await;
+    let reply = ops
+        .ok("run.cancel", json!({ "runId": "c2", "reason": "first" }))
+        .await;
     assert_eq!(reply, json!({ "delivered": false, "ended": false }));
-    let reply = ops.ok("run.cancel", json!({ "runId": "c2", "reason": "newer" })).await;
+    let reply = ops
+        .ok("run.cancel", json!({ "runId": "c2", "reason": "newer" }))
+        .await;
     assert_eq!(reply["delivered"], false);
 
     let mut back = gw.runtime("*").await;
     let moved = back.reattach("c2", "inst-1", 1, &[]).await;
     assert_eq!(moved["type"], "reply", "{moved}");
     let push = back.push("run.cancelRequested").await;
-    assert_eq!(push["reason"], "newer", "a newer cancel replaces the reason");
+    assert_eq!(
+        push["reason"], "newer",
+        "a newer cancel replaces the reason"
+    );
     let sid = moved["payload"]["sessionId"].as_str().unwrap().to_owned();
     assert_eq!(push["sessionId"], sid);
     // A runtime that crashed right after it still learns on the next reattach.
@@ -521,7 +587,13 @@ async fn post_cancel_follows_the_same_rules_over_http() {
     let gw = TestGateway::start().await;
     let (mut rt, sid) = attached(&gw, "p1").await;
     let path = "/v1/runs/p1/cancel";
-    let (status, body) = post(gw.addr, path, Some(&canceller(&gw, "p1")), r#"{"reason":"stop"}"#).await;
+    let (status, body) = post(
+        gw.addr,
+        path,
+        Some(&canceller(&gw, "p1")),
+        r#"{"reason":"stop"}"#,
+    )
+    .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(json_of(&body), json!({ "delivered": true, "ended": false }));
     assert_eq!(rt.push("run.cancelRequested").await["reason"], "stop");
@@ -531,11 +603,23 @@ async fn post_cancel_follows_the_same_rules_over_http() {
     assert!(rt.push("run.cancelRequested").await.get("reason").is_none());
 
     let (status, body) = post(gw.addr, path, Some(&viewer(&gw, "p1")), "{}").await;
-    assert_eq!((status, json_of(&body)["error"]["code"].clone()), (403, json!("FORBIDDEN")));
+    assert_eq!(
+        (status, json_of(&body)["error"]["code"].clone()),
+        (403, json!("FORBIDDEN"))
+    );
     let (status, _) = post(gw.addr, path, None, "{}").await;
     assert_eq!(status, 401);
-    let (status, body) = post(gw.addr, "/v1/runs/nobody/cancel", Some(&canceller(&gw, "*")), "{}").await;
-    assert_eq!((status, json_of(&body)["error"]["code"].clone()), (404, json!("NOT_FOUND")));
+    let (status, body) = post(
+        gw.addr,
+        "/v1/runs/nobody/cancel",
+        Some(&canceller(&gw, "*")),
+        "{}",
+    )
+    .await;
+    assert_eq!(
+        (status, json_of(&body)["error"]["code"].clone()),
+        (404, json!("NOT_FOUND"))
+    );
     for bad in [r#"{"why":"x"}"#, "[1]", "not json", r#"{"reason":5}"#] {
         let (status, body) = post(gw.addr, path, Some(&canceller(&gw, "p1")), bad).await;
         assert_eq!(status, 400, "{bad}: {body}");
@@ -546,7 +630,10 @@ async fn post_cancel_follows_the_same_rules_over_http() {
     assert_eq!(status, 400);
     assert_eq!(json_of(&body)["error"]["details"]["path"], "/body/reason");
     let refused = rt.frames_within(Duration::from_millis(300)).await;
-    assert!(refused.is_empty(), "refused cancels push nothing: {refused:?}");
+    assert!(
+        refused.is_empty(),
+        "refused cancels push nothing: {refused:?}"
+    );
 
     finish(&mut rt, &sid, "p1", "cancelled").await;
     let (status, body) = post(gw.addr, path, Some(&canceller(&gw, "p1")), "{}").await;
@@ -565,16 +652,37 @@ async fn bad_input_is_refused_with_a_path_and_changes_nothing() {
     // 1024 characters but 2048 bytes: over the byte limit.
     let long_utf8 = "é".repeat(1024);
     for (payload, path) in [
-        (json!({ "sessionId": sid, "runId": "b1", "outcome": "done" }), "/payload/outcome"),
-        (json!({ "sessionId": sid, "runId": "b1", "outcome": { "completed": null } }), "/payload/outcome"),
+        (
+            json!({ "sessionId": sid, "runId": "b1", "outcome": "done" }),
+            "/payload/outcome",
+        ),
+        (
+            json!({ "sessionId": sid, "runId": "b1", "outcome": { "completed": null } }),
+            "/payload/outcome",
+        ),
         (json!({ "sessionId": sid, "runId": "b1" }), "/payload"),
-        (json!({ "sessionId": sid, "runId": "b1", "outcome": "completed", "message": long_ascii }), "/payload/message"),
-        (json!({ "sessionId": sid, "runId": "b1", "outcome": "completed", "message": long_utf8 }), "/payload/message"),
-        (json!({ "sessionId": sid, "runId": "b1", "outcome": "completed", "message": null }), "/payload/message"),
-        (json!({ "sessionId": sid, "runId": "b1", "outcome": "completed", "extra": 1 }), "/payload/extra"),
+        (
+            json!({ "sessionId": sid, "runId": "b1", "outcome": "completed", "message": long_ascii }),
+            "/payload/message",
+        ),
+        (
+            json!({ "sessionId": sid, "runId": "b1", "outcome": "completed", "message": long_utf8 }),
+            "/payload/message",
+        ),
+        (
+            json!({ "sessionId": sid, "runId": "b1", "outcome": "completed", "message": null }),
+            "/payload/message",
+        ),
+        (
+            json!({ "sessionId": sid, "runId": "b1", "outcome": "completed", "extra": 1 }),
+            "/payload/extra",
+        ),
     ] {
         let frame = rt.call("runtime.finish", payload.clone()).await;
-        assert_eq!(frame["error"]["code"], "INVALID_PAYLOAD", "{payload}: {frame}");
+        assert_eq!(
+            frame["error"]["code"], "INVALID_PAYLOAD",
+            "{payload}: {frame}"
+        );
         assert_eq!(frame["error"]["details"]["path"], path, "{payload}");
     }
     let mut ops = Client::connect(&gw.url("/v1/stream"), &canceller(&gw, "b1")).await;
@@ -584,7 +692,10 @@ async fn bad_input_is_refused_with_a_path_and_changes_nothing() {
         json!({ "runId": "b1", "sessionId": sid }),
     ] {
         let frame = ops.call("run.cancel", payload.clone()).await;
-        assert_eq!(frame["error"]["code"], "INVALID_PAYLOAD", "{payload}: {frame}");
+        assert_eq!(
+            frame["error"]["code"], "INVALID_PAYLOAD",
+            "{payload}: {frame}"
+        );
     }
     // A runtime cannot ask for the viewer's capability.
     let mut other = gw.runtime("*").await;
@@ -620,13 +731,19 @@ async fn bad_input_is_refused_with_a_path_and_changes_nothing() {
 async fn the_rust_client_finishes_hears_cancels_and_follows_to_the_end() {
     let gw = TestGateway::start().await;
     let token = gw.token(TokenKind::Runtime, "*", &Capability::ALL);
-    let rt = RuntimeClient::connect(RuntimeOptions::new(gw.url("/v1/runtime"), token, "inst-rust"))
-        .await
-        .unwrap();
+    let rt = RuntimeClient::connect(RuntimeOptions::new(
+        gw.url("/v1/runtime"),
+        token,
+        "inst-rust",
+    ))
+    .await
+    .unwrap();
     let mut cancels = rt.cancel_requests();
     let mut events = rt.events();
     rt.attach("rc1", &[]).await.unwrap();
-    rt.publish("rc1", vec![rungate::client::Event::new("log")]).await.unwrap();
+    rt.publish("rc1", vec![rungate::client::Event::new("log")])
+        .await
+        .unwrap();
 
     let viewers = ViewerClient::new(ViewerOptions::new(
         gw.url("/v1/stream"),
@@ -635,11 +752,16 @@ async fn the_rust_client_finishes_hears_cancels_and_follows_to_the_end() {
     let mut follower = viewers.follow("rc1", Some(0));
     let answer = viewers.cancel("rc1", Some("enough")).await.unwrap();
     assert!(answer.delivered && !answer.ended, "{answer:?}");
-    let request = tokio::time::timeout(WAIT, cancels.recv()).await.unwrap().unwrap();
+    let request = tokio::time::timeout(WAIT, cancels.recv())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(request.run_id, "rc1");
     assert_eq!(request.reason.as_deref(), Some("enough"));
 
-    rt.publish("rc1", vec![rungate::client::Event::new("log")]).await.unwrap();
+    rt.publish("rc1", vec![rungate::client::Event::new("log")])
+        .await
+        .unwrap();
     let head = rt
         .finish("rc1", RunOutcome::Cancelled, Some("stopped by a viewer"))
         .await
@@ -647,7 +769,10 @@ async fn the_rust_client_finishes_hears_cancels_and_follows_to_the_end() {
     assert_eq!(head, 2);
     let mut offsets = Vec::new();
     let ended = loop {
-        match tokio::time::timeout(WAIT, follower.next()).await.expect("in time") {
+        match tokio::time::timeout(WAIT, follower.next())
+            .await
+            .expect("in time")
+        {
             Some(Ok(StreamItem::Event { offset, .. })) => offsets.push(offset),
             Some(Ok(StreamItem::Resumed { .. })) => {}
             Some(Ok(end @ StreamItem::Ended { .. })) => break end,
@@ -655,15 +780,28 @@ async fn the_rust_client_finishes_hears_cancels_and_follows_to_the_end() {
         }
     };
     assert_eq!(offsets, [0, 1]);
-    let StreamItem::Ended { outcome, message, next_offset, .. } = ended else {
+    let StreamItem::Ended {
+        outcome,
+        message,
+        next_offset,
+        ..
+    } = ended
+    else {
         unreachable!()
     };
     assert_eq!(outcome, RunOutcome::Cancelled);
     assert_eq!(message.as_deref(), Some("stopped by a viewer"));
     assert_eq!(next_offset, 2);
-    assert!(follower.next().await.is_none(), "the follower ends at the end");
+    assert!(
+        follower.next().await.is_none(),
+        "the follower ends at the end"
+    );
     loop {
-        match tokio::time::timeout(WAIT, events.recv()).await.unwrap().unwrap() {
+        match tokio::time::timeout(WAIT, events.recv())
+            .await
+            .unwrap()
+            .unwrap()
+        {
             ClientEvent::RunEnded { run_id } => {
                 assert_eq!(run_id, "rc1");
                 break;
@@ -672,7 +810,11 @@ async fn the_rust_client_finishes_hears_cancels_and_follows_to_the_end() {
         }
     }
     // The client forgot the run: nothing more goes to it.
-    assert!(rt.publish("rc1", vec![rungate::client::Event::new("log")]).await.is_err());
+    assert!(
+        rt.publish("rc1", vec![rungate::client::Event::new("log")])
+            .await
+            .is_err()
+    );
     // Idempotent through the client too? The run is forgotten: NoSession.
     assert!(rt.finish("rc1", RunOutcome::Cancelled, None).await.is_err());
     rt.close().await;

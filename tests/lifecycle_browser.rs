@@ -4,9 +4,9 @@
 //! answered 204); and one opened on an already ended run from the middle
 //! replays, ends, and stops too.
 
-mod common;
 #[path = "common/browser.rs"]
 mod browser;
+mod common;
 
 use std::time::Duration;
 
@@ -156,7 +156,9 @@ async fn the_dashboard_shows_the_end_and_stops_a_run_when_its_token_may() {
         )
         .await;
     assert!(
-        viewer_tab.eval::<bool>("document.getElementById('stop').hidden").await,
+        viewer_tab
+            .eval::<bool>("document.getElementById('stop').hidden")
+            .await,
         "no Stop for a token that may not cancel"
     );
 
@@ -191,7 +193,10 @@ async fn the_dashboard_shows_the_end_and_stops_a_run_when_its_token_may() {
     .await;
     for t in [&tab, &viewer_tab] {
         // A background tab renders rows lazily (animation frames).
-        t.page.bring_to_front().await.expect("bring the tab to the front");
+        t.page
+            .bring_to_front()
+            .await
+            .expect("bring the tab to the front");
         t.wait_until(
             "the ended status",
             "document.getElementById('run-status').dataset.state === 'ended' && \
@@ -212,7 +217,10 @@ async fn the_dashboard_shows_the_end_and_stops_a_run_when_its_token_may() {
         let shown: Value = t.eval(SHOWN).await;
         assert_eq!(shown["stop"], false, "{shown}");
         assert!(
-            shown["log"].as_str().unwrap().contains("stopped by a viewer"),
+            shown["log"]
+                .as_str()
+                .unwrap()
+                .contains("stopped by a viewer"),
             "{shown}"
         );
         assert!(t.exceptions().is_empty(), "{:?}", t.exceptions());

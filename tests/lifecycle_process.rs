@@ -81,7 +81,9 @@ async fn the_end_survives_restarts_before_and_after_the_finish() {
     assert_eq!(moved["payload"]["sessionId"], sid, "{moved}");
     // A viewer's stop, while the runtime holds it: then the runtime stops.
     let mut ops = Client::connect(&gw.url("/v1/stream"), &stopper).await;
-    let asked = ops.ok("run.cancel", json!({ "runId": "proc-1", "reason": "r" })).await;
+    let asked = ops
+        .ok("run.cancel", json!({ "runId": "proc-1", "reason": "r" }))
+        .await;
     assert_eq!(asked["delivered"], true);
     assert_eq!(rt.push("run.cancelRequested").await["reason"], "r");
     publish(&mut rt, &sid, "proc-1", 4..6).await;
@@ -98,11 +100,18 @@ async fn the_end_survives_restarts_before_and_after_the_finish() {
     let gw = GatewayProcess::spawn(&data, &["--listen", &addr]).await;
     let mut late = Client::connect(&gw.url("/v1/stream"), &viewer).await;
     let info = late
-        .ok("stream.resume", json!({ "runId": "proc-1", "fromOffset": 0 }))
+        .ok(
+            "stream.resume",
+            json!({ "runId": "proc-1", "fromOffset": 0 }),
+        )
         .await;
     assert_eq!(info["ended"], true, "{info}");
     let (offsets, end) = until_ended(&mut late, "proc-1").await;
-    assert_eq!(offsets, (0..6).collect::<Vec<_>>(), "nothing lost, in order");
+    assert_eq!(
+        offsets,
+        (0..6).collect::<Vec<_>>(),
+        "nothing lost, in order"
+    );
     assert_eq!(end["outcome"], "cancelled");
     assert_eq!(end["nextOffset"], 6);
     // The run id stays closed, and the session is not back.
@@ -148,7 +157,9 @@ async fn a_pending_cancel_survives_a_restart_of_the_gateway() {
     let mut asked = Value::Null;
     // The gateway learns of the closed socket a moment later.
     for _ in 0..100 {
-        asked = ops.ok("run.cancel", json!({ "runId": "proc-2", "reason": "kept" })).await;
+        asked = ops
+            .ok("run.cancel", json!({ "runId": "proc-2", "reason": "kept" }))
+            .await;
         if asked["delivered"] == false {
             break;
         }

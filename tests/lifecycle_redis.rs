@@ -146,7 +146,11 @@ async fn a_finish_on_a_is_seen_on_b_after_every_event() {
         .await;
     assert_eq!(done["nextOffset"], 8);
     let (offsets, end) = until_ended(&mut follower, &run).await;
-    assert_eq!(offsets, (0..8).collect::<Vec<_>>(), "every event, then the end");
+    assert_eq!(
+        offsets,
+        (0..8).collect::<Vec<_>>(),
+        "every event, then the end"
+    );
     assert_eq!(end["outcome"], "failed");
     assert_eq!(end["message"], "oom");
     assert_eq!(end["nextOffset"], 8);
@@ -211,7 +215,10 @@ async fn a_cancel_on_b_reaches_the_runtime_on_a() {
     let mut watch = pair.viewer(1, &[]).await;
     wait_state(&mut watch, &run, "detached").await;
     let asked = ops
-        .ok("run.cancel", json!({ "runId": run, "reason": "still from B" }))
+        .ok(
+            "run.cancel",
+            json!({ "runId": run, "reason": "still from B" }),
+        )
         .await;
     assert_eq!(asked["ended"], false);
     // The holder (A) saves it with the session: wait until B's reattach
@@ -219,7 +226,9 @@ async fn a_cancel_on_b_reaches_the_runtime_on_a() {
     let mut back = pair.runtime(1).await;
     let deadline = tokio::time::Instant::now() + WAIT;
     let reason = loop {
-        let moved = back.reattach(&run, "w", 1 + back.seen.len() as u64, &[]).await;
+        let moved = back
+            .reattach(&run, "w", 1 + back.seen.len() as u64, &[])
+            .await;
         assert_eq!(moved["type"], "reply", "{moved}");
         let frames = back.frames_within(Duration::from_millis(500)).await;
         if let Some(p) = frames.iter().find(|f| f["type"] == "run.cancelRequested") {

@@ -839,7 +839,10 @@ async fn every_frame_of_a_live_session_matches_the_spec() {
         .fails("run.cancel", json!({ "runId": RUN }), "FORBIDDEN")
         .await;
     let asked = stopper
-        .ok("run.cancel", json!({ "runId": RUN, "reason": "spec says stop" }))
+        .ok(
+            "run.cancel",
+            json!({ "runId": RUN, "reason": "spec says stop" }),
+        )
         .await;
     assert_eq!(asked, json!({ "delivered": true, "ended": false }));
     let request = moved.push("run.cancelRequested").await;

@@ -895,13 +895,25 @@ fn command_cases() -> Vec<(CommandKind, Vec<Case>)> {
         case("cancelled", with(&base, "outcome", json!("cancelled"))),
         case("with a message", with(&base, "message", json!("done"))),
         case("empty message", with(&base, "message", json!(""))),
-        case("message of 1024 ASCII", with(&base, "message", json!("m".repeat(1024)))),
-        case("message of 1025 ASCII", with(&base, "message", json!("m".repeat(1025)))),
+        case(
+            "message of 1024 ASCII",
+            with(&base, "message", json!("m".repeat(1024))),
+        ),
+        case(
+            "message of 1025 ASCII",
+            with(&base, "message", json!("m".repeat(1025))),
+        ),
         case("message null", with(&base, "message", Value::Null)),
         case("numeric message", with(&base, "message", json!(1))),
         case("unknown outcome", with(&base, "outcome", json!("done"))),
-        case("outcome in another case", with(&base, "outcome", json!("Completed"))),
-        case("outcome as a one-member object", with(&base, "outcome", json!({"completed": null}))),
+        case(
+            "outcome in another case",
+            with(&base, "outcome", json!("Completed")),
+        ),
+        case(
+            "outcome as a one-member object",
+            with(&base, "outcome", json!({"completed": null})),
+        ),
         case("outcome null", with(&base, "outcome", Value::Null)),
         case("missing outcome", without(&base, "outcome")),
         case("missing sessionId", without(&base, "sessionId")),
@@ -921,13 +933,25 @@ fn command_cases() -> Vec<(CommandKind, Vec<Case>)> {
     let base = json!({"runId": "run-1"});
     let mut c = vec![
         case("minimal", base.clone()),
-        case("with a reason", with(&base, "reason", json!("user pressed stop"))),
-        case("reason of 1024 ASCII", with(&base, "reason", json!("x".repeat(1024)))),
-        case("reason of 1025 ASCII", with(&base, "reason", json!("x".repeat(1025)))),
+        case(
+            "with a reason",
+            with(&base, "reason", json!("user pressed stop")),
+        ),
+        case(
+            "reason of 1024 ASCII",
+            with(&base, "reason", json!("x".repeat(1024))),
+        ),
+        case(
+            "reason of 1025 ASCII",
+            with(&base, "reason", json!("x".repeat(1025))),
+        ),
         case("reason null", with(&base, "reason", Value::Null)),
         case("numeric reason", with(&base, "reason", json!(3))),
         case("missing runId", json!({"reason": "x"})),
-        case("sessionId is not a member", with(&base, "sessionId", json!(SID))),
+        case(
+            "sessionId is not a member",
+            with(&base, "sessionId", json!(SID)),
+        ),
         case("unknown member", with(&base, "force", json!(true))),
         case("payload is an array", json!(["run-1"])),
     ];

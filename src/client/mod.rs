@@ -20,8 +20,8 @@ mod runtime;
 mod token;
 mod viewer;
 
-pub use backoff::Backoff;
 pub use crate::ids::RunOutcome;
+pub use backoff::Backoff;
 pub use runtime::{
     Attached, CancelRequest, ClientEvent, ConnectionState, Event, RuntimeClient, RuntimeOptions,
 };

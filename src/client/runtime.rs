@@ -331,7 +331,12 @@ impl RuntimeClient {
         let reply = self.call(run, "runtime.finish", payload).await?;
         let reply: FinishReply = serde_json::from_value(reply.clone())
             .map_err(|e| ClientError::BadReply(format!("runtime.finish answered {reply}: {e}")))?;
-        let _ = self.ops.send(Op::Ended { run: run.to_owned() }).await;
+        let _ = self
+            .ops
+            .send(Op::Ended {
+                run: run.to_owned(),
+            })
+            .await;
         Ok(reply.next_offset)
     }
 

@@ -276,7 +276,11 @@ impl ViewerClient {
 
     /// Asks `run`'s runtime to stop (`run.cancel`, on a socket of its own).
     /// Needs a viewer token with the `run.cancel` capability.
-    pub async fn cancel(&self, run: &str, reason: Option<&str>) -> Result<CancelAnswer, ClientError> {
+    pub async fn cancel(
+        &self,
+        run: &str,
+        reason: Option<&str>,
+    ) -> Result<CancelAnswer, ClientError> {
         let options = &self.options;
         let mut socket = link::connect(
             &options.url,
@@ -284,9 +288,17 @@ impl ViewerClient {
             options.connect_timeout,
         )
         .await?;
-        let payload = serde_json::to_value(CancelPayload { run_id: run, reason })
-            .map_err(|e| ClientError::BadReply(e.to_string()))?;
-        if !link::send(&mut socket, link::request("cancel-1", "run.cancel", &payload)).await {
+        let payload = serde_json::to_value(CancelPayload {
+            run_id: run,
+            reason,
+        })
+        .map_err(|e| ClientError::BadReply(e.to_string()))?;
+        if !link::send(
+            &mut socket,
+            link::request("cancel-1", "run.cancel", &payload),
+        )
+        .await
+        {
             return Err(ClientError::ConnectionLost);
         }
         let deadline = Instant::now() + options.connect_timeout;
@@ -302,7 +314,10 @@ impl ViewerClient {
                     return serde_json::from_str(payload.get())
                         .map_err(|e| ClientError::BadReply(format!("run.cancel: {e}")));
                 }
-                Some(Incoming::Error { id: Some(id), error }) if id == "cancel-1" => {
+                Some(Incoming::Error {
+                    id: Some(id),
+                    error,
+                }) if id == "cancel-1" => {
                     return Err(error);
                 }
                 Some(_) => {}

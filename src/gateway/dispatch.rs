@@ -21,12 +21,12 @@ use super::metrics::UNDECODED;
 use super::rate_limit::TokenBucket;
 use super::state::Shared;
 use crate::auth::Grant;
+use crate::ids::RunOutcome;
 use crate::ids::{Capability, RunId, SessionId};
 use crate::protocol::commands::{self as cmd, push};
 use crate::protocol::{
     Command, CommandError, CommandKind, ErrorCode, Frame, encode_error, encode_push, encode_reply,
 };
-use crate::ids::RunOutcome;
 use crate::session::{
     AttachParams, CancelTarget, ConnId, RecoverError, Saved, SessionError, SessionState,
     SessionView,
@@ -325,12 +325,10 @@ pub(crate) fn stream_error(e: StreamError) -> CommandError {
             ErrorCode::StaleEpoch,
             "the session moved to another gateway at a newer connection epoch; nothing was stored",
         ),
-        StreamError::Ended { outcome } => {
-            CommandError::new(ErrorCode::RunEnded, message).with_details(json!({ "outcome": outcome }))
-        }
-        StreamError::EndConflict { outcome } => {
-            CommandError::new(ErrorCode::Conflict, message).with_details(json!({ "outcome": outcome }))
-        }
+        StreamError::Ended { outcome } => CommandError::new(ErrorCode::RunEnded, message)
+            .with_details(json!({ "outcome": outcome })),
+        StreamError::EndConflict { outcome } => CommandError::new(ErrorCode::Conflict, message)
+            .with_details(json!({ "outcome": outcome })),
         StreamError::EndUnsupported => CommandError::internal(message).retryable(false),
     }
 }
@@ -700,10 +698,14 @@ fn recover_here(
         );
     }
     let root = req.session_id;
-    when_saved(saved, || {}, move || {
-        push_pending_cancels(&shared, conn, &root);
-        encode_reply(&id, &cmd::Accepted::YES)
-    })
+    when_saved(
+        saved,
+        || {},
+        move || {
+            push_pending_cancels(&shared, conn, &root);
+            encode_reply(&id, &cmd::Accepted::YES)
+        },
+    )
 }
 
 /// Pushes `run.cancelRequested` for every cancel still pending on `root`

@@ -249,10 +249,7 @@ async fn run_cancel(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Bod
     {
         Ok(b) => b.to_bytes(),
         Err(_) => {
-            return invalid_input(
-                "/body",
-                "the body could not be read or is over 8 KiB",
-            );
+            return invalid_input("/body", "the body could not be read or is over 8 KiB");
         }
     };
     let reason = match crate::protocol::commands::RunCancelBody::parse(&body) {

@@ -320,7 +320,10 @@ mod tests {
         assert!(Start::from_request(None, Some("-1")).is_err());
         assert_eq!(Start::After(u64::MAX).first_wanted(), u64::MAX);
         assert_eq!(Start::After(4).first_wanted(), 5);
-        assert_eq!(Start::from_request(Some("end"), Some("2")), Ok(Start::AfterEnd));
+        assert_eq!(
+            Start::from_request(Some("end"), Some("2")),
+            Ok(Start::AfterEnd)
+        );
         assert_eq!(Start::AfterEnd.first_wanted(), 0);
     }
 

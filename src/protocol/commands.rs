@@ -301,7 +301,10 @@ impl RunCancelBody {
             .map_err(|_| CommandError::invalid_payload("", "the body is not UTF-8"))?;
         let text = if text.trim().is_empty() { "{}" } else { text };
         if !text.trim_start().starts_with('{') {
-            return Err(CommandError::invalid_payload("", "the body must be a JSON object"));
+            return Err(CommandError::invalid_payload(
+                "",
+                "the body must be a JSON object",
+            ));
         }
         typed_at(text, "")
     }

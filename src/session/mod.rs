@@ -25,8 +25,8 @@ use crate::store::{PendingCancel, SessionMoved, SessionRecord, Store, StoreError
 use crate::time::Clock;
 
 pub use registry::{
-    AttachOutcome, AttachParams, CancelTarget, ConnId, Counts, Expired, LeasePolicy, RecoverError, Restored,
-    SessionError, SessionRegistry, SessionState, SessionView, Superseded,
+    AttachOutcome, AttachParams, CancelTarget, ConnId, Counts, Expired, LeasePolicy, RecoverError,
+    Restored, SessionError, SessionRegistry, SessionState, SessionView, Superseded,
 };
 
 /// How often renewed leases are saved. A restarted gateway adds twice this

@@ -206,9 +206,7 @@ pub trait SharedSessions: Send + Sync {
 
     /// Cancels other gateways announced, as they arrive. Called once;
     /// `None` after the first call (and for a store that has none).
-    fn cancels(
-        &self,
-    ) -> Option<tokio::sync::mpsc::UnboundedReceiver<(SessionId, PendingCancel)>> {
+    fn cancels(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<(SessionId, PendingCancel)>> {
         None
     }
 }

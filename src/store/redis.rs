@@ -28,7 +28,7 @@
 //! | `{p}:alive:{node}`       | string | present while that gateway is alive     |
 //! | `{p}:nodes`              | set    | gateways that have said they are alive  |
 //! | `{p}:suspects`           | hash   | node → when it was first found silent   |
-//! | `{p}:session-moves`      | channel| `SESSION_ID EPOCH NODE` per takeover    |
+//! | `{p}:session-moves`      | channel| `SESSION_ID EPOCH NODE` per takeover; `cancel SESSION_ID MS REASON_JSON` per viewer's cancel of a session held elsewhere |
 //!
 //! Records are encoded as [`super::records`] says, the same bytes as in the
 //! embedded store. A run id may contain `:`; it is always the last part of
@@ -61,8 +61,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::records::{decode_checkpoint, decode_session, encode_checkpoint, encode_session};
 use super::{
     Checkpoint, PendingCancel, SessionChange, SessionMoved, SessionRecord, SharedSessions, Store,
-    StoreError,
-    StoreFuture,
+    StoreError, StoreFuture,
 };
 use crate::ids::{RunId, SessionId};
 
@@ -770,11 +769,13 @@ impl Worker {
                     .arg(cancel_message(&session_id, &cancel))
                     .query_async(&mut self.conn)
                     .await;
-                drop(reply.send(
-                    published
-                        .map(drop)
-                        .map_err(|e| StoreError::Unavailable(e.to_string())),
-                ))
+                drop(
+                    reply.send(
+                        published
+                            .map(drop)
+                            .map_err(|e| StoreError::Unavailable(e.to_string())),
+                    ),
+                )
             }
             Op::Flush { reply } => drop(reply.send(Ok(()))),
         }

@@ -29,7 +29,9 @@ fn end(outcome: RunOutcome, message: Option<&str>) -> EndRequest {
 }
 
 fn texts(n: u64) -> Vec<String> {
-    (0..n).map(|i| format!(r#"{{"type":"t","seq":{i}}}"#)).collect()
+    (0..n)
+        .map(|i| format!(r#"{{"type":"t","seq":{i}}}"#))
+        .collect()
 }
 
 fn events(texts: &[String]) -> Vec<NewEvent<'_>> {

@@ -139,7 +139,6 @@ fn push_decimal(buf: &mut Vec<u8>, mut n: u64) {
     buf.extend_from_slice(&digits[i..]);
 }
 
-
 /// The `stream.ended` push of a run, once per stream: its payload JSON
 /// (`{runId, streamEpoch, nextOffset, outcome, message?, endedAt}`, what
 /// SSE sends as `data:`) and the whole frame around it. Built with serde

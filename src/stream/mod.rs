@@ -64,8 +64,8 @@ use bytes::Bytes;
 use serde::Serialize;
 use tokio::time::Instant;
 
-use crate::ids::{RunId, RunOutcome};
 pub use crate::ids::StreamEpoch;
+use crate::ids::{RunId, RunOutcome};
 use crate::time::Timestamp;
 
 pub mod frame;

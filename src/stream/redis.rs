@@ -29,6 +29,11 @@
 //!   by retention or the budget on any node deletes the stream in Redis
 //!   (if it still has that epoch and no session is active) and every node
 //!   drops its replica. Dropped anywhere is dropped everywhere.
+//! - A run's end (`runtime.finish`) is one script too: it records the
+//!   outcome in the stream's meta hash (after every batch stored before
+//!   it; publishes refuse once it is there) and announces it; every node
+//!   reads it back with whatever its replica still lacks and marks the
+//!   replica ended, so `stream.ended` comes after the last event anywhere.
 //! - If the channel is lost, the replicas are served as they are and
 //!   caught up from Redis once it is back ([`subscriber`]).
 //!
@@ -56,9 +61,9 @@ use tokio_util::sync::CancellationToken;
 use super::frame::events_frame_bound;
 use super::hub::{Hooks, StreamHub};
 use super::{
-    EndRequest, NewEvent, PublishOutcome, Publisher, ResumeInfo, RunEnd, StreamEngine,
-    StreamEpoch, StreamError, StreamFuture, StreamLimits, StreamStats, StreamSubscription,
-    StreamSummary, SweepOutcome,
+    EndRequest, NewEvent, PublishOutcome, Publisher, ResumeInfo, RunEnd, StreamEngine, StreamEpoch,
+    StreamError, StreamFuture, StreamLimits, StreamStats, StreamSubscription, StreamSummary,
+    SweepOutcome,
 };
 use crate::ids::RunId;
 use crate::store::redis::{OpenError, open, redacted};

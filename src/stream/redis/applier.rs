@@ -25,9 +25,9 @@ use super::notice::{BatchNotice, Idle, Notice, parse_seq};
 use super::writer::{EndReply, Op, PublishReply, end_of};
 use super::{Shared, StreamEpoch, instant_at, wall_ms};
 use crate::ids::RunId;
-use crate::stream::{PublishOutcome, RunEnd, StreamError};
 use crate::stream::hub::{ReplicaBatch, Replicated};
 use crate::stream::ring::Ring;
+use crate::stream::{PublishOutcome, RunEnd, StreamError};
 
 /// Stream entries (batches, each within the per-run byte bound) read per
 /// round trip when catching up.
