@@ -4,7 +4,9 @@
 //! answered 204); and one opened on an already ended run from the middle
 //! replays, ends, and stops too.
 
+// Not every helper of the browser module is used here (screenshots).
 #[path = "common/browser.rs"]
+#[allow(dead_code)]
 mod browser;
 mod common;
 
