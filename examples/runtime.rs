@@ -13,13 +13,15 @@
 //!
 //! Options: `--url` (default `ws://127.0.0.1:7700/v1/runtime`), `--token`,
 //! `--run`, `--every-ms` (default 500), `--count` (events; default: until
-//! Ctrl-C).
+//! Ctrl-C), `--finish` (end the run when done: `completed` after `--count`
+//! events, `cancelled` when a viewer asks it to stop with `run.cancel`;
+//! without it the run stays open, so another worker can carry it on).
 
 use std::collections::BTreeMap;
 use std::error::Error;
 use std::time::Duration;
 
-use rungate_client::{ClientEvent, Event, RuntimeClient, RuntimeOptions};
+use rungate_client::{ClientEvent, Event, RunOutcome, RuntimeClient, RuntimeOptions};
 use serde_json::json;
 
 struct Args {
@@ -28,6 +30,7 @@ struct Args {
     run: String,
     every: Duration,
     count: Option<u64>,
+    finish: bool,
 }
 
 fn args() -> Result<Args, Box<dyn Error>> {
@@ -37,9 +40,14 @@ fn args() -> Result<Args, Box<dyn Error>> {
         run: String::new(),
         every: Duration::from_millis(500),
         count: None,
+        finish: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
+        if flag == "--finish" {
+            a.finish = true;
+            continue;
+        }
         let value = it.next().ok_or(format!("{flag} needs a value"))?;
         match flag.as_str() {
             "--url" => a.url = value,
@@ -52,7 +60,8 @@ fn args() -> Result<Args, Box<dyn Error>> {
     }
     if a.token.is_empty() || a.run.is_empty() {
         return Err(
-            "usage: runtime --token TOKEN --run RUN [--url URL] [--every-ms N] [--count N]".into(),
+            "usage: runtime --token TOKEN --run RUN [--url URL] [--every-ms N] [--count N] [--finish]"
+                .into(),
         );
     }
     Ok(a)
@@ -120,9 +129,16 @@ async fn main() -> Result<(), Box<dyn Error>> {
     }
 
     let mut tick = tokio::time::interval(args.every);
+    let mut stops = client.cancel_requests();
+    let mut outcome = RunOutcome::Completed;
     while args.count.is_none_or(|c| done < c) {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break,
+            Ok(stop) = stops.recv() => {
+                println!("a viewer asked to stop: {}", stop.reason.as_deref().unwrap_or("no reason given"));
+                outcome = RunOutcome::Cancelled;
+                break;
+            }
             _ = tick.tick() => {}
         }
         done += 1;
@@ -145,6 +161,12 @@ async fn main() -> Result<(), Box<dyn Error>> {
         }
     }
     println!("published {done} steps");
+    if args.finish {
+        let head = client
+            .finish(run, outcome, Some(&format!("{done} steps")))
+            .await?;
+        println!("finished {run}: {outcome} after {head} events");
+    }
     client.close().await;
     Ok(())
 }

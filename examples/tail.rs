@@ -48,6 +48,15 @@ async fn main() -> Result<(), Box<dyn Error>> {
         match item {
             None => break,
             Some(Err(e)) => return Err(e.into()),
+            Some(Ok(StreamItem::Ended {
+                outcome, message, ..
+            })) => {
+                eprintln!(
+                    "-- the run ended: {outcome}{}",
+                    message.map(|m| format!(" ({m})")).unwrap_or_default()
+                );
+                break;
+            }
             Some(Ok(StreamItem::Event { offset, event })) => {
                 shown += 1;
                 let kind = event["type"].as_str().unwrap_or("?");

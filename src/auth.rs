@@ -375,7 +375,7 @@ impl AuthKey {
         let caps = claims
             .caps
             .iter()
-            .map(|c| Capability::parse(c))
+            .map(|c| Capability::parse_any(c))
             .collect::<Option<Capabilities>>()
             .ok_or_else(|| AuthError::Invalid("unknown capability in claims".to_owned()))?;
         Ok(Grant {

@@ -86,8 +86,12 @@ fn parse_caps(s: &str) -> anyhow::Result<Capabilities> {
         .map(str::trim)
         .filter(|c| !c.is_empty())
         .map(|c| {
-            Capability::parse(c).with_context(|| {
-                let known: Vec<&str> = Capability::ALL.iter().map(|c| c.as_str()).collect();
+            Capability::parse_any(c).with_context(|| {
+                let known: Vec<&str> = Capability::ALL
+                    .iter()
+                    .chain(&Capability::VIEWER)
+                    .map(|c| c.as_str())
+                    .collect();
                 format!("unknown capability {c:?}; known: {}", known.join(", "))
             })
         })

@@ -5,7 +5,8 @@
 //! the sessions of gateways that stopped saying so), hands the store's
 //! reports of sessions another gateway took over to the registry, and tells
 //! every socket that lost a session `session.superseded`, whichever way the
-//! loss was noticed. Must not decide who holds a session: the store fences,
+//! loss was noticed; and hands a viewer's cancel that another gateway
+//! announced for a session held here to the registry and its socket. Must not decide who holds a session: the store fences,
 //! the registry keeps the rules; this only carries the news between them
 //! and the sockets.
 
@@ -24,6 +25,7 @@ pub(crate) async fn run(shared: Arc<Shared>, stop: CancellationToken) {
         return;
     };
     let mut moves = shared.store.shared_sessions().and_then(|s| s.moves());
+    let mut cancels = shared.store.shared_sessions().and_then(|s| s.cancels());
     let mut alive = tokio::time::interval(RENEWALS_SAVED_EVERY);
     alive.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let shared_store = shared.sessions.shared();
@@ -44,6 +46,21 @@ pub(crate) async fn run(shared: Arc<Shared>, stop: CancellationToken) {
                 Some(m) => m.recv().await,
                 None => std::future::pending().await,
             } } => shared.sessions.moved_elsewhere(&moved),
+            // A viewer on another gateway asked a run held here to stop.
+            Some((session_id, cancel)) = async { match cancels.as_mut() {
+                Some(c) => c.recv().await,
+                None => std::future::pending().await,
+            } } => {
+                if let Some((conn, run_id)) = shared.sessions.cancel_arrived(&session_id, cancel.clone()) {
+                    let payload = push::RunCancelRequested {
+                        session_id: &session_id,
+                        run_id: &run_id,
+                        reason: cancel.reason.as_deref(),
+                        requested_at: crate::time::Timestamp::from_unix_millis(cancel.requested_at_unix_ms),
+                    };
+                    shared.conns.push(conn, encode_push(push::RUN_CANCEL_REQUESTED, &payload));
+                }
+            }
             _ = alive.tick(), if shared_store => match shared.sessions.keep_alive().await {
                 Ok(0) => {}
                 Ok(n) => {

@@ -21,16 +21,18 @@ use super::metrics::UNDECODED;
 use super::rate_limit::TokenBucket;
 use super::state::Shared;
 use crate::auth::Grant;
+use crate::ids::RunOutcome;
 use crate::ids::{Capability, RunId, SessionId};
 use crate::protocol::commands::{self as cmd, push};
 use crate::protocol::{
     Command, CommandError, CommandKind, ErrorCode, Frame, encode_error, encode_push, encode_reply,
 };
 use crate::session::{
-    AttachParams, ConnId, RecoverError, Saved, SessionError, SessionState, SessionView,
+    AttachParams, CancelTarget, ConnId, RecoverError, Saved, SessionError, SessionState,
+    SessionView,
 };
-use crate::store::{Checkpoint, StoreError};
-use crate::stream::{NewEvent, Publisher, StreamError};
+use crate::store::{Checkpoint, PendingCancel, StoreError};
+use crate::stream::{EndRequest, NewEvent, Publisher, RunEnd, StreamError};
 use crate::time::Timestamp;
 
 /// Which WebSocket endpoint a socket came in on.
@@ -52,10 +54,13 @@ impl Endpoint {
 
     fn offers(self, kind: CommandKind) -> bool {
         match self {
-            Endpoint::Runtime => kind != CommandKind::RunsList,
+            Endpoint::Runtime => !matches!(kind, CommandKind::RunsList | CommandKind::RunCancel),
             Endpoint::Stream => matches!(
                 kind,
-                CommandKind::StreamResume | CommandKind::StreamCancel | CommandKind::RunsList
+                CommandKind::StreamResume
+                    | CommandKind::StreamCancel
+                    | CommandKind::RunsList
+                    | CommandKind::RunCancel
             ),
         }
     }
@@ -240,6 +245,8 @@ fn apply(ctx: &mut ConnCtx, id: &str, command: Command) -> Result<Reply, Command
         Command::Publish(req) => publish(ctx, id, req),
         Command::StreamResume(req) => reply(&stream_resume(ctx, req)?),
         Command::StreamCancel(req) => reply(&stream_cancel(ctx, req)?),
+        Command::Finish(req) => finish(ctx, id, req),
+        Command::RunCancel(req) => run_cancel(ctx, id, req),
         Command::RunsList(cmd::RunsListCommand {}) => {
             Ok(later(id, runs_list(&ctx.shared, &ctx.grant), |id, runs| {
                 Ok(encode_reply(id, &runs))
@@ -318,6 +325,41 @@ pub(crate) fn stream_error(e: StreamError) -> CommandError {
             ErrorCode::StaleEpoch,
             "the session moved to another gateway at a newer connection epoch; nothing was stored",
         ),
+        StreamError::Ended { outcome } => CommandError::new(ErrorCode::RunEnded, message)
+            .with_details(json!({ "outcome": outcome })),
+        StreamError::EndConflict { outcome } => CommandError::new(ErrorCode::Conflict, message)
+            .with_details(json!({ "outcome": outcome })),
+        StreamError::EndUnsupported => CommandError::internal(message).retryable(false),
+    }
+}
+
+/// `RUN_ENDED` for `run`, which ended with `outcome`.
+fn run_ended(run: &RunId, outcome: RunOutcome) -> CommandError {
+    CommandError::new(
+        ErrorCode::RunEnded,
+        format!("run {run} ended ({outcome}); a retry of the work is a new runId"),
+    )
+    .with_details(json!({ "runId": run, "outcome": outcome }))
+}
+
+/// [`stream_error`] that names the run a `RUN_ENDED` or `CONFLICT` is about.
+fn stream_error_of(run: &RunId, e: StreamError) -> CommandError {
+    match e {
+        StreamError::Ended { outcome } => run_ended(run, outcome),
+        StreamError::EndConflict { outcome } => CommandError::new(
+            ErrorCode::Conflict,
+            format!("run {run} already ended with outcome {outcome}"),
+        )
+        .with_details(json!({ "runId": run, "outcome": outcome })),
+        e => stream_error(e),
+    }
+}
+
+/// `RUN_ENDED` if `run` ended (or is ending) and the token covers it.
+fn refuse_ended(ctx: &ConnCtx, run: &RunId) -> Result<(), CommandError> {
+    match ctx.shared.streams.ended(run) {
+        Some(end) if ctx.grant.runs.covers(run) => Err(run_ended(run, end.outcome)),
+        _ => Ok(()),
     }
 }
 
@@ -370,6 +412,9 @@ fn session_for(
     session_id: &SessionId,
     run_id: &RunId,
 ) -> Result<SessionView, CommandError> {
+    // An ended run's session is gone for good: say why, whatever the
+    // session id (the first finish ended it on this very socket).
+    refuse_ended(ctx, run_id)?;
     let view = ctx
         .shared
         .sessions
@@ -428,6 +473,8 @@ fn attach(ctx: &ConnCtx, id: &str, req: cmd::AttachRequest) -> Result<Reply, Com
     if !ctx.grant.runs.covers(&req.run_id) {
         return Err(forbidden_run(&req.run_id));
     }
+    // A run id is closed for good once it ended (while its stream is kept).
+    refuse_ended(ctx, &req.run_id)?;
     let asked = req
         .capabilities
         .iter()
@@ -522,6 +569,7 @@ fn attach_here(
     };
     let undo_shared = shared.clone();
     let run = session.run_id.clone();
+    let (reattached, root) = (!outcome.fresh, session.session_id.clone());
     let undo = move || {
         // A fresh session nobody was told about is withdrawn so the retry
         // can start it; a moved one stays where it is (its old socket was
@@ -537,6 +585,9 @@ fn attach_here(
         // before the first publish, for viewers already waiting). Only once
         // saved: a session another gateway fenced off never started here.
         shared.streams.session_started(&run, now);
+        if reattached {
+            push_pending_cancels(&shared, conn, &root);
+        }
         encode_reply(&id, &response)
     })
 }
@@ -545,6 +596,7 @@ fn heartbeat(
     ctx: &ConnCtx,
     req: cmd::HeartbeatCommand,
 ) -> Result<cmd::HeartbeatResponse, CommandError> {
+    refuse_ended(ctx, &req.run_id)?;
     let now = Instant::now();
     ctx.shared
         .sessions
@@ -572,6 +624,14 @@ fn recover(
     id: &str,
     req: cmd::RecoverConnectionsCommand,
 ) -> Result<Reply, CommandError> {
+    // All or none: an ended run among them refuses the whole recovery.
+    refuse_ended(ctx, &req.main_run_id)?;
+    for run in req.sub_run_ids.iter().flatten() {
+        refuse_ended(ctx, run).map_err(|mut e| {
+            e.message = format!("sub-run {run}: {}; nothing moved", e.message);
+            e
+        })?;
+    }
     let sessions = &ctx.shared.sessions;
     if !sessions.shared() {
         return recover_here(
@@ -637,7 +697,37 @@ fn recover_here(
             encode_push(push::SESSION_SUPERSEDED, &payload),
         );
     }
-    when_saved(saved, || {}, move || encode_reply(&id, &cmd::Accepted::YES))
+    let root = req.session_id;
+    when_saved(
+        saved,
+        || {},
+        move || {
+            push_pending_cancels(&shared, conn, &root);
+            encode_reply(&id, &cmd::Accepted::YES)
+        },
+    )
+}
+
+/// Pushes `run.cancelRequested` for every cancel still pending on `root`
+/// (a main session) and its sub-runs now bound to `conn`: a runtime that
+/// crashed right after a cancel still learns of it when it comes back.
+fn push_pending_cancels(shared: &Shared, conn: ConnId, root: &SessionId) {
+    let pending = shared.sessions.with(|r| r.pending_cancels(conn, root));
+    for (session_id, run_id, cancel) in pending {
+        shared
+            .conns
+            .push(conn, cancel_push(&session_id, &run_id, &cancel));
+    }
+}
+
+fn cancel_push(session_id: &SessionId, run_id: &RunId, cancel: &PendingCancel) -> Frame {
+    let payload = push::RunCancelRequested {
+        session_id,
+        run_id,
+        reason: cancel.reason.as_deref(),
+        requested_at: Timestamp::from_unix_millis(cancel.requested_at_unix_ms),
+    };
+    encode_push(push::RUN_CANCEL_REQUESTED, &payload)
 }
 
 fn secrets_get(ctx: &ConnCtx, id: &str, req: cmd::GetSecretsCommand) -> Outcome {
@@ -883,9 +973,10 @@ fn publish(ctx: &ConnCtx, id: &str, req: cmd::PublishRequest) -> Result<Reply, C
         .publish_as(&req.run_id, &events, publisher, Instant::now());
     let shared = ctx.shared.clone();
     let id = id.to_owned();
+    let run = req.run_id.clone();
     Ok(Reply::Later(
         async move {
-            let outcome = pending.await.map_err(stream_error)?;
+            let outcome = pending.await.map_err(|e| stream_error_of(&run, e))?;
             shared
                 .metrics
                 .events_published(outcome.accepted, outcome.duplicates);
@@ -893,6 +984,196 @@ fn publish(ctx: &ConnCtx, id: &str, req: cmd::PublishRequest) -> Result<Reply, C
         }
         .boxed(),
     ))
+}
+
+// -------------------------------------------------------------- lifecycle
+
+/// `runtime.finish`: ends the run's stream (durably, after every event
+/// before it), then its session (and a main run's open sub-runs, whose
+/// streams end `cancelled`). Idempotent by run: an ended run answers from
+/// its end marker, whichever socket asks.
+fn finish(ctx: &ConnCtx, id: &str, req: cmd::RuntimeFinishCommand) -> Result<Reply, CommandError> {
+    let shared = ctx.shared.clone();
+    let run = req.run_id;
+    let end = EndRequest {
+        outcome: req.outcome,
+        message: req.message.map(|m| m.0),
+        ended_at: Timestamp::now(),
+    };
+    let id = id.to_owned();
+    if let Some(ended) = shared.streams.ended(&run) {
+        if !ctx.grant.runs.covers(&run) {
+            return Err(forbidden_run(&run));
+        }
+        if ended.outcome != end.outcome {
+            return Err(stream_error_of(
+                &run,
+                StreamError::EndConflict {
+                    outcome: ended.outcome,
+                },
+            ));
+        }
+        // Asked again: the same answer, once the first end is durable.
+        let pending = shared.streams.finish(&run, end, Instant::now());
+        return Ok(Reply::Later(
+            async move {
+                let ended = pending.await.map_err(|e| stream_error_of(&run, e))?;
+                Ok(encode_reply(&id, &finished(&ended)))
+            }
+            .boxed(),
+        ));
+    }
+    let session = session_for(ctx, CommandKind::RuntimeFinish, &req.session_id, &run)?;
+    let pending = shared.streams.finish(&run, end, Instant::now());
+    Ok(Reply::Later(
+        async move {
+            let ended = pending.await.map_err(|e| stream_error_of(&run, e))?;
+            end_sessions(&shared, &session.session_id).await?;
+            Ok(encode_reply(&id, &finished(&ended)))
+        }
+        .boxed(),
+    ))
+}
+
+fn finished(end: &RunEnd) -> cmd::FinishResponse {
+    cmd::FinishResponse {
+        accepted: true,
+        next_offset: end.next_offset,
+    }
+}
+
+/// Ends session `id` and, for a main session, its open sub-runs (their
+/// streams first, `cancelled`: "main run finished"), then waits until the
+/// ends are saved. Nobody is pushed `session.expired`.
+async fn end_sessions(shared: &Shared, id: &SessionId) -> Result<(), CommandError> {
+    let subs: Vec<RunId> = shared.sessions.with(|r| r.open_sub_runs(id));
+    for sub in subs {
+        let end = EndRequest {
+            outcome: RunOutcome::Cancelled,
+            message: Some("main run finished".to_owned()),
+            ended_at: Timestamp::now(),
+        };
+        match shared.streams.finish(&sub, end, Instant::now()).await {
+            // Ended on its own already, with whatever outcome: it stays so.
+            Ok(_) | Err(StreamError::EndConflict { .. }) => {}
+            Err(e) => return Err(stream_error_of(&sub, e)),
+        }
+    }
+    let now = Instant::now();
+    let (ended, saved) = shared.sessions.with_new_deadline(|r| r.end(id, now));
+    for e in &ended {
+        tracing::debug!(run = %e.run_id, "run finished; session ended");
+        shared.streams.session_ended(&e.run_id, now);
+    }
+    saved.await.map_err(store_error)
+}
+
+/// `run.cancel` on /v1/stream: a viewer token with the `run.cancel`
+/// capability asks the run's runtime to stop.
+fn run_cancel(ctx: &ConnCtx, id: &str, req: cmd::RunCancelCommand) -> Result<Reply, CommandError> {
+    check_canceller(&ctx.grant, &req.run_id)?;
+    let pending = cancel_run(ctx.shared.clone(), req.run_id, req.reason.map(|r| r.0));
+    let id = id.to_owned();
+    Ok(Reply::Later(
+        async move { pending.await.map(|r| encode_reply(&id, &r)) }.boxed(),
+    ))
+}
+
+/// Whether `grant` may cancel `run`: the capability and the run's cover.
+pub(crate) fn check_canceller(grant: &Grant, run: &RunId) -> Result<(), CommandError> {
+    if !grant.caps.contains(Capability::RunCancel) {
+        return Err(CommandError::forbidden(
+            "run.cancel needs a viewer token with the run.cancel capability",
+        )
+        .with_details(json!({ "capability": Capability::RunCancel })));
+    }
+    if !grant.runs.covers(run) {
+        return Err(forbidden_run(run));
+    }
+    Ok(())
+}
+
+/// The part of a cancel both `run.cancel` and `POST /v1/runs/{runId}/cancel`
+/// share, once the caller is allowed: an ended run is only reported; a
+/// live session keeps the cancel (saved) and its socket, if attached, is
+/// pushed `run.cancelRequested`; one another gateway holds is told there.
+pub(crate) fn cancel_run(
+    shared: Arc<Shared>,
+    run: RunId,
+    reason: Option<String>,
+) -> BoxFuture<'static, Result<cmd::RunCancelResponse, CommandError>> {
+    let loaded = shared
+        .sessions
+        .shared()
+        .then(|| shared.sessions.load_from_shared(&run));
+    async move {
+        if let Some(loaded) = loaded {
+            loaded.await.map_err(store_error)?;
+        }
+        if shared.streams.ended(&run).is_some() {
+            return Ok(cmd::RunCancelResponse {
+                delivered: false,
+                ended: true,
+            });
+        }
+        let cancel = PendingCancel {
+            reason,
+            requested_at_unix_ms: Timestamp::now().unix_millis(),
+        };
+        let (target, saved) = shared
+            .sessions
+            .with_new_deadline(|r| r.request_cancel(&run, cancel.clone()));
+        let delivered = match target {
+            CancelTarget::Held { conn, session_id } => {
+                saved.await.map_err(store_error)?;
+                match conn {
+                    Some(conn) => shared
+                        .conns
+                        .push_now(conn, cancel_push(&session_id, &run, &cancel)),
+                    None => false,
+                }
+            }
+            CancelTarget::Elsewhere { session_id } => {
+                announce_cancel(&shared, &session_id, &run, &cancel).await?
+            }
+            CancelTarget::NoSession => {
+                if shared.streams.summary(&run).is_none() {
+                    return Err(CommandError::new(
+                        ErrorCode::NotFound,
+                        format!("the gateway knows no run {run}"),
+                    )
+                    .with_details(json!({ "runId": run })));
+                }
+                false
+            }
+        };
+        Ok(cmd::RunCancelResponse {
+            delivered,
+            ended: false,
+        })
+    }
+    .boxed()
+}
+
+/// A cancel for a session another gateway holds: announced to the gateways
+/// sharing the store, so the one holding it keeps and pushes it. Answers
+/// whether that session was attached when last saved.
+async fn announce_cancel(
+    shared: &Shared,
+    session_id: &SessionId,
+    run: &RunId,
+    cancel: &PendingCancel,
+) -> Result<bool, CommandError> {
+    let Some(store) = shared.store.shared_sessions() else {
+        return Ok(false);
+    };
+    let attached = store.session_of_run(run);
+    store
+        .announce_cancel(session_id, cancel)
+        .await
+        .map_err(store_error)?;
+    let record = attached.await.map_err(store_error)?;
+    Ok(record.is_some_and(|(r, _)| r.attached && !r.expired && r.session_id == *session_id))
 }
 
 /// Who may read `run`'s stream on this socket: on `/v1/runtime` a session
@@ -1023,18 +1304,23 @@ pub(crate) fn runs_list(
                 })
             });
             let state = match state {
+                _ if s.end.is_some() => "ended",
                 Some(SessionState::Attached) => "attached",
                 Some(SessionState::Detached) => "detached",
                 Some(SessionState::Expired) => "expired",
                 None if s.next_offset > 0 => "expired",
                 None => continue,
             };
+            let end = s.end.as_deref();
             runs.push(cmd::RunSummary {
                 run_id: s.run_id,
                 state,
                 stream_epoch: s.stream_epoch,
                 first_offset: s.first_offset,
                 next_offset: s.next_offset,
+                outcome: end.map(|e| e.outcome),
+                ended_at: end.map(|e| e.ended_at),
+                message: end.and_then(|e| e.message.clone()),
             });
         }
         Ok(cmd::RunsListResponse { runs })

@@ -135,6 +135,20 @@ impl Following {
                     frames: vec![frame],
                     gap: Some((from, to)),
                 },
+                Delivery::Ended(end) => {
+                    // Every event of the run was delivered: the shared
+                    // `stream.ended` frame, and the subscription is over.
+                    if self.active.remove(&run).is_none() {
+                        continue;
+                    }
+                    return Some((
+                        run,
+                        Sent {
+                            frames: vec![end.frame.clone()],
+                            gap: None,
+                        },
+                    ));
+                }
                 Delivery::Closed => {
                     // The stream was dropped: nothing more will come.
                     let Some(live) = self.active.remove(&run) else {

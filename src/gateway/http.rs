@@ -100,7 +100,8 @@ pub(crate) async fn route(
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     let path = req.uri().path();
-    if req.method() == Method::GET
+    let cancel = req.method() == Method::POST && run_cancel_path(path).is_some();
+    if (req.method() == Method::GET || cancel)
         && browser_facing(path)
         && let Some(refused) = origin_refusal(&shared, &req)
     {
@@ -134,6 +135,7 @@ pub(crate) async fn route(
         (&Method::GET, "/v1/stream") => upgrade(shared, req, Endpoint::Stream),
         (&Method::GET, "/v1/runs") => runs_list(&shared, &req).await,
         (&Method::GET, _) if run_events_path(path).is_some() => run_events(shared, &req),
+        (&Method::POST, _) if cancel => run_cancel(shared, req).await,
         (&Method::GET, _) if dashboard::serves(path) => dashboard::serve(path),
         (_, "/healthz" | "/readyz" | "/metrics" | "/v1/runtime" | "/v1/stream" | "/v1/runs") => {
             method_not_allowed()
@@ -141,6 +143,11 @@ pub(crate) async fn route(
         (_, _) if run_events_path(path).is_some() || dashboard::serves(path) => {
             method_not_allowed()
         }
+        (_, _) if run_cancel_path(path).is_some() => http_error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            ErrorCode::BadFrame,
+            "method not allowed; use POST",
+        ),
         _ => http_error(StatusCode::NOT_FOUND, ErrorCode::NotFound, "no such route"),
     };
     Ok(response)
@@ -159,6 +166,7 @@ fn method_not_allowed() -> Response<Body> {
 fn browser_facing(path: &str) -> bool {
     matches!(path, "/v1/runtime" | "/v1/stream" | "/v1/runs")
         || run_events_path(path).is_some()
+        || run_cancel_path(path).is_some()
         || dashboard::serves(path)
 }
 
@@ -210,6 +218,66 @@ fn admission_refusal(refused: Refused) -> Response<Body> {
 /// The `{runId}` of `/v1/runs/{runId}/events`, not yet validated.
 fn run_events_path(path: &str) -> Option<&str> {
     path.strip_prefix("/v1/runs/")?.strip_suffix("/events")
+}
+
+/// The `{runId}` of `/v1/runs/{runId}/cancel`, not yet validated.
+fn run_cancel_path(path: &str) -> Option<&str> {
+    path.strip_prefix("/v1/runs/")?.strip_suffix("/cancel")
+}
+
+/// The largest `POST /v1/runs/{runId}/cancel` body read: a reason of
+/// 1 KiB, escaped, fits with room to spare.
+const MAX_CANCEL_BODY: usize = 8 * 1024;
+
+/// `POST /v1/runs/{runId}/cancel` with `{"reason"?}`: `run.cancel` for
+/// backends, under the same token rule.
+async fn run_cancel(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
+    let grant = match authenticate(&shared, &req, TokenKind::Viewer) {
+        Ok(g) => g,
+        Err((status, code, message)) => return http_error(status, code, message),
+    };
+    let raw = run_cancel_path(req.uri().path()).unwrap_or_default();
+    let Ok(run) = RunId::new(raw) else {
+        return invalid_input("/path/runId", "the path does not name a valid run id");
+    };
+    if let Err(e) = dispatch::check_canceller(&grant, &run) {
+        return refusal(StatusCode::FORBIDDEN, &e);
+    }
+    let body = match http_body_util::Limited::new(req.into_body(), MAX_CANCEL_BODY)
+        .collect()
+        .await
+    {
+        Ok(b) => b.to_bytes(),
+        Err(_) => {
+            return invalid_input("/body", "the body could not be read or is over 8 KiB");
+        }
+    };
+    let reason = match crate::protocol::commands::RunCancelBody::parse(&body) {
+        Ok(b) => b.reason.map(|r| r.0),
+        Err(e) => {
+            let path = e
+                .details
+                .as_ref()
+                .and_then(|d| d["path"].as_str())
+                .unwrap_or("");
+            return invalid_input(&format!("/body{path}"), &e.message);
+        }
+    };
+    match dispatch::cancel_run(shared, run, reason).await {
+        Ok(answer) => respond(
+            StatusCode::OK,
+            "application/json",
+            serde_json::to_vec(&answer).unwrap_or_default(),
+        ),
+        Err(e) => {
+            let status = match e.code {
+                ErrorCode::NotFound => StatusCode::NOT_FOUND,
+                ErrorCode::Forbidden => StatusCode::FORBIDDEN,
+                _ => StatusCode::SERVICE_UNAVAILABLE,
+            };
+            refusal(status, &e)
+        }
+    }
 }
 
 /// `GET /v1/runs`: the runs the viewer token covers.
@@ -269,6 +337,15 @@ fn run_events(shared: Arc<Shared>, req: &Request<Incoming>) -> Response<Body> {
         Ok(s) => s,
         Err(sse::BadStart { path, message }) => return invalid_input(path, message),
     };
+    // A reader that has seen the whole of an ended run gets 204, the one
+    // answer that makes a browser's EventSource stop reconnecting.
+    if let Some(end) = shared.streams.summary(&run).and_then(|s| s.end)
+        && start.past_end(end.next_offset)
+    {
+        let mut r = respond(StatusCode::NO_CONTENT, "text/plain", Bytes::new());
+        r.headers_mut().remove(header::CONTENT_TYPE);
+        return r;
+    }
     let permit = match admit(&shared, &grant) {
         Ok(p) => p,
         Err(refused) => return admission_refusal(refused),

@@ -18,6 +18,11 @@
 //! - `event: closed` (the stream was dropped) or `event: draining` (the
 //!   gateway is shutting down), after which the response ends. A browser's
 //!   `EventSource` then reconnects with `Last-Event-ID` by itself.
+//! - `event: end`, `id: end`, `data:` the `stream.ended` payload, once the
+//!   run ended and every event before its end was sent; then the response
+//!   ends. The id is the literal `end`, so a browser that reconnects says
+//!   `Last-Event-ID: end` and is answered 204 No Content, which makes
+//!   `EventSource` stop (see [`Start::past_end`]).
 //!
 //! The response also ends when the viewer's token expires (`http` says
 //! when). Must not check tokens (`http` does) or know about sessions.
@@ -57,6 +62,10 @@ pub(crate) enum Start {
     At(u64),
     /// Neither: everything still kept, then live.
     Oldest,
+    /// `Last-Event-ID: end`: the reader saw the run's end. On a run that
+    /// has not ended (a new history after a restart lost it) it means
+    /// "from the beginning".
+    AfterEnd,
 }
 
 impl Start {
@@ -67,6 +76,9 @@ impl Start {
         from: Option<&str>,
     ) -> Result<Start, BadStart> {
         if let Some(id) = last_event_id {
+            if id.trim() == "end" {
+                return Ok(Start::AfterEnd);
+            }
             return id
                 .trim()
                 .parse::<u64>()
@@ -90,7 +102,18 @@ impl Start {
         match self {
             Start::After(n) => n.saturating_add(1),
             Start::At(n) => n,
-            Start::Oldest => 0,
+            Start::Oldest | Start::AfterEnd => 0,
+        }
+    }
+
+    /// Whether a reader starting here has already seen all of a run that
+    /// ended at `next_offset`: it gets 204 No Content.
+    pub fn past_end(self, next_offset: u64) -> bool {
+        match self {
+            Start::AfterEnd => true,
+            Start::After(n) => n.saturating_add(1) >= next_offset,
+            Start::At(n) => n >= next_offset,
+            Start::Oldest => false,
         }
     }
 }
@@ -108,7 +131,7 @@ pub(crate) fn respond(
         shared
             .streams
             .resume(&run, Some(start.first_wanted()), None, Instant::now())?;
-    if start == Start::Oldest {
+    if matches!(start, Start::Oldest | Start::AfterEnd) {
         // The reader asked for whatever is kept, so nothing it wanted is gone.
         info.truncated = false;
     }
@@ -200,6 +223,10 @@ impl Reader {
                         });
                         named_event("gap", &data.to_string())
                     }
+                    EventDelivery::Ended(end) => {
+                        self.finished = true;
+                        end_event(&end.payload)
+                    }
                     EventDelivery::Closed => {
                         self.finished = true;
                         let data = json!({
@@ -235,6 +262,15 @@ fn named_event(name: &str, data: &str) -> Bytes {
     buf.put_slice(name.as_bytes());
     buf.put_slice(b"\n");
     put_data(&mut buf, data.as_bytes());
+    buf.put_slice(b"\n");
+    buf.freeze()
+}
+
+/// `event: end` with `id: end`, so a reconnecting browser says so.
+fn end_event(payload: &[u8]) -> Bytes {
+    let mut buf = BytesMut::with_capacity(payload.len() + 32);
+    buf.put_slice(b"id: end\nevent: end\n");
+    put_data(&mut buf, payload);
     buf.put_slice(b"\n");
     buf.freeze()
 }
@@ -284,6 +320,25 @@ mod tests {
         assert!(Start::from_request(None, Some("-1")).is_err());
         assert_eq!(Start::After(u64::MAX).first_wanted(), u64::MAX);
         assert_eq!(Start::After(4).first_wanted(), 5);
+        assert_eq!(
+            Start::from_request(Some("end"), Some("2")),
+            Ok(Start::AfterEnd)
+        );
+        assert_eq!(Start::AfterEnd.first_wanted(), 0);
+    }
+
+    #[test]
+    fn who_has_seen_the_whole_of_an_ended_run() {
+        // A run that ended with offsets 0..=4 (nextOffset 5).
+        assert!(Start::AfterEnd.past_end(5));
+        assert!(Start::After(4).past_end(5));
+        assert!(!Start::After(3).past_end(5));
+        assert!(Start::At(5).past_end(5));
+        assert!(!Start::At(4).past_end(5));
+        assert!(!Start::Oldest.past_end(5));
+        // No events at all: any offset is past it, "everything" is not.
+        assert!(Start::After(0).past_end(0));
+        assert!(!Start::Oldest.past_end(0));
     }
 
     #[test]

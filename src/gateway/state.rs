@@ -108,6 +108,20 @@ impl Connections {
         }
     }
 
+    /// As [`Connections::push`]; answers whether the frame was queued for
+    /// an open socket.
+    pub fn push_now(&self, id: ConnId, frame: Frame) -> bool {
+        let Some(outbox) = self.open.get(&id).map(|o| o.clone()) else {
+            return false;
+        };
+        if outbox.queue.try_send(frame.into()).is_err() {
+            tracing::warn!(conn = id.0, "outbound queue full; closing the socket");
+            outbox.kill.cancel();
+            return false;
+        }
+        true
+    }
+
     /// Socket `id` lost its session of `run` (`frame` says how:
     /// `session.superseded` or `session.expired`): pushes it, and the
     /// socket stops following `run`'s stream.

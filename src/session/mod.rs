@@ -21,12 +21,12 @@ use tokio::sync::{Notify, mpsc};
 use tokio::time::Instant;
 
 use crate::ids::{RunId, SessionId};
-use crate::store::{SessionMoved, SessionRecord, Store, StoreError, StoreFuture};
+use crate::store::{PendingCancel, SessionMoved, SessionRecord, Store, StoreError, StoreFuture};
 use crate::time::Clock;
 
 pub use registry::{
-    AttachOutcome, AttachParams, ConnId, Counts, Expired, LeasePolicy, RecoverError, Restored,
-    SessionError, SessionRegistry, SessionState, SessionView, Superseded,
+    AttachOutcome, AttachParams, CancelTarget, ConnId, Counts, Expired, LeasePolicy, RecoverError,
+    Restored, SessionError, SessionRegistry, SessionState, SessionView, Superseded,
 };
 
 /// How often renewed leases are saved. A restarted gateway adds twice this
@@ -245,6 +245,15 @@ impl Sessions {
         });
         saved.await?;
         Ok(count)
+    }
+
+    /// A cancel another gateway announced for session `id`: kept with it if
+    /// it is held here (and saved); answers the socket to push it to.
+    pub fn cancel_arrived(&self, id: &SessionId, cancel: PendingCancel) -> Option<(ConnId, RunId)> {
+        let mut registry = self.registry.lock();
+        let target = registry.request_cancel_of(id, cancel);
+        drop(self.submit_changes(&mut registry));
+        target
     }
 
     /// Another gateway took a session over: the socket here that held it

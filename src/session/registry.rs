@@ -27,7 +27,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::ids::{Capabilities, Capability, OpaqueId, RunId, SessionId};
-use crate::store::{SessionChange, SessionRecord};
+use crate::store::{PendingCancel, SessionChange, SessionRecord};
 use crate::time::{Clock, Timestamp};
 
 /// Names a connection (socket) without saying what it is.
@@ -93,6 +93,8 @@ pub struct SessionView {
     pub capabilities: Capabilities,
     pub lease_deadline: Instant,
     pub is_sub_run: bool,
+    /// A viewer asked the run to stop and it has not ended yet.
+    pub pending_cancel: Option<PendingCancel>,
 }
 
 /// A socket that lost a session to a newer epoch: it gets `session.superseded`.
@@ -153,6 +155,8 @@ struct Session {
     /// there, so its `deadline` here is when it is forgotten, it never
     /// expires here, and nothing about it is saved from here.
     elsewhere: bool,
+    /// A viewer's `run.cancel`, pushed on every reattach until the run ends.
+    cancel: Option<PendingCancel>,
 }
 
 impl Session {
@@ -165,6 +169,7 @@ impl Session {
             capabilities: self.capabilities,
             lease_deadline: self.deadline,
             is_sub_run: self.parent.is_some(),
+            pending_cancel: self.cancel.clone(),
         }
     }
 
@@ -180,6 +185,7 @@ impl Session {
             expired: self.expired,
             attached: self.owner.is_some(),
             deadline_unix_ms: clock.wall(self.deadline).unix_millis(),
+            pending_cancel: self.cancel.clone(),
         }
     }
 
@@ -197,6 +203,7 @@ impl Session {
             deadline,
             former_owners: Vec::new(),
             elsewhere,
+            cancel: r.pending_cancel,
         }
     }
 
@@ -376,6 +383,7 @@ impl SessionRegistry {
             deadline: now + self.policy.lease_ttl,
             former_owners: Vec::new(),
             elsewhere: false,
+            cancel: None,
         };
         let view = session.view();
         self.deadlines
@@ -764,28 +772,145 @@ impl SessionRegistry {
                 self.forget(&id);
                 continue;
             }
-            session.expired = true;
-            let owner = session.owner.take();
-            session.deadline = at + self.policy.tombstone_ttl;
-            self.deadlines.insert((session.deadline, id.clone()));
-            self.changed.insert(id.clone());
-            if let Some(conn) = owner {
-                session.former_owners.push(conn);
-                if let Some(rec) = self.conns.get_mut(&conn) {
-                    rec.bound.retain(|s| *s != id);
-                    if rec.main.as_ref() == Some(&id) {
-                        rec.main = None;
-                    }
-                    rec.moved_away.push(id.clone());
-                }
+            if let Some(e) = self.tombstone(&id, at) {
+                expired.push(e);
             }
-            expired.push(Expired {
-                conn: owner,
-                session_id: id.clone(),
-                run_id: session.run_id.clone(),
-            });
         }
         expired
+    }
+
+    /// Turns live session `id` (its deadline entry already removed) into a
+    /// tombstone from `at` on, unbound from its socket.
+    fn tombstone(&mut self, id: &SessionId, at: Instant) -> Option<Expired> {
+        let session = self.sessions.get_mut(id)?;
+        session.expired = true;
+        session.cancel = None;
+        let owner = session.owner.take();
+        session.deadline = at + self.policy.tombstone_ttl;
+        self.deadlines.insert((session.deadline, id.clone()));
+        self.changed.insert(id.clone());
+        if let Some(conn) = owner {
+            session.former_owners.push(conn);
+            if let Some(rec) = self.conns.get_mut(&conn) {
+                rec.bound.retain(|s| s != id);
+                if rec.main.as_ref() == Some(id) {
+                    rec.main = None;
+                }
+                rec.moved_away.push(id.clone());
+            }
+        }
+        Some(Expired {
+            conn: owner,
+            session_id: id.clone(),
+            run_id: session.run_id.clone(),
+        })
+    }
+
+    /// `runtime.finish`: ends live session `id` now, as its lease running
+    /// out would (a tombstone; the socket no longer holds it), and, for a
+    /// main session, each of its sub-runs still live. The caller tells
+    /// nobody `session.expired`: the runtime asked for it. Answers the
+    /// sessions ended, `id` first (empty if it was not live here).
+    pub fn end(&mut self, id: &SessionId, now: Instant) -> Vec<Expired> {
+        let live = |s: &Session| !s.expired && !s.elsewhere;
+        if !self.sessions.get(id).is_some_and(live) {
+            return Vec::new();
+        }
+        let mut ids = vec![id.clone()];
+        let mut subs: Vec<SessionId> = self
+            .sessions
+            .values()
+            .filter(|s| s.parent.as_ref() == Some(id) && live(s))
+            .map(|s| s.id.clone())
+            .collect();
+        subs.sort();
+        ids.extend(subs);
+        let mut ended = Vec::new();
+        for id in ids {
+            let Some(deadline) = self.sessions.get(&id).map(|s| s.deadline) else {
+                continue;
+            };
+            self.deadlines.remove(&(deadline, id.clone()));
+            ended.extend(self.tombstone(&id, now));
+        }
+        ended
+    }
+
+    /// The runs of the live sub-run sessions of main session `id`.
+    pub fn open_sub_runs(&self, id: &SessionId) -> Vec<RunId> {
+        let mut runs: Vec<RunId> = self
+            .sessions
+            .values()
+            .filter(|s| s.parent.as_ref() == Some(id) && !s.expired && !s.elsewhere)
+            .map(|s| s.run_id.clone())
+            .collect();
+        runs.sort();
+        runs
+    }
+
+    /// A viewer's `run.cancel` for `run`: kept with its live session (a
+    /// newer one replaces the reason) until the run ends. Answers who
+    /// should be told now.
+    pub fn request_cancel(&mut self, run: &RunId, cancel: PendingCancel) -> CancelTarget {
+        let Some(session) = self
+            .by_run
+            .get(run)
+            .and_then(|id| self.sessions.get_mut(id))
+        else {
+            return CancelTarget::NoSession;
+        };
+        if session.expired {
+            return CancelTarget::NoSession;
+        }
+        if session.elsewhere {
+            return CancelTarget::Elsewhere {
+                session_id: session.id.clone(),
+            };
+        }
+        session.cancel = Some(cancel);
+        self.changed.insert(session.id.clone());
+        CancelTarget::Held {
+            conn: session.owner,
+            session_id: session.id.clone(),
+        }
+    }
+
+    /// A cancel for session `id` (another gateway passed it on): kept if
+    /// the session is live and held here; answers its socket and run when
+    /// it is attached, to push it to.
+    pub fn request_cancel_of(
+        &mut self,
+        id: &SessionId,
+        cancel: PendingCancel,
+    ) -> Option<(ConnId, RunId)> {
+        let session = self.sessions.get_mut(id)?;
+        if session.expired || session.elsewhere {
+            return None;
+        }
+        session.cancel = Some(cancel);
+        self.changed.insert(id.clone());
+        session.owner.map(|conn| (conn, session.run_id.clone()))
+    }
+
+    /// The pending cancels of `root` and its sub-runs bound to `conn`:
+    /// pushed again after a reattach or recovery.
+    pub fn pending_cancels(
+        &self,
+        conn: ConnId,
+        root: &SessionId,
+    ) -> Vec<(SessionId, RunId, PendingCancel)> {
+        let mut found: Vec<_> = self
+            .sessions
+            .values()
+            .filter(|s| s.owner == Some(conn) && (s.id == *root || s.parent.as_ref() == Some(root)))
+            .filter_map(|s| {
+                s.cancel
+                    .clone()
+                    .map(|c| (s.id.clone(), s.run_id.clone(), c))
+            })
+            .collect();
+        found.sort_by(|a, b| a.1.cmp(&b.1));
+        found
     }
 
     /// Drops every trace of session `id`.
@@ -1039,6 +1164,21 @@ impl SessionRegistry {
         }
         c
     }
+}
+
+/// Where a `run.cancel` goes (see [`SessionRegistry::request_cancel`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CancelTarget {
+    /// The session is held here: push to `conn` if attached; the cancel
+    /// is saved with the session either way.
+    Held {
+        conn: Option<ConnId>,
+        session_id: SessionId,
+    },
+    /// Another gateway holds the session: it is to be told there.
+    Elsewhere { session_id: SessionId },
+    /// No live session for the run here.
+    NoSession,
 }
 
 /// A refused `recoverConnections`: the error, and the sub-run it concerns

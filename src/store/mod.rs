@@ -92,6 +92,19 @@ pub struct SessionRecord {
     pub attached: bool,
     /// The lease deadline, or for a tombstone the moment it is forgotten.
     pub deadline_unix_ms: u64,
+    /// A viewer's `run.cancel` not yet seen through: pushed to the runtime
+    /// on every reattach or recovery until the run ends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending_cancel: Option<PendingCancel>,
+}
+
+/// A stop a viewer asked for (`run.cancel`), kept with the session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PendingCancel {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    pub requested_at_unix_ms: u64,
 }
 
 /// One change to the stored sessions.
@@ -182,6 +195,20 @@ pub trait SharedSessions: Send + Sync {
     /// Sessions another gateway took over, as they happen. Called once;
     /// `None` after the first call.
     fn moves(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<SessionMoved>>;
+
+    /// Tells the gateway holding `session_id` that a viewer asked its run
+    /// to stop (announced beside the moves, to every gateway); that one
+    /// keeps it with the session and pushes it. Completes once announced.
+    fn announce_cancel(&self, session_id: &SessionId, cancel: &PendingCancel) -> StoreFuture<()> {
+        let _ = (session_id, cancel);
+        Box::pin(std::future::ready(Ok(())))
+    }
+
+    /// Cancels other gateways announced, as they arrive. Called once;
+    /// `None` after the first call (and for a store that has none).
+    fn cancels(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<(SessionId, PendingCancel)>> {
+        None
+    }
 }
 
 /// Another gateway now holds `session_id`, at `epoch`.
@@ -553,6 +580,7 @@ pub(crate) mod conformance {
             expired: false,
             attached: true,
             deadline_unix_ms: 1_764_064_800_123,
+            pending_cancel: None,
         }
     }
 

@@ -28,7 +28,7 @@
 //! | `{p}:alive:{node}`       | string | present while that gateway is alive     |
 //! | `{p}:nodes`              | set    | gateways that have said they are alive  |
 //! | `{p}:suspects`           | hash   | node → when it was first found silent   |
-//! | `{p}:session-moves`      | channel| `SESSION_ID EPOCH NODE` per takeover    |
+//! | `{p}:session-moves`      | channel| `SESSION_ID EPOCH NODE` per takeover; `cancel SESSION_ID MS REASON_JSON` per viewer's cancel of a session held elsewhere |
 //!
 //! Records are encoded as [`super::records`] says, the same bytes as in the
 //! embedded store. A run id may contain `:`; it is always the last part of
@@ -60,8 +60,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::records::{decode_checkpoint, decode_session, encode_checkpoint, encode_session};
 use super::{
-    Checkpoint, SessionChange, SessionMoved, SessionRecord, SharedSessions, Store, StoreError,
-    StoreFuture,
+    Checkpoint, PendingCancel, SessionChange, SessionMoved, SessionRecord, SharedSessions, Store,
+    StoreError, StoreFuture,
 };
 use crate::ids::{RunId, SessionId};
 
@@ -338,7 +338,11 @@ pub struct RedisStore {
     #[cfg(test)]
     prefix: String,
     moves: std::sync::Arc<parking_lot::Mutex<Option<mpsc::UnboundedReceiver<SessionMoved>>>>,
+    cancels: std::sync::Arc<parking_lot::Mutex<Option<mpsc::UnboundedReceiver<Cancelled>>>>,
 }
+
+/// A viewer's cancel another gateway announced: the session and the cancel.
+type Cancelled = (SessionId, PendingCancel);
 
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
@@ -386,6 +390,12 @@ enum Op {
         parent: SessionId,
         reply: Reply<Vec<(SessionRecord, bool)>>,
     },
+    /// Publishes a cancel on the moves channel.
+    AnnounceCancel {
+        session_id: SessionId,
+        cancel: PendingCancel,
+        reply: Reply<()>,
+    },
     /// Answered once every op before it has been answered.
     Flush {
         reply: Reply<()>,
@@ -416,7 +426,14 @@ impl RedisStore {
             prefix: prefix.to_owned(),
         };
         let (moves_tx, moves_rx) = mpsc::unbounded_channel();
-        tokio::spawn(follow_moves(client, keys.moves(), node.clone(), moves_tx));
+        let (cancels_tx, cancels_rx) = mpsc::unbounded_channel();
+        tokio::spawn(follow_moves(
+            client,
+            keys.moves(),
+            node.clone(),
+            moves_tx,
+            cancels_tx,
+        ));
         let worker = Worker {
             conn,
             keys,
@@ -438,6 +455,7 @@ impl RedisStore {
             prefix: prefix.to_owned(),
             node,
             moves: std::sync::Arc::new(parking_lot::Mutex::new(Some(moves_rx))),
+            cancels: std::sync::Arc::new(parking_lot::Mutex::new(Some(cancels_rx))),
         })
     }
 
@@ -550,16 +568,33 @@ impl SharedSessions for RedisStore {
     fn moves(&self) -> Option<mpsc::UnboundedReceiver<SessionMoved>> {
         self.moves.lock().take()
     }
+
+    fn announce_cancel(&self, session_id: &SessionId, cancel: &PendingCancel) -> StoreFuture<()> {
+        let (session_id, cancel) = (session_id.clone(), cancel.clone());
+        self.submit(|reply| Op::AnnounceCancel {
+            session_id,
+            cancel,
+            reply,
+        })
+    }
+
+    fn cancels(&self) -> Option<mpsc::UnboundedReceiver<Cancelled>> {
+        self.cancels.lock().take()
+    }
 }
 
 /// Follows the channel of session takeovers for as long as anyone listens,
 /// resubscribing after a lost connection. A move missed while away is not
 /// lost for good: the old node's next save of that session is fenced.
+/// The same channel carries viewers' cancels for sessions another gateway
+/// holds (`cancel ...` messages, see [`cancel_message`]): one subscription
+/// for both kinds of news about sessions.
 async fn follow_moves(
     client: redis::Client,
     channel: String,
     node: String,
     out: mpsc::UnboundedSender<SessionMoved>,
+    cancels: mpsc::UnboundedSender<Cancelled>,
 ) {
     use futures_util::StreamExt;
     while !out.is_closed() {
@@ -586,6 +621,10 @@ async fn follow_moves(
             let Ok(text) = message.get_payload::<String>() else {
                 continue;
             };
+            if let Some(cancel) = parse_cancel(&text) {
+                let _ = cancels.send(cancel);
+                continue;
+            }
             // This node's own takeovers are news only to the others.
             if let Some((moved, by)) = parse_move(&text)
                 && by != node
@@ -596,6 +635,29 @@ async fn follow_moves(
         }
         tracing::warn!("lost Redis's channel of session moves; resubscribing");
     }
+}
+
+/// `cancel SESSION_ID REQUESTED_AT_MS REASON_JSON`: a viewer's cancel for
+/// a session, for whichever gateway holds it. `REASON_JSON` is the reason
+/// as a JSON string, or `null`. Older nodes read it as a move of no valid
+/// session and ignore it.
+fn cancel_message(session_id: &SessionId, cancel: &PendingCancel) -> String {
+    let reason = serde_json::to_string(&cancel.reason).unwrap_or_else(|_| "null".into());
+    format!(
+        "cancel {session_id} {} {reason}",
+        cancel.requested_at_unix_ms
+    )
+}
+
+fn parse_cancel(text: &str) -> Option<Cancelled> {
+    let rest = text.strip_prefix("cancel ")?;
+    let (sid, rest) = rest.split_once(' ')?;
+    let (ms, reason) = rest.split_once(' ')?;
+    let cancel = PendingCancel {
+        reason: serde_json::from_str(reason).ok()?,
+        requested_at_unix_ms: ms.parse().ok()?,
+    };
+    Some((SessionId::new(sid).ok()?, cancel))
 }
 
 /// `SESSION_ID EPOCH NODE` as [`SESSIONS_SAVE`] publishes it: the move and
@@ -697,6 +759,24 @@ impl Worker {
                 drop(reply.send(self.sessions_of_runs(&runs).await))
             }
             Op::SubSessions { parent, reply } => drop(reply.send(self.sub_sessions(&parent).await)),
+            Op::AnnounceCancel {
+                session_id,
+                cancel,
+                reply,
+            } => {
+                let published: Result<i64, _> = redis::cmd("PUBLISH")
+                    .arg(self.keys.moves())
+                    .arg(cancel_message(&session_id, &cancel))
+                    .query_async(&mut self.conn)
+                    .await;
+                drop(
+                    reply.send(
+                        published
+                            .map(drop)
+                            .map_err(|e| StoreError::Unavailable(e.to_string())),
+                    ),
+                )
+            }
             Op::Flush { reply } => drop(reply.send(Ok(()))),
         }
     }

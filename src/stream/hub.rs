@@ -33,8 +33,9 @@ use tokio::time::Instant;
 
 use super::ring::{Read, Ring, RingLimits};
 use super::{
-    Delivery, EventDelivery, NewEvent, PublishOutcome, ResumeInfo, StreamEngine, StreamError,
-    StreamFuture, StreamLimits, StreamStats, StreamSubscription, StreamSummary, SweepOutcome,
+    Delivery, EndRequest, EventDelivery, NewEvent, PublishOutcome, ResumeInfo, RunEnd,
+    StreamEngine, StreamError, StreamFuture, StreamLimits, StreamStats, StreamSubscription,
+    StreamSummary, SweepOutcome,
 };
 use crate::ids::RunId;
 
@@ -118,6 +119,10 @@ pub type DroppedHook = Box<dyn Fn(&RunId, &super::StreamEpoch) + Send + Sync>;
 /// See [`StreamHub::publish_logged`]: called with the ring just after an
 /// append that accepted events.
 pub type LogAppend<'a> = &'a mut dyn FnMut(&Ring, &PublishOutcome);
+
+/// See [`StreamHub::finish_logged`]: called with the ring just after it
+/// was marked ended.
+pub type LogEnd<'a> = &'a mut dyn FnMut(&Ring, &Arc<RunEnd>);
 
 impl StreamHub {
     pub fn new(limits: StreamLimits) -> StreamHub {
@@ -267,6 +272,96 @@ impl StreamHub {
         Ok(outcome)
     }
 
+    /// Ends `run`'s stream (see [`StreamEngine::finish`]); the end is
+    /// visible at once. Answers the end and whether this call made it.
+    pub fn finish(
+        &self,
+        run: &RunId,
+        end: EndRequest,
+        now: Instant,
+    ) -> Result<(Arc<RunEnd>, bool), StreamError> {
+        self.end(run, end, now, None)
+    }
+
+    /// As [`StreamHub::finish`] for a durable engine: the end stays
+    /// invisible until [`StreamHub::commit_end`]; `log` is called under the
+    /// stream's lock, so the end reaches the log after every batch before it.
+    pub fn finish_logged(
+        &self,
+        run: &RunId,
+        end: EndRequest,
+        now: Instant,
+        log: LogEnd<'_>,
+    ) -> Result<(Arc<RunEnd>, bool), StreamError> {
+        self.end(run, end, now, Some(log))
+    }
+
+    fn end(
+        &self,
+        run: &RunId,
+        req: EndRequest,
+        now: Instant,
+        log: Option<LogEnd<'_>>,
+    ) -> Result<(Arc<RunEnd>, bool), StreamError> {
+        loop {
+            let stream = self.get_or_create(run, Origin::Session, now);
+            let mut state = stream.state.write();
+            if state.closed {
+                continue;
+            }
+            if let Some(end) = state.ring.end() {
+                return if end.outcome == req.outcome {
+                    Ok((end.clone(), false))
+                } else {
+                    Err(StreamError::EndConflict {
+                        outcome: end.outcome,
+                    })
+                };
+            }
+            let head = state.ring.appended_head();
+            let end = Arc::new(RunEnd::new(run, state.ring.epoch(), req, head));
+            let visible = log.is_none();
+            state.ring.set_end(end.clone(), visible);
+            if let Some(log) = log {
+                log(&state.ring, &end);
+            }
+            // Retention counts from the end.
+            if state.idle_since.is_none() {
+                state.idle_since = Some(now);
+            }
+            drop(state);
+            if visible {
+                stream.notify.notify_waiters();
+            }
+            return Ok((end, true));
+        }
+    }
+
+    /// Makes `run`'s end visible (it is in the log) and wakes its
+    /// subscribers. Ignored if the stream is gone or has another epoch.
+    pub fn commit_end(&self, run: &RunId, epoch: &super::StreamEpoch) {
+        let Some(stream) = self.streams.get(run).map(|s| s.clone()) else {
+            return;
+        };
+        let moved = {
+            let mut state = stream.state.write();
+            !state.closed && state.ring.epoch() == epoch && state.ring.commit_end()
+        };
+        if moved {
+            stream.notify.notify_waiters();
+        }
+    }
+
+    /// `run`'s end, visible or not.
+    pub fn ended(&self, run: &RunId) -> Option<Arc<RunEnd>> {
+        let stream = self.streams.get(run)?.clone();
+        let state = stream.state.read();
+        if state.closed {
+            return None;
+        }
+        state.ring.end().cloned()
+    }
+
     /// Makes `run`'s batches up to `up_to` visible (they are in the log)
     /// and wakes its subscribers. Ignored if the stream is gone or has
     /// another epoch by now.
@@ -370,6 +465,7 @@ impl StreamHub {
                 next_offset: next,
                 start_offset,
                 truncated,
+                ended: ring.visible_end().is_some(),
             };
             drop(state);
             let sub = Subscription {
@@ -407,7 +503,10 @@ impl StreamHub {
             let stream = self.get_or_create(run, Origin::Session, now);
             let mut state = stream.state.write();
             if !state.closed {
-                state.idle_since = None;
+                // An ended run stays idle: its retention already runs.
+                if state.ring.end().is_none() {
+                    state.idle_since = None;
+                }
                 return;
             }
         }
@@ -753,6 +852,30 @@ impl StreamHub {
         self.drop_stream_telling(run, &stream, |_, state| state.ring.epoch() == epoch, false)
     }
 
+    /// Marks `run`'s stream (if it has `epoch`) ended as the authority
+    /// recorded it, and wakes its subscribers. False if this replica does
+    /// not hold every event before the end yet (catch up first: nothing is
+    /// appended to an ended ring).
+    pub fn apply_end(&self, run: &RunId, epoch: &super::StreamEpoch, end: Arc<RunEnd>) -> bool {
+        let Some(stream) = self.streams.get(run).map(|s| s.clone()) else {
+            return false;
+        };
+        let mut state = stream.state.write();
+        if state.closed || state.ring.epoch() != epoch {
+            return false;
+        }
+        if state.ring.end().is_some() {
+            return true;
+        }
+        if state.ring.appended_head() < end.next_offset {
+            return false;
+        }
+        state.ring.set_end(end, true);
+        drop(state);
+        stream.notify.notify_waiters();
+        true
+    }
+
     /// Every run with a stream here.
     pub fn run_ids(&self) -> Vec<RunId> {
         self.streams.iter().map(|e| e.key().clone()).collect()
@@ -765,6 +888,7 @@ fn summarize(ring: &Ring) -> StreamSummary {
         stream_epoch: ring.epoch().clone(),
         first_offset: ring.first_offset(),
         next_offset: ring.next_offset(),
+        end: ring.visible_end().cloned(),
     }
 }
 
@@ -796,7 +920,7 @@ impl Subscription {
     pub async fn next(&mut self) -> Delivery {
         let max = self.max_events;
         self.wait(|ring, cursor| match ring.read_frames(cursor, max) {
-            Read::UpToDate => None,
+            Read::UpToDate => ended(ring, cursor).map(|e| (Delivery::Ended(e), cursor)),
             Read::Gap {
                 from,
                 to,
@@ -820,7 +944,7 @@ impl Subscription {
     pub async fn next_events(&mut self) -> EventDelivery {
         let max = self.max_events;
         self.wait(|ring, cursor| match ring.read_events(cursor, max) {
-            Read::UpToDate => None,
+            Read::UpToDate => ended(ring, cursor).map(|e| (EventDelivery::Ended(e), cursor)),
             Read::Gap {
                 from,
                 to,
@@ -853,6 +977,13 @@ impl Subscription {
             notified.await;
         }
     }
+}
+
+/// The end, for a reader at the head of an ended ring.
+fn ended(ring: &Ring, cursor: u64) -> Option<Arc<RunEnd>> {
+    ring.visible_end()
+        .filter(|e| cursor >= e.next_offset)
+        .cloned()
 }
 
 impl StreamSubscription for Subscription {
@@ -918,6 +1049,20 @@ impl StreamEngine for StreamHub {
 
     fn sweep(&self, now: Instant) -> SweepOutcome {
         StreamHub::sweep(self, now)
+    }
+
+    fn finish(
+        &self,
+        run: &RunId,
+        end: EndRequest,
+        now: Instant,
+    ) -> StreamFuture<Result<Arc<RunEnd>, StreamError>> {
+        let result = StreamHub::finish(self, run, end, now).map(|(e, _)| e);
+        Box::pin(std::future::ready(result))
+    }
+
+    fn ended(&self, run: &RunId) -> Option<Arc<RunEnd>> {
+        StreamHub::ended(self, run)
     }
 }
 

@@ -17,7 +17,12 @@
 //!   the event texts;
 //! - `2` snapshot: run, epoch, first kept offset, last `seq` (a compaction
 //!   writes one per stream, followed by its kept batches);
-//! - `3` drop: run, epoch (retention or the budget dropped the stream).
+//! - `3` drop: run, epoch (retention or the budget dropped the stream);
+//! - `4` end: run, epoch, the head at the end, outcome (`0` completed, `1`
+//!   failed, `2` cancelled), `endedAt` as unix milliseconds, the message
+//!   (a flag byte, then its text). Written after every batch of the run
+//!   and made visible only once written; a compaction writes it again
+//!   after the ring's batches.
 //!
 //! Space: when the segments hold several times what the rings keep, the
 //! writer writes a snapshot of every ring into a fresh segment and deletes
@@ -36,10 +41,12 @@ use tokio::time::Instant;
 use super::hub::{Hooks, StreamHub};
 use super::ring::{Ring, RingLimits};
 use super::{
-    NewEvent, PublishOutcome, ResumeInfo, StreamEngine, StreamEpoch, StreamError, StreamFuture,
-    StreamLimits, StreamStats, StreamSubscription, StreamSummary, SweepOutcome,
+    EndRequest, NewEvent, PublishOutcome, ResumeInfo, RunEnd, StreamEngine, StreamEpoch,
+    StreamError, StreamFuture, StreamLimits, StreamStats, StreamSubscription, StreamSummary,
+    SweepOutcome,
 };
-use crate::ids::RunId;
+use crate::ids::{RunId, RunOutcome};
+use crate::time::Timestamp;
 
 /// The first bytes of every segment; the last byte is the format version.
 const MAGIC: &[u8; 8] = b"RGSLOG\x00\x01";
@@ -109,6 +116,14 @@ enum Record {
         run: RunId,
         epoch: StreamEpoch,
     },
+    End {
+        run: RunId,
+        epoch: StreamEpoch,
+        next_offset: u64,
+        outcome: RunOutcome,
+        ended_at_ms: u64,
+        message: Option<String>,
+    },
 }
 
 fn put_str(buf: &mut Vec<u8>, s: &[u8]) {
@@ -174,6 +189,28 @@ fn encode_drop(run: &RunId, epoch: &StreamEpoch) -> Vec<u8> {
         b.push(3);
         put_str(b, run.as_str().as_bytes());
         put_str(b, epoch.as_str().as_bytes());
+    })
+}
+
+fn encode_end(ring: &Ring, end: &RunEnd) -> Vec<u8> {
+    framed(|b| {
+        b.push(4);
+        put_str(b, ring.run().as_str().as_bytes());
+        put_str(b, ring.epoch().as_str().as_bytes());
+        b.extend_from_slice(&end.next_offset.to_le_bytes());
+        b.push(match end.outcome {
+            RunOutcome::Completed => 0,
+            RunOutcome::Failed => 1,
+            RunOutcome::Cancelled => 2,
+        });
+        b.extend_from_slice(&end.ended_at.unix_millis().to_le_bytes());
+        match &end.message {
+            Some(m) => {
+                b.push(1);
+                put_str(b, m.as_bytes());
+            }
+            None => b.push(0),
+        }
     })
 }
 
@@ -251,6 +288,29 @@ fn decode(body: &[u8]) -> Option<Record> {
             last_seq: c.seq()?,
         },
         3 => Record::Drop { run, epoch },
+        4 => {
+            let next_offset = c.u64()?;
+            let outcome = match c.u8()? {
+                0 => RunOutcome::Completed,
+                1 => RunOutcome::Failed,
+                2 => RunOutcome::Cancelled,
+                _ => return None,
+            };
+            let ended_at_ms = c.u64()?;
+            let message = match c.u8()? {
+                0 => None,
+                1 => Some(c.text()?.to_owned()),
+                _ => return None,
+            };
+            Record::End {
+                run,
+                epoch,
+                next_offset,
+                outcome,
+                ended_at_ms,
+                message,
+            }
+        }
         _ => return None,
     };
     // Trailing bytes mean a record this build does not understand.
@@ -353,6 +413,28 @@ impl Recovery {
                     self.rings.remove(&run);
                 }
             }
+            Record::End {
+                run,
+                epoch,
+                next_offset,
+                outcome,
+                ended_at_ms,
+                message,
+            } => {
+                let fresh =
+                    || Ring::restored(run.clone(), epoch.clone(), self.limits, next_offset, None);
+                let ring = self.rings.entry(run.clone()).or_insert_with(fresh);
+                if ring.epoch() != &epoch {
+                    *ring = fresh();
+                }
+                let req = EndRequest {
+                    outcome,
+                    message,
+                    ended_at: Timestamp::from_unix_millis(ended_at_ms),
+                };
+                let end = RunEnd::new(&run, &epoch, req, next_offset);
+                ring.set_end(Arc::new(end), true);
+            }
         }
     }
 }
@@ -452,11 +534,19 @@ fn write_new_segment(path: &Path) -> Result<File, LogError> {
 
 type Ack = oneshot::Sender<Result<(), StreamError>>;
 
+/// What becomes visible once a record is written.
+enum Commit {
+    /// The run's batches up to this head.
+    Batch(RunId, StreamEpoch, u64),
+    /// The run's end.
+    End(RunId, StreamEpoch),
+}
+
 enum Msg {
     Append {
         bytes: Vec<u8>,
         /// What to make visible once written.
-        commit: Option<(RunId, StreamEpoch, u64)>,
+        commit: Option<Commit>,
         ack: Option<Ack>,
     },
     Flush(oneshot::Sender<()>),
@@ -567,8 +657,11 @@ impl Writer {
         }
         match result {
             Ok(()) => {
-                for (run, epoch, up_to) in commits {
-                    self.hub.commit(&run, &epoch, up_to);
+                for commit in commits {
+                    match commit {
+                        Commit::Batch(run, epoch, up_to) => self.hub.commit(&run, &epoch, up_to),
+                        Commit::End(run, epoch) => self.hub.commit_end(&run, &epoch),
+                    }
                 }
                 for ack in acks {
                     let _ = ack.send(Ok(()));
@@ -655,6 +748,10 @@ impl Writer {
             // The snapshot record carries the mark; the batches need none.
             for (first, events) in ring.visible_batches() {
                 write(encode_batch(ring, first, None, &events));
+            }
+            // An end not yet visible is still queued: it follows by itself.
+            if let Some(end) = ring.visible_end() {
+                write(encode_end(ring, end));
             }
         });
         if let Some(e) = failure {
@@ -850,7 +947,7 @@ impl StreamEngine for DurableStreams {
             };
             let _ = tx.send(Msg::Append {
                 bytes: encode_batch(ring, first, ring.last_seq(), &texts),
-                commit: Some((
+                commit: Some(Commit::Batch(
                     ring.run().clone(),
                     ring.epoch().clone(),
                     outcome.next_offset,
@@ -881,6 +978,51 @@ impl StreamEngine for DurableStreams {
         now: Instant,
     ) -> Result<(ResumeInfo, Box<dyn StreamSubscription>), StreamError> {
         StreamEngine::resume(&*self.hub, run, from_offset, stream_epoch, now)
+    }
+
+    fn finish(
+        &self,
+        run: &RunId,
+        end: EndRequest,
+        now: Instant,
+    ) -> StreamFuture<Result<Arc<RunEnd>, StreamError>> {
+        if !self.healthy() {
+            return Box::pin(std::future::ready(Err(StreamError::Unavailable(
+                "the stream log cannot be written; the run did not end".into(),
+            ))));
+        }
+        let (ack, acked) = oneshot::channel();
+        let mut ack = Some(ack);
+        let tx = &self.tx;
+        let mut log = |ring: &Ring, end: &Arc<RunEnd>| {
+            let _ = tx.send(Msg::Append {
+                bytes: encode_end(ring, end),
+                commit: Some(Commit::End(ring.run().clone(), ring.epoch().clone())),
+                ack: ack.take(),
+            });
+        };
+        match self.hub.finish_logged(run, end, now, &mut log) {
+            Err(e) => Box::pin(std::future::ready(Err(e))),
+            // Ended before: answer once that end is surely written.
+            Ok((end, false)) => {
+                let flushed = self.flush();
+                Box::pin(async move {
+                    flushed.await;
+                    Ok(end)
+                })
+            }
+            Ok((end, true)) => Box::pin(async move {
+                match acked.await {
+                    Ok(Ok(())) => Ok(end),
+                    Ok(Err(e)) => Err(e),
+                    Err(_) => Err(StreamError::Unavailable("the stream log stopped".into())),
+                }
+            }),
+        }
+    }
+
+    fn ended(&self, run: &RunId) -> Option<Arc<RunEnd>> {
+        self.hub.ended(run)
     }
 
     fn runs(&self) -> Vec<StreamSummary> {

@@ -45,17 +45,28 @@
 //! append) and costs no memory beyond the ring: if eviction overtakes its
 //! cursor, its next read is a [`Delivery::Gap`] naming exactly the offsets
 //! it missed, and it goes on from the oldest kept event.
+//!
+//! # The end of a run
+//!
+//! [`StreamEngine::finish`] marks a stream ended ([`RunEnd`]): its head at
+//! that moment is the run's whole output, nothing is appended after it, and
+//! every subscription that reaches that head is handed
+//! [`Delivery::Ended`] (the `stream.ended` push, built once per stream)
+//! instead of waiting. A durable engine makes the mark visible only once it
+//! is in the log, after every batch before it.
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use serde::Serialize;
 use tokio::time::Instant;
 
-use crate::ids::RunId;
 pub use crate::ids::StreamEpoch;
+use crate::ids::{RunId, RunOutcome};
+use crate::time::Timestamp;
 
 pub mod hub;
 pub mod log;
@@ -142,6 +153,59 @@ pub enum StreamError {
     /// stored.
     #[error("the publisher's session is held at another epoch or by another gateway")]
     Fenced,
+    /// The run's stream ended (`runtime.finish`): nothing more is stored.
+    #[error("the run ended ({outcome}); nothing more is stored")]
+    Ended { outcome: RunOutcome },
+    /// A finish with another outcome than the one the run ended with.
+    #[error("the run already ended with outcome {outcome}")]
+    EndConflict { outcome: RunOutcome },
+    /// The engine cannot end streams.
+    #[error("this stream engine cannot end runs")]
+    EndUnsupported,
+}
+
+/// What `runtime.finish` asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndRequest {
+    pub outcome: RunOutcome,
+    pub message: Option<String>,
+    pub ended_at: Timestamp,
+}
+
+/// How a run's stream ended: its final head, and the `stream.ended` push
+/// every follower is sent, built once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunEnd {
+    pub outcome: RunOutcome,
+    pub message: Option<String>,
+    pub ended_at: Timestamp,
+    /// The head when the run ended: offsets below it are all its output.
+    pub next_offset: u64,
+    /// The `stream.ended` payload's JSON (SSE's `data:` of `event: end`).
+    pub payload: Bytes,
+    /// The complete `stream.ended` push frame.
+    pub frame: Bytes,
+}
+
+impl RunEnd {
+    pub fn new(run: &RunId, epoch: &StreamEpoch, req: EndRequest, next_offset: u64) -> RunEnd {
+        let (payload, frame) = frame::ended_frame(
+            run,
+            epoch,
+            next_offset,
+            req.outcome,
+            req.message.as_deref(),
+            req.ended_at,
+        );
+        RunEnd {
+            outcome: req.outcome,
+            message: req.message,
+            ended_at: req.ended_at,
+            next_offset,
+            payload,
+            frame,
+        }
+    }
 }
 
 /// Who publishes: the fencing token an engine shared by several gateways
@@ -184,6 +248,9 @@ pub struct ResumeInfo {
     /// History the client asked for is gone: `fromOffset` was older than
     /// `firstOffset`, or the epoch differs.
     pub truncated: bool,
+    /// The run ended: the subscription replays, then delivers
+    /// [`Delivery::Ended`] without waiting.
+    pub ended: bool,
 }
 
 /// One run's stream as `runs.list` and `GET /v1/runs` show it.
@@ -194,6 +261,9 @@ pub struct StreamSummary {
     pub stream_epoch: StreamEpoch,
     pub first_offset: u64,
     pub next_offset: u64,
+    /// Set once the run ended.
+    #[serde(skip)]
+    pub end: Option<Arc<RunEnd>>,
 }
 
 /// What the engine holds, for metrics.
@@ -235,6 +305,10 @@ pub enum Delivery {
     /// is gone and nothing more will come. The run's next stream has a new
     /// epoch; a client resumes to get it.
     Closed,
+    /// The run ended and every event before its end was delivered:
+    /// `frame` of the [`RunEnd`] is the `stream.ended` push. Nothing more
+    /// comes.
+    Ended(Arc<RunEnd>),
 }
 
 /// As [`Delivery`], for readers that send events singly (SSE).
@@ -243,6 +317,7 @@ pub enum EventDelivery {
     Events(Vec<StreamEvent>),
     Gap { from: u64, to: u64 },
     Closed,
+    Ended(Arc<RunEnd>),
 }
 
 /// A live reader of one run's stream, as an engine hands it out.
@@ -319,6 +394,28 @@ pub trait StreamEngine: Send + Sync + 'static {
     /// it from a timer (every few seconds is plenty).
     fn sweep(&self, now: Instant) -> SweepOutcome;
 
+    /// Ends `run`'s stream (creating an empty one if it has none) after
+    /// every event appended so far; see [`RunEnd`]. Once ended it takes no
+    /// more events ([`StreamError::Ended`]). Idempotent: ending an ended
+    /// stream with the same outcome answers the first end; another outcome
+    /// is [`StreamError::EndConflict`]. The future resolves once the end is
+    /// durable (and visible to readers). Retention starts at the end.
+    fn finish(
+        &self,
+        run: &RunId,
+        end: EndRequest,
+        now: Instant,
+    ) -> StreamFuture<Result<Arc<RunEnd>, StreamError>> {
+        let _ = (run, end, now);
+        Box::pin(std::future::ready(Err(StreamError::EndUnsupported)))
+    }
+
+    /// `run`'s end, if its stream ended (or is being ended).
+    fn ended(&self, run: &RunId) -> Option<Arc<RunEnd>> {
+        let _ = run;
+        None
+    }
+
     /// Whether publishes can be stored (false after a storage failure).
     fn healthy(&self) -> bool {
         true
@@ -333,3 +430,7 @@ pub trait StreamEngine: Send + Sync + 'static {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+#[path = "end_tests.rs"]
+mod end_tests;

@@ -29,6 +29,11 @@
 //!   by retention or the budget on any node deletes the stream in Redis
 //!   (if it still has that epoch and no session is active) and every node
 //!   drops its replica. Dropped anywhere is dropped everywhere.
+//! - A run's end (`runtime.finish`) is one script too: it records the
+//!   outcome in the stream's meta hash (after every batch stored before
+//!   it; publishes refuse once it is there) and announces it; every node
+//!   reads it back with whatever its replica still lacks and marks the
+//!   replica ended, so `stream.ended` comes after the last event anywhere.
 //! - If the channel is lost, the replicas are served as they are and
 //!   caught up from Redis once it is back ([`subscriber`]).
 //!
@@ -56,8 +61,9 @@ use tokio_util::sync::CancellationToken;
 use super::frame::events_frame_bound;
 use super::hub::{Hooks, StreamHub};
 use super::{
-    NewEvent, PublishOutcome, Publisher, ResumeInfo, StreamEngine, StreamEpoch, StreamError,
-    StreamFuture, StreamLimits, StreamStats, StreamSubscription, StreamSummary, SweepOutcome,
+    EndRequest, NewEvent, PublishOutcome, Publisher, ResumeInfo, RunEnd, StreamEngine, StreamEpoch,
+    StreamError, StreamFuture, StreamLimits, StreamStats, StreamSubscription, StreamSummary,
+    SweepOutcome,
 };
 use crate::ids::RunId;
 use crate::store::redis::{OpenError, open, redacted};
@@ -361,6 +367,44 @@ impl StreamEngine for RedisStreams {
 
     fn sweep(&self, now: Instant) -> SweepOutcome {
         self.shared.hub.sweep(now)
+    }
+
+    fn finish(
+        &self,
+        run: &RunId,
+        end: EndRequest,
+        now: Instant,
+    ) -> StreamFuture<Result<Arc<RunEnd>, StreamError>> {
+        // An end this node already shows is the answer: Redis has it.
+        if let Some(ended) = self.shared.hub.ended(run) {
+            let answer = if ended.outcome == end.outcome {
+                Ok(ended)
+            } else {
+                Err(StreamError::EndConflict {
+                    outcome: ended.outcome,
+                })
+            };
+            return Box::pin(std::future::ready(answer));
+        }
+        let epoch = self.shared.hub.ensure(run, now);
+        let (reply, answer) = oneshot::channel();
+        self.send(Op::End {
+            run: run.clone(),
+            epoch,
+            end,
+            reply,
+        });
+        Box::pin(async move {
+            answer.await.unwrap_or_else(|_| {
+                Err(StreamError::Unavailable(
+                    "the Redis stream engine has stopped".into(),
+                ))
+            })
+        })
+    }
+
+    fn ended(&self, run: &RunId) -> Option<Arc<RunEnd>> {
+        self.shared.hub.ended(run)
     }
 
     fn healthy(&self) -> bool {

@@ -11,11 +11,12 @@
 
 use std::collections::VecDeque;
 use std::ops::Range;
+use std::sync::Arc;
 
 use bytes::Bytes;
 
 use super::frame::{FrameBuilder, gap_frame};
-use super::{NewEvent, StreamEpoch, StreamError, StreamEvent};
+use super::{NewEvent, RunEnd, StreamEpoch, StreamError, StreamEvent};
 use crate::ids::RunId;
 
 /// The per-run bounds. The oldest events are evicted, whole, to stay
@@ -122,6 +123,11 @@ pub struct Ring {
     /// The high-water mark as of the visible head: what a snapshot may
     /// promise (appended batches not yet committed may never be).
     committed_last_seq: Option<u64>,
+    /// Set once the run ended: nothing is appended after it.
+    end: Option<Arc<RunEnd>>,
+    /// Whether readers see the end yet (a durable engine shows it once it
+    /// is in the log).
+    end_visible: bool,
 }
 
 impl Ring {
@@ -143,6 +149,8 @@ impl Ring {
             bytes: 0,
             last_seq: None,
             committed_last_seq: None,
+            end: None,
+            end_visible: false,
         }
     }
 
@@ -298,6 +306,11 @@ impl Ring {
     /// As [`Ring::append`], but readers do not see the batch until
     /// [`Ring::commit`] (a durable engine commits once the batch is logged).
     pub fn append_uncommitted(&mut self, events: &[NewEvent<'_>]) -> Result<Appended, StreamError> {
+        if let Some(end) = &self.end {
+            return Err(StreamError::Ended {
+                outcome: end.outcome,
+            });
+        }
         let mut last_seq = self.last_seq;
         let mut accepted: Vec<&str> = Vec::with_capacity(events.len());
         for event in events {
@@ -400,6 +413,34 @@ impl Ring {
             events += 1;
         }
         (events, freed)
+    }
+
+    /// The run's end, visible to readers or not (see [`Ring::visible_end`]).
+    pub fn end(&self) -> Option<&Arc<RunEnd>> {
+        self.end.as_ref()
+    }
+
+    /// The end as readers see it: set, committed, and every event before it
+    /// visible.
+    pub fn visible_end(&self) -> Option<&Arc<RunEnd>> {
+        self.end
+            .as_ref()
+            .filter(|e| self.end_visible && self.next_offset >= e.next_offset)
+    }
+
+    /// Marks the ring ended; `visible` false keeps readers from seeing it
+    /// until [`Ring::commit_end`].
+    pub fn set_end(&mut self, end: Arc<RunEnd>, visible: bool) {
+        self.end = Some(end);
+        self.end_visible = visible;
+    }
+
+    /// Lets readers see the end (it is durable). False if there is none or
+    /// it was already visible.
+    pub fn commit_end(&mut self) -> bool {
+        let moved = self.end.is_some() && !self.end_visible;
+        self.end_visible |= self.end.is_some();
+        moved
     }
 
     /// Drops every kept event at once (offsets and epoch stay); returns the

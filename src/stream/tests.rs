@@ -318,6 +318,7 @@ impl Model {
                     true
                 }
                 Some(_) if stale => panic!("delivery from a dropped stream"),
+                Some(EventDelivery::Ended(_)) => panic!("this model never ends a run"),
                 Some(EventDelivery::Gap { from, to }) => {
                     check_gap(slot, from, to, &s);
                     true
@@ -348,6 +349,7 @@ impl Model {
                     true
                 }
                 Some(_) if stale => panic!("delivery from a dropped stream"),
+                Some(Delivery::Ended(_)) => panic!("this model never ends a run"),
                 Some(Delivery::Gap { frame, from, to }) => {
                     let v: serde_json::Value = serde_json::from_slice(&frame).unwrap();
                     assert_eq!(v["type"], "stream.gap");

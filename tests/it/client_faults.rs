@@ -217,6 +217,7 @@ impl Tail {
                 self.next = to + 1;
             }
             StreamItem::Closed { .. } => panic!("the stream must not be dropped: {item:?}"),
+            StreamItem::Ended { .. } => panic!("these runs never end: {item:?}"),
         }
     }
 }

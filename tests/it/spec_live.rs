@@ -4,7 +4,8 @@
 //! One scenario drives every command of `/v1/runtime` and `/v1/stream` (with
 //! a successful reply), provokes every error code a frame can carry, and
 //! triggers the pushes `stream.events`, `session.superseded`,
-//! `session.expired` and `gateway.draining`. Every request sent is kept and checked with
+//! `session.expired`, `gateway.draining`, `run.cancelRequested` and
+//! `stream.ended` (a viewer's stop, then the run's end). Every request sent is kept and checked with
 //! [`Spec::check_request`]; every frame received (the harness records them in
 //! `Client::seen`) is checked by its kind: replies against the response
 //! definition of the command they answer, errors against the error envelope,
@@ -827,6 +828,49 @@ async fn every_frame_of_a_live_session_matches_the_spec() {
     )
     .await;
 
+    // --- a viewer's stop and the run's end (issue #15).
+    let cancel_token = gw.token(TokenKind::Viewer, "spec-*", &[Capability::RunCancel]);
+    let mut stopper = Socket::open_at("stopper", &gw, "/v1/stream", &cancel_token).await;
+    dash.fails("run.cancel", json!({ "runId": RUN }), "FORBIDDEN")
+        .await;
+    moved
+        .fails("run.cancel", json!({ "runId": RUN }), "FORBIDDEN")
+        .await;
+    let asked = stopper
+        .ok(
+            "run.cancel",
+            json!({ "runId": RUN, "reason": "spec says stop" }),
+        )
+        .await;
+    assert_eq!(asked, json!({ "delivered": true, "ended": false }));
+    let request = moved.push("run.cancelRequested").await;
+    assert_eq!(request["reason"], "spec says stop");
+    let finished = moved
+        .ok(
+            "runtime.finish",
+            json!({ "sessionId": sid, "runId": RUN, "outcome": "cancelled", "message": "stopped" }),
+        )
+        .await;
+    assert_eq!(finished["accepted"], true);
+    let ended = dash.push("stream.ended").await;
+    assert_eq!(ended["outcome"], "cancelled");
+    assert_eq!(ended["nextOffset"], finished["nextOffset"]);
+    let refused = moved
+        .fails(
+            "events.publish",
+            json!({ "sessionId": sid, "runId": RUN, "events": [{ "type": "late" }] }),
+            "RUN_ENDED",
+        )
+        .await;
+    assert_eq!(refused["details"]["outcome"], "cancelled");
+    let after = stopper.ok("run.cancel", json!({ "runId": RUN })).await;
+    assert_eq!(after, json!({ "delivered": false, "ended": true }));
+    let resumed = stopper
+        .ok("stream.resume", json!({ "runId": RUN, "fromOffset": 0 }))
+        .await;
+    assert_eq!(resumed["ended"], true);
+    stopper.push("stream.ended").await;
+
     // --- a frame over the size limit: an error, then the socket closes.
     let mut oversize = Socket::all_caps("oversize", &gw).await;
     oversize
@@ -862,7 +906,7 @@ async fn every_frame_of_a_live_session_matches_the_spec() {
         draining
     });
     assert_eq!(draining, json!({ "reconnectAfterMs": 1500 }));
-    for mut s in [main, limited, rival, moved, late, dash] {
+    for mut s in [main, limited, rival, moved, late, dash, stopper] {
         s.finish().await;
         assert!(
             s.client

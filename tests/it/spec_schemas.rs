@@ -148,16 +148,21 @@ fn the_index_covers_every_command_and_push_and_points_at_existing_defs() {
         .filter(|(_, e)| e.endpoints.iter().any(|p| p == "/v1/stream"))
         .map(|(n, _)| n.as_str())
         .collect();
-    assert_eq!(stream_only, ["runs.list", "stream.cancel", "stream.resume"]);
+    assert_eq!(
+        stream_only,
+        ["run.cancel", "runs.list", "stream.cancel", "stream.resume"]
+    );
 
     let pushes: Vec<&str> = spec.pushes().keys().map(String::as_str).collect();
     assert_eq!(
         pushes,
         [
             "gateway.draining",
+            "run.cancelRequested",
             "session.expired",
             "session.superseded",
             "stream.closed",
+            "stream.ended",
             "stream.events",
             "stream.gap"
         ]
@@ -170,6 +175,8 @@ fn the_index_covers_every_command_and_push_and_points_at_existing_defs() {
         push::SESSION_EXPIRED,
         push::GATEWAY_DRAINING,
         push::STREAM_CLOSED,
+        push::STREAM_ENDED,
+        push::RUN_CANCEL_REQUESTED,
     ] {
         assert!(
             spec.push_def(push_type).is_some(),
@@ -875,6 +882,79 @@ fn command_cases() -> Vec<(CommandKind, Vec<Case>)> {
         ],
     ));
 
+    // runtime.finish
+    let base = json!({"sessionId": SID, "runId": "run-1", "outcome": "completed"});
+    let mut c = vec![
+        case("minimal", base.clone()),
+        case("failed", with(&base, "outcome", json!("failed"))),
+        case("cancelled", with(&base, "outcome", json!("cancelled"))),
+        case("with a message", with(&base, "message", json!("done"))),
+        case("empty message", with(&base, "message", json!(""))),
+        case(
+            "message of 1024 ASCII",
+            with(&base, "message", json!("m".repeat(1024))),
+        ),
+        case(
+            "message of 1025 ASCII",
+            with(&base, "message", json!("m".repeat(1025))),
+        ),
+        case("message null", with(&base, "message", Value::Null)),
+        case("numeric message", with(&base, "message", json!(1))),
+        case("unknown outcome", with(&base, "outcome", json!("done"))),
+        case(
+            "outcome in another case",
+            with(&base, "outcome", json!("Completed")),
+        ),
+        case(
+            "outcome as a one-member object",
+            with(&base, "outcome", json!({"completed": null})),
+        ),
+        case("outcome null", with(&base, "outcome", Value::Null)),
+        case("missing outcome", without(&base, "outcome")),
+        case("missing sessionId", without(&base, "sessionId")),
+        case("missing runId", without(&base, "runId")),
+        case("unknown member", with(&base, "nextOffset", json!(0))),
+        case("payload is an array", json!([SID, "run-1", "completed"])),
+    ];
+    for (label, v) in bad_run_ids.iter().cloned() {
+        c.push(case(label, with(&base, "runId", v)));
+    }
+    for (label, v) in bad_session_ids.iter().cloned() {
+        c.push(case(label, with(&base, "sessionId", v)));
+    }
+    all.push((K::RuntimeFinish, c));
+
+    // run.cancel
+    let base = json!({"runId": "run-1"});
+    let mut c = vec![
+        case("minimal", base.clone()),
+        case(
+            "with a reason",
+            with(&base, "reason", json!("user pressed stop")),
+        ),
+        case(
+            "reason of 1024 ASCII",
+            with(&base, "reason", json!("x".repeat(1024))),
+        ),
+        case(
+            "reason of 1025 ASCII",
+            with(&base, "reason", json!("x".repeat(1025))),
+        ),
+        case("reason null", with(&base, "reason", Value::Null)),
+        case("numeric reason", with(&base, "reason", json!(3))),
+        case("missing runId", json!({"reason": "x"})),
+        case(
+            "sessionId is not a member",
+            with(&base, "sessionId", json!(SID)),
+        ),
+        case("unknown member", with(&base, "force", json!(true))),
+        case("payload is an array", json!(["run-1"])),
+    ];
+    for (label, v) in bad_run_ids.iter().cloned() {
+        c.push(case(label, with(&base, "runId", v)));
+    }
+    all.push((K::RunCancel, c));
+
     // runs.list
     all.push((
         K::RunsList,
@@ -1358,6 +1438,14 @@ fn push_payloads() {
         json!({"type": "stream.gap", "payload": {"runId": "r", "streamEpoch": EPOCH, "fromOffset": 3, "toOffset": 3}}),
         json!({"type": "session.expired", "payload": {"sessionId": SID, "runId": "r"}}),
         json!({"type": "gateway.draining", "payload": {"reconnectAfterMs": 0}}),
+        json!({"type": "stream.ended", "payload": {"runId": "r", "streamEpoch": EPOCH, "nextOffset": 0,
+            "outcome": "completed", "endedAt": "2026-11-25T10:00:00.000Z"}}),
+        json!({"type": "stream.ended", "payload": {"runId": "r", "streamEpoch": EPOCH, "nextOffset": 7,
+            "outcome": "cancelled", "message": "main run finished", "endedAt": "2026-11-25T10:00:00.000Z"}}),
+        json!({"type": "run.cancelRequested", "payload": {"sessionId": SID, "runId": "r",
+            "requestedAt": "2026-11-25T10:00:00.000Z"}}),
+        json!({"type": "run.cancelRequested", "payload": {"sessionId": SID, "runId": "r",
+            "reason": "stop", "requestedAt": "2026-11-25T10:00:00.000Z"}}),
     ];
     for f in &ok {
         spec.check_push(f).unwrap_or_else(|e| panic!("{f}: {e}"));
@@ -1396,6 +1484,21 @@ fn push_payloads() {
             json!({"type": "gateway.draining", "payload": {"reconnectAfterMs": -1}}),
         ),
         (
+            "ended with an unknown outcome",
+            json!({"type": "stream.ended", "payload": {"runId": "r", "streamEpoch": EPOCH, "nextOffset": 0,
+                "outcome": "done", "endedAt": "2026-11-25T10:00:00.000Z"}}),
+        ),
+        (
+            "ended without endedAt",
+            json!({"type": "stream.ended", "payload": {"runId": "r", "streamEpoch": EPOCH, "nextOffset": 0,
+                "outcome": "failed"}}),
+        ),
+        (
+            "cancel requested without a session",
+            json!({"type": "run.cancelRequested", "payload": {"runId": "r",
+                "requestedAt": "2026-11-25T10:00:00.000Z"}}),
+        ),
+        (
             "superseded without epoch",
             json!({"type": "session.superseded", "payload": {"sessionId": SID, "runId": "r"}}),
         ),
@@ -1412,7 +1515,7 @@ fn push_payloads() {
 fn stream_and_checkpoint_replies() {
     let spec = spec();
     let reply = |payload: Value| json!({"id": "1", "type": "reply", "payload": payload});
-    let resume = json!({"runId": "r", "streamEpoch": EPOCH, "firstOffset": 0, "nextOffset": 10, "startOffset": 4, "truncated": false});
+    let resume = json!({"runId": "r", "streamEpoch": EPOCH, "firstOffset": 0, "nextOffset": 10, "startOffset": 4, "truncated": false, "ended": false});
     spec.check_reply("stream.resume", &reply(resume.clone()))
         .unwrap();
     assert!(
@@ -1422,7 +1525,9 @@ fn stream_and_checkpoint_replies() {
     let runs = json!({"runs": [
         {"runId": "a", "state": "attached", "streamEpoch": EPOCH, "firstOffset": 0, "nextOffset": 0},
         {"runId": "b", "state": "detached", "streamEpoch": EPOCH, "firstOffset": 5, "nextOffset": 9},
-        {"runId": "c", "state": "expired", "streamEpoch": EPOCH, "firstOffset": 1, "nextOffset": 2}
+        {"runId": "c", "state": "expired", "streamEpoch": EPOCH, "firstOffset": 1, "nextOffset": 2},
+        {"runId": "d", "state": "ended", "streamEpoch": EPOCH, "firstOffset": 0, "nextOffset": 2,
+         "outcome": "failed", "endedAt": "2026-11-25T10:00:00.000Z", "message": "oom"}
     ]});
     spec.check_reply("runs.list", &reply(runs)).unwrap();
     spec.check_reply("runs.list", &reply(json!({"runs": []})))

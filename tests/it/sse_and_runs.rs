@@ -299,6 +299,7 @@ async fn sse_replays_everything_kept_then_tails_live() {
             "nextOffset": 5,
             "startOffset": 0,
             "truncated": false,
+            "ended": false,
         })
     );
     expect_outputs(&mut sse, 0..5).await;

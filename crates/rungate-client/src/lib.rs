@@ -21,9 +21,12 @@ mod token;
 mod viewer;
 
 pub use backoff::Backoff;
-pub use runtime::{Attached, ClientEvent, ConnectionState, Event, RuntimeClient, RuntimeOptions};
+pub use rungate_protocol::ids::RunOutcome;
+pub use runtime::{
+    Attached, CancelRequest, ClientEvent, ConnectionState, Event, RuntimeClient, RuntimeOptions,
+};
 pub use token::TokenSource;
-pub use viewer::{Follower, StreamItem, ViewerClient, ViewerOptions};
+pub use viewer::{CancelAnswer, Follower, StreamItem, ViewerClient, ViewerOptions};
 
 use serde_json::Value;
 

@@ -18,6 +18,10 @@
 //! Requests that were sent but not answered when the socket dropped fail
 //! with [`ClientError::ConnectionLost`] (they may have been applied); those
 //! not yet sent wait for the new connection. Publishes never fail that way.
+//!
+//! A run ends with [`RuntimeClient::finish`]; a viewer's stop arrives on
+//! [`RuntimeClient::cancel_requests`] (the runtime decides how to stop,
+//! then finishes the run, usually `cancelled`).
 //! Must not know gateway internals: only frames.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -31,6 +35,7 @@ use super::link::{self, Incoming, Socket};
 use super::viewer::{Follower, StreamItem, StreamState};
 use super::{Backoff, ClientError, TokenSource, token};
 use rungate_protocol::ErrorCode;
+use rungate_protocol::ids::RunOutcome;
 
 type Result<T> = std::result::Result<T, ClientError>;
 
@@ -108,6 +113,36 @@ pub enum ClientEvent {
     /// lease ran out, or the gateway restarted without durable sessions),
     /// so the client attached the run afresh: a new session, the same run.
     SessionRenewed { run_id: String, session_id: String },
+    /// The run ended (finished here, or the gateway said `RUN_ENDED`): its
+    /// session is gone for good and the client forgot it.
+    RunEnded { run_id: String },
+}
+
+/// A viewer asked a run to stop (the `run.cancelRequested` push).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CancelRequest {
+    pub session_id: String,
+    pub run_id: String,
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// RFC 3339.
+    pub requested_at: String,
+}
+
+/// The `runtime.finish` payload (the driver adds `sessionId` and `runId`).
+#[derive(Debug, serde::Serialize)]
+struct FinishPayload<'a> {
+    outcome: RunOutcome,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    message: Option<&'a str>,
+}
+
+/// The `runtime.finish` reply.
+#[derive(Debug, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct FinishReply {
+    next_offset: u64,
 }
 
 /// The answer to [`RuntimeClient::attach`].
@@ -177,6 +212,7 @@ pub struct RuntimeClient {
     ops: mpsc::Sender<Op>,
     state: watch::Receiver<ConnectionState>,
     events: broadcast::Sender<ClientEvent>,
+    cancels: broadcast::Sender<CancelRequest>,
     request_timeout: Duration,
 }
 
@@ -205,6 +241,10 @@ enum Op {
         items: mpsc::UnboundedSender<StreamItem>,
         reply: oneshot::Sender<Result<()>>,
     },
+    /// The run was finished: forget it.
+    Ended {
+        run: String,
+    },
     Close {
         reply: oneshot::Sender<()>,
     },
@@ -225,12 +265,14 @@ impl RuntimeClient {
         let epoch = initial_epoch();
         let (state_tx, state_rx) = watch::channel(ConnectionState::Connected { epoch });
         let (events_tx, _) = broadcast::channel(256);
+        let (cancels_tx, _) = broadcast::channel(64);
         let request_timeout = options.request_timeout;
         let driver = Driver {
             options,
             ops: ops_rx,
             state: state_tx,
             events: events_tx.clone(),
+            cancels: cancels_tx.clone(),
             socket: Some(socket),
             epoch,
             next_id: 0,
@@ -251,6 +293,7 @@ impl RuntimeClient {
             ops: ops_tx,
             state: state_rx,
             events: events_tx,
+            cancels: cancels_tx,
             request_timeout,
         })
     }
@@ -263,6 +306,38 @@ impl RuntimeClient {
     /// Session and connection events from now on.
     pub fn events(&self) -> broadcast::Receiver<ClientEvent> {
         self.events.subscribe()
+    }
+
+    /// Viewers' stop requests (`run.cancelRequested`) from now on, for
+    /// every run of this client; a pending one comes again after each
+    /// reconnect until the run ends.
+    pub fn cancel_requests(&self) -> broadcast::Receiver<CancelRequest> {
+        self.cancels.subscribe()
+    }
+
+    /// Ends `run` (`runtime.finish`) with `outcome` and an optional message
+    /// (at most 1024 UTF-8 bytes): viewers get `stream.ended` after its
+    /// last event, and its session ends (finishing the main run also ends
+    /// its open sub-runs, `cancelled`). Answers the run's final head. The
+    /// client forgets the run; publish everything before calling this.
+    pub async fn finish(
+        &self,
+        run: &str,
+        outcome: RunOutcome,
+        message: Option<&str>,
+    ) -> Result<u64> {
+        let payload = serde_json::to_value(FinishPayload { outcome, message })
+            .map_err(|e| ClientError::BadReply(e.to_string()))?;
+        let reply = self.call(run, "runtime.finish", payload).await?;
+        let reply: FinishReply = serde_json::from_value(reply.clone())
+            .map_err(|e| ClientError::BadReply(format!("runtime.finish answered {reply}: {e}")))?;
+        let _ = self
+            .ops
+            .send(Op::Ended {
+                run: run.to_owned(),
+            })
+            .await;
+        Ok(reply.next_offset)
     }
 
     async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<Result<T>>) -> Op) -> Result<T> {
@@ -496,6 +571,7 @@ struct Driver {
     ops: mpsc::Receiver<Op>,
     state: watch::Sender<ConnectionState>,
     events: broadcast::Sender<ClientEvent>,
+    cancels: broadcast::Sender<CancelRequest>,
     socket: Option<Socket>,
     epoch: u64,
     next_id: u64,
@@ -619,6 +695,7 @@ impl Driver {
                 self.send_attach(run, capabilities, attempt_id, reply, false, 0)
                     .await
             }
+            Op::Ended { run } => self.run_ended(&run),
             Op::Call {
                 run,
                 kind,
@@ -952,6 +1029,7 @@ impl Driver {
         match code {
             ErrorCode::SessionExpired => self.session_gone(&run, false),
             ErrorCode::StaleEpoch => self.session_gone(&run, true),
+            ErrorCode::RunEnded => self.run_ended(&run),
             _ => {}
         }
     }
@@ -978,7 +1056,7 @@ impl Driver {
                     reconnect_after: after,
                 });
             }
-            "stream.events" | "stream.gap" | "stream.closed" => {
+            "stream.events" | "stream.gap" | "stream.closed" | "stream.ended" => {
                 if let Some(run) = payload["runId"].as_str()
                     && let Some(f) = self.follows.get_mut(run)
                 {
@@ -986,7 +1064,16 @@ impl Driver {
                     for item in items {
                         let _ = f.items.send(item);
                     }
+                    if f.state.is_ended() {
+                        self.follows.remove(run);
+                        return None;
+                    }
                     return resume.then(|| run.to_owned());
+                }
+            }
+            "run.cancelRequested" => {
+                if let Ok(request) = serde_json::from_value::<CancelRequest>(payload) {
+                    let _ = self.cancels.send(request);
                 }
             }
             _ => {}
@@ -1029,6 +1116,32 @@ impl Driver {
             }
         };
         let _ = self.events.send(event);
+    }
+
+    /// The run ended: forget it quietly (no reattach, no heartbeats); its
+    /// unacknowledged publishes, if any, fail.
+    fn run_ended(&mut self, run: &str) {
+        let Some(i) = self.run_index(run) else {
+            return;
+        };
+        self.runs.remove(i);
+        if self.runs.is_empty() {
+            self.heartbeat_due = None;
+            self.heartbeat_every = None;
+        }
+        let error = ClientError::NoSession(format!("{run} (the run ended)"));
+        self.outbox.retain_mut(|p| {
+            if p.run != run {
+                return true;
+            }
+            if let Some(reply) = p.reply.take() {
+                let _ = reply.send(Err(error.clone()));
+            }
+            false
+        });
+        let _ = self.events.send(ClientEvent::RunEnded {
+            run_id: run.to_owned(),
+        });
     }
 
     /// Every run's session ended (the main one could not be restored).

@@ -8,7 +8,8 @@
 //! every event once, in order. What it cannot hide it reports: a resume that
 //! comes back `truncated` (history gone or a new epoch), a `stream.gap` (the
 //! caller fell behind the ring), a `stream.closed` (the stream was dropped;
-//! the follower resumes the run's next stream by itself).
+//! the follower resumes the run's next stream by itself). A `stream.ended`
+//! is the last item: the run is over and the follower ends after it.
 //!
 //! The channel to the caller is bounded: a caller that does not read stops
 //! the driver reading its socket, and the gateway, not this process, holds
@@ -16,12 +17,14 @@
 
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until};
 
 use super::link::{self, Incoming};
 use super::{Backoff, ClientError, TokenSource, token};
+use rungate_protocol::ids::RunOutcome;
 
 /// Where and how to connect as a viewer.
 #[derive(Debug, Clone)]
@@ -79,6 +82,45 @@ pub enum StreamItem {
     /// The stream's history was dropped by the gateway; a `Resumed` with
     /// the run's new stream follows.
     Closed { stream_epoch: String },
+    /// The run ended (`stream.ended`) and every event before its end was
+    /// delivered. The last item: the follower ends after it.
+    Ended {
+        outcome: RunOutcome,
+        message: Option<String>,
+        /// The run's final head.
+        next_offset: u64,
+        /// RFC 3339.
+        ended_at: String,
+    },
+}
+
+/// The `stream.ended` payload.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct EndedPayload {
+    outcome: RunOutcome,
+    #[serde(default)]
+    message: Option<String>,
+    next_offset: u64,
+    ended_at: String,
+}
+
+/// The `run.cancel` request.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct CancelPayload<'a> {
+    run_id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<&'a str>,
+}
+
+/// The answer to [`ViewerClient::cancel`] (`run.cancel`'s reply).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub struct CancelAnswer {
+    /// The runtime's socket was sent the request now.
+    pub delivered: bool,
+    /// The run had already ended.
+    pub ended: bool,
 }
 
 /// A caller's end of one followed stream.
@@ -115,6 +157,8 @@ pub(crate) struct StreamState {
     /// (then the first request may be "live from the head").
     next: Option<u64>,
     epoch: Option<String>,
+    /// `stream.ended` came: nothing more will.
+    ended: bool,
 }
 
 impl StreamState {
@@ -122,7 +166,13 @@ impl StreamState {
         StreamState {
             next: from_offset,
             epoch: None,
+            ended: false,
         }
+    }
+
+    /// Whether the run ended (the follower is done).
+    pub(crate) fn is_ended(&self) -> bool {
+        self.ended
     }
 
     /// Adds `fromOffset` / `streamEpoch` to a `stream.resume` payload.
@@ -193,6 +243,21 @@ impl StreamState {
                     true,
                 )
             }
+            "stream.ended" => match serde_json::from_value::<EndedPayload>(payload.clone()) {
+                Ok(end) if !self.ended => {
+                    self.ended = true;
+                    (
+                        vec![StreamItem::Ended {
+                            outcome: end.outcome,
+                            message: end.message,
+                            next_offset: end.next_offset,
+                            ended_at: end.ended_at,
+                        }],
+                        false,
+                    )
+                }
+                _ => (Vec::new(), false),
+            },
             _ => (Vec::new(), false),
         }
     }
@@ -209,8 +274,60 @@ impl ViewerClient {
         ViewerClient { options }
     }
 
+    /// Asks `run`'s runtime to stop (`run.cancel`, on a socket of its own).
+    /// Needs a viewer token with the `run.cancel` capability.
+    pub async fn cancel(
+        &self,
+        run: &str,
+        reason: Option<&str>,
+    ) -> Result<CancelAnswer, ClientError> {
+        let options = &self.options;
+        let mut socket = link::connect(
+            &options.url,
+            &token::for_connection(&options.token, options.token_source.as_ref()),
+            options.connect_timeout,
+        )
+        .await?;
+        let payload = serde_json::to_value(CancelPayload {
+            run_id: run,
+            reason,
+        })
+        .map_err(|e| ClientError::BadReply(e.to_string()))?;
+        if !link::send(
+            &mut socket,
+            link::request("cancel-1", "run.cancel", &payload),
+        )
+        .await
+        {
+            return Err(ClientError::ConnectionLost);
+        }
+        let deadline = Instant::now() + options.connect_timeout;
+        loop {
+            let frame = tokio::select! {
+                f = link::next(&mut socket) => f,
+                _ = sleep_until(deadline) => return Err(ClientError::Timeout(options.connect_timeout)),
+            };
+            match frame {
+                None => return Err(ClientError::ConnectionLost),
+                Some(Incoming::Reply { id, payload }) if id == "cancel-1" => {
+                    let _ = socket.close(None).await;
+                    return serde_json::from_str(payload.get())
+                        .map_err(|e| ClientError::BadReply(format!("run.cancel: {e}")));
+                }
+                Some(Incoming::Error {
+                    id: Some(id),
+                    error,
+                }) if id == "cancel-1" => {
+                    return Err(error);
+                }
+                Some(_) => {}
+            }
+        }
+    }
+
     /// Follows `run` from `from_offset` (or live from the head) until the
-    /// returned [`Follower`] is dropped.
+    /// returned [`Follower`] is dropped, or until the run ended
+    /// ([`StreamItem::Ended`] is then the last item).
     pub fn follow(&self, run: &str, from_offset: Option<u64>) -> Follower {
         let (tx, rx) = mpsc::channel(self.options.buffer.max(1));
         tokio::spawn(follow(
@@ -320,6 +437,9 @@ async fn follow(options: ViewerOptions, run: String, mut state: StreamState, ite
                 if items.send(Ok(item)).await.is_err() {
                     return;
                 }
+            }
+            if state.is_ended() {
+                return;
             }
             if resume_again {
                 match send_resume(&mut socket, &state).await {

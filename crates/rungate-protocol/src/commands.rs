@@ -15,7 +15,7 @@ use serde_json::value::RawValue;
 
 use super::any_json::AnyJson;
 use super::error::{CommandError, ErrorCode};
-use crate::ids::{Capability, OpaqueId, RunId, SessionId, StreamEpoch};
+use crate::ids::{Capability, OpaqueId, RunId, RunOutcome, SessionId, StreamEpoch};
 
 /// Every request type the gateway knows, by its wire name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -33,10 +33,12 @@ pub enum CommandKind {
     StreamResume,
     StreamCancel,
     RunsList,
+    RuntimeFinish,
+    RunCancel,
 }
 
 impl CommandKind {
-    pub const ALL: [CommandKind; 13] = [
+    pub const ALL: [CommandKind; 15] = [
         CommandKind::RuntimeAttach,
         CommandKind::RuntimeHeartbeat,
         CommandKind::RuntimeRecoverConnections,
@@ -50,6 +52,8 @@ impl CommandKind {
         CommandKind::StreamResume,
         CommandKind::StreamCancel,
         CommandKind::RunsList,
+        CommandKind::RuntimeFinish,
+        CommandKind::RunCancel,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -67,6 +71,8 @@ impl CommandKind {
             CommandKind::StreamResume => "stream.resume",
             CommandKind::StreamCancel => "stream.cancel",
             CommandKind::RunsList => "runs.list",
+            CommandKind::RuntimeFinish => "runtime.finish",
+            CommandKind::RunCancel => "run.cancel",
         }
     }
 
@@ -83,6 +89,8 @@ impl CommandKind {
             CommandKind::CheckpointSave => Some(Capability::CheckpointSave),
             CommandKind::CheckpointLoad => Some(Capability::CheckpointLoad),
             CommandKind::StreamResume | CommandKind::StreamCancel => Some(Capability::StreamResume),
+            // Of the viewer token, on /v1/stream (there are no sessions).
+            CommandKind::RunCancel => Some(Capability::RunCancel),
             _ => None,
         }
     }
@@ -104,6 +112,8 @@ pub enum Command {
     StreamResume(StreamResumeCommand),
     StreamCancel(StreamCancelCommand),
     RunsList(RunsListCommand),
+    Finish(RuntimeFinishCommand),
+    RunCancel(RunCancelCommand),
 }
 
 impl Command {
@@ -133,15 +143,22 @@ impl Command {
             CommandKind::StreamResume => Command::StreamResume(typed(text)?),
             CommandKind::StreamCancel => Command::StreamCancel(typed(text)?),
             CommandKind::RunsList => Command::RunsList(typed(text)?),
+            CommandKind::RuntimeFinish => Command::Finish(typed(text)?),
+            CommandKind::RunCancel => Command::RunCancel(typed(text)?),
         })
     }
 }
 
 /// Deserializes with the failing member's path, for `details.path`.
 fn typed<'de, T: Deserialize<'de>>(text: &'de str) -> Result<T, CommandError> {
+    typed_at(text, "/payload")
+}
+
+/// As [`typed`], with paths under `root`.
+fn typed_at<'de, T: Deserialize<'de>>(text: &'de str, root: &str) -> Result<T, CommandError> {
     let de = &mut serde_json::Deserializer::from_str(text);
     serde_path_to_error::deserialize(de).map_err(|e| {
-        let mut pointer = String::from("/payload");
+        let mut pointer = String::from(root);
         for seg in e.path().iter() {
             use serde_path_to_error::Segment;
             match seg {
@@ -222,8 +239,75 @@ pub struct AttachRequest {
     pub reconnect: bool,
     #[serde(default, deserialize_with = "wire::present_whole_u64")]
     pub connection_epoch: Option<u64>,
+    /// Runtime capabilities only: the viewer's `run.cancel` is unknown here.
     #[serde(default)]
     pub capabilities: Vec<Capability>,
+}
+
+/// The longest `message` (runtime.finish) or `reason` (run.cancel), in
+/// UTF-8 bytes.
+pub const MAX_LIFECYCLE_TEXT_BYTES: usize = 1024;
+
+/// A `message` or `reason`: at most [`MAX_LIFECYCLE_TEXT_BYTES`] bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShortText(pub String);
+
+impl<'de> Deserialize<'de> for ShortText {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        if s.len() > MAX_LIFECYCLE_TEXT_BYTES {
+            return Err(serde::de::Error::custom(format!(
+                "{} bytes; at most {MAX_LIFECYCLE_TEXT_BYTES} UTF-8 bytes",
+                s.len()
+            )));
+        }
+        Ok(ShortText(s))
+    }
+}
+
+/// `runtime.finish`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RuntimeFinishCommand {
+    pub session_id: SessionId,
+    pub run_id: RunId,
+    pub outcome: RunOutcome,
+    #[serde(default, deserialize_with = "wire::present")]
+    pub message: Option<ShortText>,
+}
+
+/// `run.cancel` (viewers, on /v1/stream).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RunCancelCommand {
+    pub run_id: RunId,
+    #[serde(default, deserialize_with = "wire::present")]
+    pub reason: Option<ShortText>,
+}
+
+/// The body of `POST /v1/runs/{runId}/cancel`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RunCancelBody {
+    #[serde(default, deserialize_with = "wire::present")]
+    pub reason: Option<ShortText>,
+}
+
+impl RunCancelBody {
+    /// Types an HTTP body, or says where it breaks the schema (the path is
+    /// into the body: `/reason`). An empty body is `{}`.
+    pub fn parse(body: &[u8]) -> Result<RunCancelBody, CommandError> {
+        let text = std::str::from_utf8(body)
+            .map_err(|_| CommandError::invalid_payload("", "the body is not UTF-8"))?;
+        let text = if text.trim().is_empty() { "{}" } else { text };
+        if !text.trim_start().starts_with('{') {
+            return Err(CommandError::invalid_payload(
+                "",
+                "the body must be a JSON object",
+            ));
+        }
+        typed_at(text, "")
+    }
 }
 
 /// The two members every command after attach carries.
@@ -454,6 +538,24 @@ pub struct CheckpointLoaded {
     pub data: Box<RawValue>,
 }
 
+/// The `runtime.finish` reply.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FinishResponse {
+    pub accepted: bool,
+    /// The run's final head: its events are the offsets below it.
+    pub next_offset: u64,
+}
+
+/// The `run.cancel` reply (also the body of `POST /v1/runs/{runId}/cancel`).
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct RunCancelResponse {
+    /// The socket holding the run's session was sent the push now.
+    pub delivered: bool,
+    /// The run had already ended: nothing was sent or kept.
+    pub ended: bool,
+}
+
 /// `runs.list` and `GET /v1/runs`.
 #[derive(Debug, Serialize)]
 pub struct RunsListResponse {
@@ -465,11 +567,18 @@ pub struct RunsListResponse {
 #[serde(rename_all = "camelCase")]
 pub struct RunSummary {
     pub run_id: RunId,
-    /// `attached`, `detached` or `expired`.
+    /// `attached`, `detached`, `expired` or `ended`.
     pub state: &'static str,
     pub stream_epoch: StreamEpoch,
     pub first_offset: u64,
     pub next_offset: u64,
+    /// Set on an ended run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<RunOutcome>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ended_at: Option<crate::time::Timestamp>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
 }
 
 // ------------------------------------------------------------------ pushes
@@ -484,6 +593,21 @@ pub mod push {
     pub const SESSION_EXPIRED: &str = "session.expired";
     pub const GATEWAY_DRAINING: &str = "gateway.draining";
     pub const STREAM_CLOSED: &str = "stream.closed";
+    pub const STREAM_ENDED: &str = "stream.ended";
+    pub const RUN_CANCEL_REQUESTED: &str = "run.cancelRequested";
+
+    /// A viewer asked the run to stop (`run.cancel`); pushed on the socket
+    /// holding the run's session, and again after each reattach until the
+    /// run ends.
+    #[derive(Debug, Serialize)]
+    #[serde(rename_all = "camelCase")]
+    pub struct RunCancelRequested<'a> {
+        pub session_id: &'a SessionId,
+        pub run_id: &'a RunId,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub reason: Option<&'a str>,
+        pub requested_at: crate::time::Timestamp,
+    }
 
     #[derive(Debug, Serialize)]
     #[serde(rename_all = "camelCase")]

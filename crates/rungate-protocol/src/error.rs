@@ -28,10 +28,11 @@ pub enum ErrorCode {
     UnsupportedProtocol,
     Draining,
     Internal,
+    RunEnded,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 15] = [
+    pub const ALL: [ErrorCode; 16] = [
         ErrorCode::BadFrame,
         ErrorCode::UnknownType,
         ErrorCode::InvalidPayload,
@@ -47,6 +48,7 @@ impl ErrorCode {
         ErrorCode::UnsupportedProtocol,
         ErrorCode::Draining,
         ErrorCode::Internal,
+        ErrorCode::RunEnded,
     ];
 
     /// The wire spelling, also used as a metrics label.
@@ -72,6 +74,7 @@ impl ErrorCode {
             ErrorCode::UnsupportedProtocol => "UNSUPPORTED_PROTOCOL",
             ErrorCode::Draining => "DRAINING",
             ErrorCode::Internal => "INTERNAL",
+            ErrorCode::RunEnded => "RUN_ENDED",
         }
     }
 

@@ -181,9 +181,15 @@ pub enum Capability {
     SubtasksRun,
     #[serde(rename = "stream.resume")]
     StreamResume,
+    /// Viewer tokens only: may ask a run's runtime to stop (`run.cancel`).
+    /// Not a runtime capability: `runtime.attach` refuses it.
+    #[serde(rename = "run.cancel")]
+    RunCancel,
 }
 
 impl Capability {
+    /// The runtime capabilities, as the schema's `RuntimeCapability` lists
+    /// them: what `runtime.attach` may ask for.
     pub const ALL: [Capability; 7] = [
         Capability::SecretsRead,
         Capability::KvRead,
@@ -193,6 +199,9 @@ impl Capability {
         Capability::SubtasksRun,
         Capability::StreamResume,
     ];
+
+    /// Capabilities only a viewer token carries (checked on `/v1/stream`).
+    pub const VIEWER: [Capability; 1] = [Capability::RunCancel];
 
     /// The wire name, as in the schema's `RuntimeCapability` enum.
     pub fn as_str(self) -> &'static str {
@@ -204,11 +213,18 @@ impl Capability {
             Capability::CheckpointLoad => "checkpoint.load",
             Capability::SubtasksRun => "subtasks.run",
             Capability::StreamResume => "stream.resume",
+            Capability::RunCancel => "run.cancel",
         }
     }
 
+    /// A runtime capability by its wire name (what attach accepts).
     pub fn parse(s: &str) -> Option<Capability> {
         Capability::ALL.into_iter().find(|c| c.as_str() == s)
+    }
+
+    /// Any capability a token may carry: a runtime one or a viewer one.
+    pub fn parse_any(s: &str) -> Option<Capability> {
+        Capability::parse(s).or_else(|| Capability::VIEWER.into_iter().find(|c| c.as_str() == s))
     }
 }
 
@@ -227,6 +243,54 @@ impl<'de> Deserialize<'de> for Capability {
 }
 
 impl fmt::Display for Capability {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How a run ended (`runtime.finish`), as the wire spells it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunOutcome {
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+impl RunOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunOutcome::Completed => "completed",
+            RunOutcome::Failed => "failed",
+            RunOutcome::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<RunOutcome> {
+        [
+            RunOutcome::Completed,
+            RunOutcome::Failed,
+            RunOutcome::Cancelled,
+        ]
+        .into_iter()
+        .find(|o| o.as_str() == s)
+    }
+}
+
+impl<'de> Deserialize<'de> for RunOutcome {
+    /// From its wire name only (a derived enum would also take
+    /// `{"completed": null}`).
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = std::borrow::Cow::<'de, str>::deserialize(d)?;
+        RunOutcome::parse(&s).ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "unknown outcome {s:?}; known: completed, failed, cancelled"
+            ))
+        })
+    }
+}
+
+impl fmt::Display for RunOutcome {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
     }
@@ -253,6 +317,7 @@ impl Capabilities {
     pub fn iter(self) -> impl Iterator<Item = Capability> {
         Capability::ALL
             .into_iter()
+            .chain(Capability::VIEWER)
             .filter(move |c| self.contains(*c))
     }
 

@@ -1,4 +1,5 @@
-//! The bytes of the two stream pushes, `stream.events` and `stream.gap`.
+//! The bytes of the stream pushes, `stream.events`, `stream.gap` and
+//! `stream.ended`.
 //!
 //! Every other frame is encoded by `protocol`; these two live beside the
 //! ring because a `stream.events` frame is built exactly once, at append
@@ -232,6 +233,46 @@ fn push_decimal(buf: &mut Vec<u8>, mut n: u64) {
         }
     }
     buf.extend_from_slice(&digits[i..]);
+}
+
+/// The `stream.ended` push of a run, once per stream: its payload JSON
+/// (`{runId, streamEpoch, nextOffset, outcome, message?, endedAt}`, what
+/// SSE sends as `data:`) and the whole frame around it. Built with serde
+/// because the message is free text that needs escaping.
+pub fn ended_frame(
+    run: &crate::ids::RunId,
+    epoch: &crate::ids::StreamEpoch,
+    next_offset: u64,
+    outcome: crate::ids::RunOutcome,
+    message: Option<&str>,
+    ended_at: crate::time::Timestamp,
+) -> (Bytes, Bytes) {
+    #[derive(serde::Serialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Ended<'a> {
+        run_id: &'a crate::ids::RunId,
+        stream_epoch: &'a crate::ids::StreamEpoch,
+        next_offset: u64,
+        outcome: crate::ids::RunOutcome,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        message: Option<&'a str>,
+        ended_at: crate::time::Timestamp,
+    }
+    let payload = Ended {
+        run_id: run,
+        stream_epoch: epoch,
+        next_offset,
+        outcome,
+        message,
+        ended_at,
+    };
+    // Plain strings, numbers and a timestamp: serializing cannot fail.
+    let json = serde_json::to_vec(&payload).unwrap_or_default();
+    let mut frame = Vec::with_capacity(json.len() + 40);
+    frame.extend_from_slice(br#"{"type":"stream.ended","payload":"#);
+    frame.extend_from_slice(&json);
+    frame.push(b'}');
+    (Bytes::from(json), Bytes::from(frame))
 }
 
 #[cfg(test)]

@@ -15,6 +15,13 @@
 // pause the gateway either continues exactly after the last row shown or
 // says why it cannot (`truncated`, or another epoch), and the log shows a
 // marker saying what was lost. Offsets are numbers: exact up to 2^53.
+//
+// A run's end (stream.ended) is shown as an ended badge with its outcome,
+// in the runs list and over the tail; the tail then stops (nothing more
+// comes). The Stop button (run.cancel) is shown only when the token may
+// cancel: the page reads the `caps` claim of its own token (the JWT's
+// middle part, not verified here: the gateway decides, and a Stop it
+// refuses is reported like any other error).
 
 'use strict';
 
@@ -224,6 +231,7 @@
       case 'stream.events': onEvents(p); break;
       case 'stream.gap': onGap(p); break;
       case 'stream.closed': onClosed(p); break;
+      case 'stream.ended': onEnded(p); break;
       case 'gateway.draining': onDraining(p); break;
       default: break;
     }
@@ -253,7 +261,56 @@
     gaps: 0,
     truncations: 0,
     duplicates: 0,
+    // The stream.ended payload once the run ended: nothing more comes.
+    ended: null,
   };
+
+  // The capabilities the token claims (see the top of the file).
+  function tokenCaps() {
+    try {
+      const part = token.split('.')[1] || '';
+      const json = atob(part.replace(/-/g, '+').replace(/_/g, '/') + '='.repeat((4 - (part.length % 4)) % 4));
+      const caps = JSON.parse(json).caps;
+      return Array.isArray(caps) ? caps : [];
+    } catch (e) {
+      return [];
+    }
+  }
+
+  function setStopButton() {
+    $('stop').hidden = !(tail.runId && !tail.ended && tokenCaps().includes('run.cancel'));
+  }
+
+  async function stopRun() {
+    const runId = tail.runId;
+    if (!runId) return;
+    $('stop').disabled = true;
+    try {
+      const r = await request('run.cancel', { runId, reason: 'stopped from the dashboard' });
+      if (runId !== tail.runId) return;
+      const text = r.ended
+        ? 'the run had already ended.'
+        : r.delivered
+          ? 'the runtime was told; it decides how to stop and ends the run.'
+          : 'the runtime is not connected now; it is told when it comes back.';
+      addMarker('note', 'Stop requested', text);
+    } catch (e) {
+      addMarker('note', 'Stop refused', `${e.code || 'error'}: ${e.message}`);
+    } finally {
+      $('stop').disabled = false;
+    }
+  }
+
+  function onEnded(p) {
+    if (p.runId !== tail.runId || p.streamEpoch !== tail.epoch || tail.ended) return;
+    tail.ended = p;
+    tail.subscribed = false;
+    const message = p.message ? `: ${p.message}` : '';
+    addMarker('ended', 'Run ended', `${p.outcome}${message} (${p.nextOffset} event${p.nextOffset === 1 ? '' : 's'} in all).`, p.streamEpoch);
+    setRunStatus('ended', `ended · ${p.outcome}`);
+    $('run-status').dataset.outcome = p.outcome;
+    setStopButton();
+  }
 
   function shortEpoch(e) {
     return e ? e.slice(0, 8) : '—';
@@ -289,6 +346,7 @@
       gaps: 0,
       truncations: 0,
       duplicates: 0,
+      ended: null,
     });
     tail.resumeSeq += 1;
     entries.length = 0;
@@ -306,6 +364,8 @@
     $('pause').disabled = false;
     $('clear').disabled = false;
     setPauseButton();
+    setStopButton();
+    delete $('run-status').dataset.outcome;
     setRunInUrl(runId);
     markSelectedRun();
     setRunStatus('resuming', 'opening…');
@@ -313,7 +373,7 @@
   }
 
   function startTail() {
-    if (!tail.runId || tail.paused || tail.failed || tail.subscribed || tail.resuming) return;
+    if (!tail.runId || tail.paused || tail.failed || tail.subscribed || tail.resuming || tail.ended) return;
     if (!sock.ws || sock.ws.readyState !== WebSocket.OPEN) {
       if (!sock.ws && !sock.timer) connect();
       return;
@@ -400,11 +460,12 @@
     tail.downAt = null;
     tail.epoch = info.streamEpoch;
     tail.next = info.startOffset;
-    setRunStatus('live');
+    // An ended run: its stream.ended follows the replay at once.
+    setRunStatus(info.ended ? 'resuming' : 'live', info.ended ? 'replaying…' : undefined);
   }
 
   function onSocketDown() {
-    if (!tail.runId) return;
+    if (!tail.runId || tail.ended) return;
     tail.subscribed = false;
     tail.resuming = false;
     tail.resumeSeq += 1;
@@ -746,7 +807,7 @@
 
   let runs = [];
   let runsInFlight = false;
-  const STATE_ORDER = { attached: 0, detached: 1, expired: 2 };
+  const STATE_ORDER = { attached: 0, detached: 1, expired: 2, ended: 3 };
 
   async function refreshRuns() {
     if (!token || tokenRefused || runsInFlight) return;
@@ -787,7 +848,13 @@
       name.textContent = r.runId;
       name.title = `${r.runId}\nepoch ${r.streamEpoch}`;
       const state = document.createElement('td');
-      state.append(span('badge ' + r.state, r.state));
+      if (r.state === 'ended') {
+        const badge = span(`badge ended ${r.outcome || ''}`, `ended · ${r.outcome || '?'}`);
+        badge.title = (r.endedAt ? `ended at ${r.endedAt}` : 'ended') + (r.message ? `\n${r.message}` : '');
+        state.append(badge);
+      } else {
+        state.append(span('badge ' + r.state, r.state));
+      }
       const kept = document.createElement('td');
       kept.className = 'num';
       kept.textContent = String(r.nextOffset - r.firstOffset);
@@ -995,6 +1062,7 @@
       if (!value) return;
       token = value;
       $('token-input').value = '';
+      setStopButton();
       if (sock.ws) sock.ws.close();
       begin();
     });
@@ -1018,6 +1086,7 @@
       }
     });
     $('pause').addEventListener('click', togglePause);
+    $('stop').addEventListener('click', stopRun);
     $('clear').addEventListener('click', () => {
       entries.length = 0;
       pendingDom = [];

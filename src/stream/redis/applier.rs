@@ -22,12 +22,12 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::notice::{BatchNotice, Idle, Notice, parse_seq};
-use super::writer::{Op, PublishReply};
+use super::writer::{EndReply, Op, PublishReply, end_of};
 use super::{Shared, StreamEpoch, instant_at, wall_ms};
 use crate::ids::RunId;
-use crate::stream::PublishOutcome;
 use crate::stream::hub::{ReplicaBatch, Replicated};
 use crate::stream::ring::Ring;
+use crate::stream::{PublishOutcome, RunEnd, StreamError};
 
 /// Stream entries (batches, each within the per-run byte bound) read per
 /// round trip when catching up.
@@ -42,6 +42,15 @@ pub enum Apply {
         batch: BatchNotice,
         outcome: PublishOutcome,
         reply: PublishReply,
+    },
+    /// This node's `runtime.finish`, as Redis recorded the run's end; the
+    /// reply (with the answer decided from Redis's reply) goes once the
+    /// replica shows it.
+    Ended {
+        run: RunId,
+        epoch: StreamEpoch,
+        end: Arc<RunEnd>,
+        reply: Option<(EndReply, Result<(), StreamError>)>,
     },
     /// Make `run`'s replica agree with Redis.
     Check(RunId),
@@ -71,6 +80,8 @@ struct Remote {
     /// Kept entries from where the read started: (first offset, the
     /// events' JSON), each a batch (or part of one) as published.
     entries: Vec<(u64, Vec<String>)>,
+    /// The run's end, if it ended.
+    end: Option<RunEnd>,
 }
 
 impl Applier {
@@ -132,6 +143,22 @@ impl Applier {
             }
             Apply::Notice(Notice::Dropped { run, epoch }) => {
                 self.shared.hub.remove_replica(&run, &epoch);
+            }
+            // The end itself is in the meta hash: read it with what the
+            // replica may still lack.
+            Apply::Notice(Notice::Ended { run, .. }) => self.sync_run(&run).await,
+            Apply::Ended {
+                run,
+                epoch,
+                end,
+                reply,
+            } => {
+                if !self.shared.hub.apply_end(&run, &epoch, end.clone()) {
+                    self.sync_run(&run).await;
+                }
+                if let Some((reply, answer)) = reply {
+                    let _ = reply.send(answer.map(|()| end));
+                }
             }
             Apply::Check(run) => self.sync_run(&run).await,
             Apply::Flush(done) => {
@@ -267,6 +294,9 @@ impl Applier {
         });
         hub.replicate(run, &remote.epoch, &batches, remote.last_seq, true, now);
         hub.set_idle(run, &remote.epoch, idle_instant(remote.idle));
+        if let Some(end) = remote.end {
+            hub.apply_end(run, &remote.epoch, Arc::new(end));
+        }
         Ok(())
     }
 
@@ -299,8 +329,17 @@ impl Applier {
             if matches!(reply, Value::Nil) {
                 return Ok(None);
             }
-            let (epoch, next, seq, idle, entries): (String, u64, String, String, Value) =
-                redis::from_redis_value(reply).map_err(|e| format!("Redis fetch reply: {e}"))?;
+            #[allow(clippy::type_complexity)]
+            let (epoch, next, seq, idle, entries, outcome, ended_at, message): (
+                String,
+                u64,
+                String,
+                String,
+                Value,
+                String,
+                String,
+                String,
+            ) = redis::from_redis_value(reply).map_err(|e| format!("Redis fetch reply: {e}"))?;
             let epoch = StreamEpoch::new(epoch).map_err(|e| format!("Redis epoch: {e}"))?;
             if !expect.is_empty() && epoch.as_str() != expect {
                 // Another history than the one asked for (or than the first
@@ -320,7 +359,12 @@ impl Applier {
                 last_seq: None,
                 idle: Idle::Active,
                 entries: Vec::new(),
+                end: None,
             });
+            remote.end = match (outcome.as_str(), ended_at.parse::<u64>()) {
+                ("", _) | (_, Err(_)) => None,
+                (outcome, Ok(ms)) => end_of(run, &epoch, next, outcome, ms, &message),
+            };
             remote.next = next;
             remote.last_seq = parse_seq(&seq);
             remote.idle = Idle::parse(&idle).unwrap_or(Idle::Active);

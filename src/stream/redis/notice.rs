@@ -13,6 +13,7 @@
 //! | `C`  | run, epoch, idle                                |
 //! | `L`  | run, epoch, idle                                |
 //! | `D`  | run, epoch                                      |
+//! | `E`  | run, epoch (the run ended; its end is in the meta hash) |
 //!
 //! `seq mark` is the stream's highest accepted `seq` after the batch as a
 //! 20-digit decimal, or empty; `idle` is `active` or the wall-clock
@@ -70,6 +71,10 @@ pub enum Notice {
         idle: Idle,
     },
     Dropped {
+        run: RunId,
+        epoch: StreamEpoch,
+    },
+    Ended {
         run: RunId,
         epoch: StreamEpoch,
     },
@@ -154,6 +159,10 @@ pub fn parse(message: &[u8]) -> Option<Notice> {
             }
         }
         b'D' => Notice::Dropped {
+            run: f.run()?,
+            epoch: f.epoch()?,
+        },
+        b'E' => Notice::Ended {
             run: f.run()?,
             epoch: f.epoch()?,
         },

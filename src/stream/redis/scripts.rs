@@ -9,7 +9,7 @@
 //!
 //! | key           | type   | holds                                         |
 //! |---------------|--------|-----------------------------------------------|
-//! | `{p}:s:{run}` | hash   | `epoch`; `next` (the head); `seq` (the highest accepted `seq`, 20 digits, or empty); `idle` (`active`, or wall-clock ms since idle) |
+//! | `{p}:s:{run}` | hash   | `epoch`; `next` (the head); `seq` (the highest accepted `seq`, 20 digits, or empty); `idle` (`active`, or wall-clock ms since idle); once the run ended, `end` (the outcome), `endedAt` (wall-clock ms) and `endMsg` (empty, or `+` then the message) |
 //! | `{p}:x:{run}` | stream | one entry per published batch (a batch over [`EVENTS_PER_ENTRY`] events takes several), id `{first offset}-1`, one field `e` per event, in order. Trimmed with `MINID` to the entries that start within the last `max_events_per_run` offsets |
 //! | `{p}:streams` | set    | the run ids that have a stream                |
 //! | `{p}:events`  | channel| one message per change ([`super::notice`])   |
@@ -96,6 +96,8 @@ if not epoch then
   epoch = ARGV[3]
   create(meta, KEYS[3], channel, run, epoch, 'active')
 end
+local ended = redis.call('HGET', meta, 'end')
+if ended then return 'ended:' .. ended end
 local next = tonumber(redis.call('HGET', meta, 'next'))
 local seq = redis.call('HGET', meta, 'seq') or ''
 local first = next
@@ -133,6 +135,28 @@ if #kept > 0 then
     .. field(string.format('%d', first)) .. field(seq) .. table.concat(parts))
 end
 return {epoch, first, #kept, #flags - #kept, next, seq, table.concat(flags)}
+";
+
+/// End. KEYS: meta, streams set. ARGV: channel, run, proposed epoch,
+/// outcome, ended-at ms, message (empty, or `+` then the text).
+/// Creates the stream if it has none (a run that ends with no events),
+/// then records the end unless there is one (idle from the end on: its
+/// retention starts) and announces it as an `E` notice. Returns
+/// `{epoch, next, outcome, endedAt, endMsg, made}` of the run's end, with
+/// `made` 1 if this call recorded it. Publishes refuse once it is there.
+const END: &str = r"
+local meta = KEYS[1]
+local channel, run = ARGV[1], ARGV[2]
+local epoch = redis.call('HGET', meta, 'epoch')
+if not epoch then
+  epoch = ARGV[3]
+  create(meta, KEYS[2], channel, run, epoch, ARGV[5])
+end
+local m = redis.call('HMGET', meta, 'end', 'endedAt', 'endMsg', 'next')
+if m[1] then return {epoch, m[4], m[1], m[2], m[3] or '', 0} end
+redis.call('HSET', meta, 'end', ARGV[4], 'endedAt', ARGV[5], 'endMsg', ARGV[6], 'idle', ARGV[5])
+redis.call('PUBLISH', channel, 'E' .. field(run) .. field(epoch))
+return {epoch, m[4], ARGV[4], ARGV[5], ARGV[6], 1}
 ";
 
 /// Create. KEYS: meta, streams set. ARGV: channel, run, epoch, idle.
@@ -176,13 +200,14 @@ return 1
 
 /// Fetch. KEYS: meta, events. ARGV: expected epoch (empty: any), from
 /// offset, count, `at` or `after`. Returns nil if the run has no stream,
-/// else `{epoch, next, seq, idle, entries}` where entries are up to `count`
+/// else `{epoch, next, seq, idle, entries, end, endedAt, endMsg}` (the
+/// last three empty while the run has not ended) where entries are up to `count`
 /// kept entries (XRANGE's shape), or none if the epoch is not the expected
 /// one: with `at`, from the entry holding offset `from` (or the first kept
 /// after it); with `after`, from the entry after the one starting at
 /// `from` (the next page). Meta and entries are read at one instant.
 const FETCH: &str = r"
-local m = redis.call('HMGET', KEYS[1], 'epoch', 'next', 'seq', 'idle')
+local m = redis.call('HMGET', KEYS[1], 'epoch', 'next', 'seq', 'idle', 'end', 'endedAt', 'endMsg')
 if not m[1] then return nil end
 local entries = {}
 if ARGV[1] == '' or ARGV[1] == m[1] then
@@ -204,7 +229,7 @@ if ARGV[1] == '' or ARGV[1] == m[1] then
   end
   entries = redis.call('XRANGE', KEYS[2], start, '+', 'COUNT', ARGV[3])
 end
-return {m[1], m[2], m[3] or '', m[4] or 'active', entries}
+return {m[1], m[2], m[3] or '', m[4] or 'active', entries, m[5] or '', m[6] or '', m[7] or ''}
 ";
 
 /// The scripts, compiled once (their SHA1s are what `EVALSHA` sends).
@@ -214,6 +239,7 @@ pub struct Scripts {
     pub lifecycle: Script,
     pub drop: Script,
     pub fetch: Script,
+    pub end: Script,
 }
 
 impl Scripts {
@@ -225,6 +251,7 @@ impl Scripts {
             lifecycle: with_prelude(LIFECYCLE),
             drop: with_prelude(DROP),
             fetch: Script::new(FETCH),
+            end: with_prelude(END),
         }
     }
 }

@@ -28,8 +28,8 @@ use tokio_util::sync::CancellationToken;
 use super::applier::Apply;
 use super::notice::{BatchNotice, Idle, parse_seq, seq_arg};
 use super::{Shared, StreamEpoch};
-use crate::ids::RunId;
-use crate::stream::{PublishOutcome, StreamError};
+use crate::ids::{RunId, RunOutcome};
+use crate::stream::{EndRequest, PublishOutcome, RunEnd, StreamError};
 
 /// Ops sent in one pipeline at most.
 const GROUP_MAX: usize = 512;
@@ -43,6 +43,7 @@ const RETRY_MAX: usize = 10_000;
 const ATTEMPTS_MAX: u32 = 3;
 
 pub type PublishReply = oneshot::Sender<Result<PublishOutcome, StreamError>>;
+pub type EndReply = oneshot::Sender<Result<Arc<RunEnd>, StreamError>>;
 
 pub enum Op {
     Publish {
@@ -64,6 +65,14 @@ pub enum Op {
     Lifecycle {
         run: RunId,
         idle: Idle,
+    },
+    /// `runtime.finish`: end the run's stream after what it holds.
+    End {
+        run: RunId,
+        /// The local stream's epoch: Redis takes it if the run has none.
+        epoch: StreamEpoch,
+        end: EndRequest,
+        reply: EndReply,
     },
     /// Retention or the budget dropped the stream here.
     Drop {
@@ -130,6 +139,7 @@ impl Writer {
                 used(|op| matches!(op, Op::Lifecycle { .. })),
             ),
             (&scripts.drop, used(|op| matches!(op, Op::Drop { .. }))),
+            (&scripts.end, used(|op| matches!(op, Op::End { .. }))),
         ] {
             if is_used {
                 pipe.load_script(script).ignore();
@@ -177,6 +187,24 @@ impl Writer {
                 Op::Lifecycle { run, idle } => {
                     let mut call = scripts.lifecycle.key(keys.meta(run));
                     call.arg(&channel).arg(run.as_str()).arg(idle.to_arg());
+                    pipe.invoke_script(&call);
+                }
+                Op::End {
+                    run, epoch, end, ..
+                } => {
+                    let message = end
+                        .message
+                        .as_ref()
+                        .map(|m| format!("+{m}"))
+                        .unwrap_or_default();
+                    let mut call = scripts.end.key(keys.meta(run));
+                    call.key(keys.streams())
+                        .arg(&channel)
+                        .arg(run.as_str())
+                        .arg(epoch.as_str())
+                        .arg(end.outcome.as_str())
+                        .arg(end.ended_at.unix_millis())
+                        .arg(message);
                     pipe.invoke_script(&call);
                 }
                 Op::Drop { run, epoch } => {
@@ -236,6 +264,9 @@ impl Writer {
                 Op::Publish { reply, .. } => {
                     let _ = reply.send(Err(StreamError::Unavailable(format!("Redis: {why}"))));
                 }
+                Op::End { reply, .. } => {
+                    let _ = reply.send(Err(StreamError::Unavailable(format!("Redis: {why}"))));
+                }
                 op => self.keep(op, attempts),
             }
         }
@@ -258,6 +289,9 @@ impl Writer {
                 Op::Publish { reply, .. } => {
                     let _ = reply.send(Err(StreamError::Unavailable(format!("Redis: {why}"))));
                 }
+                Op::End { reply, .. } => {
+                    let _ = reply.send(Err(StreamError::Unavailable(format!("Redis: {why}"))));
+                }
                 op if attempts + 1 < ATTEMPTS_MAX => self.keep(op, attempts + 1),
                 _ => tracing::error!(error = %why, "Redis streams: a change failed for good"),
             }
@@ -270,6 +304,38 @@ impl Writer {
             {
                 let _ = answer.send(Err(StreamError::Fenced));
             }
+            Op::Publish { reply: answer, .. } if ended_outcome(&reply).is_some() => {
+                let outcome = ended_outcome(&reply).unwrap_or(RunOutcome::Completed);
+                let _ = answer.send(Err(StreamError::Ended { outcome }));
+            }
+            Op::End {
+                run,
+                end: asked,
+                reply: answer,
+                ..
+            } => match parse_end(&run, &reply) {
+                Some((epoch, end)) => {
+                    let answer_with = if end.outcome == asked.outcome {
+                        Ok(())
+                    } else {
+                        Err(StreamError::EndConflict {
+                            outcome: end.outcome,
+                        })
+                    };
+                    // Answered once this node shows the end.
+                    let _ = self.applier.send(Apply::Ended {
+                        run,
+                        epoch,
+                        end: Arc::new(end),
+                        reply: Some((answer, answer_with)),
+                    });
+                }
+                None => {
+                    let _ = answer.send(Err(StreamError::Unavailable(format!(
+                        "Redis answered the end with {reply:?}"
+                    ))));
+                }
+            },
             Op::Publish {
                 run,
                 events,
@@ -320,6 +386,38 @@ impl Writer {
             Op::Lifecycle { .. } | Op::Stop(_) => {}
         }
     }
+}
+
+/// The outcome of a publish refused because the run ended (`ended:...`).
+fn ended_outcome(reply: &Value) -> Option<RunOutcome> {
+    let text: String = redis::from_redis_value_ref(reply).ok()?;
+    RunOutcome::parse(text.strip_prefix("ended:")?)
+}
+
+/// `{epoch, next, outcome, endedAt, endMsg, made}`: see the end script.
+fn parse_end(run: &RunId, reply: &Value) -> Option<(StreamEpoch, RunEnd)> {
+    let (epoch, next, outcome, ended_at, message, _made): (String, u64, String, u64, String, i64) =
+        redis::from_redis_value_ref(reply).ok()?;
+    let epoch = StreamEpoch::new(epoch).ok()?;
+    let end = end_of(run, &epoch, next, &outcome, ended_at, &message)?;
+    Some((epoch, end))
+}
+
+/// A run's end from the fields Redis keeps for it.
+pub fn end_of(
+    run: &RunId,
+    epoch: &StreamEpoch,
+    next: u64,
+    outcome: &str,
+    ended_at_ms: u64,
+    message: &str,
+) -> Option<RunEnd> {
+    let req = EndRequest {
+        outcome: RunOutcome::parse(outcome)?,
+        message: message.strip_prefix('+').map(str::to_owned),
+        ended_at: crate::time::Timestamp::from_unix_millis(ended_at_ms),
+    };
+    Some(RunEnd::new(run, epoch, req, next))
 }
 
 struct Published {
