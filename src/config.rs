@@ -43,6 +43,10 @@ impl std::str::FromStr for StoreKind {
     }
 }
 
+/// Room in a reply for its envelope (id, type, the member names around the
+/// data) besides the data itself.
+pub const REPLY_OVERHEAD_BYTES: usize = 4096;
+
 /// Sizes and counts that bound what one peer can make the gateway hold.
 #[derive(Debug, Clone)]
 pub struct Limits {
@@ -91,6 +95,14 @@ pub struct Limits {
     pub max_commands_per_sec: u32,
     /// Commands one socket may send at once above the sustained rate.
     pub command_burst: u32,
+    /// Bytes of one reply frame; a larger answer is refused with
+    /// `PAYLOAD_TOO_LARGE` (the socket stays open). At least one checkpoint
+    /// and one KV pair, however escaped, so anything stored can be read.
+    pub max_reply_bytes: usize,
+    /// Bytes one socket may hold in the gateway: replies being built
+    /// (counted at their worst case), queued and unsent frames. At it,
+    /// reading the socket pauses.
+    pub max_socket_buffer_bytes: usize,
 }
 
 impl Default for Limits {
@@ -115,6 +127,8 @@ impl Default for Limits {
             idle_timeout: Duration::from_secs(60),
             max_commands_per_sec: 1000,
             command_burst: 2000,
+            max_reply_bytes: 2 * 1024 * 1024,
+            max_socket_buffer_bytes: 8 * 1024 * 1024,
         }
     }
 }
@@ -213,6 +227,21 @@ impl Config {
         {
             return Err(ConfigError::Invalid(
                 "KV, checkpoint, session, connection, idle and rate limits must be positive".into(),
+            ));
+        }
+        // Limits that agree: anything stored within the limits can be read
+        // back in one reply, so a reply must hold the largest checkpoint and
+        // the largest KV pair, each at its worst JSON escaping.
+        let one_pair = (l.max_kv_key_bytes + l.max_kv_value_bytes).saturating_mul(6);
+        let needed = l.max_checkpoint_bytes.max(one_pair) + REPLY_OVERHEAD_BYTES;
+        if l.max_reply_bytes < needed {
+            return Err(ConfigError::Invalid(format!(
+                "max reply size must be at least {needed} bytes (the largest checkpoint or KV pair, escaped, with its frame)"
+            )));
+        }
+        if l.max_socket_buffer_bytes < l.max_reply_bytes {
+            return Err(ConfigError::Invalid(
+                "the socket buffer must hold at least one reply of the maximum size".into(),
             ));
         }
         let s = &self.streams;
@@ -350,6 +379,12 @@ pub struct ServeArgs {
     /// Commands one socket may send in a burst above that rate [default: 2000]
     #[arg(long, env = "RUNGATE_COMMAND_BURST")]
     pub command_burst: Option<u32>,
+    /// Bytes of one reply; larger answers are PAYLOAD_TOO_LARGE [default: 2097152]
+    #[arg(long, env = "RUNGATE_MAX_REPLY_BYTES")]
+    pub max_reply_bytes: Option<usize>,
+    /// Bytes one socket may have in flight and queued before reading pauses [default: 8388608]
+    #[arg(long, env = "RUNGATE_MAX_SOCKET_BUFFER_BYTES")]
+    pub max_socket_buffer_bytes: Option<usize>,
     /// Browser origins allowed besides the gateway's own, comma-separated
     /// (https://app.example.com,http://localhost:3000), or * for any [default: same origin only]
     #[arg(long, env = "RUNGATE_ALLOWED_ORIGINS")]
@@ -393,6 +428,8 @@ struct FileGateway {
     idle_timeout_secs: Option<u64>,
     max_commands_per_sec: Option<u32>,
     command_burst: Option<u32>,
+    max_reply_bytes: Option<usize>,
+    max_socket_buffer_bytes: Option<usize>,
     /// A list in the file (`["https://a.example"]`); the flag takes the
     /// same list comma-separated.
     allowed_origins: Option<Vec<String>>,
@@ -541,6 +578,15 @@ impl ServeArgs {
         }
         if let Some(v) = self.command_burst.or(file.command_burst) {
             l.command_burst = v;
+        }
+        if let Some(v) = self.max_reply_bytes.or(file.max_reply_bytes) {
+            l.max_reply_bytes = v;
+        }
+        if let Some(v) = self
+            .max_socket_buffer_bytes
+            .or(file.max_socket_buffer_bytes)
+        {
+            l.max_socket_buffer_bytes = v;
         }
         let origins = match (self.allowed_origins, file.allowed_origins) {
             (Some(flag), _) => Some(AllowedOrigins::parse_list(&flag)),

@@ -103,7 +103,9 @@ impl ConnCtx {
 /// A request's answer: ready now, or once the store has done its part.
 pub(crate) enum Answer {
     Now(Frame),
-    Later(BoxFuture<'static, Frame>),
+    /// The reply to come, and the most bytes it may hold meanwhile (what
+    /// the socket's budget is charged while it is built).
+    Later(BoxFuture<'static, Frame>, usize),
 }
 
 type Outcome = Result<Frame, CommandError>;
@@ -112,6 +114,44 @@ type Outcome = Result<Frame, CommandError>;
 enum Reply {
     Now(Frame),
     Later(BoxFuture<'static, Outcome>),
+}
+
+/// What a small reply (an acknowledgement, an attach) may hold.
+const SMALL_REPLY_BYTES: usize = 1024;
+
+/// The most bytes `command`'s reply can hold while it is built: what the
+/// socket's budget is charged up front, so requests that would together
+/// build more than the budget are not read until earlier ones are sent.
+fn worst_reply_bytes(limits: &crate::config::Limits, command: &Command) -> usize {
+    let worst = match command {
+        // The store refuses a read past `max_reply_bytes`.
+        Command::KvGet(req) => req
+            .keys
+            .len()
+            .saturating_mul(limits.max_kv_key_bytes + limits.max_kv_value_bytes + 16)
+            .saturating_add(SMALL_REPLY_BYTES),
+        Command::CheckpointLoad(_) => limits.max_checkpoint_bytes + SMALL_REPLY_BYTES,
+        Command::RunsList(_) => limits.max_reply_bytes,
+        _ => SMALL_REPLY_BYTES,
+    };
+    worst.min(limits.max_reply_bytes)
+}
+
+/// `frame`, or `PAYLOAD_TOO_LARGE` under `id` if it is larger than a reply
+/// may be: a socket must never be handed a frame its writer cannot take.
+fn within_reply_limit(id: &str, frame: Frame, max_reply: usize) -> Frame {
+    let bytes = frame.as_str().len();
+    if bytes <= max_reply {
+        return frame;
+    }
+    let err = CommandError::new(
+        ErrorCode::PayloadTooLarge,
+        format!(
+            "the reply would be {bytes} bytes; the limit is {max_reply}; ask for less at a time"
+        ),
+    )
+    .with_details(json!({ "maxReplyBytes": max_reply }));
+    encode_error(Some(id), &err)
 }
 
 /// Handles one text frame. Never fails: every problem becomes an error frame.
@@ -146,9 +186,15 @@ pub(crate) fn handle_text(ctx: &mut ConnCtx, text: &str) -> Answer {
         record(ctx, label, Err(err.code), started);
         return Answer::Now(encode_error(Some(&id), &err));
     }
-    let reply = Command::parse(kind, request.payload).and_then(|command| apply(ctx, &id, command));
+    let mut worst = 0;
+    let reply = Command::parse(kind, request.payload).and_then(|command| {
+        worst = worst_reply_bytes(&ctx.shared.config.limits, &command);
+        apply(ctx, &id, command)
+    });
+    let max_reply = ctx.shared.config.limits.max_reply_bytes;
     match reply {
         Ok(Reply::Now(frame)) => {
+            let frame = within_reply_limit(&id, frame, max_reply);
             record(ctx, label, Ok(()), started);
             Answer::Now(frame)
         }
@@ -157,7 +203,7 @@ pub(crate) fn handle_text(ctx: &mut ConnCtx, text: &str) -> Answer {
             Answer::Later(
                 async move {
                     let (frame, outcome) = match pending.await {
-                        Ok(frame) => (frame, "ok"),
+                        Ok(frame) => (within_reply_limit(&id, frame, max_reply), "ok"),
                         Err(err) => (encode_error(Some(&id), &err), err.code.as_str()),
                     };
                     shared
@@ -166,6 +212,7 @@ pub(crate) fn handle_text(ctx: &mut ConnCtx, text: &str) -> Answer {
                     frame
                 }
                 .boxed(),
+                worst,
             )
         }
         Err(err) => {
@@ -341,6 +388,10 @@ pub(crate) fn store_error(e: StoreError) -> CommandError {
         }
         // Another gateway got there first: it moved the session on to a
         // newer epoch, or (no epoch) holds a live session of the run.
+        StoreError::ReplyTooLarge { max } => {
+            CommandError::new(ErrorCode::PayloadTooLarge, e.to_string())
+                .with_details(json!({ "maxReplyBytes": max }))
+        }
         StoreError::Fenced { sessions } => match sessions.iter().find_map(|(_, e)| *e) {
             Some(current_epoch) => CommandError::new(
                 ErrorCode::StaleEpoch,
@@ -694,7 +745,11 @@ fn later<T: Send + 'static>(
 
 fn kv_get(ctx: &ConnCtx, id: &str, req: cmd::GetKvCommand) -> Result<Reply, CommandError> {
     session_for(ctx, CommandKind::KvGet, &req.session_id, &req.run_id)?;
-    let fut = ctx.shared.store.kv_get(&req.run_id, req.keys);
+    let max_bytes = ctx.shared.config.limits.max_reply_bytes;
+    let fut = ctx
+        .shared
+        .store
+        .kv_get_within(&req.run_id, req.keys, max_bytes);
     Ok(later(id, fut, |id, kv| {
         Ok(encode_reply(id, &cmd::KvResponse { kv }))
     }))

@@ -385,7 +385,9 @@ fn upgrade(shared: Arc<Shared>, req: Request<Incoming>, endpoint: Endpoint) -> R
     let ws_config = WebSocketConfig::default()
         .read_buffer_size(4 * 1024)
         .write_buffer_size(0)
-        .max_write_buffer_size(limits.max_frame_bytes * 4)
+        // Room for the largest reply (one frame is buffered at a time): a
+        // frame over it would fail the socket without a word.
+        .max_write_buffer_size((limits.max_frame_bytes * 4).max(limits.max_reply_bytes + 64 * 1024))
         .max_message_size(Some(limits.max_frame_bytes))
         .max_frame_size(Some(limits.max_frame_bytes));
     let tasks = shared.tasks.clone();

@@ -7,7 +7,8 @@
 //! `gateway.draining` to every socket, in-flight requests answered, store
 //! flushed. Modules: `server` (accept), `http` (routes, auth, upgrade),
 //! `origin` (which browser pages may call), `admission` (connection caps),
-//! `connection` (one socket), `rate_limit` (its command budget),
+//! `connection` (one socket), `budget` (its bytes in flight and queued),
+//! `rate_limit` (its command budget),
 //! `dispatch` (one request), `follow` (a socket's stream subscriptions),
 //! `sse` (the event-stream response), `leases` (the expiry timer), `upkeep`
 //! (stream retention and budget, saving renewed leases), `cluster` (sessions
@@ -17,6 +18,7 @@
 //! Must not contain protocol or session rules beyond wiring them together.
 
 mod admission;
+mod budget;
 mod cluster;
 mod connection;
 mod dashboard;

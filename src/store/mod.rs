@@ -47,6 +47,12 @@ pub enum StoreError {
     /// written.
     #[error("the run's KV would hold more than {max} keys; nothing was written")]
     TooManyKeys { max: usize },
+    /// A read found more than `max` bytes of keys and values: it is
+    /// refused whole rather than held (ask for fewer keys at a time).
+    #[error(
+        "the keys and values asked for add up to more than {max} bytes; ask for fewer keys at a time"
+    )]
+    ReplyTooLarge { max: usize },
     /// Only from a store several gateways share: these sessions are held by
     /// another gateway (a newer epoch, or a live session of the same run),
     /// so their changes were not applied. Every other change was.
@@ -106,7 +112,19 @@ pub enum SessionChange {
 pub trait Store: Send + Sync + 'static {
     /// The values of those `keys` that exist for `run` (absent keys are
     /// simply not in the map).
-    fn kv_get(&self, run: &RunId, keys: Vec<String>) -> StoreFuture<BTreeMap<String, String>>;
+    fn kv_get(&self, run: &RunId, keys: Vec<String>) -> StoreFuture<BTreeMap<String, String>> {
+        self.kv_get_within(run, keys, usize::MAX)
+    }
+
+    /// [`Store::kv_get`], refused with [`StoreError::ReplyTooLarge`] once
+    /// the keys and values found add up to more than `max_bytes`: the
+    /// engine stops reading there, so one request never makes it hold more.
+    fn kv_get_within(
+        &self,
+        run: &RunId,
+        keys: Vec<String>,
+        max_bytes: usize,
+    ) -> StoreFuture<BTreeMap<String, String>>;
 
     /// Writes all pairs for `run` atomically: all or none.
     fn kv_set(&self, run: &RunId, pairs: BTreeMap<String, String>) -> StoreFuture<()> {
