@@ -287,10 +287,27 @@ fn apply(ctx: &mut ConnCtx, id: &str, command: Command) -> Result<Reply, Command
         Command::Publish(req) => publish(ctx, id, req),
         Command::StreamResume(req) => reply(&stream_resume(ctx, req)?),
         Command::StreamCancel(req) => reply(&stream_cancel(ctx, req)?),
-        Command::RunsList(cmd::RunsListCommand {}) => {
-            Ok(later(id, runs_list(&ctx.shared, &ctx.grant), |id, runs| {
-                Ok(encode_reply(id, &runs))
-            }))
+        Command::RunsList(req) => {
+            let limit = match req.limit {
+                None => usize::MAX,
+                Some(n @ 1..=cmd::RUNS_LIST_MAX_LIMIT) => n as usize,
+                Some(_) => {
+                    return Err(CommandError::invalid_payload(
+                        "/payload/limit",
+                        format!("limit must be 1 to {}", cmd::RUNS_LIST_MAX_LIMIT),
+                    ));
+                }
+            };
+            let page = RunsPage {
+                cursor: req.cursor,
+                limit,
+                max_bytes: ctx.shared.config.limits.max_reply_bytes,
+            };
+            Ok(later(
+                id,
+                runs_list(&ctx.shared, &ctx.grant, page),
+                |id, runs| Ok(encode_reply(id, &runs)),
+            ))
         }
     }
 }
@@ -1024,6 +1041,30 @@ fn stream_cancel(
     Ok(cmd::Accepted::YES)
 }
 
+/// Where a `runs.list` page starts and how large it may be.
+pub(crate) struct RunsPage {
+    /// Only runs after this one.
+    pub cursor: Option<RunId>,
+    pub limit: usize,
+    /// The reply's size limit.
+    pub max_bytes: usize,
+}
+
+impl RunsPage {
+    /// Every covered run in one answer (an HTTP body has no frame limit).
+    pub fn all() -> RunsPage {
+        RunsPage {
+            cursor: None,
+            limit: usize::MAX,
+            max_bytes: usize::MAX,
+        }
+    }
+}
+
+/// Most bytes of one run's summary in a reply besides its run id and
+/// stream epoch: member names, a state, two 20-digit offsets, punctuation.
+const SUMMARY_BYTES: usize = 160;
+
 /// The runs `grant` covers that have a stream, with their session state:
 /// the `runs.list` reply and the `GET /v1/runs` body.
 ///
@@ -1033,13 +1074,31 @@ fn stream_cancel(
 pub(crate) fn runs_list(
     shared: &Shared,
     grant: &Grant,
+    page: RunsPage,
 ) -> crate::store::StoreFuture<cmd::RunsListResponse> {
-    let streams: Vec<_> = shared
-        .streams
-        .runs()
-        .into_iter()
-        .filter(|s| grant.runs.covers(&s.run_id))
-        .collect();
+    // The page: covered runs after the cursor, in run id order, as many as
+    // `limit` and the reply's size allow. A run that turns out not to be
+    // listed (below) leaves the page shorter, never the next one wrong.
+    let room = page
+        .max_bytes
+        .saturating_sub(crate::config::REPLY_OVERHEAD_BYTES);
+    let mut used = 0usize;
+    let mut next_cursor = None;
+    let mut streams = Vec::new();
+    for s in shared.streams.runs() {
+        if !grant.runs.covers(&s.run_id) || page.cursor.as_ref().is_some_and(|c| s.run_id <= *c) {
+            continue;
+        }
+        let bytes = SUMMARY_BYTES + s.run_id.as_str().len() + s.stream_epoch.as_str().len();
+        if streams.len() >= page.limit || used + bytes > room {
+            next_cursor = streams
+                .last()
+                .map(|last: &crate::stream::StreamSummary| last.run_id.clone());
+            break;
+        }
+        used += bytes;
+        streams.push(s);
+    }
     let states: Vec<Option<SessionState>> = shared.sessions.with(|registry| {
         streams
             .iter()
@@ -1092,6 +1151,6 @@ pub(crate) fn runs_list(
                 next_offset: s.next_offset,
             });
         }
-        Ok(cmd::RunsListResponse { runs })
+        Ok(cmd::RunsListResponse { runs, next_cursor })
     })
 }

@@ -218,7 +218,7 @@ async fn runs_list(shared: &Shared, req: &Request<Incoming>) -> Response<Body> {
         Ok(g) => g,
         Err((status, code, message)) => return http_error(status, code, message),
     };
-    match dispatch::runs_list(shared, &grant).await {
+    match dispatch::runs_list(shared, &grant, dispatch::RunsPage::all()).await {
         Ok(runs) => respond(
             StatusCode::OK,
             "application/json",
