@@ -103,6 +103,9 @@ pub struct Limits {
     /// (counted at their worst case), queued and unsent frames. At it,
     /// reading the socket pauses.
     pub max_socket_buffer_bytes: usize,
+    /// Keys one `kv.get` may name: bounds how long one request holds the
+    /// store (a 1 MiB frame could name 300,000 keys).
+    pub max_kv_get_keys: usize,
 }
 
 impl Default for Limits {
@@ -129,6 +132,7 @@ impl Default for Limits {
             command_burst: 2000,
             max_reply_bytes: 2 * 1024 * 1024,
             max_socket_buffer_bytes: 8 * 1024 * 1024,
+            max_kv_get_keys: 1000,
         }
     }
 }
@@ -224,6 +228,7 @@ impl Config {
             || l.idle_timeout.is_zero()
             || l.max_commands_per_sec == 0
             || l.command_burst == 0
+            || l.max_kv_get_keys == 0
         {
             return Err(ConfigError::Invalid(
                 "KV, checkpoint, session, connection, idle and rate limits must be positive".into(),
@@ -385,6 +390,9 @@ pub struct ServeArgs {
     /// Bytes one socket may have in flight and queued before reading pauses [default: 8388608]
     #[arg(long, env = "RUNGATE_MAX_SOCKET_BUFFER_BYTES")]
     pub max_socket_buffer_bytes: Option<usize>,
+    /// Keys one kv.get may name [default: 1000]
+    #[arg(long, env = "RUNGATE_MAX_KV_GET_KEYS")]
+    pub max_kv_get_keys: Option<usize>,
     /// Browser origins allowed besides the gateway's own, comma-separated
     /// (https://app.example.com,http://localhost:3000), or * for any [default: same origin only]
     #[arg(long, env = "RUNGATE_ALLOWED_ORIGINS")]
@@ -430,6 +438,7 @@ struct FileGateway {
     command_burst: Option<u32>,
     max_reply_bytes: Option<usize>,
     max_socket_buffer_bytes: Option<usize>,
+    max_kv_get_keys: Option<usize>,
     /// A list in the file (`["https://a.example"]`); the flag takes the
     /// same list comma-separated.
     allowed_origins: Option<Vec<String>>,
@@ -587,6 +596,9 @@ impl ServeArgs {
             .or(file.max_socket_buffer_bytes)
         {
             l.max_socket_buffer_bytes = v;
+        }
+        if let Some(v) = self.max_kv_get_keys.or(file.max_kv_get_keys) {
+            l.max_kv_get_keys = v;
         }
         let origins = match (self.allowed_origins, file.allowed_origins) {
             (Some(flag), _) => Some(AllowedOrigins::parse_list(&flag)),

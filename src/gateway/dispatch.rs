@@ -188,7 +188,9 @@ pub(crate) fn handle_text(ctx: &mut ConnCtx, text: &str) -> Answer {
     }
     let mut worst = 0;
     let reply = Command::parse(kind, request.payload).and_then(|command| {
-        worst = worst_reply_bytes(&ctx.shared.config.limits, &command);
+        // The request's own text counts too: what it carries (a kv.set's
+        // pairs, a checkpoint) is held until the store has applied it.
+        worst = worst_reply_bytes(&ctx.shared.config.limits, &command) + text.len();
         apply(ctx, &id, command)
     });
     let max_reply = ctx.shared.config.limits.max_reply_bytes;
@@ -762,6 +764,19 @@ fn later<T: Send + 'static>(
 
 fn kv_get(ctx: &ConnCtx, id: &str, req: cmd::GetKvCommand) -> Result<Reply, CommandError> {
     session_for(ctx, CommandKind::KvGet, &req.session_id, &req.run_id)?;
+    // Before the store sees it: one request must not hold the store thread
+    // for long, whatever else is waiting there.
+    let max_keys = ctx.shared.config.limits.max_kv_get_keys;
+    if req.keys.len() > max_keys {
+        return Err(CommandError::new(
+            ErrorCode::PayloadTooLarge,
+            format!(
+                "kv.get names {} keys; the limit is {max_keys}: ask in several requests",
+                req.keys.len()
+            ),
+        )
+        .with_details(json!({ "path": "/payload/keys", "maxKvGetKeys": max_keys })));
+    }
     let max_bytes = ctx.shared.config.limits.max_reply_bytes;
     let fut = ctx
         .shared
