@@ -344,7 +344,8 @@ pub(crate) fn session_error(e: SessionError) -> CommandError {
             CommandError::new(ErrorCode::StaleEpoch, message)
                 .with_details(json!({ "currentEpoch": current_epoch }))
         }
-        SessionError::EpochNotGreater { offered, current } => {
+        SessionError::EpochNotGreater { offered, current }
+        | SessionError::EpochNotMain { offered, current } => {
             CommandError::new(ErrorCode::StaleEpoch, message)
                 .with_details(json!({ "offeredEpoch": offered, "currentEpoch": current }))
         }

@@ -119,6 +119,13 @@ impl Command {
                 "payload must be a JSON object",
             ));
         }
+        // Maps would keep the last of a repeated member silently.
+        if let Some(path) = super::duplicates::first_duplicate(text) {
+            return Err(CommandError::invalid_payload(
+                &path,
+                "a member appears twice in one object",
+            ));
+        }
         Ok(match kind {
             CommandKind::RuntimeAttach => Command::Attach(typed(text)?),
             CommandKind::RuntimeHeartbeat => Command::Heartbeat(typed(text)?),

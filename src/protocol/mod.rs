@@ -3,10 +3,12 @@
 //! Decoding goes [`envelope::decode`] (the outside of a frame) then
 //! [`commands::Command::parse`] (the payload, by type). Encoding produces
 //! shared [`envelope::Frame`] bytes. [`any_json`] checks the members
-//! whose value may be any JSON.
+//! whose value may be any JSON; [`duplicates`] finds a repeated member
+//! anywhere in a payload.
 
 pub mod any_json;
 pub mod commands;
+pub mod duplicates;
 pub mod envelope;
 pub mod error;
 
