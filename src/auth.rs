@@ -126,7 +126,8 @@ impl RunPattern {
         &self.text
     }
 
-    fn prefix(&self) -> &str {
+    /// The id an exact pattern names, or the prefix before a prefix's `*`.
+    pub fn prefix(&self) -> &str {
         self.text.strip_suffix('*').unwrap_or(&self.text)
     }
 }

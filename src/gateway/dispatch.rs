@@ -1067,11 +1067,11 @@ pub(crate) struct RunsPage {
 }
 
 impl RunsPage {
-    /// Every covered run in one answer (an HTTP body has no frame limit).
-    pub fn all() -> RunsPage {
+    /// A page of an HTTP body, which has no frame limit.
+    pub fn http(cursor: Option<RunId>, limit: usize) -> RunsPage {
         RunsPage {
-            cursor: None,
-            limit: usize::MAX,
+            cursor,
+            limit,
             max_bytes: usize::MAX,
         }
     }
@@ -1101,10 +1101,23 @@ pub(crate) fn runs_list(
     let mut used = 0usize;
     let mut next_cursor = None;
     let mut streams = Vec::new();
-    for s in shared.streams.runs() {
-        if !grant.runs.covers(&s.run_id) || page.cursor.as_ref().is_some_and(|c| s.run_id <= *c) {
-            continue;
-        }
+    // No more candidates than could fit, plus one to know whether more
+    // follow: the cost follows the page, not the gateway's stream count.
+    let fit = room / (SUMMARY_BYTES + 17);
+    let wanted = page.limit.min(fit).saturating_add(1);
+    let selectors: Vec<crate::stream::RunSelector<'_>> = grant
+        .runs
+        .patterns()
+        .iter()
+        .map(|p| crate::stream::RunSelector {
+            text: p.prefix(),
+            prefix: !p.is_exact(),
+        })
+        .collect();
+    let candidates = shared
+        .streams
+        .runs_matching(&selectors, page.cursor.as_ref(), wanted);
+    for s in candidates {
         let bytes = SUMMARY_BYTES + s.run_id.as_str().len() + s.stream_epoch.as_str().len();
         if streams.len() >= page.limit || used + bytes > room {
             next_cursor = streams

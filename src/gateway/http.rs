@@ -218,7 +218,41 @@ async fn runs_list(shared: &Shared, req: &Request<Incoming>) -> Response<Body> {
         Ok(g) => g,
         Err((status, code, message)) => return http_error(status, code, message),
     };
-    match dispatch::runs_list(shared, &grant, dispatch::RunsPage::all()).await {
+    // The socket's command budget, per token: a listing is work.
+    if let Err(wait) = shared
+        .http_rates
+        .take(grant.token, tokio::time::Instant::now())
+    {
+        shared.metrics.refused("max_commands_per_sec");
+        let retry_after_ms = wait.as_micros().div_ceil(1000) as u64;
+        let limits = &shared.config.limits;
+        let err = CommandError::new(
+            ErrorCode::RateLimited,
+            format!("this token lists runs more than {} times per second (bursts of {}); retry in {retry_after_ms} ms",
+                limits.max_commands_per_sec, limits.command_burst),
+        )
+        .retryable(true)
+        .with_details(json!({
+            "retryAfterMs": retry_after_ms,
+            "maxCommandsPerSec": limits.max_commands_per_sec,
+            "commandBurst": limits.command_burst,
+        }));
+        return refusal(StatusCode::TOO_MANY_REQUESTS, &err);
+    }
+    let query = req.uri().query().unwrap_or("");
+    let cursor = match query_param(query, "cursor").map(|c| crate::ids::RunId::new(&c)) {
+        None => None,
+        Some(Ok(c)) => Some(c),
+        Some(Err(_)) => return invalid_input("/query/cursor", "cursor must be a run id"),
+    };
+    let max = crate::protocol::commands::RUNS_LIST_MAX_LIMIT;
+    let limit = match query_param(query, "limit").map(|l| l.parse::<u64>()) {
+        None => max,
+        Some(Ok(n)) if (1..=max).contains(&n) => n,
+        Some(_) => return invalid_input("/query/limit", &format!("limit must be 1 to {max}")),
+    };
+    let page = dispatch::RunsPage::http(cursor, limit as usize);
+    match dispatch::runs_list(shared, &grant, page).await {
         Ok(runs) => respond(
             StatusCode::OK,
             "application/json",

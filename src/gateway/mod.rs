@@ -8,7 +8,8 @@
 //! flushed. Modules: `server` (accept), `http` (routes, auth, upgrade),
 //! `origin` (which browser pages may call), `admission` (connection caps),
 //! `connection` (one socket), `budget` (its bytes in flight and queued),
-//! `rate_limit` (its command budget),
+//! `rate_limit` (its command budget), `token_rates` (the same budget per
+//! token for HTTP listings),
 //! `dispatch` (one request), `follow` (a socket's stream subscriptions),
 //! `sse` (the event-stream response), `leases` (the expiry timer), `upkeep`
 //! (stream retention and budget, saving renewed leases), `cluster` (sessions
@@ -35,6 +36,7 @@ mod rate_limit;
 mod server;
 mod sse;
 mod state;
+mod token_rates;
 mod upkeep;
 
 use std::net::SocketAddr;
@@ -211,6 +213,10 @@ fn shared_state(
         metrics: metrics::Metrics::default(),
         draining: CancellationToken::new(),
         tasks: TaskTracker::new(),
+        http_rates: token_rates::TokenRates::new(
+            config.limits.max_commands_per_sec,
+            config.limits.command_burst,
+        ),
         config,
     })
 }

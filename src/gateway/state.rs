@@ -45,6 +45,8 @@ pub(crate) struct Shared {
     pub draining: CancellationToken,
     /// Every task serving a client, so a drain can wait for them.
     pub tasks: TaskTracker,
+    /// `GET /v1/runs` requests per token.
+    pub http_rates: super::token_rates::TokenRates,
 }
 
 /// One item for a socket's writer.

@@ -87,6 +87,10 @@ enum Origin {
 /// `Arc<StreamHub>`; every method takes `&self`.
 pub struct StreamHub {
     streams: DashMap<RunId, Arc<RunStream>>,
+    /// The keys of `streams`, ordered, for listings by id and prefix.
+    /// Changed only under the shard lock of the entry it mirrors (taken
+    /// after it, never the other way round).
+    ids: parking_lot::RwLock<std::collections::BTreeSet<RunId>>,
     limits: StreamLimits,
     /// Sum of every live stream's [`Ring::bytes`]. Changed only while
     /// holding that stream's write lock, so it never counts a dropped ring.
@@ -123,6 +127,7 @@ impl StreamHub {
     pub fn new(limits: StreamLimits) -> StreamHub {
         StreamHub {
             streams: DashMap::new(),
+            ids: Default::default(),
             limits,
             total_bytes: AtomicUsize::new(0),
             budget: Mutex::new(()),
@@ -185,6 +190,7 @@ impl StreamHub {
                 if let Some(hooks) = &self.hooks {
                     (hooks.created)(&ring);
                 }
+                self.ids.write().insert(run.clone());
                 Arc::new(RunStream::new(ring, idle_since, now))
             })
             .clone()
@@ -289,6 +295,7 @@ impl StreamHub {
         let run = ring.run().clone();
         let bytes = ring.bytes();
         let stream = Arc::new(RunStream::new(ring, Some(now), now));
+        self.ids.write().insert(run.clone());
         if let Some(old) = self.streams.insert(run, stream) {
             let before = old.state.read().ring.bytes();
             self.account(before, 0);
@@ -390,6 +397,53 @@ impl StreamHub {
             .collect();
         all.sort_by(|a, b| a.run_id.cmp(&b.run_id));
         all
+    }
+
+    /// See [`super::StreamEngine::runs_matching`]: from the ordered index,
+    /// at most `limit` ids per selector, so the cost follows the page and
+    /// the selectors, not the number of streams.
+    pub fn runs_matching(
+        &self,
+        selectors: &[super::RunSelector<'_>],
+        after: Option<&RunId>,
+        limit: usize,
+    ) -> Vec<StreamSummary> {
+        use std::ops::Bound;
+        let mut picked = std::collections::BTreeSet::new();
+        {
+            let ids = self.ids.read();
+            for sel in selectors {
+                if !sel.prefix {
+                    if let Ok(id) = RunId::new(sel.text)
+                        && after.is_none_or(|a| id > *a)
+                        && ids.contains(&id)
+                    {
+                        picked.insert(id);
+                    }
+                    continue;
+                }
+                // From the later of the cursor and the prefix: every id
+                // with the prefix sorts at or after the prefix itself.
+                let from_prefix = RunId::new(sel.text).ok();
+                let start = match (after, from_prefix) {
+                    (Some(a), Some(p)) if p > *a => Bound::Included(p),
+                    (Some(a), _) => Bound::Excluded(a.clone()),
+                    (None, Some(p)) => Bound::Included(p),
+                    (None, None) => Bound::Unbounded,
+                };
+                let matching = ids
+                    .range((start, Bound::Unbounded))
+                    .take_while(|id| id.as_str().starts_with(sel.text))
+                    .take(limit);
+                picked.extend(matching.cloned());
+            }
+        }
+        // The index lock is released before any stream is locked.
+        picked
+            .into_iter()
+            .filter_map(|id| self.summary(&id))
+            .take(limit)
+            .collect()
     }
 
     /// The kept range of `run`'s stream, if it has one.
@@ -565,6 +619,7 @@ impl StreamHub {
             if tell && let Some(hooks) = &self.hooks {
                 (hooks.dropped)(run, state.ring.epoch());
             }
+            self.ids.write().remove(run);
             true
         });
         if removed.is_some() {
@@ -718,6 +773,7 @@ impl StreamHub {
         // bytes that were not added.
         self.account(0, ring.bytes());
         let stream = Arc::new(RunStream::new(ring, idle_since, now));
+        self.ids.write().insert(run.clone());
         let Some(old) = self.streams.insert(run, stream) else {
             return;
         };
@@ -893,6 +949,15 @@ impl StreamEngine for StreamHub {
 
     fn runs(&self) -> Vec<StreamSummary> {
         StreamHub::runs(self)
+    }
+
+    fn runs_matching(
+        &self,
+        selectors: &[super::RunSelector<'_>],
+        after: Option<&RunId>,
+        limit: usize,
+    ) -> Vec<StreamSummary> {
+        StreamHub::runs_matching(self, selectors, after, limit)
     }
 
     fn summary(&self, run: &RunId) -> Option<StreamSummary> {

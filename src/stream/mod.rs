@@ -195,6 +195,24 @@ pub struct StreamSummary {
     pub next_offset: u64,
 }
 
+/// One run pattern of a listing: an exact run id, or an id prefix (`""`
+/// for every run).
+#[derive(Debug, Clone, Copy)]
+pub struct RunSelector<'a> {
+    pub text: &'a str,
+    pub prefix: bool,
+}
+
+impl RunSelector<'_> {
+    pub fn matches(&self, run: &RunId) -> bool {
+        if self.prefix {
+            run.as_str().starts_with(self.text)
+        } else {
+            run.as_str() == self.text
+        }
+    }
+}
+
 /// What the engine holds, for metrics.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct StreamStats {
@@ -300,6 +318,24 @@ pub trait StreamEngine: Send + Sync + 'static {
 
     /// Every run's stream, ordered by run id.
     fn runs(&self) -> Vec<StreamSummary>;
+
+    /// Up to `limit` streams of runs that `selectors` match, after run
+    /// `after`, ordered by run id: a listing for one token costs what the
+    /// token covers, not every stream the gateway holds (engines with an
+    /// index override this; the default filters [`StreamEngine::runs`]).
+    fn runs_matching(
+        &self,
+        selectors: &[RunSelector<'_>],
+        after: Option<&RunId>,
+        limit: usize,
+    ) -> Vec<StreamSummary> {
+        self.runs()
+            .into_iter()
+            .filter(|s| after.is_none_or(|a| s.run_id > *a))
+            .filter(|s| selectors.iter().any(|sel| sel.matches(&s.run_id)))
+            .take(limit)
+            .collect()
+    }
 
     /// `run`'s stream, if it has one.
     fn summary(&self, run: &RunId) -> Option<StreamSummary>;
