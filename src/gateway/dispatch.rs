@@ -385,6 +385,9 @@ pub(crate) fn stream_error(e: StreamError) -> CommandError {
             ErrorCode::StaleEpoch,
             "the session moved to another gateway at a newer connection epoch; nothing was stored",
         ),
+        StreamError::BudgetFull { max_bytes } => CommandError::new(ErrorCode::RateLimited, message)
+            .retryable(true)
+            .with_details(json!({ "streamGlobalMaxBytes": max_bytes, "retryAfterMs": 1000 })),
     }
 }
 

@@ -141,6 +141,14 @@ pub enum StreamError {
     /// stored.
     #[error("the publisher's session is held at another epoch or by another gateway")]
     Fenced,
+    /// The gateway's stream budget (`global_max_bytes`) is held by runs
+    /// with live sessions, and this run's own history cannot make room for
+    /// the batch; nothing was stored. Retryable: room comes back as
+    /// sessions end and their streams go idle.
+    #[error(
+        "the gateway's stream budget of {max_bytes} bytes is held by other live runs; nothing was stored, retry later"
+    )]
+    BudgetFull { max_bytes: usize },
 }
 
 /// Who publishes: the fencing token an engine shared by several gateways
