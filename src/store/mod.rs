@@ -234,6 +234,7 @@ pub(crate) mod conformance {
                 kv_set_is_atomic_over_many_keys,
                 kv_is_scoped_per_run,
                 kv_key_count_is_bounded_per_run,
+                kv_reads_are_bounded_in_bytes,
                 checkpoint_latest_and_named,
                 checkpoint_replace_same_id_becomes_latest,
                 checkpoint_preserves_data_and_time,
@@ -382,6 +383,26 @@ pub(crate) mod conformance {
                 .unwrap()
                 .is_empty()
         );
+    }
+
+    pub(crate) async fn kv_reads_are_bounded_in_bytes(store: Arc<dyn Store>) {
+        let r = run("run-bytes");
+        // 100 keys of 2 + 10 bytes each (keys "00".."99"): 1,200 bytes.
+        let many: BTreeMap<String, String> = (0..100)
+            .map(|i| (format!("{i:02}"), "v".repeat(10)))
+            .collect();
+        store.kv_set(&r, many.clone()).await.unwrap();
+        let all: Vec<String> = many.keys().cloned().collect();
+        let got = store.kv_get_within(&r, all.clone(), 1200).await.unwrap();
+        assert_eq!(got, many, "exactly the limit is read");
+        let err = store.kv_get_within(&r, all, 1199).await.unwrap_err();
+        assert!(
+            matches!(err, super::StoreError::ReplyTooLarge { max: 1199 }),
+            "{err:?}"
+        );
+        // Absent keys cost nothing.
+        let absent: Vec<String> = (0..1000).map(|i| format!("absent-{i}")).collect();
+        assert!(store.kv_get_within(&r, absent, 1).await.unwrap().is_empty());
     }
 
     pub(crate) async fn kv_key_count_is_bounded_per_run(store: Arc<dyn Store>) {
