@@ -126,7 +126,8 @@ impl RunPattern {
         &self.text
     }
 
-    fn prefix(&self) -> &str {
+    /// The id an exact pattern names, or the prefix before a prefix's `*`.
+    pub fn prefix(&self) -> &str {
         self.text.strip_suffix('*').unwrap_or(&self.text)
     }
 }
@@ -349,12 +350,16 @@ impl AuthKey {
             .map_err(|e| AuthError::Invalid(format!("cannot sign: {}", describe(e.kind()))))
     }
 
-    /// Checks signature (HS256 only), expiry (required, no leeway) and that
+    /// Checks signature (HS256 only), expiry (required, no leeway), `nbf`
+    /// when present (no leeway) and that
     /// every claim is one we understand.
     pub fn verify(&self, token: &str) -> Result<Grant, AuthError> {
         let mut validation = Validation::new(Algorithm::HS256);
         validation.leeway = 0;
         validation.validate_exp = true;
+        // Optional, but honoured when present: a token minted for later is
+        // not valid before then.
+        validation.validate_nbf = true;
         validation.set_required_spec_claims(&["exp"]);
         let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &validation).map_err(
             |e| match e.kind() {

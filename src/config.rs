@@ -43,6 +43,10 @@ impl std::str::FromStr for StoreKind {
     }
 }
 
+/// Room in a reply for its envelope (id, type, the member names around the
+/// data) besides the data itself.
+pub const REPLY_OVERHEAD_BYTES: usize = 4096;
+
 /// Sizes and counts that bound what one peer can make the gateway hold.
 #[derive(Debug, Clone)]
 pub struct Limits {
@@ -91,6 +95,17 @@ pub struct Limits {
     pub max_commands_per_sec: u32,
     /// Commands one socket may send at once above the sustained rate.
     pub command_burst: u32,
+    /// Bytes of one reply frame; a larger answer is refused with
+    /// `PAYLOAD_TOO_LARGE` (the socket stays open). At least one checkpoint
+    /// and one KV pair, however escaped, so anything stored can be read.
+    pub max_reply_bytes: usize,
+    /// Bytes one socket may hold in the gateway: replies being built
+    /// (counted at their worst case), queued and unsent frames. At it,
+    /// reading the socket pauses.
+    pub max_socket_buffer_bytes: usize,
+    /// Keys one `kv.get` may name: bounds how long one request holds the
+    /// store (a 1 MiB frame could name 300,000 keys).
+    pub max_kv_get_keys: usize,
 }
 
 impl Default for Limits {
@@ -115,6 +130,9 @@ impl Default for Limits {
             idle_timeout: Duration::from_secs(60),
             max_commands_per_sec: 1000,
             command_burst: 2000,
+            max_reply_bytes: 2 * 1024 * 1024,
+            max_socket_buffer_bytes: 8 * 1024 * 1024,
+            max_kv_get_keys: 1000,
         }
     }
 }
@@ -218,9 +236,25 @@ impl Config {
             || l.idle_timeout.is_zero()
             || l.max_commands_per_sec == 0
             || l.command_burst == 0
+            || l.max_kv_get_keys == 0
         {
             return Err(ConfigError::Invalid(
                 "KV, checkpoint, session, connection, idle and rate limits must be positive".into(),
+            ));
+        }
+        // Limits that agree: anything stored within the limits can be read
+        // back in one reply, so a reply must hold the largest checkpoint and
+        // the largest KV pair, each at its worst JSON escaping.
+        let one_pair = (l.max_kv_key_bytes + l.max_kv_value_bytes).saturating_mul(6);
+        let needed = l.max_checkpoint_bytes.max(one_pair) + REPLY_OVERHEAD_BYTES;
+        if l.max_reply_bytes < needed {
+            return Err(ConfigError::Invalid(format!(
+                "max reply size must be at least {needed} bytes (the largest checkpoint or KV pair, escaped, with its frame)"
+            )));
+        }
+        if l.max_socket_buffer_bytes < l.max_reply_bytes {
+            return Err(ConfigError::Invalid(
+                "the socket buffer must hold at least one reply of the maximum size".into(),
             ));
         }
         let s = &self.streams;
@@ -512,6 +546,18 @@ settings! {
     command_burst: u32, "RUNGATE_COMMAND_BURST",
         default |d| d.limits.command_burst,
         set |c, v| { c.limits.command_burst = v; }
+    /// Bytes of one reply; larger answers are PAYLOAD_TOO_LARGE
+    max_reply_bytes: usize, "RUNGATE_MAX_REPLY_BYTES",
+        default |d| d.limits.max_reply_bytes,
+        set |c, v| { c.limits.max_reply_bytes = v; }
+    /// Bytes one socket may have in flight and queued before reading pauses
+    max_socket_buffer_bytes: usize, "RUNGATE_MAX_SOCKET_BUFFER_BYTES",
+        default |d| d.limits.max_socket_buffer_bytes,
+        set |c, v| { c.limits.max_socket_buffer_bytes = v; }
+    /// Keys one kv.get may name
+    max_kv_get_keys: usize, "RUNGATE_MAX_KV_GET_KEYS",
+        default |d| d.limits.max_kv_get_keys,
+        set |c, v| { c.limits.max_kv_get_keys = v; }
     /// Browser origins allowed besides the gateway's own, comma-separated
     /// (scheme://host[:port]), or * for any
     allowed_origins: OriginList, "RUNGATE_ALLOWED_ORIGINS",

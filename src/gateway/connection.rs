@@ -6,8 +6,10 @@
 //! are in flight at once and replies go out as they complete. Everything the
 //! socket sends — replies, errors, pushes from other tasks — passes through
 //! the one queue, and only the writer task touches the sink. When the queue
-//! is full the reader stops reading: a client that does not read its replies
-//! slows only itself. A runtime socket that holds no session for the idle
+//! is full, or the socket's byte budget is spent (replies being built count
+//! at their worst case, queued frames at their size), the reader stops
+//! reading: a client that does not read its replies slows only itself and
+//! holds a bounded number of bytes. A runtime socket that holds no session for the idle
 //! timeout is closed (1008): it costs a place and a task and does nothing.
 //! Must not know protocol rules or leases: it moves frames, asks the
 //! registry how many sessions the socket holds, and tells it when the
@@ -15,8 +17,9 @@
 
 use std::sync::Arc;
 
+use futures_util::future::BoxFuture;
 use futures_util::stream::{FuturesUnordered, SplitSink};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use std::time::Duration;
@@ -29,12 +32,13 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 
+use super::budget::Budget;
 use super::dispatch::{self, Answer, ConnCtx, Endpoint};
 use super::follow::Following;
 use super::state::{Outbox, Outgoing, Shared};
 use crate::auth::Grant;
 use crate::protocol::commands::push;
-use crate::protocol::{CommandError, ErrorCode, encode_error, encode_push};
+use crate::protocol::{CommandError, ErrorCode, Frame, encode_error, encode_push};
 
 pub(crate) type Socket = WebSocketStream<TokioIo<Upgraded>>;
 
@@ -45,15 +49,23 @@ const WRITE_BATCH: usize = 64;
 pub(crate) async fn serve(shared: Arc<Shared>, socket: Socket, endpoint: Endpoint, grant: Grant) {
     let (sink, mut stream) = socket.split();
     let (queue, rx) = mpsc::channel(shared.config.limits.outbound_queue);
+    let budget = Arc::new(Budget::new(shared.config.limits.max_socket_buffer_bytes));
     let kill = tokio_util::sync::CancellationToken::new();
     let (lost_runs, mut lost_rx) = mpsc::unbounded_channel();
     let id = shared.conns.register(Outbox {
         queue: queue.clone(),
         kill: kill.clone(),
         lost_runs,
+        budget: budget.clone(),
     });
     shared.metrics.connection_opened(endpoint.label());
-    let writer = tokio::spawn(write_loop(sink, rx, shared.config.limits.write_timeout));
+    let writer = tokio::spawn(write_loop(
+        sink,
+        rx,
+        shared.config.limits.write_timeout,
+        budget.clone(),
+        kill.clone(),
+    ));
 
     let limits = &shared.config.limits;
     // A socket is as good as the token it opened with: it closes when the
@@ -68,7 +80,8 @@ pub(crate) async fn serve(shared: Arc<Shared>, socket: Socket, endpoint: Endpoin
     // Subscriptions counted in the metrics for this socket so far.
     let mut counted_subscriptions = 0;
     let max_inflight = shared.config.limits.max_inflight_per_socket;
-    let mut inflight = FuturesUnordered::new();
+    let mut inflight: FuturesUnordered<BoxFuture<'static, (Frame, usize)>> =
+        FuturesUnordered::new();
     // Once draining: when to close, if nothing is in flight by then.
     let mut close_at: Option<Instant> = None;
     let close_reason = loop {
@@ -112,22 +125,28 @@ pub(crate) async fn serve(shared: Arc<Shared>, socket: Socket, endpoint: Endpoin
                 ctx.following.remove(&run);
                 count_subscriptions(&shared, &ctx.following, &mut counted_subscriptions);
             }
-            Some(frame) = inflight.next(), if !inflight.is_empty() => {
-                if queue.send(Outgoing::from(frame)).await.is_err() {
+            Some((frame, reserved)) = inflight.next(), if !inflight.is_empty() => {
+                // The frame is charged before its reservation is returned,
+                // so the budget never shows room it does not have.
+                let sent = enqueue(&queue, &budget, frame.into_bytes()).await;
+                budget.release(reserved);
+                if !sent {
                     break None;
                 }
             }
+            // Wakes the loop when the writer frees room; reading resumes.
+            _ = budget.room(), if !budget.has_room() => {}
             _ = shared.draining.cancelled(), if !ctx.draining => {
                 ctx.draining = true;
                 let reconnect_after_ms = shared.config.reconnect_after.as_millis() as u64;
                 let frame = encode_push(push::GATEWAY_DRAINING, &push::GatewayDraining { reconnect_after_ms });
-                if queue.send(frame.into()).await.is_err() {
+                if !enqueue(&queue, &budget, frame.into_bytes()).await {
                     break None;
                 }
                 close_at = Some(Instant::now() + shared.config.reconnect_after);
             }
             _ = close_timer, if inflight.is_empty() => break Some((CloseCode::Away, "draining")),
-            message = stream.next(), if inflight.len() < max_inflight => {
+            message = stream.next(), if inflight.len() < max_inflight && budget.has_room() => {
                 let answer = match message {
                     None | Some(Ok(Message::Close(_))) => break None,
                     Some(Ok(Message::Text(text))) => dispatch::handle_text(&mut ctx, text.as_str()),
@@ -139,11 +158,11 @@ pub(crate) async fn serve(shared: Arc<Shared>, socket: Socket, endpoint: Endpoin
                     Some(Err(WsError::Capacity(e))) => {
                         tracing::debug!(conn = id.0, error = %e, "message over the size limit");
                         let err = CommandError::new(ErrorCode::PayloadTooLarge, format!("{e}; the limit is {} bytes", shared.config.limits.max_frame_bytes));
-                        let _ = queue.send(encode_error(None, &err).into()).await;
+                        let _ = enqueue(&queue, &budget, encode_error(None, &err).into_bytes()).await;
                         break Some((CloseCode::Size, "message too large"));
                     }
                     Some(Err(WsError::Utf8(_))) => {
-                        let _ = queue.send(encode_error(None, &CommandError::bad_frame("text frame is not valid UTF-8")).into()).await;
+                        let _ = enqueue(&queue, &budget, encode_error(None, &CommandError::bad_frame("text frame is not valid UTF-8")).into_bytes()).await;
                         break Some((CloseCode::Invalid, "invalid UTF-8"));
                     }
                     Some(Err(WsError::Protocol(e))) if e != ProtocolError::ResetWithoutClosingHandshake => {
@@ -151,7 +170,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, socket: Socket, endpoint: Endpoin
                         // or opcodes, an unmasked or stray frame) fails the
                         // connection with 1002, so the peer learns why.
                         tracing::debug!(conn = id.0, error = %e, "WebSocket protocol violation");
-                        let _ = queue.send(encode_error(None, &CommandError::bad_frame(format!("WebSocket protocol violation: {e}"))).into()).await;
+                        let _ = enqueue(&queue, &budget, encode_error(None, &CommandError::bad_frame(format!("WebSocket protocol violation: {e}"))).into_bytes()).await;
                         break Some((CloseCode::Protocol, "protocol error"));
                     }
                     Some(Err(e)) => {
@@ -162,16 +181,20 @@ pub(crate) async fn serve(shared: Arc<Shared>, socket: Socket, endpoint: Endpoin
                 count_subscriptions(&shared, &ctx.following, &mut counted_subscriptions);
                 match answer {
                     Answer::Now(frame) => {
-                        if queue.send(frame.into()).await.is_err() {
+                        if !enqueue(&queue, &budget, frame.into_bytes()).await {
                             break None;
                         }
                     }
-                    Answer::Later(pending) => inflight.push(pending),
+                    Answer::Later(pending, worst) => {
+                        // Charged now, while the store builds it.
+                        budget.charge(worst);
+                        inflight.push(pending.map(move |frame| (frame, worst)).boxed());
+                    }
                 }
             }
             // After the reader: a stream that always has more must not keep
             // this socket's requests (heartbeats, cancels) waiting.
-            Some((_run, sent)) = ctx.following.next(), if ctx.following.is_waiting() => {
+            Some((_run, sent)) = ctx.following.next(), if ctx.following.is_waiting() && budget.has_room() => {
                 if sent.gap.is_some() {
                     shared.metrics.gap_sent();
                 }
@@ -180,7 +203,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, socket: Socket, endpoint: Endpoin
                 // too far behind gets a gap rather than more memory.
                 let mut writer_gone = false;
                 for frame in sent.frames {
-                    if queue.send(Outgoing::Frame(frame)).await.is_err() {
+                    if !enqueue(&queue, &budget, frame).await {
                         writer_gone = true;
                         break;
                     }
@@ -215,6 +238,18 @@ pub(crate) async fn serve(shared: Arc<Shared>, socket: Socket, endpoint: Endpoin
     let _ = writer.await;
 }
 
+/// Queues `frame` for the writer, charged to the socket's budget until the
+/// writer hands it to the socket. False when the writer is gone.
+async fn enqueue(queue: &mpsc::Sender<Outgoing>, budget: &Budget, frame: bytes::Bytes) -> bool {
+    let bytes = frame.len();
+    budget.charge(bytes);
+    if queue.send(Outgoing::Frame(frame)).await.is_err() {
+        budget.release(bytes);
+        return false;
+    }
+    true
+}
+
 /// Moves the subscriptions gauge by what changed since `counted`.
 fn count_subscriptions(shared: &Shared, following: &Following, counted: &mut i64) {
     let now = following.len() as i64;
@@ -232,13 +267,18 @@ async fn write_loop(
     mut sink: SplitSink<Socket, Message>,
     mut rx: mpsc::Receiver<Outgoing>,
     stall: Duration,
+    budget: Arc<Budget>,
+    gone: tokio_util::sync::CancellationToken,
 ) {
     'outer: while let Some(first) = rx.recv().await {
         let mut next = Some(first);
         let mut fed = 0;
         while let Some(item) = next.take() {
-            let message = match item {
-                Outgoing::Frame(bytes) => Message::Text(text(bytes)),
+            let (message, charged) = match item {
+                Outgoing::Frame(bytes) => {
+                    let charged = bytes.len();
+                    (Message::Text(text(bytes)), charged)
+                }
                 Outgoing::Close(code, reason) => {
                     let frame = CloseFrame {
                         code: CloseCode::from(code),
@@ -249,7 +289,7 @@ async fn write_loop(
                 }
             };
             match timeout(stall, sink.feed(message)).await {
-                Ok(Ok(())) => {}
+                Ok(Ok(())) => budget.release(charged),
                 Ok(Err(_)) => break 'outer,
                 Err(_) => {
                     tracing::info!("peer took no data for {stall:?}; closing its socket");
@@ -270,9 +310,11 @@ async fn write_loop(
             }
         }
     }
-    // Dropping the receiver makes the reader's next queue send fail, which
-    // ends the connection task too.
+    // Dropping the receiver makes the reader's next queue send fail, and
+    // the cancel wakes a reader paused on a spent budget: either ends the
+    // connection task too.
     drop(rx);
+    gone.cancel();
     let _ = timeout(stall, sink.close()).await;
 }
 

@@ -108,7 +108,9 @@ impl ConnCtx {
 /// A request's answer: ready now, or once the store has done its part.
 pub(crate) enum Answer {
     Now(Frame),
-    Later(BoxFuture<'static, Frame>),
+    /// The reply to come, and the most bytes it may hold meanwhile (what
+    /// the socket's budget is charged while it is built).
+    Later(BoxFuture<'static, Frame>, usize),
 }
 
 type Outcome = Result<Frame, CommandError>;
@@ -117,6 +119,44 @@ type Outcome = Result<Frame, CommandError>;
 enum Reply {
     Now(Frame),
     Later(BoxFuture<'static, Outcome>),
+}
+
+/// What a small reply (an acknowledgement, an attach) may hold.
+const SMALL_REPLY_BYTES: usize = 1024;
+
+/// The most bytes `command`'s reply can hold while it is built: what the
+/// socket's budget is charged up front, so requests that would together
+/// build more than the budget are not read until earlier ones are sent.
+fn worst_reply_bytes(limits: &crate::config::Limits, command: &Command) -> usize {
+    let worst = match command {
+        // The store refuses a read past `max_reply_bytes`.
+        Command::KvGet(req) => req
+            .keys
+            .len()
+            .saturating_mul(limits.max_kv_key_bytes + limits.max_kv_value_bytes + 16)
+            .saturating_add(SMALL_REPLY_BYTES),
+        Command::CheckpointLoad(_) => limits.max_checkpoint_bytes + SMALL_REPLY_BYTES,
+        Command::RunsList(_) => limits.max_reply_bytes,
+        _ => SMALL_REPLY_BYTES,
+    };
+    worst.min(limits.max_reply_bytes)
+}
+
+/// `frame`, or `PAYLOAD_TOO_LARGE` under `id` if it is larger than a reply
+/// may be: a socket must never be handed a frame its writer cannot take.
+fn within_reply_limit(id: &str, frame: Frame, max_reply: usize) -> Frame {
+    let bytes = frame.as_str().len();
+    if bytes <= max_reply {
+        return frame;
+    }
+    let err = CommandError::new(
+        ErrorCode::PayloadTooLarge,
+        format!(
+            "the reply would be {bytes} bytes; the limit is {max_reply}; ask for less at a time"
+        ),
+    )
+    .with_details(json!({ "maxReplyBytes": max_reply }));
+    encode_error(Some(id), &err)
 }
 
 /// Handles one text frame. Never fails: every problem becomes an error frame.
@@ -151,9 +191,17 @@ pub(crate) fn handle_text(ctx: &mut ConnCtx, text: &str) -> Answer {
         record(ctx, label, Err(err.code), started);
         return Answer::Now(encode_error(Some(&id), &err));
     }
-    let reply = Command::parse(kind, request.payload).and_then(|command| apply(ctx, &id, command));
+    let mut worst = 0;
+    let reply = Command::parse(kind, request.payload).and_then(|command| {
+        // The request's own text counts too: what it carries (a kv.set's
+        // pairs, a checkpoint) is held until the store has applied it.
+        worst = worst_reply_bytes(&ctx.shared.config.limits, &command) + text.len();
+        apply(ctx, &id, command)
+    });
+    let max_reply = ctx.shared.config.limits.max_reply_bytes;
     match reply {
         Ok(Reply::Now(frame)) => {
+            let frame = within_reply_limit(&id, frame, max_reply);
             record(ctx, label, Ok(()), started);
             Answer::Now(frame)
         }
@@ -162,7 +210,7 @@ pub(crate) fn handle_text(ctx: &mut ConnCtx, text: &str) -> Answer {
             Answer::Later(
                 async move {
                     let (frame, outcome) = match pending.await {
-                        Ok(frame) => (frame, "ok"),
+                        Ok(frame) => (within_reply_limit(&id, frame, max_reply), "ok"),
                         Err(err) => (encode_error(Some(&id), &err), err.code.as_str()),
                     };
                     shared
@@ -171,6 +219,7 @@ pub(crate) fn handle_text(ctx: &mut ConnCtx, text: &str) -> Answer {
                     frame
                 }
                 .boxed(),
+                worst,
             )
         }
         Err(err) => {
@@ -247,10 +296,27 @@ fn apply(ctx: &mut ConnCtx, id: &str, command: Command) -> Result<Reply, Command
         Command::StreamCancel(req) => reply(&stream_cancel(ctx, req)?),
         Command::Finish(req) => finish(ctx, id, req),
         Command::RunCancel(req) => run_cancel(ctx, id, req),
-        Command::RunsList(cmd::RunsListCommand {}) => {
-            Ok(later(id, runs_list(&ctx.shared, &ctx.grant), |id, runs| {
-                Ok(encode_reply(id, &runs))
-            }))
+        Command::RunsList(req) => {
+            let limit = match req.limit {
+                None => usize::MAX,
+                Some(n @ 1..=cmd::RUNS_LIST_MAX_LIMIT) => n as usize,
+                Some(_) => {
+                    return Err(CommandError::invalid_payload(
+                        "/payload/limit",
+                        format!("limit must be 1 to {}", cmd::RUNS_LIST_MAX_LIMIT),
+                    ));
+                }
+            };
+            let page = RunsPage {
+                cursor: req.cursor,
+                limit,
+                max_bytes: ctx.shared.config.limits.max_reply_bytes,
+            };
+            Ok(later(
+                id,
+                runs_list(&ctx.shared, &ctx.grant, page),
+                |id, runs| Ok(encode_reply(id, &runs)),
+            ))
         }
     }
 }
@@ -285,7 +351,8 @@ pub(crate) fn session_error(e: SessionError) -> CommandError {
             CommandError::new(ErrorCode::StaleEpoch, message)
                 .with_details(json!({ "currentEpoch": current_epoch }))
         }
-        SessionError::EpochNotGreater { offered, current } => {
+        SessionError::EpochNotGreater { offered, current }
+        | SessionError::EpochNotMain { offered, current } => {
             CommandError::new(ErrorCode::StaleEpoch, message)
                 .with_details(json!({ "offeredEpoch": offered, "currentEpoch": current }))
         }
@@ -330,6 +397,9 @@ pub(crate) fn stream_error(e: StreamError) -> CommandError {
         StreamError::EndConflict { outcome } => CommandError::new(ErrorCode::Conflict, message)
             .with_details(json!({ "outcome": outcome })),
         StreamError::EndUnsupported => CommandError::internal(message).retryable(false),
+        StreamError::BudgetFull { max_bytes } => CommandError::new(ErrorCode::RateLimited, message)
+            .retryable(true)
+            .with_details(json!({ "streamGlobalMaxBytes": max_bytes, "retryAfterMs": 1000 })),
     }
 }
 
@@ -383,6 +453,10 @@ pub(crate) fn store_error(e: StoreError) -> CommandError {
         }
         // Another gateway got there first: it moved the session on to a
         // newer epoch, or (no epoch) holds a live session of the run.
+        StoreError::ReplyTooLarge { max } => {
+            CommandError::new(ErrorCode::PayloadTooLarge, e.to_string())
+                .with_details(json!({ "maxReplyBytes": max }))
+        }
         StoreError::Fenced { sessions } => match sessions.iter().find_map(|(_, e)| *e) {
             Some(current_epoch) => CommandError::new(
                 ErrorCode::StaleEpoch,
@@ -784,7 +858,24 @@ fn later<T: Send + 'static>(
 
 fn kv_get(ctx: &ConnCtx, id: &str, req: cmd::GetKvCommand) -> Result<Reply, CommandError> {
     session_for(ctx, CommandKind::KvGet, &req.session_id, &req.run_id)?;
-    let fut = ctx.shared.store.kv_get(&req.run_id, req.keys);
+    // Before the store sees it: one request must not hold the store thread
+    // for long, whatever else is waiting there.
+    let max_keys = ctx.shared.config.limits.max_kv_get_keys;
+    if req.keys.len() > max_keys {
+        return Err(CommandError::new(
+            ErrorCode::PayloadTooLarge,
+            format!(
+                "kv.get names {} keys; the limit is {max_keys}: ask in several requests",
+                req.keys.len()
+            ),
+        )
+        .with_details(json!({ "path": "/payload/keys", "maxKvGetKeys": max_keys })));
+    }
+    let max_bytes = ctx.shared.config.limits.max_reply_bytes;
+    let fut = ctx
+        .shared
+        .store
+        .kv_get_within(&req.run_id, req.keys, max_bytes);
     Ok(later(id, fut, |id, kv| {
         Ok(encode_reply(id, &cmd::KvResponse { kv }))
     }))
@@ -1250,6 +1341,30 @@ fn stream_cancel(
     Ok(cmd::Accepted::YES)
 }
 
+/// Where a `runs.list` page starts and how large it may be.
+pub(crate) struct RunsPage {
+    /// Only runs after this one.
+    pub cursor: Option<RunId>,
+    pub limit: usize,
+    /// The reply's size limit.
+    pub max_bytes: usize,
+}
+
+impl RunsPage {
+    /// A page of an HTTP body, which has no frame limit.
+    pub fn http(cursor: Option<RunId>, limit: usize) -> RunsPage {
+        RunsPage {
+            cursor,
+            limit,
+            max_bytes: usize::MAX,
+        }
+    }
+}
+
+/// Most bytes of one run's summary in a reply besides its run id and
+/// stream epoch: member names, a state, two 20-digit offsets, punctuation.
+const SUMMARY_BYTES: usize = 160;
+
 /// The runs `grant` covers that have a stream, with their session state:
 /// the `runs.list` reply and the `GET /v1/runs` body.
 ///
@@ -1259,13 +1374,44 @@ fn stream_cancel(
 pub(crate) fn runs_list(
     shared: &Shared,
     grant: &Grant,
+    page: RunsPage,
 ) -> crate::store::StoreFuture<cmd::RunsListResponse> {
-    let streams: Vec<_> = shared
-        .streams
-        .runs()
-        .into_iter()
-        .filter(|s| grant.runs.covers(&s.run_id))
+    // The page: covered runs after the cursor, in run id order, as many as
+    // `limit` and the reply's size allow. A run that turns out not to be
+    // listed (below) leaves the page shorter, never the next one wrong.
+    let room = page
+        .max_bytes
+        .saturating_sub(crate::config::REPLY_OVERHEAD_BYTES);
+    let mut used = 0usize;
+    let mut next_cursor = None;
+    let mut streams = Vec::new();
+    // No more candidates than could fit, plus one to know whether more
+    // follow: the cost follows the page, not the gateway's stream count.
+    let fit = room / (SUMMARY_BYTES + 17);
+    let wanted = page.limit.min(fit).saturating_add(1);
+    let selectors: Vec<crate::stream::RunSelector<'_>> = grant
+        .runs
+        .patterns()
+        .iter()
+        .map(|p| crate::stream::RunSelector {
+            text: p.prefix(),
+            prefix: !p.is_exact(),
+        })
         .collect();
+    let candidates = shared
+        .streams
+        .runs_matching(&selectors, page.cursor.as_ref(), wanted);
+    for s in candidates {
+        let bytes = SUMMARY_BYTES + s.run_id.as_str().len() + s.stream_epoch.as_str().len();
+        if streams.len() >= page.limit || used + bytes > room {
+            next_cursor = streams
+                .last()
+                .map(|last: &crate::stream::StreamSummary| last.run_id.clone());
+            break;
+        }
+        used += bytes;
+        streams.push(s);
+    }
     let states: Vec<Option<SessionState>> = shared.sessions.with(|registry| {
         streams
             .iter()
@@ -1323,6 +1469,6 @@ pub(crate) fn runs_list(
                 message: end.and_then(|e| e.message.clone()),
             });
         }
-        Ok(cmd::RunsListResponse { runs })
+        Ok(cmd::RunsListResponse { runs, next_cursor })
     })
 }

@@ -17,6 +17,7 @@ use futures_util::FutureExt;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::budget::Budget;
 use super::dispatch::{self, Answer, ConnCtx, Endpoint};
 use super::state::{Outbox, Outgoing, Shared};
 use crate::auth::{AuthKey, RunPattern, TokenKind};
@@ -48,6 +49,7 @@ struct FakeSocket {
     ctx: ConnCtx,
     /// What other tasks queued for this socket (superseded, expired).
     pushes: mpsc::Receiver<Outgoing>,
+    budget: Arc<Budget>,
 }
 
 /// Per-run config the fuzzer can read back (`config.get`, `secrets.get`).
@@ -96,7 +98,7 @@ impl Harness {
         let answer = dispatch::handle_text(&mut self.socket(side).ctx, text);
         let frame = match answer {
             Answer::Now(frame) => frame,
-            Answer::Later(pending) => pending.await,
+            Answer::Later(pending, _) => pending.await,
         };
         frame.as_str().to_owned()
     }
@@ -108,6 +110,7 @@ impl Harness {
         let mut frames = Vec::new();
         while let Ok(item) = socket.pushes.try_recv() {
             if let Outgoing::Frame(bytes) = item {
+                socket.budget.release(bytes.len());
                 frames.push(String::from_utf8_lossy(&bytes).into_owned());
             }
         }
@@ -141,10 +144,12 @@ impl Default for Harness {
 impl FakeSocket {
     fn open(shared: &Arc<Shared>, endpoint: Endpoint, kind: TokenKind) -> FakeSocket {
         let (queue, pushes) = mpsc::channel(shared.config.limits.outbound_queue);
+        let budget = Arc::new(Budget::new(shared.config.limits.max_socket_buffer_bytes));
         let id = shared.conns.register(Outbox {
             queue,
             kill: CancellationToken::new(),
             lost_runs: tokio::sync::mpsc::unbounded_channel().0,
+            budget: budget.clone(),
         });
         let caps = match kind {
             TokenKind::Runtime => Capability::ALL.into_iter().collect(),
@@ -163,6 +168,7 @@ impl FakeSocket {
         FakeSocket {
             ctx: ConnCtx::new(id, endpoint, grant, shared.clone()),
             pushes,
+            budget,
         }
     }
 }

@@ -286,7 +286,41 @@ async fn runs_list(shared: &Shared, req: &Request<Incoming>) -> Response<Body> {
         Ok(g) => g,
         Err((status, code, message)) => return http_error(status, code, message),
     };
-    match dispatch::runs_list(shared, &grant).await {
+    // The socket's command budget, per token: a listing is work.
+    if let Err(wait) = shared
+        .http_rates
+        .take(grant.token, tokio::time::Instant::now())
+    {
+        shared.metrics.refused("max_commands_per_sec");
+        let retry_after_ms = wait.as_micros().div_ceil(1000) as u64;
+        let limits = &shared.config.limits;
+        let err = CommandError::new(
+            ErrorCode::RateLimited,
+            format!("this token lists runs more than {} times per second (bursts of {}); retry in {retry_after_ms} ms",
+                limits.max_commands_per_sec, limits.command_burst),
+        )
+        .retryable(true)
+        .with_details(json!({
+            "retryAfterMs": retry_after_ms,
+            "maxCommandsPerSec": limits.max_commands_per_sec,
+            "commandBurst": limits.command_burst,
+        }));
+        return refusal(StatusCode::TOO_MANY_REQUESTS, &err);
+    }
+    let query = req.uri().query().unwrap_or("");
+    let cursor = match query_param(query, "cursor").map(|c| crate::ids::RunId::new(&c)) {
+        None => None,
+        Some(Ok(c)) => Some(c),
+        Some(Err(_)) => return invalid_input("/query/cursor", "cursor must be a run id"),
+    };
+    let max = crate::protocol::commands::RUNS_LIST_MAX_LIMIT;
+    let limit = match query_param(query, "limit").map(|l| l.parse::<u64>()) {
+        None => max,
+        Some(Ok(n)) if (1..=max).contains(&n) => n,
+        Some(_) => return invalid_input("/query/limit", &format!("limit must be 1 to {max}")),
+    };
+    let page = dispatch::RunsPage::http(cursor, limit as usize);
+    match dispatch::runs_list(shared, &grant, page).await {
         Ok(runs) => respond(
             StatusCode::OK,
             "application/json",
@@ -462,7 +496,9 @@ fn upgrade(shared: Arc<Shared>, req: Request<Incoming>, endpoint: Endpoint) -> R
     let ws_config = WebSocketConfig::default()
         .read_buffer_size(4 * 1024)
         .write_buffer_size(0)
-        .max_write_buffer_size(limits.max_frame_bytes * 4)
+        // Room for the largest reply (one frame is buffered at a time): a
+        // frame over it would fail the socket without a word.
+        .max_write_buffer_size((limits.max_frame_bytes * 4).max(limits.max_reply_bytes + 64 * 1024))
         .max_message_size(Some(limits.max_frame_bytes))
         .max_frame_size(Some(limits.max_frame_bytes));
     let tasks = shared.tasks.clone();

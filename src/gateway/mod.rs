@@ -7,7 +7,9 @@
 //! `gateway.draining` to every socket, in-flight requests answered, store
 //! flushed. Modules: `server` (accept), `http` (routes, auth, upgrade),
 //! `admission` (connection caps),
-//! `connection` (one socket), `rate_limit` (its command budget),
+//! `connection` (one socket), `budget` (its bytes in flight and queued),
+//! `rate_limit` (its command budget), `token_rates` (the same budget per
+//! token for HTTP listings),
 //! `dispatch` (one request), `follow` (a socket's stream subscriptions),
 //! `sse` (the event-stream response), `leases` (the expiry timer), `upkeep`
 //! (stream retention and budget, saving renewed leases), `cluster` (sessions
@@ -17,6 +19,7 @@
 //! Must not contain protocol or session rules beyond wiring them together.
 
 mod admission;
+mod budget;
 mod cluster;
 mod connection;
 mod dashboard;
@@ -32,6 +35,7 @@ mod rate_limit;
 mod server;
 mod sse;
 mod state;
+mod token_rates;
 mod upkeep;
 
 use std::net::SocketAddr;
@@ -208,6 +212,10 @@ fn shared_state(
         metrics: metrics::Metrics::default(),
         draining: CancellationToken::new(),
         tasks: TaskTracker::new(),
+        http_rates: token_rates::TokenRates::new(
+            config.limits.max_commands_per_sec,
+            config.limits.command_burst,
+        ),
         config,
     })
 }

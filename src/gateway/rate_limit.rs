@@ -49,6 +49,11 @@ impl TokenBucket {
         self.tat = tat + self.interval;
         Ok(())
     }
+
+    /// Whether the bucket has refilled completely (as a new one starts).
+    pub fn is_full(&self, now: Instant) -> bool {
+        self.tat <= now
+    }
 }
 
 #[cfg(test)]

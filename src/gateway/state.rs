@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::admission::Admission;
+use super::budget::Budget;
 use super::metrics::Metrics;
 use crate::auth::AuthKey;
 use crate::config::Config;
@@ -44,6 +45,8 @@ pub(crate) struct Shared {
     pub draining: CancellationToken,
     /// Every task serving a client, so a drain can wait for them.
     pub tasks: TaskTracker,
+    /// `GET /v1/runs` requests per token.
+    pub http_rates: super::token_rates::TokenRates,
 }
 
 /// One item for a socket's writer.
@@ -72,6 +75,8 @@ pub(crate) struct Outbox {
     /// socket's task stops following them, since reading a run's stream on
     /// `/v1/runtime` needs that run's session on the socket.
     pub lost_runs: mpsc::UnboundedSender<RunId>,
+    /// The socket's bytes in flight and queued; a push is charged to it.
+    pub budget: Arc<Budget>,
 }
 
 /// All open sockets by id.
@@ -97,12 +102,25 @@ impl Connections {
     }
 
     /// Queues a push for socket `id` without waiting. A socket whose queue
-    /// is full is not reading; it is closed rather than allowed to grow.
+    /// is full (in frames, or in bytes: twice its budget, since its own
+    /// replies may fill the budget itself) is not reading; it is closed
+    /// rather than allowed to grow.
     pub fn push(&self, id: ConnId, frame: Frame) {
         let Some(outbox) = self.open.get(&id).map(|o| o.clone()) else {
             return;
         };
+        let bytes = frame.as_str().len();
+        let limit = outbox.budget.max().saturating_mul(2);
+        if !outbox.budget.try_charge(bytes, limit) {
+            tracing::warn!(
+                conn = id.0,
+                "outbound bytes over the budget; closing the socket"
+            );
+            outbox.kill.cancel();
+            return;
+        }
         if outbox.queue.try_send(frame.into()).is_err() {
+            outbox.budget.release(bytes);
             tracing::warn!(conn = id.0, "outbound queue full; closing the socket");
             outbox.kill.cancel();
         }

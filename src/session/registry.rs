@@ -60,6 +60,13 @@ pub enum SessionError {
     },
     #[error("connection epoch {offered} is not greater than the session's epoch {current}")]
     EpochNotGreater { offered: u64, current: u64 },
+    /// `recoverConnections` names an epoch other than the main session's
+    /// (above it as well as below: sub-runs move to the epoch the main
+    /// session holds, nothing else).
+    #[error(
+        "connection epoch {offered} is not the main session's epoch {current}; sub-runs move to the main session's epoch"
+    )]
+    EpochNotMain { offered: u64, current: u64 },
     #[error("the session of run {run_id} has expired; attach afresh")]
     Expired { run_id: RunId },
     #[error("run {run_id} already has a live session")]
@@ -644,7 +651,7 @@ impl SessionRegistry {
         if let Some(e) = connection_epoch
             && e != main.epoch
         {
-            return Err(RecoverError::main(SessionError::EpochNotGreater {
+            return Err(RecoverError::main(SessionError::EpochNotMain {
                 offered: e,
                 current: main.epoch,
             }));

@@ -457,7 +457,13 @@ fn recover_refuses_a_wrong_epoch_and_a_foreign_socket() {
             now,
         )
         .unwrap_err();
-    assert!(matches!(err.error, SessionError::EpochNotGreater { .. }));
+    assert_eq!(
+        err.error,
+        SessionError::EpochNotMain {
+            offered: 7,
+            current: 2
+        }
+    );
     let err = reg
         .recover(
             C,

@@ -50,6 +50,12 @@ pub const FORMAT_VERSION: u64 = 1;
 /// waits for its answer, and how much one failed commit takes down with it.
 const MAX_BATCH: usize = 1024;
 
+/// Bytes of answers (values read) one transaction may hold back until it
+/// commits; past it the transaction commits early and the rest of the batch
+/// runs in the next one. Without it, a burst of large reads would all be
+/// held in memory at once.
+const MAX_BATCH_HELD_BYTES: usize = 16 * 1024 * 1024;
+
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const FORMAT_KEY: &str = "format_version";
 const KV: TableDefinition<(&str, &str), &str> = TableDefinition::new("kv");
@@ -80,6 +86,7 @@ enum Op {
     KvGet {
         run: RunId,
         keys: Vec<String>,
+        max_bytes: usize,
         reply: Reply<BTreeMap<String, String>>,
     },
     KvSet {
@@ -266,9 +273,19 @@ impl std::fmt::Debug for EmbeddedStore {
 }
 
 impl Store for EmbeddedStore {
-    fn kv_get(&self, run: &RunId, keys: Vec<String>) -> StoreFuture<BTreeMap<String, String>> {
+    fn kv_get_within(
+        &self,
+        run: &RunId,
+        keys: Vec<String>,
+        max_bytes: usize,
+    ) -> StoreFuture<BTreeMap<String, String>> {
         let run = run.clone();
-        self.submit(|reply| Op::KvGet { run, keys, reply })
+        self.submit(|reply| Op::KvGet {
+            run,
+            keys,
+            max_bytes,
+            reply,
+        })
     }
 
     fn kv_set_within(
@@ -469,15 +486,19 @@ impl Worker {
     }
 
     fn run_batch(&self, batch: Vec<Op>) {
-        let mut answers: Vec<Answer> = Vec::with_capacity(batch.len());
         let mut ops = batch.into_iter();
-        let outcome = self.execute_all(&mut ops, &mut answers);
-        match outcome {
-            Ok(()) => answers.into_iter().for_each(|a| a(None)),
-            Err(msg) => {
-                tracing::warn!(path = %self.path.display(), error = %msg, "storage batch failed; nothing in it was written");
-                answers.into_iter().for_each(|a| a(Some(&msg)));
-                ops.for_each(|op| op.fail(&msg));
+        // More than one transaction when the first ones hold too much.
+        while ops.len() > 0 {
+            let mut answers: Vec<Answer> = Vec::with_capacity(ops.len());
+            let outcome = self.execute_all(&mut ops, &mut answers);
+            match outcome {
+                Ok(()) => answers.into_iter().for_each(|a| a(None)),
+                Err(msg) => {
+                    tracing::warn!(path = %self.path.display(), error = %msg, "storage batch failed; nothing in it was written");
+                    answers.into_iter().for_each(|a| a(Some(&msg)));
+                    ops.for_each(|op| op.fail(&msg));
+                    return;
+                }
             }
         }
     }
@@ -510,6 +531,9 @@ impl Worker {
                 if let Some(msg) = failed {
                     return Err(msg);
                 }
+                if tables.held > MAX_BATCH_HELD_BYTES {
+                    break;
+                }
             }
         }
         if wrote {
@@ -536,6 +560,8 @@ struct Tables<'txn> {
     latest: Table<'txn, &'static str, &'static str>,
     sessions: Table<'txn, &'static str, &'static [u8]>,
     path: &'txn Path,
+    /// Bytes of values read so far, held until the transaction ends.
+    held: usize,
 }
 
 impl<'txn> Tables<'txn> {
@@ -547,12 +573,18 @@ impl<'txn> Tables<'txn> {
             latest: txn.open_table(LATEST).map_err(err)?,
             sessions: txn.open_table(SESSIONS).map_err(err)?,
             path,
+            held: 0,
         })
     }
 
     fn execute(&mut self, op: Op) -> (Answer, Option<String>) {
         match op {
-            Op::KvGet { run, keys, reply } => settle(reply, self.kv_get(&run, keys)),
+            Op::KvGet {
+                run,
+                keys,
+                max_bytes,
+                reply,
+            } => settle(reply, self.kv_get(&run, keys, max_bytes)),
             Op::KvSet {
                 run,
                 pairs,
@@ -564,7 +596,13 @@ impl<'txn> Tables<'txn> {
                 checkpoint,
                 reply,
             } => settle(reply, self.checkpoint_save(&run, &checkpoint)),
-            Op::CheckpointLoad { run, id, reply } => settle(reply, self.checkpoint_load(&run, id)),
+            Op::CheckpointLoad { run, id, reply } => {
+                let loaded = self.checkpoint_load(&run, id);
+                if let Ok(Some(c)) = &loaded {
+                    self.held = self.held.saturating_add(c.data.get().len());
+                }
+                settle(reply, loaded)
+            }
             Op::SessionsSave { changes, reply } => settle(reply, self.sessions_save(changes)),
             Op::SessionsLoad { reply } => settle(reply, self.sessions_load()),
             Op::Flush { reply } => settle(reply, Ok(())),
@@ -573,18 +611,31 @@ impl<'txn> Tables<'txn> {
         }
     }
 
-    fn kv_get(&self, run: &RunId, keys: Vec<String>) -> Result<BTreeMap<String, String>, Failure> {
+    fn kv_get(
+        &mut self,
+        run: &RunId,
+        keys: Vec<String>,
+        max_bytes: usize,
+    ) -> Result<BTreeMap<String, String>, Failure> {
         let mut found = BTreeMap::new();
+        let mut bytes = 0usize;
         for key in keys {
             let value = self
                 .kv
                 .get((run.as_str(), key.as_str()))
                 .map_err(|e| storage(self.path, e))?;
             if let Some(value) = value {
-                let value = value.value().to_string();
-                found.insert(key, value);
+                let value = value.value();
+                bytes = bytes.saturating_add(key.len() + value.len());
+                // Checked before copying the value out: a refused read
+                // never holds more than its limit.
+                if bytes > max_bytes {
+                    return Err(Failure::Op(StoreError::ReplyTooLarge { max: max_bytes }));
+                }
+                found.insert(key, value.to_string());
             }
         }
+        self.held = self.held.saturating_add(bytes);
         Ok(found)
     }
 

@@ -47,15 +47,26 @@ fn done<T: Send + 'static>(result: Result<T, StoreError>) -> StoreFuture<T> {
 }
 
 impl Store for MemoryStore {
-    fn kv_get(&self, run: &RunId, keys: Vec<String>) -> StoreFuture<BTreeMap<String, String>> {
+    fn kv_get_within(
+        &self,
+        run: &RunId,
+        keys: Vec<String>,
+        max_bytes: usize,
+    ) -> StoreFuture<BTreeMap<String, String>> {
         let state = self.state.lock();
-        let found = match state.kv.get(run) {
-            Some(values) => keys
-                .into_iter()
-                .filter_map(|k| values.get(&k).map(|v| (k, v.clone())))
-                .collect(),
-            None => BTreeMap::new(),
-        };
+        let mut found = BTreeMap::new();
+        let mut bytes = 0usize;
+        if let Some(values) = state.kv.get(run) {
+            for k in keys {
+                if let Some(v) = values.get(&k) {
+                    bytes = bytes.saturating_add(k.len() + v.len());
+                    if bytes > max_bytes {
+                        return done(Err(StoreError::ReplyTooLarge { max: max_bytes }));
+                    }
+                    found.insert(k, v.clone());
+                }
+            }
+        }
         done(Ok(found))
     }
 

@@ -47,6 +47,12 @@ pub enum StoreError {
     /// written.
     #[error("the run's KV would hold more than {max} keys; nothing was written")]
     TooManyKeys { max: usize },
+    /// A read found more than `max` bytes of keys and values: it is
+    /// refused whole rather than held (ask for fewer keys at a time).
+    #[error(
+        "the keys and values asked for add up to more than {max} bytes; ask for fewer keys at a time"
+    )]
+    ReplyTooLarge { max: usize },
     /// Only from a store several gateways share: these sessions are held by
     /// another gateway (a newer epoch, or a live session of the same run),
     /// so their changes were not applied. Every other change was.
@@ -119,7 +125,19 @@ pub enum SessionChange {
 pub trait Store: Send + Sync + 'static {
     /// The values of those `keys` that exist for `run` (absent keys are
     /// simply not in the map).
-    fn kv_get(&self, run: &RunId, keys: Vec<String>) -> StoreFuture<BTreeMap<String, String>>;
+    fn kv_get(&self, run: &RunId, keys: Vec<String>) -> StoreFuture<BTreeMap<String, String>> {
+        self.kv_get_within(run, keys, usize::MAX)
+    }
+
+    /// [`Store::kv_get`], refused with [`StoreError::ReplyTooLarge`] once
+    /// the keys and values found add up to more than `max_bytes`: the
+    /// engine stops reading there, so one request never makes it hold more.
+    fn kv_get_within(
+        &self,
+        run: &RunId,
+        keys: Vec<String>,
+        max_bytes: usize,
+    ) -> StoreFuture<BTreeMap<String, String>>;
 
     /// Writes all pairs for `run` atomically: all or none.
     fn kv_set(&self, run: &RunId, pairs: BTreeMap<String, String>) -> StoreFuture<()> {
@@ -243,6 +261,7 @@ pub(crate) mod conformance {
                 kv_set_is_atomic_over_many_keys,
                 kv_is_scoped_per_run,
                 kv_key_count_is_bounded_per_run,
+                kv_reads_are_bounded_in_bytes,
                 checkpoint_latest_and_named,
                 checkpoint_replace_same_id_becomes_latest,
                 checkpoint_preserves_data_and_time,
@@ -391,6 +410,26 @@ pub(crate) mod conformance {
                 .unwrap()
                 .is_empty()
         );
+    }
+
+    pub(crate) async fn kv_reads_are_bounded_in_bytes(store: Arc<dyn Store>) {
+        let r = run("run-bytes");
+        // 100 keys of 2 + 10 bytes each (keys "00".."99"): 1,200 bytes.
+        let many: BTreeMap<String, String> = (0..100)
+            .map(|i| (format!("{i:02}"), "v".repeat(10)))
+            .collect();
+        store.kv_set(&r, many.clone()).await.unwrap();
+        let all: Vec<String> = many.keys().cloned().collect();
+        let got = store.kv_get_within(&r, all.clone(), 1200).await.unwrap();
+        assert_eq!(got, many, "exactly the limit is read");
+        let err = store.kv_get_within(&r, all, 1199).await.unwrap_err();
+        assert!(
+            matches!(err, super::StoreError::ReplyTooLarge { max: 1199 }),
+            "{err:?}"
+        );
+        // Absent keys cost nothing.
+        let absent: Vec<String> = (0..1000).map(|i| format!("absent-{i}")).collect();
+        assert!(store.kv_get_within(&r, absent, 1).await.unwrap().is_empty());
     }
 
     pub(crate) async fn kv_key_count_is_bounded_per_run(store: Arc<dyn Store>) {

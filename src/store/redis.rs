@@ -350,6 +350,7 @@ enum Op {
     KvGet {
         run: RunId,
         keys: Vec<String>,
+        max_bytes: usize,
         reply: Reply<BTreeMap<String, String>>,
     },
     KvSet {
@@ -495,9 +496,19 @@ impl std::fmt::Debug for RedisStore {
 }
 
 impl Store for RedisStore {
-    fn kv_get(&self, run: &RunId, keys: Vec<String>) -> StoreFuture<BTreeMap<String, String>> {
+    fn kv_get_within(
+        &self,
+        run: &RunId,
+        keys: Vec<String>,
+        max_bytes: usize,
+    ) -> StoreFuture<BTreeMap<String, String>> {
         let run = run.clone();
-        self.submit(|reply| Op::KvGet { run, keys, reply })
+        self.submit(|reply| Op::KvGet {
+            run,
+            keys,
+            max_bytes,
+            reply,
+        })
     }
 
     fn kv_set_within(
@@ -734,7 +745,12 @@ impl Worker {
         // A send fails only when the caller dropped the future, which is
         // allowed (the op still ran); nobody is left to tell.
         match op {
-            Op::KvGet { run, keys, reply } => drop(reply.send(self.kv_get(&run, keys).await)),
+            Op::KvGet {
+                run,
+                keys,
+                max_bytes,
+                reply,
+            } => drop(reply.send(self.kv_get(&run, keys, max_bytes).await)),
             Op::KvSet {
                 run,
                 pairs,
@@ -785,21 +801,33 @@ impl Worker {
         &mut self,
         run: &RunId,
         keys: Vec<String>,
+        max_bytes: usize,
     ) -> Result<BTreeMap<String, String>, StoreError> {
-        if keys.is_empty() {
-            return Ok(BTreeMap::new());
+        // In chunks, so a read that turns out too large stops after at
+        // most one chunk past its limit instead of holding every value.
+        // (One HMGET per chunk: a reply is not one snapshot then, which KV
+        // never promised across keys written by different requests.)
+        const CHUNK: usize = 64;
+        let mut found = BTreeMap::new();
+        let mut bytes = 0usize;
+        for chunk in keys.chunks(CHUNK) {
+            let values: Vec<Option<String>> = redis::cmd("HMGET")
+                .arg(self.keys.kv(run))
+                .arg(chunk)
+                .query_async(&mut self.conn)
+                .await
+                .map_err(redis_error)?;
+            for (k, v) in chunk.iter().zip(values) {
+                if let Some(v) = v {
+                    bytes = bytes.saturating_add(k.len() + v.len());
+                    if bytes > max_bytes {
+                        return Err(StoreError::ReplyTooLarge { max: max_bytes });
+                    }
+                    found.insert(k.clone(), v);
+                }
+            }
         }
-        let values: Vec<Option<String>> = redis::cmd("HMGET")
-            .arg(self.keys.kv(run))
-            .arg(&keys)
-            .query_async(&mut self.conn)
-            .await
-            .map_err(redis_error)?;
-        Ok(keys
-            .into_iter()
-            .zip(values)
-            .filter_map(|(k, v)| v.map(|v| (k, v)))
-            .collect())
+        Ok(found)
     }
 
     async fn kv_set(

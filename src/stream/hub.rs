@@ -88,6 +88,10 @@ enum Origin {
 /// `Arc<StreamHub>`; every method takes `&self`.
 pub struct StreamHub {
     streams: DashMap<RunId, Arc<RunStream>>,
+    /// The keys of `streams`, ordered, for listings by id and prefix.
+    /// Changed only under the shard lock of the entry it mirrors (taken
+    /// after it, never the other way round).
+    ids: parking_lot::RwLock<std::collections::BTreeSet<RunId>>,
     limits: StreamLimits,
     /// Sum of every live stream's [`Ring::bytes`]. Changed only while
     /// holding that stream's write lock, so it never counts a dropped ring.
@@ -128,6 +132,7 @@ impl StreamHub {
     pub fn new(limits: StreamLimits) -> StreamHub {
         StreamHub {
             streams: DashMap::new(),
+            ids: Default::default(),
             limits,
             total_bytes: AtomicUsize::new(0),
             budget: Mutex::new(()),
@@ -190,6 +195,7 @@ impl StreamHub {
                 if let Some(hooks) = &self.hooks {
                     (hooks.created)(&ring);
                 }
+                self.ids.write().insert(run.clone());
                 Arc::new(RunStream::new(ring, idle_since, now))
             })
             .clone()
@@ -230,6 +236,31 @@ impl StreamHub {
         now: Instant,
         mut log: Option<LogAppend<'_>>,
     ) -> Result<PublishOutcome, StreamError> {
+        // Room is made before the batch goes in, and only at the expense of
+        // idle streams and this run's own history: another run with a live
+        // session never loses events to this publish. If that is not enough
+        // room, the batch is refused and nothing is stored.
+        let limit = self.limits.global_max_bytes;
+        // At most what the run's ring can hold (it trims itself past that;
+        // a batch larger still is the ring's TooLarge, not the budget's).
+        let incoming = events
+            .iter()
+            .map(|e| e.json.len())
+            .sum::<usize>()
+            .min(self.limits.max_bytes_per_run);
+        if self.total_bytes().saturating_add(incoming) > limit {
+            self.enforce_budget(Some(run), incoming);
+            let own = self
+                .streams
+                .get(run)
+                .map_or(0, |s| s.state.read().ring.bytes());
+            // Refused only if the others alone leave no room: this run can
+            // always give up its own history.
+            let others = self.total_bytes().saturating_sub(own);
+            if others.saturating_add(incoming.min(limit)) > limit {
+                return Err(StreamError::BudgetFull { max_bytes: limit });
+            }
+        }
         let (stream, appended, outcome) = loop {
             let stream = self.get_or_create(run, Origin::Session, now);
             let mut state = stream.state.write();
@@ -267,7 +298,7 @@ impl StreamHub {
             stream.notify.notify_waiters();
         }
         if self.total_bytes() > self.limits.global_max_bytes {
-            self.enforce_budget();
+            self.enforce_budget(Some(run), 0);
         }
         Ok(outcome)
     }
@@ -384,6 +415,7 @@ impl StreamHub {
         let run = ring.run().clone();
         let bytes = ring.bytes();
         let stream = Arc::new(RunStream::new(ring, Some(now), now));
+        self.ids.write().insert(run.clone());
         if let Some(old) = self.streams.insert(run, stream) {
             let before = old.state.read().ring.bytes();
             self.account(before, 0);
@@ -488,6 +520,53 @@ impl StreamHub {
         all
     }
 
+    /// See [`super::StreamEngine::runs_matching`]: from the ordered index,
+    /// at most `limit` ids per selector, so the cost follows the page and
+    /// the selectors, not the number of streams.
+    pub fn runs_matching(
+        &self,
+        selectors: &[super::RunSelector<'_>],
+        after: Option<&RunId>,
+        limit: usize,
+    ) -> Vec<StreamSummary> {
+        use std::ops::Bound;
+        let mut picked = std::collections::BTreeSet::new();
+        {
+            let ids = self.ids.read();
+            for sel in selectors {
+                if !sel.prefix {
+                    if let Ok(id) = RunId::new(sel.text)
+                        && after.is_none_or(|a| id > *a)
+                        && ids.contains(&id)
+                    {
+                        picked.insert(id);
+                    }
+                    continue;
+                }
+                // From the later of the cursor and the prefix: every id
+                // with the prefix sorts at or after the prefix itself.
+                let from_prefix = RunId::new(sel.text).ok();
+                let start = match (after, from_prefix) {
+                    (Some(a), Some(p)) if p > *a => Bound::Included(p),
+                    (Some(a), _) => Bound::Excluded(a.clone()),
+                    (None, Some(p)) => Bound::Included(p),
+                    (None, None) => Bound::Unbounded,
+                };
+                let matching = ids
+                    .range((start, Bound::Unbounded))
+                    .take_while(|id| id.as_str().starts_with(sel.text))
+                    .take(limit);
+                picked.extend(matching.cloned());
+            }
+        }
+        // The index lock is released before any stream is locked.
+        picked
+            .into_iter()
+            .filter_map(|id| self.summary(&id))
+            .take(limit)
+            .collect()
+    }
+
     /// The kept range of `run`'s stream, if it has one.
     pub fn summary(&self, run: &RunId) -> Option<StreamSummary> {
         let stream = self.streams.get(run)?.clone();
@@ -557,23 +636,25 @@ impl StreamHub {
                 expired += 1;
             }
         }
-        let budget = self.enforce_budget();
+        let budget = self.enforce_budget(None, 0);
         SweepOutcome {
             expired_streams: expired,
             ..budget
         }
     }
 
-    /// Brings total bytes within `global_max_bytes`: drops whole idle
-    /// streams, least recently published first; if still over, evicts the
-    /// oldest events of active streams, least recently published first.
-    /// Does nothing if another call is already at it.
-    fn enforce_budget(&self) -> SweepOutcome {
+    /// Brings total bytes within `global_max_bytes` less `room` (a batch
+    /// about to be appended): drops whole idle streams (no live session),
+    /// least recently published first; if still over, evicts the oldest
+    /// events of `publisher`'s own stream, and of no other: a run with a
+    /// live session never loses history to another run's publishing (issue
+    /// #19). Does nothing if another call is already at it.
+    fn enforce_budget(&self, publisher: Option<&RunId>, room: usize) -> SweepOutcome {
         let mut outcome = SweepOutcome::default();
         let Some(_guard) = self.budget.try_lock() else {
             return outcome;
         };
-        let limit = self.limits.global_max_bytes;
+        let limit = self.limits.global_max_bytes.saturating_sub(room);
         if self.total_bytes() <= limit {
             return outcome;
         }
@@ -589,10 +670,12 @@ impl StreamHub {
                 entry.key().clone(),
                 entry.value().clone(),
             );
-            if state.idle_since.is_some() {
-                idle.push(item);
-            } else {
+            // The publisher's own stream is trimmed, never dropped whole
+            // for its own batch (even when idle: no session yet).
+            if publisher == Some(entry.key()) {
                 active.push(item);
+            } else if state.idle_since.is_some() {
+                idle.push(item);
             }
         }
         idle.sort_by_key(|(at, _, _)| *at);
@@ -664,6 +747,7 @@ impl StreamHub {
             if tell && let Some(hooks) = &self.hooks {
                 (hooks.dropped)(run, state.ring.epoch());
             }
+            self.ids.write().remove(run);
             true
         });
         if removed.is_some() {
@@ -802,7 +886,9 @@ impl StreamHub {
         if moved {
             stream.notify.notify_waiters();
             if self.total_bytes() > self.limits.global_max_bytes {
-                self.enforce_budget();
+                // A replica keeps what the authority kept; only idle
+                // streams make room here.
+                self.enforce_budget(None, 0);
             }
         }
         answer
@@ -817,6 +903,7 @@ impl StreamHub {
         // bytes that were not added.
         self.account(0, ring.bytes());
         let stream = Arc::new(RunStream::new(ring, idle_since, now));
+        self.ids.write().insert(run.clone());
         let Some(old) = self.streams.insert(run, stream) else {
             return;
         };
@@ -1024,6 +1111,15 @@ impl StreamEngine for StreamHub {
 
     fn runs(&self) -> Vec<StreamSummary> {
         StreamHub::runs(self)
+    }
+
+    fn runs_matching(
+        &self,
+        selectors: &[super::RunSelector<'_>],
+        after: Option<&RunId>,
+        limit: usize,
+    ) -> Vec<StreamSummary> {
+        StreamHub::runs_matching(self, selectors, after, limit)
     }
 
     fn summary(&self, run: &RunId) -> Option<StreamSummary> {
@@ -1428,14 +1524,34 @@ mod tests {
         publish(&hub, &active_new, 10..20, at(6));
         assert!(hub.summary(&idle_new).is_none());
         assert_eq!(hub.summary(&active_old).unwrap().first_offset, 0);
-        // No idle streams left: trim the least recently published active one.
+        // No idle streams left: the publisher pays with its own oldest
+        // events; the other active stream keeps all of its history.
         publish(&hub, &active_new, 20..30, at(7));
-        let s = hub.summary(&active_old).unwrap();
-        assert!(s.first_offset > 0, "oldest active events trimmed");
-        assert_eq!(hub.summary(&active_new).unwrap().first_offset, 0);
+        assert_eq!(hub.summary(&active_old).unwrap().first_offset, 0);
+        assert!(
+            hub.summary(&active_new).unwrap().first_offset > 0,
+            "the publisher's own oldest events trimmed"
+        );
+        assert!(hub.total_bytes() <= hub.limits().global_max_bytes);
+        // A third active run with no history to give: refused, nothing
+        // stored, nobody else trimmed.
+        let third = run("actv-3");
+        hub.session_started(&third, at(8));
+        let texts: Vec<String> = (0..10).map(ev).collect();
+        let refused = hub.publish(
+            &third,
+            texts.iter().map(|t| NewEvent { json: t, seq: None }),
+            at(8),
+        );
+        assert!(
+            matches!(refused, Err(StreamError::BudgetFull { .. })),
+            "{refused:?}"
+        );
+        assert!(hub.summary(&third).is_none_or(|s| s.next_offset == 0));
+        assert_eq!(hub.summary(&active_old).unwrap().first_offset, 0);
         assert!(hub.total_bytes() <= hub.limits().global_max_bytes);
         let listed: Vec<String> = hub.runs().iter().map(|s| s.run_id.to_string()).collect();
-        assert_eq!(listed, vec!["actv-1", "actv-2"]);
+        assert_eq!(listed, vec!["actv-1", "actv-2", "actv-3"]);
     }
 
     #[test]

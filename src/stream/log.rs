@@ -1029,6 +1029,15 @@ impl StreamEngine for DurableStreams {
         self.hub.runs()
     }
 
+    fn runs_matching(
+        &self,
+        selectors: &[super::RunSelector<'_>],
+        after: Option<&RunId>,
+        limit: usize,
+    ) -> Vec<StreamSummary> {
+        self.hub.runs_matching(selectors, after, limit)
+    }
+
     fn summary(&self, run: &RunId) -> Option<StreamSummary> {
         self.hub.summary(run)
     }

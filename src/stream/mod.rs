@@ -162,6 +162,14 @@ pub enum StreamError {
     /// The engine cannot end streams.
     #[error("this stream engine cannot end runs")]
     EndUnsupported,
+    /// The gateway's stream budget (`global_max_bytes`) is held by runs
+    /// with live sessions, and this run's own history cannot make room for
+    /// the batch; nothing was stored. Retryable: room comes back as
+    /// sessions end and their streams go idle.
+    #[error(
+        "the gateway's stream budget of {max_bytes} bytes is held by other live runs; nothing was stored, retry later"
+    )]
+    BudgetFull { max_bytes: usize },
 }
 
 /// What `runtime.finish` asks for.
@@ -264,6 +272,24 @@ pub struct StreamSummary {
     /// Set once the run ended.
     #[serde(skip)]
     pub end: Option<Arc<RunEnd>>,
+}
+
+/// One run pattern of a listing: an exact run id, or an id prefix (`""`
+/// for every run).
+#[derive(Debug, Clone, Copy)]
+pub struct RunSelector<'a> {
+    pub text: &'a str,
+    pub prefix: bool,
+}
+
+impl RunSelector<'_> {
+    pub fn matches(&self, run: &RunId) -> bool {
+        if self.prefix {
+            run.as_str().starts_with(self.text)
+        } else {
+            run.as_str() == self.text
+        }
+    }
 }
 
 /// What the engine holds, for metrics.
@@ -376,6 +402,24 @@ pub trait StreamEngine: Send + Sync + 'static {
 
     /// Every run's stream, ordered by run id.
     fn runs(&self) -> Vec<StreamSummary>;
+
+    /// Up to `limit` streams of runs that `selectors` match, after run
+    /// `after`, ordered by run id: a listing for one token costs what the
+    /// token covers, not every stream the gateway holds (engines with an
+    /// index override this; the default filters [`StreamEngine::runs`]).
+    fn runs_matching(
+        &self,
+        selectors: &[RunSelector<'_>],
+        after: Option<&RunId>,
+        limit: usize,
+    ) -> Vec<StreamSummary> {
+        self.runs()
+            .into_iter()
+            .filter(|s| after.is_none_or(|a| s.run_id > *a))
+            .filter(|s| selectors.iter().any(|sel| sel.matches(&s.run_id)))
+            .take(limit)
+            .collect()
+    }
 
     /// `run`'s stream, if it has one.
     fn summary(&self, run: &RunId) -> Option<StreamSummary>;

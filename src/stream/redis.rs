@@ -341,6 +341,15 @@ impl StreamEngine for RedisStreams {
         self.shared.hub.runs()
     }
 
+    fn runs_matching(
+        &self,
+        selectors: &[super::RunSelector<'_>],
+        after: Option<&RunId>,
+        limit: usize,
+    ) -> Vec<StreamSummary> {
+        self.shared.hub.runs_matching(selectors, after, limit)
+    }
+
     fn summary(&self, run: &RunId) -> Option<StreamSummary> {
         self.shared.hub.summary(run)
     }

@@ -437,6 +437,12 @@ impl GatewayProcess {
         format!("ws://{}{}", self.addr, path)
     }
 
+    /// The process id, for reading its `/proc` entries.
+    #[allow(dead_code)] // Not every test binary uses it.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
     /// Sends SIGTERM and waits for the exit code.
     pub async fn terminate(mut self) -> Option<i32> {
         let pid = self.child.id().expect("running") as i32;

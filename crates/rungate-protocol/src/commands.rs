@@ -129,6 +129,13 @@ impl Command {
                 "payload must be a JSON object",
             ));
         }
+        // Maps would keep the last of a repeated member silently.
+        if let Some(path) = super::duplicates::first_duplicate(text) {
+            return Err(CommandError::invalid_payload(
+                &path,
+                "a member appears twice in one object",
+            ));
+        }
         Ok(match kind {
             CommandKind::RuntimeAttach => Command::Attach(typed(text)?),
             CommandKind::RuntimeHeartbeat => Command::Heartbeat(typed(text)?),
@@ -472,9 +479,20 @@ pub struct StreamCancelCommand {
     pub session_id: Option<SessionId>,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RunsListCommand {}
+/// One page of the covered runs, in run id order (see spec/README.md).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RunsListCommand {
+    /// Runs after this one (the previous page's `nextCursor`).
+    #[serde(default, deserialize_with = "wire::present")]
+    pub cursor: Option<RunId>,
+    /// At most this many runs in the page (1 to [`RUNS_LIST_MAX_LIMIT`]).
+    #[serde(default, deserialize_with = "wire::present_whole_u64")]
+    pub limit: Option<u64>,
+}
+
+/// Largest `limit` of a `runs.list` page.
+pub const RUNS_LIST_MAX_LIMIT: u64 = 10_000;
 
 // ----------------------------------------------------------------- replies
 
@@ -558,8 +576,12 @@ pub struct RunCancelResponse {
 
 /// `runs.list` and `GET /v1/runs`.
 #[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct RunsListResponse {
     pub runs: Vec<RunSummary>,
+    /// Set when more runs follow: the `cursor` of the next page.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<RunId>,
 }
 
 /// One run in [`RunsListResponse`].

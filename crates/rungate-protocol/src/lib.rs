@@ -1,7 +1,8 @@
 //! rungate wire protocol v1, shared by the gateway and every Rust client:
 //! identifiers ([`ids`]), timestamps ([`time`]), the envelope and its codec
 //! ([`envelope`]), typed command payloads ([`commands`]), error codes
-//! ([`error`]), the members whose value may be any JSON ([`any_json`]) and
+//! ([`error`]), the members whose value may be any JSON ([`any_json`]), a
+//! repeated member anywhere in a payload ([`duplicates`]) and
 //! the `stream.events` / `stream.gap` frames a ring stores
 //! ([`stream_frame`]).
 //!
@@ -16,6 +17,7 @@
 
 pub mod any_json;
 pub mod commands;
+pub mod duplicates;
 pub mod envelope;
 pub mod error;
 pub mod ids;
