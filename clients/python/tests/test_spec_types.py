@@ -5,12 +5,6 @@ optional keys the rest of its ``properties``; the enums the client spells
 out (capabilities, outcomes, run states, error codes) are the spec's.
 
 ``RUNGATE_SPEC`` points at another spec/ directory (a branch's) if set.
-
-The lifecycle decisions (issue #15: runtime.finish, run.cancel,
-stream.ended, run.cancelRequested, RUN_ENDED) are being written into spec/
-on their own branch. Against a spec/ from before them, exactly the
-additions listed in ``LIFECYCLE`` may be missing from it, and nothing else;
-once spec/ has them they are checked like every other definition.
 """
 
 from __future__ import annotations
@@ -29,15 +23,6 @@ from rungate import errors, types
 SPEC_DIR = Path(os.environ.get("RUNGATE_SPEC") or SPEC)
 V1 = SPEC_DIR / "v1"
 
-LIFECYCLE_COMMANDS = {"runtime.finish", "run.cancel"}
-LIFECYCLE_PUSHES = {"stream.ended", "run.cancelRequested"}
-#: Members the lifecycle decisions add to older definitions.
-LIFECYCLE_MEMBERS = {
-    "StreamResumeResponse": {"ended"},
-    "RunSummary": {"outcome", "endedAt", "message"},
-}
-
-
 def load(ref: str) -> dict[str, Any]:
     """The definition a reference relative to spec/v1/ names."""
     file, _, pointer = ref.partition("#")
@@ -50,7 +35,6 @@ def load(ref: str) -> dict[str, Any]:
 
 
 INDEX = json.loads((V1 / "commands.json").read_text())
-HAS_LIFECYCLE = "runtime.finish" in INDEX["commands"]
 
 
 def keys_of(cls: Any) -> tuple[set[str], set[str]]:
@@ -62,11 +46,6 @@ def check(cls: Any, definition: dict[str, Any], name: str) -> None:
     required = set(definition.get("required", []))
     assert definition.get("additionalProperties") is False, f"{name} is strict in spec/"
     py_required, py_optional = keys_of(cls)
-    if not HAS_LIFECYCLE:
-        extra = LIFECYCLE_MEMBERS.get(cls.__name__, set())
-        assert extra <= (py_required | py_optional) - props, f"{name}: {extra} are new, not in this spec/"
-        py_required -= extra
-        py_optional -= extra
     assert py_required == required, f"{name}: required {sorted(py_required)} != spec {sorted(required)}"
     assert py_optional == props - required, f"{name}: optional {sorted(py_optional)} != spec {sorted(props - required)}"
 
@@ -77,9 +56,7 @@ def command_cases() -> list[tuple[str, str]]:
 
 @pytest.mark.parametrize("command,side", command_cases())
 def test_command_payload_types_match_the_schema(command: str, side: str) -> None:
-    if command not in INDEX["commands"]:
-        assert not HAS_LIFECYCLE and command in LIFECYCLE_COMMANDS, f"{command} is not in spec/"
-        return
+    assert command in INDEX["commands"], f"rungate.types has {command}; spec/ does not"
     assert command in types.COMMANDS, f"spec/ has {command}; rungate.types does not"
     request, response = types.COMMANDS[command]
     cls = request if side == "request" else response
@@ -88,9 +65,7 @@ def test_command_payload_types_match_the_schema(command: str, side: str) -> None
 
 @pytest.mark.parametrize("push", sorted(set(INDEX["pushes"]) | set(types.PUSHES)))
 def test_push_payload_types_match_the_schema(push: str) -> None:
-    if push not in INDEX["pushes"]:
-        assert not HAS_LIFECYCLE and push in LIFECYCLE_PUSHES, f"{push} is not in spec/"
-        return
+    assert push in INDEX["pushes"], f"rungate.types has push {push}; spec/ does not"
     assert push in types.PUSHES, f"spec/ has push {push}; rungate.types does not"
     cls = types.PUSHES[push]
     check(cls, load(INDEX["pushes"][push]["payload"]), f"{push} ({cls.__name__})")
@@ -121,21 +96,13 @@ def test_enums_match_the_schema() -> None:
     assert literals(types.Capability) == set(caps)
     states = set(load("schemas/commands/stream.json#/$defs/RunSummary")["properties"]["state"]["enum"])
     codes = set(load("schemas/frames/envelope.json#/$defs/ErrorCode")["enum"])
-    if HAS_LIFECYCLE:
-        assert literals(types.Outcome) == set(load("schemas/commands/lifecycle.json#/$defs/RunOutcome")["enum"])
-        assert literals(types.RunState) == states
-        assert set(errors._BY_CODE) == codes
-    else:
-        assert literals(types.RunState) == states | {"ended"}
-        assert set(errors._BY_CODE) == codes | {"RUN_ENDED"}
+    assert literals(types.Outcome) == set(load("schemas/commands/lifecycle.json#/$defs/RunOutcome")["enum"])
+    assert literals(types.RunState) == states
+    assert set(errors._BY_CODE) == codes
 
 
 def test_the_index_is_covered_both_ways() -> None:
     spec_commands = set(INDEX["commands"])
     spec_pushes = set(INDEX["pushes"])
-    if HAS_LIFECYCLE:
-        assert set(types.COMMANDS) == spec_commands
-        assert set(types.PUSHES) == spec_pushes
-    else:
-        assert set(types.COMMANDS) == spec_commands | LIFECYCLE_COMMANDS
-        assert set(types.PUSHES) == spec_pushes | LIFECYCLE_PUSHES
+    assert set(types.COMMANDS) == spec_commands
+    assert set(types.PUSHES) == spec_pushes

@@ -235,8 +235,9 @@ class StreamCancelResponse(TypedDict):
     accepted: Literal[True]
 
 
-class RunsListCommand(TypedDict):
-    pass
+class RunsListCommand(TypedDict, total=False):
+    cursor: str
+    limit: int
 
 
 class _RunSummaryRequired(TypedDict):
@@ -253,8 +254,12 @@ class RunSummary(_RunSummaryRequired, total=False):
     message: str
 
 
-class RunsListResponse(TypedDict):
+class _RunsListResponseRequired(TypedDict):
     runs: list[RunSummary]
+
+
+class RunsListResponse(_RunsListResponseRequired, total=False):
+    nextCursor: str
 
 
 # ---------------------------------------------------------------- run lifecycle

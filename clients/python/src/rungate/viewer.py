@@ -363,9 +363,16 @@ class ViewerClient:
         return EventStream(self, run_id, from_offset)
 
     async def runs(self) -> list[t.RunSummary]:
-        """The runs this token covers (``runs.list``)."""
-        reply = await self.request("runs.list", {})
-        return cast(t.RunsListResponse, reply)["runs"]
+        """Every run this token covers (``runs.list``, page after page)."""
+        runs: list[t.RunSummary] = []
+        payload: dict[str, Any] = {}
+        while True:
+            page = cast(t.RunsListResponse, await self.request("runs.list", payload))
+            runs.extend(page["runs"])
+            cursor = page.get("nextCursor")
+            if cursor is None:
+                return runs
+            payload = {"cursor": cursor}
 
     async def cancel(self, run_id: str, reason: str | None = None) -> t.RunCancelResponse:
         """Asks the run's runtime to stop (``run.cancel``; the token needs the
