@@ -559,9 +559,9 @@ settings! {
         default |d| d.limits.max_kv_get_keys,
         set |c, v| { c.limits.max_kv_get_keys = v; }
     /// Browser origins allowed besides the gateway's own, comma-separated
-    /// (scheme://host[:port]), or * for any
+    /// (https://app.example.com,http://localhost:3000), or * for any
     allowed_origins: OriginList, "RUNGATE_ALLOWED_ORIGINS",
-        default |_d| "none",
+        default |_d| "same origin only",
         set |c, v| {
             c.allowed_origins = AllowedOrigins::parse(v.0.iter().map(String::as_str))
                 .map_err(|e| ConfigError::Invalid(e.to_string()))?;

@@ -106,8 +106,15 @@ impl Connections {
     /// replies may fill the budget itself) is not reading; it is closed
     /// rather than allowed to grow.
     pub fn push(&self, id: ConnId, frame: Frame) {
+        self.push_now(id, frame);
+    }
+
+    /// As [`Connections::push`]; answers whether the frame was queued for
+    /// an open socket. Every push goes through here, so each is charged to
+    /// the socket's byte budget exactly as the writer releases it.
+    pub fn push_now(&self, id: ConnId, frame: Frame) -> bool {
         let Some(outbox) = self.open.get(&id).map(|o| o.clone()) else {
-            return;
+            return false;
         };
         let bytes = frame.as_str().len();
         let limit = outbox.budget.max().saturating_mul(2);
@@ -117,22 +124,10 @@ impl Connections {
                 "outbound bytes over the budget; closing the socket"
             );
             outbox.kill.cancel();
-            return;
+            return false;
         }
         if outbox.queue.try_send(frame.into()).is_err() {
             outbox.budget.release(bytes);
-            tracing::warn!(conn = id.0, "outbound queue full; closing the socket");
-            outbox.kill.cancel();
-        }
-    }
-
-    /// As [`Connections::push`]; answers whether the frame was queued for
-    /// an open socket.
-    pub fn push_now(&self, id: ConnId, frame: Frame) -> bool {
-        let Some(outbox) = self.open.get(&id).map(|o| o.clone()) else {
-            return false;
-        };
-        if outbox.queue.try_send(frame.into()).is_err() {
             tracing::warn!(conn = id.0, "outbound queue full; closing the socket");
             outbox.kill.cancel();
             return false;
