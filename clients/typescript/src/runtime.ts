@@ -735,7 +735,8 @@ export class RuntimeClient {
       const out = this.outbox[i];
       if (!out || out.runId !== runId) continue;
       // A finish of an ended run is idempotent: resending it gets the answer.
-      if (reason === "ended" && out.type === "runtime.finish") continue;
+      // A publish already sent before the end gets its own answer.
+      if (reason === "ended" && (out.type === "runtime.finish" || out.id !== null)) continue;
       this.outbox.splice(i, 1);
       if (out.id) this.pending.delete(out.id);
       out.reject(err);
@@ -815,7 +816,11 @@ export class RuntimeClient {
         if (frame.kind === "reply") {
           if (out.type === "runtime.finish") {
             const outcome = out.payload["outcome"];
-            this.sessionGone(out.runId, "ended", null, { outcome: isOutcome(outcome) ? outcome : null });
+            const o = isOutcome(outcome) ? outcome : null;
+            const wasMain = [...this.runs.keys()][0] === out.runId;
+            this.sessionGone(out.runId, "ended", null, { outcome: o });
+            // Finishing the main run ends its open sub-runs too (cancelled).
+            if (wasMain) for (const sub of [...this.runs.keys()]) this.sessionGone(sub, "ended", null, { outcome: "cancelled" });
           }
           out.resolve(frame.payload);
         } else {
@@ -1124,13 +1129,23 @@ export class RunSession {
    * like a publish (finish is idempotent for the same outcome).
    */
   async finish(outcome: RunOutcome, message?: string): Promise<RuntimeFinishResponse> {
+    // Finish is idempotent on the wire; a repeat here gets the first answer
+    // (the session is gone, so it could not be sent under it anyway).
+    if (this.finished) {
+      if (this.finished.outcome === outcome) return this.finished.reply;
+      throw new RungateError("CONFLICT", `run ${this.runId} already finished as ${this.finished.outcome}`, { details: { runId: this.runId, outcome: this.finished.outcome } });
+    }
     const body: Record<string, JsonValue> = { outcome };
     if (message !== undefined) body["message"] = message;
     const r = await this.client.enqueue(this.runId, "runtime.finish", body);
     const next = r["nextOffset"];
     if (typeof next !== "number") throw new RungateError("BAD_REPLY", "runtime.finish answered without nextOffset");
-    return { accepted: true, nextOffset: next };
+    const reply: RuntimeFinishResponse = { accepted: true, nextOffset: next };
+    this.finished = { outcome, reply };
+    return reply;
   }
+
+  private finished: { outcome: RunOutcome; reply: RuntimeFinishResponse } | null = null;
 }
 
 
