@@ -4,10 +4,9 @@
 // command and push type (spec/v1/commands.json) to its payload types — so the
 // client's frame types are derived from the contract and cannot drift from it.
 //
-// Definitions the lifecycle work (issue #15) adds and spec/ does not have yet
-// come from spec-pending/lifecycle.json in this package; a definition, command,
-// push or error code that spec/ itself defines always wins over the pending
-// copy, so once spec/ carries them the pending file changes nothing.
+// What the lifecycle work (issue #15) adds and spec/ does not have yet comes
+// from spec-pending/lifecycle.json (see scripts/spec-source.mjs): spec/ always
+// wins, so once spec/ carries it the pending file changes nothing.
 //
 //   node scripts/gen-types.mjs           write src/generated/spec.ts
 //   node scripts/gen-types.mjs --check   exit 1 if the file differs from spec/
@@ -16,31 +15,13 @@
 // Handles the subset of JSON Schema 2020-12 the spec uses; anything else
 // fails the generation loudly instead of becoming a silent `unknown`.
 
-import { readFileSync, writeFileSync, readdirSync, statSync } from "node:fs";
-import { dirname, join, resolve } from "node:path";
-import { fileURLToPath } from "node:url";
+import { readFileSync, writeFileSync } from "node:fs";
+import { join } from "node:path";
+import { loadSpec, PACKAGE_DIR } from "./spec-source.mjs";
 
-const here = dirname(fileURLToPath(import.meta.url));
-const pkg = resolve(here, "..");
-const specDir = resolve(process.env.RUNGATE_SPEC_DIR ?? join(pkg, "..", "..", "spec"));
-const out = join(pkg, "src", "generated", "spec.ts");
-const pendingFile = join(pkg, "spec-pending", "lifecycle.json");
-
-function walk(dir) {
-  return readdirSync(dir).flatMap((name) => {
-    const p = join(dir, name);
-    return statSync(p).isDirectory() ? walk(p) : p.endsWith(".json") ? [p] : [];
-  });
-}
-
-/** Every schema file by $id. */
-const files = new Map();
-for (const path of walk(join(specDir, "v1", "schemas")).sort()) {
-  const schema = JSON.parse(readFileSync(path, "utf8"));
-  files.set(schema.$id, { schema, path, pending: false });
-}
-const index = JSON.parse(readFileSync(join(specDir, "v1", "commands.json"), "utf8"));
-const pending = JSON.parse(readFileSync(pendingFile, "utf8"));
+const out = join(PACKAGE_DIR, "src", "generated", "spec.ts");
+const spec = loadSpec();
+const { files, specDir } = spec;
 
 // TypeScript names for definitions whose own name would shadow a global or
 // read badly as a type.
@@ -58,15 +39,6 @@ function claim(key, name) {
 for (const [id, { schema }] of files) {
   for (const def of Object.keys(schema.$defs ?? {})) claim(`${id}#/$defs/${def}`, pascal(def));
 }
-// Pending definitions that spec/ does not have under the same name.
-const pendingDefs = {};
-for (const [def, body] of Object.entries(pending.$defs ?? {})) {
-  if (taken.has(pascal(def))) continue;
-  pendingDefs[def] = body;
-  claim(`${pending.$id}#/$defs/${def}`, pascal(def));
-}
-files.set(pending.$id, { schema: { ...pending, $defs: pendingDefs }, path: pendingFile, pending: true });
-
 function refName(ref, base) {
   const url = new URL(ref, base);
   const key = `${url.origin}${url.pathname}${decodeURIComponent(url.hash)}`;
@@ -159,32 +131,22 @@ for (const [id, { schema, pending: isPending }] of files) {
   }
 }
 
-// The index: command and push types to their payload types.
-const base = index.$id;
-const commands = { ...index.commands };
-for (const [k, v] of Object.entries(pending.commands ?? {})) if (!(k in commands)) commands[k] = v;
-const pushes = { ...index.pushes };
-for (const [k, v] of Object.entries(pending.pushes ?? {})) if (!(k in pushes)) pushes[k] = v;
-const pendingBase = new URL("commands.json", pending.$id).href;
-const baseOf = (k, own) => (k in own ? base : pendingBase);
-
+// The index: command and push types to their payload types (refs absolute).
+const { commands, pushes } = spec;
 text += `\n// ---- v1/commands.json (the index)\n\n/** Each command type: its request and reply payloads, the capability it needs on /v1/runtime, and the endpoints offering it. */\nexport interface Commands {\n`;
 for (const [type, c] of Object.entries(commands)) {
-  const b = baseOf(type, index.commands);
-  text += `  ${lit(type)}: {\n    request: ${refName(c.request, b)};\n    response: ${refName(c.response, b)};\n    capability: ${c.capability === null ? "null" : lit(c.capability)};\n    endpoints: ${c.endpoints.map(lit).join(" | ")};\n  };\n`;
+  text += `  ${lit(type)}: {\n    request: ${refName(c.request, c.request)};\n    response: ${refName(c.response, c.response)};\n    capability: ${c.capability === null ? "null" : lit(c.capability)};\n    endpoints: ${c.endpoints.map(lit).join(" | ")};\n  };\n`;
 }
 text += `}\n\n/** Each push type and its payload. */\nexport interface Pushes {\n`;
 for (const [type, p] of Object.entries(pushes)) {
-  text += `  ${lit(type)}: ${refName(p.payload, baseOf(type, index.pushes))};\n`;
+  text += `  ${lit(type)}: ${refName(p.payload, p.payload)};\n`;
 }
 text += `}\n\nexport type CommandType = keyof Commands;\nexport type PushType = keyof Pushes;\n`;
 text += `\n/** The command types, for checks at run time. */\nexport const COMMAND_TYPES: readonly CommandType[] = ${JSON.stringify(Object.keys(commands))};\n`;
 text += `\n/** The push types, for checks at run time. */\nexport const PUSH_TYPES: readonly PushType[] = ${JSON.stringify(Object.keys(pushes))};\n`;
 
-const envelope = [...files.values()].find((f) => f.schema.$defs?.ErrorCode)?.schema;
-const codes = [...envelope.$defs.ErrorCode.enum];
-for (const c of pending.errorCodes ?? []) if (!codes.includes(c)) codes.push(c);
-text += `\n/** Every protocol error code (ErrorCode${codes.length > envelope.$defs.ErrorCode.enum.length ? ", plus pending ones" : ""}). */\nexport type ProtocolErrorCode = ${codes.map(lit).join(" | ")};\n`;
+const codes = spec.errorCodes;
+text += `\n/** Every protocol error code (ErrorCode${codes.length > spec.specCodes.length ? ", plus pending ones" : ""}). */\nexport type ProtocolErrorCode = ${codes.map(lit).join(" | ")};\n`;
 text += `\n/** The error codes, for checks at run time. */\nexport const ERROR_CODES: readonly ProtocolErrorCode[] = ${JSON.stringify(codes)};\n`;
 
 if (process.argv.includes("--check")) {

@@ -861,6 +861,7 @@ export class RuntimeClient {
       run.sessionId = sessionId;
     } else {
       const session = new RunSession(this, op.runId, {
+        sessionId,
         heartbeatIntervalMs: typeof interval === "number" ? interval : 10_000,
         configVersion: typeof payload["configVersion"] === "string" ? payload["configVersion"] : null,
         leaseExpiresAt: typeof payload["leaseExpiresAt"] === "string" ? payload["leaseExpiresAt"] : null,
@@ -1009,8 +1010,9 @@ export class RunSession {
   };
 
   /** @internal */
-  constructor(client: RuntimeClient, runId: string, info: { heartbeatIntervalMs: number; configVersion: string | null; leaseExpiresAt: string | null }) {
+  constructor(client: RuntimeClient, runId: string, info: { sessionId: string; heartbeatIntervalMs: number; configVersion: string | null; leaseExpiresAt: string | null }) {
     this.client = client;
+    this.lastSessionId = info.sessionId;
     this.runId = runId;
     this.heartbeatIntervalMs = info.heartbeatIntervalMs;
     this.configVersion = info.configVersion;
@@ -1041,10 +1043,14 @@ export class RunSession {
     };
   }
 
-  /** The current session id (it changes if the gateway forgot the session and the run was attached afresh). */
-  get sessionId(): string | null {
-    return this.client.runInfo(this.runId)?.sessionId ?? null;
+  /** The session id (it changes if the gateway forgot the session and the run was attached afresh); after the session ended, its last one. */
+  get sessionId(): string {
+    const now = this.client.runInfo(this.runId)?.sessionId;
+    if (now) this.lastSessionId = now;
+    return this.lastSessionId;
   }
+
+  private lastSessionId: string;
 
   /** Why the session ended (STALE_EPOCH, SESSION_EXPIRED, RUN_ENDED…), or null while it lives. */
   get endedWith(): RungateError | null {

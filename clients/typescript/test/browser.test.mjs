@@ -30,6 +30,10 @@ async function servePage() {
       const p = normalize(join(pkg, path));
       if (p.startsWith(join(pkg, "dist"))) file = p;
     }
+    if (path === "/favicon.ico") {
+      res.writeHead(204).end();
+      return;
+    }
     if (!file || !existsSync(file)) {
       res.writeHead(404).end("not found");
       return;

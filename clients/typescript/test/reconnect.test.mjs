@@ -74,7 +74,6 @@ test("cuts and stalls lose nothing and duplicate nothing", async (t) => {
   assert.ok(cuts >= 3, `faults were injected (${cuts})`);
 
   // A KV write after all that still works on the same session.
-  if (process.env.DEBUG_TS) console.error(JSON.stringify(events), proxy.open);
   await run.kv.set({ done: "yes" });
   assert.equal(run.sessionId, sessionId, "the same session throughout");
   assert.ok(rt.connectionEpoch >= epoch0 + 3, `epoch grew: ${epoch0} -> ${rt.connectionEpoch}`);

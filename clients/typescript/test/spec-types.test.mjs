@@ -28,7 +28,7 @@ test("a change to spec/ makes the check fail", async (t) => {
   cpSync(join(REPO_ROOT, "spec"), spec, { recursive: true });
   const file = join(spec, "v1", "schemas", "commands", "stream.json");
   const s = JSON.parse(readFileSync(file, "utf8"));
-  s.$defs.RunSummary.properties.state.enum.push("paused");
+  s.$defs.StreamCancelCommand.properties.reason = { type: "string" };
   writeFileSync(file, JSON.stringify(s, null, 2));
   await assert.rejects(run(process.execPath, [gen, "--check"], { env: { ...process.env, RUNGATE_SPEC_DIR: spec } }), (e) => e.code === 1 && /out of date/.test(e.stderr));
 });

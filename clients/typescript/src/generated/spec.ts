@@ -165,6 +165,8 @@ export type StreamResumeResponse = {
   startOffset: Offset;
   /** True when the client asked for history that is gone: fromOffset older than firstOffset, or a streamEpoch that differs from the current one. */
   truncated: boolean;
+  /** True when the run ended: the subscription replays from startOffset, then stream.ended follows at once. (spec/ makes it always present; optional here so a gateway without the lifecycle validates too.) */
+  ended?: boolean;
 };
 
 /** Ends this socket's subscription to the run. Cancelling a run the socket does not follow is accepted too (idempotent). */
@@ -189,13 +191,19 @@ export type RunsListResponse = {
 
 export type RunSummary = {
   runId: RunId;
-  /** attached: a runtime's socket holds the session. detached: the socket is gone and the lease is still running (the reconnect window). expired: the lease ran out; the stream is still readable while the gateway keeps it. */
-  state: "attached" | "detached" | "expired";
+  /** attached, detached (socket gone, lease running), expired (lease ran out), ended (the runtime finished the run). */
+  state: "attached" | "detached" | "expired" | "ended";
   streamEpoch: StreamEpoch;
   /** The oldest offset still kept (equal to nextOffset when nothing is kept). */
   firstOffset: Offset;
   /** The head: the offset the next published event will get. */
   nextOffset: Offset;
+  /** Only on an ended run. */
+  outcome?: RunOutcome;
+  /** Only on an ended run. */
+  endedAt?: Timestamp;
+  /** Only on an ended run whose finish carried one. */
+  message?: string;
 };
 
 // ---- v1/schemas/common/identity.json

@@ -10,6 +10,16 @@
 //   refuse(true|false)   accept and at once reset new connections
 import net from "node:net";
 
+/**
+ * Resets a socket (RST, not FIN) once it is connected; one still connecting
+ * is just destroyed (a reset of a connecting socket can spin in Node 20).
+ */
+function rst(sock) {
+  if (sock.destroyed) return;
+  if (sock.connecting || sock.pending) sock.destroy();
+  else sock.resetAndDestroy();
+}
+
 export async function startProxy(targetPort, targetHost = "127.0.0.1") {
   const conns = new Set();
   let target = { host: targetHost, port: targetPort };
@@ -19,7 +29,7 @@ export async function startProxy(targetPort, targetHost = "127.0.0.1") {
   const server = net.createServer((client) => {
     accepted += 1;
     if (refusing) {
-      client.resetAndDestroy();
+      client.destroy();
       return;
     }
     const upstream = net.connect(target.port, target.host);
@@ -43,8 +53,8 @@ export async function startProxy(targetPort, targetHost = "127.0.0.1") {
     client.on("drain", () => !conn.stalledDown && upstream.resume());
     const end = () => {
       conns.delete(conn);
-      if (!client.destroyed) client.resetAndDestroy();
-      if (!upstream.destroyed) upstream.resetAndDestroy();
+      rst(client);
+      rst(upstream);
     };
     client.on("error", end);
     upstream.on("error", end);
@@ -72,8 +82,8 @@ export async function startProxy(targetPort, targetHost = "127.0.0.1") {
     cutAll() {
       for (const c of [...conns]) {
         conns.delete(c);
-        c.client.resetAndDestroy();
-        c.upstream.resetAndDestroy();
+        rst(c.client);
+        rst(c.upstream);
       }
     },
     /** Stops forwarding on every current connection, both ways. */

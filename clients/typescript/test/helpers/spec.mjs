@@ -1,52 +1,29 @@
 // Validates real frames against the repository's spec/ (JSON Schema 2020-12,
 // formats asserted), the way tests/common/schema.rs does for the Rust side:
 // the envelope for the frame's direction, then the payload against the
-// definition spec/v1/commands.json names for its type. Definitions spec/ does
-// not have yet come from spec-pending/lifecycle.json (only where spec/ lacks
-// them, as in the type generator).
+// definition spec/v1/commands.json names for its type. What spec/ does not
+// have yet comes from spec-pending/lifecycle.json, exactly as for the type
+// generator (scripts/spec-source.mjs).
 import Ajv2020 from "ajv/dist/2020.js";
 import addFormats from "ajv-formats";
-import { readFileSync, readdirSync, statSync } from "node:fs";
-import { join, resolve, dirname } from "node:path";
-import { fileURLToPath } from "node:url";
-import { REPO_ROOT } from "./gateway.mjs";
-
-const here = dirname(fileURLToPath(import.meta.url));
-const SPEC = process.env.RUNGATE_SPEC_DIR ?? join(REPO_ROOT, "spec");
-const PENDING = resolve(here, "..", "..", "spec-pending", "lifecycle.json");
-
-function walk(dir) {
-  return readdirSync(dir).flatMap((n) => {
-    const p = join(dir, n);
-    return statSync(p).isDirectory() ? walk(p) : p.endsWith(".json") ? [p] : [];
-  });
-}
+import { loadSpec as loadSources } from "../../scripts/spec-source.mjs";
 
 export function loadSpec() {
+  const src = loadSources();
   const ajv = new Ajv2020({ strict: false, allErrors: false });
   addFormats(ajv);
-  for (const f of walk(join(SPEC, "v1", "schemas"))) ajv.addSchema(JSON.parse(readFileSync(f, "utf8")));
-  const index = JSON.parse(readFileSync(join(SPEC, "v1", "commands.json"), "utf8"));
-  const pending = JSON.parse(readFileSync(PENDING, "utf8"));
-  ajv.addSchema({ $id: pending.$id, $defs: pending.$defs });
-  const base = index.$id;
-  const pendingBase = new URL("commands.json", pending.$id).href;
-  const abs = (ref, b) => new URL(ref, b).href;
+  for (const { schema } of src.files.values()) ajv.addSchema(schema);
   const commands = {};
-  for (const [k, v] of Object.entries(index.commands)) commands[k] = { req: abs(v.request, base), res: abs(v.response, base) };
-  for (const [k, v] of Object.entries(pending.commands)) commands[k] ??= { req: abs(v.request, pendingBase), res: abs(v.response, pendingBase) };
+  for (const [k, v] of Object.entries(src.commands)) commands[k] = { req: v.request, res: v.response };
   const pushes = {};
-  for (const [k, v] of Object.entries(index.pushes)) pushes[k] = abs(v.payload, base);
-  for (const [k, v] of Object.entries(pending.pushes)) pushes[k] ??= abs(v.payload, pendingBase);
-  const env = Object.fromEntries(Object.entries(index.envelope).map(([k, v]) => [k, abs(v, base)]));
-  const codes = new Set([...JSON.parse(readFileSync(join(SPEC, "v1", "schemas", "frames", "envelope.json"), "utf8")).$defs.ErrorCode.enum, ...pending.errorCodes]);
-
+  for (const [k, v] of Object.entries(src.pushes)) pushes[k] = v.payload;
+  const codes = new Set(src.errorCodes);
   const check = (ref, value, what) => {
     const v = ajv.getSchema(ref);
     if (!v) return `${what}: no schema ${ref}`;
     return v(value) ? null : `${what}: ${ajv.errorsText(v.errors)} in ${JSON.stringify(value).slice(0, 300)}`;
   };
-  return { ajv, commands, pushes, env, codes, check };
+  return { ajv, commands, pushes, env: src.envelope, codes, check };
 }
 
 /**
