@@ -15,4 +15,4 @@ fi
 npm ci --no-audit --no-fund
 npm run build
 node scripts/gen-types.mjs --check
-node --test --test-concurrency=2 test/*.test.mjs
+node --test --test-concurrency=2 --test-force-exit test/*.test.mjs

@@ -23,7 +23,16 @@ export const WAIT_MS = 60_000;
 
 export function tempDir(prefix = "rungate-ts-") {
   const dir = mkdtempSync(join(tmpdir(), prefix));
-  return { dir, remove: () => rmSync(dir, { recursive: true, force: true }) };
+  // A client still reconnecting may mint a token (re-creating the key file)
+  // while the directory goes: retry, and never fail a test over cleanup.
+  const remove = () => {
+    try {
+      rmSync(dir, { recursive: true, force: true, maxRetries: 10, retryDelay: 50 });
+    } catch {
+      // left in the system temp directory
+    }
+  };
+  return { dir, remove };
 }
 
 /**
