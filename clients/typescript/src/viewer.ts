@@ -165,11 +165,19 @@ export class ViewerClient {
   }
 
   /** The runs the token covers (`runs.list`). */
+  /** Every run the token covers (`runs.list`, following its pages). */
   async runs(): Promise<RunSummary[]> {
-    const r = await this.controlLink().call("runs.list", {});
-    const runs = r["runs"];
-    if (!Array.isArray(runs)) throw new RungateError("BAD_REPLY", "runs.list answered without runs");
-    return runs as RunSummary[];
+    const all: RunSummary[] = [];
+    let payload: Record<string, unknown> = {};
+    for (;;) {
+      const r = await this.controlLink().call("runs.list", payload);
+      const runs = r["runs"];
+      if (!Array.isArray(runs)) throw new RungateError("BAD_REPLY", "runs.list answered without runs");
+      all.push(...(runs as RunSummary[]));
+      const cursor = r["nextCursor"];
+      if (typeof cursor !== "string") return all;
+      payload = { cursor };
+    }
   }
 
   /**

@@ -39,7 +39,7 @@ test("the run-time lists cover every command, push and error code of spec/", () 
   for (const p of Object.keys(index.pushes)) assert.ok(client.PUSH_TYPES.includes(p), p);
   const env = JSON.parse(readFileSync(join(REPO_ROOT, "spec", "v1", "schemas", "frames", "envelope.json"), "utf8"));
   for (const code of env.$defs.ErrorCode.enum) assert.ok(client.ERROR_CODES.includes(code), code);
-  // The lifecycle additions the client relies on are there (from spec/ or spec-pending/).
+  // The lifecycle additions the client relies on are there.
   for (const c of ["runtime.finish", "run.cancel"]) assert.ok(client.COMMAND_TYPES.includes(c), c);
   for (const p of ["stream.ended", "run.cancelRequested"]) assert.ok(client.PUSH_TYPES.includes(p), p);
   assert.ok(client.ERROR_CODES.includes("RUN_ENDED"));
