@@ -274,13 +274,13 @@ fn record(ctx: &ConnCtx, label: &'static str, outcome: Result<(), ErrorCode>, st
 fn apply(ctx: &mut ConnCtx, id: &str, command: Command) -> Result<Reply, CommandError> {
     let reply = |payload: &dyn erased::Payload| Ok(Reply::Now(erased::encode(id, payload)));
     match command {
-        Command::Attach(req) => {
+        Command::RuntimeAttach(req) => {
             let attached = attach(ctx, id, req)?;
             ctx.bound_session = true;
             Ok(attached)
         }
-        Command::Heartbeat(req) => reply(&heartbeat(ctx, req)?),
-        Command::RecoverConnections(req) => {
+        Command::RuntimeHeartbeat(req) => reply(&heartbeat(ctx, req)?),
+        Command::RuntimeRecoverConnections(req) => {
             let recovered = recover(ctx, id, req)?;
             ctx.bound_session = true;
             Ok(recovered)
@@ -291,10 +291,10 @@ fn apply(ctx: &mut ConnCtx, id: &str, command: Command) -> Result<Reply, Command
         Command::KvSet(req) => kv_set(ctx, id, req),
         Command::CheckpointSave(req) => checkpoint_save(ctx, id, req),
         Command::CheckpointLoad(req) => checkpoint_load(ctx, id, req),
-        Command::Publish(req) => publish(ctx, id, req),
+        Command::EventsPublish(req) => publish(ctx, id, req),
         Command::StreamResume(req) => reply(&stream_resume(ctx, req)?),
         Command::StreamCancel(req) => reply(&stream_cancel(ctx, req)?),
-        Command::Finish(req) => finish(ctx, id, req),
+        Command::RuntimeFinish(req) => finish(ctx, id, req),
         Command::RunCancel(req) => run_cancel(ctx, id, req),
         Command::RunsList(req) => {
             let limit = match req.limit {
@@ -530,7 +530,7 @@ fn when_saved(
     }
 }
 
-fn attach(ctx: &ConnCtx, id: &str, req: cmd::AttachRequest) -> Result<Reply, CommandError> {
+fn attach(ctx: &ConnCtx, id: &str, req: cmd::RuntimeAttachRequest) -> Result<Reply, CommandError> {
     let shared = &ctx.shared;
     if ctx.draining {
         return Err(CommandError::new(
@@ -634,7 +634,7 @@ fn attach_here(
     // each would be most of the gateway's work in an attach storm.
     tracing::debug!(run = %session.run_id, epoch = session.epoch, fresh = outcome.fresh, "session attached");
     let version = shared.runs.current().resolve(&session.run_id).version;
-    let response = cmd::AttachResponse {
+    let response = cmd::RuntimeAttachResponse {
         session_id: session.session_id.clone(),
         run_id: session.run_id.clone(),
         heartbeat_interval_ms: shared.config.heartbeat_interval.as_millis() as u64,
@@ -832,7 +832,7 @@ fn secrets_get(ctx: &ConnCtx, id: &str, req: cmd::GetSecretsCommand) -> Outcome 
                 .collect()
         }
     };
-    Ok(encode_reply(id, &cmd::SecretsResponse { secrets }))
+    Ok(encode_reply(id, &cmd::GetSecretsResponse { secrets }))
 }
 
 fn config_get(ctx: &ConnCtx, id: &str, req: cmd::SessionRef) -> Outcome {
@@ -840,7 +840,7 @@ fn config_get(ctx: &ConnCtx, id: &str, req: cmd::SessionRef) -> Outcome {
     let resolved = ctx.shared.runs.current().resolve(&req.run_id);
     Ok(encode_reply(
         id,
-        &cmd::ConfigResponse {
+        &cmd::GetConfigResponse {
             config: &resolved.config,
         },
     ))
@@ -856,7 +856,7 @@ fn later<T: Send + 'static>(
     Reply::Later(async move { fut.await.map_err(store_error).and_then(|v| finish(&id, v)) }.boxed())
 }
 
-fn kv_get(ctx: &ConnCtx, id: &str, req: cmd::GetKvCommand) -> Result<Reply, CommandError> {
+fn kv_get(ctx: &ConnCtx, id: &str, req: cmd::GetKVCommand) -> Result<Reply, CommandError> {
     session_for(ctx, CommandKind::KvGet, &req.session_id, &req.run_id)?;
     // Before the store sees it: one request must not hold the store thread
     // for long, whatever else is waiting there.
@@ -877,11 +877,11 @@ fn kv_get(ctx: &ConnCtx, id: &str, req: cmd::GetKvCommand) -> Result<Reply, Comm
         .store
         .kv_get_within(&req.run_id, req.keys, max_bytes);
     Ok(later(id, fut, |id, kv| {
-        Ok(encode_reply(id, &cmd::KvResponse { kv }))
+        Ok(encode_reply(id, &cmd::GetKVResponse { kv }))
     }))
 }
 
-fn kv_set(ctx: &ConnCtx, id: &str, req: cmd::SetKvCommand) -> Result<Reply, CommandError> {
+fn kv_set(ctx: &ConnCtx, id: &str, req: cmd::SetKVCommand) -> Result<Reply, CommandError> {
     session_for(ctx, CommandKind::KvSet, &req.session_id, &req.run_id)?;
     let limits = &ctx.shared.config.limits;
     // Checked here, before the store sees anything, so a refused write
@@ -968,7 +968,7 @@ fn checkpoint_save(
     Ok(later(id, fut, move |id, ()| {
         Ok(encode_reply(
             id,
-            &cmd::CheckpointSaved {
+            &cmd::CheckpointSaveResponse {
                 checkpoint_id,
                 saved_at,
             },
@@ -992,7 +992,7 @@ fn checkpoint_load(
     Ok(later(id, fut, move |id, found| match found {
         Some(c) => Ok(encode_reply(
             id,
-            &cmd::CheckpointLoaded {
+            &cmd::CheckpointLoadResponse {
                 checkpoint_id: c.id,
                 saved_at: c.saved_at,
                 data: c.data,
@@ -1010,7 +1010,11 @@ fn checkpoint_load(
 
 // ---------------------------------------------------------------- streams
 
-fn publish(ctx: &ConnCtx, id: &str, req: cmd::PublishRequest) -> Result<Reply, CommandError> {
+fn publish(
+    ctx: &ConnCtx,
+    id: &str,
+    req: cmd::PublishOutputEventsRequest,
+) -> Result<Reply, CommandError> {
     let session = session_for(
         ctx,
         CommandKind::EventsPublish,
@@ -1126,8 +1130,8 @@ fn finish(ctx: &ConnCtx, id: &str, req: cmd::RuntimeFinishCommand) -> Result<Rep
     ))
 }
 
-fn finished(end: &RunEnd) -> cmd::FinishResponse {
-    cmd::FinishResponse {
+fn finished(end: &RunEnd) -> cmd::RuntimeFinishResponse {
+    cmd::RuntimeFinishResponse {
         accepted: true,
         next_offset: end.next_offset,
     }

@@ -12,7 +12,8 @@
 
 use rungate::ids::{Capability, OpaqueId, RunId, SessionId};
 use rungate::protocol::commands::{
-    Accepted, AttachResponse, CheckpointLoaded, CheckpointSaved, HeartbeatResponse, push,
+    Accepted, CheckpointLoadResponse, CheckpointSaveResponse, HeartbeatResponse,
+    RuntimeAttachResponse, push,
 };
 use rungate::protocol::{
     Command, CommandError, CommandKind, ErrorCode, decode, encode_error, encode_push, encode_reply,
@@ -1311,7 +1312,7 @@ fn encoded_frames_validate() {
             "runtime.attach",
             parsed(encode_reply(
                 "1",
-                &AttachResponse {
+                &RuntimeAttachResponse {
                     session_id: sid.clone(),
                     run_id: run.clone(),
                     heartbeat_interval_ms: 10_000,
@@ -1324,7 +1325,7 @@ fn encoded_frames_validate() {
             "runtime.attach",
             parsed(encode_reply(
                 "2",
-                &AttachResponse {
+                &RuntimeAttachResponse {
                     session_id: sid.clone(),
                     run_id: run.clone(),
                     heartbeat_interval_ms: 1000,
@@ -1354,7 +1355,7 @@ fn encoded_frames_validate() {
             "checkpoint.save",
             parsed(encode_reply(
                 "8",
-                &CheckpointSaved {
+                &CheckpointSaveResponse {
                     checkpoint_id: "cp-1".into(),
                     saved_at: now,
                 },
@@ -1364,7 +1365,7 @@ fn encoded_frames_validate() {
             "checkpoint.load",
             parsed(encode_reply(
                 "9",
-                &CheckpointLoaded {
+                &CheckpointLoadResponse {
                     checkpoint_id: "cp-1".into(),
                     saved_at: now,
                     data: RawValue::from_string(r#"{"step": 3}"#.into()).unwrap(),

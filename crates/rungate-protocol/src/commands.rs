@@ -99,20 +99,20 @@ impl CommandKind {
 /// A request with its payload typed.
 #[derive(Debug)]
 pub enum Command {
-    Attach(AttachRequest),
-    Heartbeat(HeartbeatCommand),
-    RecoverConnections(RecoverConnectionsCommand),
+    RuntimeAttach(RuntimeAttachRequest),
+    RuntimeHeartbeat(HeartbeatCommand),
+    RuntimeRecoverConnections(RecoverConnectionsCommand),
     SecretsGet(GetSecretsCommand),
-    ConfigGet(SessionRef),
-    KvGet(GetKvCommand),
-    KvSet(SetKvCommand),
-    Publish(PublishRequest),
+    ConfigGet(GetConfigCommand),
+    KvGet(GetKVCommand),
+    KvSet(SetKVCommand),
+    EventsPublish(PublishOutputEventsRequest),
     CheckpointSave(CheckpointSaveCommand),
     CheckpointLoad(CheckpointLoadCommand),
     StreamResume(StreamResumeCommand),
     StreamCancel(StreamCancelCommand),
     RunsList(RunsListCommand),
-    Finish(RuntimeFinishCommand),
+    RuntimeFinish(RuntimeFinishCommand),
     RunCancel(RunCancelCommand),
 }
 
@@ -137,20 +137,22 @@ impl Command {
             ));
         }
         Ok(match kind {
-            CommandKind::RuntimeAttach => Command::Attach(typed(text)?),
-            CommandKind::RuntimeHeartbeat => Command::Heartbeat(typed(text)?),
-            CommandKind::RuntimeRecoverConnections => Command::RecoverConnections(typed(text)?),
+            CommandKind::RuntimeAttach => Command::RuntimeAttach(typed(text)?),
+            CommandKind::RuntimeHeartbeat => Command::RuntimeHeartbeat(typed(text)?),
+            CommandKind::RuntimeRecoverConnections => {
+                Command::RuntimeRecoverConnections(typed(text)?)
+            }
             CommandKind::SecretsGet => Command::SecretsGet(typed(text)?),
             CommandKind::ConfigGet => Command::ConfigGet(typed(text)?),
             CommandKind::KvGet => Command::KvGet(typed(text)?),
             CommandKind::KvSet => Command::KvSet(typed(text)?),
-            CommandKind::EventsPublish => Command::Publish(typed(text)?),
+            CommandKind::EventsPublish => Command::EventsPublish(typed(text)?),
             CommandKind::CheckpointSave => Command::CheckpointSave(typed(text)?),
             CommandKind::CheckpointLoad => Command::CheckpointLoad(typed(text)?),
             CommandKind::StreamResume => Command::StreamResume(typed(text)?),
             CommandKind::StreamCancel => Command::StreamCancel(typed(text)?),
             CommandKind::RunsList => Command::RunsList(typed(text)?),
-            CommandKind::RuntimeFinish => Command::Finish(typed(text)?),
+            CommandKind::RuntimeFinish => Command::RuntimeFinish(typed(text)?),
             CommandKind::RunCancel => Command::RunCancel(typed(text)?),
         })
     }
@@ -236,7 +238,7 @@ mod wire {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct AttachRequest {
+pub struct RuntimeAttachRequest {
     pub run_id: RunId,
     #[serde(default, deserialize_with = "wire::present")]
     pub attempt_id: Option<OpaqueId>,
@@ -317,6 +319,9 @@ impl RunCancelBody {
     }
 }
 
+/// `config.get`: only the session.
+pub type GetConfigCommand = SessionRef;
+
 /// The two members every command after attach carries.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -358,7 +363,7 @@ pub struct GetSecretsCommand {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct GetKvCommand {
+pub struct GetKVCommand {
     pub session_id: SessionId,
     pub run_id: RunId,
     pub keys: Vec<String>,
@@ -366,7 +371,7 @@ pub struct GetKvCommand {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct SetKvCommand {
+pub struct SetKVCommand {
     pub session_id: SessionId,
     pub run_id: RunId,
     pub kv: BTreeMap<String, String>,
@@ -376,16 +381,16 @@ pub struct SetKvCommand {
 /// the stream can store and forward them without re-serializing.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct PublishRequest {
+pub struct PublishOutputEventsRequest {
     pub session_id: SessionId,
     pub run_id: RunId,
-    pub events: Vec<OutputEventIn>,
+    pub events: Vec<OutputEvent>,
 }
 
 /// One output event as published: its raw JSON plus the members the gateway
 /// itself reads.
 #[derive(Debug)]
-pub struct OutputEventIn {
+pub struct OutputEvent {
     pub raw: Box<RawValue>,
     pub seq: Option<u64>,
 }
@@ -423,7 +428,7 @@ impl<'de> Deserialize<'de> for EventType {
     }
 }
 
-impl<'de> Deserialize<'de> for OutputEventIn {
+impl<'de> Deserialize<'de> for OutputEvent {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let raw = Box::<RawValue>::deserialize(d)?;
         if !raw.get().starts_with('{') {
@@ -434,7 +439,7 @@ impl<'de> Deserialize<'de> for OutputEventIn {
         let shape: OutputEventShape =
             serde_json::from_str(raw.get()).map_err(serde::de::Error::custom)?;
         let seq = shape.seq;
-        Ok(OutputEventIn { raw, seq })
+        Ok(OutputEvent { raw, seq })
     }
 }
 
@@ -498,7 +503,7 @@ pub const RUNS_LIST_MAX_LIMIT: u64 = 10_000;
 
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct AttachResponse {
+pub struct RuntimeAttachResponse {
     pub session_id: SessionId,
     pub run_id: RunId,
     pub heartbeat_interval_ms: u64,
@@ -525,32 +530,41 @@ impl Accepted {
     pub const YES: Accepted = Accepted { accepted: true };
 }
 
+/// `kv.set`'s reply.
+pub type SetKVResponse = Accepted;
+/// `events.publish`'s reply.
+pub type PublishOutputEventsResponse = Accepted;
+/// `runtime.recoverConnections`' reply.
+pub type RecoverConnectionsResponse = Accepted;
+/// `stream.cancel`'s reply.
+pub type StreamCancelResponse = Accepted;
+
 #[derive(Debug, Serialize)]
-pub struct SecretsResponse<'a> {
+pub struct GetSecretsResponse<'a> {
     /// Borrowed so the plaintext is never copied into a longer-lived value.
     pub secrets: BTreeMap<&'a str, &'a str>,
 }
 
 #[derive(Debug, Serialize)]
-pub struct ConfigResponse<'a> {
+pub struct GetConfigResponse<'a> {
     pub config: &'a serde_json::Map<String, Value>,
 }
 
 #[derive(Debug, Serialize)]
-pub struct KvResponse {
+pub struct GetKVResponse {
     pub kv: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct CheckpointSaved {
+pub struct CheckpointSaveResponse {
     pub checkpoint_id: String,
     pub saved_at: crate::time::Timestamp,
 }
 
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct CheckpointLoaded {
+pub struct CheckpointLoadResponse {
     pub checkpoint_id: String,
     pub saved_at: crate::time::Timestamp,
     pub data: Box<RawValue>,
@@ -559,7 +573,7 @@ pub struct CheckpointLoaded {
 /// The `runtime.finish` reply.
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct FinishResponse {
+pub struct RuntimeFinishResponse {
     pub accepted: bool,
     /// The run's final head: its events are the offsets below it.
     pub next_offset: u64,
@@ -683,7 +697,7 @@ mod tests {
         let ok = r#"{"runId":"r1","runtimeInstanceId":"i1","protocolVersion":"1"}"#;
         assert!(matches!(
             parse("runtime.attach", ok),
-            Ok(Command::Attach(_))
+            Ok(Command::RuntimeAttach(_))
         ));
         assert_eq!(
             path(parse(
@@ -728,7 +742,7 @@ mod tests {
         let text = format!(
             r#"{{"sessionId":"{sid}","runId":"r","events":[{{"type":"log","seq":3,"data":{{"b":1, "a":2}}}}]}}"#
         );
-        let Ok(Command::Publish(p)) = parse("events.publish", &text) else {
+        let Ok(Command::EventsPublish(p)) = parse("events.publish", &text) else {
             panic!("publish should parse")
         };
         assert_eq!(p.events[0].seq, Some(3));
