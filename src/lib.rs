@@ -2,36 +2,50 @@
 //!
 //! # Layout
 //!
-//! Three layers; imports only point down.
+//! The workspace has a crate per user (see README, *How it is built*):
+//! this one is the gateway and the `rungate` binary (`serve`, `token`,
+//! `demo`); `rungate-protocol` is the wire vocabulary every Rust party
+//! shares (ids, timestamps, the envelope and its one codec, typed payloads
+//! named as in spec/, pushes, error codes, the `stream.events` frame);
+//! `rungate-client` is the Rust client; `rungate-loadgen` the load
+//! generator, its baseline server and the soak; `rungate-test-support` the
+//! test plumbing. The clients for other languages are in `clients/`.
+//!
+//! Inside the gateway, three floors; imports only point down.
 //!
 //! 1. **Transport** — [`gateway`]: the listener, HTTP routes, WebSocket
-//!    connections and their stream subscriptions, SSE, dispatch, timers
-//!    (leases, stream upkeep), metrics, draining. Knows frames, not leases
-//!    or offsets.
-//! 2. **Protocol** — [`protocol`]: the envelope, typed command payloads,
-//!    error codes; encode and decode. No I/O.
-//! 3. **Domain** — [`session`] (sessions, leases, epochs), [`stream`]
-//!    (per-run ring buffers, offsets, subscriptions, the global budget),
-//!    [`store`] (KV and checkpoints), [`auth`] (tokens, run patterns),
-//!    [`run_config`] (per-run config and secrets). Plain types; time comes in
-//!    as an argument.
+//!    connections with their byte budgets and stream subscriptions, SSE,
+//!    dispatch, timers (leases, stream upkeep), metrics, draining. Knows
+//!    frames, not leases or offsets.
+//! 2. **Domain** — [`session`] (sessions, leases, epochs, a run's end and
+//!    pending cancel), [`stream`] (per-run ring buffers, offsets,
+//!    subscriptions, the end marker, the global budget; memory, durable log
+//!    and Redis engines), [`store`] (KV, checkpoints, session records),
+//!    [`auth`] (tokens, run patterns), [`run_config`] (per-run config and
+//!    secrets), [`origin`] (which browser pages may call). Plain types;
+//!    time comes in as an argument.
+//! 3. **Vocabulary** — [`protocol`] (the protocol crate, read here under
+//!    that name), [`ids`] and [`time`].
 //!
-//! Beside the layers, [`client`] is the Rust client for runtimes and viewers;
-//! it speaks only the wire protocol, like any other client.
-//!
-//! Shared vocabulary that every layer uses: [`ids`] and [`time`].
 //! [`config`] gathers flags, environment and the config file into one
-//! [`config::Config`].
+//! [`config::Config`], from one table of settings.
 //!
-//! The path of one frame: `gateway::connection` reads a text message →
-//! `protocol::decode` checks the envelope → `gateway::dispatch` types the
-//! payload and routes it by type → a domain call → `protocol::encode_*` →
-//! the connection's bounded write queue → the socket.
+//! The path of one command frame: `gateway::connection` reads a text
+//! message and charges it to the socket's budget → `protocol::decode`
+//! checks the envelope → `gateway::dispatch` types the payload
+//! (`protocol::Command::parse`), checks the endpoint and the session, and
+//! routes it by type → a domain call → `protocol::encode_reply` (or the one
+//! mapping of domain errors to protocol codes) → the connection's bounded
+//! write queue → the socket.
 //!
 //! The path of one published batch: `events.publish` is dispatched like any
-//! command → `stream::StreamHub::publish` appends it and builds its
-//! `stream.events` frame once → every subscribed connection's
-//! `gateway::follow` wakes, takes the same `Bytes` and queues it → sockets.
+//! command → `stream::StreamEngine::publish_as` (the memory hub, the durable
+//! log that appends and syncs before it shows the batch, or Redis, whose
+//! script assigns the offsets) → `stream::StreamHub` appends it to the run's
+//! ring and builds its `stream.events` frame once → every subscribed
+//! connection's `gateway::follow` wakes, takes the same `Bytes` and queues
+//! it → sockets. `runtime.finish` takes the same way and ends with the
+//! stream's `stream.ended` frame, built once too.
 //!
 //! Several gateways on one Redis (`--store redis://`) change the engines,
 //! not the paths: `store::redis` holds KV, checkpoints and sessions (and
@@ -40,7 +54,8 @@
 //! local `StreamHub`, so the batch above takes one detour (a Lua script in
 //! Redis, then its announcement back into every gateway's hub) and the rest
 //! is the same. `gateway::cluster` carries the news between gateways:
-//! sessions taken over elsewhere, and this gateway's keep-alive.
+//! sessions taken over elsewhere, cancels for sessions held elsewhere, and
+//! this gateway's keep-alive.
 
 pub mod auth;
 pub mod config;
