@@ -25,6 +25,9 @@ use super::{Phase, Rate, Shared};
 const ATTACH_TIMEOUT: Duration = Duration::from_secs(60);
 /// Batches in flight per publisher at a fixed rate before ticks are skipped.
 const RATE_WINDOW: usize = 64;
+/// How long a socket waits, once told to close, for the answers to what it
+/// already sent.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
 struct Pending {
     id: u64,
@@ -229,6 +232,7 @@ pub(crate) async fn run_socket(sh: Arc<Shared>, index: usize) {
     let mut seq: u64 = 1;
     let mut sent_batches: u64 = 0;
     let mut buf = String::new();
+    let mut closing: Option<Instant> = None;
     let mut phase = *phase_rx.borrow_and_update();
     let stats = &sh.stats;
     let main = sessions[0].clone();
@@ -253,7 +257,14 @@ pub(crate) async fn run_socket(sh: Arc<Shared>, index: usize) {
             };
         }
         if phase >= Phase::Close {
-            break;
+            // Requests already sent (a heartbeat of the last tick) get
+            // their answers before the socket closes, or a grace period
+            // passes: a request counts as unanswered only if the server
+            // really left it so, however late the tick fell.
+            let deadline = *closing.get_or_insert_with(|| Instant::now() + CLOSE_GRACE);
+            if conn.pending.is_empty() || Instant::now() >= deadline {
+                break;
+            }
         }
         // Send what the window allows.
         let mut failed = false;
@@ -336,7 +347,8 @@ pub(crate) async fn run_socket(sh: Arc<Shared>, index: usize) {
                     _ => {}
                 }
             }
-            _ = beat.tick() => {
+            _ = tokio::time::sleep_until(closing.unwrap_or_else(Instant::now)), if closing.is_some() => {}
+            _ = beat.tick(), if closing.is_none() => {
                 let now = Instant::now();
                 let counted = phase == Phase::Traffic;
                 for s in &sessions {
