@@ -5,6 +5,8 @@
 #   benches/scenarios.sh b    # idle attached sessions (as many as descriptors allow): RSS per session
 #   benches/scenarios.sh b5   # the same sockets with 5 sessions each (main run + 4 sub-runs)
 #   benches/scenarios.sh c    # ingest: 100 runtimes, batches of 100 × 200 B as fast as acknowledged
+#                             # (also: the disk's synced-write ceiling, measured before each
+#                             # gateway run, and the log's write amplification from /proc/PID/io)
 #   benches/scenarios.sh d    # fan-out: one run, 1,000 viewers: deliveries/s, publish-to-viewer latency (RATE=N batches/s paces the publisher)
 #   benches/scenarios.sh e    # resume: 1,000 viewers replay 10,000 events from offset 0: time to caught up
 #
@@ -21,7 +23,15 @@
 # scenario's size, LOADGEN_FLAGS adds loadgen flags, GATEWAY_FLAGS adds
 # `rungate serve` flags, MAX_LOAD (e.g. 1.5) waits up to 3 minutes before
 # each run for the 1-minute load average to drop below it.
-# Needs jq.
+# Needs jq (and python3 for c's disk ceiling).
+#
+# Scenario c also measures, in every gateway run: the disk's synced-write
+# ceiling just before it (python3 appending 2 MiB blocks of random bytes
+# to a file under OUT, each followed by fdatasync, for 2 s or 512 MiB),
+# given as bytes/s and as events/s of the scenario's event size; and the
+# gateway's write_bytes from /proc/PID/io over the loadgen run, divided by
+# the event bytes accepted (the log's write amplification; 0 with
+# `--store memory`). Both are added to the run's JSON under .disk.
 #
 # Two gateway nodes over one Redis (c, d and e only):
 #
@@ -90,7 +100,7 @@ mkdir -p "$out"
 
 # Per scenario: what it is, server flags, loadgen flags, metrics to
 # summarize as "label|jq path" (lower is better unless the label says /s).
-gw_flags=() bl_flags=() lg_flags=() metrics=()
+gw_flags=() bl_flags=() lg_flags=() metrics=() measure_disk= event_bytes=
 case $scenario in
 a)
     what="${SESSIONS:-10000} sessions heartbeating every 1 s for ${DURATION:-20} s"
@@ -125,11 +135,16 @@ b | b5)
 c)
     what="${SESSIONS:-100} runtimes publishing 100 × 200 B batches as fast as acknowledged for ${DURATION:-10} s"
     lg_flags=(--sessions "${SESSIONS:-100}" --rate max --batch 100 --event-bytes 200 --duration "${DURATION:-10}")
+    event_bytes=200 measure_disk=1
     metrics=("accepted events/s|.events.accepted_per_sec"
         "publish p50 µs|.commands[\"events.publish\"].p50_us"
         "publish p99 µs|.commands[\"events.publish\"].p99_us"
         "server CPU % (traffic)|.gateway.cpu_percent"
         "loadgen CPU % (traffic)|.loadgen.cpu_percent"
+        "disk ceiling MB/s|.disk.ceiling_bytes_per_sec | if . == null then null else . / 1e6 end"
+        "disk ceiling events/s|.disk.ceiling_events_per_sec"
+        "accepted / disk ceiling|.disk.of_ceiling"
+        "write amplification ×|.disk.amplification"
         "errors|[.errors[]] | add // 0")
     ;;
 d)
@@ -212,6 +227,27 @@ wait_addr() {
     [ -n "$addr" ] || { echo "server did not start; see $2" >&2; return 1; }
     echo "$addr"
 }
+
+# disk_ceiling: bytes/s this disk takes as 2 MiB appends each followed by
+# fdatasync (the most a synced log could reach), into a file under OUT.
+disk_ceiling() {
+    python3 - "$out/disk-ceiling.tmp" <<'PY'
+import os, sys, time
+path = sys.argv[1]
+block = os.urandom(2 << 20)
+fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+n, t0 = 0, time.monotonic()
+while time.monotonic() - t0 < 2.0 and n < (512 << 20):
+    n += os.write(fd, block)
+    os.fdatasync(fd)
+dt = time.monotonic() - t0
+os.close(fd)
+os.unlink(path)
+print(int(n / dt))
+PY
+}
+
+write_bytes() { awk '/^write_bytes/ { print $2 }' "/proc/$1/io"; }
 
 free_port() {
     python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
@@ -299,10 +335,23 @@ for run in $(seq "$runs"); do
     for target in gateway baseline; do
         wait_quiet
         load=$(cut -d' ' -f1-3 /proc/loadavg)
+        ceiling=
+        [ -n "$measure_disk" ] && [ "$target" = gateway ] && ceiling=$(disk_ceiling)
         start_server "$target" "$run"
         echo "run $run/$runs $target (load $load)" >&2
+        [ -n "$measure_disk" ] && written_before=$(write_bytes "$pid")
         "$loadgen" run --url "$url" "${auth[@]}" --json --gateway-pid "$pid" --label "$target" \
             "${node_flags[@]}" "${lg_flags[@]}" >"$out/$target-$run.json"
+        if [ -n "$measure_disk" ]; then
+            written=$(($(write_bytes "$pid") - written_before))
+            jq --argjson w "$written" --argjson c "${ceiling:-null}" --argjson eb "$event_bytes" \
+                '.disk = {write_bytes: $w, event_bytes: $eb, ceiling_bytes_per_sec: $c,
+                  ceiling_events_per_sec: (if $c == null then null else $c / $eb end),
+                  of_ceiling: (if $c == null then null else .events.accepted_per_sec * $eb / $c end),
+                  amplification: (if .events.events_accepted == 0 then null else $w / (.events.events_accepted * $eb) end)}' \
+                "$out/$target-$run.json" >"$out/$target-$run.json.tmp"
+            mv "$out/$target-$run.json.tmp" "$out/$target-$run.json"
+        fi
         stop_server
         echo "run $run $target: load average before $load" >>"$out/summary.txt"
         rm -rf "$out/gateway-$run-data" "$out/gateway-$run-data-b" "$out/redis-$run"

@@ -423,6 +423,13 @@ impl StreamHub {
         self.account(0, bytes);
     }
 
+    /// Calls `f` with `run`'s ring under its read lock, if it has a stream.
+    pub fn with_ring<T>(&self, run: &RunId, f: impl FnOnce(&Ring) -> T) -> Option<T> {
+        let stream = self.streams.get(run)?.clone();
+        let state = stream.state.read();
+        (!state.closed).then(|| f(&state.ring))
+    }
+
     /// Calls `f` with every stream's ring, each under its read lock.
     pub fn for_each_ring(&self, mut f: impl FnMut(&Ring)) {
         let streams: Vec<Arc<RunStream>> = self.streams.iter().map(|e| e.value().clone()).collect();

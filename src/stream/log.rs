@@ -24,10 +24,22 @@
 //!   and made visible only once written; a compaction writes it again
 //!   after the ring's batches.
 //!
-//! Space: when the segments hold several times what the rings keep, the
-//! writer writes a snapshot of every ring into a fresh segment and deletes
-//! the older ones. Must not know about sockets or sessions.
+//! Space: a segment is closed at 64 MiB and the next one started; nothing
+//! is rewritten then. The writer remembers, per segment, each run's epoch
+//! and the end offset of its last record there, and deletes the oldest
+//! segments once no ring still keeps an offset they hold (the rings evict
+//! on their own bounds, retention and the budget drop streams). A ring
+//! whose last record would go with them gets a snapshot record at the head
+//! first; a quiet ring that keeps the oldest segment alive while the log
+//! holds much more than the rings keep is rewritten at the head (snapshot
+//! and kept batches). So a busy log writes each event about once (issue
+//! #18: rewriting every ring at each rotation cost 28-34x the event bytes).
+//! `compact_now` still writes every ring into a fresh segment on request.
+//! The record format is unchanged by this (logs of earlier builds replay
+//! as they are). Must not know about sockets or sessions.
 
+use std::collections::hash_map::Entry;
+use std::collections::{HashMap, VecDeque};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -54,6 +66,9 @@ const MAGIC: &[u8; 8] = b"RGSLOG\x00\x01";
 const SEGMENT_BYTES: u64 = 64 << 20;
 /// Records written per group commit at most.
 const GROUP_MAX: usize = 4096;
+/// The writer's buffer: a group commit reaches the file in writes of this
+/// size.
+const WRITE_BUFFER: usize = 256 << 10;
 
 /// When the log is synced to disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -126,6 +141,39 @@ enum Record {
     },
 }
 
+impl Record {
+    /// The run a record is about, its epoch, and the end of the offsets
+    /// it holds (see [`Segment::runs`]).
+    fn pin(&self) -> (RunId, StreamEpoch, u64) {
+        match self {
+            Record::Batch {
+                run,
+                epoch,
+                first_offset,
+                events,
+                ..
+            } => (
+                run.clone(),
+                epoch.clone(),
+                first_offset + events.len() as u64,
+            ),
+            Record::Snapshot {
+                run,
+                epoch,
+                first_offset,
+                ..
+            } => (run.clone(), epoch.clone(), *first_offset),
+            Record::Drop { run, epoch } => (run.clone(), epoch.clone(), 0),
+            Record::End {
+                run,
+                epoch,
+                next_offset,
+                ..
+            } => (run.clone(), epoch.clone(), *next_offset),
+        }
+    }
+}
+
 fn put_str(buf: &mut Vec<u8>, s: &[u8]) {
     buf.extend_from_slice(&(s.len() as u32).to_le_bytes());
     buf.extend_from_slice(s);
@@ -141,9 +189,11 @@ fn put_seq(buf: &mut Vec<u8>, seq: Option<u64>) {
     }
 }
 
-/// `len | crc | body` around a body built by `body`.
-fn framed(body: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
-    let mut buf = vec![0u8; 8];
+/// `len | crc | body` around a body built by `body`, which is about
+/// `capacity` bytes (so a batch is copied once, into one allocation).
+fn framed(capacity: usize, body: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(8 + capacity);
+    buf.extend_from_slice(&[0; 8]);
     body(&mut buf);
     let len = (buf.len() - 8) as u32;
     let crc = crc32fast::hash(&buf[8..]);
@@ -159,10 +209,12 @@ fn encode_batch(
     last_seq: Option<u64>,
     events: &[&[u8]],
 ) -> Vec<u8> {
-    framed(|b| {
+    let (run, epoch) = (ring.run().as_str(), ring.epoch().as_str());
+    let texts: usize = events.iter().map(|e| 4 + e.len()).sum();
+    framed(1 + 8 + run.len() + epoch.len() + 8 + 9 + 4 + texts, |b| {
         b.push(1);
-        put_str(b, ring.run().as_str().as_bytes());
-        put_str(b, ring.epoch().as_str().as_bytes());
+        put_str(b, run.as_bytes());
+        put_str(b, epoch.as_bytes());
         b.extend_from_slice(&first_offset.to_le_bytes());
         put_seq(b, last_seq);
         b.extend_from_slice(&(events.len() as u32).to_le_bytes());
@@ -175,7 +227,7 @@ fn encode_batch(
 /// A ring's kept range and `seq` mark as of its visible head (batches
 /// appended but not yet written are written after the snapshot).
 fn encode_snapshot(ring: &Ring) -> Vec<u8> {
-    framed(|b| {
+    framed(64 + ring.run().as_str().len(), |b| {
         b.push(2);
         put_str(b, ring.run().as_str().as_bytes());
         put_str(b, ring.epoch().as_str().as_bytes());
@@ -185,7 +237,7 @@ fn encode_snapshot(ring: &Ring) -> Vec<u8> {
 }
 
 fn encode_drop(run: &RunId, epoch: &StreamEpoch) -> Vec<u8> {
-    framed(|b| {
+    framed(48 + run.as_str().len(), |b| {
         b.push(3);
         put_str(b, run.as_str().as_bytes());
         put_str(b, epoch.as_str().as_bytes());
@@ -193,7 +245,8 @@ fn encode_drop(run: &RunId, epoch: &StreamEpoch) -> Vec<u8> {
 }
 
 fn encode_end(ring: &Ring, end: &RunEnd) -> Vec<u8> {
-    framed(|b| {
+    let message = end.message.as_ref().map_or(0, String::len);
+    framed(64 + ring.run().as_str().len() + message, |b| {
         b.push(4);
         put_str(b, ring.run().as_str().as_bytes());
         put_str(b, ring.epoch().as_str().as_bytes());
@@ -442,9 +495,13 @@ impl Recovery {
 /// Reads every segment in order into `recovery`. A bad record at the end
 /// of the last segment is a write the crash cut short (never
 /// acknowledged): the segment is truncated there. Anywhere else it is
-/// corruption, reported.
-fn replay(dir: &Path, numbers: &[u64], recovery: &mut Recovery) -> Result<u64, LogError> {
-    let mut total = 0;
+/// corruption, reported. Answers each segment with what it holds.
+fn replay(
+    dir: &Path,
+    numbers: &[u64],
+    recovery: &mut Recovery,
+) -> Result<VecDeque<Segment>, LogError> {
+    let mut found = VecDeque::new();
     for (i, &n) in numbers.iter().enumerate() {
         let path = segment_path(dir, n);
         let last = i + 1 == numbers.len();
@@ -456,7 +513,7 @@ fn replay(dir: &Path, numbers: &[u64], recovery: &mut Recovery) -> Result<u64, L
             if last {
                 // Created, then the crash: start it over.
                 write_new_segment(&path)?;
-                total += MAGIC.len() as u64;
+                found.push_back(Segment::new(n, MAGIC.len() as u64));
                 continue;
             }
             return Err(LogError::Version { path });
@@ -465,6 +522,7 @@ fn replay(dir: &Path, numbers: &[u64], recovery: &mut Recovery) -> Result<u64, L
             return Err(LogError::Version { path });
         }
         let mut at = MAGIC.len();
+        let mut seg = Segment::new(n, 0);
         let bad = loop {
             if at == bytes.len() {
                 break None;
@@ -483,6 +541,8 @@ fn replay(dir: &Path, numbers: &[u64], recovery: &mut Recovery) -> Result<u64, L
             let Some(record) = decode(body) else {
                 break Some("a malformed record");
             };
+            let (run, epoch, end) = record.pin();
+            seg.note(run, epoch, end);
             recovery.apply(record);
             at += 8 + len;
         };
@@ -507,9 +567,10 @@ fn replay(dir: &Path, numbers: &[u64], recovery: &mut Recovery) -> Result<u64, L
             file.set_len(at as u64).map_err(io_err(&path))?;
             file.sync_all().map_err(io_err(&path))?;
         }
-        total += at as u64;
+        seg.bytes = at as u64;
+        found.push_back(seg);
     }
-    Ok(total)
+    Ok(found)
 }
 
 fn write_new_segment(path: &Path) -> Result<File, LogError> {
@@ -536,15 +597,21 @@ type Ack = oneshot::Sender<Result<(), StreamError>>;
 
 /// What becomes visible once a record is written.
 enum Commit {
-    /// The run's batches up to this head.
-    Batch(RunId, StreamEpoch, u64),
+    /// The run's batches up to the record's `end`.
+    Batch,
     /// The run's end.
-    End(RunId, StreamEpoch),
+    End,
 }
 
 enum Msg {
     Append {
         bytes: Vec<u8>,
+        /// The run the record is about, its epoch, and the end of what it
+        /// holds (a batch's next offset, a snapshot's first offset, the
+        /// final head for an end, 0 for a drop): see [`Segment::runs`].
+        run: RunId,
+        epoch: StreamEpoch,
+        end: u64,
         /// What to make visible once written.
         commit: Option<Commit>,
         ack: Option<Ack>,
@@ -562,6 +629,48 @@ struct LogState {
     failed: AtomicBool,
     /// Bytes in all segments.
     disk_bytes: AtomicU64,
+    /// Bytes ever written to segments by this process (records, magics,
+    /// snapshots, relocations): what the log costs the disk.
+    written_bytes: AtomicU64,
+}
+
+/// One segment file as the writer tracks it, to know when it may go.
+#[derive(Debug)]
+struct Segment {
+    number: u64,
+    /// Bytes in the file.
+    bytes: u64,
+    /// Every run with a record here: the epoch and the end offset of its
+    /// last record here. The segment holds nothing a ring still keeps once
+    /// each of these rings is gone, has another epoch, or has evicted
+    /// everything below the end.
+    runs: HashMap<RunId, (StreamEpoch, u64)>,
+}
+
+impl Segment {
+    fn new(number: u64, bytes: u64) -> Segment {
+        Segment {
+            number,
+            bytes,
+            runs: HashMap::new(),
+        }
+    }
+
+    fn note(&mut self, run: RunId, epoch: StreamEpoch, end: u64) {
+        match self.runs.entry(run) {
+            Entry::Occupied(mut e) => {
+                let seen = e.get_mut();
+                if seen.0 == epoch {
+                    seen.1 = seen.1.max(end);
+                } else {
+                    *seen = (epoch, end);
+                }
+            }
+            Entry::Vacant(e) => {
+                e.insert((epoch, end));
+            }
+        }
+    }
 }
 
 struct Writer {
@@ -569,14 +678,19 @@ struct Writer {
     policy: SyncPolicy,
     hub: Arc<StreamHub>,
     state: Arc<LogState>,
-    segment: u64,
     file: BufWriter<File>,
-    segment_bytes: u64,
-    /// Segment numbers on disk, oldest first (the current one last).
-    on_disk: Vec<u64>,
+    /// The segments on disk, oldest first; the last is the one written.
+    segments: VecDeque<Segment>,
+    /// A segment is closed and the next one started past this size.
+    segment_limit: u64,
+    last_reclaim: std::time::Instant,
     last_sync: std::time::Instant,
     dirty: bool,
 }
+
+/// How often the writer looks for old segments to delete between
+/// rotations (eviction and retention free them without any write).
+const RECLAIM_EVERY: Duration = Duration::from_secs(1);
 
 impl Writer {
     fn run(mut self, rx: mpsc::Receiver<Msg>) {
@@ -607,32 +721,59 @@ impl Writer {
             if !self.write_group(group) {
                 break;
             }
-            self.maybe_compact();
+            self.maintain();
         }
         self.sync();
+    }
+
+    fn current(&mut self) -> &mut Segment {
+        self.segments
+            .back_mut()
+            .expect("the writer always has a current segment")
+    }
+
+    fn head_number(&self) -> u64 {
+        self.segments.back().map_or(0, |s| s.number)
+    }
+
+    fn head_path(&self) -> PathBuf {
+        segment_path(&self.dir, self.head_number())
+    }
+
+    /// Appends `bytes` to the current segment (buffered).
+    fn write(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.file.write_all(bytes)?;
+        let n = bytes.len() as u64;
+        self.current().bytes += n;
+        self.state.disk_bytes.fetch_add(n, Ordering::Relaxed);
+        self.state.written_bytes.fetch_add(n, Ordering::Relaxed);
+        self.dirty = true;
+        Ok(())
     }
 
     /// Writes, syncs per policy, then commits and acknowledges. False once
     /// asked to stop.
     fn write_group(&mut self, group: Vec<Msg>) -> bool {
         let mut acks = Vec::new();
-        let mut commits = Vec::new();
+        let mut written = Vec::new();
         let mut flushes = Vec::new();
         let mut compactions = Vec::new();
         let mut stop = false;
         let mut result = Ok(());
         for msg in group {
             match msg {
-                Msg::Append { bytes, commit, ack } => {
+                Msg::Append {
+                    bytes,
+                    run,
+                    epoch,
+                    end,
+                    commit,
+                    ack,
+                } => {
                     if result.is_ok() && !self.state.failed.load(Ordering::Acquire) {
-                        result = self.file.write_all(&bytes);
-                        self.segment_bytes += bytes.len() as u64;
-                        self.state
-                            .disk_bytes
-                            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-                        self.dirty = true;
+                        result = self.write(&bytes);
                     }
-                    commits.extend(commit);
+                    written.push((run, epoch, end, commit));
                     acks.extend(ack);
                 }
                 Msg::Flush(done) => flushes.push(done),
@@ -657,11 +798,13 @@ impl Writer {
         }
         match result {
             Ok(()) => {
-                for commit in commits {
+                for (run, epoch, end, commit) in written {
                     match commit {
-                        Commit::Batch(run, epoch, up_to) => self.hub.commit(&run, &epoch, up_to),
-                        Commit::End(run, epoch) => self.hub.commit_end(&run, &epoch),
+                        Some(Commit::Batch) => self.hub.commit(&run, &epoch, end),
+                        Some(Commit::End) => self.hub.commit_end(&run, &epoch),
+                        None => {}
                     }
+                    self.current().note(run, epoch, end);
                 }
                 for ack in acks {
                     let _ = ack.send(Ok(()));
@@ -700,46 +843,203 @@ impl Writer {
     }
 
     fn sync(&mut self) {
-        if self.dirty && self.file.flush().is_ok() && self.file.get_ref().sync_data().is_ok() {
+        let _ = self.sync_checked();
+    }
+
+    fn sync_checked(&mut self) -> io::Result<()> {
+        if self.dirty {
+            self.file.flush()?;
+            self.file.get_ref().sync_data()?;
             self.dirty = false;
             self.last_sync = std::time::Instant::now();
         }
+        Ok(())
     }
 
-    /// Starts a new segment with a snapshot of every ring when the log
-    /// holds much more than the rings keep, then deletes the older
-    /// segments. Runs between groups, so every ring's visible part is
-    /// exactly what has been written.
-    fn maybe_compact(&mut self) {
+    /// Between groups: starts a new segment once the current one is full,
+    /// and deletes old segments nothing live is read from any more. Runs
+    /// between groups, so every ring's visible part is exactly what has
+    /// been written.
+    fn maintain(&mut self) {
         if self.state.failed.load(Ordering::Acquire) {
             return;
         }
-        let disk = self.state.disk_bytes.load(Ordering::Relaxed);
-        let live = self.hub.total_bytes() as u64;
-        let rotate = self.segment_bytes >= SEGMENT_BYTES;
-        let wasteful = disk > 2 * live + SEGMENT_BYTES;
-        if !rotate && !wasteful {
-            return;
+        let mut rotated = false;
+        if self.current().bytes >= self.segment_limit {
+            if let Err(e) = self.rotate() {
+                self.state.failed.store(true, Ordering::Release);
+                tracing::error!(error = %e, "stream log rotation failed; publishes are refused until the gateway restarts");
+                return;
+            }
+            rotated = true;
         }
-        if let Err(e) = self.compact() {
-            self.state.failed.store(true, Ordering::Release);
-            tracing::error!(error = %e, "stream log compaction failed; publishes are refused until the gateway restarts");
+        if self.segments.len() > 1 && (rotated || self.last_reclaim.elapsed() >= RECLAIM_EVERY) {
+            self.last_reclaim = std::time::Instant::now();
+            if let Err(e) = self.reclaim() {
+                self.state.failed.store(true, Ordering::Release);
+                tracing::error!(error = %e, "stream log reclaim failed; publishes are refused until the gateway restarts");
+            }
         }
     }
 
-    fn compact(&mut self) -> Result<(), LogError> {
-        let next = self.segment + 1;
+    /// Closes the current segment (synced: a segment that is not the last
+    /// must never have a torn tail) and starts the next.
+    fn rotate(&mut self) -> Result<(), LogError> {
+        let old = self.head_path();
+        self.sync_checked().map_err(io_err(&old))?;
+        let next = self.head_number() + 1;
         let path = segment_path(&self.dir, next);
         let file = write_new_segment(&path)?;
-        let mut out = BufWriter::new(file);
-        let mut written = MAGIC.len() as u64;
+        self.file = BufWriter::with_capacity(WRITE_BUFFER, file);
+        let magic = MAGIC.len() as u64;
+        self.segments.push_back(Segment::new(next, magic));
+        self.state.disk_bytes.fetch_add(magic, Ordering::Relaxed);
+        self.state.written_bytes.fetch_add(magic, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Whether a ring still keeps something recorded in `seg`.
+    fn pinned_by(&self, seg: &Segment) -> Vec<RunId> {
+        seg.runs
+            .iter()
+            .filter(|(run, (epoch, end))| {
+                self.hub
+                    .with_ring(run, |r| r.epoch() == epoch && r.first_offset() < *end)
+                    .unwrap_or(false)
+            })
+            .map(|(run, _)| run.clone())
+            .collect()
+    }
+
+    /// The old segments at the front that hold nothing a ring keeps.
+    fn dead_prefix(&self) -> usize {
+        let old = self.segments.len() - 1;
+        (0..old)
+            .take_while(|&i| self.pinned_by(&self.segments[i]).is_empty())
+            .count()
+    }
+
+    /// Deletes the oldest segments once no ring keeps anything they hold,
+    /// oldest first, so a crash at any point leaves a suffix of the log
+    /// (a drop record never goes before the records it cancels).
+    ///
+    /// A ring whose last record is in a segment that goes gets a snapshot
+    /// at the head first (its epoch, head and `seq` mark; it keeps no
+    /// events, or the segment would not be dead). When the segments hold
+    /// much more than the rings keep because a quiet ring still keeps a
+    /// batch in the oldest segment, that ring is rewritten at the head
+    /// (snapshot and kept batches), which frees the segment. Nothing else
+    /// is ever rewritten: a busy log costs the disk each byte about once.
+    fn reclaim(&mut self) -> Result<(), LogError> {
+        let mut dead = self.dead_prefix();
+        if dead == 0 {
+            let disk = self.state.disk_bytes.load(Ordering::Relaxed);
+            let live = self.hub.total_bytes() as u64;
+            if disk <= 2 * live + 2 * self.segment_limit {
+                return Ok(());
+            }
+            let pinners = self.pinned_by(&self.segments[0]);
+            for run in &pinners {
+                self.relocate(run)?;
+            }
+            dead = self.dead_prefix();
+            if dead == 0 {
+                return Ok(());
+            }
+        }
+        let mut last_here: HashMap<&RunId, &StreamEpoch> = HashMap::new();
+        for seg in self.segments.range(..dead) {
+            for (run, (epoch, _)) in &seg.runs {
+                last_here.insert(run, epoch);
+            }
+        }
+        let checkpoints: Vec<(RunId, StreamEpoch, u64, Vec<u8>)> = last_here
+            .into_iter()
+            .filter(|(run, _)| {
+                !self
+                    .segments
+                    .range(dead..)
+                    .any(|s| s.runs.contains_key(*run))
+            })
+            .filter_map(|(run, epoch)| {
+                self.hub
+                    .with_ring(run, |r| {
+                        (r.epoch() == epoch).then(|| {
+                            // A visible end is part of what the ring is: it
+                            // moves to the head with the snapshot.
+                            let mut bytes = encode_snapshot(r);
+                            if let Some(end) = r.visible_end() {
+                                bytes.extend_from_slice(&encode_end(r, end));
+                            }
+                            (run.clone(), epoch.clone(), r.first_offset(), bytes)
+                        })
+                    })
+                    .flatten()
+            })
+            .collect();
+        let head = self.head_path();
+        for (run, epoch, end, bytes) in checkpoints {
+            self.write(&bytes).map_err(io_err(&head))?;
+            self.current().note(run, epoch, end);
+        }
+        // What replaces the old segments must be on disk before they go.
+        self.sync_checked().map_err(io_err(&head))?;
+        for seg in self.segments.drain(..dead) {
+            let path = segment_path(&self.dir, seg.number);
+            fs::remove_file(&path).map_err(io_err(&path))?;
+            File::open(&self.dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io_err(&self.dir))?;
+            self.state
+                .disk_bytes
+                .fetch_sub(seg.bytes, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Rewrites `run`'s ring at the head (snapshot, then its visible
+    /// batches) and forgets its records in the older segments, which the
+    /// rewrite supersedes.
+    fn relocate(&mut self, run: &RunId) -> Result<(), LogError> {
+        let Some((epoch, end, records)) = self.hub.with_ring(run, |ring| {
+            let mut records = vec![encode_snapshot(ring)];
+            for (first, events) in ring.visible_batches() {
+                records.push(encode_batch(ring, first, None, &events));
+            }
+            if let Some(end) = ring.visible_end() {
+                records.push(encode_end(ring, end));
+            }
+            (ring.epoch().clone(), ring.next_offset(), records)
+        }) else {
+            return Ok(());
+        };
+        let head = self.head_path();
+        for bytes in &records {
+            self.write(bytes).map_err(io_err(&head))?;
+        }
+        let old = self.segments.len() - 1;
+        for seg in self.segments.range_mut(..old) {
+            seg.runs.remove(run);
+        }
+        self.current().note(run.clone(), epoch, end);
+        Ok(())
+    }
+
+    /// Writes a snapshot of every ring and its kept batches into a fresh
+    /// segment and deletes all the older ones.
+    fn compact(&mut self) -> Result<(), LogError> {
+        let next = self.head_number() + 1;
+        let path = segment_path(&self.dir, next);
+        let file = write_new_segment(&path)?;
+        let mut out = BufWriter::with_capacity(WRITE_BUFFER, file);
+        let mut seg = Segment::new(next, MAGIC.len() as u64);
         let mut failure = None;
         self.hub.for_each_ring(|ring| {
             if failure.is_some() {
                 return;
             }
             let mut write = |bytes: Vec<u8>| {
-                written += bytes.len() as u64;
+                seg.bytes += bytes.len() as u64;
                 if let Err(e) = out.write_all(&bytes) {
                     failure = Some(e);
                 }
@@ -753,6 +1053,7 @@ impl Writer {
             if let Some(end) = ring.visible_end() {
                 write(encode_end(ring, end));
             }
+            seg.note(ring.run().clone(), ring.epoch().clone(), ring.next_offset());
         });
         if let Some(e) = failure {
             return Err(io_err(&path)(e));
@@ -761,14 +1062,16 @@ impl Writer {
         out.get_ref().sync_data().map_err(io_err(&path))?;
         // The snapshot holds everything: the old segments can go.
         self.sync();
-        for old in std::mem::take(&mut self.on_disk) {
-            let _ = fs::remove_file(segment_path(&self.dir, old));
+        for old in std::mem::take(&mut self.segments) {
+            let _ = fs::remove_file(segment_path(&self.dir, old.number));
         }
-        self.on_disk = vec![next];
-        self.segment = next;
+        let written = seg.bytes;
+        self.segments.push_back(seg);
         self.file = out;
-        self.segment_bytes = written;
         self.state.disk_bytes.store(written, Ordering::Relaxed);
+        self.state
+            .written_bytes
+            .fetch_add(written, Ordering::Relaxed);
         tracing::info!(bytes = written, "stream log compacted");
         Ok(())
     }
@@ -796,6 +1099,17 @@ impl DurableStreams {
         limits: StreamLimits,
         policy: SyncPolicy,
     ) -> Result<DurableStreams, LogError> {
+        DurableStreams::open_with(dir, limits, policy, SEGMENT_BYTES)
+    }
+
+    /// As [`DurableStreams::open`], closing segments past `segment_limit`
+    /// bytes (tests use small ones to exercise rotation and reclaiming).
+    fn open_with(
+        dir: &Path,
+        limits: StreamLimits,
+        policy: SyncPolicy,
+        segment_limit: u64,
+    ) -> Result<DurableStreams, LogError> {
         fs::create_dir_all(dir).map_err(io_err(dir))?;
         let (tx, rx) = mpsc::channel::<Msg>();
         let (created_tx, dropped_tx) = (tx.clone(), tx.clone());
@@ -803,6 +1117,9 @@ impl DurableStreams {
             created: Box::new(move |ring| {
                 let _ = created_tx.send(Msg::Append {
                     bytes: encode_snapshot(ring),
+                    run: ring.run().clone(),
+                    epoch: ring.epoch().clone(),
+                    end: ring.first_offset(),
                     commit: None,
                     ack: None,
                 });
@@ -810,6 +1127,9 @@ impl DurableStreams {
             dropped: Box::new(move |run, epoch| {
                 let _ = dropped_tx.send(Msg::Append {
                     bytes: encode_drop(run, epoch),
+                    run: run.clone(),
+                    epoch: epoch.clone(),
+                    end: 0,
                     commit: None,
                     ack: None,
                 });
@@ -824,34 +1144,33 @@ impl DurableStreams {
             },
             rings: Default::default(),
         };
-        let disk = replay(dir, &numbers, &mut recovery)?;
+        let mut segments = replay(dir, &numbers, &mut recovery)?;
         let now = Instant::now();
         let restored = recovery.rings.len();
         for (_, ring) in recovery.rings {
             hub.restore(ring, now);
         }
-        let (segment, file, segment_bytes) = match numbers.last() {
-            Some(&n) => {
-                let path = segment_path(dir, n);
+        let file = match segments.back() {
+            Some(last) => {
+                let path = segment_path(dir, last.number);
                 let mut file = OpenOptions::new()
                     .write(true)
                     .open(&path)
                     .map_err(io_err(&path))?;
-                let len = file.seek(SeekFrom::End(0)).map_err(io_err(&path))?;
-                (n, file, len)
+                // Replay cut any torn tail: the file ends where it stopped.
+                file.seek(SeekFrom::End(0)).map_err(io_err(&path))?;
+                file
             }
             None => {
-                let path = segment_path(dir, 1);
-                (1, write_new_segment(&path)?, MAGIC.len() as u64)
+                let file = write_new_segment(&segment_path(dir, 1))?;
+                segments.push_back(Segment::new(1, MAGIC.len() as u64));
+                file
             }
         };
-        let mut on_disk = numbers.clone();
-        if on_disk.is_empty() {
-            on_disk.push(segment);
-        }
         let state = Arc::new(LogState {
             failed: AtomicBool::new(false),
-            disk_bytes: AtomicU64::new(disk.max(segment_bytes)),
+            disk_bytes: AtomicU64::new(segments.iter().map(|s| s.bytes).sum()),
+            written_bytes: AtomicU64::new(0),
         });
         if restored > 0 {
             tracing::info!(streams = restored, "stream log replayed");
@@ -861,10 +1180,10 @@ impl DurableStreams {
             policy,
             hub: hub.clone(),
             state: state.clone(),
-            segment,
-            file: BufWriter::with_capacity(256 << 10, file),
-            segment_bytes,
-            on_disk,
+            file: BufWriter::with_capacity(WRITE_BUFFER, file),
+            segments,
+            segment_limit,
+            last_reclaim: std::time::Instant::now(),
             last_sync: std::time::Instant::now(),
             dirty: false,
         };
@@ -888,6 +1207,12 @@ impl DurableStreams {
     /// Bytes the log occupies on disk.
     pub fn disk_bytes(&self) -> u64 {
         self.state.disk_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Bytes this process has written to the log so far, everything
+    /// included (records, segment headers, snapshots, rewrites).
+    pub fn written_bytes(&self) -> u64 {
+        self.state.written_bytes.load(Ordering::Relaxed)
     }
 
     /// Waits until everything queued so far is written and synced.
@@ -947,11 +1272,10 @@ impl StreamEngine for DurableStreams {
             };
             let _ = tx.send(Msg::Append {
                 bytes: encode_batch(ring, first, ring.last_seq(), &texts),
-                commit: Some(Commit::Batch(
-                    ring.run().clone(),
-                    ring.epoch().clone(),
-                    outcome.next_offset,
-                )),
+                run: ring.run().clone(),
+                epoch: ring.epoch().clone(),
+                end: outcome.next_offset,
+                commit: Some(Commit::Batch),
                 ack: ack.take(),
             });
         };
@@ -997,7 +1321,10 @@ impl StreamEngine for DurableStreams {
         let mut log = |ring: &Ring, end: &Arc<RunEnd>| {
             let _ = tx.send(Msg::Append {
                 bytes: encode_end(ring, end),
-                commit: Some(Commit::End(ring.run().clone(), ring.epoch().clone())),
+                run: ring.run().clone(),
+                epoch: ring.epoch().clone(),
+                end: ring.next_offset(),
+                commit: Some(Commit::End),
                 ack: ack.take(),
             });
         };

@@ -290,3 +290,186 @@ fn sync_policies_parse() {
     assert!("interval:0".parse::<SyncPolicy>().is_err());
     assert!("sometimes".parse::<SyncPolicy>().is_err());
 }
+
+/// An event of about 200 bytes, as the ingest benchmark publishes.
+fn big_event(i: u64) -> String {
+    let head = format!(r#"{{"type":"t","seq":{i},"data":""#);
+    format!("{head}{}\"}}", "x".repeat(200 - head.len() - 2))
+}
+
+async fn publish_big(engine: &DurableStreams, r: &RunId, seqs: std::ops::Range<u64>) -> usize {
+    let texts: Vec<String> = seqs.clone().map(big_event).collect();
+    let events: Vec<NewEvent<'_>> = texts
+        .iter()
+        .zip(seqs)
+        .map(|(json, seq)| NewEvent {
+            json,
+            seq: Some(seq),
+        })
+        .collect();
+    let out = engine.publish(r, &events, Instant::now()).await.unwrap();
+    assert_eq!(out.accepted, texts.len());
+    texts.iter().map(String::len).sum()
+}
+
+/// Segments small enough that a test fills dozens of them.
+const SMALL_SEGMENT: u64 = 8 << 10;
+
+fn small_rings() -> StreamLimits {
+    let mut l = limits();
+    l.max_events_per_run = 50;
+    l
+}
+
+fn open_small(dir: &Path) -> DurableStreams {
+    DurableStreams::open_with(dir, small_rings(), SyncPolicy::Always, SMALL_SEGMENT).unwrap()
+}
+
+/// The cause of issue #18: each rotation rewrote every ring. Now a busy
+/// log writes each event about once, and old segments go as the rings
+/// evict what they hold.
+#[tokio::test]
+async fn a_busy_log_writes_each_event_once_and_deletes_old_segments() {
+    let dir = tempfile::tempdir().unwrap();
+    let runs = [run("a"), run("b"), run("c")];
+    let engine = open_small(dir.path());
+    let mut published = 0;
+    for b in 0..150u64 {
+        for r in &runs {
+            published += publish_big(&engine, r, b * 10 + 1..b * 10 + 11).await;
+        }
+    }
+    let written = engine.written_bytes() as f64;
+    let amplification = written / published as f64;
+    assert!(
+        amplification < 1.15,
+        "{written} bytes written for {published} bytes of events: {amplification:.2}x"
+    );
+    // Three rings of 50 events of 200 B: about 30 KiB live.
+    let on_disk = segments(dir.path()).unwrap();
+    assert!(
+        engine.disk_bytes() < 30 * 1024 + 4 * SMALL_SEGMENT,
+        "{} bytes on disk in {} segments",
+        engine.disk_bytes(),
+        on_disk.len()
+    );
+    assert!(on_disk[0] > 1, "the first segments were deleted");
+    let before: Vec<_> = runs.iter().map(|r| contents(&engine, r)).collect();
+    assert!(before.iter().all(|(_, events)| events.len() == 50));
+    engine.close().await;
+
+    let engine = open_small(dir.path());
+    let after: Vec<_> = runs.iter().map(|r| contents(&engine, r)).collect();
+    assert_eq!(after, before, "same epochs, offsets and events");
+    let resent = engine
+        .publish(
+            &runs[0],
+            &[NewEvent {
+                json: &big_event(1500),
+                seq: Some(1500),
+            }],
+            Instant::now(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resent.duplicates, 1, "the seq mark survived");
+    engine.close().await;
+}
+
+/// A quiet ring keeps a batch in the oldest segment while a busy one
+/// writes on: it is rewritten at the head, so the disk holds about what the
+/// rings keep; a stream with no events (and one dropped) whose only records
+/// were in deleted segments keeps its epoch (stays dropped).
+#[tokio::test]
+async fn old_segments_go_whatever_quiet_empty_and_dropped_streams_they_hold() {
+    let dir = tempfile::tempdir().unwrap();
+    let (quiet, empty, gone, busy) = (run("quiet"), run("empty"), run("gone"), run("busy"));
+    let mut l = small_rings();
+    l.retention = Duration::from_millis(1);
+    let open = |l: StreamLimits| {
+        DurableStreams::open_with(dir.path(), l, SyncPolicy::Always, SMALL_SEGMENT).unwrap()
+    };
+    let engine = open(l.clone());
+    publish_big(&engine, &quiet, 1..4).await;
+    engine.session_started(&quiet, Instant::now());
+    engine.session_started(&empty, Instant::now());
+    publish_big(&engine, &gone, 1..4).await;
+    engine.session_ended(&gone, Instant::now());
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    assert_eq!(engine.sweep(Instant::now()).expired_streams, 1);
+    let kept = (contents(&engine, &quiet), contents(&engine, &empty).0);
+    for b in 0..300u64 {
+        publish_big(&engine, &busy, b * 10 + 1..b * 10 + 11).await;
+    }
+    let on_disk = segments(dir.path()).unwrap();
+    assert!(on_disk[0] > 1, "segment 1 (quiet's batch) was reclaimed");
+    assert!(
+        engine.disk_bytes() < 4 * 10 * 1024 + 4 * SMALL_SEGMENT,
+        "{} bytes on disk",
+        engine.disk_bytes()
+    );
+    engine.close().await;
+
+    let engine = open(l);
+    assert_eq!(contents(&engine, &quiet), kept.0);
+    assert_eq!(contents(&engine, &empty).0, kept.1, "the same epoch");
+    let runs: Vec<String> = engine.runs().iter().map(|s| s.run_id.to_string()).collect();
+    assert_eq!(runs, vec!["busy", "empty", "quiet"]);
+    let again = engine
+        .publish(
+            &quiet,
+            &[NewEvent {
+                json: &big_event(3),
+                seq: Some(3),
+            }],
+            Instant::now(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(again.duplicates, 1, "quiet's seq mark survived the rewrite");
+    engine.close().await;
+}
+
+/// An ended run's end is part of its ring: when the old segments that
+/// hold it go, the end is rewritten at the head with the ring, and a
+/// restart still knows the run ended (where the rotation of issue #18 and
+/// the run lifecycle of issue #15 meet).
+#[tokio::test]
+async fn an_end_outlives_the_segments_it_was_written_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let ended = run("ended");
+    let busy = [run("a"), run("b")];
+    let engine = open_small(dir.path());
+    publish_big(&engine, &ended, 1..6).await;
+    let request = crate::stream::EndRequest {
+        outcome: crate::ids::RunOutcome::Failed,
+        message: Some("boom".into()),
+        ended_at: crate::time::Timestamp::now(),
+    };
+    let end = engine
+        .finish(&ended, request, Instant::now())
+        .await
+        .unwrap();
+    assert_eq!(end.next_offset, 5);
+    for b in 0..150u64 {
+        for r in &busy {
+            publish_big(&engine, r, b * 10 + 1..b * 10 + 11).await;
+        }
+    }
+    let on_disk = segments(dir.path()).unwrap();
+    assert!(
+        on_disk[0] > 1,
+        "the first segments were deleted: {on_disk:?}"
+    );
+    let before = contents(&engine, &ended);
+    engine.close().await;
+
+    let engine = open_small(dir.path());
+    assert_eq!(contents(&engine, &ended), before, "same epoch and events");
+    let end = engine.summary(&ended).unwrap().end.expect("still ended");
+    assert_eq!(
+        (end.outcome, end.message.as_deref(), end.next_offset),
+        (crate::ids::RunOutcome::Failed, Some("boom"), 5)
+    );
+    engine.close().await;
+}
