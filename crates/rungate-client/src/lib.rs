@@ -38,9 +38,14 @@ pub enum ClientError {
     /// The gateway answered with an error frame.
     #[error("{code}: {message}")]
     Gateway {
+        /// The error frame's `code`: branch on this.
         code: ErrorCode,
+        /// The error frame's `message`, for humans only (never secrets or tokens).
         message: String,
+        /// The error frame's `retryable`: the same request may succeed later, unchanged.
         retryable: bool,
+        /// The error frame's `details`, if any (`path` for `INVALID_PAYLOAD`, `runId`, refused
+        /// capabilities…).
         details: Option<Value>,
     },
     /// No answer within the request timeout. The request may or may not

@@ -56,10 +56,13 @@ pub struct RuntimeOptions {
     pub request_timeout: Duration,
     /// Longest one connection attempt (TCP + handshake) may take.
     pub connect_timeout: Duration,
+    /// Delays between reconnect attempts after the socket is lost.
     pub backoff: Backoff,
 }
 
 impl RuntimeOptions {
+    /// Options for `url` with a fixed `token` and this runtime's `runtimeInstanceId`; 30 s request
+    /// timeout, 10 s connect timeout, default backoff.
     pub fn new(
         url: impl Into<String>,
         token: impl Into<String>,
@@ -89,9 +92,15 @@ impl RuntimeOptions {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ConnectionState {
     /// Connected at this `connectionEpoch`, sessions restored.
-    Connected { epoch: u64 },
+    Connected {
+        /// The socket's `connectionEpoch`.
+        epoch: u64,
+    },
     /// The socket is gone; reconnect attempt `attempt` is pending.
-    Reconnecting { attempt: u32 },
+    Reconnecting {
+        /// How many reconnect attempts failed before this one (0 for the first).
+        attempt: u32,
+    },
     /// [`RuntimeClient::close`] was called or every handle was dropped.
     Closed,
 }
@@ -102,28 +111,51 @@ pub enum ClientEvent {
     /// The socket was lost.
     Disconnected,
     /// A new socket carries the sessions again, at this epoch.
-    Reconnected { epoch: u64 },
+    Reconnected {
+        /// The new socket's `connectionEpoch`.
+        epoch: u64,
+    },
     /// The gateway is shutting down; the client will reconnect.
-    Draining { reconnect_after: Duration },
+    Draining {
+        /// The push's `reconnectAfterMs`: how long the client waits before reconnecting.
+        reconnect_after: Duration,
+    },
     /// The run's lease ran out; its unacknowledged publishes failed.
-    SessionExpired { run_id: String },
+    SessionExpired {
+        /// The run whose session expired (`runId`).
+        run_id: String,
+    },
     /// Another connection took the run over with a higher epoch.
-    SessionSuperseded { run_id: String },
+    SessionSuperseded {
+        /// The run whose session moved (`runId`).
+        run_id: String,
+    },
     /// After a reconnect the gateway no longer knew the run's session (its
     /// lease ran out, or the gateway restarted without durable sessions),
     /// so the client attached the run afresh: a new session, the same run.
-    SessionRenewed { run_id: String, session_id: String },
+    SessionRenewed {
+        /// The run attached afresh (`runId`).
+        run_id: String,
+        /// Its new session (`sessionId`).
+        session_id: String,
+    },
     /// The run ended (finished here, or the gateway said `RUN_ENDED`): its
     /// session is gone for good and the client forgot it.
-    RunEnded { run_id: String },
+    RunEnded {
+        /// The run that ended (`runId`).
+        run_id: String,
+    },
 }
 
 /// A viewer asked a run to stop (the `run.cancelRequested` push).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct CancelRequest {
+    /// The session holding the run (`sessionId`).
     pub session_id: String,
+    /// The run a viewer asked to stop (`runId`).
     pub run_id: String,
+    /// The viewer's `reason`, if it gave one (at most 1024 UTF-8 bytes).
     #[serde(default)]
     pub reason: Option<String>,
     /// RFC 3339.
@@ -148,22 +180,30 @@ struct FinishReply {
 /// The answer to [`RuntimeClient::attach`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Attached {
+    /// The session the gateway bound the run to (`sessionId`); later commands for the run carry it.
     pub session_id: String,
+    /// The run attached (`runId`).
     pub run_id: String,
+    /// How often to heartbeat (`heartbeatIntervalMs`); the client's driver does it.
     pub heartbeat_interval: Duration,
+    /// The version of the run's config (`configVersion`), when the gateway has one.
     pub config_version: Option<String>,
 }
 
 /// An output event to publish. The client adds `seq`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Event {
+    /// The event's `type`, 1 to 128 characters ('log', 'token', 'tool.call'…); the gateway does not
+    /// interpret it.
     pub kind: String,
+    /// The event's `data`: any JSON value; omitted when `None`.
     pub data: Option<Value>,
     /// RFC 3339; the gateway checks it.
     pub timestamp: Option<String>,
 }
 
 impl Event {
+    /// An event of type `kind` with no `data` and no `timestamp`.
     pub fn new(kind: impl Into<String>) -> Event {
         Event {
             kind: kind.into(),
@@ -172,11 +212,13 @@ impl Event {
         }
     }
 
+    /// Sets the event's `data`.
     pub fn data(mut self, data: Value) -> Event {
         self.data = Some(data);
         self
     }
 
+    /// Sets the event's `timestamp` (RFC 3339), when the runtime produced it.
     pub fn timestamp(mut self, rfc3339: impl Into<String>) -> Event {
         self.timestamp = Some(rfc3339.into());
         self

@@ -14,6 +14,7 @@ use std::sync::Arc;
 pub struct TokenSource(Arc<dyn Fn() -> String + Send + Sync>);
 
 impl TokenSource {
+    /// A source that calls `source` once per connection attempt.
     pub fn new(source: impl Fn() -> String + Send + Sync + 'static) -> TokenSource {
         TokenSource(Arc::new(source))
     }

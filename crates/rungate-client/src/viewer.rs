@@ -36,13 +36,17 @@ pub struct ViewerOptions {
     pub token: String,
     /// Asked for a token at every connection ([`ViewerOptions::with_token_source`]).
     pub token_source: Option<TokenSource>,
+    /// Longest one connection attempt (TCP + handshake) may take.
     pub connect_timeout: Duration,
+    /// Delays between reconnect attempts after the socket is lost.
     pub backoff: Backoff,
     /// Items buffered for a caller that reads slowly.
     pub buffer: usize,
 }
 
 impl ViewerOptions {
+    /// Options for `url` with a fixed `token`; 10 s connect timeout, default backoff, 256 buffered
+    /// items.
     pub fn new(url: impl Into<String>, token: impl Into<String>) -> ViewerOptions {
         ViewerOptions {
             url: url.into(),
@@ -69,23 +73,43 @@ pub enum StreamItem {
     /// owed are gone (older than the oldest kept, or the stream's history
     /// was replaced: `stream_epoch` differs from the previous one).
     Resumed {
+        /// The stream's history being followed (`streamEpoch`).
         stream_epoch: String,
+        /// The oldest offset still kept (`firstOffset`).
         first_offset: u64,
+        /// The head: the offset the next published event will get (`nextOffset`).
         next_offset: u64,
+        /// The offset of the first event this subscription delivers (`startOffset`).
         start_offset: u64,
+        /// History the caller asked for is gone (`truncated`).
         truncated: bool,
     },
     /// One event, in offset order.
-    Event { offset: u64, event: Value },
+    Event {
+        /// The event's position in the run's stream (`offset`).
+        offset: u64,
+        /// The JSON the runtime published (`event`).
+        event: Value,
+    },
     /// Offsets `from..=to` were dropped before they could be delivered.
-    Gap { from: u64, to: u64 },
+    Gap {
+        /// The first missed offset (`fromOffset`).
+        from: u64,
+        /// The last missed offset, inclusive (`toOffset`).
+        to: u64,
+    },
     /// The stream's history was dropped by the gateway; a `Resumed` with
     /// the run's new stream follows.
-    Closed { stream_epoch: String },
+    Closed {
+        /// The epoch of the stream that was dropped (`streamEpoch`).
+        stream_epoch: String,
+    },
     /// The run ended (`stream.ended`) and every event before its end was
     /// delivered. The last item: the follower ends after it.
     Ended {
+        /// How the run ended (`outcome`).
         outcome: RunOutcome,
+        /// The finish's `message`, if it carried one.
         message: Option<String>,
         /// The run's final head.
         next_offset: u64,
@@ -270,6 +294,7 @@ pub struct ViewerClient {
 }
 
 impl ViewerClient {
+    /// A client with these options; it connects when a run is followed.
     pub fn new(options: ViewerOptions) -> ViewerClient {
         ViewerClient { options }
     }

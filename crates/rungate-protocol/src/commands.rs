@@ -20,24 +20,41 @@ use crate::ids::{Capability, OpaqueId, RunId, RunOutcome, SessionId, StreamEpoch
 /// Every request type the gateway knows, by its wire name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum CommandKind {
+    /// `runtime.attach`: start or move a session.
     RuntimeAttach,
+    /// `runtime.heartbeat`: renew a session's lease.
     RuntimeHeartbeat,
+    /// `runtime.recoverConnections`: move sub-run sessions onto this socket after the main session
+    /// reattached.
     RuntimeRecoverConnections,
+    /// `secrets.get`: read the run's secrets (capability `secrets.read`).
     SecretsGet,
+    /// `config.get`: read the run's config.
     ConfigGet,
+    /// `kv.get`: read keys of the run's KV store (capability `kv.read`).
     KvGet,
+    /// `kv.set`: write keys of the run's KV store (capability `kv.write`).
     KvSet,
+    /// `events.publish`: append output events to the run's stream.
     EventsPublish,
+    /// `checkpoint.save`: save a checkpoint of the run (capability `checkpoint.save`).
     CheckpointSave,
+    /// `checkpoint.load`: load a checkpoint of the run (capability `checkpoint.load`).
     CheckpointLoad,
+    /// `stream.resume`: subscribe this socket to a run's stream.
     StreamResume,
+    /// `stream.cancel`: end this socket's subscription to a run's stream.
     StreamCancel,
+    /// `runs.list`: one page of the runs the token covers.
     RunsList,
+    /// `runtime.finish`: end the run with an outcome.
     RuntimeFinish,
+    /// `run.cancel`: a viewer asks the run's runtime to stop.
     RunCancel,
 }
 
 impl CommandKind {
+    /// Every kind, in the order of the enum.
     pub const ALL: [CommandKind; 15] = [
         CommandKind::RuntimeAttach,
         CommandKind::RuntimeHeartbeat,
@@ -56,6 +73,7 @@ impl CommandKind {
         CommandKind::RunCancel,
     ];
 
+    /// The wire name, the request's `type` (`runtime.attach`, `kv.get`, …).
     pub fn as_str(self) -> &'static str {
         match self {
             CommandKind::RuntimeAttach => "runtime.attach",
@@ -76,6 +94,7 @@ impl CommandKind {
         }
     }
 
+    /// The kind whose wire name is `s`, if any (`None` is `UNKNOWN_TYPE`).
     pub fn parse(s: &str) -> Option<CommandKind> {
         CommandKind::ALL.into_iter().find(|k| k.as_str() == s)
     }
@@ -99,20 +118,35 @@ impl CommandKind {
 /// A request with its payload typed.
 #[derive(Debug)]
 pub enum Command {
+    /// A `runtime.attach` payload.
     RuntimeAttach(RuntimeAttachRequest),
+    /// A `runtime.heartbeat` payload.
     RuntimeHeartbeat(HeartbeatCommand),
+    /// A `runtime.recoverConnections` payload.
     RuntimeRecoverConnections(RecoverConnectionsCommand),
+    /// A `secrets.get` payload.
     SecretsGet(GetSecretsCommand),
+    /// A `config.get` payload.
     ConfigGet(GetConfigCommand),
+    /// A `kv.get` payload.
     KvGet(GetKVCommand),
+    /// A `kv.set` payload.
     KvSet(SetKVCommand),
+    /// An `events.publish` payload.
     EventsPublish(PublishOutputEventsRequest),
+    /// A `checkpoint.save` payload.
     CheckpointSave(CheckpointSaveCommand),
+    /// A `checkpoint.load` payload.
     CheckpointLoad(CheckpointLoadCommand),
+    /// A `stream.resume` payload.
     StreamResume(StreamResumeCommand),
+    /// A `stream.cancel` payload.
     StreamCancel(StreamCancelCommand),
+    /// A `runs.list` payload.
     RunsList(RunsListCommand),
+    /// A `runtime.finish` payload.
     RuntimeFinish(RuntimeFinishCommand),
+    /// A `run.cancel` payload.
     RunCancel(RunCancelCommand),
 }
 
@@ -188,6 +222,8 @@ pub fn protocol_version_supported(v: &str) -> bool {
     v == "1" || v.strip_prefix("1.").is_some_and(|rest| !rest.is_empty())
 }
 
+/// The `UNSUPPORTED_PROTOCOL` error for `protocolVersion` `v`, with `details.supported` listing
+/// `"1"`.
 pub fn unsupported_protocol(v: &str) -> CommandError {
     CommandError::new(
         ErrorCode::UnsupportedProtocol,
@@ -203,7 +239,7 @@ mod wire {
     /// An optional member that, when present, must hold a value: `null` is
     /// refused as the schemas refuse it (serde's `Option` would take it as
     /// absent). Pair with `#[serde(default)]` for the absent case.
-    pub fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
+    pub(super) fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
         d: D,
     ) -> Result<Option<T>, D::Error> {
         T::deserialize(d).map(Some)
@@ -211,7 +247,9 @@ mod wire {
 
     /// A non-negative integer as JSON Schema counts them: `3`, and also
     /// `3.0` or `3e0`, which are integers to a schema but not to serde.
-    pub fn present_whole_u64<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    pub(super) fn present_whole_u64<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<u64>, D::Error> {
         #[derive(Deserialize)]
         #[serde(untagged)]
         enum Number {
@@ -236,16 +274,27 @@ mod wire {
 
 // ---------------------------------------------------------------- requests
 
+/// `runtime.attach`: binds a run to this runtime instance, as a fresh session or (with `reconnect`)
+/// by moving its session to this socket.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RuntimeAttachRequest {
+    /// The run to attach (`runId`).
     pub run_id: RunId,
+    /// This attempt at the run, chosen by the runtime (`attemptId`); opaque to the gateway.
     #[serde(default, deserialize_with = "wire::present")]
     pub attempt_id: Option<OpaqueId>,
+    /// The runtime instance the session belongs to (`runtimeInstanceId`); a reconnect must present
+    /// the same one.
     pub runtime_instance_id: OpaqueId,
+    /// The protocol version the runtime speaks (`protocolVersion`): `"1"` or `"1.x"`.
     pub protocol_version: String,
+    /// `reconnect`: move the run's existing session to this socket instead of starting one (default
+    /// false).
     #[serde(default)]
     pub reconnect: bool,
+    /// `connectionEpoch`: a fresh session's epoch (default 0); a reconnect's must be greater than
+    /// the session's current one.
     #[serde(default, deserialize_with = "wire::present_whole_u64")]
     pub connection_epoch: Option<u64>,
     /// Runtime capabilities only: the viewer's `run.cancel` is unknown here.
@@ -278,9 +327,13 @@ impl<'de> Deserialize<'de> for ShortText {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RuntimeFinishCommand {
+    /// The session holding the run (`sessionId`).
     pub session_id: SessionId,
+    /// The run to end (`runId`).
     pub run_id: RunId,
+    /// How the run ended (`outcome`): `completed`, `failed` or `cancelled`.
     pub outcome: RunOutcome,
+    /// Free text for humans about the end (`message`), kept with the run.
     #[serde(default, deserialize_with = "wire::present")]
     pub message: Option<ShortText>,
 }
@@ -289,7 +342,9 @@ pub struct RuntimeFinishCommand {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RunCancelCommand {
+    /// The run to stop (`runId`).
     pub run_id: RunId,
+    /// Why (`reason`), passed on in the `run.cancelRequested` push.
     #[serde(default, deserialize_with = "wire::present")]
     pub reason: Option<ShortText>,
 }
@@ -298,6 +353,7 @@ pub struct RunCancelCommand {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RunCancelBody {
+    /// Why (`reason`), passed on in the `run.cancelRequested` push.
     #[serde(default, deserialize_with = "wire::present")]
     pub reason: Option<ShortText>,
 }
@@ -326,54 +382,81 @@ pub type GetConfigCommand = SessionRef;
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct SessionRef {
+    /// The session the command is for (`sessionId`).
     pub session_id: SessionId,
+    /// The run bound to that session (`runId`).
     pub run_id: RunId,
 }
 
+/// `runtime.heartbeat`: renews the session's lease.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct HeartbeatCommand {
+    /// The session whose lease to renew (`sessionId`).
     pub session_id: SessionId,
+    /// The run bound to that session (`runId`).
     pub run_id: RunId,
+    /// The runtime instance sending it (`runtimeInstanceId`), if given.
     #[serde(default, deserialize_with = "wire::present")]
     pub runtime_instance_id: Option<OpaqueId>,
+    /// Free-form `metadata` object from the runtime, if any.
     #[serde(default, deserialize_with = "wire::present")]
     pub metadata: Option<serde_json::Map<String, Value>>,
 }
 
+/// `runtime.recoverConnections`: after the main session reattached, moves the listed sub-run
+/// sessions of the same runtime instance onto this socket, all or none.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RecoverConnectionsCommand {
+    /// The main run's session (`sessionId`).
     pub session_id: SessionId,
+    /// The main run (`mainRunId`).
     pub main_run_id: RunId,
+    /// The sub-runs whose sessions to move (`subRunIds`); absent means every unexpired sub-run
+    /// of the main session.
     #[serde(default, deserialize_with = "wire::present")]
     pub sub_run_ids: Option<Vec<RunId>>,
+    /// The main session's current epoch, which the sub-runs move to (`connectionEpoch`); any
+    /// other value is `STALE_EPOCH`.
     #[serde(default, deserialize_with = "wire::present_whole_u64")]
     pub connection_epoch: Option<u64>,
 }
 
+/// `secrets.get`: the run's secrets (capability `secrets.read`).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct GetSecretsCommand {
+    /// The session asking (`sessionId`).
     pub session_id: SessionId,
+    /// The run whose secrets to read (`runId`).
     pub run_id: RunId,
+    /// Only these secrets (`names`); absent means all of the run's.
     #[serde(default, deserialize_with = "wire::present")]
     pub names: Option<Vec<String>>,
 }
 
+/// `kv.get`: values of the run's KV store (capability `kv.read`).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct GetKVCommand {
+    /// The session asking (`sessionId`).
     pub session_id: SessionId,
+    /// The run whose KV store to read (`runId`).
     pub run_id: RunId,
+    /// The keys to read (`keys`).
     pub keys: Vec<String>,
 }
 
+/// `kv.set`: writes to the run's KV store (capability `kv.write`).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct SetKVCommand {
+    /// The session asking (`sessionId`).
     pub session_id: SessionId,
+    /// The run whose KV store to write (`runId`).
     pub run_id: RunId,
+    /// The keys and the values to store under them (`kv`).
     pub kv: BTreeMap<String, String>,
 }
 
@@ -382,8 +465,11 @@ pub struct SetKVCommand {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct PublishOutputEventsRequest {
+    /// The publishing session (`sessionId`).
     pub session_id: SessionId,
+    /// The run whose stream the events join (`runId`).
     pub run_id: RunId,
+    /// The batch (`events`), appended in order, atomically.
     pub events: Vec<OutputEvent>,
 }
 
@@ -391,7 +477,9 @@ pub struct PublishOutputEventsRequest {
 /// itself reads.
 #[derive(Debug)]
 pub struct OutputEvent {
+    /// The event's JSON exactly as received (member order and spacing included).
     pub raw: Box<RawValue>,
+    /// The event's `seq`, the runtime's per-run sequence number used to drop duplicates.
     pub seq: Option<u64>,
 }
 
@@ -443,43 +531,59 @@ impl<'de> Deserialize<'de> for OutputEvent {
     }
 }
 
+/// `checkpoint.save`: saves `data` as the run's latest checkpoint (capability `checkpoint.save`).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct CheckpointSaveCommand {
+    /// The session saving (`sessionId`).
     pub session_id: SessionId,
+    /// The run the checkpoint belongs to (`runId`).
     pub run_id: RunId,
     /// Any JSON, but one the runtime's parser can read back at load.
     #[serde(deserialize_with = "super::any_json::raw")]
     pub data: Box<RawValue>,
+    /// The checkpoint to replace (`checkpointId`); absent means the gateway picks a fresh id.
     #[serde(default, deserialize_with = "wire::present")]
     pub checkpoint_id: Option<OpaqueId>,
 }
 
+/// `checkpoint.load`: a checkpoint of the run back, as saved (capability `checkpoint.load`).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct CheckpointLoadCommand {
+    /// The session loading (`sessionId`).
     pub session_id: SessionId,
+    /// The run the checkpoint belongs to (`runId`).
     pub run_id: RunId,
+    /// The checkpoint to load (`checkpointId`); absent means the run's latest.
     #[serde(default, deserialize_with = "wire::present")]
     pub checkpoint_id: Option<OpaqueId>,
 }
 
+/// `stream.resume`: subscribes this socket to the run's stream from an offset.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct StreamResumeCommand {
+    /// The run whose stream to follow (`runId`).
     pub run_id: RunId,
+    /// The first offset wanted (`fromOffset`); absent means live from the head.
     #[serde(default, deserialize_with = "wire::present_whole_u64")]
     pub from_offset: Option<u64>,
+    /// The `streamEpoch` the client last saw for this run, if any.
     #[serde(default, deserialize_with = "wire::present")]
     pub stream_epoch: Option<StreamEpoch>,
+    /// The session asking (`sessionId`): required on /v1/runtime, absent on /v1/stream.
     #[serde(default, deserialize_with = "wire::present")]
     pub session_id: Option<SessionId>,
 }
 
+/// `stream.cancel`: ends this socket's subscription to the run (idempotent).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct StreamCancelCommand {
+    /// The run whose subscription to end (`runId`).
     pub run_id: RunId,
+    /// The session asking (`sessionId`): required on /v1/runtime, absent on /v1/stream.
     #[serde(default, deserialize_with = "wire::present")]
     pub session_id: Option<SessionId>,
 }
@@ -501,21 +605,30 @@ pub const RUNS_LIST_MAX_LIMIT: u64 = 10_000;
 
 // ----------------------------------------------------------------- replies
 
+/// The `runtime.attach` reply.
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct RuntimeAttachResponse {
+    /// The session now bound to the run (`sessionId`); the same one on a reconnect.
     pub session_id: SessionId,
+    /// The run attached (`runId`).
     pub run_id: RunId,
+    /// How often to heartbeat, in milliseconds (`heartbeatIntervalMs`).
     pub heartbeat_interval_ms: u64,
+    /// When the lease runs out unless a heartbeat renews it (`leaseExpiresAt`).
     pub lease_expires_at: crate::time::Timestamp,
+    /// The version of the run's config (`configVersion`), when there is one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub config_version: Option<String>,
 }
 
+/// The `runtime.heartbeat` reply.
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct HeartbeatResponse {
+    /// Whether the lease was renewed (`accepted`).
     pub accepted: bool,
+    /// When the next heartbeat is due (`nextHeartbeatDueAt`).
     pub next_heartbeat_due_at: crate::time::Timestamp,
 }
 
@@ -523,10 +636,12 @@ pub struct HeartbeatResponse {
 /// events.publish and stream.cancel.
 #[derive(Debug, Serialize)]
 pub struct Accepted {
+    /// Always true in a reply (`accepted`).
     pub accepted: bool,
 }
 
 impl Accepted {
+    /// `{"accepted": true}`.
     pub const YES: Accepted = Accepted { accepted: true };
 }
 
@@ -539,34 +654,46 @@ pub type RecoverConnectionsResponse = Accepted;
 /// `stream.cancel`'s reply.
 pub type StreamCancelResponse = Accepted;
 
+/// The `secrets.get` reply.
 #[derive(Debug, Serialize)]
 pub struct GetSecretsResponse<'a> {
     /// Borrowed so the plaintext is never copied into a longer-lived value.
     pub secrets: BTreeMap<&'a str, &'a str>,
 }
 
+/// The `config.get` reply.
 #[derive(Debug, Serialize)]
 pub struct GetConfigResponse<'a> {
+    /// The run's config object (`config`).
     pub config: &'a serde_json::Map<String, Value>,
 }
 
+/// The `kv.get` reply.
 #[derive(Debug, Serialize)]
 pub struct GetKVResponse {
+    /// The keys asked for that hold a value, with their values (`kv`).
     pub kv: BTreeMap<String, String>,
 }
 
+/// The `checkpoint.save` reply.
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct CheckpointSaveResponse {
+    /// The id the checkpoint was saved under (`checkpointId`).
     pub checkpoint_id: String,
+    /// When it was saved (`savedAt`).
     pub saved_at: crate::time::Timestamp,
 }
 
+/// The `checkpoint.load` reply.
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct CheckpointLoadResponse {
+    /// The id of the checkpoint loaded (`checkpointId`).
     pub checkpoint_id: String,
+    /// When it was saved (`savedAt`).
     pub saved_at: crate::time::Timestamp,
+    /// The JSON value saved, unchanged (`data`).
     pub data: Box<RawValue>,
 }
 
@@ -574,6 +701,7 @@ pub struct CheckpointLoadResponse {
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct RuntimeFinishResponse {
+    /// Always true in a reply (`accepted`).
     pub accepted: bool,
     /// The run's final head: its events are the offsets below it.
     pub next_offset: u64,
@@ -592,6 +720,7 @@ pub struct RunCancelResponse {
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct RunsListResponse {
+    /// The runs of this page, in run id order (`runs`).
     pub runs: Vec<RunSummary>,
     /// Set when more runs follow: the `cursor` of the next page.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -602,17 +731,23 @@ pub struct RunsListResponse {
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct RunSummary {
+    /// The run (`runId`).
     pub run_id: RunId,
     /// `attached`, `detached`, `expired` or `ended`.
     pub state: &'static str,
+    /// The current history of the run's stream (`streamEpoch`).
     pub stream_epoch: StreamEpoch,
+    /// The oldest offset still kept (`firstOffset`; equal to `nextOffset` when nothing is kept).
     pub first_offset: u64,
+    /// The head: the offset the next published event will get (`nextOffset`).
     pub next_offset: u64,
     /// Set on an ended run.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub outcome: Option<RunOutcome>,
+    /// When the run ended (`endedAt`); only on an ended run.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ended_at: Option<crate::time::Timestamp>,
+    /// The finish's `message`; only on an ended run whose finish carried one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
 }
@@ -625,11 +760,17 @@ pub mod push {
 
     use crate::ids::{RunId, SessionId, StreamEpoch};
 
+    /// Push type sent to the old socket when a reconnect moved the session elsewhere.
     pub const SESSION_SUPERSEDED: &str = "session.superseded";
+    /// Push type sent when a session's lease ran out.
     pub const SESSION_EXPIRED: &str = "session.expired";
+    /// Push type sent to every socket when the gateway starts shutting down.
     pub const GATEWAY_DRAINING: &str = "gateway.draining";
+    /// Push type sent when the stream a socket followed was dropped.
     pub const STREAM_CLOSED: &str = "stream.closed";
+    /// Push type sent once per subscription after an ended run's last event.
     pub const STREAM_ENDED: &str = "stream.ended";
+    /// Push type sent to the runtime socket holding a run a viewer asked to stop.
     pub const RUN_CANCEL_REQUESTED: &str = "run.cancelRequested";
 
     /// A viewer asked the run to stop (`run.cancel`); pushed on the socket
@@ -638,32 +779,45 @@ pub mod push {
     #[derive(Debug, Serialize)]
     #[serde(rename_all = "camelCase")]
     pub struct RunCancelRequested<'a> {
+        /// The session holding the run (`sessionId`).
         pub session_id: &'a SessionId,
+        /// The run asked to stop (`runId`).
         pub run_id: &'a RunId,
+        /// The viewer's `reason`, if it gave one.
         #[serde(skip_serializing_if = "Option::is_none")]
         pub reason: Option<&'a str>,
+        /// When the viewer asked (`requestedAt`).
         pub requested_at: crate::time::Timestamp,
     }
 
+    /// `session.superseded`: a reconnect with a greater `connectionEpoch` moved the session to
+    /// another socket; this one now gets `STALE_EPOCH` for it.
     #[derive(Debug, Serialize)]
     #[serde(rename_all = "camelCase")]
     pub struct SessionSuperseded<'a> {
+        /// The session that moved (`sessionId`).
         pub session_id: &'a SessionId,
+        /// The run bound to it (`runId`).
         pub run_id: &'a RunId,
         /// The epoch the session moved to.
         pub connection_epoch: u64,
     }
 
+    /// `session.expired`: the session's lease ran out; attach afresh.
     #[derive(Debug, Serialize)]
     #[serde(rename_all = "camelCase")]
     pub struct SessionExpired<'a> {
+        /// The session that expired (`sessionId`).
         pub session_id: &'a SessionId,
+        /// The run bound to it (`runId`).
         pub run_id: &'a RunId,
     }
 
+    /// `gateway.draining`: the gateway is shutting down; new requests get `DRAINING`.
     #[derive(Debug, Serialize)]
     #[serde(rename_all = "camelCase")]
     pub struct GatewayDraining {
+        /// How long to wait before reconnecting, in milliseconds (`reconnectAfterMs`).
         pub reconnect_after_ms: u64,
     }
 
@@ -672,7 +826,9 @@ pub mod push {
     #[derive(Debug, Serialize)]
     #[serde(rename_all = "camelCase")]
     pub struct StreamClosed<'a> {
+        /// The run whose stream was dropped (`runId`).
         pub run_id: &'a RunId,
+        /// The epoch of the stream that was dropped (`streamEpoch`).
         pub stream_epoch: &'a StreamEpoch,
     }
 }

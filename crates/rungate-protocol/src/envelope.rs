@@ -26,14 +26,17 @@ impl Frame {
         Frame(Bytes::from(v))
     }
 
+    /// The frame's bytes, shared.
     pub fn bytes(&self) -> &Bytes {
         &self.0
     }
 
+    /// The frame's bytes, by value.
     pub fn into_bytes(self) -> Bytes {
         self.0
     }
 
+    /// The frame as text (one WebSocket text message).
     pub fn as_str(&self) -> &str {
         // Every constructor serializes with serde_json, which emits UTF-8.
         std::str::from_utf8(&self.0).unwrap_or("")
@@ -43,9 +46,11 @@ impl Frame {
 /// A request whose envelope is valid; its payload is still raw JSON.
 #[derive(Debug)]
 pub struct Request<'a> {
+    /// The request's `id`, echoed in its reply or error: 1 to 128 characters.
     pub id: String,
     /// Borrowed unless the sender used JSON escapes in it.
     pub kind: std::borrow::Cow<'a, str>,
+    /// The request's `payload`, undecoded (see [`crate::commands::Command::parse`]).
     pub payload: &'a RawValue,
 }
 
@@ -53,7 +58,9 @@ pub struct Request<'a> {
 /// (`None` when the id itself was unusable: the error frame then says `null`).
 #[derive(Debug)]
 pub struct Rejected {
+    /// The request `id` to answer under, if it was usable.
     pub id: Option<String>,
+    /// What was wrong (`BAD_FRAME`, `UNKNOWN_TYPE`, …).
     pub error: CommandError,
 }
 

@@ -13,25 +13,46 @@ use serde_json::Value;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum ErrorCode {
+    /// Not JSON, not an object, a binary frame, or no usable `id`/`type`.
     BadFrame,
+    /// No such command `type`.
     UnknownType,
+    /// The payload breaks the schema; `details.path` says where.
     InvalidPayload,
+    /// No valid token.
     Unauthenticated,
+    /// The token or the session's capabilities do not allow it, or the command is not
+    /// offered on this endpoint.
     Forbidden,
+    /// No such session on this socket.
     NotAttached,
+    /// The session moved to a newer connection, or a reconnect's `connectionEpoch` is not
+    /// greater than the current one (fencing).
     StaleEpoch,
+    /// The session's lease ran out: attach afresh.
     SessionExpired,
+    /// The run already has a live session, another runtime instance holds it, or it was
+    /// finished with another outcome.
     Conflict,
+    /// No such run, checkpoint, key or secret.
     NotFound,
+    /// Too many requests: slow down and retry.
     RateLimited,
+    /// The frame or a value in it is over its limit.
     PayloadTooLarge,
+    /// `protocolVersion` is not `"1"` or `"1.x"`.
     UnsupportedProtocol,
+    /// The gateway is shutting down: reconnect elsewhere or later.
     Draining,
+    /// The gateway failed; `retryable` says whether trying again may help.
     Internal,
+    /// The run ended (`runtime.finish`): nothing more is stored for it and its id cannot be
+    /// attached again; `details` has `runId` and `outcome`.
     RunEnded,
 }
 
 impl ErrorCode {
+    /// Every code.
     pub const ALL: [ErrorCode; 16] = [
         ErrorCode::BadFrame,
         ErrorCode::UnknownType,
@@ -57,6 +78,7 @@ impl ErrorCode {
         ErrorCode::ALL.into_iter().find(|c| c.as_str() == s)
     }
 
+    /// The wire spelling (`BAD_FRAME`, `RUN_ENDED`, …).
     pub fn as_str(self) -> &'static str {
         match self {
             ErrorCode::BadFrame => "BAD_FRAME",
@@ -98,16 +120,20 @@ impl fmt::Display for ErrorCode {
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("{code}: {message}")]
 pub struct CommandError {
+    /// The error's `code`.
     pub code: ErrorCode,
     /// For humans. Never contains secrets or tokens.
     pub message: String,
     /// Overrides [`ErrorCode::retryable`] where one instance differs
     /// (a failing disk during a write is retryable `INTERNAL`; a bug is not).
     pub retryable: bool,
+    /// The error's `details`, if any (`path` for `INVALID_PAYLOAD`; what was refused for others).
     pub details: Option<Value>,
 }
 
 impl CommandError {
+    /// An error with `code` and `message`, retryable as [`ErrorCode::retryable`] says, without
+    /// details.
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
         CommandError {
             code,
@@ -117,16 +143,19 @@ impl CommandError {
         }
     }
 
+    /// Sets `details`.
     pub fn with_details(mut self, details: Value) -> Self {
         self.details = Some(details);
         self
     }
 
+    /// Overrides `retryable`.
     pub fn retryable(mut self, retryable: bool) -> Self {
         self.retryable = retryable;
         self
     }
 
+    /// A `BAD_FRAME` error.
     pub fn bad_frame(message: impl Into<String>) -> Self {
         Self::new(ErrorCode::BadFrame, message)
     }
@@ -137,10 +166,12 @@ impl CommandError {
             .with_details(serde_json::json!({ "path": path }))
     }
 
+    /// A `FORBIDDEN` error.
     pub fn forbidden(message: impl Into<String>) -> Self {
         Self::new(ErrorCode::Forbidden, message)
     }
 
+    /// An `INTERNAL` error (retryable).
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(ErrorCode::Internal, message)
     }

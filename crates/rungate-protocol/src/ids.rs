@@ -16,8 +16,10 @@ pub const MAX_ID_LEN: usize = 128;
 /// Why a string is not a valid identifier.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum IdError {
+    /// Empty, or longer than [`MAX_ID_LEN`].
     #[error("must be 1 to {MAX_ID_LEN} characters long")]
     Length,
+    /// A character outside the allowed set, which is named.
     #[error("contains a character outside {0}")]
     Charset(&'static str),
 }
@@ -45,6 +47,7 @@ macro_rules! string_id {
                 Ok(Self(s))
             }
 
+            /// The identifier as written on the wire.
             pub fn as_str(&self) -> &str {
                 &self.0
             }
@@ -167,18 +170,25 @@ impl StreamEpoch {
 /// What a session may do beyond the basics (attach, heartbeat, config, publish).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 pub enum Capability {
+    /// `secrets.read`: may call `secrets.get`.
     #[serde(rename = "secrets.read")]
     SecretsRead,
+    /// `kv.read`: may call `kv.get`.
     #[serde(rename = "kv.read")]
     KvRead,
+    /// `kv.write`: may call `kv.set`.
     #[serde(rename = "kv.write")]
     KvWrite,
+    /// `checkpoint.save`: may call `checkpoint.save`.
     #[serde(rename = "checkpoint.save")]
     CheckpointSave,
+    /// `checkpoint.load`: may call `checkpoint.load`.
     #[serde(rename = "checkpoint.load")]
     CheckpointLoad,
+    /// `subtasks.run`: a main session with it may attach sub-runs on its socket.
     #[serde(rename = "subtasks.run")]
     SubtasksRun,
+    /// `stream.resume`: may call `stream.resume` and `stream.cancel` on /v1/runtime.
     #[serde(rename = "stream.resume")]
     StreamResume,
     /// Viewer tokens only: may ask a run's runtime to stop (`run.cancel`).
@@ -252,12 +262,16 @@ impl fmt::Display for Capability {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum RunOutcome {
+    /// `completed`: the run did its work.
     Completed,
+    /// `failed`: the run gave up with an error.
     Failed,
+    /// `cancelled`: the run was stopped (asked to, or its main run finished).
     Cancelled,
 }
 
 impl RunOutcome {
+    /// The wire spelling (`completed`, `failed`, `cancelled`).
     pub fn as_str(self) -> &'static str {
         match self {
             RunOutcome::Completed => "completed",
@@ -266,6 +280,7 @@ impl RunOutcome {
         }
     }
 
+    /// The outcome spelled `s`, if any.
     pub fn parse(s: &str) -> Option<RunOutcome> {
         [
             RunOutcome::Completed,
@@ -301,10 +316,12 @@ impl fmt::Display for RunOutcome {
 pub struct Capabilities(u8);
 
 impl Capabilities {
+    /// Whether `cap` is in the set.
     pub fn contains(self, cap: Capability) -> bool {
         self.0 & Self::bit(cap) != 0
     }
 
+    /// Adds `cap` to the set.
     pub fn insert(&mut self, cap: Capability) {
         self.0 |= Self::bit(cap);
     }
@@ -314,6 +331,7 @@ impl Capabilities {
         self.iter().filter(|c| !allowed.contains(*c)).collect()
     }
 
+    /// The members, in [`Capability::ALL`] order then the viewer ones.
     pub fn iter(self) -> impl Iterator<Item = Capability> {
         Capability::ALL
             .into_iter()

@@ -86,6 +86,7 @@ impl FrameBuilder {
         start..end
     }
 
+    /// Closes the frame and hands back its bytes.
     pub fn finish(mut self) -> Bytes {
         self.buf.extend_from_slice(EVENTS_TAIL);
         Bytes::from(self.buf)

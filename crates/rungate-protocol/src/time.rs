@@ -18,10 +18,12 @@ use time::format_description::well_known::Rfc3339;
 pub struct Timestamp(SystemTime);
 
 impl Timestamp {
+    /// The current wall-clock time.
     pub fn now() -> Timestamp {
         Timestamp(SystemTime::now())
     }
 
+    /// The time as a [`SystemTime`].
     pub fn system_time(self) -> SystemTime {
         self.0
     }
@@ -34,6 +36,7 @@ impl Timestamp {
             .unwrap_or(0)
     }
 
+    /// The time `ms` milliseconds after the Unix epoch.
     pub fn from_unix_millis(ms: u64) -> Timestamp {
         Timestamp(SystemTime::UNIX_EPOCH + Duration::from_millis(ms))
     }
