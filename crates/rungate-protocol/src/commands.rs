@@ -4,8 +4,8 @@
 //! strictness rules: unknown members, missing required members and
 //! out-of-range numbers are refused exactly where the schemas refuse them
 //! (every request type is `deny_unknown_fields`; identifiers validate through
-//! [`crate::ids`]). Must not do I/O or apply commands: [`crate::gateway`]
-//! dispatches a decoded [`Command`] to the domain.
+//! [`crate::ids`]). Must not do I/O or apply commands: the gateway's
+//! `dispatch` routes a decoded [`Command`] to the domain.
 
 use std::collections::BTreeMap;
 
