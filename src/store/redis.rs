@@ -83,194 +83,38 @@ pub const NODE_SILENT_AFTER: Duration = Duration::from_secs(5);
 /// session id or empty, record) for node
 /// `ARGV[2]` under prefix `ARGV[1]`, skipping those another node holds:
 /// returns them flat as `{session id, holder's padded epoch or ''}`.
-const SESSIONS_SAVE: &str = r"
-local p, me = ARGV[1], ARGV[2]
-local mine = p .. ':held:' .. me
-local refused = {}
-for i = 3, #ARGV, 7 do
-  local op, sid, run, epoch, expired, parent, record = ARGV[i], ARGV[i + 1],
-    ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5], ARGV[i + 6]
-  local holder = redis.call('HGET', KEYS[2], sid)
-  local hnode, hepoch
-  if holder then hnode, hepoch = string.match(holder, '^(%S+) (%d+)') end
-  if op == 'P' then
-    local ok = true
-    if holder then
-      if epoch < hepoch or (epoch == hepoch and hnode ~= me) then
-        ok = false
-        refused[#refused + 1] = sid
-        refused[#refused + 1] = hepoch
-      end
-    else
-      local other = redis.call('HGET', KEYS[3], run)
-      if other and other ~= sid then
-        local oh = redis.call('HGET', KEYS[2], other)
-        if oh and string.sub(oh, -1) == '0' then
-          ok = false
-          refused[#refused + 1] = sid
-          refused[#refused + 1] = ''
-        else
-          -- A tombstone of the run gives way to its fresh session.
-          redis.call('HDEL', KEYS[1], other)
-          redis.call('HDEL', KEYS[2], other)
-          if oh then
-            redis.call('SREM', p .. ':held:' .. string.match(oh, '^(%S+)'), other)
-          end
-        end
-      end
-    end
-    if ok then
-      redis.call('HSET', KEYS[1], sid, record)
-      redis.call('HSET', KEYS[2], sid, me .. ' ' .. epoch .. ' ' .. expired)
-      redis.call('HSET', KEYS[3], run, sid)
-      redis.call('SADD', mine, sid)
-      if parent ~= '' then redis.call('SADD', p .. ':children:' .. parent, sid) end
-      if holder and hnode ~= me then
-        redis.call('SREM', p .. ':held:' .. hnode, sid)
-        redis.call('PUBLISH', p .. ':session-moves', sid .. ' ' .. epoch .. ' ' .. me)
-      end
-    end
-  else
-    if holder and hnode ~= me then
-      refused[#refused + 1] = sid
-      refused[#refused + 1] = hepoch
-    else
-      -- The run's index and the parent's set name the session only
-      -- through its record (a delete carries no run): read them there.
-      local old = redis.call('HGET', KEYS[1], sid)
-      if old then
-        local ok, r = pcall(cjson.decode, string.sub(old, 2))
-        if ok and type(r) == 'table' then
-          if type(r.runId) == 'string' and redis.call('HGET', KEYS[3], r.runId) == sid then
-            redis.call('HDEL', KEYS[3], r.runId)
-          end
-          if type(r.parent) == 'string' then
-            redis.call('SREM', p .. ':children:' .. r.parent, sid)
-          end
-        end
-      end
-      redis.call('HDEL', KEYS[1], sid)
-      redis.call('HDEL', KEYS[2], sid)
-      redis.call('SREM', mine, sid)
-    end
-  end
-end
-return refused
-";
+const SESSIONS_SAVE: &str = include_str!("redis/sessions_save.lua");
 
 /// The record of run `ARGV[1]`'s session and its holder entry
 /// (`{record, holder}`), or nil.
-const SESSION_OF_RUN: &str = r"
-local sid = redis.call('HGET', KEYS[1], ARGV[1])
-if not sid then return nil end
-local record = redis.call('HGET', KEYS[2], sid)
-if not record then return nil end
-return {record, redis.call('HGET', KEYS[3], sid) or ''}
-";
+const SESSION_OF_RUN: &str = include_str!("redis/session_of_run.lua");
 
 /// Node `ARGV[2]` (prefix `ARGV[1]`) is alive for `ARGV[3]` ms more; a
 /// node silent for `ARGV[3]` ms since first found so has its sessions
 /// moved to this one. Returns the records taken over.
-const KEEP_ALIVE: &str = r"
-local p, me, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3])
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('SET', p .. ':alive:' .. me, '1', 'PX', ttl)
-redis.call('SADD', p .. ':nodes', me)
-redis.call('HDEL', p .. ':suspects', me)
-local taken = {}
-for _, node in ipairs(redis.call('SMEMBERS', p .. ':nodes')) do
-  if node ~= me then
-    if redis.call('EXISTS', p .. ':alive:' .. node) == 1 then
-      redis.call('HDEL', p .. ':suspects', node)
-    else
-      redis.call('HSETNX', p .. ':suspects', node, now)
-      local since = tonumber(redis.call('HGET', p .. ':suspects', node))
-      if now - since >= ttl then
-        local held = p .. ':held:' .. node
-        for _, sid in ipairs(redis.call('SMEMBERS', held)) do
-          local h = redis.call('HGET', KEYS[1], sid)
-          if h then
-            local hnode, rest = string.match(h, '^(%S+) (.*)$')
-            if hnode == node then
-              redis.call('HSET', KEYS[1], sid, me .. ' ' .. rest)
-              redis.call('SADD', p .. ':held:' .. me, sid)
-              local record = redis.call('HGET', KEYS[2], sid)
-              if record then taken[#taken + 1] = record end
-            end
-          end
-        end
-        redis.call('DEL', held)
-        redis.call('SREM', p .. ':nodes', node)
-        redis.call('HDEL', p .. ':suspects', node)
-      end
-    end
-  end
-end
-return taken
-";
+const KEEP_ALIVE: &str = include_str!("redis/keep_alive.lua");
 
 /// The record of each run in `ARGV` (false where it has none).
-const SESSIONS_OF_RUNS: &str = r"
-local out = {}
-for i, run in ipairs(ARGV) do
-  local sid = redis.call('HGET', KEYS[1], run)
-  out[i] = (sid and redis.call('HGET', KEYS[2], sid)) or false
-end
-return out
-";
+const SESSIONS_OF_RUNS: &str = include_str!("redis/sessions_of_runs.lua");
 
 /// The records of the session ids in set `KEYS[1]` (a node's held set,
 /// or a main session's sub-runs), from hash `KEYS[2]`, each followed by its
 /// holder entry from `KEYS[3]`: `{record, holder, ...}`. Members whose
 /// record is gone leave the set.
-const SESSION_SET: &str = r"
-local out = {}
-for _, sid in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-  local record = redis.call('HGET', KEYS[2], sid)
-  if record then
-    out[#out + 1] = record
-    out[#out + 1] = redis.call('HGET', KEYS[3], sid) or ''
-  else
-    redis.call('SREM', KEYS[1], sid)
-  end
-end
-return out
-";
+const SESSION_SET: &str = include_str!("redis/session_set.lua");
 
 /// The latest checkpoint (`ARGV[1]` = `latest`) or a named one
 /// (`ARGV[1]` = `named`, `ARGV[2]` = id) in one round trip. Returns nil when
 /// the run has no latest checkpoint, `{id}` when the record is missing, and
 /// `{id, record}` when found.
-const CHECKPOINT_LOAD: &str = r"
-local id = ARGV[2]
-if ARGV[1] == 'latest' then
-  id = redis.call('GET', KEYS[2])
-  if not id then return nil end
-end
-local record = redis.call('HGET', KEYS[1], id)
-if not record then return {id} end
-return {id, record}
-";
+const CHECKPOINT_LOAD: &str = include_str!("redis/checkpoint_load.lua");
 
 /// Writes every pair of `ARGV[2..]` (key, value, key, value, ...) to the
 /// hash `KEYS[1]` unless that would leave it with more than `ARGV[1]`
 /// fields; returns the field count it would have had when refused, else 0.
 /// Counting and writing in one script keeps concurrent writers from
 /// overshooting the limit together.
-const KV_SET_WITHIN: &str = r"
-local max = tonumber(ARGV[1])
-local fresh = 0
-for i = 2, #ARGV, 2 do
-  if redis.call('HEXISTS', KEYS[1], ARGV[i]) == 0 then fresh = fresh + 1 end
-end
-local total = redis.call('HLEN', KEYS[1]) + fresh
-if fresh > 0 and total > max then return total end
-for i = 2, #ARGV, 2 do
-  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
-end
-return 0
-";
+const KV_SET_WITHIN: &str = include_str!("redis/kv_set_within.lua");
 
 /// Why `open` failed; the URL is shown without its password.
 #[derive(Debug, thiserror::Error)]
