@@ -34,12 +34,7 @@ pub(crate) async fn run(shared: Arc<Shared>, stop: CancellationToken) {
             _ = stop.cancelled() => return,
             Some(s) = lost.recv() => {
                 tracing::debug!(run = %s.run_id, epoch = s.new_epoch, "session taken over by another gateway");
-                let payload = push::SessionSuperseded {
-                    session_id: &s.session_id,
-                    run_id: &s.run_id,
-                    connection_epoch: s.new_epoch,
-                };
-                shared.conns.session_lost(s.conn, &s.run_id, encode_push(push::SESSION_SUPERSEDED, &payload));
+                shared.conns.superseded(&s);
                 shared.metrics.handovers("lost", 1);
             }
             Some(moved) = async { match moves.as_mut() {

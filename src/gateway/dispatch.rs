@@ -618,16 +618,7 @@ fn attach_here(
     // The move already happened in memory, so the old socket is fenced now
     // whether or not the save succeeds.
     if let Some(s) = &outcome.superseded {
-        let payload = push::SessionSuperseded {
-            session_id: &s.session_id,
-            run_id: &s.run_id,
-            connection_epoch: s.new_epoch,
-        };
-        shared.conns.session_lost(
-            s.conn,
-            &s.run_id,
-            encode_push(push::SESSION_SUPERSEDED, &payload),
-        );
+        shared.conns.superseded(s);
     }
     let session = outcome.session;
     // Per-session events are debug: at thousands of sessions an info line
@@ -759,17 +750,8 @@ fn recover_here(
         }
         e
     })?;
-    for s in moved {
-        let payload = push::SessionSuperseded {
-            session_id: &s.session_id,
-            run_id: &s.run_id,
-            connection_epoch: s.new_epoch,
-        };
-        shared.conns.session_lost(
-            s.conn,
-            &s.run_id,
-            encode_push(push::SESSION_SUPERSEDED, &payload),
-        );
+    for s in &moved {
+        shared.conns.superseded(s);
     }
     let root = req.session_id;
     when_saved(
