@@ -50,6 +50,7 @@ mod procfs;
 mod progress;
 mod report;
 mod runtime;
+pub mod soak;
 mod stats;
 mod viewer;
 mod wire;
