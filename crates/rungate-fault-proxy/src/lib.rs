@@ -19,6 +19,7 @@
 //!   that is dropped), leaving the client-to-server direction open;
 //! - [`Proxy::refuse`]: while set, accept new connections and close them at
 //!   once, without connecting to the target;
+//! - [`Proxy::retarget`]: send new connections elsewhere (failover);
 //! - [`Proxy::cut_matching`]: reset only the connections whose number the
 //!   caller picks (a partial outage);
 //! - [`Proxy::shape`]: add latency to every chunk forwarded and cap each
@@ -60,7 +61,8 @@ struct Conn {
 }
 
 struct Shared {
-    target: SocketAddr,
+    /// Where new connections go ([`Proxy::retarget`] moves it).
+    target: Mutex<SocketAddr>,
     conns: Mutex<HashMap<u64, Conn>>,
     /// Forwarding towards the server resumes at this instant (in the
     /// past: not stalled).
@@ -92,7 +94,7 @@ impl Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
-            target,
+            target: Mutex::new(target),
             conns: Mutex::new(HashMap::new()),
             stalled_to_server: watch::Sender::new(Instant::now()),
             stalled_to_client: watch::Sender::new(Instant::now()),
@@ -164,6 +166,12 @@ impl Proxy {
             latency,
             bytes_per_sec: bytes_per_sec.map(|b| b.max(1)),
         });
+    }
+
+    /// Sends connections accepted from now on to `target` (a failover to
+    /// another node); current ones stay where they are.
+    pub fn retarget(&self, target: SocketAddr) {
+        *self.shared.target.lock().unwrap() = target;
     }
 
     /// Forwards nothing, in either direction and on every connection
@@ -247,7 +255,8 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
             drop(client);
             continue;
         }
-        let server = match TcpStream::connect(shared.target).await {
+        let target = *shared.target.lock().unwrap();
+        let server = match TcpStream::connect(target).await {
             Ok(s) => s,
             Err(_) => {
                 // The target is down: the client sees its connection reset.

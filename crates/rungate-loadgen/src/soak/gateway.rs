@@ -141,3 +141,75 @@ pub(crate) fn free_addr() -> std::io::Result<SocketAddr> {
 pub(crate) fn fd_count(pid: u32) -> std::io::Result<u64> {
     Ok(std::fs::read_dir(format!("/proc/{pid}/fd"))?.count() as u64)
 }
+
+/// A `redis-server` of the soak's own: append-only file fsync'd on every
+/// write, so a `kill -9` loses nothing it acknowledged, restarted on the
+/// same port and directory.
+pub(crate) struct RedisServer {
+    port: u16,
+    dir: PathBuf,
+    child: Option<Child>,
+    /// Times it was started.
+    pub(crate) starts: u32,
+}
+
+impl RedisServer {
+    /// A server on a free port keeping its files in `dir` (not started).
+    pub(crate) fn new(dir: PathBuf) -> std::io::Result<RedisServer> {
+        std::fs::create_dir_all(&dir)?;
+        Ok(RedisServer {
+            port: free_addr()?.port(),
+            dir,
+            child: None,
+            starts: 0,
+        })
+    }
+
+    /// `redis://127.0.0.1:PORT/0`.
+    pub(crate) fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// Starts it and waits until it accepts connections.
+    pub(crate) async fn start(&mut self) -> anyhow::Result<()> {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args([
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+            ])
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| anyhow::anyhow!("starting redis-server: {e}"))?;
+        self.child = Some(child);
+        self.starts += 1;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+            .await
+            .is_err()
+        {
+            if tokio::time::Instant::now() > deadline {
+                anyhow::bail!("redis-server did not listen on port {}", self.port);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(())
+    }
+
+    /// `kill -9`.
+    pub(crate) async fn kill(&mut self) -> anyhow::Result<()> {
+        if let Some(mut c) = self.child.take() {
+            c.kill().await?;
+        }
+        Ok(())
+    }
+}

@@ -61,7 +61,12 @@ fn bump(map: &mut BTreeMap<String, u64>, key: impl Into<String>) {
 
 /// What every load task shares.
 pub(crate) struct Ctx {
+    /// `ws://PROXY` the runtimes connect to.
     pub(crate) url_base: String,
+    /// `ws://PROXY` the WebSocket viewers connect to (another node's proxy
+    /// with `--redis`).
+    pub(crate) viewer_url_base: String,
+    /// The viewers' proxy, for SSE.
     pub(crate) proxy_addr: SocketAddr,
     pub(crate) runtime_token: String,
     pub(crate) viewer_token: String,
@@ -416,7 +421,7 @@ pub(crate) async fn sse_follow(ctx: Arc<Ctx>, tail: Arc<Mutex<Tail>>) {
 /// A WebSocket viewer client through the proxy.
 pub(crate) fn viewer_client(ctx: &Ctx) -> ViewerClient {
     let mut o = ViewerOptions::new(
-        format!("{}/v1/stream", ctx.url_base),
+        format!("{}/v1/stream", ctx.viewer_url_base),
         ctx.viewer_token.clone(),
     );
     o.backoff = backoff();

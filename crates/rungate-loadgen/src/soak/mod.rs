@@ -135,6 +135,12 @@ pub struct SoakArgs {
     /// Plant a bug on the viewer side (to see the checker fail).
     #[arg(long, value_enum)]
     pub debug_viewer_fault: Option<ViewerFault>,
+    /// Two gateways over one redis-server (append-only, fsync always):
+    /// runtimes on one node, viewers on the other, so every event crosses
+    /// Redis. Gateway faults then also kill a node (its proxy fails over
+    /// to the other node until it is back) and restart Redis.
+    #[arg(long)]
+    pub redis: bool,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
@@ -157,6 +163,8 @@ impl Default for SoakArgs {
 pub struct ProcSample {
     /// Seconds since the load began.
     pub at_secs: f64,
+    /// Which gateway node (0; 1 is the viewers' node with `--redis`).
+    pub node: usize,
     /// Which process.
     pub pid: u32,
     /// Resident set, KiB.
@@ -213,19 +221,21 @@ pub struct SoakReport {
     pub verdict: Verdict,
     /// Publish latency under faults.
     pub publish_latency: Latency,
-    /// Gateway readings at start, midpoint and end.
-    pub start: Option<ProcSample>,
-    /// The midpoint reading.
-    pub mid: Option<ProcSample>,
-    /// The last reading before the load stopped.
-    pub end: Option<ProcSample>,
+    /// Gateway readings at start, one per node.
+    pub start: Vec<ProcSample>,
+    /// The midpoint readings, one per node.
+    pub mid: Vec<ProcSample>,
+    /// The last readings before the load stopped, one per node.
+    pub end: Vec<ProcSample>,
     /// Every reading.
     pub samples: Vec<ProcSample>,
-    /// RSS and descriptors flat over the second half (`None`: not
-    /// comparable, the process changed after the midpoint).
-    pub flat: Option<bool>,
-    /// Gateway starts (1 + restarts).
+    /// RSS and descriptors flat over the second half, per node (`None`:
+    /// not comparable, the process changed after the midpoint).
+    pub flat: Vec<Option<bool>>,
+    /// Gateway starts (1 + restarts), all nodes.
     pub gateway_starts: u32,
+    /// Redis starts (1 + restarts; 0 without `--redis`).
+    pub redis_starts: u32,
     /// Drains that did not exit 0 in time.
     pub bad_drains: u64,
     /// Panic lines in the gateway's log.
@@ -272,9 +282,14 @@ pub async fn soak(args: SoakArgs) -> anyhow::Result<SoakReport> {
     let viewer_token = key.mint(TokenKind::Viewer, &scope, Capabilities::default(), day)?;
 
     let ring = if args.tiny_ring { 8 } else { args.ring_events };
-    let gateway_args: Vec<String> = [
-        "--data-dir".to_owned(),
-        work_dir.join("data").display().to_string(),
+    let redis = if args.redis {
+        let mut r = gateway::RedisServer::new(work_dir.join("redis"))?;
+        r.start().await?;
+        Some(r)
+    } else {
+        None
+    };
+    let mut gateway_args: Vec<String> = [
         "--auth-key-file".to_owned(),
         key_path.display().to_string(),
         "--heartbeat-interval-ms".to_owned(),
@@ -291,21 +306,47 @@ pub async fn soak(args: SoakArgs) -> anyhow::Result<SoakReport> {
         ring.to_string(),
     ]
     .into();
-    let mut gw = Gateway::new(
-        &args.gateway_bin,
-        gateway::free_addr()?,
-        gateway_args,
-        work_dir.join("gateway.log"),
-    );
-    gw.start().await?;
-    let proxy = Arc::new(Proxy::try_start(gw.addr()).await?);
+    if let Some(r) = &redis {
+        gateway_args.extend(["--store".to_owned(), r.url()]);
+    }
+    let mut nodes = Vec::new();
+    let mut proxies = Vec::new();
+    for node in 0..if args.redis { 2 } else { 1 } {
+        let mut node_args = gateway_args.clone();
+        let name = if node == 0 {
+            "data".to_owned()
+        } else {
+            format!("data-{node}")
+        };
+        node_args.extend([
+            "--data-dir".to_owned(),
+            work_dir.join(name).display().to_string(),
+        ]);
+        let log = if node == 0 {
+            "gateway.log".to_owned()
+        } else {
+            format!("gateway-{node}.log")
+        };
+        let mut gw = Gateway::new(
+            &args.gateway_bin,
+            gateway::free_addr()?,
+            node_args,
+            work_dir.join(log),
+        );
+        gw.start().await?;
+        proxies.push(Arc::new(Proxy::try_start(gw.addr()).await?));
+        nodes.push(gw);
+    }
+    let node_addrs: Vec<_> = nodes.iter().map(Gateway::addr).collect();
+    let viewer_proxy = proxies[proxies.len() - 1].clone();
 
     let runs: Vec<String> = (0..args.runtimes)
         .map(|i| format!("{prefix}run-{i}"))
         .collect();
     let ctx = Arc::new(Ctx {
-        url_base: format!("ws://{}", proxy.addr()),
-        proxy_addr: proxy.addr(),
+        url_base: format!("ws://{}", proxies[0].addr()),
+        viewer_url_base: format!("ws://{}", viewer_proxy.addr()),
+        proxy_addr: viewer_proxy.addr(),
         runtime_token,
         viewer_token,
         runs: runs.clone(),
@@ -383,21 +424,32 @@ pub async fn soak(args: SoakArgs) -> anyhow::Result<SoakReport> {
     let faults: Arc<Mutex<BTreeMap<String, u64>>> = Arc::default();
     let duration = Duration::from_secs(args.duration_secs);
     let end_at = began + duration;
-    let gw = Arc::new(tokio::sync::Mutex::new(gw));
+    let nodes: Vec<Arc<tokio::sync::Mutex<Gateway>>> = nodes
+        .into_iter()
+        .map(|g| Arc::new(tokio::sync::Mutex::new(g)))
+        .collect();
+    let redis = redis.map(|r| Arc::new(tokio::sync::Mutex::new(r)));
     let bad_drains = Arc::new(AtomicU64::new(0));
     let mut schedulers = JoinSet::new();
     if args.net_fault_every > 0.0 {
-        schedulers.spawn(net_faults(
-            proxy.clone(),
-            args.net_fault_every,
-            end_at,
-            faults.clone(),
-        ));
+        for proxy in &proxies {
+            schedulers.spawn(net_faults(
+                proxy.clone(),
+                args.net_fault_every,
+                end_at,
+                faults.clone(),
+            ));
+        }
     }
     if args.gateway_fault_every > 0.0 {
         let until = began + duration.mul_f64(args.gateway_faults_until.clamp(0.0, 1.0));
         schedulers.spawn(gateway_faults(
-            gw.clone(),
+            Cluster {
+                nodes: nodes.clone(),
+                proxies: proxies.clone(),
+                addrs: node_addrs.clone(),
+                redis: redis.clone(),
+            },
             args.gateway_fault_every,
             until,
             faults.clone(),
@@ -415,33 +467,39 @@ pub async fn soak(args: SoakArgs) -> anyhow::Result<SoakReport> {
 
     // Sample the gateway every 5 s until the end.
     let mut samples: Vec<ProcSample> = Vec::new();
-    let mut mid: Option<ProcSample> = None;
+    let mut mid: Vec<ProcSample> = Vec::new();
+    let mut mid_taken = false;
     let half = duration / 2;
     loop {
-        let pid = gw.lock().await.pid();
-        if let Some(pid) = pid
-            && let (Ok(p), Ok(fds)) = (
-                crate::procfs::sample(&pid.to_string()),
-                gateway::fd_count(pid),
-            )
-        {
-            let s = ProcSample {
-                at_secs: began.elapsed().as_secs_f64(),
-                pid,
-                rss_kib: p.rss_kib,
-                fds,
-            };
-            if mid.is_none() && began.elapsed() >= half {
-                mid = Some(s);
+        let at_mid = !mid_taken && began.elapsed() >= half;
+        for (node, gw) in nodes.iter().enumerate() {
+            let pid = gw.lock().await.pid();
+            if let Some(pid) = pid
+                && let (Ok(p), Ok(fds)) = (
+                    crate::procfs::sample(&pid.to_string()),
+                    gateway::fd_count(pid),
+                )
+            {
+                let s = ProcSample {
+                    at_secs: began.elapsed().as_secs_f64(),
+                    node,
+                    pid,
+                    rss_kib: p.rss_kib,
+                    fds,
+                };
+                if at_mid {
+                    mid.push(s);
+                }
+                samples.push(s);
             }
-            samples.push(s);
         }
+        mid_taken |= at_mid;
         if Instant::now() >= end_at {
             break;
         }
         let next = (Instant::now() + Duration::from_secs(5)).min(end_at);
         // Take the midpoint reading on time, not up to 5 s late.
-        let next = if mid.is_none() && began + half < next {
+        let next = if !mid_taken && began + half < next {
             began + half
         } else {
             next
@@ -459,8 +517,10 @@ pub async fn soak(args: SoakArgs) -> anyhow::Result<SoakReport> {
             Err(e) => scheduler_errors.push(e.to_string()),
         }
     }
-    proxy.unstall();
-    proxy.shape(Duration::ZERO, None);
+    for proxy in &proxies {
+        proxy.unstall();
+        proxy.shape(Duration::ZERO, None);
+    }
     ctx.stop_load.cancel();
     while publishers.join_next().await.is_some() {}
     let drain_deadline = Instant::now() + Duration::from_secs(args.drain_secs);
@@ -490,15 +550,24 @@ pub async fn soak(args: SoakArgs) -> anyhow::Result<SoakReport> {
     ctx.stop_view.cancel();
     while viewers.join_next().await.is_some() {}
 
-    let mut gw = match Arc::try_unwrap(gw) {
-        Ok(m) => m.into_inner(),
-        Err(_) => anyhow::bail!("a fault scheduler outlived the soak"),
-    };
-    let drained_clean = gw.drain(Duration::from_secs(30)).await?;
-    if !drained_clean {
-        bad_drains.fetch_add(1, Ordering::SeqCst);
+    let mut panics = Vec::new();
+    let mut gateway_starts = 0;
+    for gw in &nodes {
+        let mut gw = gw.lock().await;
+        if !gw.drain(Duration::from_secs(30)).await? {
+            bad_drains.fetch_add(1, Ordering::SeqCst);
+        }
+        panics.extend(gw.panics());
+        gateway_starts += gw.starts;
     }
-    let panics = gw.panics();
+    let redis_starts = match &redis {
+        Some(r) => {
+            let mut r = r.lock().await;
+            r.kill().await?;
+            r.starts
+        }
+        None => 0,
+    };
 
     let tails: Vec<Tail> = tails
         .into_iter()
@@ -515,15 +584,22 @@ pub async fn soak(args: SoakArgs) -> anyhow::Result<SoakReport> {
     let verdict = ctx.ledger.verdict(tails.iter());
     let stats = std::mem::take(&mut *ctx.stats.lock());
 
-    let start = samples.first().copied();
-    let end = samples.last().copied();
-    let flat = match (mid, end) {
-        (Some(m), Some(e)) if m.pid == e.pid => Some(
-            (e.rss_kib as f64) <= 1.2 * m.rss_kib as f64 + 16.0 * 1024.0
-                && (e.fds as f64) <= 1.2 * m.fds as f64 + 16.0,
-        ),
-        _ => None,
+    let pick = |node: usize, last: bool| {
+        let mut it = samples.iter().filter(|s| s.node == node);
+        if last { it.next_back() } else { it.next() }.copied()
     };
+    let start: Vec<ProcSample> = (0..nodes.len()).filter_map(|n| pick(n, false)).collect();
+    let end: Vec<ProcSample> = (0..nodes.len()).filter_map(|n| pick(n, true)).collect();
+    let flat: Vec<Option<bool>> = (0..nodes.len())
+        .map(|n| {
+            let m = mid.iter().find(|s| s.node == n)?;
+            let e = end.iter().find(|s| s.node == n)?;
+            (m.pid == e.pid).then(|| {
+                (e.rss_kib as f64) <= 1.2 * m.rss_kib as f64 + 16.0 * 1024.0
+                    && (e.fds as f64) <= 1.2 * m.fds as f64 + 16.0
+            })
+        })
+        .collect();
     let publish_latency = stats
         .publish_us
         .as_ref()
@@ -607,7 +683,7 @@ pub async fn soak(args: SoakArgs) -> anyhow::Result<SoakReport> {
     if !panics.is_empty() {
         failures.push(format!("the gateway panicked: {}", panics[0]));
     }
-    if flat == Some(false) {
+    if flat.contains(&Some(false)) {
         failures.push("RSS or descriptors grew over the second half".to_owned());
     }
     if !caught_up {
@@ -640,6 +716,7 @@ pub async fn soak(args: SoakArgs) -> anyhow::Result<SoakReport> {
             args.gateway_faults_until.to_string(),
         ),
         ("takeover_every", args.takeover_every.to_string()),
+        ("redis", args.redis.to_string()),
     ] {
         settings.insert(k.to_owned(), v);
     }
@@ -665,7 +742,8 @@ pub async fn soak(args: SoakArgs) -> anyhow::Result<SoakReport> {
         end,
         samples,
         flat,
-        gateway_starts: gw.starts,
+        gateway_starts,
+        redis_starts,
         bad_drains: bad_drains.load(Ordering::SeqCst),
         panics,
         caught_up,
@@ -732,31 +810,68 @@ async fn net_faults(
     }
 }
 
-/// Gateway kills and drains, each followed by a restart, until `until`.
+/// The processes gateway faults act on.
+struct Cluster {
+    nodes: Vec<Arc<tokio::sync::Mutex<Gateway>>>,
+    /// `proxies[i]` fronts `nodes[i]` (at `addrs[i]`).
+    proxies: Vec<Arc<Proxy>>,
+    addrs: Vec<std::net::SocketAddr>,
+    redis: Option<Arc<tokio::sync::Mutex<gateway::RedisServer>>>,
+}
+
+/// Gateway kills and drains, each followed by a restart, until `until`;
+/// with two nodes, a killed node's proxy sends new connections to the
+/// other node until it is back, and Redis is restarted too.
 async fn gateway_faults(
-    gw: Arc<tokio::sync::Mutex<Gateway>>,
+    cluster: Cluster,
     every: f64,
     until: Instant,
     faults: Arc<Mutex<BTreeMap<String, u64>>>,
     bad_drains: Arc<AtomicU64>,
 ) -> anyhow::Result<()> {
+    let many = cluster.nodes.len() > 1;
     loop {
         let at = Instant::now() + jittered(every);
         if at >= until {
             return Ok(());
         }
         tokio::time::sleep_until(at).await;
-        let mut g = gw.lock().await;
-        if rand::random_range(0..2u32) == 0 {
+        let kinds = if cluster.redis.is_some() { 3 } else { 2 };
+        let kind = rand::random_range(0..kinds);
+        if kind == 2 {
+            if let Some(r) = &cluster.redis {
+                let mut r = r.lock().await;
+                r.kill().await?;
+                tokio::time::sleep(Duration::from_millis(rand::random_range(500..=3000))).await;
+                r.start().await?;
+                count(&faults, "redis: kill -9 + restart (AOF)");
+            }
+            continue;
+        }
+        let n = rand::random_range(0..cluster.nodes.len());
+        let other = (n + 1) % cluster.nodes.len();
+        let mut g = cluster.nodes[n].lock().await;
+        if many {
+            cluster.proxies[n].retarget(cluster.addrs[other]);
+        }
+        let node = if many {
+            format!(" node {n}")
+        } else {
+            String::new()
+        };
+        if kind == 0 {
             g.kill().await?;
-            count(&faults, "gateway: kill -9 + restart");
+            count(&faults, &format!("gateway{node}: kill -9 + restart"));
         } else {
             if !g.drain(Duration::from_secs(30)).await? {
                 bad_drains.fetch_add(1, Ordering::SeqCst);
             }
-            count(&faults, "gateway: SIGTERM drain + restart");
+            count(&faults, &format!("gateway{node}: SIGTERM drain + restart"));
         }
         g.start().await?;
+        if many {
+            cluster.proxies[n].retarget(cluster.addrs[n]);
+        }
     }
 }
 
@@ -827,8 +942,9 @@ impl fmt::Display for SoakReport {
         )?;
         writeln!(
             f,
-            "  gateway starts {}, bad drains {}, panics {}",
+            "  gateway starts {}, redis starts {}, bad drains {}, panics {}",
             self.gateway_starts,
+            self.redis_starts,
             self.bad_drains,
             self.panics.len()
         )?;
@@ -848,11 +964,16 @@ impl fmt::Display for SoakReport {
             "  publish under faults: {} publishes, p50 {:.1} ms, p99 {:.1} ms, p99.9 {:.1} ms, max {:.1} ms",
             l.count, l.p50_ms, l.p99_ms, l.p999_ms, l.max_ms
         )?;
-        for (name, s) in [("start", self.start), ("mid", self.mid), ("end", self.end)] {
-            if let Some(s) = s {
+        for (name, list) in [
+            ("start", &self.start),
+            ("mid", &self.mid),
+            ("end", &self.end),
+        ] {
+            for s in list {
                 writeln!(
                     f,
-                    "  gateway {name:>5} (t={:.0}s, pid {}): RSS {:.1} MiB, fds {}",
+                    "  gateway node {} {name:>5} (t={:.0}s, pid {}): RSS {:.1} MiB, fds {}",
+                    s.node,
                     s.at_secs,
                     s.pid,
                     s.rss_kib as f64 / 1024.0,
@@ -860,15 +981,17 @@ impl fmt::Display for SoakReport {
                 )?;
             }
         }
-        writeln!(
-            f,
-            "  flat over the second half (end <= 1.2 x mid + 16 MiB / 16 fds): {}",
-            match self.flat {
-                Some(true) => "yes",
-                Some(false) => "NO",
-                None => "not comparable (the process changed after the midpoint)",
-            }
-        )?;
+        for (node, flat) in self.flat.iter().enumerate() {
+            writeln!(
+                f,
+                "  node {node} flat over the second half (end <= 1.2 x mid + 16 MiB / 16 fds): {}",
+                match flat {
+                    Some(true) => "yes",
+                    Some(false) => "NO",
+                    None => "not comparable (the process changed after the midpoint)",
+                }
+            )?;
+        }
         writeln!(f, "  viewers caught up: {}", self.caught_up)?;
         writeln!(f, "  work dir: {}", self.work_dir)?;
         for t in &v.failing_tails {
