@@ -1,7 +1,9 @@
 //! The soak in CI: two minutes of `rungate-loadgen soak` against the
 //! gateway binary (kills, drains, takeovers and network faults included),
-//! and proof that its checker fails when a viewer loses or repeats an
-//! event.
+//! a minute of it on two nodes over Redis (node and Redis kills too), and
+//! proof that its checker fails when a viewer loses or repeats an event.
+//! The tests run side by side, so the binary takes about two and a half
+//! minutes.
 //!
 //! The gateway binary is `RUNGATE_BIN` if set, else target/debug/rungate,
 //! built first with `cargo build -q --bin rungate` (a no-op when `cargo
@@ -61,6 +63,23 @@ async fn two_minutes_of_faults_lose_and_duplicate_nothing() {
     // Faults were injected, so the pass means something.
     let faults: u64 = report.faults.values().sum();
     assert!(faults > 0, "no fault was injected: {:?}", report.faults);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_minute_on_two_nodes_over_redis_loses_and_duplicates_nothing() {
+    // Needs redis-server on PATH, as the gateway's own Redis tests do.
+    let args = SoakArgs {
+        gateway_bin: gateway_bin(),
+        duration_secs: 60,
+        redis: true,
+        gateway_fault_every: 10.0,
+        gateway_faults_until: 0.5,
+        ..SoakArgs::default()
+    };
+    let report = run(args).await;
+    assert!(report.passed(), "the checker found: {:?}", report.failures);
+    assert_eq!((report.verdict.lost, report.verdict.duplicated), (0, 0));
+    assert!(report.redis_starts >= 1 && report.gateway_starts >= 2);
 }
 
 /// A short, calm soak with a bug planted on the viewer side.
