@@ -155,10 +155,15 @@ impl Tail {
 
     /// A (re)subscription started: `epoch` is the stream's epoch,
     /// `truncated` whether events this viewer was owed are gone, `start`
-    /// the offset delivery starts at. Offsets skipped by a truncated
-    /// resume count as a reported gap.
-    pub fn on_resumed(&mut self, epoch: &str, truncated: bool, start: u64) {
+    /// the offset delivery starts at, `first` the oldest offset kept.
+    /// Offsets skipped by a truncated resume count as a reported gap; a
+    /// truncation of the same history while the offset owed is still kept
+    /// is a false gap.
+    pub fn on_resumed(&mut self, epoch: &str, truncated: bool, start: u64, first: u64) {
         let replaced = self.epoch.as_deref().is_some_and(|e| e != epoch);
+        if truncated && !replaced && self.next_offset.is_some_and(|n| n >= first && n < start) {
+            self.counts.false_gaps += 1;
+        }
         if truncated || replaced {
             self.counts.history_lost += 1;
             if let Some(next) = self.next_offset
@@ -384,7 +389,7 @@ mod tests {
         let ledger = Ledger::new();
         ledger.acked(0, 1, 1, 20);
         let mut tail = Tail::new(0, "ws-0", false);
-        tail.on_resumed("e1", false, 0);
+        tail.on_resumed("e1", false, 0, 0);
         for n in 1..=20u64 {
             if Some(n) == skip {
                 continue;
@@ -467,12 +472,29 @@ mod tests {
     }
 
     #[test]
+    fn a_truncated_resume_counts_as_a_gap_and_must_be_real() {
+        let mut tail = Tail::new(0, "ws-0", true);
+        tail.on_resumed("e1", false, 0, 0);
+        tail.on_event(0, &ev(1, 1));
+        // Owed offset 1, the oldest kept is 5: a real truncation.
+        tail.on_resumed("e1", true, 5, 5);
+        assert_eq!(
+            (tail.counts.reported_gap_events, tail.counts.false_gaps),
+            (4, 0)
+        );
+        assert_eq!(tail.next_offset(), Some(5));
+        // Owed 5, still kept, yet skipped to 9: false.
+        tail.on_resumed("e1", true, 9, 3);
+        assert_eq!(tail.counts.false_gaps, 1);
+    }
+
+    #[test]
     fn a_replaced_history_is_a_violation() {
         let mut tail = Tail::new(0, "ws-0", false);
-        tail.on_resumed("e1", false, 0);
-        tail.on_resumed("e1", false, 0);
+        tail.on_resumed("e1", false, 0, 0);
+        tail.on_resumed("e1", false, 0, 0);
         assert_eq!(tail.violations(), 0);
-        tail.on_resumed("e2", false, 0);
+        tail.on_resumed("e2", false, 0, 0);
         assert_eq!(tail.violations(), 1);
     }
 

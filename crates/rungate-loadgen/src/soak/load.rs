@@ -312,10 +312,11 @@ pub(crate) async fn ws_follow(ctx: Arc<Ctx>, client: ViewerClient, tail: Arc<Mut
                 stream_epoch,
                 truncated,
                 start_offset,
+                first_offset,
                 ..
             })) => tail
                 .lock()
-                .on_resumed(&stream_epoch, truncated, start_offset),
+                .on_resumed(&stream_epoch, truncated, start_offset, first_offset),
             Some(Ok(StreamItem::Event { offset, event })) => {
                 let mut t = tail.lock();
                 for _ in 0..debug_copies(&ctx, &t) {
@@ -376,6 +377,7 @@ pub(crate) async fn sse_follow(ctx: Arc<Ctx>, tail: Arc<Mutex<Tail>>) {
                         v["streamEpoch"].as_str().unwrap_or_default(),
                         v["truncated"].as_bool().unwrap_or(false),
                         v["startOffset"].as_u64().unwrap_or(0),
+                        v["firstOffset"].as_u64().unwrap_or(0),
                     ),
                     SseItem::Output { offset, event } => t.on_event(offset, &event),
                     SseItem::Gap { from, to } => {

@@ -7,8 +7,10 @@
 //!
 //! 1. Starts the gateway binary (`--gateway-bin`) on a free 127.0.0.1 port
 //!    with its own data directory and auth key, and one
-//!    [`rungate_fault_proxy::Proxy`] in front of it. Every client connects
-//!    through the proxy.
+//!    two [`rungate_fault_proxy::Proxy`]s in front of it: one for the
+//!    runtimes, one for the viewers, so each side's network faults are its
+//!    own (with `--redis`, two nodes, one proxy each). Every client
+//!    connects through a proxy.
 //! 2. `--runtimes` runtimes on `rungate-client` each hold one run and
 //!    publish `--batch` events at a time at `--rate` events per second,
 //!    one publish after another; `--ws-viewers` WebSocket viewers follow
@@ -17,7 +19,8 @@
 //! 3. For `--duration-secs`, three schedulers inject faults at random
 //!    (uniform between half and one and a half times their mean period):
 //!    - network (`--net-fault-every`): cut every connection, cut about a
-//!      third of them, stall everything 1–4 s, add 50–300 ms latency per
+//!      third of them, partition (cut, then refuse reconnects 1–5 s),
+//!      stall everything 1–4 s, add 50–300 ms latency per
 //!      chunk for 5–15 s, or cap bandwidth at 16–128 KiB/s for 5–15 s;
 //!    - gateway (`--gateway-fault-every`, during the first
 //!      `--gateway-faults-until` of the run only, so the second half
@@ -338,6 +341,11 @@ pub async fn soak(args: SoakArgs) -> anyhow::Result<SoakReport> {
         nodes.push(gw);
     }
     let node_addrs: Vec<_> = nodes.iter().map(Gateway::addr).collect();
+    if nodes.len() == 1 {
+        // Viewers get a proxy of their own, so network faults hit them and
+        // the runtimes independently (a viewer can fall behind a publisher).
+        proxies.push(Arc::new(Proxy::try_start(node_addrs[0]).await?));
+    }
     let viewer_proxy = proxies[proxies.len() - 1].clone();
 
     let runs: Vec<String> = (0..args.runtimes)
@@ -776,7 +784,17 @@ async fn net_faults(
             return Ok(());
         }
         tokio::time::sleep_until(at).await;
-        match rand::random_range(0..5u32) {
+        match rand::random_range(0..6u32) {
+            5 => {
+                // A partition: connections reset and reconnects refused
+                // for a while, so clients come back behind the stream.
+                proxy.refuse(true);
+                proxy.cut_all().await;
+                let hold = Duration::from_millis(rand::random_range(1000..=5000));
+                tokio::time::sleep_until((Instant::now() + hold).min(end_at)).await;
+                proxy.refuse(false);
+                count(&faults, "net: partition 1-5 s (cut, reconnects refused)");
+            }
             0 => {
                 proxy.cut_all().await;
                 count(&faults, "net: cut all connections");
@@ -813,7 +831,8 @@ async fn net_faults(
 /// The processes gateway faults act on.
 struct Cluster {
     nodes: Vec<Arc<tokio::sync::Mutex<Gateway>>>,
-    /// `proxies[i]` fronts `nodes[i]` (at `addrs[i]`).
+    /// `proxies[i]` fronts `nodes[i]` (at `addrs[i]`); with one node, a
+    /// second proxy fronts it too (the viewers').
     proxies: Vec<Arc<Proxy>>,
     addrs: Vec<std::net::SocketAddr>,
     redis: Option<Arc<tokio::sync::Mutex<gateway::RedisServer>>>,
