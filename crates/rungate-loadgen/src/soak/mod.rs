@@ -602,10 +602,10 @@ pub async fn soak(args: SoakArgs) -> anyhow::Result<SoakReport> {
         .map(|n| {
             let m = mid.iter().find(|s| s.node == n)?;
             let e = end.iter().find(|s| s.node == n)?;
-            (m.pid == e.pid).then(|| {
+            (m.pid == e.pid).then_some(
                 (e.rss_kib as f64) <= 1.2 * m.rss_kib as f64 + 16.0 * 1024.0
-                    && (e.fds as f64) <= 1.2 * m.fds as f64 + 16.0
-            })
+                    && (e.fds as f64) <= 1.2 * m.fds as f64 + 16.0,
+            )
         })
         .collect();
     let publish_latency = stats
