@@ -440,3 +440,115 @@ async fn stall_over(stall: &mut watch::Receiver<Instant>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Shaping, retargeting and partial cuts; the older faults are
+    //! covered by the gateway's client_faults tests. Timing is only ever
+    //! checked as a lower bound (a slow machine makes things slower, never
+    //! faster).
+
+    use super::*;
+
+    /// A server that answers every chunk with `tag` followed by the chunk.
+    async fn tagged_echo(tag: &'static [u8]) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    while let Ok(n) = s.read(&mut buf).await {
+                        if n == 0 || s.write_all(tag).await.is_err() {
+                            return;
+                        }
+                        if s.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    async fn round_trip(s: &mut TcpStream, msg: &[u8], tag_len: usize) -> Vec<u8> {
+        s.write_all(msg).await.unwrap();
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        while got.len() < msg.len() + tag_len {
+            let n = tokio::time::timeout(Duration::from_secs(30), s.read(&mut buf))
+                .await
+                .expect("an answer in time")
+                .unwrap();
+            assert!(n > 0, "the connection ended");
+            got.extend_from_slice(&buf[..n]);
+        }
+        got
+    }
+
+    #[tokio::test]
+    async fn latency_delays_each_direction() {
+        let proxy = Proxy::start(tagged_echo(b"").await).await;
+        let mut s = TcpStream::connect(proxy.addr()).await.unwrap();
+        assert_eq!(round_trip(&mut s, b"hi", 0).await, b"hi");
+        proxy.shape(Duration::from_millis(150), None);
+        let t0 = std::time::Instant::now();
+        assert_eq!(round_trip(&mut s, b"hi", 0).await, b"hi");
+        assert!(
+            t0.elapsed() >= Duration::from_millis(300),
+            "{:?}",
+            t0.elapsed()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_bandwidth_cap_paces_the_bytes() {
+        let proxy = Proxy::start(tagged_echo(b"").await).await;
+        proxy.shape(Duration::ZERO, Some(20_000));
+        let mut s = TcpStream::connect(proxy.addr()).await.unwrap();
+        let msg = vec![7u8; 20_000];
+        let t0 = std::time::Instant::now();
+        assert_eq!(round_trip(&mut s, &msg, 0).await, msg);
+        // 20 kB at 20 kB/s takes a second in each direction; the two
+        // overlap (the echo starts on the first chunk), and a chunk's wait
+        // comes after it is written, so at least about 0.95 s in all.
+        assert!(
+            t0.elapsed() >= Duration::from_millis(800),
+            "{:?}",
+            t0.elapsed()
+        );
+    }
+
+    #[tokio::test]
+    async fn retarget_moves_new_connections_only() {
+        let proxy = Proxy::start(tagged_echo(b"a").await).await;
+        let mut old = TcpStream::connect(proxy.addr()).await.unwrap();
+        assert_eq!(round_trip(&mut old, b"1", 1).await, b"a1");
+        proxy.retarget(tagged_echo(b"b").await);
+        let mut new = TcpStream::connect(proxy.addr()).await.unwrap();
+        assert_eq!(round_trip(&mut new, b"2", 1).await, b"b2");
+        assert_eq!(round_trip(&mut old, b"3", 1).await, b"a3");
+    }
+
+    #[tokio::test]
+    async fn cut_matching_resets_only_the_picked_connections() {
+        let proxy = Proxy::start(tagged_echo(b"").await).await;
+        let mut conns = Vec::new();
+        for _ in 0..3 {
+            let mut s = TcpStream::connect(proxy.addr()).await.unwrap();
+            // A round trip, so the proxy has accepted it (numbers 1, 2, 3).
+            round_trip(&mut s, b"x", 0).await;
+            conns.push(s);
+        }
+        assert_eq!(proxy.cut_matching(|id| id == 2).await, 1);
+        assert_eq!(proxy.open(), 2);
+        let mut buf = [0u8; 8];
+        let cut = tokio::time::timeout(Duration::from_secs(10), conns[1].read(&mut buf))
+            .await
+            .expect("the cut connection ends");
+        assert!(matches!(cut, Ok(0) | Err(_)));
+        assert_eq!(round_trip(&mut conns[0], b"y", 0).await, b"y");
+        assert_eq!(round_trip(&mut conns[2], b"z", 0).await, b"z");
+    }
+}
