@@ -577,18 +577,12 @@ pub async fn soak(args: SoakArgs) -> anyhow::Result<SoakReport> {
         None => 0,
     };
 
+    // Every viewer task has been joined, so each tail has one owner left.
     let tails: Vec<Tail> = tails
         .into_iter()
-        .map(|t| match Arc::try_unwrap(t) {
-            Ok(m) => m.into_inner(),
-            Err(arc) => {
-                let t = arc.lock();
-                let mut copy = Tail::new(t.run, t.viewer.clone(), args.tiny_ring);
-                copy.counts = t.counts.clone();
-                copy
-            }
-        })
-        .collect();
+        .map(|t| Arc::try_unwrap(t).map(Mutex::into_inner))
+        .collect::<Result<_, _>>()
+        .map_err(|_| anyhow::anyhow!("a viewer task outlived the soak"))?;
     let verdict = ctx.ledger.verdict(tails.iter());
     let stats = std::mem::take(&mut *ctx.stats.lock());
 
