@@ -220,6 +220,9 @@ pub struct SoakReport {
     pub reattaches: u64,
     /// SSE responses that ended and were resumed.
     pub sse_responses: u64,
+    /// Reported gaps that could not be checked (the gateway could not be
+    /// asked in time); neither a pass nor a violation.
+    pub gap_checks_failed: u64,
     /// The event checker's verdict.
     pub verdict: Verdict,
     /// Publish latency under faults.
@@ -737,6 +740,7 @@ pub async fn soak(args: SoakArgs) -> anyhow::Result<SoakReport> {
         fenced_accepted: stats.fenced_accepted,
         reattaches: stats.reattaches,
         sse_responses: stats.sse_responses,
+        gap_checks_failed: stats.gap_checks_failed,
         verdict,
         publish_latency,
         start,
@@ -944,6 +948,13 @@ impl fmt::Display for SoakReport {
             v.totals.history_lost,
             v.totals.fenced_landed
         )?;
+        if self.gap_checks_failed > 0 {
+            writeln!(
+                f,
+                "  gaps that could not be checked: {}",
+                self.gap_checks_failed
+            )?;
+        }
         writeln!(f, "  faults injected:")?;
         for (k, n) in &self.faults {
             writeln!(f, "    {k}: {n}")?;
