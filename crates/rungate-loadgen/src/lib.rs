@@ -41,8 +41,10 @@
 //! Layout: `wire` (frames out, classification in), `net` (sockets, source
 //! addresses, descriptor limit), `runtime` and `viewer` (one task per
 //! socket), `stats` (counters and histograms), `procfs`, `report`,
-//! `progress`, `echo` (the baseline server). Must not use gateway
-//! internals: it speaks the wire protocol, so it measures any gateway.
+//! `progress`, `echo` (the baseline server), [`soak`] (`rungate-loadgen
+//! soak`: the gateway binary under load and faults, with a checker). Must
+//! not use gateway internals: it speaks the wire protocol, so it measures
+//! any gateway.
 
 mod echo;
 mod net;
@@ -50,6 +52,7 @@ mod procfs;
 mod progress;
 mod report;
 mod runtime;
+pub mod soak;
 mod stats;
 mod viewer;
 mod wire;

@@ -1,6 +1,7 @@
 //! The `rungate-loadgen` command: `run` drives sessions and viewers against
 //! a gateway and prints a report; `baseline` serves the bare WebSocket
-//! echo/broadcast server the gateway is measured against. A thin shell over
+//! echo/broadcast server the gateway is measured against; `soak` runs the
+//! gateway under load and faults and checks what it delivered. A thin shell over
 //! the library.
 
 use anyhow::Context;
@@ -24,6 +25,9 @@ enum Cmd {
     Run(Box<LoadgenArgs>),
     /// Serve the bare WebSocket echo/broadcast baseline.
     Baseline(BaselineArgs),
+    /// Start a gateway, load it through a fault proxy while killing and
+    /// draining it, and check nothing acknowledged was lost or duplicated.
+    Soak(Box<rungate_loadgen::soak::SoakArgs>),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -40,6 +44,19 @@ fn main() -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
                 print!("{report}");
+            }
+            Ok(())
+        }
+        Cmd::Soak(args) => {
+            let json = args.json;
+            let report = runtime.block_on(rungate_loadgen::soak::soak(*args))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{report}");
+            }
+            if !report.passed() {
+                std::process::exit(1);
             }
             Ok(())
         }
