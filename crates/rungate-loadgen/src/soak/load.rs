@@ -330,6 +330,14 @@ pub(crate) async fn ws_follow(ctx: Arc<Ctx>, client: ViewerClient, tail: Arc<Mut
                 }
             }
             Some(Ok(StreamItem::Closed { .. })) => tail.lock().on_closed(),
+            // The soak never finishes a run: an end is an error of its own.
+            Some(Ok(StreamItem::Ended { .. })) => {
+                bump(
+                    &mut ctx.stats.lock().viewer_errors,
+                    "ws: stream.ended of a run nobody finished".to_owned(),
+                );
+                return;
+            }
             Some(Err(e)) => {
                 bump(
                     &mut ctx.stats.lock().viewer_errors,
