@@ -10,12 +10,7 @@ import { startProxy } from "./helpers/proxy.mjs";
 
 const N = 300;
 
-// Marked todo (it runs and reports, but does not fail the suite) after one
-// run of the full CI on 2026-12-02 saw two acknowledged events of this test
-// arrive swapped (…149, 151, 150, 152…) after the restart, once in five
-// runs; the cause (client resend, viewer resume or the gateway's log replay)
-// is not found yet. Issue #16 stays open until it is.
-test("kill -9 and restart mid-publishing: every acknowledged event once, in order", { todo: "a rare swap of two events after the restart is being investigated (issue #16)" }, async (t) => {
+test("kill -9 and restart mid-publishing: every acknowledged event once, in order", async (t) => {
   const dir = tempDir();
   t.after(() => dir.remove());
   const args = ["--lease-ttl-ms", "60000"];
@@ -63,8 +58,12 @@ test("kill -9 and restart mid-publishing: every acknowledged event once, in orde
 
   assert.ok(ackedAtKill < N, "the kill came mid-publishing");
   assert.ok(owedAtKill > 0, "some publishes were unanswered at the kill");
-  // Acknowledgements came back in publish order.
-  assert.deepEqual(acked, [...Array(N).keys()]);
+  // Every publish was acknowledged once. Not necessarily in publish order:
+  // replies may come back in any order (PROTOCOL.md §2), and after the
+  // restart a resent batch the gateway already held is answered without
+  // waiting for the disk while a new one behind it waits. What is stored,
+  // below, is in publish order.
+  assert.deepEqual([...acked].sort((a, b) => a - b), [...Array(N).keys()]);
   const { items } = await reading;
   assert.deepEqual(items.filter((x) => x.kind !== "event"), [], "no gap or truncation across the restart");
   assert.deepEqual(items.map((x) => x.offset), [...Array(N).keys()]);
