@@ -41,6 +41,7 @@ use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::wire::{message, text};
 use rungate_protocol::envelope;
 use rungate_protocol::stream_frame::{FrameBuilder, gap_frame};
 use rungate_protocol::{CommandError, ErrorCode};
@@ -315,19 +316,13 @@ struct PublishPayload<'a> {
     events: Vec<&'a RawValue>,
 }
 
-/// A frame of the protocol crate's codec as a text message.
-fn text(bytes: bytes::Bytes) -> Utf8Bytes {
-    // The codec and the frame builder write JSON, which is UTF-8.
-    Utf8Bytes::try_from(bytes).unwrap_or_default()
-}
-
 fn reply(id: &str, payload: &impl serde::Serialize) -> Message {
-    Message::Text(text(envelope::encode_reply(id, payload).into_bytes()))
+    message(envelope::encode_reply(id, payload).into_bytes())
 }
 
 fn error(code: ErrorCode) -> Message {
     let error = CommandError::new(code, "baseline: unreadable request");
-    Message::Text(text(envelope::encode_error(None, &error).into_bytes()))
+    message(envelope::encode_error(None, &error).into_bytes())
 }
 
 #[derive(serde::Serialize)]

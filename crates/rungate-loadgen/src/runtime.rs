@@ -104,7 +104,7 @@ async fn attach(
     let sent = Instant::now();
     let frame = wire::attach(id, run, instance, caps, false, 0);
     conn.ws
-        .send(Message::text(frame))
+        .send(frame)
         .await
         .map_err(|_| "socket_closed".to_owned())?;
     let answer = timeout(ATTACH_TIMEOUT, async {
@@ -354,7 +354,7 @@ pub(crate) async fn run_socket(sh: Arc<Shared>, index: usize) {
                 for s in &sessions {
                     let id = conn.id();
                     conn.pending.push_back(Pending { id, kind: Kind::Heartbeat, sent: now, events: 0, counted });
-                    if conn.ws.feed(Message::text(wire::heartbeat(id, s))).await.is_err() {
+                    if conn.ws.feed(wire::heartbeat(id, s)).await.is_err() {
                         failed = true;
                         break;
                     }

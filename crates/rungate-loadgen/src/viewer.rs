@@ -93,11 +93,7 @@ pub(crate) async fn run_socket(sh: Arc<Shared>, j: usize) {
         let run = sh.run_id(index, 0);
         let resume_id = k as u64 + 1;
         if ws
-            .feed(Message::text(wire::resume(
-                resume_id,
-                &run,
-                sh.args.from.offset(),
-            )))
+            .feed(wire::resume(resume_id, &run, sh.args.from.offset()))
             .await
             .is_err()
         {

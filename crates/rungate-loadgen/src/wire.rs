@@ -51,10 +51,20 @@ pub(crate) fn json_str(s: &str) -> String {
 
 /// `{"id":"N","type":KIND,"payload":PAYLOAD}`, `payload` being JSON text
 /// this module wrote.
-pub(crate) fn request(id: u64, kind: &str, payload: &str) -> String {
-    envelope::encode_request_raw(&id.to_string(), kind, payload)
-        .as_str()
-        .to_owned()
+pub(crate) fn request(id: u64, kind: &str, payload: &str) -> Message {
+    message(envelope::encode_request_raw(&id.to_string(), kind, payload).into_bytes())
+}
+
+/// Bytes the protocol crate's codec or frame builder wrote, as a text
+/// message, without copying them.
+pub(crate) fn message(bytes: bytes::Bytes) -> Message {
+    Message::Text(text(bytes))
+}
+
+/// [`message`]'s text: the codec writes JSON, which is UTF-8; should that
+/// ever break, an empty text draws a `BAD_FRAME` rather than a panic.
+pub(crate) fn text(bytes: bytes::Bytes) -> Utf8Bytes {
+    Utf8Bytes::try_from(bytes).unwrap_or_default()
 }
 
 pub(crate) fn attach(
@@ -64,7 +74,7 @@ pub(crate) fn attach(
     capabilities: &[&str],
     reconnect: bool,
     epoch: u64,
-) -> String {
+) -> Message {
     let caps: Vec<String> = capabilities.iter().map(|c| json_str(c)).collect();
     let payload = format!(
         r#"{{"runId":{},"runtimeInstanceId":{},"protocolVersion":"1","reconnect":{reconnect},"connectionEpoch":{epoch},"capabilities":[{}]}}"#,
@@ -75,13 +85,13 @@ pub(crate) fn attach(
     request(id, "runtime.attach", &payload)
 }
 
-pub(crate) fn heartbeat(id: u64, session: &SessionRef) -> String {
+pub(crate) fn heartbeat(id: u64, session: &SessionRef) -> Message {
     request(id, "runtime.heartbeat", &session.heartbeat_payload)
 }
 
 /// `stream.resume` for a viewer socket: live (`from` = `None`) or from an
 /// offset.
-pub(crate) fn resume(id: u64, run: &str, from: Option<u64>) -> String {
+pub(crate) fn resume(id: u64, run: &str, from: Option<u64>) -> Message {
     let payload = match from {
         Some(offset) => format!(r#"{{"runId":{},"fromOffset":{offset}}}"#, json_str(run)),
         None => format!(r#"{{"runId":{}}}"#, json_str(run)),
@@ -132,11 +142,7 @@ pub(crate) fn publish(
         buf.push_str(r#""}}"#);
     }
     buf.push_str("]}");
-    let frame = envelope::encode_request_raw(&id.to_string(), "events.publish", buf);
-    match Utf8Bytes::try_from(frame.into_bytes()) {
-        Ok(text) => Message::Text(text),
-        Err(_) => Message::text(""),
-    }
+    request(id, "events.publish", buf)
 }
 
 /// What one frame from the server is, as far as the load generator cares.
