@@ -488,7 +488,7 @@ impl StreamHub {
             }
             let ring = &state.ring;
             let (first, next) = (ring.first_offset(), ring.next_offset());
-            let epoch_differs = epoch.is_some_and(|e| e != ring.epoch().as_str());
+            let epoch_differs = epoch.is_some_and(|e| !ring.is_epoch(e));
             let (start_offset, truncated) = match from_offset {
                 None => (next, epoch_differs),
                 Some(_) if epoch_differs => (first, true),
@@ -923,6 +923,25 @@ impl StreamHub {
         }
         drop(state);
         old.notify.notify_waiters();
+    }
+
+    /// Moves `run`'s stream from `provisional`, an epoch this node proposed
+    /// that lost to another node's, to the authority's `epoch`, in place,
+    /// if it never held an event: its subscribers stay (a viewer that
+    /// follows a run before it starts must not see it closed because two
+    /// nodes raced to create it). False if the stream has another epoch or
+    /// holds history; then it must be replaced.
+    pub fn adopt_epoch(
+        &self,
+        run: &RunId,
+        provisional: &super::StreamEpoch,
+        epoch: &super::StreamEpoch,
+    ) -> bool {
+        let Some(stream) = self.streams.get(run).map(|s| s.clone()) else {
+            return false;
+        };
+        let mut state = stream.state.write();
+        !state.closed && state.ring.epoch() == provisional && state.ring.adopt_epoch(epoch.clone())
     }
 
     /// Sets whether `run`'s stream (if it has `epoch`) is idle, and since

@@ -128,6 +128,9 @@ pub struct Ring {
     /// Whether readers see the end yet (a durable engine shows it once it
     /// is in the log).
     end_visible: bool,
+    /// An epoch this ring had before it [adopted](Ring::adopt_epoch) the
+    /// authority's while still empty: a reader told that one lost nothing.
+    provisional_epoch: Option<StreamEpoch>,
 }
 
 impl Ring {
@@ -151,6 +154,7 @@ impl Ring {
             committed_last_seq: None,
             end: None,
             end_visible: false,
+            provisional_epoch: None,
         }
     }
 
@@ -245,6 +249,31 @@ impl Ring {
 
     pub fn run(&self) -> &RunId {
         &self.run
+    }
+
+    /// Takes `epoch` in place of a provisional one this node made up, if
+    /// the ring never held anything (nothing appended, no end): no reader
+    /// can have seen an offset of the old epoch, so readers stay and lose
+    /// nothing. False (ring unchanged) otherwise.
+    pub fn adopt_epoch(&mut self, epoch: StreamEpoch) -> bool {
+        if self.appended_head != 0 || self.first_offset != 0 || self.end.is_some() {
+            return false;
+        }
+        if self.epoch != epoch {
+            let provisional = std::mem::replace(&mut self.epoch, epoch);
+            self.provisional_epoch = Some(provisional);
+        }
+        true
+    }
+
+    /// Whether `epoch` names this ring's history: its epoch, or the
+    /// provisional one it replaced while empty.
+    pub fn is_epoch(&self, epoch: &str) -> bool {
+        self.epoch.as_str() == epoch
+            || self
+                .provisional_epoch
+                .as_ref()
+                .is_some_and(|p| p.as_str() == epoch)
     }
 
     pub fn epoch(&self) -> &StreamEpoch {
@@ -613,6 +642,37 @@ mod tests {
             .map(|t| NewEvent { json: t, seq: None })
             .collect();
         r.append(&events).unwrap()
+    }
+
+    #[test]
+    fn only_a_ring_that_never_held_anything_adopts_another_epoch() {
+        let mut empty = ring(10, 1 << 20);
+        let provisional = empty.epoch().clone();
+        let authority = StreamEpoch::generate();
+        assert!(empty.adopt_epoch(authority.clone()));
+        assert_eq!(empty.epoch(), &authority);
+        assert!(empty.is_epoch(provisional.as_str()) && empty.is_epoch(authority.as_str()));
+        assert!(!empty.is_epoch(StreamEpoch::generate().as_str()));
+        // Its appends carry the adopted epoch.
+        publish(&mut empty, 0..1);
+        let (frames, _) = frames(empty.read_frames(0, 10));
+        assert!(
+            std::str::from_utf8(&frames[0])
+                .unwrap()
+                .contains(authority.as_str())
+        );
+
+        let mut held = ring(10, 1 << 20);
+        publish(&mut held, 0..1);
+        let before = held.epoch().clone();
+        assert!(!held.adopt_epoch(StreamEpoch::generate()));
+        assert_eq!(held.epoch(), &before);
+
+        let mut restored = Ring::restored(run(), StreamEpoch::generate(), held.limits, 5, None);
+        assert!(
+            !restored.adopt_epoch(StreamEpoch::generate()),
+            "offsets below 5 were someone's"
+        );
     }
 
     fn with_seq<'a>(texts: &'a [(&'a str, Option<u64>)]) -> Vec<NewEvent<'a>> {

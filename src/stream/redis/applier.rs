@@ -127,7 +127,9 @@ impl Applier {
                             .hub
                             .replace(ring, idle_instant(idle), Instant::now());
                     }
-                    Some((local, _, _)) if local == epoch => {
+                    Some((local, _, _))
+                        if local == epoch || self.shared.hub.adopt_epoch(&run, &local, &epoch) =>
+                    {
                         self.shared.hub.set_idle(&run, &epoch, idle_instant(idle));
                     }
                     Some(_) => self.sync_run(&run).await,
@@ -265,9 +267,13 @@ impl Applier {
             }
             return Ok(());
         };
-        let continues = local
-            .as_ref()
-            .is_some_and(|(epoch, head, _)| *epoch == remote.epoch && *head <= remote.next);
+        // A stream this node proposed that lost the race to create it
+        // (another node's proposal reached Redis first) is still empty:
+        // it takes Redis's epoch in place, keeping its followers.
+        let continues = local.as_ref().is_some_and(|(epoch, head, _)| {
+            (*epoch == remote.epoch && *head <= remote.next)
+                || hub.adopt_epoch(run, epoch, &remote.epoch)
+        });
         if !continues {
             let start = remote.entries.first().map_or(remote.next, |e| e.0);
             let ring = Ring::restored(
