@@ -9,42 +9,113 @@
 //! serde_json's limit) is left to the typed parse, which reports it with
 //! its own precise path.
 
+use std::borrow::Cow;
 use std::collections::HashSet;
 
 use serde::de::{self, DeserializeSeed, MapAccess, SeqAccess, Visitor};
 
 /// The JSON pointer (under `/payload`) of the first repeated member in
 /// `payload`, if any.
+///
+/// This runs on every command frame, so it allocates nothing for a payload
+/// without a repeat (issue #18's profile of a publish: a path `String` per
+/// member and per array element plus a `HashSet` per object made this walk
+/// half of the parse). Keys are borrowed from the text where it has no
+/// escapes, small objects are checked against the keys on the stack, and
+/// the path is only built once a repeat is found, on the way back out.
 pub fn first_duplicate(payload: &str) -> Option<String> {
     let mut found = None;
-    let mut path = Vec::new();
     let mut de = serde_json::Deserializer::from_str(payload);
-    let _ = Walk {
-        path: &mut path,
-        found: &mut found,
-    }
-    .deserialize(&mut de);
-    found
+    let _ = Walk { found: &mut found }.deserialize(&mut de);
+    found.map(|mut segments| {
+        // Innermost first: the repeated key, then each enclosing segment.
+        segments.reverse();
+        let mut p = String::from("/payload");
+        for seg in &segments {
+            p.push('/');
+            p.push_str(&seg.replace('~', "~0").replace('/', "~1"));
+        }
+        p
+    })
 }
 
-struct Walk<'p> {
-    path: &'p mut Vec<String>,
-    found: &'p mut Option<String>,
-}
+/// The path of a repeat found, innermost segment first, filled in as the
+/// walk unwinds.
+type Found = Option<Vec<String>>;
 
-fn pointer(path: &[String], last: &str) -> String {
-    let mut p = String::from("/payload");
-    for seg in path.iter().map(String::as_str).chain(std::iter::once(last)) {
-        p.push('/');
-        p.push_str(&seg.replace('~', "~0").replace('/', "~1"));
-    }
-    p
+struct Walk<'f> {
+    found: &'f mut Found,
 }
 
 impl<'de> DeserializeSeed<'de> for Walk<'_> {
     type Value = ();
     fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
         d.deserialize_any(self)
+    }
+}
+
+/// A member name, borrowed from the payload unless it holds escapes.
+struct Key;
+
+impl<'de> DeserializeSeed<'de> for Key {
+    type Value = Cow<'de, str>;
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Cow<'de, str>, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Key {
+    type Value = Cow<'de, str>;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a member name")
+    }
+    fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Cow<'de, str>, E> {
+        Ok(Cow::Borrowed(v))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Cow<'de, str>, E> {
+        Ok(Cow::Owned(v.to_owned()))
+    }
+}
+
+/// Members an object may have before its names move from a scan of the
+/// stack to a hash set (most payload objects have a handful).
+const SCAN: usize = 16;
+
+/// The names seen so far in one object.
+enum Seen<'de> {
+    Few([Option<Cow<'de, str>>; SCAN], usize),
+    Many(HashSet<Cow<'de, str>>),
+}
+
+impl<'de> Seen<'de> {
+    fn new() -> Seen<'de> {
+        Seen::Few(std::array::from_fn(|_| None), 0)
+    }
+
+    fn contains(&self, key: &str) -> bool {
+        match self {
+            Seen::Few(keys, n) => keys[..*n].iter().flatten().any(|k| k == key),
+            Seen::Many(set) => set.contains(key),
+        }
+    }
+
+    /// Records `key` (known not to be there yet).
+    fn insert(&mut self, key: Cow<'de, str>) {
+        match self {
+            Seen::Few(keys, n) if *n < SCAN => {
+                keys[*n] = Some(key);
+                *n += 1;
+            }
+            Seen::Few(keys, _) => {
+                let mut set: HashSet<Cow<'de, str>> =
+                    keys.iter_mut().filter_map(Option::take).collect();
+                set.insert(key);
+                *self = Seen::Many(set);
+            }
+            Seen::Many(set) => {
+                set.insert(key);
+            }
+        }
     }
 }
 
@@ -77,33 +148,33 @@ impl<'de> Visitor<'de> for Walk<'_> {
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
         let mut i = 0usize;
         loop {
-            self.path.push(i.to_string());
-            let next = seq.next_element_seed(Walk {
-                path: self.path,
-                found: self.found,
-            });
-            self.path.pop();
-            match next? {
-                Some(()) => i += 1,
-                None => return Ok(()),
+            let next = seq.next_element_seed(Walk { found: self.found });
+            match next {
+                Ok(Some(())) => i += 1,
+                Ok(None) => return Ok(()),
+                Err(e) => {
+                    if let Some(path) = self.found.as_mut() {
+                        path.push(i.to_string());
+                    }
+                    return Err(e);
+                }
             }
         }
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        let mut seen = HashSet::new();
-        while let Some(key) = map.next_key::<String>()? {
+        let mut seen = Seen::new();
+        while let Some(key) = map.next_key_seed(Key)? {
             if seen.contains(&key) {
-                *self.found = Some(pointer(self.path, &key));
+                *self.found = Some(vec![key.into_owned()]);
                 return Err(de::Error::custom("duplicate member"));
             }
-            self.path.push(key.clone());
-            let value = map.next_value_seed(Walk {
-                path: self.path,
-                found: self.found,
-            });
-            self.path.pop();
-            value?;
+            if let Err(e) = map.next_value_seed(Walk { found: self.found }) {
+                if let Some(path) = self.found.as_mut() {
+                    path.push(key.into_owned());
+                }
+                return Err(e);
+            }
             seen.insert(key);
         }
         Ok(())
@@ -132,6 +203,25 @@ mod tests {
         // Escapes name the same member.
         assert_eq!(
             first_duplicate(r#"{"a":1,"\u0061":1}"#).as_deref(),
+            Some("/payload/a")
+        );
+        // Past the stack scan: the hash set takes over without losing a name.
+        let many: Vec<String> = (0..40).map(|i| format!(r#""k{i}":{i}"#)).collect();
+        let many = many.join(",");
+        assert_eq!(first_duplicate(&format!("{{{many}}}")), None);
+        for repeat in ["k0", "k15", "k16", "k39"] {
+            assert_eq!(
+                first_duplicate(&format!(r#"{{"m":[1,{{{many},"{repeat}":0}}]}}"#)).as_deref(),
+                Some(format!("/payload/m/1/{repeat}").as_str())
+            );
+        }
+        // The first occurrence's value is walked before the repeat is met.
+        assert_eq!(
+            first_duplicate(r#"{"a":{"b":1,"b":2},"a":3}"#).as_deref(),
+            Some("/payload/a/b")
+        );
+        assert_eq!(
+            first_duplicate(r#"{"a":1,"a":{"x":1,"x":2}}"#).as_deref(),
             Some("/payload/a")
         );
         // Not JSON, or too deep: left to the typed parse.
