@@ -435,6 +435,10 @@ export class EventStream implements AsyncIterable<StreamItem> {
   private pushed(type: string, p: Record<string, unknown>): boolean {
     switch (type) {
       case "stream.events": {
+        // The epoch these offsets belong to is the one to resume with (a
+        // stream two gateways created at once may take the other's epoch
+        // while still empty, without a close: spec/README.md).
+        if (typeof p["streamEpoch"] === "string") this.epoch = p["streamEpoch"];
         const events = Array.isArray(p["events"]) ? (p["events"] as Array<{ offset?: unknown; event?: unknown }>) : [];
         const items: StreamItem[] = [];
         for (const e of events) {

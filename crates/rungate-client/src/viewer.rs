@@ -229,6 +229,12 @@ impl StreamState {
     pub(crate) fn pushed(&mut self, kind: &str, payload: &Value) -> (Vec<StreamItem>, bool) {
         match kind {
             "stream.events" => {
+                // The epoch these offsets belong to is the one to resume
+                // with (a stream two gateways created at once may take the
+                // other's epoch while still empty, without a close).
+                if let Some(epoch) = payload["streamEpoch"].as_str() {
+                    self.epoch = Some(epoch.to_owned());
+                }
                 let mut items = Vec::new();
                 for e in payload["events"].as_array().into_iter().flatten() {
                     let Some(offset) = e["offset"].as_u64() else {

@@ -65,15 +65,13 @@ async fn two_minutes_of_faults_lose_and_duplicate_nothing() {
     assert!(faults > 0, "no fault was injected: {:?}", report.faults);
 }
 
-/// Run by hand: `cargo test -p rungate-loadgen --test soak -- --ignored`.
-/// Out of CI for now because it found something not yet fixed: in one of
-/// two runs on the merged tree (2026-12-02, load ~9 on 2 cores), a viewer
-/// on node B saw two resumes report its history truncated or replaced
-/// around a Redis `kill -9` and restart, though it then got every
-/// acknowledged event once (lost 0, duplicated 0). A flaky check would
-/// block every landing; the finding is written up in issue #19.
+/// Two gateways over one Redis, with a node killed and Redis itself
+/// `kill -9`ed and restarted (AOF). Was run by hand for a while: it once
+/// saw a viewer's resume on node B report its history replaced; the cause
+/// was two gateways racing to create a stream (the loser closed its empty
+/// copy), fixed in `stream::redis` (see spec/README.md, "A stream two
+/// gateways create at once").
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "found a spurious truncated resume on node B around a Redis restart (issue #19); run with --ignored"]
 async fn a_minute_on_two_nodes_over_redis_loses_and_duplicates_nothing() {
     // Needs redis-server on PATH, as the gateway's own Redis tests do.
     let args = SoakArgs {

@@ -228,6 +228,11 @@ class EventStream:
                         if p.get("runId") != self.run_id:
                             continue
                         if frame.type == "stream.events":
+                            # The epoch these offsets belong to is the one to
+                            # resume with (a stream two gateways created at
+                            # once may take the other's epoch while still
+                            # empty, without a close: spec/README.md).
+                            self.stream_epoch = cast(t.StreamEvents, p)["streamEpoch"]
                             for event_item in self._events(cast(t.StreamEvents, p)):
                                 # Moved per item, so it always names what the
                                 # caller is owed next.
