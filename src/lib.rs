@@ -62,6 +62,7 @@ pub mod config;
 pub mod demo;
 pub mod gateway;
 pub mod origin;
+pub mod redis;
 pub mod run_config;
 pub mod session;
 pub mod store;
