@@ -25,7 +25,7 @@ const OPEN_TIMEOUT: Duration = Duration::from_secs(6);
 /// How long connecting a pub/sub connection and subscribing may take.
 const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(6);
 
-/// Why [`open`] failed; the URL is shown without its password.
+/// Why opening a connection failed; the URL is shown without its password.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
     /// Not a URL the Redis client takes.
