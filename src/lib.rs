@@ -53,7 +53,9 @@
 //! Redis the authority for every stream and keeps a replica of each in the
 //! local `StreamHub`, so the batch above takes one detour (a Lua script in
 //! Redis, then its announcement back into every gateway's hub) and the rest
-//! is the same. `gateway::cluster` carries the news between gateways:
+//! is the same. Both open Redis and name their keys through [`crate::redis`]
+//! (`redis::conn`, and `redis::keys` with the whole key layout), so neither
+//! reaches into the other. `gateway::cluster` carries the news between gateways:
 //! sessions taken over elsewhere, cancels for sessions held elsewhere, and
 //! this gateway's keep-alive.
 
@@ -62,6 +64,7 @@ pub mod config;
 pub mod demo;
 pub mod gateway;
 pub mod origin;
+pub mod redis;
 pub mod run_config;
 pub mod session;
 pub mod store;

@@ -48,11 +48,12 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::{AuthError, AuthKey};
 use crate::config::{Config, ConfigError, StoreKind};
+use crate::redis::keys::DEFAULT_PREFIX;
 use crate::run_config::{RunConfigError, RunConfigSource, RunDirectory};
 use crate::session::{LeasePolicy, Sessions};
 use crate::store::embedded::EmbeddedStore;
 use crate::store::memory::MemoryStore;
-use crate::store::redis::{self, RedisStore};
+use crate::store::redis::RedisStore;
 use crate::store::{Store, StoreError};
 use crate::stream::log::{DurableStreams, LogError};
 use crate::stream::redis::{RedisStreams, RedisStreamsError};
@@ -112,14 +113,14 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
             Arc::new(StreamHub::new(config.streams.clone())),
         ),
         StoreKind::Redis { url } => {
-            let store = RedisStore::connect(url, redis::DEFAULT_PREFIX).await?;
+            let store = RedisStore::connect(url, DEFAULT_PREFIX).await?;
             tracing::info!(
                 node = store.node(),
                 "sharing sessions, state and streams through Redis"
             );
             // Publishes are fenced by this node's hold on the session, in
             // the same Redis script as the append.
-            let streams = RedisStreams::connect(url, redis::DEFAULT_PREFIX, config.streams.clone())
+            let streams = RedisStreams::connect(url, DEFAULT_PREFIX, config.streams.clone())
                 .await?
                 .fenced_as(store.node());
             (Arc::new(store), Arc::new(streams))

@@ -8,7 +8,7 @@
 //! Owns how the nodes agree. Redis is the authority for each stream's
 //! epoch, offsets, `seq` mark and idle state, and keeps the batches within
 //! its last `max_events_per_run` offsets, one stream entry per batch
-//! ([`scripts`] has the keys). Every node keeps
+//! ([`crate::redis::keys`] has the keys). Every node keeps
 //! a *replica* of every stream in an ordinary [`StreamHub`], so `resume`
 //! stays synchronous, and readers, frames and fan-out are the hub's: one
 //! frame per batch per node, shared by all its viewers.
@@ -66,7 +66,8 @@ use super::{
     SweepOutcome,
 };
 use crate::ids::RunId;
-use crate::store::redis::{OpenError, open, redacted};
+use crate::redis::conn::{OpenError, open, redacted, subscribe};
+use crate::redis::keys::Keys;
 
 mod applier;
 mod notice;
@@ -76,7 +77,7 @@ mod writer;
 
 use applier::{Applier, Apply};
 use notice::Idle;
-use scripts::{Keys, Scripts};
+use scripts::Scripts;
 use subscriber::Subscriber;
 use writer::{Op, Writer};
 
@@ -140,7 +141,7 @@ impl RedisStreams {
             why,
         };
         let keys = Keys::new(prefix);
-        let pubsub = subscriber::subscribe(&client, &keys.channel())
+        let pubsub = subscribe(&client, &keys.channel())
             .await
             .map_err(|e| connect_error(format!("cannot subscribe: {e}")))?;
 
@@ -321,7 +322,7 @@ impl StreamEngine for RedisStreams {
         let fence = self.node.as_deref().map(|node| {
             (
                 publisher.session_id.to_owned(),
-                crate::store::redis::holder_entry_prefix(node, publisher.epoch),
+                crate::redis::keys::holder_entry_prefix(node, publisher.epoch),
             )
         });
         self.submit_publish(run, events, fence, now)

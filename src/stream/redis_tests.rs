@@ -10,7 +10,7 @@ use futures_util::future::join_all;
 
 use super::*;
 use crate::ids::SessionId;
-use crate::store::redis::test_server::{self, TestRedis};
+use crate::redis::test_server::{self, TestRedis};
 use crate::stream::tests::decode;
 use crate::stream::{Delivery, EventDelivery};
 

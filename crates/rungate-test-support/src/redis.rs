@@ -2,7 +2,7 @@
 //! on a free loopback port, stopped on drop. Without either the tests skip,
 //! saying so, except under `CI=true`, where that is a failure (`.ci/run`
 //! installs redis-server). Also compiled into the crate's own unit tests
-//! (`store::redis::test_server`), so there is one copy.
+//! (`redis::test_server`), so there is one copy.
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};

@@ -1,56 +1,12 @@
-//! The key layout and the Lua scripts: every change to a stream in Redis
-//! is one of these scripts, so it is atomic on the server and its notice
-//! on the channel goes out in the same order as the change.
+//! The Lua scripts: every change to a stream in Redis is one of these
+//! scripts, so it is atomic on the server and its notice on the channel
+//! goes out in the same order as the change.
 //!
-//! Owns what the keys hold and what each script promises. Must not talk to
-//! Redis itself (the writer and the applier run the scripts).
-//!
-//! # Keys (prefix `p`, `rungate` by default, as the store's)
-//!
-//! | key           | type   | holds                                         |
-//! |---------------|--------|-----------------------------------------------|
-//! | `{p}:s:{run}` | hash   | `epoch`; `next` (the head); `seq` (the highest accepted `seq`, 20 digits, or empty); `idle` (`active`, or wall-clock ms since idle); once the run ended, `end` (the outcome), `endedAt` (wall-clock ms) and `endMsg` (empty, or `+` then the message) |
-//! | `{p}:x:{run}` | stream | one entry per published batch (a batch over [`EVENTS_PER_ENTRY`] events takes several), id `{first offset}-1`, one field `e` per event, in order. Trimmed with `MINID` to the entries that start within the last `max_events_per_run` offsets |
-//! | `{p}:streams` | set    | the run ids that have a stream                |
-//! | `{p}:events`  | channel| one message per change ([`super::notice`])   |
-//!
-//! Ids use `-1` because Redis refuses the id `0-0`. A run id may contain
-//! `:`; it is always the last part of a key.
+//! Owns what each script promises (the keys it is given and what they
+//! hold are [`crate::redis::keys`]'s). Must not talk to Redis itself (the
+//! writer and the applier run the scripts).
 
 use redis::Script;
-
-use crate::ids::RunId;
-
-/// Builds the keys of the layout in the module docs.
-#[derive(Debug, Clone)]
-pub struct Keys {
-    prefix: String,
-}
-
-impl Keys {
-    pub fn new(prefix: &str) -> Keys {
-        Keys {
-            prefix: prefix.to_owned(),
-        }
-    }
-    pub fn meta(&self, run: &RunId) -> String {
-        format!("{}:s:{run}", self.prefix)
-    }
-    pub fn events(&self, run: &RunId) -> String {
-        format!("{}:x:{run}", self.prefix)
-    }
-    pub fn streams(&self) -> String {
-        format!("{}:streams", self.prefix)
-    }
-    pub fn channel(&self) -> String {
-        format!("{}:events", self.prefix)
-    }
-    /// The session store's hash of who holds each session (the publish
-    /// fence reads it).
-    pub fn session_holders(&self) -> String {
-        crate::store::redis::session_holder_key(&self.prefix)
-    }
-}
 
 /// Events per stream entry at most: Lua's `unpack` has to pass two
 /// arguments per event to `XADD` (and stops at a few thousand), and a catch-up

@@ -22,12 +22,12 @@ use tokio_util::sync::CancellationToken;
 use super::Shared;
 use super::applier::Apply;
 use super::notice;
+use crate::redis::conn::subscribe;
 
 /// How often an idle channel is checked with a ping, and how long the
 /// ping may take.
 const PING_EVERY: Duration = Duration::from_secs(5);
 const PING_TIMEOUT: Duration = Duration::from_secs(5);
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(6);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 
@@ -38,20 +38,6 @@ pub struct Subscriber {
     pub cancel: CancellationToken,
     /// Tests hold the channel down with it, as a network fault would.
     pub paused: watch::Receiver<bool>,
-}
-
-/// Opens a pub/sub connection subscribed to `channel`.
-pub async fn subscribe(client: &redis::Client, channel: &str) -> Result<PubSub, String> {
-    let connect = async {
-        let mut pubsub = client.get_async_pubsub().await?;
-        pubsub.subscribe(channel).await?;
-        Ok::<_, redis::RedisError>(pubsub)
-    };
-    match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
-        Ok(Ok(pubsub)) => Ok(pubsub),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err("no answer in time".into()),
-    }
 }
 
 impl Subscriber {
