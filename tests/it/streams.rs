@@ -502,6 +502,9 @@ async fn a_slow_subscriber_gets_an_exact_gap_and_never_blocks_the_publisher() {
     let gw = TestGateway::start_with(|c| {
         c.streams.max_events_per_run = 100;
         c.limits.outbound_queue = 8;
+        // Publishes do not renew the lease, and 20 MiB may take a loaded
+        // machine longer than the default 30 s: this test is about gaps.
+        c.lease_ttl = Duration::from_secs(600);
     })
     .await;
     let (mut rt, sid) = runtime_on(&gw, "slow").await;
