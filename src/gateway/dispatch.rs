@@ -1,8 +1,8 @@
 //! From a decoded request to its answer: route by type, check scope and
 //! capability, call the domain, encode the reply.
 //!
-//! Owns the mapping from domain errors to protocol error codes (one place,
-//! [`session_error`] and [`store_error`]) and the per-endpoint command lists.
+//! Owns the per-endpoint command lists; domain errors become protocol
+//! errors in `errors`.
 //! Commands are *applied* in the order they arrive on a socket; those that
 //! wait on the store answer later (an [`Answer::Later`]), so replies may
 //! overtake each other. Must not touch the socket: it returns frames.
@@ -16,6 +16,10 @@ use serde::Serialize;
 use serde_json::json;
 use tokio::time::Instant;
 
+use super::errors::{
+    command_budget_spent, forbidden_run, recover_error, run_ended, session_error, store_error,
+    stream_error, stream_error_of,
+};
 use super::follow::Following;
 use super::metrics::UNDECODED;
 use super::rate_limit::TokenBucket;
@@ -27,10 +31,7 @@ use crate::protocol::commands::{self as cmd, push};
 use crate::protocol::{
     Command, CommandError, CommandKind, ErrorCode, Frame, encode_error, encode_push, encode_reply,
 };
-use crate::session::{
-    AttachParams, CancelTarget, ConnId, RecoverError, Saved, SessionError, SessionState,
-    SessionView,
-};
+use crate::session::{AttachParams, CancelTarget, ConnId, Saved, SessionState, SessionView};
 use crate::store::{Checkpoint, PendingCancel, StoreError};
 use crate::stream::{EndRequest, NewEvent, Publisher, RunEnd, StreamError};
 use crate::time::Timestamp;
@@ -240,22 +241,11 @@ fn rate_limited(ctx: &ConnCtx, text: &str, wait: std::time::Duration, started: I
         }
         Err(rejected) => (rejected.id, UNDECODED),
     };
-    let limits = &ctx.shared.config.limits;
-    // Rounded up, so a client that waits exactly this long finds a token.
-    let retry_after_ms = wait.as_micros().div_ceil(1000) as u64;
-    let err = CommandError::new(
-        ErrorCode::RateLimited,
-        format!(
-            "this socket sends more than {} commands per second (bursts of {}); retry in {retry_after_ms} ms",
-            limits.max_commands_per_sec, limits.command_burst
-        ),
-    )
-    .retryable(true)
-    .with_details(json!({
-        "retryAfterMs": retry_after_ms,
-        "maxCommandsPerSec": limits.max_commands_per_sec,
-        "commandBurst": limits.command_burst,
-    }));
+    let err = command_budget_spent(
+        &ctx.shared.config.limits,
+        "this socket sends commands",
+        wait,
+    );
     ctx.shared.metrics.refused("max_commands_per_sec");
     record(ctx, label, Err(err.code), started);
     encode_error(id.as_deref(), &err)
@@ -340,91 +330,6 @@ mod erased {
     }
 }
 
-// ------------------------------------------------------------ error mapping
-
-/// The one place session errors become protocol errors.
-pub(crate) fn session_error(e: SessionError) -> CommandError {
-    let message = e.to_string();
-    match e {
-        SessionError::NotAttached => CommandError::new(ErrorCode::NotAttached, message),
-        SessionError::StaleEpoch { current_epoch, .. } => {
-            CommandError::new(ErrorCode::StaleEpoch, message)
-                .with_details(json!({ "currentEpoch": current_epoch }))
-        }
-        SessionError::EpochNotGreater { offered, current }
-        | SessionError::EpochNotMain { offered, current } => {
-            CommandError::new(ErrorCode::StaleEpoch, message)
-                .with_details(json!({ "offeredEpoch": offered, "currentEpoch": current }))
-        }
-        SessionError::Expired { run_id } => CommandError::new(ErrorCode::SessionExpired, message)
-            .with_details(json!({ "runId": run_id })),
-        SessionError::RunTaken { run_id } | SessionError::OtherInstance { run_id } => {
-            CommandError::new(ErrorCode::Conflict, message).with_details(json!({ "runId": run_id }))
-        }
-        SessionError::Forbidden(_) => CommandError::new(ErrorCode::Forbidden, message),
-        // Not retryable: the same attach on the same socket fails until the
-        // runtime ends a session there or opens another socket.
-        SessionError::TooManySessions { max } => CommandError::new(
-            ErrorCode::RateLimited,
-            format!("{message}; open another socket or let a session end"),
-        )
-        .retryable(false)
-        .with_details(json!({ "maxSessionsPerSocket": max })),
-    }
-}
-
-/// The one place stream errors become protocol errors.
-pub(crate) fn stream_error(e: StreamError) -> CommandError {
-    let message = e.to_string();
-    match e {
-        StreamError::TooLarge {
-            max_events,
-            max_bytes,
-            ..
-        } => CommandError::new(ErrorCode::PayloadTooLarge, message)
-            .with_details(json!({ "maxEventsPerRun": max_events, "maxBytesPerRun": max_bytes })),
-        StreamError::Unavailable(_) => {
-            tracing::warn!(error = %message, "stream engine failed");
-            CommandError::internal("the stream is unavailable; nothing was stored, retry")
-                .retryable(true)
-        }
-        StreamError::Fenced => CommandError::new(
-            ErrorCode::StaleEpoch,
-            "the session moved to another gateway at a newer connection epoch; nothing was stored",
-        ),
-        StreamError::Ended { outcome } => CommandError::new(ErrorCode::RunEnded, message)
-            .with_details(json!({ "outcome": outcome })),
-        StreamError::EndConflict { outcome } => CommandError::new(ErrorCode::Conflict, message)
-            .with_details(json!({ "outcome": outcome })),
-        StreamError::EndUnsupported => CommandError::internal(message).retryable(false),
-        StreamError::BudgetFull { max_bytes } => CommandError::new(ErrorCode::RateLimited, message)
-            .retryable(true)
-            .with_details(json!({ "streamGlobalMaxBytes": max_bytes, "retryAfterMs": 1000 })),
-    }
-}
-
-/// `RUN_ENDED` for `run`, which ended with `outcome`.
-fn run_ended(run: &RunId, outcome: RunOutcome) -> CommandError {
-    CommandError::new(
-        ErrorCode::RunEnded,
-        format!("run {run} ended ({outcome}); a retry of the work is a new runId"),
-    )
-    .with_details(json!({ "runId": run, "outcome": outcome }))
-}
-
-/// [`stream_error`] that names the run a `RUN_ENDED` or `CONFLICT` is about.
-fn stream_error_of(run: &RunId, e: StreamError) -> CommandError {
-    match e {
-        StreamError::Ended { outcome } => run_ended(run, outcome),
-        StreamError::EndConflict { outcome } => CommandError::new(
-            ErrorCode::Conflict,
-            format!("run {run} already ended with outcome {outcome}"),
-        )
-        .with_details(json!({ "runId": run, "outcome": outcome })),
-        e => stream_error(e),
-    }
-}
-
 /// `RUN_ENDED` if `run` ended (or is ending) and the token covers it.
 fn refuse_ended(ctx: &ConnCtx, run: &RunId) -> Result<(), CommandError> {
     match ctx.shared.streams.ended(run) {
@@ -433,50 +338,7 @@ fn refuse_ended(ctx: &ConnCtx, run: &RunId) -> Result<(), CommandError> {
     }
 }
 
-/// The one place storage errors become protocol errors.
-pub(crate) fn store_error(e: StoreError) -> CommandError {
-    match e {
-        StoreError::Unavailable(_) => {
-            tracing::warn!(error = %e, "store operation failed");
-            CommandError::internal("storage is unavailable; nothing was written, retry")
-                .retryable(true)
-        }
-        StoreError::Corrupt(_) => {
-            tracing::error!(error = %e, "store is corrupt");
-            CommandError::internal("storage is corrupt").retryable(false)
-        }
-        // The run's KV is full: writing existing keys still works, new
-        // ones never will (KV has no delete), so this is a size refusal.
-        StoreError::TooManyKeys { max } => {
-            CommandError::new(ErrorCode::PayloadTooLarge, e.to_string())
-                .with_details(json!({ "maxKvKeysPerRun": max }))
-        }
-        // Another gateway got there first: it moved the session on to a
-        // newer epoch, or (no epoch) holds a live session of the run.
-        StoreError::ReplyTooLarge { max } => {
-            CommandError::new(ErrorCode::PayloadTooLarge, e.to_string())
-                .with_details(json!({ "maxReplyBytes": max }))
-        }
-        StoreError::Fenced { sessions } => match sessions.iter().find_map(|(_, e)| *e) {
-            Some(current_epoch) => CommandError::new(
-                ErrorCode::StaleEpoch,
-                "the session moved to another gateway at a newer connection epoch",
-            )
-            .with_details(json!({ "currentEpoch": current_epoch })),
-            None => CommandError::new(
-                ErrorCode::Conflict,
-                "the run already has a live session on another gateway",
-            ),
-        },
-    }
-}
-
 // ----------------------------------------------------------------- checks
-
-fn forbidden_run(run: &RunId) -> CommandError {
-    CommandError::forbidden(format!("the token does not cover run {run}"))
-        .with_details(json!({ "runId": run }))
-}
 
 /// The session a command names, checked against this socket, its epoch and
 /// the capability the command needs.
@@ -742,14 +604,7 @@ fn recover_here(
             now,
         )
     });
-    let moved = moved.map_err(|RecoverError { run_id, error }| {
-        let mut e = session_error(error);
-        if let Some(run) = run_id {
-            e.message = format!("sub-run {run}: {}; nothing moved", e.message);
-            e.details = Some(json!({ "runId": run }));
-        }
-        e
-    })?;
+    let moved = moved.map_err(recover_error)?;
     for s in &moved {
         shared.conns.superseded(s);
     }

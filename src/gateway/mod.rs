@@ -10,7 +10,8 @@
 //! `connection` (one socket), `budget` (its bytes in flight and queued),
 //! `rate_limit` (its command budget), `token_rates` (the same budget per
 //! token for HTTP listings),
-//! `dispatch` (one request), `follow` (a socket's stream subscriptions),
+//! `dispatch` (one request), `errors` (domain errors as protocol errors
+//! and HTTP statuses), `follow` (a socket's stream subscriptions),
 //! `sse` (the event-stream response), `leases` (the expiry timer), `upkeep`
 //! (stream retention and budget, saving renewed leases), `cluster` (sessions
 //! shared with other gateways), `state` (what they
@@ -24,6 +25,7 @@ mod cluster;
 mod connection;
 mod dashboard;
 mod dispatch;
+mod errors;
 mod follow;
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
