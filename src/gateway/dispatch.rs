@@ -22,14 +22,15 @@ use super::errors::{
 };
 use super::follow::Following;
 use super::metrics::UNDECODED;
+use super::push;
 use super::rate_limit::TokenBucket;
 use super::state::Shared;
 use crate::auth::Grant;
 use crate::ids::RunOutcome;
 use crate::ids::{Capability, RunId, SessionId};
-use crate::protocol::commands::{self as cmd, push};
+use crate::protocol::commands as cmd;
 use crate::protocol::{
-    Command, CommandError, CommandKind, ErrorCode, Frame, encode_error, encode_push, encode_reply,
+    Command, CommandError, CommandKind, ErrorCode, Frame, encode_error, encode_reply,
 };
 use crate::session::{AttachParams, CancelTarget, ConnId, Saved, SessionState, SessionView};
 use crate::store::{Checkpoint, PendingCancel, StoreError};
@@ -625,20 +626,11 @@ fn recover_here(
 fn push_pending_cancels(shared: &Shared, conn: ConnId, root: &SessionId) {
     let pending = shared.sessions.with(|r| r.pending_cancels(conn, root));
     for (session_id, run_id, cancel) in pending {
-        shared
-            .conns
-            .push(conn, cancel_push(&session_id, &run_id, &cancel));
+        shared.conns.push(
+            conn,
+            push::run_cancel_requested(&session_id, &run_id, &cancel),
+        );
     }
-}
-
-fn cancel_push(session_id: &SessionId, run_id: &RunId, cancel: &PendingCancel) -> Frame {
-    let payload = push::RunCancelRequested {
-        session_id,
-        run_id,
-        reason: cancel.reason.as_deref(),
-        requested_at: Timestamp::from_unix_millis(cancel.requested_at_unix_ms),
-    };
-    encode_push(push::RUN_CANCEL_REQUESTED, &payload)
 }
 
 fn secrets_get(ctx: &ConnCtx, id: &str, req: cmd::GetSecretsCommand) -> Outcome {
@@ -1061,7 +1053,7 @@ pub(crate) fn cancel_run(
                 match conn {
                     Some(conn) => shared
                         .conns
-                        .push_now(conn, cancel_push(&session_id, &run, &cancel)),
+                        .push_now(conn, push::run_cancel_requested(&session_id, &run, &cancel)),
                     None => false,
                 }
             }

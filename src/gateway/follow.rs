@@ -25,9 +25,8 @@ use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, StreamExt};
 use tokio_util::sync::CancellationToken;
 
+use super::push;
 use crate::ids::RunId;
-use crate::protocol::commands::push;
-use crate::protocol::encode_push;
 use crate::stream::{Delivery, StreamEpoch, StreamSubscription};
 
 /// One socket's subscriptions, by run.
@@ -154,7 +153,7 @@ impl Following {
                     let Some(live) = self.active.remove(&run) else {
                         continue;
                     };
-                    let frame = closed_frame(&run, &live.epoch);
+                    let frame = push::stream_closed(&run, &live.epoch).into_bytes();
                     return Some((
                         run,
                         Sent {
@@ -205,14 +204,4 @@ fn wait(
         }
     }
     .boxed()
-}
-
-/// The `stream.closed` push: the run's stream history was dropped
-/// (retention or the memory budget); resume to follow its new stream.
-fn closed_frame(run: &RunId, epoch: &StreamEpoch) -> Bytes {
-    let payload = push::StreamClosed {
-        run_id: run,
-        stream_epoch: epoch,
-    };
-    encode_push(push::STREAM_CLOSED, &payload).into_bytes()
 }

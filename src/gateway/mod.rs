@@ -11,7 +11,8 @@
 //! `rate_limit` (its command budget), `token_rates` (the same budget per
 //! token for HTTP listings),
 //! `dispatch` (one request), `errors` (domain errors as protocol errors
-//! and HTTP statuses), `follow` (a socket's stream subscriptions),
+//! and HTTP statuses), `push` (every push frame), `follow` (a socket's
+//! stream subscriptions),
 //! `sse` (the event-stream response), `leases` (the expiry timer), `upkeep`
 //! (stream retention and budget, saving renewed leases), `cluster` (sessions
 //! shared with other gateways), `state` (what they
@@ -33,6 +34,7 @@ pub mod fuzzing;
 mod http;
 mod leases;
 pub mod metrics;
+mod push;
 mod rate_limit;
 mod server;
 mod sse;
