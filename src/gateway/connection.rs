@@ -33,7 +33,8 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 
 use super::budget::Budget;
-use super::dispatch::{self, Answer, ConnCtx, Endpoint};
+use super::cmd::{ConnCtx, Endpoint};
+use super::dispatch::{self, Answer};
 use super::follow::Following;
 use super::push;
 use super::state::{Outbox, Outgoing, Shared};

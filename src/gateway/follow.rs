@@ -15,7 +15,8 @@
 //! A subscription's future is raced against a per-subscription cancel
 //! token, so a removed subscription stops holding its stream at once
 //! instead of lingering until that stream's next event.
-//! Must not decide who may follow what (dispatch does) or touch the socket.
+//! Must not decide who may follow what (`cmd::stream` does) or touch the
+//! socket.
 
 use std::collections::HashMap;
 

@@ -26,7 +26,7 @@ use tokio_tungstenite::tungstenite::handshake::server::create_response_with_body
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 
 use super::admission::{Permit, Refused};
-use super::dispatch::{self, Endpoint};
+use super::cmd::{Endpoint, run_cancel, runs_list};
 use super::state::Shared;
 use super::{connection, dashboard, errors, sse};
 use crate::auth::{AuthError, Grant, TokenKind};
@@ -240,7 +240,7 @@ async fn run_cancel(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Bod
     let Ok(run) = RunId::new(raw) else {
         return invalid_input("/path/runId", "the path does not name a valid run id");
     };
-    if let Err(e) = dispatch::check_canceller(&grant, &run) {
+    if let Err(e) = run_cancel::check_canceller(&grant, &run) {
         return refused(&e);
     }
     let body = match http_body_util::Limited::new(req.into_body(), MAX_CANCEL_BODY)
@@ -263,7 +263,7 @@ async fn run_cancel(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Bod
             return invalid_input(&format!("/body{path}"), &e.message);
         }
     };
-    match dispatch::cancel_run(shared, run, reason).await {
+    match run_cancel::cancel_run(shared, run, reason).await {
         Ok(answer) => respond(
             StatusCode::OK,
             "application/json",
@@ -304,8 +304,8 @@ async fn runs_list(shared: &Shared, req: &Request<Incoming>) -> Response<Body> {
         Some(Ok(n)) if (1..=max).contains(&n) => n,
         Some(_) => return invalid_input("/query/limit", &format!("limit must be 1 to {max}")),
     };
-    let page = dispatch::RunsPage::http(cursor, limit as usize);
-    match dispatch::runs_list(shared, &grant, page).await {
+    let page = runs_list::RunsPage::http(cursor, limit as usize);
+    match runs_list::runs(shared, &grant, page).await {
         Ok(runs) => respond(
             StatusCode::OK,
             "application/json",

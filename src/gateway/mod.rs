@@ -10,9 +10,10 @@
 //! `connection` (one socket), `budget` (its bytes in flight and queued),
 //! `rate_limit` (its command budget), `token_rates` (the same budget per
 //! token for HTTP listings),
-//! `dispatch` (one request), `errors` (domain errors as protocol errors
-//! and HTTP statuses), `push` (every push frame), `follow` (a socket's
-//! stream subscriptions),
+//! `dispatch` (one request: decode, route, count), `cmd` (the command
+//! handlers, one module per command or family), `errors` (domain errors
+//! as protocol errors and HTTP statuses), `push` (every push frame),
+//! `follow` (a socket's stream subscriptions),
 //! `sse` (the event-stream response), `leases` (the expiry timer), `upkeep`
 //! (stream retention and budget, saving renewed leases), `cluster` (sessions
 //! shared with other gateways), `state` (what they
@@ -23,6 +24,7 @@
 mod admission;
 mod budget;
 mod cluster;
+mod cmd;
 mod connection;
 mod dashboard;
 mod dispatch;

@@ -3,7 +3,7 @@
 //!
 //! Owns [`Connections`], the only way to reach another socket: a bounded
 //! outbox per socket, so a push (superseded, expired, draining) never waits
-//! on a peer. Must not hold protocol rules: those live in `dispatch` and the
+//! on a peer. Must not hold protocol rules: those live in `cmd` and the
 //! domain modules.
 
 use std::sync::Arc;
