@@ -190,3 +190,22 @@ fn record(ctx: &ConnCtx, label: &'static str, outcome: &'static str, started: In
         .metrics
         .command(label, outcome, started.elapsed().as_secs_f64());
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::encode_reply;
+
+    #[test]
+    fn a_reply_over_the_limit_is_sent_and_counted_as_too_large() {
+        let frame = encode_reply("r1", &json!({ "blob": "x".repeat(100) }));
+        let (small, outcome) = within_reply_limit("r1", frame.clone(), 1000);
+        assert_eq!((small.as_str(), outcome), (frame.as_str(), "ok"));
+        let (refused, outcome) = within_reply_limit("r1", frame, 50);
+        assert_eq!(outcome, "PAYLOAD_TOO_LARGE");
+        let v: serde_json::Value = serde_json::from_str(refused.as_str()).unwrap();
+        assert_eq!(v["id"], "r1");
+        assert_eq!(v["error"]["code"], "PAYLOAD_TOO_LARGE");
+        assert_eq!(v["error"]["details"]["maxReplyBytes"], 50);
+    }
+}
