@@ -15,7 +15,7 @@
 //!
 //! 1. **Transport** — [`gateway`]: the listener, HTTP routes, WebSocket
 //!    connections with their byte budgets and stream subscriptions, SSE,
-//!    dispatch, timers (leases, stream upkeep), metrics, draining. Knows
+//!    dispatch and the command handlers, timers (leases, stream upkeep), metrics, draining. Knows
 //!    frames, not leases or offsets.
 //! 2. **Domain** — [`session`] (sessions, leases, epochs, a run's end and
 //!    pending cancel), [`stream`] (per-run ring buffers, offsets,
@@ -31,12 +31,15 @@
 //! [`config::Config`], from one table of settings.
 //!
 //! The path of one command frame: `gateway::connection` reads a text
-//! message and charges it to the socket's budget → `protocol::decode`
-//! checks the envelope → `gateway::dispatch` types the payload
-//! (`protocol::Command::parse`), checks the endpoint and the session, and
-//! routes it by type → a domain call → `protocol::encode_reply` (or the one
-//! mapping of domain errors to protocol codes) → the connection's bounded
-//! write queue → the socket.
+//! message and charges it to the socket's budget → `gateway::dispatch`
+//! takes a token of the socket's command budget, decodes it
+//! (`protocol::decode`, the envelope; `protocol::Command::parse`, the
+//! typed payload), checks the endpoint offers it and routes it by type →
+//! the command's handler in `gateway::cmd` checks the session and limits
+//! and calls the domain → `protocol::encode_reply` (or `gateway::errors`,
+//! the one mapping of domain errors to protocol codes, HTTP's included) →
+//! the connection's bounded write queue → the socket. Every push frame is
+//! built in `gateway::push`.
 //!
 //! The path of one published batch: `events.publish` is dispatched like any
 //! command → `stream::StreamEngine::publish_as` (the memory hub, the durable

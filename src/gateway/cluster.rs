@@ -15,9 +15,8 @@ use std::sync::Arc;
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 
+use super::push;
 use super::state::Shared;
-use crate::protocol::commands::push;
-use crate::protocol::encode_push;
 use crate::session::RENEWALS_SAVED_EVERY;
 
 pub(crate) async fn run(shared: Arc<Shared>, stop: CancellationToken) {
@@ -47,13 +46,7 @@ pub(crate) async fn run(shared: Arc<Shared>, stop: CancellationToken) {
                 None => std::future::pending().await,
             } } => {
                 if let Some((conn, run_id)) = shared.sessions.cancel_arrived(&session_id, cancel.clone()) {
-                    let payload = push::RunCancelRequested {
-                        session_id: &session_id,
-                        run_id: &run_id,
-                        reason: cancel.reason.as_deref(),
-                        requested_at: crate::time::Timestamp::from_unix_millis(cancel.requested_at_unix_ms),
-                    };
-                    shared.conns.push(conn, encode_push(push::RUN_CANCEL_REQUESTED, &payload));
+                    shared.conns.push(conn, push::run_cancel_requested(&session_id, &run_id, &cancel));
                 }
             }
             _ = alive.tick(), if shared_store => match shared.sessions.keep_alive().await {

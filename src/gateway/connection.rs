@@ -33,12 +33,13 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 
 use super::budget::Budget;
-use super::dispatch::{self, Answer, ConnCtx, Endpoint};
+use super::cmd::{ConnCtx, Endpoint};
+use super::dispatch::{self, Answer};
 use super::follow::Following;
+use super::push;
 use super::state::{Outbox, Outgoing, Shared};
 use crate::auth::Grant;
-use crate::protocol::commands::push;
-use crate::protocol::{CommandError, ErrorCode, Frame, encode_error, encode_push};
+use crate::protocol::{CommandError, ErrorCode, Frame, encode_error};
 
 pub(crate) type Socket = WebSocketStream<TokioIo<Upgraded>>;
 
@@ -138,8 +139,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, socket: Socket, endpoint: Endpoin
             _ = budget.room(), if !budget.has_room() => {}
             _ = shared.draining.cancelled(), if !ctx.draining => {
                 ctx.draining = true;
-                let reconnect_after_ms = shared.config.reconnect_after.as_millis() as u64;
-                let frame = encode_push(push::GATEWAY_DRAINING, &push::GatewayDraining { reconnect_after_ms });
+                let frame = push::gateway_draining(shared.config.reconnect_after);
                 if !enqueue(&queue, &budget, frame.into_bytes()).await {
                     break None;
                 }

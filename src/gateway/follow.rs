@@ -15,7 +15,8 @@
 //! A subscription's future is raced against a per-subscription cancel
 //! token, so a removed subscription stops holding its stream at once
 //! instead of lingering until that stream's next event.
-//! Must not decide who may follow what (dispatch does) or touch the socket.
+//! Must not decide who may follow what (`cmd::stream` does) or touch the
+//! socket.
 
 use std::collections::HashMap;
 
@@ -25,9 +26,8 @@ use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, StreamExt};
 use tokio_util::sync::CancellationToken;
 
+use super::push;
 use crate::ids::RunId;
-use crate::protocol::commands::push;
-use crate::protocol::encode_push;
 use crate::stream::{Delivery, StreamEpoch, StreamSubscription};
 
 /// One socket's subscriptions, by run.
@@ -154,7 +154,7 @@ impl Following {
                     let Some(live) = self.active.remove(&run) else {
                         continue;
                     };
-                    let frame = closed_frame(&run, &live.epoch);
+                    let frame = push::stream_closed(&run, &live.epoch).into_bytes();
                     return Some((
                         run,
                         Sent {
@@ -205,14 +205,4 @@ fn wait(
         }
     }
     .boxed()
-}
-
-/// The `stream.closed` push: the run's stream history was dropped
-/// (retention or the memory budget); resume to follow its new stream.
-fn closed_frame(run: &RunId, epoch: &StreamEpoch) -> Bytes {
-    let payload = push::StreamClosed {
-        run_id: run,
-        stream_epoch: epoch,
-    };
-    encode_push(push::STREAM_CLOSED, &payload).into_bytes()
 }

@@ -18,7 +18,8 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::budget::Budget;
-use super::dispatch::{self, Answer, ConnCtx, Endpoint};
+use super::cmd::{ConnCtx, Endpoint};
+use super::dispatch::{self, Answer};
 use super::state::{Outbox, Outgoing, Shared};
 use crate::auth::{AuthKey, RunPattern, TokenKind};
 use crate::config::{Config, StoreKind};

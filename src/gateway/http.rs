@@ -26,9 +26,9 @@ use tokio_tungstenite::tungstenite::handshake::server::create_response_with_body
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 
 use super::admission::{Permit, Refused};
-use super::dispatch::{self, Endpoint};
+use super::cmd::{Endpoint, run_cancel, runs_list};
 use super::state::Shared;
-use super::{connection, dashboard, sse};
+use super::{connection, dashboard, errors, sse};
 use crate::auth::{AuthError, Grant, TokenKind};
 use crate::ids::RunId;
 use crate::protocol::{CommandError, ErrorCode};
@@ -80,18 +80,18 @@ fn refusal(status: StatusCode, e: &CommandError) -> Response<Body> {
     r
 }
 
-/// `INVALID_PAYLOAD` for a bad header or query value; `path` names it as
-/// `/headers/<name>` or `/query/<name>`.
+/// A route's refusal, with the status [`errors::http_status`] gives its
+/// code: what a domain error (mapped by `errors`, as for a WebSocket) is
+/// answered with.
+fn refused(e: &CommandError) -> Response<Body> {
+    refusal(errors::http_status(e.code), e)
+}
+
+/// `INVALID_PAYLOAD` for a bad header, query, path or body value; `path`
+/// names it as `/headers/<name>`, `/query/<name>`, `/path/<name>` or
+/// under `/body`.
 fn invalid_input(path: &str, message: &str) -> Response<Body> {
-    let body = json!({ "error": {
-        "code": "INVALID_PAYLOAD", "message": message, "retryable": false,
-        "details": { "path": path },
-    } });
-    respond(
-        StatusCode::BAD_REQUEST,
-        "application/json",
-        body.to_string(),
-    )
+    refused(&CommandError::invalid_payload(path, message))
 }
 
 /// Routes one request.
@@ -240,8 +240,8 @@ async fn run_cancel(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Bod
     let Ok(run) = RunId::new(raw) else {
         return invalid_input("/path/runId", "the path does not name a valid run id");
     };
-    if let Err(e) = dispatch::check_canceller(&grant, &run) {
-        return refusal(StatusCode::FORBIDDEN, &e);
+    if let Err(e) = run_cancel::check_canceller(&grant, &run) {
+        return refused(&e);
     }
     let body = match http_body_util::Limited::new(req.into_body(), MAX_CANCEL_BODY)
         .collect()
@@ -263,20 +263,13 @@ async fn run_cancel(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Bod
             return invalid_input(&format!("/body{path}"), &e.message);
         }
     };
-    match dispatch::cancel_run(shared, run, reason).await {
+    match run_cancel::cancel_run(shared, run, reason).await {
         Ok(answer) => respond(
             StatusCode::OK,
             "application/json",
             serde_json::to_vec(&answer).unwrap_or_default(),
         ),
-        Err(e) => {
-            let status = match e.code {
-                ErrorCode::NotFound => StatusCode::NOT_FOUND,
-                ErrorCode::Forbidden => StatusCode::FORBIDDEN,
-                _ => StatusCode::SERVICE_UNAVAILABLE,
-            };
-            refusal(status, &e)
-        }
+        Err(e) => refused(&e),
     }
 }
 
@@ -292,20 +285,12 @@ async fn runs_list(shared: &Shared, req: &Request<Incoming>) -> Response<Body> {
         .take(grant.token, tokio::time::Instant::now())
     {
         shared.metrics.refused("max_commands_per_sec");
-        let retry_after_ms = wait.as_micros().div_ceil(1000) as u64;
         let limits = &shared.config.limits;
-        let err = CommandError::new(
-            ErrorCode::RateLimited,
-            format!("this token lists runs more than {} times per second (bursts of {}); retry in {retry_after_ms} ms",
-                limits.max_commands_per_sec, limits.command_burst),
-        )
-        .retryable(true)
-        .with_details(json!({
-            "retryAfterMs": retry_after_ms,
-            "maxCommandsPerSec": limits.max_commands_per_sec,
-            "commandBurst": limits.command_burst,
-        }));
-        return refusal(StatusCode::TOO_MANY_REQUESTS, &err);
+        return refused(&errors::command_budget_spent(
+            limits,
+            "this token lists runs",
+            wait,
+        ));
     }
     let query = req.uri().query().unwrap_or("");
     let cursor = match query_param(query, "cursor").map(|c| crate::ids::RunId::new(&c)) {
@@ -319,21 +304,14 @@ async fn runs_list(shared: &Shared, req: &Request<Incoming>) -> Response<Body> {
         Some(Ok(n)) if (1..=max).contains(&n) => n,
         Some(_) => return invalid_input("/query/limit", &format!("limit must be 1 to {max}")),
     };
-    let page = dispatch::RunsPage::http(cursor, limit as usize);
-    match dispatch::runs_list(shared, &grant, page).await {
+    let page = runs_list::RunsPage::http(cursor, limit as usize);
+    match runs_list::runs(shared, &grant, page).await {
         Ok(runs) => respond(
             StatusCode::OK,
             "application/json",
             serde_json::to_vec(&runs).unwrap_or_default(),
         ),
-        Err(e) => {
-            tracing::warn!(error = %e, "runs list: the shared store did not answer");
-            http_error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                ErrorCode::Internal,
-                "the session store is unavailable; retry",
-            )
-        }
+        Err(e) => refused(&errors::store_error(e)),
     }
 }
 
@@ -355,6 +333,9 @@ fn run_events(shared: Arc<Shared>, req: &Request<Incoming>) -> Response<Body> {
     let Ok(run) = RunId::new(raw) else {
         return invalid_input("/path/runId", "the path does not name a valid run id");
     };
+    // Not `errors::forbidden_run`, which names the run: every refused run
+    // gets the same body here, so none can be told from another (existing
+    // or not) by its refusal.
     if !grant.runs.covers(&run) {
         return http_error(
             StatusCode::FORBIDDEN,
@@ -387,11 +368,7 @@ fn run_events(shared: Arc<Shared>, req: &Request<Incoming>) -> Response<Body> {
     let token_expires = shared.clock.instant(grant.expires_at);
     match sse::respond(shared, run, start, permit, token_expires) {
         Ok(response) => response,
-        Err(e) => http_error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            ErrorCode::Internal,
-            &e.to_string(),
-        ),
+        Err(e) => refused(&errors::stream_error(e)),
     }
 }
 

@@ -13,10 +13,9 @@ use tokio_util::sync::CancellationToken;
 
 use futures_util::FutureExt;
 
+use super::push;
 use super::state::Shared;
 use crate::ids::SessionId;
-use crate::protocol::commands::push;
-use crate::protocol::encode_push;
 use crate::session::Expired;
 use crate::store::StoreError;
 
@@ -63,14 +62,8 @@ fn tell_expired(shared: &Shared, e: &Expired, now: Instant) {
     // The run's output stays readable for the retention period.
     shared.streams.session_ended(&e.run_id, now);
     if let Some(conn) = e.conn {
-        let payload = push::SessionExpired {
-            session_id: &e.session_id,
-            run_id: &e.run_id,
-        };
-        shared.conns.session_lost(
-            conn,
-            &e.run_id,
-            encode_push(push::SESSION_EXPIRED, &payload),
-        );
+        shared
+            .conns
+            .session_lost(conn, &e.run_id, push::session_expired(e));
     }
 }

@@ -10,7 +10,10 @@
 //! `connection` (one socket), `budget` (its bytes in flight and queued),
 //! `rate_limit` (its command budget), `token_rates` (the same budget per
 //! token for HTTP listings),
-//! `dispatch` (one request), `follow` (a socket's stream subscriptions),
+//! `dispatch` (one request: decode, route, count), `cmd` (the command
+//! handlers, one module per command or family), `errors` (domain errors
+//! as protocol errors and HTTP statuses), `push` (every push frame),
+//! `follow` (a socket's stream subscriptions),
 //! `sse` (the event-stream response), `leases` (the expiry timer), `upkeep`
 //! (stream retention and budget, saving renewed leases), `cluster` (sessions
 //! shared with other gateways), `state` (what they
@@ -21,9 +24,11 @@
 mod admission;
 mod budget;
 mod cluster;
+mod cmd;
 mod connection;
 mod dashboard;
 mod dispatch;
+mod errors;
 mod follow;
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
@@ -31,6 +36,7 @@ pub mod fuzzing;
 mod http;
 mod leases;
 pub mod metrics;
+mod push;
 mod rate_limit;
 mod server;
 mod sse;

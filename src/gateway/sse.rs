@@ -36,12 +36,12 @@ use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
 use hyper::header::{self, HeaderValue};
 use hyper::{Response, StatusCode};
-use serde_json::json;
 use tokio::time::{Instant, Interval, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
 use super::admission::Permit;
 use super::http::Body;
+use super::push;
 use super::state::Shared;
 use crate::ids::RunId;
 use crate::stream::{EventDelivery, ResumeInfo, StreamError, StreamEvent, StreamSubscription};
@@ -206,8 +206,8 @@ impl Reader {
             biased;
             _ = self.draining.cancelled() => {
                 self.finished = true;
-                let data = json!({ "reconnectAfterMs": self.reconnect_after.as_millis() as u64 });
-                Some(named_event("draining", &data.to_string()))
+                let data = push::json(&push::draining(self.reconnect_after));
+                Some(named_event("draining", &data))
             }
             delivery = self.subscription.next_events() => {
                 self.keepalive.reset();
@@ -215,13 +215,8 @@ impl Reader {
                     EventDelivery::Events(events) => output_events(&events),
                     EventDelivery::Gap { from, to } => {
                         self.shared.metrics.gap_sent();
-                        let data = json!({
-                            "runId": self.info.run_id,
-                            "streamEpoch": self.info.stream_epoch,
-                            "fromOffset": from,
-                            "toOffset": to,
-                        });
-                        named_event("gap", &data.to_string())
+                        let gap = push::gap(&self.info.run_id, &self.info.stream_epoch, from, to);
+                        named_event("gap", &push::json(&gap))
                     }
                     EventDelivery::Ended(end) => {
                         self.finished = true;
@@ -229,11 +224,8 @@ impl Reader {
                     }
                     EventDelivery::Closed => {
                         self.finished = true;
-                        let data = json!({
-                            "runId": self.info.run_id,
-                            "streamEpoch": self.info.stream_epoch,
-                        });
-                        named_event("closed", &data.to_string())
+                        let closed = push::closed(&self.info.run_id, &self.info.stream_epoch);
+                        named_event("closed", &push::json(&closed))
                     }
                 })
             }

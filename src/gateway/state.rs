@@ -3,7 +3,7 @@
 //!
 //! Owns [`Connections`], the only way to reach another socket: a bounded
 //! outbox per socket, so a push (superseded, expired, draining) never waits
-//! on a peer. Must not hold protocol rules: those live in `dispatch` and the
+//! on a peer. Must not hold protocol rules: those live in `cmd` and the
 //! domain modules.
 
 use std::sync::Arc;
@@ -21,8 +21,7 @@ use super::metrics::Metrics;
 use crate::auth::AuthKey;
 use crate::config::Config;
 use crate::ids::RunId;
-use crate::protocol::commands::push;
-use crate::protocol::{Frame, encode_push};
+use crate::protocol::Frame;
 use crate::run_config::RunConfigSource;
 use crate::session::registry::Superseded;
 use crate::session::{ConnId, Sessions};
@@ -138,18 +137,10 @@ impl Connections {
     }
 
     /// A socket lost a session to a newer epoch (here or on another
-    /// gateway): the one place `session.superseded` is built.
+    /// gateway): it is pushed `session.superseded` and stops following the
+    /// run, whichever way the loss was noticed.
     pub fn superseded(&self, s: &Superseded) {
-        let payload = push::SessionSuperseded {
-            session_id: &s.session_id,
-            run_id: &s.run_id,
-            connection_epoch: s.new_epoch,
-        };
-        self.session_lost(
-            s.conn,
-            &s.run_id,
-            encode_push(push::SESSION_SUPERSEDED, &payload),
-        );
+        self.session_lost(s.conn, &s.run_id, super::push::session_superseded(s));
     }
 
     /// Socket `id` lost its session of `run` (`frame` says how:

@@ -47,8 +47,8 @@ pub enum SessionState {
     Expired,
 }
 
-/// Why a session operation was refused. The dispatcher maps each variant to
-/// one protocol error code, in one place.
+/// Why a session operation was refused. The gateway maps each variant to
+/// one protocol error code, in one place (`gateway::errors`).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SessionError {
     #[error("no such session on this connection")]

@@ -821,6 +821,24 @@ pub mod push {
         pub reconnect_after_ms: u64,
     }
 
+    /// `stream.gap`: the subscriber fell behind the ring and missed
+    /// `fromOffset..=toOffset`; it continues after them. The WebSocket frame
+    /// is spliced by [`crate::stream_frame::gap_frame`], which the ring
+    /// stores; this is the same payload for a transport that serializes it
+    /// (SSE's `event: gap`).
+    #[derive(Debug, Serialize)]
+    #[serde(rename_all = "camelCase")]
+    pub struct StreamGap<'a> {
+        /// The run whose events were missed (`runId`).
+        pub run_id: &'a RunId,
+        /// The epoch of its stream (`streamEpoch`).
+        pub stream_epoch: &'a StreamEpoch,
+        /// The first offset missed (`fromOffset`).
+        pub from_offset: u64,
+        /// The last offset missed, inclusive (`toOffset`).
+        pub to_offset: u64,
+    }
+
     /// The stream a socket followed was dropped (retention after its
     /// session ended, or the memory budget): nothing more comes from it.
     #[derive(Debug, Serialize)]

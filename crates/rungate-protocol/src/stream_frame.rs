@@ -320,6 +320,20 @@ mod tests {
             v,
             serde_json::json!({"type":"stream.gap","payload":{"runId":"r:1","streamEpoch":"ab","fromOffset":0,"toOffset":41}})
         );
+        // The typed payload other transports serialize is the same.
+        let (run, epoch) = (
+            crate::ids::RunId::new("r:1").unwrap(),
+            crate::ids::StreamEpoch::new("00000000000000ab").unwrap(),
+        );
+        let v: Value =
+            serde_json::from_slice(&gap_frame(run.as_str(), epoch.as_str(), 0, 41)).unwrap();
+        let typed = crate::commands::push::StreamGap {
+            run_id: &run,
+            stream_epoch: &epoch,
+            from_offset: 0,
+            to_offset: 41,
+        };
+        assert_eq!(v["payload"], serde_json::to_value(&typed).unwrap());
     }
 
     #[test]
