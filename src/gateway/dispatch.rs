@@ -1296,16 +1296,12 @@ fn stream_resume(
         .retryable(false)
         .with_details(json!({ "maxSubscriptionsPerSocket": max })));
     }
-    let (info, subscription) = ctx
-        .shared
-        .streams
-        .resume(
-            &req.run_id,
-            req.from_offset,
-            req.stream_epoch.as_ref().map(|e| e.as_str()),
-            Instant::now(),
-        )
-        .map_err(stream_error)?;
+    let (info, subscription) = ctx.shared.streams.resume(
+        &req.run_id,
+        req.from_offset,
+        req.stream_epoch.as_ref().map(|e| e.as_str()),
+        Instant::now(),
+    );
     // Followed before the reply is queued; the connection sends the reply
     // before it next polls subscriptions, so the reply comes first.
     ctx.following
