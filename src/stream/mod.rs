@@ -46,10 +46,12 @@
 //! race: [`Subscription::next`] always reads the ring from the cursor under
 //! the stream's lock, and sleeps only if the cursor is at the head. It
 //! registers for the wake-up *before* it reads (`Notify::notified()` pinned
-//! and `enable()`d), and the publisher appends under the write lock and then
-//! calls `notify_waiters()`. So an append either happened before the read
-//! (the read sees it) or after the registration (the wake-up reaches the
-//! waiter): it cannot fall between the two. Every offset from the start is
+//! and `enable()`d), and whatever makes a batch visible (a publish the
+//! memory backend shows at once, a backend's task through the inbox) does so
+//! under the write lock and then calls `notify_waiters()`, in one place
+//! ([`StreamHub`]'s `settle`). So a batch either became visible before the
+//! read (the read sees it) or after the registration (the wake-up reaches
+//! the waiter): it cannot fall between the two. Every offset from the start is
 //! delivered exactly once and in order, whether it was published before or
 //! after the resume.
 //!

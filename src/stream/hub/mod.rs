@@ -5,9 +5,10 @@
 //! with its wake-up), the gateway's calls (publish, finish, sessions,
 //! listings, totals), and the one place where a change to a ring is
 //! accounted and its readers woken ([`StreamHub::settle`]). The rest is
-//! split by idea: [`subscription`] (resume and readers), [`retention`]
-//! (dropping whole streams), [`budget`] (the global byte budget), [`inbox`]
-//! (the door a backend's own tasks come back in by).
+//! split by idea: [`subscription`] (resume and readers), [`listing`]
+//! (summaries, by id and prefix), [`retention`] (dropping whole streams),
+//! [`budget`] (the global byte budget), [`inbox`] (the door a backend's own
+//! tasks come back in by).
 //!
 //! What differs between memory, the log and Redis is only the backend: it
 //! is handed the ring to publish to or end, and told of creations, drops
@@ -37,13 +38,14 @@ use tokio::time::Instant;
 use super::backend::{Authority, Backend, Memory, News, Stored};
 use super::ring::{Ring, RingLimits};
 use super::{
-    EndRequest, NewEvent, PublishOutcome, Publisher, RunEnd, RunSelector, StreamError,
-    StreamFuture, StreamLimits, StreamStats, StreamSummary,
+    EndRequest, NewEvent, PublishOutcome, Publisher, RunEnd, StreamError, StreamFuture,
+    StreamLimits, StreamStats,
 };
 use crate::ids::RunId;
 
 mod budget;
 pub mod inbox;
+mod listing;
 mod retention;
 pub mod subscription;
 
@@ -450,72 +452,6 @@ impl StreamHub {
         self.backend.tell(News::SessionEnded { run, at: now });
     }
 
-    /// The kept range of every run's stream, ordered by run id.
-    pub fn runs(&self) -> Vec<StreamSummary> {
-        let mut all: Vec<StreamSummary> = self
-            .streams
-            .iter()
-            .map(|entry| summarize(&entry.value().state.read().ring))
-            .collect();
-        all.sort_by(|a, b| a.run_id.cmp(&b.run_id));
-        all
-    }
-
-    /// Up to `limit` streams of runs that `selectors` match, after run
-    /// `after`, ordered by run id: from the ordered index, at most `limit`
-    /// ids per selector, so a listing for one token costs what the token
-    /// covers, not every stream the gateway holds.
-    pub fn runs_matching(
-        &self,
-        selectors: &[RunSelector<'_>],
-        after: Option<&RunId>,
-        limit: usize,
-    ) -> Vec<StreamSummary> {
-        use std::ops::Bound;
-        let mut picked = BTreeSet::new();
-        {
-            let ids = self.ids.read();
-            for sel in selectors {
-                if !sel.prefix {
-                    if let Ok(id) = RunId::new(sel.text)
-                        && after.is_none_or(|a| id > *a)
-                        && ids.contains(&id)
-                    {
-                        picked.insert(id);
-                    }
-                    continue;
-                }
-                // From the later of the cursor and the prefix: every id
-                // with the prefix sorts at or after the prefix itself.
-                let from_prefix = RunId::new(sel.text).ok();
-                let start = match (after, from_prefix) {
-                    (Some(a), Some(p)) if p > *a => Bound::Included(p),
-                    (Some(a), _) => Bound::Excluded(a.clone()),
-                    (None, Some(p)) => Bound::Included(p),
-                    (None, None) => Bound::Unbounded,
-                };
-                let matching = ids
-                    .range((start, Bound::Unbounded))
-                    .take_while(|id| id.as_str().starts_with(sel.text))
-                    .take(limit);
-                picked.extend(matching.cloned());
-            }
-        }
-        // The index lock is released before any stream is locked.
-        picked
-            .into_iter()
-            .filter_map(|id| self.summary(&id))
-            .take(limit)
-            .collect()
-    }
-
-    /// The kept range of `run`'s stream, if it has one.
-    pub fn summary(&self, run: &RunId) -> Option<StreamSummary> {
-        let stream = self.streams.get(run)?.clone();
-        let state = stream.state.read();
-        Some(summarize(&state.ring))
-    }
-
     /// Totals, for metrics.
     pub fn stats(&self) -> StreamStats {
         StreamStats {
@@ -535,16 +471,6 @@ impl StreamHub {
     /// called once, at the end of a drain.
     pub fn close(&self) -> StreamFuture<()> {
         self.backend.close()
-    }
-}
-
-fn summarize(ring: &Ring) -> StreamSummary {
-    StreamSummary {
-        run_id: ring.run().clone(),
-        stream_epoch: ring.epoch().clone(),
-        first_offset: ring.first_offset(),
-        next_offset: ring.next_offset(),
-        end: ring.visible_end().cloned(),
     }
 }
 
