@@ -287,8 +287,6 @@ async fn readers_never_see_a_batch_before_it_is_committed() {
     let hub = Arc::new(StreamHub::with_backend(
         limits(),
         Box::new(Held(logged.clone())),
-        Vec::new(),
-        now,
     ));
     let r = run("v");
     let (_, mut sub) = hub.resume(&r, Some(0), None, now);

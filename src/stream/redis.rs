@@ -197,7 +197,7 @@ async fn start(
             _paused: paused.clone(),
             node: fenced_as.map(str::to_owned),
         };
-        StreamHub::with_backend(limits, Box::new(backend), Vec::new(), Instant::now())
+        StreamHub::with_backend(limits, Box::new(backend))
     });
     let Some(shared) = shared else {
         unreachable!("Arc::new_cyclic runs its closure");

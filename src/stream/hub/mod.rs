@@ -146,20 +146,13 @@ pub struct StreamHub {
 impl StreamHub {
     /// A hub in memory only.
     pub fn new(limits: StreamLimits) -> StreamHub {
-        StreamHub::with_backend(limits, Box::new(Memory), Vec::new(), Instant::now())
+        StreamHub::with_backend(limits, Box::new(Memory))
     }
 
-    /// A hub whose streams `backend` stores, holding `rings` (recovered
-    /// from storage) from the start, idle since `now`: a restored session
-    /// re-announces itself on reattach. The backend is not told of them.
-    pub fn with_backend(
-        limits: StreamLimits,
-        backend: Box<dyn Backend>,
-        rings: Vec<Ring>,
-        now: Instant,
-    ) -> StreamHub {
+    /// A hub whose streams `backend` stores, empty.
+    pub fn with_backend(limits: StreamLimits, backend: Box<dyn Backend>) -> StreamHub {
         let authority = backend.authority();
-        let hub = StreamHub {
+        StreamHub {
             streams: DashMap::new(),
             ids: Default::default(),
             limits,
@@ -168,20 +161,24 @@ impl StreamHub {
             evicted_events: AtomicU64::new(0),
             backend,
             authority,
-        };
+        }
+    }
+
+    /// This hub holding `rings` (recovered from storage), idle since `now`:
+    /// a restored session re-announces itself on reattach. The backend is
+    /// not told of them (they came from it).
+    pub fn with_rings(self, rings: impl IntoIterator<Item = Ring>, now: Instant) -> StreamHub {
         for ring in rings {
             let run = ring.run().clone();
-            hub.account(0, ring.bytes());
-            hub.ids.write().insert(run.clone());
-            if let Some(old) = hub
-                .streams
-                .insert(run, Arc::new(RunStream::new(ring, Some(now), now)))
-            {
+            self.account(0, ring.bytes());
+            self.ids.write().insert(run.clone());
+            let stream = Arc::new(RunStream::new(ring, Some(now), now));
+            if let Some(old) = self.streams.insert(run, stream) {
                 let before = old.state.read().ring.bytes();
-                hub.account(before, 0);
+                self.account(before, 0);
             }
         }
-        hub
+        self
     }
 
     pub fn limits(&self) -> &StreamLimits {

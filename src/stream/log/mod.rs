@@ -174,16 +174,12 @@ impl StreamLog {
             }),
             writer: Arc::new(Mutex::new(None)),
         };
-        let restored: Vec<Ring> = recovery.rings.into_values().collect();
-        if !restored.is_empty() {
-            tracing::info!(streams = restored.len(), "stream log replayed");
+        if !recovery.rings.is_empty() {
+            tracing::info!(streams = recovery.rings.len(), "stream log replayed");
         }
-        let hub = Arc::new(StreamHub::with_backend(
-            limits,
-            Box::new(log.clone()),
-            restored,
-            Instant::now(),
-        ));
+        let hub = StreamHub::with_backend(limits, Box::new(log.clone()))
+            .with_rings(recovery.rings.into_values(), Instant::now());
+        let hub = Arc::new(hub);
         let writer = Writer {
             dir: dir.to_owned(),
             policy,
