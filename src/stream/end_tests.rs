@@ -8,9 +8,12 @@ use std::time::Duration;
 use futures_util::FutureExt;
 use tokio::time::Instant;
 
+use super::backend::{Backend, Stored};
+use super::hub::{Inbox, Visible};
 use super::log::{self, StreamLog, SyncPolicy};
+use super::ring::Ring;
 use super::{
-    Delivery, EndRequest, EventDelivery, NewEvent, PublishOutcome, RunEnd, StreamError,
+    Delivery, EndRequest, EventDelivery, NewEvent, PublishOutcome, Publisher, RunEnd, StreamError,
     StreamFuture, StreamHub, StreamLimits, Subscription,
 };
 use crate::ids::{RunId, RunOutcome};
@@ -193,4 +196,61 @@ async fn the_durable_end_survives_a_restart_and_a_compaction() {
         disk.compact_now().await;
         log.close().await;
     }
+}
+
+/// A backend that takes an end as the log does (set, not yet visible) and
+/// reports the write failed, as the log's writer does when the disk does.
+struct EndNotWritten;
+
+impl Backend for EndNotWritten {
+    fn publish(
+        &self,
+        ring: &mut Ring,
+        events: &[NewEvent<'_>],
+        _: Option<Publisher<'_>>,
+    ) -> Result<Stored<PublishOutcome>, StreamError> {
+        Ok(Stored::Now(ring.append(events)?.outcome()))
+    }
+
+    fn end(&self, ring: &mut Ring, end: EndRequest) -> Result<Stored<Arc<RunEnd>>, StreamError> {
+        ring.finish(end, false);
+        Ok(Stored::Later(StreamFuture::ready(Err(
+            StreamError::Unavailable("the disk is full".into()),
+        ))))
+    }
+}
+
+/// Asked again while its end is not durable, a run has not ended: the
+/// answer is the end only once it is visible (before, a second finish
+/// answered the end after a flush even when its write had failed).
+#[tokio::test]
+async fn a_finish_asked_again_answers_the_end_only_once_it_is_durable() {
+    let hub = Arc::new(StreamHub::with_backend(
+        StreamLimits::default(),
+        Box::new(EndNotWritten),
+    ));
+    let r = run("unwritten");
+    let now = Instant::now();
+    let (_, mut sub) = hub.resume(&r, Some(0), None, now);
+    let first = hub.finish(&r, end(RunOutcome::Completed, None), now).await;
+    assert!(
+        matches!(first, Err(StreamError::Unavailable(_))),
+        "{first:?}"
+    );
+    let again = hub.finish(&r, end(RunOutcome::Completed, None), now).await;
+    assert!(
+        matches!(again, Err(StreamError::Unavailable(_))),
+        "{again:?}"
+    );
+    assert!(sub.next().now_or_never().is_none(), "no end to follow yet");
+    // Once the backend shows it (the write went through after all), it is
+    // the answer, and followers get it.
+    let epoch = hub.summary(&r).unwrap().stream_epoch;
+    Inbox::of(&hub).show(&r, &epoch, Visible::CommittedEnd, now);
+    let ended = hub.finish(&r, end(RunOutcome::Completed, None), now).await;
+    assert_eq!(ended.unwrap().outcome, RunOutcome::Completed);
+    assert!(matches!(
+        sub.next().now_or_never(),
+        Some(Delivery::Ended(_))
+    ));
 }
