@@ -6,7 +6,7 @@
 //! batch or an end is written, and for Redis's applier once the authority
 //! stored one), and, for a backend whose rings are replicas, what the
 //! authority holds (another history, idle times, a drop). Everything shown
-//! ends in [`StreamHub::settle`], the same as a publish the memory backend
+//! ends in `StreamHub::settle`, the same as a publish the memory backend
 //! shows at once, so readers, gaps and ends work one way for every engine.
 //! The log's writer also reads rings here to write snapshots.
 //!

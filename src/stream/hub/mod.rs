@@ -4,10 +4,10 @@
 //! Owns the map from run to stream (each a [`Ring`] behind its own lock,
 //! with its wake-up), the gateway's calls (publish, finish, sessions,
 //! listings, totals), and the one place where a change to a ring is
-//! accounted and its readers woken ([`StreamHub::settle`]). The rest is
-//! split by idea: [`subscription`] (resume and readers), [`listing`]
-//! (summaries, by id and prefix), [`retention`] (dropping whole streams),
-//! [`budget`] (the global byte budget), [`inbox`] (the door a backend's own
+//! accounted and its readers woken (`StreamHub::settle`). The rest is
+//! split by idea: [`subscription`] (resume and readers), `listing`
+//! (summaries, by id and prefix), `retention` (dropping whole streams),
+//! `budget` (the global byte budget), [`inbox`] (the door a backend's own
 //! tasks come back in by).
 //!
 //! What differs between memory, the log and Redis is only the backend: it

@@ -11,9 +11,9 @@
 //! for one. A stream created or dropped here is recorded too, so its epoch
 //! is the same after a restart even if nothing was ever published to it.
 //!
-//! Split by idea: [`record`] (the format), [`segment`] (the files),
-//! [`replay`] (recovery, with torn-tail repair), [`writer`] (group commit,
-//! the sync policy, rotation and reclaiming space).
+//! Split by idea: `record` (the format), `segment` (the files), `replay`
+//! (recovery, with torn-tail repair), `writer` (group commit, the sync
+//! policy, rotation and reclaiming space).
 //! Must not know about sockets or sessions.
 
 use std::fs::{self, OpenOptions};
