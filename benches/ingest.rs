@@ -18,8 +18,8 @@ use std::time::Duration;
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use rungate::ids::RunId;
 use rungate::protocol::{Command, CommandKind, decode};
-use rungate::stream::log::{DurableStreams, SyncPolicy};
-use rungate::stream::{NewEvent, StreamEngine, StreamLimits};
+use rungate::stream::log::{self, SyncPolicy};
+use rungate::stream::{NewEvent, StreamLimits};
 use serde_json::value::RawValue;
 use tokio::time::Instant;
 
@@ -95,8 +95,7 @@ fn log_append(c: &mut Criterion) {
         max_events_per_run: 1000,
         ..StreamLimits::default()
     };
-    let engine =
-        DurableStreams::open(dir.path(), limits, SyncPolicy::Always).expect("open the log");
+    let engine = log::open(dir.path(), limits, SyncPolicy::Always).expect("open the log");
     let runs: Vec<RunId> = (0..100)
         .map(|i| RunId::new(format!("run-{i:04}")).unwrap())
         .collect();

@@ -56,7 +56,10 @@ fn append(c: &mut Criterion) {
     let hub = StreamHub::new(limits.clone());
     let now = Instant::now();
     group.bench_function("hub_publish_100x200B", |b| {
-        b.iter(|| black_box(hub.publish(&run, batch.iter().copied(), now).expect("fits")))
+        b.iter(|| {
+            let answer = hub.publish(&run, black_box(&batch), now).now_or_never();
+            black_box(answer.expect("answered at once").expect("fits"))
+        })
     });
     // Naive: every event copied into its own buffer, kept in a bounded deque.
     let mut naive: VecDeque<(u64, bytes::Bytes)> = VecDeque::new();
@@ -81,13 +84,13 @@ fn replay(c: &mut Criterion) {
     let run = RunId::new("bench-run").expect("valid run id");
     let texts = events(100);
     let now = Instant::now();
+    let batch: Vec<NewEvent<'_>> = texts
+        .iter()
+        .map(|t| NewEvent { json: t, seq: None })
+        .collect();
     for _ in 0..100 {
-        hub.publish(
-            &run,
-            texts.iter().map(|t| NewEvent { json: t, seq: None }),
-            now,
-        )
-        .expect("fits");
+        let answer = hub.publish(&run, &batch, now).now_or_never();
+        answer.expect("answered at once").expect("fits");
     }
     let mut group = c.benchmark_group("stream_replay");
     group.throughput(Throughput::Elements(10_000));
@@ -217,12 +220,12 @@ fn fan_out(c: &mut Criterion) {
                 (hub, subs)
             },
             |(hub, mut subs)| {
-                hub.publish(
-                    &run,
-                    texts.iter().map(|t| NewEvent { json: t, seq: None }),
-                    now,
-                )
-                .expect("fits");
+                let batch: Vec<NewEvent<'_>> = texts
+                    .iter()
+                    .map(|t| NewEvent { json: t, seq: None })
+                    .collect();
+                let answer = hub.publish(&run, &batch, now).now_or_never();
+                answer.expect("answered at once").expect("fits");
                 let mut bytes = 0;
                 for sub in &mut subs {
                     if let Some(Delivery::Frames(frames)) = sub.next().now_or_never() {
@@ -272,8 +275,7 @@ criterion_main!(benches);
 /// in-memory hub, and by the log under each sync policy, from 1 publisher
 /// and from 16 at once (group commit shares one sync among them).
 fn durable(c: &mut Criterion) {
-    use rungate::stream::StreamEngine;
-    use rungate::stream::log::{DurableStreams, SyncPolicy};
+    use rungate::stream::log::{self, SyncPolicy};
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -297,12 +299,11 @@ fn durable(c: &mut Criterion) {
             global_max_bytes: 1 << 30,
             ..StreamLimits::default()
         };
-        let engine: std::sync::Arc<dyn StreamEngine> = match policy {
+        let engine: std::sync::Arc<StreamHub> = match policy {
             None => std::sync::Arc::new(StreamHub::new(limits)),
-            Some(p) => std::sync::Arc::new(
-                rt.block_on(async { DurableStreams::open(dir.path(), limits, p) })
-                    .expect("log opens"),
-            ),
+            Some(p) => rt
+                .block_on(async { log::open(dir.path(), limits, p) })
+                .expect("log opens"),
         };
         for publishers in [1usize, 16] {
             let engine = engine.clone();

@@ -18,9 +18,10 @@
 //!    dispatch and the command handlers, timers (leases, stream upkeep), metrics, draining. Knows
 //!    frames, not leases or offsets.
 //! 2. **Domain** — [`session`] (sessions, leases, epochs, a run's end and
-//!    pending cancel), [`stream`] (per-run ring buffers, offsets,
-//!    subscriptions, the end marker, the global budget; memory, durable log
-//!    and Redis engines), [`store`] (KV, checkpoints, session records),
+//!    pending cancel), [`stream`] (one hub of per-run ring buffers:
+//!    offsets, subscriptions, the end marker, the global budget; memory,
+//!    durable-log and Redis backends behind one small trait), [`store`]
+//!    (KV, checkpoints, session records),
 //!    [`auth`] (tokens, run patterns), [`run_config`] (per-run config and
 //!    secrets), [`origin`] (which browser pages may call). Plain types;
 //!    time comes in as an argument.
@@ -42,23 +43,28 @@
 //! built in `gateway::push`.
 //!
 //! The path of one published batch: `events.publish` is dispatched like any
-//! command → `stream::StreamEngine::publish_as` (the memory hub, the durable
-//! log that appends and syncs before it shows the batch, or Redis, whose
-//! script assigns the offsets) → `stream::StreamHub` appends it to the run's
-//! ring and builds its `stream.events` frame once → every subscribed
-//! connection's `gateway::follow` wakes, takes the same `Bytes` and queues
-//! it → sockets. `runtime.finish` takes the same way and ends with the
-//! stream's `stream.ended` frame, built once too.
+//! command → `stream::StreamHub::publish_as` (the one hub, whatever the
+//! store) locks the run's stream and hands its ring to the hub's
+//! `stream::Backend` → the memory backend appends the batch (the ring
+//! assigns its offsets and builds its `stream.events` frame once), visible
+//! at once; the durable log appends it invisibly and queues its record,
+//! and its writer thread shows it through the hub's one door,
+//! `stream::hub::Inbox`, once written and synced → `StreamHub::settle`
+//! wakes the run's readers → every subscribed connection's
+//! `gateway::follow` takes the same `Bytes` and queues it → sockets.
+//! `runtime.finish` takes the same way and ends with the stream's
+//! `stream.ended` frame, built once too.
 //!
-//! Several gateways on one Redis (`--store redis://`) change the engines,
+//! Several gateways on one Redis (`--store redis://`) change the backends,
 //! not the paths: `store::redis` holds KV, checkpoints and sessions (and
-//! fences each session to the gateway that holds it), `stream::redis` makes
-//! Redis the authority for every stream and keeps a replica of each in the
-//! local `StreamHub`, so the batch above takes one detour (a Lua script in
-//! Redis, then its announcement back into every gateway's hub) and the rest
-//! is the same. Both open Redis and name their keys through [`crate::redis`]
-//! (`redis::conn`, and `redis::keys` with the whole key layout), so neither
-//! reaches into the other. `gateway::cluster` carries the news between gateways:
+//! fences each session to the gateway that holds it), `stream::redis` is
+//! the backend that makes Redis the authority for every stream, with a
+//! replica of each in every gateway's `StreamHub`. The batch above takes
+//! one detour (a Lua script in Redis assigns the offsets, then its
+//! announcement comes back into every gateway's hub through the same inbox)
+//! and the rest is the same. Both open Redis and name their keys through
+//! [`crate::redis`] (`redis::conn`, and `redis::keys` with the whole key
+//! layout), so neither reaches into the other. `gateway::cluster` carries the news between gateways:
 //! sessions taken over elsewhere, cancels for sessions held elsewhere, and
 //! this gateway's keep-alive.
 

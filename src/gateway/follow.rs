@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::push;
 use crate::ids::RunId;
-use crate::stream::{Delivery, StreamEpoch, StreamSubscription};
+use crate::stream::{Delivery, StreamEpoch, Subscription};
 
 /// One socket's subscriptions, by run.
 #[derive(Default)]
@@ -52,7 +52,7 @@ struct Polled {
     run: RunId,
     generation: u64,
     /// `None` if the subscription was removed while it waited.
-    delivered: Option<(Box<dyn StreamSubscription>, Delivery)>,
+    delivered: Option<(Subscription, Delivery)>,
 }
 
 /// What the connection should send for one delivery, and what it was.
@@ -78,12 +78,7 @@ impl Following {
     }
 
     /// Follows `run` with `subscription`, replacing any earlier one.
-    pub fn insert(
-        &mut self,
-        run: RunId,
-        epoch: StreamEpoch,
-        subscription: Box<dyn StreamSubscription>,
-    ) {
+    pub fn insert(&mut self, run: RunId, epoch: StreamEpoch, subscription: Subscription) {
         self.remove(&run);
         self.next_generation += 1;
         let generation = self.next_generation;
@@ -189,7 +184,7 @@ impl Drop for Following {
 fn wait(
     run: RunId,
     generation: u64,
-    mut subscription: Box<dyn StreamSubscription>,
+    mut subscription: Subscription,
     stop: CancellationToken,
 ) -> BoxFuture<'static, Polled> {
     async move {

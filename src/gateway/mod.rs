@@ -61,9 +61,9 @@ use crate::store::embedded::EmbeddedStore;
 use crate::store::memory::MemoryStore;
 use crate::store::redis::RedisStore;
 use crate::store::{Store, StoreError};
-use crate::stream::log::{DurableStreams, LogError};
-use crate::stream::redis::{RedisStreams, RedisStreamsError};
-use crate::stream::{StreamEngine, StreamHub};
+use crate::stream::StreamHub;
+use crate::stream::log::{self as stream_log, LogError};
+use crate::stream::redis::{self as redis_streams, RedisStreamsError};
 use crate::time::Clock;
 use state::{Connections, Shared};
 
@@ -105,14 +105,14 @@ pub struct RunningGateway {
 /// Opens everything `config` names and starts serving.
 pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
     config.validate()?;
-    let (store, streams): (Arc<dyn Store>, Arc<dyn StreamEngine>) = match &config.store {
+    let (store, streams): (Arc<dyn Store>, Arc<StreamHub>) = match &config.store {
         StoreKind::Embedded => (
             Arc::new(EmbeddedStore::open(&config.data_dir)?),
-            Arc::new(DurableStreams::open(
+            stream_log::open(
                 &config.data_dir.join("streams"),
                 config.streams.clone(),
                 config.stream_sync,
-            )?),
+            )?,
         ),
         StoreKind::Memory => (
             Arc::new(MemoryStore::new()),
@@ -126,10 +126,14 @@ pub async fn start(config: Config) -> Result<RunningGateway, StartError> {
             );
             // Publishes are fenced by this node's hold on the session, in
             // the same Redis script as the append.
-            let streams = RedisStreams::connect(url, DEFAULT_PREFIX, config.streams.clone())
-                .await?
-                .fenced_as(store.node());
-            (Arc::new(store), Arc::new(streams))
+            let streams = redis_streams::connect(
+                url,
+                DEFAULT_PREFIX,
+                config.streams.clone(),
+                Some(store.node()),
+            )
+            .await?;
+            (Arc::new(store), streams)
         }
     };
     let auth = AuthKey::load_or_create(&config.auth_key_file)?;
@@ -200,7 +204,7 @@ fn shared_state(
     clock: Clock,
     sessions: Sessions,
     store: Arc<dyn Store>,
-    streams: Arc<dyn StreamEngine>,
+    streams: Arc<StreamHub>,
     runs: RunConfigSource,
     auth: AuthKey,
 ) -> Arc<Shared> {

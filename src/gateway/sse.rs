@@ -2,7 +2,7 @@
 //! Events, for browsers and `curl`.
 //!
 //! Owns where an SSE reader starts and the event-stream wire format. The
-//! reading itself is the same [`StreamSubscription`] a WebSocket follower
+//! reading itself is the same [`Subscription`] a WebSocket follower
 //! uses, so replay and live tail hand over exactly as they do there.
 //!
 //! What a reader receives, in order:
@@ -44,7 +44,7 @@ use super::http::Body;
 use super::push;
 use super::state::Shared;
 use crate::ids::RunId;
-use crate::stream::{EventDelivery, ResumeInfo, StreamError, StreamEvent, StreamSubscription};
+use crate::stream::{EventDelivery, ResumeInfo, StreamError, StreamEvent, Subscription};
 
 /// A start position that is not an offset: where it was and why.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -130,7 +130,7 @@ pub(crate) fn respond(
     let (mut info, subscription) =
         shared
             .streams
-            .resume(&run, Some(start.first_wanted()), None, Instant::now())?;
+            .resume(&run, Some(start.first_wanted()), None, Instant::now());
     if matches!(start, Start::Oldest | Start::AfterEnd) {
         // The reader asked for whatever is kept, so nothing it wanted is gone.
         info.truncated = false;
@@ -174,7 +174,7 @@ pub(crate) fn respond(
 struct Reader {
     shared: Arc<Shared>,
     info: ResumeInfo,
-    subscription: Box<dyn StreamSubscription>,
+    subscription: Subscription,
     /// The `event: stream` chunk, sent first.
     opening: Option<Bytes>,
     keepalive: Interval,

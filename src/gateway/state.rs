@@ -26,7 +26,7 @@ use crate::run_config::RunConfigSource;
 use crate::session::registry::Superseded;
 use crate::session::{ConnId, Sessions};
 use crate::store::Store;
-use crate::stream::StreamEngine;
+use crate::stream::StreamHub;
 use crate::time::Clock;
 
 /// Everything a connection needs, behind one `Arc`.
@@ -35,7 +35,7 @@ pub(crate) struct Shared {
     pub clock: Clock,
     pub sessions: Sessions,
     pub store: Arc<dyn Store>,
-    pub streams: Arc<dyn StreamEngine>,
+    pub streams: Arc<StreamHub>,
     pub runs: RunConfigSource,
     pub auth: AuthKey,
     pub conns: Connections,

@@ -8,10 +8,13 @@ use std::time::Duration;
 use futures_util::FutureExt;
 use tokio::time::Instant;
 
-use super::log::{DurableStreams, SyncPolicy};
+use super::backend::{Backend, Stored};
+use super::hub::{Inbox, Visible};
+use super::log::{self, StreamLog, SyncPolicy};
+use super::ring::Ring;
 use super::{
-    Delivery, EndRequest, EventDelivery, NewEvent, RunEnd, StreamEngine, StreamError, StreamHub,
-    StreamLimits, StreamSubscription,
+    Delivery, EndRequest, EventDelivery, NewEvent, PublishOutcome, Publisher, RunEnd, StreamError,
+    StreamFuture, StreamHub, StreamLimits, Subscription,
 };
 use crate::ids::{RunId, RunOutcome};
 use crate::time::Timestamp;
@@ -41,8 +44,15 @@ fn events(texts: &[String]) -> Vec<NewEvent<'_>> {
         .collect()
 }
 
+/// The answer of the memory hub, which answers at once.
+fn at_once<T>(answer: StreamFuture<T>) -> T {
+    answer
+        .now_or_never()
+        .expect("the memory hub answers at once")
+}
+
 /// Offsets delivered, then the end, reading `sub` until it has nothing now.
-fn drain(sub: &mut dyn StreamSubscription) -> (Vec<u64>, Option<Arc<RunEnd>>) {
+fn drain(sub: &mut Subscription) -> (Vec<u64>, Option<Arc<RunEnd>>) {
     let mut offsets = Vec::new();
     loop {
         match sub.next().now_or_never() {
@@ -67,12 +77,12 @@ fn the_end_comes_after_the_last_event_and_nothing_is_appended_after_it() {
     let r = run("r");
     let now = Instant::now();
     let t = texts(3);
-    hub.publish(&r, events(&t), now).unwrap();
+    at_once(hub.publish(&r, &events(&t), now)).unwrap();
     let (_, mut live) = hub.resume(&r, Some(1), None, now);
-    let (e, new) = hub
-        .finish(&r, end(RunOutcome::Completed, Some("done \"ok\"")), now)
-        .unwrap();
-    assert!(new);
+    assert!(hub.ended(&r).is_none());
+    let e = at_once(hub.finish(&r, end(RunOutcome::Completed, Some("done \"ok\"")), now)).unwrap();
+    // This call made the end.
+    assert!(Arc::ptr_eq(&hub.ended(&r).unwrap(), &e));
     assert_eq!(e.next_offset, 3);
     let (offsets, ended) = drain(&mut live);
     assert_eq!(offsets, [1, 2]);
@@ -92,20 +102,19 @@ fn the_end_comes_after_the_last_event_and_nothing_is_appended_after_it() {
 
     let more = texts(1);
     assert_eq!(
-        hub.publish(&r, events(&more), now),
-        Err(StreamError::Ended {
+        at_once(hub.publish(&r, &events(&more), now)),
+        Err::<PublishOutcome, _>(StreamError::Ended {
             outcome: RunOutcome::Completed
         })
     );
     assert_eq!(hub.summary(&r).unwrap().next_offset, 3);
     // Idempotent by outcome; another outcome is refused and changes nothing.
-    let (same, new) = hub
-        .finish(&r, end(RunOutcome::Completed, None), now)
-        .unwrap();
-    assert!(!new);
+    let same = at_once(hub.finish(&r, end(RunOutcome::Completed, None), now)).unwrap();
+    // Not made anew: the first end is the answer, and stays the end.
     assert!(Arc::ptr_eq(&same, &ended));
+    assert!(Arc::ptr_eq(&hub.ended(&r).unwrap(), &ended));
     assert_eq!(
-        hub.finish(&r, end(RunOutcome::Failed, None), now).err(),
+        at_once(hub.finish(&r, end(RunOutcome::Failed, None), now)).err(),
         Some(StreamError::EndConflict {
             outcome: RunOutcome::Completed
         })
@@ -121,8 +130,7 @@ async fn a_waiting_follower_is_woken_by_the_end_of_a_run_with_no_events() {
     assert!(!info.ended);
     let waiting = tokio::spawn(async move { sub.next().await });
     tokio::task::yield_now().await;
-    hub.finish(&r, end(RunOutcome::Failed, None), Instant::now())
-        .unwrap();
+    at_once(hub.finish(&r, end(RunOutcome::Failed, None), Instant::now())).unwrap();
     match tokio::time::timeout(Duration::from_secs(10), waiting).await {
         Ok(Ok(Delivery::Ended(e))) => {
             assert_eq!(e.next_offset, 0);
@@ -148,7 +156,7 @@ async fn the_durable_end_survives_a_restart_and_a_compaction() {
     let r = run("durable");
     let epoch;
     {
-        let log = DurableStreams::open(dir.path(), log_limits(), SyncPolicy::Always).unwrap();
+        let log = log::open(dir.path(), log_limits(), SyncPolicy::Always).unwrap();
         let t = texts(2);
         log.publish(&r, &events(&t), Instant::now()).await.unwrap();
         let e = log
@@ -160,7 +168,7 @@ async fn the_durable_end_survives_a_restart_and_a_compaction() {
         log.close().await;
     }
     for round in 0..2 {
-        let log = DurableStreams::open(dir.path(), log_limits(), SyncPolicy::Always).unwrap();
+        let (log, disk) = StreamLog::open(dir.path(), log_limits(), SyncPolicy::Always).unwrap();
         let summary = log.summary(&r).unwrap();
         assert_eq!(summary.stream_epoch, epoch, "round {round}");
         let e = summary.end.expect("the end came back");
@@ -168,7 +176,7 @@ async fn the_durable_end_survives_a_restart_and_a_compaction() {
             (e.outcome, e.message.as_deref(), e.next_offset),
             (RunOutcome::Cancelled, Some("stop"), 2)
         );
-        let (info, mut sub) = log.resume(&r, Some(0), None, Instant::now()).unwrap();
+        let (info, mut sub) = log.resume(&r, Some(0), None, Instant::now());
         assert!(info.ended);
         let mut offsets = Vec::new();
         loop {
@@ -185,7 +193,64 @@ async fn the_durable_end_survives_a_restart_and_a_compaction() {
             Err(StreamError::Ended { .. })
         ));
         // The second round reads what the compaction wrote.
-        log.compact_now().await;
+        disk.compact_now().await;
         log.close().await;
     }
+}
+
+/// A backend that takes an end as the log does (set, not yet visible) and
+/// reports the write failed, as the log's writer does when the disk does.
+struct EndNotWritten;
+
+impl Backend for EndNotWritten {
+    fn publish(
+        &self,
+        ring: &mut Ring,
+        events: &[NewEvent<'_>],
+        _: Option<Publisher<'_>>,
+    ) -> Result<Stored<PublishOutcome>, StreamError> {
+        Ok(Stored::Now(ring.append(events)?.outcome()))
+    }
+
+    fn end(&self, ring: &mut Ring, end: EndRequest) -> Result<Stored<Arc<RunEnd>>, StreamError> {
+        ring.finish(end, false);
+        Ok(Stored::Later(StreamFuture::ready(Err(
+            StreamError::Unavailable("the disk is full".into()),
+        ))))
+    }
+}
+
+/// Asked again while its end is not durable, a run has not ended: the
+/// answer is the end only once it is visible (before, a second finish
+/// answered the end after a flush even when its write had failed).
+#[tokio::test]
+async fn a_finish_asked_again_answers_the_end_only_once_it_is_durable() {
+    let hub = Arc::new(StreamHub::with_backend(
+        StreamLimits::default(),
+        Box::new(EndNotWritten),
+    ));
+    let r = run("unwritten");
+    let now = Instant::now();
+    let (_, mut sub) = hub.resume(&r, Some(0), None, now);
+    let first = hub.finish(&r, end(RunOutcome::Completed, None), now).await;
+    assert!(
+        matches!(first, Err(StreamError::Unavailable(_))),
+        "{first:?}"
+    );
+    let again = hub.finish(&r, end(RunOutcome::Completed, None), now).await;
+    assert!(
+        matches!(again, Err(StreamError::Unavailable(_))),
+        "{again:?}"
+    );
+    assert!(sub.next().now_or_never().is_none(), "no end to follow yet");
+    // Once the backend shows it (the write went through after all), it is
+    // the answer, and followers get it.
+    let epoch = hub.summary(&r).unwrap().stream_epoch;
+    Inbox::of(&hub).show(&r, &epoch, Visible::CommittedEnd, now);
+    let ended = hub.finish(&r, end(RunOutcome::Completed, None), now).await;
+    assert_eq!(ended.unwrap().outcome, RunOutcome::Completed);
+    assert!(matches!(
+        sub.next().now_or_never(),
+        Some(Delivery::Ended(_))
+    ));
 }

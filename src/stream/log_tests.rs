@@ -8,6 +8,8 @@ use futures_util::FutureExt;
 use tokio::time::Instant;
 
 use super::*;
+use crate::ids::RunId;
+use crate::stream::hub::Visible;
 use crate::stream::{Delivery, EventDelivery};
 
 fn run(name: &str) -> RunId {
@@ -28,7 +30,7 @@ fn event(i: u64) -> String {
     format!(r#"{{"type":"t","seq":{i},"data":{i}}}"#)
 }
 
-async fn publish(engine: &DurableStreams, r: &RunId, seqs: std::ops::Range<u64>) -> PublishOutcome {
+async fn publish(engine: &StreamHub, r: &RunId, seqs: std::ops::Range<u64>) -> PublishOutcome {
     let texts: Vec<String> = seqs.clone().map(event).collect();
     let events: Vec<NewEvent<'_>> = texts
         .iter()
@@ -42,8 +44,8 @@ async fn publish(engine: &DurableStreams, r: &RunId, seqs: std::ops::Range<u64>)
 }
 
 /// Every event the engine's stream for `r` holds, as (offset, JSON).
-fn contents(engine: &DurableStreams, r: &RunId) -> (String, Vec<(u64, String)>) {
-    let (info, mut sub) = engine.resume(r, Some(0), None, Instant::now()).unwrap();
+fn contents(engine: &StreamHub, r: &RunId) -> (String, Vec<(u64, String)>) {
+    let (info, mut sub) = engine.resume(r, Some(0), None, Instant::now());
     let mut out = Vec::new();
     while let Some(EventDelivery::Events(events)) = sub.next_events().now_or_never() {
         if events.is_empty() {
@@ -56,8 +58,13 @@ fn contents(engine: &DurableStreams, r: &RunId) -> (String, Vec<(u64, String)>) 
     (info.stream_epoch.as_str().to_owned(), out)
 }
 
-fn open(dir: &Path) -> DurableStreams {
-    DurableStreams::open(dir, limits(), SyncPolicy::Always).unwrap()
+fn open(dir: &Path) -> Arc<StreamHub> {
+    super::open(dir, limits(), SyncPolicy::Always).unwrap()
+}
+
+/// The hub and the log itself, to look at the log.
+fn open_log(dir: &Path, limits: StreamLimits, segment_limit: u64) -> (Arc<StreamHub>, StreamLog) {
+    StreamLog::open_with(dir, limits, SyncPolicy::Always, segment_limit).unwrap()
 }
 
 #[tokio::test]
@@ -151,7 +158,7 @@ async fn corruption_before_the_tail_and_foreign_files_are_errors() {
     bytes[MAGIC.len() + 10] ^= 0xff;
     fs::write(&first, &bytes).unwrap();
     fs::write(segment_path(dir.path(), 2), MAGIC).unwrap();
-    match DurableStreams::open(dir.path(), limits(), SyncPolicy::Always) {
+    match super::open(dir.path(), limits(), SyncPolicy::Always) {
         Err(LogError::Corrupt { .. }) => {}
         other => panic!("expected Corrupt, got {:?}", other.err()),
     }
@@ -162,7 +169,7 @@ async fn corruption_before_the_tail_and_foreign_files_are_errors() {
         b"PK\x03\x04not a log at all",
     )
     .unwrap();
-    match DurableStreams::open(foreign.path(), limits(), SyncPolicy::Always) {
+    match super::open(foreign.path(), limits(), SyncPolicy::Always) {
         Err(LogError::Version { .. }) => {}
         other => panic!("expected Version, got {:?}", other.err()),
     }
@@ -175,7 +182,7 @@ async fn a_dropped_stream_stays_dropped_after_a_restart() {
     {
         let mut l = limits();
         l.retention = Duration::from_millis(1);
-        let engine = DurableStreams::open(dir.path(), l, SyncPolicy::Always).unwrap();
+        let engine = super::open(dir.path(), l, SyncPolicy::Always).unwrap();
         publish(&engine, &gone, 1..3).await;
         publish(&engine, &kept, 1..3).await;
         engine.session_started(&kept, Instant::now());
@@ -199,9 +206,7 @@ async fn a_stream_never_published_to_keeps_its_epoch_after_a_restart() {
     let epochs = {
         let engine = open(dir.path());
         engine.session_started(&attached, Instant::now());
-        let (info, _sub) = engine
-            .resume(&watched, Some(0), None, Instant::now())
-            .unwrap();
+        let (info, _sub) = engine.resume(&watched, Some(0), None, Instant::now());
         let epochs = (
             contents(&engine, &attached).0,
             info.stream_epoch.as_str().to_owned(),
@@ -211,9 +216,7 @@ async fn a_stream_never_published_to_keeps_its_epoch_after_a_restart() {
     };
     let engine = open(dir.path());
     assert_eq!(contents(&engine, &attached).0, epochs.0);
-    let (info, _sub) = engine
-        .resume(&watched, Some(0), Some(&epochs.1), Instant::now())
-        .unwrap();
+    let (info, _sub) = engine.resume(&watched, Some(0), Some(&epochs.1), Instant::now());
     assert_eq!(info.stream_epoch.as_str().to_owned(), epochs.1);
     assert!(!info.truncated);
     assert_eq!(info.next_offset, 0);
@@ -227,52 +230,83 @@ async fn compaction_keeps_every_live_event_and_frees_the_rest() {
     // A small ring: most of what is published is evicted and reclaimable.
     l.max_events_per_run = 50;
     let before = {
-        let engine = DurableStreams::open(dir.path(), l.clone(), SyncPolicy::Always).unwrap();
+        let (engine, log) = open_log(dir.path(), l.clone(), SEGMENT_BYTES);
         for b in 0..200u64 {
             publish(&engine, &r, b * 10 + 1..b * 10 + 11).await;
         }
-        engine.compact_now().await;
+        log.compact_now().await;
         let seen = contents(&engine, &r);
         assert_eq!(seen.1.len(), 50);
         assert!(
-            engine.disk_bytes() < 50 * 1024,
+            log.disk_bytes() < 50 * 1024,
             "compacted to about the live size: {} bytes",
-            engine.disk_bytes()
+            log.disk_bytes()
         );
         engine.close().await;
         seen
     };
     assert_eq!(segments(dir.path()).unwrap().len(), 1);
-    let engine = DurableStreams::open(dir.path(), l, SyncPolicy::Always).unwrap();
+    let engine = super::open(dir.path(), l, SyncPolicy::Always).unwrap();
     assert_eq!(contents(&engine, &r), before);
     let dup = publish(&engine, &r, 1991..2001).await;
     assert_eq!(dup.accepted, 0, "dedupe state survived compaction");
 }
 
+/// What a [`Held`] backend took: each batch's epoch and the head after it.
+type Logged = Arc<parking_lot::Mutex<Vec<(crate::stream::StreamEpoch, u64)>>>;
+
+/// A backend that appends as the log does and writes nothing: what it
+/// took is shown only when the test says it is durable.
+struct Held(Logged);
+
+impl Backend for Held {
+    fn publish(
+        &self,
+        ring: &mut Ring,
+        events: &[NewEvent<'_>],
+        _: Option<Publisher<'_>>,
+    ) -> Result<Stored<PublishOutcome>, StreamError> {
+        let outcome = ring.append_uncommitted(events)?.outcome();
+        self.0
+            .lock()
+            .push((ring.epoch().clone(), outcome.next_offset));
+        Ok(Stored::Later(StreamFuture::ready(Ok(outcome))))
+    }
+
+    fn end(&self, ring: &mut Ring, end: EndRequest) -> Result<Stored<Arc<RunEnd>>, StreamError> {
+        Ok(Stored::Later(StreamFuture::ready(Ok(
+            ring.finish(end, false)
+        ))))
+    }
+}
+
 #[tokio::test]
 async fn readers_never_see_a_batch_before_it_is_committed() {
-    let hub = StreamHub::new(limits());
-    let r = run("v");
+    let logged = Logged::default();
     let now = Instant::now();
+    let hub = Arc::new(StreamHub::with_backend(
+        limits(),
+        Box::new(Held(logged.clone())),
+    ));
+    let r = run("v");
     let (_, mut sub) = hub.resume(&r, Some(0), None, now);
-    let mut logged = Vec::new();
     let json = event(1);
     let outcome = hub
-        .publish_logged(
+        .publish(
             &r,
             &[NewEvent {
                 json: &json,
                 seq: Some(1),
             }],
             now,
-            &mut |ring, out| logged.push((ring.epoch().clone(), out.next_offset)),
         )
+        .await
         .unwrap();
     assert_eq!(outcome.next_offset, 1);
     assert!(sub.next().now_or_never().is_none(), "not visible yet");
     assert_eq!(hub.summary(&r).unwrap().next_offset, 0);
-    let (epoch, up_to) = logged.pop().unwrap();
-    hub.commit(&r, &epoch, up_to);
+    let (epoch, up_to) = logged.lock().pop().unwrap();
+    Inbox::of(&hub).show(&r, &epoch, Visible::Committed { up_to }, now);
     match sub.next().now_or_never() {
         Some(Delivery::Frames(f)) => assert_eq!(f.len(), 1),
         other => panic!("expected the batch, got {other:?}"),
@@ -297,7 +331,7 @@ fn big_event(i: u64) -> String {
     format!("{head}{}\"}}", "x".repeat(200 - head.len() - 2))
 }
 
-async fn publish_big(engine: &DurableStreams, r: &RunId, seqs: std::ops::Range<u64>) -> usize {
+async fn publish_big(engine: &StreamHub, r: &RunId, seqs: std::ops::Range<u64>) -> usize {
     let texts: Vec<String> = seqs.clone().map(big_event).collect();
     let events: Vec<NewEvent<'_>> = texts
         .iter()
@@ -321,8 +355,8 @@ fn small_rings() -> StreamLimits {
     l
 }
 
-fn open_small(dir: &Path) -> DurableStreams {
-    DurableStreams::open_with(dir, small_rings(), SyncPolicy::Always, SMALL_SEGMENT).unwrap()
+fn open_small(dir: &Path) -> (Arc<StreamHub>, StreamLog) {
+    open_log(dir, small_rings(), SMALL_SEGMENT)
 }
 
 /// The cause of issue #18: each rotation rewrote every ring. Now a busy
@@ -332,14 +366,14 @@ fn open_small(dir: &Path) -> DurableStreams {
 async fn a_busy_log_writes_each_event_once_and_deletes_old_segments() {
     let dir = tempfile::tempdir().unwrap();
     let runs = [run("a"), run("b"), run("c")];
-    let engine = open_small(dir.path());
+    let (engine, log) = open_small(dir.path());
     let mut published = 0;
     for b in 0..150u64 {
         for r in &runs {
             published += publish_big(&engine, r, b * 10 + 1..b * 10 + 11).await;
         }
     }
-    let written = engine.written_bytes() as f64;
+    let written = log.written_bytes() as f64;
     let amplification = written / published as f64;
     assert!(
         amplification < 1.15,
@@ -348,9 +382,9 @@ async fn a_busy_log_writes_each_event_once_and_deletes_old_segments() {
     // Three rings of 50 events of 200 B: about 30 KiB live.
     let on_disk = segments(dir.path()).unwrap();
     assert!(
-        engine.disk_bytes() < 30 * 1024 + 4 * SMALL_SEGMENT,
+        log.disk_bytes() < 30 * 1024 + 4 * SMALL_SEGMENT,
         "{} bytes on disk in {} segments",
-        engine.disk_bytes(),
+        log.disk_bytes(),
         on_disk.len()
     );
     assert!(on_disk[0] > 1, "the first segments were deleted");
@@ -358,7 +392,7 @@ async fn a_busy_log_writes_each_event_once_and_deletes_old_segments() {
     assert!(before.iter().all(|(_, events)| events.len() == 50));
     engine.close().await;
 
-    let engine = open_small(dir.path());
+    let (engine, _) = open_small(dir.path());
     let after: Vec<_> = runs.iter().map(|r| contents(&engine, r)).collect();
     assert_eq!(after, before, "same epochs, offsets and events");
     let resent = engine
@@ -386,10 +420,8 @@ async fn old_segments_go_whatever_quiet_empty_and_dropped_streams_they_hold() {
     let (quiet, empty, gone, busy) = (run("quiet"), run("empty"), run("gone"), run("busy"));
     let mut l = small_rings();
     l.retention = Duration::from_millis(1);
-    let open = |l: StreamLimits| {
-        DurableStreams::open_with(dir.path(), l, SyncPolicy::Always, SMALL_SEGMENT).unwrap()
-    };
-    let engine = open(l.clone());
+    let open = |l: StreamLimits| open_log(dir.path(), l, SMALL_SEGMENT);
+    let (engine, log) = open(l.clone());
     publish_big(&engine, &quiet, 1..4).await;
     engine.session_started(&quiet, Instant::now());
     engine.session_started(&empty, Instant::now());
@@ -404,13 +436,13 @@ async fn old_segments_go_whatever_quiet_empty_and_dropped_streams_they_hold() {
     let on_disk = segments(dir.path()).unwrap();
     assert!(on_disk[0] > 1, "segment 1 (quiet's batch) was reclaimed");
     assert!(
-        engine.disk_bytes() < 4 * 10 * 1024 + 4 * SMALL_SEGMENT,
+        log.disk_bytes() < 4 * 10 * 1024 + 4 * SMALL_SEGMENT,
         "{} bytes on disk",
-        engine.disk_bytes()
+        log.disk_bytes()
     );
     engine.close().await;
 
-    let engine = open(l);
+    let (engine, _) = open(l);
     assert_eq!(contents(&engine, &quiet), kept.0);
     assert_eq!(contents(&engine, &empty).0, kept.1, "the same epoch");
     let runs: Vec<String> = engine.runs().iter().map(|s| s.run_id.to_string()).collect();
@@ -439,7 +471,7 @@ async fn an_end_outlives_the_segments_it_was_written_in() {
     let dir = tempfile::tempdir().unwrap();
     let ended = run("ended");
     let busy = [run("a"), run("b")];
-    let engine = open_small(dir.path());
+    let (engine, _) = open_small(dir.path());
     publish_big(&engine, &ended, 1..6).await;
     let request = crate::stream::EndRequest {
         outcome: crate::ids::RunOutcome::Failed,
@@ -464,7 +496,7 @@ async fn an_end_outlives_the_segments_it_was_written_in() {
     let before = contents(&engine, &ended);
     engine.close().await;
 
-    let engine = open_small(dir.path());
+    let (engine, _) = open_small(dir.path());
     assert_eq!(contents(&engine, &ended), before, "same epoch and events");
     let end = engine.summary(&ended).unwrap().end.expect("still ended");
     assert_eq!(

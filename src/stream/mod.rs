@@ -1,11 +1,23 @@
 //! Resumable output streams: each run's published events, kept in order
 //! with offsets, fanned out to any number of subscribers.
 //!
-//! Owns the [`StreamEngine`] trait, the one seam between the gateway and
-//! how streams are stored, and its in-memory implementation [`StreamHub`]
-//! (one [`ring::Ring`] per run). A durable log or a distributed engine is
-//! another implementation of the trait, or sits beneath the ring; nothing
-//! above this module changes.
+//! One concrete hub, one small seam. The gateway holds an
+//! `Arc<`[`StreamHub`]`>` and calls only it; resume, tailing, gaps, the end
+//! and the budget exist once, there ([`hub`]), and every reader is a
+//! concrete [`Subscription`]. What differs between engines sits behind the
+//! [`Backend`] trait ([`backend`]): who assigns a batch's offsets and when
+//! it becomes durable and visible, how an end is made durable, and who
+//! hears of streams created and dropped. Three backends:
+//!
+//! - [`backend::Memory`]: the ring assigns offsets; everything is visible
+//!   at once.
+//! - [`log`]: the durable log. The ring assigns offsets; the batch stays
+//!   invisible until the log's writer has written (and per policy synced)
+//!   it, then comes back through the hub's [`hub::Inbox`].
+//! - [`redis`]: several gateways on one Redis. A script there assigns
+//!   offsets; every gateway's rings are replicas, and a stored batch comes
+//!   back through the same inbox on every gateway.
+//!
 //! Must not know about sockets, sessions, tokens or capabilities: callers
 //! have already checked that the caller may publish to or read `run`.
 //!
@@ -34,10 +46,12 @@
 //! race: [`Subscription::next`] always reads the ring from the cursor under
 //! the stream's lock, and sleeps only if the cursor is at the head. It
 //! registers for the wake-up *before* it reads (`Notify::notified()` pinned
-//! and `enable()`d), and the publisher appends under the write lock and then
-//! calls `notify_waiters()`. So an append either happened before the read
-//! (the read sees it) or after the registration (the wake-up reaches the
-//! waiter): it cannot fall between the two. Every offset from the start is
+//! and `enable()`d), and whatever makes a batch visible (a publish the
+//! memory backend shows at once, a backend's task through the inbox) does so
+//! under the write lock and then calls `notify_waiters()`, in one place
+//! ([`StreamHub`]'s `settle`). So a batch either became visible before the
+//! read (the read sees it) or after the registration (the wake-up reaches
+//! the waiter): it cannot fall between the two. Every offset from the start is
 //! delivered exactly once and in order, whether it was published before or
 //! after the resume.
 //!
@@ -48,26 +62,27 @@
 //!
 //! # The end of a run
 //!
-//! [`StreamEngine::finish`] marks a stream ended ([`RunEnd`]): its head at
+//! [`StreamHub::finish`] marks a stream ended ([`RunEnd`]): its head at
 //! that moment is the run's whole output, nothing is appended after it, and
 //! every subscription that reaches that head is handed
 //! [`Delivery::Ended`] (the `stream.ended` push, built once per stream)
-//! instead of waiting. A durable engine makes the mark visible only once it
+//! instead of waiting. A durable backend makes the mark visible only once it
 //! is in the log, after every batch before it.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use serde::Serialize;
-use tokio::time::Instant;
 
 pub use crate::ids::StreamEpoch;
 use crate::ids::{RunId, RunOutcome};
 use crate::time::Timestamp;
 
+pub mod backend;
 pub mod hub;
 pub mod log;
 pub mod redis;
@@ -75,12 +90,51 @@ pub mod redis;
 pub use rungate_protocol::stream_frame as frame;
 pub mod ring;
 
+pub use backend::Backend;
 pub use hub::{StreamHub, Subscription};
 
-/// A stream operation in flight. The in-memory hub's are already complete;
-/// an engine with storage applies the operation (or at least fixes its
-/// order) before returning the future, as [`crate::store`] does.
-pub type StreamFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+/// A stream operation in flight. The hub fixes the operation's place (a
+/// batch's order, an end's) before it returns the future; the future
+/// resolves once the backend made it durable and visible. An answer known
+/// at once (the memory backend, a batch of duplicates, a refusal) is not
+/// boxed.
+#[must_use = "the operation's answer comes through the future"]
+pub struct StreamFuture<T>(Answer<T>);
+
+enum Answer<T> {
+    Ready(Option<T>),
+    Later(Pin<Box<dyn Future<Output = T> + Send + 'static>>),
+}
+
+impl<T> StreamFuture<T> {
+    /// A future that resolves to `value` at once.
+    pub fn ready(value: T) -> StreamFuture<T> {
+        StreamFuture(Answer::Ready(Some(value)))
+    }
+
+    /// A future that resolves when `later` does.
+    pub fn new(later: impl Future<Output = T> + Send + 'static) -> StreamFuture<T> {
+        StreamFuture(Answer::Later(Box::pin(later)))
+    }
+}
+
+// The value is moved out, never pinned in place.
+impl<T> Unpin for StreamFuture<T> {}
+
+impl<T> Future for StreamFuture<T> {
+    type Output = T;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<T> {
+        match &mut self.get_mut().0 {
+            Answer::Ready(value) => Poll::Ready(
+                value
+                    .take()
+                    .expect("a stream future is not polled after it resolved"),
+            ),
+            Answer::Later(later) => later.as_mut().poll(cx),
+        }
+    }
+}
 
 /// One event as published.
 #[derive(Debug, Clone, Copy)]
@@ -344,132 +398,6 @@ pub enum EventDelivery {
     Gap { from: u64, to: u64 },
     Closed,
     Ended(Arc<RunEnd>),
-}
-
-/// A live reader of one run's stream, as an engine hands it out.
-pub trait StreamSubscription: Send {
-    /// Waits for the next frames, gap or close. Cancel-safe: dropping the
-    /// future loses nothing.
-    fn next(&mut self) -> Pin<Box<dyn Future<Output = Delivery> + Send + '_>>;
-
-    /// As `next`, but single events (for SSE).
-    fn next_events(&mut self) -> Pin<Box<dyn Future<Output = EventDelivery> + Send + '_>>;
-
-    /// The next offset this subscriber will be sent.
-    fn cursor(&self) -> u64;
-}
-
-/// Where runs' output streams live. The gateway holds an
-/// `Arc<dyn StreamEngine>` and calls only this.
-pub trait StreamEngine: Send + Sync + 'static {
-    /// Appends `events` to `run`'s stream as one atomic batch, dropping
-    /// duplicates by `seq`, and delivers them to its subscribers.
-    fn publish(
-        &self,
-        run: &RunId,
-        events: &[NewEvent<'_>],
-        now: Instant,
-    ) -> StreamFuture<Result<PublishOutcome, StreamError>>;
-
-    /// [`StreamEngine::publish`] on behalf of `publisher`: an engine shared
-    /// by several gateways refuses the batch with [`StreamError::Fenced`] if
-    /// `publisher` no longer holds its session there.
-    fn publish_as(
-        &self,
-        run: &RunId,
-        events: &[NewEvent<'_>],
-        publisher: Publisher<'_>,
-        now: Instant,
-    ) -> StreamFuture<Result<PublishOutcome, StreamError>> {
-        let _ = publisher;
-        self.publish(run, events, now)
-    }
-
-    /// Starts reading `run`'s stream (creating an empty one if it has none).
-    /// See [`StreamHub::resume`] for where the subscription starts.
-    ///
-    /// Synchronous on purpose: the answer comes from the stream's metadata
-    /// (epoch, kept range), never from reading history, so a socket can
-    /// apply `stream.resume` and `stream.cancel` strictly in arrival order.
-    /// An engine with storage reads history lazily, in the subscription.
-    fn resume(
-        &self,
-        run: &RunId,
-        from_offset: Option<u64>,
-        stream_epoch: Option<&str>,
-        now: Instant,
-    ) -> Result<(ResumeInfo, Box<dyn StreamSubscription>), StreamError>;
-
-    /// Every run's stream, ordered by run id.
-    fn runs(&self) -> Vec<StreamSummary>;
-
-    /// Up to `limit` streams of runs that `selectors` match, after run
-    /// `after`, ordered by run id: a listing for one token costs what the
-    /// token covers, not every stream the gateway holds (engines with an
-    /// index override this; the default filters [`StreamEngine::runs`]).
-    fn runs_matching(
-        &self,
-        selectors: &[RunSelector<'_>],
-        after: Option<&RunId>,
-        limit: usize,
-    ) -> Vec<StreamSummary> {
-        self.runs()
-            .into_iter()
-            .filter(|s| after.is_none_or(|a| s.run_id > *a))
-            .filter(|s| selectors.iter().any(|sel| sel.matches(&s.run_id)))
-            .take(limit)
-            .collect()
-    }
-
-    /// `run`'s stream, if it has one.
-    fn summary(&self, run: &RunId) -> Option<StreamSummary>;
-
-    /// Totals, for metrics.
-    fn stats(&self) -> StreamStats;
-
-    /// A session for `run` is active: keep its stream.
-    fn session_started(&self, run: &RunId, now: Instant);
-
-    /// `run`'s session ended: its stream may be dropped after the retention
-    /// period.
-    fn session_ended(&self, run: &RunId, now: Instant);
-
-    /// Periodic upkeep: retention and the global budget. The gateway calls
-    /// it from a timer (every few seconds is plenty).
-    fn sweep(&self, now: Instant) -> SweepOutcome;
-
-    /// Ends `run`'s stream (creating an empty one if it has none) after
-    /// every event appended so far; see [`RunEnd`]. Once ended it takes no
-    /// more events ([`StreamError::Ended`]). Idempotent: ending an ended
-    /// stream with the same outcome answers the first end; another outcome
-    /// is [`StreamError::EndConflict`]. The future resolves once the end is
-    /// durable (and visible to readers). Retention starts at the end.
-    fn finish(
-        &self,
-        run: &RunId,
-        end: EndRequest,
-        now: Instant,
-    ) -> StreamFuture<Result<Arc<RunEnd>, StreamError>> {
-        let _ = (run, end, now);
-        Box::pin(std::future::ready(Err(StreamError::EndUnsupported)))
-    }
-
-    /// `run`'s end, if its stream ended (or is being ended).
-    fn ended(&self, run: &RunId) -> Option<Arc<RunEnd>> {
-        let _ = run;
-        None
-    }
-
-    /// Whether publishes can be stored (false after a storage failure).
-    fn healthy(&self) -> bool {
-        true
-    }
-
-    /// Makes everything accepted durable and stops background work; called
-    /// once, at the end of a drain.
-    fn close(&self) -> StreamFuture<()> {
-        Box::pin(std::future::ready(()))
-    }
 }
 
 #[cfg(test)]

@@ -1,4 +1,4 @@
-//! [`RedisStreams`], the stream engine for several gateways sharing one
+//! [`RedisBackend`], the stream backend for several gateways sharing one
 //! Redis (`--store redis://…`): every run's output stream with the same
 //! guarantees as on one gateway (offsets contiguous from 0, `streamEpoch`,
 //! `seq` de-duplication, resume then tail with no gap and no duplicate,
@@ -9,9 +9,11 @@
 //! epoch, offsets, `seq` mark and idle state, and keeps the batches within
 //! its last `max_events_per_run` offsets, one stream entry per batch
 //! ([`crate::redis::keys`] has the keys). Every node keeps
-//! a *replica* of every stream in an ordinary [`StreamHub`], so `resume`
-//! stays synchronous, and readers, frames and fan-out are the hub's: one
-//! frame per batch per node, shared by all its viewers.
+//! a *replica* of every stream in its ordinary [`StreamHub`] (the backend
+//! says [`Authority::Remote`]), so `resume` stays synchronous, and
+//! readers, frames and fan-out are the hub's: one frame per batch per
+//! node, shared by all its viewers. What Redis stored comes back into the
+//! hub through its [`Inbox`], as on every engine.
 //!
 //! - A publish is one script in Redis ([`writer`]): de-duplicate, take
 //!   offsets, store, and announce the batch on the channel, atomically. Its
@@ -37,7 +39,7 @@
 //! - If the channel is lost, the replicas are served as they are and
 //!   caught up from Redis once it is back ([`subscriber`]).
 //!
-//! Must not know about sockets or sessions beyond the trait's calls. Redis
+//! Must not know about sockets or sessions beyond the backend's calls. Redis
 //! away is a retryable [`StreamError::Unavailable`]; a publish that timed
 //! out may still have been stored, and a resend with the same `seq` is then
 //! dropped as a duplicate, as on one gateway.
@@ -58,14 +60,14 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::backend::{Authority, Backend, News, Stored};
 use super::frame::events_frame_bound;
-use super::hub::{Hooks, StreamHub};
+use super::hub::{Inbox, StreamHub};
+use super::ring::Ring;
 use super::{
-    EndRequest, NewEvent, PublishOutcome, Publisher, ResumeInfo, RunEnd, StreamEngine, StreamEpoch,
-    StreamError, StreamFuture, StreamLimits, StreamStats, StreamSubscription, StreamSummary,
-    SweepOutcome,
+    EndRequest, NewEvent, PublishOutcome, Publisher, RunEnd, StreamEpoch, StreamError,
+    StreamFuture, StreamLimits,
 };
-use crate::ids::RunId;
 use crate::redis::conn::{OpenError, open, redacted, subscribe};
 use crate::redis::keys::Keys;
 
@@ -84,7 +86,7 @@ use writer::{Op, Writer};
 /// Loading every stream at start may take a while with many of them.
 const LOAD_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// Why [`RedisStreams::connect`] failed.
+/// Why [`connect`] failed.
 #[derive(Debug, thiserror::Error)]
 pub enum RedisStreamsError {
     #[error(transparent)]
@@ -95,9 +97,10 @@ pub enum RedisStreamsError {
     Load { url: String, why: String },
 }
 
-/// What every task of one engine shares.
+/// What every task of one backend shares.
 struct Shared {
-    hub: Arc<StreamHub>,
+    /// Where what Redis stored comes back into this node's hub.
+    hub: Inbox,
     keys: Keys,
     scripts: Scripts,
     limits: StreamLimits,
@@ -111,310 +114,250 @@ struct Health {
     subscribed: AtomicBool,
 }
 
-/// The Redis stream engine. See the module docs.
-pub struct RedisStreams {
+/// The Redis stream backend. See the module docs.
+pub struct RedisBackend {
     shared: Arc<Shared>,
     writer: mpsc::UnboundedSender<Op>,
     cancel: CancellationToken,
-    tasks: Mutex<Vec<JoinHandle<()>>>,
-    /// Held so the subscriber's receiver stays open; only tests send.
-    #[cfg_attr(not(test), allow(dead_code))]
-    paused: watch::Sender<bool>,
-    /// The node id publishes are fenced with ([`RedisStreams::fenced_as`]).
+    tasks: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    /// Held so the subscriber's receiver stays open (only tests send, on
+    /// the handle [`start`] gave them).
+    _paused: Arc<watch::Sender<bool>>,
+    /// The node id publishes are fenced with (see [`connect`]).
     node: Option<String>,
 }
 
-impl RedisStreams {
-    /// Connects to `url`, subscribes to the channel, loads every stream
-    /// Redis holds into the local replicas, and starts the tasks. A wrong
-    /// address or an unreachable Redis is an error here, not at the first
-    /// publish.
-    pub async fn connect(
-        url: &str,
-        prefix: &str,
-        limits: StreamLimits,
-    ) -> Result<RedisStreams, RedisStreamsError> {
-        let shown = redacted(url);
-        let (client, conn) = open(url).await?;
-        let connect_error = |why: String| RedisStreamsError::Connect {
-            url: shown.clone(),
-            why,
-        };
-        let keys = Keys::new(prefix);
-        let pubsub = subscribe(&client, &keys.channel())
-            .await
-            .map_err(|e| connect_error(format!("cannot subscribe: {e}")))?;
+/// Connects to `url`, subscribes to the channel, loads every stream Redis
+/// holds into the local replicas, starts the tasks, and answers the hub
+/// whose streams Redis holds. A wrong address or an unreachable Redis is an
+/// error here, not at the first publish.
+///
+/// With `fenced_as`, publishes made with [`StreamHub::publish_as`] are
+/// fenced by the session store of that node (see [`crate::store::redis`]):
+/// refused once the node no longer holds the publisher's session at its
+/// epoch.
+pub async fn connect(
+    url: &str,
+    prefix: &str,
+    limits: StreamLimits,
+    fenced_as: Option<&str>,
+) -> Result<Arc<StreamHub>, RedisStreamsError> {
+    start(url, prefix, limits, fenced_as)
+        .await
+        .map(|(hub, _)| hub)
+}
 
-        let (writer_tx, writer_rx) = mpsc::unbounded_channel();
-        let (applier_tx, applier_rx) = mpsc::unbounded_channel();
-        let hub = Arc::new(StreamHub::with_hooks(limits.clone(), hooks(&writer_tx)));
-        let shared = Arc::new(Shared {
-            hub,
+/// As [`connect`]; also answers the switch that holds this node's channel
+/// down (`true`) or lets it reconnect, as a network fault between this node
+/// and Redis would (tests use it).
+async fn start(
+    url: &str,
+    prefix: &str,
+    limits: StreamLimits,
+    fenced_as: Option<&str>,
+) -> Result<(Arc<StreamHub>, Arc<watch::Sender<bool>>), RedisStreamsError> {
+    let shown = redacted(url);
+    let (client, conn) = open(url).await?;
+    let connect_error = |why: String| RedisStreamsError::Connect {
+        url: shown.clone(),
+        why,
+    };
+    let keys = Keys::new(prefix);
+    let pubsub = subscribe(&client, &keys.channel())
+        .await
+        .map_err(|e| connect_error(format!("cannot subscribe: {e}")))?;
+
+    let (writer_tx, writer_rx) = mpsc::unbounded_channel();
+    let (applier_tx, applier_rx) = mpsc::unbounded_channel();
+    let cancel = CancellationToken::new();
+    let (paused, paused_rx) = watch::channel(false);
+    let paused = Arc::new(paused);
+    let tasks = Arc::new(Mutex::new(Vec::new()));
+    let mut shared = None;
+    let hub = Arc::new_cyclic(|hub| {
+        let ring_limits = super::ring::RingLimits {
+            max_events: limits.max_events_per_run,
+            max_bytes: limits.max_bytes_per_run,
+        };
+        let made = Arc::new(Shared {
+            hub: Inbox::new(hub, ring_limits),
             keys,
             scripts: Scripts::new(),
-            limits,
+            limits: limits.clone(),
             health: Health {
                 redis: AtomicBool::new(true),
                 subscribed: AtomicBool::new(true),
             },
         });
-        let cancel = CancellationToken::new();
-        let (paused, paused_rx) = watch::channel(false);
-        let tasks = vec![
-            tokio::spawn(
-                Writer {
-                    conn: conn.clone(),
-                    shared: shared.clone(),
-                    applier: applier_tx.clone(),
-                    cancel: cancel.clone(),
-                    retry: Default::default(),
-                }
-                .run(writer_rx),
-            ),
-            tokio::spawn(
-                Applier {
-                    conn,
-                    shared: shared.clone(),
-                    writer: writer_tx.clone(),
-                    cancel: cancel.clone(),
-                    stale: Default::default(),
-                }
-                .run(applier_rx),
-            ),
-            tokio::spawn(
-                Subscriber {
-                    client,
-                    shared: shared.clone(),
-                    applier: applier_tx.clone(),
-                    cancel: cancel.clone(),
-                    paused: paused_rx,
-                }
-                .run(pubsub),
-            ),
-        ];
-        let engine = RedisStreams {
-            shared,
-            writer: writer_tx,
-            cancel,
-            tasks: Mutex::new(tasks),
-            paused,
-            node: None,
+        shared = Some(made.clone());
+        let backend = RedisBackend {
+            shared: made,
+            writer: writer_tx.clone(),
+            cancel: cancel.clone(),
+            tasks: tasks.clone(),
+            _paused: paused.clone(),
+            node: fenced_as.map(str::to_owned),
         };
-        // Subscribed first, loaded second: see `subscriber`.
-        let (done, loaded) = oneshot::channel();
-        let _ = applier_tx.send(Apply::ResyncAll(Some(done)));
-        let load_error = |why: String| RedisStreamsError::Load {
-            url: shown.clone(),
-            why,
-        };
-        match tokio::time::timeout(LOAD_TIMEOUT, loaded).await {
-            Ok(Ok(Ok(()))) => Ok(engine),
-            Ok(Ok(Err(why))) => Err(load_error(why)),
-            Ok(Err(_)) => Err(load_error("the applier stopped".into())),
-            Err(_) => Err(load_error("timed out".into())),
-        }
+        StreamHub::with_backend(limits, Box::new(backend))
+    });
+    let Some(shared) = shared else {
+        unreachable!("Arc::new_cyclic runs its closure");
+    };
+    // Started only once the hub exists: the applier shows what it applies
+    // through the hub's inbox from its first message on.
+    tasks.lock().extend([
+        tokio::spawn(
+            Writer {
+                conn: conn.clone(),
+                shared: shared.clone(),
+                applier: applier_tx.clone(),
+                cancel: cancel.clone(),
+                retry: Default::default(),
+            }
+            .run(writer_rx),
+        ),
+        tokio::spawn(
+            Applier {
+                conn,
+                shared: shared.clone(),
+                writer: writer_tx,
+                cancel: cancel.clone(),
+                stale: Default::default(),
+            }
+            .run(applier_rx),
+        ),
+        tokio::spawn(
+            Subscriber {
+                client,
+                shared,
+                applier: applier_tx.clone(),
+                cancel,
+                paused: paused_rx,
+            }
+            .run(pubsub),
+        ),
+    ]);
+    // Subscribed first, loaded second: see `subscriber`.
+    let (done, loaded) = oneshot::channel();
+    let _ = applier_tx.send(Apply::ResyncAll(Some(done)));
+    let load_error = |why: String| RedisStreamsError::Load {
+        url: shown.clone(),
+        why,
+    };
+    match tokio::time::timeout(LOAD_TIMEOUT, loaded).await {
+        Ok(Ok(Ok(()))) => Ok((hub, paused)),
+        Ok(Ok(Err(why))) => Err(load_error(why)),
+        Ok(Err(_)) => Err(load_error("the applier stopped".into())),
+        Err(_) => Err(load_error("timed out".into())),
     }
+}
 
-    /// Publishes made with [`StreamEngine::publish_as`] are fenced by the
-    /// session store of node `node` (see [`crate::store::redis`]): refused
-    /// once that node no longer holds the publisher's session at its epoch.
-    pub fn fenced_as(mut self, node: &str) -> RedisStreams {
-        self.node = Some(node.to_owned());
-        self
-    }
-
-    /// Holds this node's channel down (`true`) or lets it reconnect, as a
-    /// network fault between this node and Redis would.
-    #[cfg(test)]
-    fn pause_channel(&self, paused: bool) {
-        self.paused.send_replace(paused);
-    }
-
-    /// A publish, fenced or not (see [`Publisher`]).
-    fn submit_publish(
-        &self,
-        run: &RunId,
-        events: &[NewEvent<'_>],
-        fence: Option<(String, String)>,
-        now: Instant,
-    ) -> StreamFuture<Result<PublishOutcome, StreamError>> {
-        // The local stream's epoch is what Redis takes if it has none.
-        let epoch = self.shared.hub.ensure(run, now);
-        let limits = &self.shared.limits;
-        let json_bytes: usize = events.iter().map(|e| e.json.len()).sum();
-        let bound = events_frame_bound(run.as_str(), epoch.as_str(), events.len(), json_bytes);
-        if events.len() > limits.max_events_per_run || bound > limits.max_bytes_per_run {
-            return Box::pin(std::future::ready(Err(StreamError::TooLarge {
-                events: events.len(),
-                bytes: bound,
-                max_events: limits.max_events_per_run,
-                max_bytes: limits.max_bytes_per_run,
-            })));
-        }
-        let (reply, answer) = oneshot::channel();
-        self.send(Op::Publish {
-            run: run.clone(),
-            epoch,
-            events: events.iter().map(|e| (e.seq, e.json.to_owned())).collect(),
-            fence,
-            reply,
-        });
-        Box::pin(async move {
-            answer.await.unwrap_or_else(|_| {
-                Err(StreamError::Unavailable(
-                    "the Redis stream engine has stopped".into(),
-                ))
-            })
-        })
-    }
-
+impl RedisBackend {
     fn send(&self, op: Op) {
         // Fails only after close: nothing is left to tell.
         let _ = self.writer.send(op);
     }
 }
 
-impl Drop for RedisStreams {
+impl Drop for RedisBackend {
     fn drop(&mut self) {
         self.cancel.cancel();
     }
 }
 
-/// Tells the writer about streams the hub creates and drops itself.
-fn hooks(writer: &mpsc::UnboundedSender<Op>) -> Hooks {
-    let (created, dropped) = (writer.clone(), writer.clone());
-    Hooks {
-        created: Box::new(move |ring| {
-            // Proposed as idle from now: a session's start follows at once
-            // and marks it active (see `session_started`).
-            let _ = created.send(Op::Create {
-                run: ring.run().clone(),
-                epoch: ring.epoch().clone(),
-                idle: Idle::Since(wall_ms(Instant::now())),
-            });
-        }),
-        dropped: Box::new(move |run, epoch| {
-            let _ = dropped.send(Op::Drop {
-                run: run.clone(),
-                epoch: epoch.clone(),
-            });
-        }),
-    }
+/// The answer the writer or the applier sends back, or why none came.
+fn answered<T: Send + 'static>(
+    answer: oneshot::Receiver<Result<T, StreamError>>,
+) -> StreamFuture<Result<T, StreamError>> {
+    StreamFuture::new(async move {
+        answer.await.unwrap_or_else(|_| {
+            Err(StreamError::Unavailable(
+                "the Redis stream engine has stopped".into(),
+            ))
+        })
+    })
 }
 
-impl StreamEngine for RedisStreams {
+impl Backend for RedisBackend {
+    fn authority(&self) -> Authority {
+        Authority::Remote
+    }
+
+    /// Sends the batch to the publish script; the ring (the local stream's
+    /// epoch is what Redis takes if it has none) is left as it is until the
+    /// applier shows what Redis stored.
     fn publish(
         &self,
-        run: &RunId,
+        ring: &mut Ring,
         events: &[NewEvent<'_>],
-        now: Instant,
-    ) -> StreamFuture<Result<PublishOutcome, StreamError>> {
-        self.submit_publish(run, events, None, now)
-    }
-
-    fn publish_as(
-        &self,
-        run: &RunId,
-        events: &[NewEvent<'_>],
-        publisher: Publisher<'_>,
-        now: Instant,
-    ) -> StreamFuture<Result<PublishOutcome, StreamError>> {
-        let fence = self.node.as_deref().map(|node| {
-            (
-                publisher.session_id.to_owned(),
-                crate::redis::keys::holder_entry_prefix(node, publisher.epoch),
-            )
-        });
-        self.submit_publish(run, events, fence, now)
-    }
-
-    fn resume(
-        &self,
-        run: &RunId,
-        from_offset: Option<u64>,
-        stream_epoch: Option<&str>,
-        now: Instant,
-    ) -> Result<(ResumeInfo, Box<dyn StreamSubscription>), StreamError> {
-        StreamEngine::resume(&*self.shared.hub, run, from_offset, stream_epoch, now)
-    }
-
-    fn runs(&self) -> Vec<StreamSummary> {
-        self.shared.hub.runs()
-    }
-
-    fn runs_matching(
-        &self,
-        selectors: &[super::RunSelector<'_>],
-        after: Option<&RunId>,
-        limit: usize,
-    ) -> Vec<StreamSummary> {
-        self.shared.hub.runs_matching(selectors, after, limit)
-    }
-
-    fn summary(&self, run: &RunId) -> Option<StreamSummary> {
-        self.shared.hub.summary(run)
-    }
-
-    fn stats(&self) -> StreamStats {
-        StreamEngine::stats(&*self.shared.hub)
-    }
-
-    fn session_started(&self, run: &RunId, now: Instant) {
-        self.shared.hub.session_started(run, now);
-        self.send(Op::Lifecycle {
-            run: run.clone(),
-            idle: Idle::Active,
-        });
-    }
-
-    fn session_ended(&self, run: &RunId, now: Instant) {
-        self.shared.hub.session_ended(run, now);
-        self.send(Op::Lifecycle {
-            run: run.clone(),
-            idle: Idle::Since(wall_ms(now)),
-        });
-    }
-
-    fn sweep(&self, now: Instant) -> SweepOutcome {
-        self.shared.hub.sweep(now)
-    }
-
-    fn finish(
-        &self,
-        run: &RunId,
-        end: EndRequest,
-        now: Instant,
-    ) -> StreamFuture<Result<Arc<RunEnd>, StreamError>> {
-        // An end this node already shows is the answer: Redis has it.
-        if let Some(ended) = self.shared.hub.ended(run) {
-            let answer = if ended.outcome == end.outcome {
-                Ok(ended)
-            } else {
-                Err(StreamError::EndConflict {
-                    outcome: ended.outcome,
-                })
-            };
-            return Box::pin(std::future::ready(answer));
+        publisher: Option<Publisher<'_>>,
+    ) -> Result<Stored<PublishOutcome>, StreamError> {
+        let (run, epoch) = (ring.run(), ring.epoch());
+        let limits = &self.shared.limits;
+        let json_bytes: usize = events.iter().map(|e| e.json.len()).sum();
+        let bound = events_frame_bound(run.as_str(), epoch.as_str(), events.len(), json_bytes);
+        if events.len() > limits.max_events_per_run || bound > limits.max_bytes_per_run {
+            return Err(StreamError::TooLarge {
+                events: events.len(),
+                bytes: bound,
+                max_events: limits.max_events_per_run,
+                max_bytes: limits.max_bytes_per_run,
+            });
         }
-        let epoch = self.shared.hub.ensure(run, now);
+        let fence = publisher.and_then(|publisher| {
+            self.node.as_deref().map(|node| {
+                (
+                    publisher.session_id.to_owned(),
+                    crate::redis::keys::holder_entry_prefix(node, publisher.epoch),
+                )
+            })
+        });
+        let (reply, answer) = oneshot::channel();
+        self.send(Op::Publish {
+            run: run.clone(),
+            epoch: epoch.clone(),
+            events: events.iter().map(|e| (e.seq, e.json.to_owned())).collect(),
+            fence,
+            reply,
+        });
+        Ok(Stored::Later(answered(answer)))
+    }
+
+    /// Asks the end script; the answer comes once this node shows the end.
+    fn end(&self, ring: &mut Ring, end: EndRequest) -> Result<Stored<Arc<RunEnd>>, StreamError> {
         let (reply, answer) = oneshot::channel();
         self.send(Op::End {
-            run: run.clone(),
-            epoch,
+            run: ring.run().clone(),
+            epoch: ring.epoch().clone(),
             end,
             reply,
         });
-        Box::pin(async move {
-            answer.await.unwrap_or_else(|_| {
-                Err(StreamError::Unavailable(
-                    "the Redis stream engine has stopped".into(),
-                ))
-            })
-        })
+        Ok(Stored::Later(answered(answer)))
     }
 
-    fn ended(&self, run: &RunId) -> Option<Arc<RunEnd>> {
-        self.shared.hub.ended(run)
+    fn tell(&self, news: News<'_>) {
+        let op = match news {
+            // Proposed as idle from now: a session's start follows at once
+            // and marks it active.
+            News::Created(ring) => Op::Create {
+                run: ring.run().clone(),
+                epoch: ring.epoch().clone(),
+                idle: Idle::Since(wall_ms(Instant::now())),
+            },
+            News::Dropped { run, epoch } => Op::Drop {
+                run: run.clone(),
+                epoch: epoch.clone(),
+            },
+            News::SessionStarted(run) => Op::Lifecycle {
+                run: run.clone(),
+                idle: Idle::Active,
+            },
+            News::SessionEnded { run, at } => Op::Lifecycle {
+                run: run.clone(),
+                idle: Idle::Since(wall_ms(at)),
+            },
+        };
+        self.send(op);
     }
 
     fn healthy(&self) -> bool {
@@ -427,7 +370,7 @@ impl StreamEngine for RedisStreams {
         self.send(Op::Stop(done));
         let cancel = self.cancel.clone();
         let tasks = std::mem::take(&mut *self.tasks.lock());
-        Box::pin(async move {
+        StreamFuture::new(async move {
             // Every change queued before the close reaches Redis (or fails)
             // first.
             let _ = stopped.await;
@@ -473,7 +416,6 @@ fn unix_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// `url` without its password, for messages.
 #[cfg(test)]
 #[path = "redis_tests.rs"]
 mod tests;

@@ -1,5 +1,5 @@
-//! The Redis engine against a real `redis-server`: two or three
-//! [`RedisStreams`] on one Redis stand for gateways on different machines.
+//! The Redis backend against a real `redis-server`: two or three hubs on
+//! one Redis stand for gateways on different machines.
 //! Without redis-server the tests skip loudly (and fail under `CI=true`):
 //! see `crates/rungate-test-support/src/redis.rs`.
 
@@ -9,10 +9,11 @@ use std::time::Duration;
 use futures_util::future::join_all;
 
 use super::*;
+use crate::ids::RunId;
 use crate::ids::SessionId;
 use crate::redis::test_server::{self, TestRedis};
 use crate::stream::tests::decode;
-use crate::stream::{Delivery, EventDelivery};
+use crate::stream::{Delivery, EventDelivery, Subscription};
 
 /// Generous: the machine may be busy with other builds.
 const PATIENCE: Duration = Duration::from_secs(30);
@@ -31,18 +32,46 @@ fn server() -> Option<(TestRedis, String)> {
     Some((server, format!("t-{}", SessionId::generate())))
 }
 
-async fn node(server: &TestRedis, prefix: &str, limits: StreamLimits) -> RedisStreams {
-    RedisStreams::connect(&server.url, prefix, limits)
-        .await
-        .expect("connect to the test Redis")
+/// One gateway's streams, and the switch that holds its channel down.
+struct Node {
+    hub: Arc<StreamHub>,
+    channel_down: Arc<watch::Sender<bool>>,
 }
 
-/// Two nodes on one Redis and prefix, as two gateways.
-async fn two_nodes(
+impl std::ops::Deref for Node {
+    type Target = StreamHub;
+    fn deref(&self) -> &StreamHub {
+        &self.hub
+    }
+}
+
+impl Node {
+    /// Holds this node's channel down (`true`) or lets it reconnect, as a
+    /// network fault between this node and Redis would.
+    fn pause_channel(&self, paused: bool) {
+        self.channel_down.send_replace(paused);
+    }
+}
+
+async fn node(server: &TestRedis, prefix: &str, limits: StreamLimits) -> Node {
+    fenced_node(server, prefix, limits, None).await
+}
+
+/// A node whose publishes are fenced by the session store of `fenced_as`.
+async fn fenced_node(
     server: &TestRedis,
     prefix: &str,
     limits: StreamLimits,
-) -> (RedisStreams, RedisStreams) {
+    fenced_as: Option<&str>,
+) -> Node {
+    let (hub, channel_down) = start(&server.url, prefix, limits, fenced_as)
+        .await
+        .expect("connect to the test Redis");
+    Node { hub, channel_down }
+}
+
+/// Two nodes on one Redis and prefix, as two gateways.
+async fn two_nodes(server: &TestRedis, prefix: &str, limits: StreamLimits) -> (Node, Node) {
     (
         node(server, prefix, limits.clone()).await,
         node(server, prefix, limits).await,
@@ -58,7 +87,7 @@ fn no_retention() -> StreamLimits {
 }
 
 async fn publish_range(
-    engine: &RedisStreams,
+    engine: &StreamHub,
     r: &RunId,
     range: std::ops::Range<u64>,
     seq: bool,
@@ -91,7 +120,7 @@ async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
 }
 
 /// Reads frames until the cursor reaches `until`; any gap or close fails.
-async fn read_to(sub: &mut Box<dyn StreamSubscription>, until: u64) -> Vec<(u64, String)> {
+async fn read_to(sub: &mut Subscription, until: u64) -> Vec<(u64, String)> {
     let mut got = Vec::new();
     while sub.cursor() < until {
         match within("the next delivery", sub.next()).await {
@@ -106,7 +135,7 @@ fn expected(range: std::ops::Range<u64>) -> Vec<(u64, String)> {
     range.map(|i| (i, ev(i))).collect()
 }
 
-fn head(engine: &RedisStreams, r: &RunId) -> Option<(StreamEpoch, u64, u64)> {
+fn head(engine: &StreamHub, r: &RunId) -> Option<(StreamEpoch, u64, u64)> {
     engine
         .summary(r)
         .map(|s| (s.stream_epoch, s.first_offset, s.next_offset))
@@ -135,7 +164,7 @@ async fn publish_on_one_node_resume_and_tail_on_another() {
         head(&b, &r).is_some_and(|h| h.2 == 5)
     })
     .await;
-    let (info, mut sub) = b.resume(&r, Some(0), None, Instant::now()).unwrap();
+    let (info, mut sub) = b.resume(&r, Some(0), None, Instant::now());
     assert_eq!((info.start_offset, info.truncated), (0, false));
     assert_eq!(info.stream_epoch, head(&a, &r).unwrap().0);
     let reader = tokio::spawn(async move { read_to(&mut sub, 15).await });
@@ -149,7 +178,7 @@ async fn publish_on_one_node_resume_and_tail_on_another() {
     .await;
     assert_eq!(head(&a, &r), head(&b, &r));
     // SSE readers on the other node see the same events.
-    let (_, mut sse) = a.resume(&r, Some(13), None, Instant::now()).unwrap();
+    let (_, mut sse) = a.resume(&r, Some(13), None, Instant::now());
     let EventDelivery::Events(events) = within("sse", sse.next_events()).await else {
         panic!("expected events")
     };
@@ -172,8 +201,8 @@ async fn concurrent_publishers_on_two_nodes_share_one_order() {
     let r = run("busy");
     a.session_started(&r, Instant::now());
     eventually("B knows the stream", || b.summary(&r).is_some()).await;
-    let (_, mut sub_a) = a.resume(&r, Some(0), None, Instant::now()).unwrap();
-    let (_, mut sub_b) = b.resume(&r, Some(0), None, Instant::now()).unwrap();
+    let (_, mut sub_a) = a.resume(&r, Some(0), None, Instant::now());
+    let (_, mut sub_b) = b.resume(&r, Some(0), None, Instant::now());
     const BATCHES: u64 = 40;
     const PER: u64 = 3;
     let total = 2 * BATCHES * PER;
@@ -263,7 +292,7 @@ async fn seq_duplicates_are_dropped_across_nodes() {
     );
     let all_again = publish_range(&a, &r, 0..5, true).await.unwrap();
     assert_eq!((all_again.accepted, all_again.duplicates), (0, 5));
-    let (_, mut sub) = b.resume(&r, Some(0), None, Instant::now()).unwrap();
+    let (_, mut sub) = b.resume(&r, Some(0), None, Instant::now());
     let got = read_to(&mut sub, 5).await;
     let texts: Vec<String> = got.into_iter().map(|e| e.1).collect();
     assert_eq!(texts, vec![ev(0), ev(1), ev(2), ev(3), ev(4)]);
@@ -277,8 +306,8 @@ async fn nodes_agree_on_the_epoch_of_a_stream_both_created() {
     let (a, b) = two_nodes(&server, &prefix, StreamLimits::default()).await;
     let r = run("two-viewers");
     // Both create the stream locally before either hears of the other's.
-    let (info_a, mut sub_a) = a.resume(&r, None, None, Instant::now()).unwrap();
-    let (info_b, mut sub_b) = b.resume(&r, None, None, Instant::now()).unwrap();
+    let (info_a, mut sub_a) = a.resume(&r, None, None, Instant::now());
+    let (info_b, mut sub_b) = b.resume(&r, None, None, Instant::now());
     eventually(
         "one epoch",
         || matches!((head(&a, &r), head(&b, &r)), (Some(x), Some(y)) if x.0 == y.0),
@@ -290,14 +319,12 @@ async fn nodes_agree_on_the_epoch_of_a_stream_both_created() {
     // place, so its viewer stays subscribed (no close), and a resume that
     // names the epoch it was told is not truncated: nothing was lost.
     for (info, engine) in [(&info_a, &a), (&info_b, &b)] {
-        let (again, _) = engine
-            .resume(
-                &r,
-                Some(0),
-                Some(info.stream_epoch.as_str()),
-                Instant::now(),
-            )
-            .unwrap();
+        let (again, _) = engine.resume(
+            &r,
+            Some(0),
+            Some(info.stream_epoch.as_str()),
+            Instant::now(),
+        );
         assert_eq!(again.stream_epoch, agreed);
         assert!(!again.truncated, "{again:?}");
     }
@@ -328,7 +355,7 @@ async fn a_node_started_later_loads_every_stream() {
         assert_eq!(head(&c, r), head(&a, r), "{r}");
     }
     assert_eq!(c.runs(), a.runs());
-    let (info, mut sub) = c.resume(&r2, Some(0), None, Instant::now()).unwrap();
+    let (info, mut sub) = c.resume(&r2, Some(0), None, Instant::now());
     assert!(!info.truncated);
     assert_eq!(read_to(&mut sub, 3).await, expected(0..3));
     // Its de-duplication continues where A's left off.
@@ -345,7 +372,7 @@ async fn events_published_while_a_node_lost_the_channel_reach_it_after() {
     let r = run("partitioned");
     publish_range(&a, &r, 0..2, false).await.unwrap();
     eventually("B holds 2", || head(&b, &r).is_some_and(|h| h.2 == 2)).await;
-    let (_, mut sub) = b.resume(&r, Some(0), None, Instant::now()).unwrap();
+    let (_, mut sub) = b.resume(&r, Some(0), None, Instant::now());
     assert_eq!(read_to(&mut sub, 2).await, expected(0..2));
     b.pause_channel(true);
     eventually("B notices", || !b.healthy()).await;
@@ -378,7 +405,7 @@ async fn a_reader_behind_redis_maxlen_gets_a_gap() {
     let r = run("capped");
     a.session_started(&r, Instant::now());
     eventually("B knows the stream", || b.summary(&r).is_some()).await;
-    let (_, mut slow) = b.resume(&r, Some(0), None, Instant::now()).unwrap();
+    let (_, mut slow) = b.resume(&r, Some(0), None, Instant::now());
     // B is cut off while 10 events go in; Redis keeps the last 4.
     b.pause_channel(true);
     eventually("B notices", || !b.healthy()).await;
@@ -411,7 +438,7 @@ async fn a_reader_behind_redis_maxlen_gets_a_gap() {
     // A node starting now sees the same kept range.
     let c = node(&server, &prefix, limits).await;
     assert_eq!(head(&c, &r), head(&b, &r));
-    let (info, _) = c.resume(&r, Some(2), None, Instant::now()).unwrap();
+    let (info, _) = c.resume(&r, Some(2), None, Instant::now());
     assert_eq!((info.start_offset, info.truncated), (6, true));
 }
 
@@ -427,7 +454,7 @@ async fn a_drop_on_one_node_drops_the_stream_everywhere() {
     publish_range(&a, &r, 0..3, true).await.unwrap();
     eventually("B holds it", || head(&b, &r).is_some_and(|h| h.2 == 3)).await;
     let old = head(&b, &r).unwrap().0;
-    let (_, mut sub) = b.resume(&r, Some(3), None, Instant::now()).unwrap();
+    let (_, mut sub) = b.resume(&r, Some(3), None, Instant::now());
     // Active: no node's sweep drops it.
     assert_eq!(b.sweep(Instant::now()).expired_streams, 0);
     a.session_ended(&r, Instant::now());
@@ -501,7 +528,7 @@ async fn redis_away_is_unavailable_and_replicas_resync_after() {
     publish_range(&a, &r, 0..3, true).await.unwrap();
     eventually("B holds 3", || head(&b, &r).is_some_and(|h| h.2 == 3)).await;
     let epoch = head(&b, &r).unwrap().0;
-    let (_, mut sub) = b.resume(&r, Some(0), None, Instant::now()).unwrap();
+    let (_, mut sub) = b.resume(&r, Some(0), None, Instant::now());
     assert_eq!(read_to(&mut sub, 3).await, expected(0..3));
     // A Redis that persists: what it acknowledged survives its restart.
     redis::cmd("SAVE")
@@ -539,7 +566,7 @@ async fn redis_away_is_unavailable_and_replicas_resync_after() {
     })
     .await;
     assert_eq!(head(&a, &r).unwrap().0, epoch, "same history throughout");
-    let (_, mut from_zero) = a.resume(&r, Some(0), None, Instant::now()).unwrap();
+    let (_, mut from_zero) = a.resume(&r, Some(0), None, Instant::now());
     assert_eq!(read_to(&mut from_zero, 8).await, expected(0..8));
 }
 
@@ -635,9 +662,13 @@ async fn a_publish_fenced_by_a_lost_session_stores_nothing() {
         RedisStore::connect(&server.url, &prefix).await.unwrap(),
         RedisStore::connect(&server.url, &prefix).await.unwrap(),
     );
-    let a = node(&server, &prefix, StreamLimits::default())
-        .await
-        .fenced_as(store_a.node());
+    let a = fenced_node(
+        &server,
+        &prefix,
+        StreamLimits::default(),
+        Some(store_a.node()),
+    )
+    .await;
     let mut s = session("fenced-run", 1);
     let r = s.run_id.clone();
     store_a
@@ -720,10 +751,10 @@ async fn a_late_node_reads_many_entries_and_split_batches() {
 
     let c = node(&server, &prefix, StreamLimits::default()).await;
     assert_eq!(head(&c, &r), head(&a, &r));
-    let (_, mut all) = c.resume(&r, Some(0), None, Instant::now()).unwrap();
+    let (_, mut all) = c.resume(&r, Some(0), None, Instant::now());
     assert_eq!(read_to(&mut all, end).await, expected(0..end));
     let middle = 200 + scripts::EVENTS_PER_ENTRY as u64 + 7;
-    let (info, mut part) = c.resume(&r, Some(middle), None, Instant::now()).unwrap();
+    let (info, mut part) = c.resume(&r, Some(middle), None, Instant::now());
     assert_eq!((info.start_offset, info.truncated), (middle, false));
     assert_eq!(read_to(&mut part, end).await, expected(middle..end));
 }
@@ -752,7 +783,7 @@ async fn trimming_keeps_whole_batches() {
     // Redis kept the batch starting at 9 only (6..9 started before 8).
     let c = node(&server, &prefix, limits).await;
     assert_eq!(head(&c, &r).map(|h| (h.1, h.2)), Some((9, 12)));
-    let (info, mut sub) = c.resume(&r, Some(8), None, Instant::now()).unwrap();
+    let (info, mut sub) = c.resume(&r, Some(8), None, Instant::now());
     assert_eq!((info.start_offset, info.truncated), (9, true));
     assert_eq!(read_to(&mut sub, 12).await, expected(9..12));
 }

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use super::frame::{FrameBuilder, gap_frame};
-use super::{NewEvent, RunEnd, StreamEpoch, StreamError, StreamEvent};
+use super::{EndRequest, NewEvent, PublishOutcome, RunEnd, StreamEpoch, StreamError, StreamEvent};
 use crate::ids::RunId;
 
 /// The per-run bounds. The oldest events are evicted, whole, to stay
@@ -42,6 +42,20 @@ pub struct Appended {
     pub frame: Option<Bytes>,
     /// Older events evicted to make room.
     pub evicted: u64,
+    /// The offset the next accepted event gets, after this batch.
+    pub next_offset: u64,
+}
+
+impl Appended {
+    /// What the publish did, as its publisher is told.
+    pub fn outcome(&self) -> PublishOutcome {
+        PublishOutcome {
+            first_offset: self.first_offset,
+            accepted: self.accepted,
+            duplicates: self.duplicates,
+            next_offset: self.next_offset,
+        }
+    }
 }
 
 /// What a reader at some cursor gets next: see [`Ring::read_frames`] and
@@ -131,6 +145,11 @@ pub struct Ring {
     /// An epoch this ring had before it [adopted](Ring::adopt_epoch) the
     /// authority's while still empty: a reader told that one lost nothing.
     provisional_epoch: Option<StreamEpoch>,
+    /// Events this ring dropped from its kept range by itself: its bounds
+    /// on append, or a restart at a later offset (the hub counts the
+    /// budget's trims on its own). The hub reads the difference a change
+    /// made, for metrics.
+    evicted: u64,
 }
 
 impl Ring {
@@ -155,6 +174,7 @@ impl Ring {
             end: None,
             end_visible: false,
             provisional_epoch: None,
+            evicted: 0,
         }
     }
 
@@ -360,6 +380,7 @@ impl Ring {
                 duplicates,
                 frame: None,
                 evicted: 0,
+                next_offset: first_offset,
             });
         }
 
@@ -406,12 +427,14 @@ impl Ring {
             self.evict_oldest();
             evicted += 1;
         }
+        self.evicted += evicted;
         Ok(Appended {
             first_offset,
             accepted: count,
             duplicates,
             frame: Some(frame),
             evicted,
+            next_offset: self.appended_head,
         })
     }
 
@@ -457,6 +480,15 @@ impl Ring {
             .filter(|e| self.end_visible && self.next_offset >= e.next_offset)
     }
 
+    /// Ends the ring after every event appended so far (its head then is
+    /// the run's whole output) and answers the end; `visible` as for
+    /// [`Ring::set_end`].
+    pub fn finish(&mut self, req: EndRequest, visible: bool) -> Arc<RunEnd> {
+        let end = Arc::new(RunEnd::new(&self.run, &self.epoch, req, self.appended_head));
+        self.set_end(end.clone(), visible);
+        end
+    }
+
     /// Marks the ring ended; `visible` false keeps readers from seeing it
     /// until [`Ring::commit_end`].
     pub fn set_end(&mut self, end: Arc<RunEnd>, visible: bool) {
@@ -470,6 +502,23 @@ impl Ring {
         let moved = self.end.is_some() && !self.end_visible;
         self.end_visible |= self.end.is_some();
         moved
+    }
+
+    /// Events this ring evicted by itself so far (see the field).
+    pub fn evicted(&self) -> u64 {
+        self.evicted
+    }
+
+    /// Drops every kept event and goes on at `next_offset`, beyond the
+    /// head, with the same epoch and `seq` mark, as [`Ring::restored`]
+    /// would: what a replica does when its authority no longer keeps what
+    /// lies between. The dropped events count as evicted; readers behind
+    /// get a gap as on any eviction.
+    pub fn restart_at(&mut self, next_offset: u64) {
+        let evicted = self.evicted + self.len();
+        let (run, epoch) = (self.run.clone(), self.epoch.clone());
+        *self = Ring::restored(run, epoch, self.limits, next_offset, self.last_seq);
+        self.evicted = evicted;
     }
 
     /// Drops every kept event at once (offsets and epoch stay); returns the

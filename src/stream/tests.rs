@@ -234,7 +234,11 @@ impl Model {
             .map(|(t, seq)| NewEvent { json: t, seq: *seq })
             .collect();
         let before = self.published.len() as u64;
-        match self.hub.publish(&self.run, events, self.now) {
+        let published = self.hub.publish(&self.run, &events, self.now);
+        match published
+            .now_or_never()
+            .expect("the memory hub answers at once")
+        {
             Ok(out) => {
                 assert!(fits || accepted.is_empty());
                 assert_eq!(out.first_offset, before);

@@ -18,7 +18,7 @@ use tokio::time::Instant;
 
 use super::access::session_for;
 use super::{ConnCtx, Endpoint, Reply};
-use crate::gateway::errors::{forbidden_run, stream_error};
+use crate::gateway::errors::forbidden_run;
 use crate::ids::{RunId, SessionId};
 use crate::protocol::commands::{Accepted, StreamCancelCommand, StreamResumeCommand};
 use crate::protocol::{CommandError, CommandKind, ErrorCode};
@@ -44,16 +44,12 @@ pub(crate) fn resume(
         .retryable(false)
         .with_details(json!({ "maxSubscriptionsPerSocket": max })));
     }
-    let (info, subscription) = ctx
-        .shared
-        .streams
-        .resume(
-            &req.run_id,
-            req.from_offset,
-            req.stream_epoch.as_ref().map(|e| e.as_str()),
-            Instant::now(),
-        )
-        .map_err(stream_error)?;
+    let (info, subscription) = ctx.shared.streams.resume(
+        &req.run_id,
+        req.from_offset,
+        req.stream_epoch.as_ref().map(|e| e.as_str()),
+        Instant::now(),
+    );
     let reply = Reply::now(id, &info);
     // Followed before the reply is queued; the connection sends the reply
     // before it next polls subscriptions, so the reply comes first.

@@ -1,6 +1,7 @@
 //! The one task that changes this node's replicas.
 //!
-//! Owns applying what Redis stored to the local hub, in one order: the
+//! Owns applying what Redis stored to the local hub (through its inbox,
+//! the door every backend comes back in by), in one order: the
 //! notices on the channel, the results of this node's own publishes, and
 //! resyncs. A batch is applied only at the local head; one already held is
 //! skipped; one beyond the head (a notice missed or still in flight) makes
@@ -25,7 +26,7 @@ use super::notice::{BatchNotice, Idle, Notice, parse_seq};
 use super::writer::{EndReply, Op, PublishReply, end_of};
 use super::{Shared, StreamEpoch, instant_at, wall_ms};
 use crate::ids::RunId;
-use crate::stream::hub::{ReplicaBatch, Replicated};
+use crate::stream::hub::{ReplicaBatch, Shown, Visible};
 use crate::stream::ring::Ring;
 use crate::stream::{PublishOutcome, RunEnd, StreamError};
 
@@ -155,7 +156,8 @@ impl Applier {
                 end,
                 reply,
             } => {
-                if !self.shared.hub.apply_end(&run, &epoch, end.clone()) {
+                let shown = Visible::StoredEnd(end.clone());
+                if self.shared.hub.show(&run, &epoch, shown, Instant::now()) != Shown::Applied {
                     self.sync_run(&run).await;
                 }
                 if let Some((reply, answer)) = reply {
@@ -180,15 +182,16 @@ impl Applier {
             first_offset: b.first_offset,
             events: b.events.iter().map(String::as_str).collect(),
         };
-        let done = self.shared.hub.replicate(
-            &b.run,
-            &b.epoch,
-            &[batch],
-            b.last_seq,
-            false,
-            Instant::now(),
-        );
-        if done != Replicated::Applied {
+        let stored = Visible::Stored {
+            batches: &[batch],
+            last_seq: b.last_seq,
+            authoritative: false,
+        };
+        let done = self
+            .shared
+            .hub
+            .show(&b.run, &b.epoch, stored, Instant::now());
+        if done != Shown::Applied {
             self.sync_run(&b.run).await;
         }
     }
@@ -298,10 +301,15 @@ impl Applier {
             first_offset: remote.next,
             events: Vec::new(),
         });
-        hub.replicate(run, &remote.epoch, &batches, remote.last_seq, true, now);
+        let stored = Visible::Stored {
+            batches: &batches,
+            last_seq: remote.last_seq,
+            authoritative: true,
+        };
+        hub.show(run, &remote.epoch, stored, now);
         hub.set_idle(run, &remote.epoch, idle_instant(remote.idle));
         if let Some(end) = remote.end {
-            hub.apply_end(run, &remote.epoch, Arc::new(end));
+            hub.show(run, &remote.epoch, Visible::StoredEnd(Arc::new(end)), now);
         }
         Ok(())
     }
