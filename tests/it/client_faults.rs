@@ -1244,7 +1244,9 @@ async fn an_idle_client_keeps_its_healthy_socket() {
     let gw = TestGateway::start().await;
     let token = gw.token(TokenKind::Runtime, "idle-*", &Capability::ALL);
     let mut options = RuntimeOptions::new(gw.url("/v1/runtime"), token, "inst-i");
-    options.request_timeout = Duration::from_secs(1);
+    // Short next to the 21 s of silence, long enough for a durable attach
+    // on a loaded machine.
+    options.request_timeout = Duration::from_secs(5);
     let rt = RuntimeClient::connect(options).await.unwrap();
     let (events, recorder) = record_events(&rt);
     // Longer than any patience the client may have with a silent socket
