@@ -814,6 +814,10 @@ fn secrets_get(ctx: &ConnCtx, id: &str, req: cmd::GetSecretsCommand) -> Outcome 
                 .collect()
         }
     };
+    let secrets = secrets
+        .into_iter()
+        .map(|(k, v)| (k.into(), v.into()))
+        .collect();
     Ok(encode_reply(id, &cmd::GetSecretsResponse { secrets }))
 }
 
@@ -823,7 +827,7 @@ fn config_get(ctx: &ConnCtx, id: &str, req: cmd::SessionRef) -> Outcome {
     Ok(encode_reply(
         id,
         &cmd::GetConfigResponse {
-            config: &resolved.config,
+            config: std::borrow::Cow::Borrowed(&resolved.config),
         },
     ))
 }
@@ -1436,11 +1440,11 @@ pub(crate) fn runs_list(
                 })
             });
             let state = match state {
-                _ if s.end.is_some() => "ended",
-                Some(SessionState::Attached) => "attached",
-                Some(SessionState::Detached) => "detached",
-                Some(SessionState::Expired) => "expired",
-                None if s.next_offset > 0 => "expired",
+                _ if s.end.is_some() => cmd::RunState::Ended,
+                Some(SessionState::Attached) => cmd::RunState::Attached,
+                Some(SessionState::Detached) => cmd::RunState::Detached,
+                Some(SessionState::Expired) => cmd::RunState::Expired,
+                None if s.next_offset > 0 => cmd::RunState::Expired,
                 None => continue,
             };
             let end = s.end.as_deref();
