@@ -325,11 +325,8 @@ pub struct RuntimeAttachRequest {
     /// The run to attach (`runId`).
     pub run_id: RunId,
     /// This attempt at the run, chosen by the runtime (`attemptId`); opaque to the gateway.
-    #[serde(
-        default,
-        deserialize_with = "wire::present",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "wire::present")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub attempt_id: Option<OpaqueId>,
     /// The runtime instance the session belongs to (`runtimeInstanceId`); a reconnect must present
     /// the same one.
@@ -342,11 +339,8 @@ pub struct RuntimeAttachRequest {
     pub reconnect: bool,
     /// `connectionEpoch`: a fresh session's epoch (default 0); a reconnect's must be greater than
     /// the session's current one.
-    #[serde(
-        default,
-        deserialize_with = "wire::present_whole_u64",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "wire::present_whole_u64")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub connection_epoch: Option<u64>,
     /// Runtime capabilities only: the viewer's `run.cancel` is unknown here.
     #[serde(default)]
@@ -390,11 +384,8 @@ pub struct RuntimeFinishCommand {
     /// How the run ended (`outcome`): `completed`, `failed` or `cancelled`.
     pub outcome: RunOutcome,
     /// Free text for humans about the end (`message`), kept with the run.
-    #[serde(
-        default,
-        deserialize_with = "wire::present",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "wire::present")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub message: Option<ShortText>,
 }
 
@@ -405,11 +396,8 @@ pub struct RunCancelCommand {
     /// The run to stop (`runId`).
     pub run_id: RunId,
     /// Why (`reason`), passed on in the `run.cancelRequested` push.
-    #[serde(
-        default,
-        deserialize_with = "wire::present",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "wire::present")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<ShortText>,
 }
 
@@ -418,11 +406,8 @@ pub struct RunCancelCommand {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RunCancelBody {
     /// Why (`reason`), passed on in the `run.cancelRequested` push.
-    #[serde(
-        default,
-        deserialize_with = "wire::present",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "wire::present")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<ShortText>,
 }
 
@@ -465,18 +450,12 @@ pub struct HeartbeatCommand {
     /// The run bound to that session (`runId`).
     pub run_id: RunId,
     /// The runtime instance sending it (`runtimeInstanceId`), if given.
-    #[serde(
-        default,
-        deserialize_with = "wire::present",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "wire::present")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub runtime_instance_id: Option<OpaqueId>,
     /// Free-form `metadata` object from the runtime, if any.
-    #[serde(
-        default,
-        deserialize_with = "wire::present",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "wire::present")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub metadata: Option<serde_json::Map<String, Value>>,
 }
 
@@ -491,19 +470,13 @@ pub struct RecoverConnectionsCommand {
     pub main_run_id: RunId,
     /// The sub-runs whose sessions to move (`subRunIds`); absent means every unexpired sub-run
     /// of the main session.
-    #[serde(
-        default,
-        deserialize_with = "wire::present",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "wire::present")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub sub_run_ids: Option<Vec<RunId>>,
     /// The main session's current epoch, which the sub-runs move to (`connectionEpoch`); any
     /// other value is `STALE_EPOCH`.
-    #[serde(
-        default,
-        deserialize_with = "wire::present_whole_u64",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "wire::present_whole_u64")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub connection_epoch: Option<u64>,
 }
 
@@ -516,11 +489,8 @@ pub struct GetSecretsCommand {
     /// The run whose secrets to read (`runId`).
     pub run_id: RunId,
     /// Only these secrets (`names`); absent means all of the run's.
-    #[serde(
-        default,
-        deserialize_with = "wire::present",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "wire::present")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub names: Option<Vec<String>>,
 }
 
@@ -669,11 +639,8 @@ pub struct CheckpointSaveCommand {
     #[serde(deserialize_with = "super::any_json::raw")]
     pub data: Box<RawValue>,
     /// The checkpoint to replace (`checkpointId`); absent means the gateway picks a fresh id.
-    #[serde(
-        default,
-        deserialize_with = "wire::present",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "wire::present")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub checkpoint_id: Option<OpaqueId>,
 }
 
@@ -686,11 +653,8 @@ pub struct CheckpointLoadCommand {
     /// The run the checkpoint belongs to (`runId`).
     pub run_id: RunId,
     /// The checkpoint to load (`checkpointId`); absent means the run's latest.
-    #[serde(
-        default,
-        deserialize_with = "wire::present",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "wire::present")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub checkpoint_id: Option<OpaqueId>,
 }
 
@@ -701,25 +665,16 @@ pub struct StreamResumeCommand {
     /// The run whose stream to follow (`runId`).
     pub run_id: RunId,
     /// The first offset wanted (`fromOffset`); absent means live from the head.
-    #[serde(
-        default,
-        deserialize_with = "wire::present_whole_u64",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "wire::present_whole_u64")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub from_offset: Option<u64>,
     /// The `streamEpoch` the client last saw for this run, if any.
-    #[serde(
-        default,
-        deserialize_with = "wire::present",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "wire::present")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub stream_epoch: Option<StreamEpoch>,
     /// The session asking (`sessionId`): required on /v1/runtime, absent on /v1/stream.
-    #[serde(
-        default,
-        deserialize_with = "wire::present",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "wire::present")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub session_id: Option<SessionId>,
 }
 
@@ -730,11 +685,8 @@ pub struct StreamCancelCommand {
     /// The run whose subscription to end (`runId`).
     pub run_id: RunId,
     /// The session asking (`sessionId`): required on /v1/runtime, absent on /v1/stream.
-    #[serde(
-        default,
-        deserialize_with = "wire::present",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "wire::present")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub session_id: Option<SessionId>,
 }
 
@@ -743,18 +695,12 @@ pub struct StreamCancelCommand {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RunsListCommand {
     /// Runs after this one (the previous page's `nextCursor`).
-    #[serde(
-        default,
-        deserialize_with = "wire::present",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "wire::present")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub cursor: Option<RunId>,
     /// At most this many runs in the page (1 to [`RUNS_LIST_MAX_LIMIT`]).
-    #[serde(
-        default,
-        deserialize_with = "wire::present_whole_u64",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "wire::present_whole_u64")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub limit: Option<u64>,
 }
 

@@ -28,7 +28,7 @@ use super::runs::{AttachSpec, Runs};
 use crate::ClientError;
 use crate::link::{self, Incoming, Socket};
 use rungate_protocol::commands::{
-    HeartbeatCommand, RuntimeAttachRequest, StreamResumeCommand, push,
+    HeartbeatCommand, PublishOutputEventsRequest, RuntimeAttachRequest, StreamResumeCommand, push,
 };
 use rungate_protocol::ids::OpaqueId;
 use rungate_protocol::{ErrorCode, Frame, envelope};
@@ -395,7 +395,7 @@ impl Driver {
                 let _ = reply.send(result);
             }
             Pending::Heartbeat => {
-                if let Err(e) = result {
+                if let Err(e) = result.and_then(|r| link::reply::<HeartbeatCommand>(&r)) {
                     tracing::debug!(error = %e, "heartbeat refused");
                     self.note_session_error(&e, None);
                 }
@@ -404,11 +404,14 @@ impl Driver {
                 let Some(publication) = self.outbox.answered(id) else {
                     return;
                 };
+                let result = result
+                    .and_then(|r| link::reply::<PublishOutputEventsRequest>(&r))
+                    .map(drop);
                 if let Err(e) = &result {
                     let run = publication.run_id().to_string();
                     self.note_session_error(e, Some(&run));
                 }
-                publication.answer(result.map(drop));
+                publication.answer(result);
             }
             Pending::Resume { run } => {
                 match result.and_then(|r| link::reply::<StreamResumeCommand>(&r)) {
