@@ -1428,6 +1428,287 @@ fn encoded_frames_validate() {
     }
 }
 
+/// The typed requests a Rust client sends (`encode_command`, which names
+/// the `type` from the payload's type) validate against the request
+/// definitions, and the typed replies a client reads validate against the
+/// response definitions: one definition per frame for both sides.
+#[test]
+fn typed_requests_and_replies_validate() {
+    use rungate::protocol::CommandPayload;
+    use rungate::protocol::commands::{
+        CheckpointLoadCommand, CheckpointSaveCommand, GetConfigCommand, GetConfigResponse,
+        GetKVCommand, GetKVResponse, GetSecretsCommand, GetSecretsResponse, HeartbeatCommand,
+        OutputEvent, PublishOutputEventsRequest, RecoverConnectionsCommand, RunCancelCommand,
+        RunCancelResponse, RunState, RunSummary, RunsListCommand, RunsListResponse,
+        RuntimeAttachRequest, RuntimeFinishCommand, RuntimeFinishResponse, SetKVCommand, ShortText,
+        StreamCancelCommand, StreamResumeCommand, StreamResumeResponse,
+    };
+    use rungate::protocol::encode_command;
+    use std::borrow::Cow;
+
+    let spec = spec();
+    let sid = SessionId::generate();
+    let run = RunId::new("run-1").unwrap();
+    let epoch = rungate::ids::StreamEpoch::new(EPOCH).unwrap();
+    let mut checked = Vec::new();
+    let mut check = |frame: rungate::protocol::Frame| {
+        let frame = parsed(frame);
+        spec.check_request(&frame)
+            .unwrap_or_else(|e| panic!("{frame}: {e}"));
+        let kind = CommandKind::parse(frame["type"].as_str().unwrap()).unwrap();
+        let payload = RawValue::from_string(frame["payload"].to_string()).unwrap();
+        Command::parse(kind, &payload).unwrap_or_else(|e| panic!("{frame}: {e:?}"));
+        checked.push(kind);
+    };
+    let s = || sid.clone();
+    let r = || run.clone();
+    for reconnect in [false, true] {
+        check(encode_command(
+            "1",
+            &RuntimeAttachRequest {
+                run_id: r(),
+                attempt_id: reconnect.then(|| OpaqueId::new("a-1").unwrap()),
+                runtime_instance_id: OpaqueId::new("inst-1").unwrap(),
+                protocol_version: "1".into(),
+                reconnect,
+                connection_epoch: Some(1_764_064_800_000),
+                capabilities: Capability::ALL.to_vec(),
+            },
+        ));
+    }
+    check(encode_command(
+        "2",
+        &HeartbeatCommand {
+            session_id: s(),
+            run_id: r(),
+            runtime_instance_id: None,
+            metadata: None,
+        },
+    ));
+    check(encode_command(
+        "3",
+        &RecoverConnectionsCommand {
+            session_id: s(),
+            main_run_id: r(),
+            sub_run_ids: Some(vec![RunId::new("run-1.sub").unwrap()]),
+            connection_epoch: Some(2),
+        },
+    ));
+    for names in [None, Some(vec!["API_KEY".to_owned()])] {
+        check(encode_command(
+            "4",
+            &GetSecretsCommand {
+                session_id: s(),
+                run_id: r(),
+                names,
+            },
+        ));
+    }
+    check(encode_command(
+        "5",
+        &GetConfigCommand {
+            session_id: s(),
+            run_id: r(),
+        },
+    ));
+    check(encode_command(
+        "6",
+        &GetKVCommand {
+            session_id: s(),
+            run_id: r(),
+            keys: vec!["a".into()],
+        },
+    ));
+    check(encode_command(
+        "7",
+        &SetKVCommand {
+            session_id: s(),
+            run_id: r(),
+            kv: [("a".to_owned(), "1".to_owned())].into(),
+        },
+    ));
+    let events = vec![
+        OutputEvent::new("log", Some(1), None, Some(&json!({"line": "hi"}))).unwrap(),
+        OutputEvent::new("done", Some(2), Some("2026-11-25T10:00:00.000Z"), None).unwrap(),
+    ];
+    check(encode_command(
+        "8",
+        &PublishOutputEventsRequest {
+            session_id: s(),
+            run_id: r(),
+            events,
+        },
+    ));
+    for checkpoint_id in [None, Some(OpaqueId::new("cp-1").unwrap())] {
+        check(encode_command(
+            "9",
+            &CheckpointSaveCommand {
+                session_id: s(),
+                run_id: r(),
+                data: RawValue::from_string(r#"{"step":3}"#.into()).unwrap(),
+                checkpoint_id: checkpoint_id.clone(),
+            },
+        ));
+        check(encode_command(
+            "10",
+            &CheckpointLoadCommand {
+                session_id: s(),
+                run_id: r(),
+                checkpoint_id,
+            },
+        ));
+    }
+    for (session_id, from_offset, stream_epoch) in [
+        (Some(s()), Some(4), Some(epoch.clone())),
+        (None, None, None),
+    ] {
+        check(encode_command(
+            "11",
+            &StreamResumeCommand {
+                run_id: r(),
+                from_offset,
+                stream_epoch,
+                session_id: session_id.clone(),
+            },
+        ));
+        check(encode_command(
+            "12",
+            &StreamCancelCommand {
+                run_id: r(),
+                session_id,
+            },
+        ));
+    }
+    check(encode_command("13", &RunsListCommand::default()));
+    check(encode_command(
+        "14",
+        &RunsListCommand {
+            cursor: Some(r()),
+            limit: Some(10),
+        },
+    ));
+    check(encode_command(
+        "15",
+        &RuntimeFinishCommand {
+            session_id: s(),
+            run_id: r(),
+            outcome: rungate::ids::RunOutcome::Completed,
+            message: Some(ShortText("done".into())),
+        },
+    ));
+    check(encode_command(
+        "16",
+        &RunCancelCommand {
+            run_id: r(),
+            reason: None,
+        },
+    ));
+    for kind in CommandKind::ALL {
+        assert!(
+            checked.contains(&kind),
+            "no typed {} checked",
+            kind.as_str()
+        );
+    }
+
+    // Replies not covered by encoded_frames_validate, as the protocol types them.
+    fn reply<C: CommandPayload>(spec: &Spec, payload: &C::Reply)
+    where
+        C::Reply: serde::Serialize,
+    {
+        let frame = parsed(encode_reply("1", payload));
+        spec.check_reply(C::KIND.as_str(), &frame)
+            .unwrap_or_else(|e| panic!("{frame}: {e}"));
+        let back: C::Reply = serde_json::from_value(frame["payload"].clone())
+            .unwrap_or_else(|e| panic!("{frame}: {e}"));
+        assert_eq!(
+            serde_json::to_value(&back).unwrap(),
+            frame["payload"],
+            "read back as written"
+        );
+    }
+    let secret = "a\"b\n".to_owned();
+    reply::<GetSecretsCommand>(
+        &spec,
+        &GetSecretsResponse {
+            secrets: [(Cow::Borrowed("API_KEY"), Cow::Owned(secret))].into(),
+        },
+    );
+    let config = serde_json::from_value(json!({"model": "m"})).unwrap();
+    reply::<GetConfigCommand>(
+        &spec,
+        &GetConfigResponse {
+            config: Cow::Owned(config),
+        },
+    );
+    reply::<GetKVCommand>(
+        &spec,
+        &GetKVResponse {
+            kv: [("a".to_owned(), "1".to_owned())].into(),
+        },
+    );
+    for ended in [false, true] {
+        reply::<StreamResumeCommand>(
+            &spec,
+            &StreamResumeResponse {
+                run_id: r(),
+                stream_epoch: epoch.clone(),
+                first_offset: 0,
+                next_offset: 9,
+                start_offset: 4,
+                truncated: false,
+                ended,
+            },
+        );
+    }
+    reply::<RuntimeFinishCommand>(
+        &spec,
+        &RuntimeFinishResponse {
+            accepted: true,
+            next_offset: 9,
+        },
+    );
+    reply::<RunCancelCommand>(
+        &spec,
+        &RunCancelResponse {
+            delivered: true,
+            ended: false,
+        },
+    );
+    let now = Timestamp::from_unix_millis(1_764_064_800_123);
+    reply::<RunsListCommand>(
+        &spec,
+        &RunsListResponse {
+            runs: RunState::ALL
+                .into_iter()
+                .map(|state| {
+                    let ended = state == RunState::Ended;
+                    RunSummary {
+                        run_id: r(),
+                        state,
+                        stream_epoch: epoch.clone(),
+                        first_offset: 0,
+                        next_offset: 2,
+                        outcome: ended.then_some(rungate::ids::RunOutcome::Failed),
+                        ended_at: ended.then_some(now),
+                        message: ended.then(|| "oom".to_owned()),
+                    }
+                })
+                .collect(),
+            next_cursor: Some(r()),
+        },
+    );
+    let states = spec
+        .def_schema("commands/stream.json#/$defs/RunSummary")
+        .expect("RunSummary")["properties"]["state"]["enum"]
+        .clone();
+    assert_eq!(
+        states,
+        serde_json::to_value(RunState::ALL).unwrap(),
+        "RunSummary state enum vs RunState::ALL"
+    );
+}
+
 #[test]
 fn push_payloads() {
     let spec = spec();

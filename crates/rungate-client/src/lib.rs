@@ -1,8 +1,9 @@
 //! Rust clients for the gateway: [`RuntimeClient`] for runtimes and
 //! [`ViewerClient`] for anything that tails a run's output.
 //!
-//! Owns the client side of the protocol: matching replies to requests by
-//! id, reconnecting with backoff, re-attaching with a higher
+//! Owns the client side of the protocol: sending the protocol crate's typed
+//! requests (never JSON built by hand) and reading its typed replies,
+//! matching replies to requests by id, reconnecting with backoff, re-attaching with a higher
 //! `connectionEpoch`, resending unacknowledged publishes (which `seq`
 //! de-duplication makes safe), and resuming streams from the last offset
 //! delivered. Speaks only the wire protocol, like any third-party client:
@@ -15,18 +16,21 @@
 //! but its own answer.
 
 mod backoff;
+mod follow;
 mod link;
 mod runtime;
 mod token;
 mod viewer;
 
 pub use backoff::Backoff;
+pub use follow::{Follower, StreamItem};
 pub use rungate_protocol::ids::RunOutcome;
 pub use runtime::{
-    Attached, CancelRequest, ClientEvent, ConnectionState, Event, RuntimeClient, RuntimeOptions,
+    Attached, CancelRequest, Checkpoint, ClientEvent, ConnectionState, Event, RuntimeClient,
+    RuntimeOptions,
 };
 pub use token::TokenSource;
-pub use viewer::{CancelAnswer, Follower, StreamItem, ViewerClient, ViewerOptions};
+pub use viewer::{CancelAnswer, ViewerClient, ViewerOptions};
 
 use serde_json::Value;
 
@@ -70,6 +74,11 @@ pub enum ClientError {
     /// A reply did not have the shape the protocol promises.
     #[error("unexpected reply: {0}")]
     BadReply(String),
+    /// The request cannot be written as the protocol's typed request (a
+    /// run id, capability or other identifier the protocol does not
+    /// allow); it was not sent.
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
 }
 
 impl ClientError {
@@ -97,8 +106,17 @@ impl ClientError {
         match self {
             ClientError::Gateway { retryable, .. } => *retryable,
             ClientError::Timeout(_) | ClientError::ConnectionLost | ClientError::Connect(_) => true,
-            ClientError::Closed | ClientError::NoSession(_) | ClientError::BadReply(_) => false,
+            ClientError::Closed
+            | ClientError::NoSession(_)
+            | ClientError::BadReply(_)
+            | ClientError::InvalidRequest(_) => false,
         }
+    }
+
+    /// `value`, given as the request's `member`, is not what the protocol
+    /// allows there.
+    pub(crate) fn invalid(member: &str, value: &str, why: impl std::fmt::Display) -> ClientError {
+        ClientError::InvalidRequest(format!("{member} {value:?}: {why}"))
     }
 }
 

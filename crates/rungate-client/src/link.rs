@@ -1,5 +1,7 @@
-//! One client socket: connecting with a token, writing requests, and
-//! sorting what arrives into replies, errors and pushes.
+//! One client socket: connecting with a token, writing typed requests, and
+//! sorting what arrives into replies, errors and pushes, all with the
+//! protocol crate's codec (`encode_command`, `decode_incoming`): the client
+//! has no codec of its own.
 //!
 //! Owns the client's view of the frame envelope. Must not know what any
 //! command means or keep state between frames: the drivers do.
@@ -7,8 +9,8 @@
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use rungate_protocol::envelope;
-use serde::Serialize;
+use rungate_protocol::CommandPayload;
+use rungate_protocol::envelope::{self, Frame};
 use serde_json::value::RawValue;
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -60,15 +62,27 @@ pub(crate) fn is_refusal(e: &ClientError) -> bool {
     matches!(e, ClientError::Connect(m) if m.contains("HTTP 401") || m.contains("HTTP 403"))
 }
 
-/// A request frame, encoded by the protocol crate's codec.
-pub(crate) fn request<T: Serialize + ?Sized>(id: &str, kind: &str, payload: &T) -> Message {
-    let frame = envelope::encode_request(id, kind, payload);
+/// A typed request, encoded by the protocol crate's codec (which names its
+/// `type`).
+pub(crate) fn request<C: CommandPayload>(id: &str, payload: &C) -> Message {
+    message(envelope::encode_command(id, payload))
+}
+
+/// An encoded frame as one text message.
+pub(crate) fn message(frame: Frame) -> Message {
     match Utf8Bytes::try_from(frame.into_bytes()) {
         Ok(text) => Message::Text(text),
         // The codec writes JSON, which is UTF-8; should that ever break,
         // an empty message draws a BAD_FRAME rather than a panic.
         Err(_) => Message::text(""),
     }
+}
+
+/// The payload of a reply to a `C`, as the protocol types it.
+pub(crate) fn reply<C: CommandPayload>(payload: &RawValue) -> Result<C::Reply, ClientError> {
+    // Not the payload itself in the message: it may hold secrets.
+    serde_json::from_str(payload.get())
+        .map_err(|e| ClientError::BadReply(format!("{} answered: {e}", C::KIND.as_str())))
 }
 
 /// One frame from the gateway, sorted, owned so it can cross a channel.

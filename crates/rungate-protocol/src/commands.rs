@@ -7,8 +7,10 @@
 //! [`crate::ids`]). Must not do I/O or apply commands: the gateway's
 //! `dispatch` routes a decoded [`Command`] to the domain.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use serde_json::value::RawValue;
@@ -192,6 +194,47 @@ impl Command {
     }
 }
 
+/// A request payload of one command: which command it is the payload of,
+/// and what its reply's payload is. A client encodes one with
+/// [`crate::envelope::encode_command`] and reads the answer as
+/// [`CommandPayload::Reply`]; the gateway reads the same types through
+/// [`Command::parse`], so both sides share one definition of each frame.
+pub trait CommandPayload: Serialize {
+    /// The command (`type` of the request frame).
+    const KIND: CommandKind;
+    /// The payload of the command's reply.
+    type Reply: DeserializeOwned;
+}
+
+macro_rules! command_payloads {
+    ($($payload:ty => $kind:ident, $reply:ty;)*) => {
+        $(
+            impl CommandPayload for $payload {
+                const KIND: CommandKind = CommandKind::$kind;
+                type Reply = $reply;
+            }
+        )*
+    };
+}
+
+command_payloads! {
+    RuntimeAttachRequest => RuntimeAttach, RuntimeAttachResponse;
+    HeartbeatCommand => RuntimeHeartbeat, HeartbeatResponse;
+    RecoverConnectionsCommand => RuntimeRecoverConnections, RecoverConnectionsResponse;
+    GetSecretsCommand => SecretsGet, GetSecretsResponse<'static>;
+    GetConfigCommand => ConfigGet, GetConfigResponse<'static>;
+    GetKVCommand => KvGet, GetKVResponse;
+    SetKVCommand => KvSet, SetKVResponse;
+    PublishOutputEventsRequest => EventsPublish, PublishOutputEventsResponse;
+    CheckpointSaveCommand => CheckpointSave, CheckpointSaveResponse;
+    CheckpointLoadCommand => CheckpointLoad, CheckpointLoadResponse;
+    StreamResumeCommand => StreamResume, StreamResumeResponse;
+    StreamCancelCommand => StreamCancel, StreamCancelResponse;
+    RunsListCommand => RunsList, RunsListResponse;
+    RuntimeFinishCommand => RuntimeFinish, RuntimeFinishResponse;
+    RunCancelCommand => RunCancel, RunCancelResponse;
+}
+
 /// Deserializes with the failing member's path, for `details.path`.
 fn typed<'de, T: Deserialize<'de>>(text: &'de str) -> Result<T, CommandError> {
     typed_at(text, "/payload")
@@ -276,13 +319,14 @@ mod wire {
 
 /// `runtime.attach`: binds a run to this runtime instance, as a fresh session or (with `reconnect`)
 /// by moving its session to this socket.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RuntimeAttachRequest {
     /// The run to attach (`runId`).
     pub run_id: RunId,
     /// This attempt at the run, chosen by the runtime (`attemptId`); opaque to the gateway.
     #[serde(default, deserialize_with = "wire::present")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub attempt_id: Option<OpaqueId>,
     /// The runtime instance the session belongs to (`runtimeInstanceId`); a reconnect must present
     /// the same one.
@@ -290,12 +334,13 @@ pub struct RuntimeAttachRequest {
     /// The protocol version the runtime speaks (`protocolVersion`): `"1"` or `"1.x"`.
     pub protocol_version: String,
     /// `reconnect`: move the run's existing session to this socket instead of starting one (default
-    /// false).
-    #[serde(default)]
+    /// false; not written when false).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub reconnect: bool,
     /// `connectionEpoch`: a fresh session's epoch (default 0); a reconnect's must be greater than
     /// the session's current one.
     #[serde(default, deserialize_with = "wire::present_whole_u64")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub connection_epoch: Option<u64>,
     /// Runtime capabilities only: the viewer's `run.cancel` is unknown here.
     #[serde(default)]
@@ -307,7 +352,12 @@ pub struct RuntimeAttachRequest {
 pub const MAX_LIFECYCLE_TEXT_BYTES: usize = 1024;
 
 /// A `message` or `reason`: at most [`MAX_LIFECYCLE_TEXT_BYTES`] bytes.
-#[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// The bound holds for what is read. What a client writes is written as
+/// given, so a longer text is the reader's to refuse (`INVALID_PAYLOAD`
+/// from the gateway), as for any other client.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
 pub struct ShortText(pub String);
 
 impl<'de> Deserialize<'de> for ShortText {
@@ -324,7 +374,7 @@ impl<'de> Deserialize<'de> for ShortText {
 }
 
 /// `runtime.finish`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RuntimeFinishCommand {
     /// The session holding the run (`sessionId`).
@@ -335,26 +385,29 @@ pub struct RuntimeFinishCommand {
     pub outcome: RunOutcome,
     /// Free text for humans about the end (`message`), kept with the run.
     #[serde(default, deserialize_with = "wire::present")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub message: Option<ShortText>,
 }
 
 /// `run.cancel` (viewers, on /v1/stream).
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RunCancelCommand {
     /// The run to stop (`runId`).
     pub run_id: RunId,
     /// Why (`reason`), passed on in the `run.cancelRequested` push.
     #[serde(default, deserialize_with = "wire::present")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<ShortText>,
 }
 
 /// The body of `POST /v1/runs/{runId}/cancel`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RunCancelBody {
     /// Why (`reason`), passed on in the `run.cancelRequested` push.
     #[serde(default, deserialize_with = "wire::present")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<ShortText>,
 }
 
@@ -379,7 +432,7 @@ impl RunCancelBody {
 pub type GetConfigCommand = SessionRef;
 
 /// The two members every command after attach carries.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct SessionRef {
     /// The session the command is for (`sessionId`).
@@ -389,7 +442,7 @@ pub struct SessionRef {
 }
 
 /// `runtime.heartbeat`: renews the session's lease.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct HeartbeatCommand {
     /// The session whose lease to renew (`sessionId`).
@@ -398,15 +451,17 @@ pub struct HeartbeatCommand {
     pub run_id: RunId,
     /// The runtime instance sending it (`runtimeInstanceId`), if given.
     #[serde(default, deserialize_with = "wire::present")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub runtime_instance_id: Option<OpaqueId>,
     /// Free-form `metadata` object from the runtime, if any.
     #[serde(default, deserialize_with = "wire::present")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub metadata: Option<serde_json::Map<String, Value>>,
 }
 
 /// `runtime.recoverConnections`: after the main session reattached, moves the listed sub-run
 /// sessions of the same runtime instance onto this socket, all or none.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RecoverConnectionsCommand {
     /// The main run's session (`sessionId`).
@@ -416,15 +471,17 @@ pub struct RecoverConnectionsCommand {
     /// The sub-runs whose sessions to move (`subRunIds`); absent means every unexpired sub-run
     /// of the main session.
     #[serde(default, deserialize_with = "wire::present")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub sub_run_ids: Option<Vec<RunId>>,
     /// The main session's current epoch, which the sub-runs move to (`connectionEpoch`); any
     /// other value is `STALE_EPOCH`.
     #[serde(default, deserialize_with = "wire::present_whole_u64")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub connection_epoch: Option<u64>,
 }
 
 /// `secrets.get`: the run's secrets (capability `secrets.read`).
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct GetSecretsCommand {
     /// The session asking (`sessionId`).
@@ -433,11 +490,12 @@ pub struct GetSecretsCommand {
     pub run_id: RunId,
     /// Only these secrets (`names`); absent means all of the run's.
     #[serde(default, deserialize_with = "wire::present")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub names: Option<Vec<String>>,
 }
 
 /// `kv.get`: values of the run's KV store (capability `kv.read`).
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct GetKVCommand {
     /// The session asking (`sessionId`).
@@ -449,7 +507,7 @@ pub struct GetKVCommand {
 }
 
 /// `kv.set`: writes to the run's KV store (capability `kv.write`).
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct SetKVCommand {
     /// The session asking (`sessionId`).
@@ -462,7 +520,7 @@ pub struct SetKVCommand {
 
 /// `events.publish`. Events stay raw JSON (as received) after validation, so
 /// the stream can store and forward them without re-serializing.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct PublishOutputEventsRequest {
     /// The publishing session (`sessionId`).
@@ -531,8 +589,46 @@ impl<'de> Deserialize<'de> for OutputEvent {
     }
 }
 
+impl Serialize for OutputEvent {
+    /// The raw JSON, unchanged: what was received is what is forwarded.
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.raw.serialize(s)
+    }
+}
+
+impl OutputEvent {
+    /// An event as a runtime writes it: `type`, then `seq`, `timestamp` and
+    /// `data` where given. Nothing is checked here (the `timestamp` is left
+    /// as text): the reader of the frame decides, as for any other client.
+    pub fn new(
+        kind: &str,
+        seq: Option<u64>,
+        timestamp: Option<&str>,
+        data: Option<&Value>,
+    ) -> Result<OutputEvent, serde_json::Error> {
+        #[derive(Serialize)]
+        struct Written<'a> {
+            #[serde(rename = "type")]
+            kind: &'a str,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            seq: Option<u64>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            timestamp: Option<&'a str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            data: Option<&'a Value>,
+        }
+        let raw = serde_json::value::to_raw_value(&Written {
+            kind,
+            seq,
+            timestamp,
+            data,
+        })?;
+        Ok(OutputEvent { raw, seq })
+    }
+}
+
 /// `checkpoint.save`: saves `data` as the run's latest checkpoint (capability `checkpoint.save`).
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct CheckpointSaveCommand {
     /// The session saving (`sessionId`).
@@ -544,11 +640,12 @@ pub struct CheckpointSaveCommand {
     pub data: Box<RawValue>,
     /// The checkpoint to replace (`checkpointId`); absent means the gateway picks a fresh id.
     #[serde(default, deserialize_with = "wire::present")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub checkpoint_id: Option<OpaqueId>,
 }
 
 /// `checkpoint.load`: a checkpoint of the run back, as saved (capability `checkpoint.load`).
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct CheckpointLoadCommand {
     /// The session loading (`sessionId`).
@@ -557,46 +654,53 @@ pub struct CheckpointLoadCommand {
     pub run_id: RunId,
     /// The checkpoint to load (`checkpointId`); absent means the run's latest.
     #[serde(default, deserialize_with = "wire::present")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub checkpoint_id: Option<OpaqueId>,
 }
 
 /// `stream.resume`: subscribes this socket to the run's stream from an offset.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct StreamResumeCommand {
     /// The run whose stream to follow (`runId`).
     pub run_id: RunId,
     /// The first offset wanted (`fromOffset`); absent means live from the head.
     #[serde(default, deserialize_with = "wire::present_whole_u64")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub from_offset: Option<u64>,
     /// The `streamEpoch` the client last saw for this run, if any.
     #[serde(default, deserialize_with = "wire::present")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub stream_epoch: Option<StreamEpoch>,
     /// The session asking (`sessionId`): required on /v1/runtime, absent on /v1/stream.
     #[serde(default, deserialize_with = "wire::present")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub session_id: Option<SessionId>,
 }
 
 /// `stream.cancel`: ends this socket's subscription to the run (idempotent).
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct StreamCancelCommand {
     /// The run whose subscription to end (`runId`).
     pub run_id: RunId,
     /// The session asking (`sessionId`): required on /v1/runtime, absent on /v1/stream.
     #[serde(default, deserialize_with = "wire::present")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub session_id: Option<SessionId>,
 }
 
 /// One page of the covered runs, in run id order (see spec/README.md).
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RunsListCommand {
     /// Runs after this one (the previous page's `nextCursor`).
     #[serde(default, deserialize_with = "wire::present")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub cursor: Option<RunId>,
     /// At most this many runs in the page (1 to [`RUNS_LIST_MAX_LIMIT`]).
     #[serde(default, deserialize_with = "wire::present_whole_u64")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub limit: Option<u64>,
 }
 
@@ -604,9 +708,12 @@ pub struct RunsListCommand {
 pub const RUNS_LIST_MAX_LIMIT: u64 = 10_000;
 
 // ----------------------------------------------------------------- replies
+//
+// Replies are read leniently (no `deny_unknown_fields`): a client must take
+// a newer gateway's reply that carries members it does not know yet.
 
 /// The `runtime.attach` reply.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct RuntimeAttachResponse {
     /// The session now bound to the run (`sessionId`); the same one on a reconnect.
@@ -618,12 +725,12 @@ pub struct RuntimeAttachResponse {
     /// When the lease runs out unless a heartbeat renews it (`leaseExpiresAt`).
     pub lease_expires_at: crate::time::Timestamp,
     /// The version of the run's config (`configVersion`), when there is one.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config_version: Option<String>,
 }
 
 /// The `runtime.heartbeat` reply.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct HeartbeatResponse {
     /// Whether the lease was renewed (`accepted`).
@@ -634,7 +741,7 @@ pub struct HeartbeatResponse {
 
 /// `{"accepted": true}`: the reply of recoverConnections, kv.set,
 /// events.publish and stream.cancel.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Accepted {
     /// Always true in a reply (`accepted`).
     pub accepted: bool,
@@ -655,28 +762,30 @@ pub type RecoverConnectionsResponse = Accepted;
 pub type StreamCancelResponse = Accepted;
 
 /// The `secrets.get` reply.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GetSecretsResponse<'a> {
-    /// Borrowed so the plaintext is never copied into a longer-lived value.
-    pub secrets: BTreeMap<&'a str, &'a str>,
+    /// Borrowed where the gateway writes it, so the plaintext is never
+    /// copied into a longer-lived value; owned where a client reads it.
+    pub secrets: BTreeMap<Cow<'a, str>, Cow<'a, str>>,
 }
 
 /// The `config.get` reply.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GetConfigResponse<'a> {
-    /// The run's config object (`config`).
-    pub config: &'a serde_json::Map<String, Value>,
+    /// The run's config object (`config`): borrowed where the gateway
+    /// writes it, owned where a client reads it.
+    pub config: Cow<'a, serde_json::Map<String, Value>>,
 }
 
 /// The `kv.get` reply.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GetKVResponse {
     /// The keys asked for that hold a value, with their values (`kv`).
     pub kv: BTreeMap<String, String>,
 }
 
 /// The `checkpoint.save` reply.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct CheckpointSaveResponse {
     /// The id the checkpoint was saved under (`checkpointId`).
@@ -686,7 +795,7 @@ pub struct CheckpointSaveResponse {
 }
 
 /// The `checkpoint.load` reply.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct CheckpointLoadResponse {
     /// The id of the checkpoint loaded (`checkpointId`).
@@ -697,8 +806,30 @@ pub struct CheckpointLoadResponse {
     pub data: Box<RawValue>,
 }
 
+/// The `stream.resume` reply: sent before the first `stream.events` push of
+/// the subscription.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StreamResumeResponse {
+    /// The run followed (`runId`).
+    pub run_id: RunId,
+    /// The history being followed (`streamEpoch`).
+    pub stream_epoch: StreamEpoch,
+    /// The oldest offset still kept (`firstOffset`; equal to `nextOffset` when nothing is kept).
+    pub first_offset: u64,
+    /// The head: the offset the next published event will get (`nextOffset`).
+    pub next_offset: u64,
+    /// The offset of the first event this subscription delivers (`startOffset`).
+    pub start_offset: u64,
+    /// History the client asked for is gone (`truncated`): `fromOffset` older than
+    /// `firstOffset`, or another `streamEpoch`.
+    pub truncated: bool,
+    /// The run ended (`ended`): the subscription replays, then `stream.ended` follows at once.
+    pub ended: bool,
+}
+
 /// The `runtime.finish` reply.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct RuntimeFinishResponse {
     /// Always true in a reply (`accepted`).
@@ -708,7 +839,7 @@ pub struct RuntimeFinishResponse {
 }
 
 /// The `run.cancel` reply (also the body of `POST /v1/runs/{runId}/cancel`).
-#[derive(Debug, Clone, Copy, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RunCancelResponse {
     /// The socket holding the run's session was sent the push now.
     pub delivered: bool,
@@ -717,24 +848,24 @@ pub struct RunCancelResponse {
 }
 
 /// `runs.list` and `GET /v1/runs`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct RunsListResponse {
     /// The runs of this page, in run id order (`runs`).
     pub runs: Vec<RunSummary>,
     /// Set when more runs follow: the `cursor` of the next page.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_cursor: Option<RunId>,
 }
 
 /// One run in [`RunsListResponse`].
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct RunSummary {
     /// The run (`runId`).
     pub run_id: RunId,
-    /// `attached`, `detached`, `expired` or `ended`.
-    pub state: &'static str,
+    /// Where the run's session stands (`state`).
+    pub state: RunState,
     /// The current history of the run's stream (`streamEpoch`).
     pub stream_epoch: StreamEpoch,
     /// The oldest offset still kept (`firstOffset`; equal to `nextOffset` when nothing is kept).
@@ -742,14 +873,38 @@ pub struct RunSummary {
     /// The head: the offset the next published event will get (`nextOffset`).
     pub next_offset: u64,
     /// Set on an ended run.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outcome: Option<RunOutcome>,
     /// When the run ended (`endedAt`); only on an ended run.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ended_at: Option<crate::time::Timestamp>,
     /// The finish's `message`; only on an ended run whose finish carried one.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+}
+
+/// A run's `state` in [`RunSummary`], as the schema's closed list names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunState {
+    /// `attached`: a runtime's socket holds the session.
+    Attached,
+    /// `detached`: the socket is gone and the lease still runs (the reconnect window).
+    Detached,
+    /// `expired`: the lease ran out; the stream stays readable while the gateway keeps it.
+    Expired,
+    /// `ended`: the runtime finished the run (`runtime.finish`).
+    Ended,
+}
+
+impl RunState {
+    /// Every state, in the schema's order.
+    pub const ALL: [RunState; 4] = [
+        RunState::Attached,
+        RunState::Detached,
+        RunState::Expired,
+        RunState::Ended,
+    ];
 }
 
 // ------------------------------------------------------------------ pushes
@@ -760,6 +915,10 @@ pub mod push {
 
     use crate::ids::{RunId, SessionId, StreamEpoch};
 
+    /// Push type of a batch of a followed run's events (built by [`crate::stream_frame`]).
+    pub const STREAM_EVENTS: &str = "stream.events";
+    /// Push type of offsets a follower missed (built by [`crate::stream_frame::gap_frame`]).
+    pub const STREAM_GAP: &str = "stream.gap";
     /// Push type sent to the old socket when a reconnect moved the session elsewhere.
     pub const SESSION_SUPERSEDED: &str = "session.superseded";
     /// Push type sent when a session's lease ran out.
@@ -960,5 +1119,316 @@ mod tests {
         assert!(!protocol_version_supported("1."));
         assert!(!protocol_version_supported("2"));
         assert!(!protocol_version_supported("10"));
+    }
+
+    /// What a client writes, the gateway reads back as the same command.
+    fn round_trip<C: CommandPayload>(request: &C) -> (Command, serde_json::Value) {
+        let text = serde_json::to_string(request).unwrap();
+        let raw: Box<RawValue> = serde_json::from_str(&text).unwrap();
+        let command = Command::parse(C::KIND, &raw)
+            .unwrap_or_else(|e| panic!("{}: {text} refused: {e:?}", C::KIND.as_str()));
+        (command, serde_json::from_str(&text).unwrap())
+    }
+
+    #[test]
+    fn every_request_a_client_writes_is_read_back_by_the_gateway() {
+        let sid = SessionId::generate();
+        let run = RunId::new("r-1").unwrap();
+        let attach = RuntimeAttachRequest {
+            run_id: run.clone(),
+            attempt_id: None,
+            runtime_instance_id: OpaqueId::new("inst").unwrap(),
+            protocol_version: "1".into(),
+            reconnect: false,
+            connection_epoch: Some(7),
+            capabilities: vec![Capability::KvRead, Capability::StreamResume],
+        };
+        let (parsed, json) = round_trip(&attach);
+        // Absent stays absent: the schemas refuse null, and `reconnect`
+        // false is the default.
+        assert_eq!(
+            json,
+            serde_json::json!({"runId": "r-1", "runtimeInstanceId": "inst", "protocolVersion": "1",
+                "connectionEpoch": 7, "capabilities": ["kv.read", "stream.resume"]})
+        );
+        let Command::RuntimeAttach(parsed) = parsed else {
+            panic!("{parsed:?}")
+        };
+        assert_eq!(
+            (parsed.run_id, parsed.connection_epoch, parsed.capabilities),
+            (run.clone(), Some(7), attach.capabilities.clone())
+        );
+        let takeover = RuntimeAttachRequest {
+            reconnect: true,
+            attempt_id: Some(OpaqueId::new("a-2").unwrap()),
+            ..attach
+        };
+        let (_, json) = round_trip(&takeover);
+        assert_eq!(
+            (json["reconnect"].clone(), json["attemptId"].clone()),
+            (true.into(), "a-2".into())
+        );
+
+        let event = OutputEvent::new(
+            "log",
+            Some(5),
+            None,
+            Some(&serde_json::json!({"b": 1, "a": "x"})),
+        )
+        .unwrap();
+        assert_eq!(
+            event.raw.get(),
+            r#"{"type":"log","seq":5,"data":{"a":"x","b":1}}"#
+        );
+        let bare = OutputEvent::new("done", None, Some("2026-11-25T10:00:00Z"), None).unwrap();
+        let publish = PublishOutputEventsRequest {
+            session_id: sid.clone(),
+            run_id: run.clone(),
+            events: vec![event, bare],
+        };
+        let Command::EventsPublish(read) = round_trip(&publish).0 else {
+            panic!("publish")
+        };
+        assert_eq!(read.events[0].raw.get(), publish.events[0].raw.get());
+        assert_eq!((read.events[0].seq, read.events[1].seq), (Some(5), None));
+        assert_eq!(
+            read.events[1].raw.get(),
+            r#"{"type":"done","timestamp":"2026-11-25T10:00:00Z"}"#
+        );
+
+        let r = || run.clone();
+        let s = || sid.clone();
+        assert!(matches!(
+            round_trip(&HeartbeatCommand {
+                session_id: s(),
+                run_id: r(),
+                runtime_instance_id: None,
+                metadata: None
+            })
+            .0,
+            Command::RuntimeHeartbeat(_)
+        ));
+        let recover = RecoverConnectionsCommand {
+            session_id: s(),
+            main_run_id: r(),
+            sub_run_ids: Some(vec![RunId::new("r-1.sub").unwrap()]),
+            connection_epoch: Some(8),
+        };
+        assert!(matches!(
+            round_trip(&recover).0,
+            Command::RuntimeRecoverConnections(_)
+        ));
+        let secrets = GetSecretsCommand {
+            session_id: s(),
+            run_id: r(),
+            names: None,
+        };
+        assert_eq!(
+            round_trip(&secrets).1,
+            serde_json::json!({"sessionId": sid.as_str(), "runId": "r-1"})
+        );
+        assert!(matches!(
+            round_trip(&GetConfigCommand {
+                session_id: s(),
+                run_id: r()
+            })
+            .0,
+            Command::ConfigGet(_)
+        ));
+        let get = GetKVCommand {
+            session_id: s(),
+            run_id: r(),
+            keys: vec!["k".into()],
+        };
+        assert!(matches!(round_trip(&get).0, Command::KvGet(_)));
+        let set = SetKVCommand {
+            session_id: s(),
+            run_id: r(),
+            kv: [("k".into(), "v\n\"".into())].into(),
+        };
+        let Command::KvSet(read) = round_trip(&set).0 else {
+            panic!("kv.set")
+        };
+        assert_eq!(read.kv, set.kv);
+        let save = CheckpointSaveCommand {
+            session_id: s(),
+            run_id: r(),
+            data: serde_json::value::to_raw_value(&serde_json::json!([1, {"x": null}])).unwrap(),
+            checkpoint_id: None,
+        };
+        let Command::CheckpointSave(read) = round_trip(&save).0 else {
+            panic!("checkpoint.save")
+        };
+        assert_eq!(read.data.get(), save.data.get());
+        let load = CheckpointLoadCommand {
+            session_id: s(),
+            run_id: r(),
+            checkpoint_id: Some(OpaqueId::new("c").unwrap()),
+        };
+        assert!(matches!(round_trip(&load).0, Command::CheckpointLoad(_)));
+        let resume = StreamResumeCommand {
+            run_id: r(),
+            from_offset: Some(3),
+            stream_epoch: Some(StreamEpoch::generate()),
+            session_id: None,
+        };
+        let Command::StreamResume(read) = round_trip(&resume).0 else {
+            panic!("stream.resume")
+        };
+        assert_eq!(
+            (read.from_offset, read.stream_epoch),
+            (Some(3), resume.stream_epoch.clone())
+        );
+        assert!(matches!(
+            round_trip(&StreamCancelCommand {
+                run_id: r(),
+                session_id: Some(s())
+            })
+            .0,
+            Command::StreamCancel(_)
+        ));
+        assert_eq!(
+            round_trip(&RunsListCommand::default()).1,
+            serde_json::json!({})
+        );
+        let finish = RuntimeFinishCommand {
+            session_id: s(),
+            run_id: r(),
+            outcome: RunOutcome::Failed,
+            message: Some(ShortText("oom".into())),
+        };
+        let Command::RuntimeFinish(read) = round_trip(&finish).0 else {
+            panic!("runtime.finish")
+        };
+        assert_eq!(
+            (read.outcome, read.message),
+            (RunOutcome::Failed, finish.message.clone())
+        );
+        let cancel = RunCancelCommand {
+            run_id: r(),
+            reason: None,
+        };
+        assert_eq!(round_trip(&cancel).1, serde_json::json!({"runId": "r-1"}));
+    }
+
+    #[test]
+    fn a_too_long_text_is_written_as_given_and_refused_by_the_reader() {
+        let long = ShortText("x".repeat(MAX_LIFECYCLE_TEXT_BYTES + 1));
+        let cancel = RunCancelCommand {
+            run_id: RunId::new("r").unwrap(),
+            reason: Some(long),
+        };
+        let raw = serde_json::value::to_raw_value(&cancel).unwrap();
+        assert_eq!(
+            path(Command::parse(CommandKind::RunCancel, &raw)),
+            "/payload/reason"
+        );
+    }
+
+    /// What the gateway writes, a client reads back into the same type.
+    fn read_back<T: Serialize + DeserializeOwned>(reply: &T) -> T {
+        serde_json::from_str(&serde_json::to_string(reply).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn every_reply_the_gateway_writes_is_read_back_by_a_client() {
+        let now = crate::time::Timestamp::from_unix_millis(1_764_064_800_123);
+        let attach = RuntimeAttachResponse {
+            session_id: SessionId::generate(),
+            run_id: RunId::new("r").unwrap(),
+            heartbeat_interval_ms: 10_000,
+            lease_expires_at: now,
+            config_version: None,
+        };
+        assert_eq!(read_back(&attach), attach);
+        let beat = HeartbeatResponse {
+            accepted: true,
+            next_heartbeat_due_at: now,
+        };
+        assert_eq!(read_back(&beat), beat);
+        assert_eq!(read_back(&Accepted::YES), Accepted::YES);
+        // Escapes in secrets survive: a client owns what it reads.
+        let (k, v) = ("API_KEY".to_owned(), "a\"b\n\u{e9}".to_owned());
+        let secrets = GetSecretsResponse {
+            secrets: [(Cow::Borrowed(k.as_str()), Cow::Borrowed(v.as_str()))].into(),
+        };
+        assert_eq!(read_back(&secrets), secrets);
+        let config: serde_json::Map<String, Value> =
+            serde_json::from_str(r#"{"model":"m","n":[1]}"#).unwrap();
+        let config = GetConfigResponse {
+            config: Cow::Borrowed(&config),
+        };
+        assert_eq!(read_back(&config), config);
+        let kv = GetKVResponse {
+            kv: [("a".into(), "1".into())].into(),
+        };
+        assert_eq!(read_back(&kv), kv);
+        let saved = CheckpointSaveResponse {
+            checkpoint_id: "c".into(),
+            saved_at: now,
+        };
+        assert_eq!(read_back(&saved), saved);
+        let loaded = CheckpointLoadResponse {
+            checkpoint_id: "c".into(),
+            saved_at: now,
+            data: serde_json::value::to_raw_value(&serde_json::json!({"step": 3})).unwrap(),
+        };
+        let back = read_back(&loaded);
+        assert_eq!(
+            (back.checkpoint_id, back.saved_at, back.data.get()),
+            ("c".into(), now, loaded.data.get())
+        );
+        let resume = StreamResumeResponse {
+            run_id: RunId::new("r").unwrap(),
+            stream_epoch: StreamEpoch::generate(),
+            first_offset: 0,
+            next_offset: 9,
+            start_offset: 4,
+            truncated: false,
+            ended: true,
+        };
+        assert_eq!(read_back(&resume), resume);
+        let finished = RuntimeFinishResponse {
+            accepted: true,
+            next_offset: 12,
+        };
+        assert_eq!(read_back(&finished), finished);
+        let cancel = RunCancelResponse {
+            delivered: false,
+            ended: true,
+        };
+        assert_eq!(read_back(&cancel), cancel);
+        let runs = RunsListResponse {
+            runs: RunState::ALL
+                .into_iter()
+                .map(|state| RunSummary {
+                    run_id: RunId::new("r").unwrap(),
+                    state,
+                    stream_epoch: StreamEpoch::generate(),
+                    first_offset: 0,
+                    next_offset: 1,
+                    outcome: (state == RunState::Ended).then_some(RunOutcome::Completed),
+                    ended_at: (state == RunState::Ended).then_some(now),
+                    message: None,
+                })
+                .collect(),
+            next_cursor: Some(RunId::new("r").unwrap()),
+        };
+        assert_eq!(read_back(&runs), runs);
+        let states: Vec<Value> = RunState::ALL
+            .iter()
+            .map(|s| serde_json::to_value(s).unwrap())
+            .collect();
+        assert_eq!(
+            states,
+            ["attached", "detached", "expired", "ended"].map(Value::from)
+        );
+    }
+
+    #[test]
+    fn a_reply_with_members_a_client_does_not_know_yet_still_reads() {
+        let text = r#"{"accepted":true,"nextOffset":3,"fromTheFuture":1}"#;
+        let read: RuntimeFinishResponse = serde_json::from_str(text).unwrap();
+        assert_eq!(read.next_offset, 3);
     }
 }

@@ -11,6 +11,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
+use super::commands::CommandPayload;
 use super::error::{CommandError, ErrorBody, ErrorCode};
 
 /// Longest request id, in characters.
@@ -248,6 +249,12 @@ pub fn encode_request<T: Serialize + ?Sized>(id: &str, kind: &str, payload: &T) 
     encode(&RequestFrame { id, kind, payload })
 }
 
+/// `{"id", "type", "payload"}` for a typed payload: the `type` is the one
+/// its [`CommandPayload`] names, so a client never spells it.
+pub fn encode_command<C: CommandPayload>(id: &str, payload: &C) -> Frame {
+    encode_request(id, C::KIND.as_str(), payload)
+}
+
 /// The same as [`encode_request`] for a payload that is already JSON text
 /// (a load generator writes its publishes by hand, one buffer per batch).
 /// The caller guarantees `payload` is one JSON value.
@@ -473,6 +480,12 @@ mod tests {
         assert!(
             decode(request.as_str()).is_ok(),
             "the gateway reads what a client encodes"
+        );
+        let typed = encode_command("8", &crate::commands::RunsListCommand::default());
+        assert_eq!(
+            typed.as_str(),
+            r#"{"id":"8","type":"runs.list","payload":{}}"#,
+            "a typed payload names its own type"
         );
     }
 

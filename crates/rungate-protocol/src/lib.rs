@@ -6,9 +6,12 @@
 //! the `stream.events` / `stream.gap` frames a ring stores
 //! ([`stream_frame`]).
 //!
-//! Decoding goes [`envelope::decode`] (the outside of a frame) then
-//! [`commands::Command::parse`] (the payload, by type). Encoding produces
-//! shared [`envelope::Frame`] bytes.
+//! The gateway decodes with [`envelope::decode`] (the outside of a frame)
+//! then [`commands::Command::parse`] (the payload, by type). A client
+//! encodes a typed payload with [`envelope::encode_command`] (the payload's
+//! [`CommandPayload`] names its `type` and its reply's type) and sorts what
+//! comes back with [`envelope::decode_incoming`]. Encoding produces shared
+//! [`envelope::Frame`] bytes.
 //!
 //! Owns what a frame looks like. Must not do I/O, keep time, or know what
 //! a command does: applying commands is the gateway's, sending them the
@@ -24,6 +27,9 @@ pub mod ids;
 pub mod stream_frame;
 pub mod time;
 
-pub use commands::{Command, CommandKind};
-pub use envelope::{Frame, Rejected, Request, decode, encode_error, encode_push, encode_reply};
+pub use commands::{Command, CommandKind, CommandPayload};
+pub use envelope::{
+    Frame, Incoming, Rejected, Request, decode, decode_incoming, encode_command, encode_error,
+    encode_push, encode_reply, encode_request,
+};
 pub use error::{CommandError, ErrorCode};

@@ -50,6 +50,10 @@ pub(crate) fn secrets_get(
                 .collect()
         }
     };
+    let secrets = secrets
+        .into_iter()
+        .map(|(k, v)| (k.into(), v.into()))
+        .collect();
     Ok(Reply::now(id, &GetSecretsResponse { secrets }))
 }
 
@@ -60,7 +64,7 @@ pub(crate) fn config_get(ctx: &ConnCtx, id: &str, req: SessionRef) -> Result<Rep
     Ok(Reply::now(
         id,
         &GetConfigResponse {
-            config: &resolved.config,
+            config: std::borrow::Cow::Borrowed(&resolved.config),
         },
     ))
 }

@@ -13,7 +13,7 @@ use crate::auth::Grant;
 use crate::gateway::state::Shared;
 use crate::ids::RunId;
 use crate::protocol::commands::{
-    RUNS_LIST_MAX_LIMIT, RunSummary, RunsListCommand, RunsListResponse,
+    RUNS_LIST_MAX_LIMIT, RunState, RunSummary, RunsListCommand, RunsListResponse,
 };
 use crate::protocol::{CommandError, encode_reply};
 use crate::session::SessionState;
@@ -151,11 +151,11 @@ pub(crate) fn runs(
                 })
             });
             let state = match state {
-                _ if s.end.is_some() => "ended",
-                Some(SessionState::Attached) => "attached",
-                Some(SessionState::Detached) => "detached",
-                Some(SessionState::Expired) => "expired",
-                None if s.next_offset > 0 => "expired",
+                _ if s.end.is_some() => RunState::Ended,
+                Some(SessionState::Attached) => RunState::Attached,
+                Some(SessionState::Detached) => RunState::Detached,
+                Some(SessionState::Expired) => RunState::Expired,
+                None if s.next_offset > 0 => RunState::Expired,
                 None => continue,
             };
             let end = s.end.as_deref();
