@@ -151,7 +151,14 @@ async fn the_dashboard_tails_a_run_in_a_browser_across_a_gateway_restart() {
     };
     let dir = tempfile::tempdir().unwrap();
     let data = data_dir(&dir);
-    let gw = GatewayProcess::spawn(&data, &["--reconnect-after-ms", "200"]).await;
+    // The runtime here is a raw socket that sends no heartbeats, and a
+    // loaded machine may take longer than the default 30 s lease to start
+    // Chromium and load the page: the test is about the page.
+    let gw = GatewayProcess::spawn(
+        &data,
+        &["--reconnect-after-ms", "200", "--lease-ttl-ms", "600000"],
+    )
+    .await;
     let addr = gw.addr;
     let key = AuthKey::load_or_create(&data.join("auth.key")).expect("the gateway made its key");
     let runtime_token = mint(&key, TokenKind::Runtime, "dash-*", &[]);
@@ -250,7 +257,8 @@ async fn the_dashboard_tails_a_run_in_a_browser_across_a_gateway_restart() {
         rt.close().await;
         assert_eq!(gw.terminate().await, Some(0), "SIGTERM drains and exits 0");
         wait_for_disconnect(&tab).await;
-        let gw = GatewayProcess::spawn(&data, &["--listen", &listen]).await;
+        let gw =
+            GatewayProcess::spawn(&data, &["--listen", &listen, "--lease-ttl-ms", "600000"]).await;
         assert_eq!(gw.addr, addr);
         let mut rt = Client::connect(&gw.url("/v1/runtime"), &runtime_token).await;
         let session = attach_again(&mut rt, "dash-1", 1).await;
@@ -273,7 +281,11 @@ async fn the_dashboard_tails_a_run_in_a_browser_across_a_gateway_restart() {
         let key_file = data.join("auth.key");
         let key_file = key_file.to_str().unwrap();
         let fresh = dir.path().join("fresh");
-        let gw = GatewayProcess::spawn(&fresh, &["--listen", &listen, "--auth-key-file", key_file]).await;
+        let gw = GatewayProcess::spawn(
+            &fresh,
+            &["--listen", &listen, "--auth-key-file", key_file, "--lease-ttl-ms", "600000"],
+        )
+        .await;
         let mut rt = Client::connect(&gw.url("/v1/runtime"), &runtime_token).await;
         let session = attach_again(&mut rt, "dash-1", 2).await;
         let (last, from) = head(addr, &viewer_token, "dash-1").await;
