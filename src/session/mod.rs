@@ -225,14 +225,21 @@ impl Sessions {
     }
 
     /// Tells a store other gateways share that this one is alive, and
-    /// takes over the sessions of any that stopped (their leases run here
-    /// from now on, from their saved deadlines). Returns how many were
-    /// taken over.
-    pub async fn keep_alive(&self) -> Result<usize, StoreError> {
-        let Some(shared) = self.store.shared_sessions() else {
-            return Ok(0);
-        };
-        let records = shared.keep_alive().await?;
+    /// takes over the sessions of any that stopped: the store now says
+    /// they are held here, and [`Sessions::hold`] starts their leases.
+    /// Between the two the caller keeps their runs' streams (as on attach),
+    /// before a lease that is already due can expire here.
+    pub async fn keep_alive(&self) -> Result<TakenOver, StoreError> {
+        match self.store.shared_sessions() {
+            Some(shared) => Ok(TakenOver(shared.keep_alive().await?)),
+            None => Ok(TakenOver(Vec::new())),
+        }
+    }
+
+    /// Runs the leases of sessions taken over here, from their saved
+    /// deadlines (plus slack); answers how many once they are saved.
+    pub async fn hold(&self, taken: TakenOver) -> Result<usize, StoreError> {
+        let records = taken.0;
         if records.is_empty() {
             return Ok(0);
         }
@@ -308,4 +315,16 @@ impl Sessions {
 
 fn ready() -> Saved {
     std::future::ready(Ok(())).boxed()
+}
+
+/// Sessions the store moved here from gateways that went silent, not yet
+/// held by this gateway's registry (see [`Sessions::keep_alive`]).
+#[must_use = "taken-over sessions have no lease here until held"]
+pub struct TakenOver(Vec<SessionRecord>);
+
+impl TakenOver {
+    /// The runs of the sessions taken over.
+    pub fn runs(&self) -> impl Iterator<Item = &RunId> {
+        self.0.iter().map(|r| &r.run_id)
+    }
 }

@@ -406,7 +406,12 @@ impl GatewayProcess {
             .arg("--data-dir")
             .arg(data_dir)
             .args(extra)
-            .env("RUNGATE_LOG", "warn")
+            // RUNGATE_TEST_LOG (e.g. `rungate=debug`) shows more of a
+            // gateway process's log when a test needs explaining.
+            .env(
+                "RUNGATE_LOG",
+                std::env::var("RUNGATE_TEST_LOG").unwrap_or_else(|_| "warn".to_owned()),
+            )
             .stderr(Stdio::inherit());
         command
     }
