@@ -232,6 +232,7 @@ command_payloads! {
     GetConfigCommand => ConfigGet, GetConfigResponse<'static>;
     GetKVCommand => KvGet, GetKVResponse;
     SetKVCommand => KvSet, SetKVResponse;
+    DeleteKVCommand => KvDelete, DeleteKVResponse;
     PublishOutputEventsRequest => EventsPublish, PublishOutputEventsResponse;
     CheckpointSaveCommand => CheckpointSave, CheckpointSaveResponse;
     CheckpointLoadCommand => CheckpointLoad, CheckpointLoadResponse;
@@ -527,7 +528,7 @@ pub struct SetKVCommand {
 
 /// `kv.delete`: removes keys from the run's KV store, all or none
 /// (capability `kv.write`; `spec/v1/schemas/commands/kv.json`).
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct DeleteKVCommand {
     /// The session asking (`sessionId`).
@@ -805,7 +806,7 @@ pub struct GetKVResponse {
 }
 
 /// The `kv.delete` reply.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeleteKVResponse {
     /// How many of the keys named held a value and were deleted (`deleted`).
     pub deleted: u64,
@@ -1277,6 +1278,15 @@ mod tests {
             panic!("kv.set")
         };
         assert_eq!(read.kv, set.kv);
+        let delete = DeleteKVCommand {
+            session_id: s(),
+            run_id: r(),
+            keys: vec!["k".into(), "k".into()],
+        };
+        let Command::KvDelete(read) = round_trip(&delete).0 else {
+            panic!("kv.delete")
+        };
+        assert_eq!(read.keys, delete.keys);
         let save = CheckpointSaveCommand {
             session_id: s(),
             run_id: r(),
@@ -1390,6 +1400,8 @@ mod tests {
             kv: [("a".into(), "1".into())].into(),
         };
         assert_eq!(read_back(&kv), kv);
+        let deleted = DeleteKVResponse { deleted: 2 };
+        assert_eq!(read_back(&deleted), deleted);
         let saved = CheckpointSaveResponse {
             checkpoint_id: "c".into(),
             saved_at: now,
