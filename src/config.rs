@@ -251,9 +251,12 @@ impl Config {
             || l.command_burst == 0
             || l.max_kv_get_keys == 0
             || l.max_runs_per_tenant == 0
+            || l.max_kv_bytes_per_tenant == 0
+            || l.max_checkpoint_bytes_per_tenant == 0
         {
             return Err(ConfigError::Invalid(
-                "KV, checkpoint, session, connection, idle and rate limits must be positive".into(),
+                "KV, checkpoint, session, connection, idle, rate and quota limits must be positive"
+                    .into(),
             ));
         }
         // Limits that agree: anything stored within the limits can be read
