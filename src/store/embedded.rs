@@ -1125,6 +1125,91 @@ mod tests {
         assert_eq!(first.data.get(), r#"{"a":1}"#);
     }
 
+    /// The counts are in the file, beside the data: a reopened store refuses
+    /// what the first one would. A file from before quotas (no count tables)
+    /// opens with nothing counted, and deleting what it held never takes a
+    /// count below zero.
+    #[tokio::test]
+    async fn quota_counts_survive_reopen_and_an_older_file_counts_nothing() {
+        use crate::store::{Charge, SessionChange, StoreError};
+        let dir = tempfile::tempdir().unwrap();
+        let r = run("run-q");
+        let charge = Charge::new("sub:t", 20);
+        let mut session = crate::store::conformance::session("run-q", 0);
+        session.tenant = Some("sub:t".into());
+        {
+            let store = EmbeddedStore::open(dir.path()).unwrap();
+            store
+                .kv_set_charged(&r, one("k", "123456789"), usize::MAX, charge.clone())
+                .await
+                .unwrap();
+            store
+                .checkpoint_save_charged(&r, checkpoint("c", 1_000, "1234"), charge.clone())
+                .await
+                .unwrap();
+            store
+                .sessions_save_within(vec![SessionChange::Put(session.clone())], 1)
+                .await
+                .unwrap();
+        }
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        let usage = store.quota_usage("sub:t").await.unwrap();
+        assert_eq!(
+            (usage.runs, usage.kv_bytes, usage.checkpoint_bytes),
+            (1, 10, 5)
+        );
+        let err = store
+            .kv_set_charged(&r, one("k2", &"x".repeat(9)), usize::MAX, charge.clone())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, StoreError::QuotaExceeded(ref q) if q.used == 10),
+            "{err:?}"
+        );
+        let mut other = crate::store::conformance::session("run-q2", 0);
+        other.tenant = Some("sub:t".into());
+        assert!(
+            store
+                .sessions_save_within(vec![SessionChange::Put(other)], 1)
+                .await
+                .is_err()
+        );
+        drop(store);
+
+        // As if written before quotas: the count tables are not there.
+        {
+            let db = Database::create(dir.path().join(FILE_NAME)).unwrap();
+            let txn = db.begin_write().unwrap();
+            assert!(txn.delete_table(QUOTA_USAGE).unwrap());
+            assert!(txn.delete_table(RUN_OWNER).unwrap());
+            txn.commit().unwrap();
+        }
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        assert_eq!(
+            store.quota_usage("sub:t").await.unwrap(),
+            Default::default()
+        );
+        assert_eq!(
+            store.kv_get(&r, vec!["k".into()]).await.unwrap(),
+            one("k", "123456789")
+        );
+        assert_eq!(store.kv_delete(&r, vec!["k".into()]).await.unwrap(), 1);
+        store
+            .sessions_save(vec![SessionChange::Delete(session.session_id.clone())])
+            .await
+            .unwrap();
+        assert_eq!(
+            store.quota_usage("sub:t").await.unwrap(),
+            Default::default()
+        );
+        // From here on, what is written counts.
+        store
+            .kv_set_charged(&r, one("k", "1"), usize::MAX, charge)
+            .await
+            .unwrap();
+        assert_eq!(store.quota_usage("sub:t").await.unwrap().kv_bytes, 2);
+    }
+
     #[tokio::test]
     async fn sessions_survive_reopen() {
         let dir = tempfile::tempdir().unwrap();
