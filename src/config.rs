@@ -711,6 +711,57 @@ mod tests {
     }
 
     #[test]
+    fn quotas_are_settings_with_defaults_and_zero_is_refused() {
+        let d = Config::defaults().limits;
+        assert_eq!(
+            (
+                d.max_runs_per_tenant,
+                d.max_kv_bytes_per_tenant,
+                d.max_checkpoint_bytes_per_tenant
+            ),
+            (100_000, 256 << 20, 256 << 20)
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rungate.toml");
+        std::fs::write(
+            &path,
+            "[gateway]\nmax_runs_per_tenant = 7\nmax_kv_bytes_per_tenant = 8\n\
+             max_checkpoint_bytes_per_tenant = 9\n",
+        )
+        .unwrap();
+        let args = ServeArgs {
+            config: Some(path),
+            max_kv_bytes_per_tenant: Some(80),
+            ..ServeArgs::default()
+        };
+        let l = args.into_config().unwrap().limits;
+        assert_eq!(
+            (
+                l.max_runs_per_tenant,
+                l.max_kv_bytes_per_tenant,
+                l.max_checkpoint_bytes_per_tenant
+            ),
+            (7, 80, 9)
+        );
+        for zero in [
+            ServeArgs {
+                max_runs_per_tenant: Some(0),
+                ..ServeArgs::default()
+            },
+            ServeArgs {
+                max_kv_bytes_per_tenant: Some(0),
+                ..ServeArgs::default()
+            },
+            ServeArgs {
+                max_checkpoint_bytes_per_tenant: Some(0),
+                ..ServeArgs::default()
+            },
+        ] {
+            assert!(matches!(zero.into_config(), Err(ConfigError::Invalid(_))));
+        }
+    }
+
+    #[test]
     fn refuses_a_too_short_heartbeat_and_unknown_settings() {
         let args = ServeArgs {
             heartbeat_interval_ms: Some(999),

@@ -69,8 +69,8 @@ impl State {
 #[derive(Debug, Default)]
 struct RunCheckpoints {
     by_id: HashMap<String, Checkpoint>,
-    /// Always names an entry of `by_id` once set: checkpoints are never
-    /// deleted.
+    /// Always names an entry of `by_id` once set: checkpoints are deleted
+    /// only with their whole run.
     latest: Option<String>,
 }
 
@@ -121,20 +121,16 @@ impl Store for MemoryStore {
             return done(Ok(()));
         }
         let mut state = self.state.lock();
+        let existing = state.kv.get(run);
+        let held = existing.map_or(0, HashMap::len);
         let (mut new_keys, mut before, mut after) = (0usize, 0u64, 0u64);
-        if let Some(values) = state.kv.get(run) {
-            for (k, v) in &pairs {
-                match values.get(k) {
-                    Some(old) => before += quota::kv_entry_bytes(k, old),
-                    None => new_keys += 1,
-                }
-                after += quota::kv_entry_bytes(k, v);
+        for (k, v) in &pairs {
+            match existing.and_then(|values| values.get(k)) {
+                Some(old) => before += quota::kv_entry_bytes(k, old),
+                None => new_keys += 1,
             }
-        } else {
-            new_keys = pairs.len();
-            after = pairs.iter().map(|(k, v)| quota::kv_entry_bytes(k, v)).sum();
+            after += quota::kv_entry_bytes(k, v);
         }
-        let held = state.kv.get(run).map_or(0, HashMap::len);
         if new_keys > 0 && held.saturating_add(new_keys) > max_keys {
             return done(Err(StoreError::TooManyKeys { max: max_keys }));
         }
