@@ -19,7 +19,7 @@
 //! (stream retention and budget, saving renewed leases), `cluster` (sessions
 //! shared with other gateways), `state` (what they
 //! share), `metrics`; `fuzzing` (feature `fuzzing`) hands the dispatcher to
-//! `fuzz/`.
+//! `fuzz/` (and to the handlers' unit tests).
 //! Must not contain protocol or session rules beyond wiring them together.
 
 mod admission;
@@ -31,7 +31,7 @@ mod dashboard;
 mod dispatch;
 mod errors;
 mod follow;
-#[cfg(feature = "fuzzing")]
+#[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod fuzzing;
 mod http;

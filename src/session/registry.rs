@@ -867,6 +867,28 @@ impl SessionRegistry {
         runs
     }
 
+    /// The run of session `id`, if it is held here (live or a tombstone).
+    pub fn run_of(&self, id: &SessionId) -> Option<&RunId> {
+        self.sessions
+            .get(id)
+            .filter(|s| !s.elsewhere)
+            .map(|s| &s.run_id)
+    }
+
+    /// Saves the tombstones of session `id` and of its sub-runs again with
+    /// the next changes taken: a `runtime.finish` asked again, after the
+    /// first one ended them here but could not save that.
+    pub fn save_ended_again(&mut self, id: &SessionId) {
+        let ended = |s: &Session| s.expired && !s.elsewhere;
+        let ids: Vec<SessionId> = self
+            .sessions
+            .values()
+            .filter(|s| (s.id == *id || s.parent.as_ref() == Some(id)) && ended(s))
+            .map(|s| s.id.clone())
+            .collect();
+        self.changed.extend(ids);
+    }
+
     /// A viewer's `run.cancel` for `run`: kept with its live session (a
     /// newer one replaces the reason) until the run ends. Answers who
     /// should be told now.
