@@ -421,14 +421,6 @@ async fn the_counts_survive_a_kill_9_and_a_lowered_limit_still_lets_data_shrink(
     gw.terminate().await;
 }
 
-fn unique(name: &str) -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    format!("{name}-{}-{nanos}", std::process::id())
-}
-
 #[tokio::test]
 async fn two_gateways_on_one_redis_share_a_tenants_quotas() {
     let Some(redis) = rungate_test_support::redis::start() else {
