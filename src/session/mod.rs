@@ -139,7 +139,9 @@ impl Sessions {
                 if changes.is_empty() {
                     break;
                 }
-                pending.push(self.fenced_means_lost(self.store.sessions_save(changes)));
+                let max_runs = registry.policy().max_runs_per_tenant;
+                let saved = self.store.sessions_save_within(changes, max_runs);
+                pending.push(self.fenced_means_lost(saved));
                 registry.has_renewals()
             };
             if !more {
@@ -285,7 +287,8 @@ impl Sessions {
         if changes.is_empty() {
             return ready();
         }
-        self.fenced_means_lost(self.store.sessions_save(changes))
+        let max_runs = registry.policy().max_runs_per_tenant;
+        self.fenced_means_lost(self.store.sessions_save_within(changes, max_runs))
     }
 
     fn fenced_means_lost(&self, saved: Saved) -> Saved {

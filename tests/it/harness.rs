@@ -474,6 +474,16 @@ pub fn data_dir(dir: &tempfile::TempDir) -> PathBuf {
     dir.path().join("data")
 }
 
+/// `name` made unique to this test run: tests on a shared `REDIS_URL`
+/// (and runs of the suite one after another) never meet each other's runs.
+pub fn unique(name: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("{name}-{}-{nanos}", std::process::id())
+}
+
 /// A command running example `name`: the binary `cargo test` built beside
 /// this test's own executable, or `cargo run --example` if it is not there
 /// (a test run filtered to one target). Running the built file directly

@@ -116,16 +116,6 @@ async fn cluster(n: usize, extra: &[&str]) -> Option<Cluster> {
     Some(Cluster::start(redis, n, extra).await)
 }
 
-/// `name` made unique to this test run: tests on a shared `REDIS_URL`
-/// (and runs of the suite one after another) never meet each other's runs.
-fn unique(name: &str) -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    format!("{name}-{}-{nanos}", std::process::id())
-}
-
 /// Event number `i` as published (with `seq` = i + 1: one per event, so a
 /// resent batch is de-duplicated).
 fn event(run: &str, i: u64) -> Value {

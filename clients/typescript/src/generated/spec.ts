@@ -35,6 +35,20 @@ export type CheckpointLoadResponse = {
   data: JsonValue;
 };
 
+// ---- v1/schemas/commands/kv.json
+
+/** Deletes these keys from the run's KV store, atomically: all of them or none. Keys that are not there are ignored, and a key named twice is deleted once. Naming more keys than the gateway's max_kv_get_keys (1000 by default) is PAYLOAD_TOO_LARGE with details.maxKvGetKeys and details.path /payload/keys, and nothing is deleted. */
+export type DeleteKVCommand = {
+  sessionId: SessionId;
+  runId: RunId;
+  keys: Array<string>;
+};
+
+export type DeleteKVResponse = {
+  /** How many of the keys named held a value and were deleted (0 when none did). */
+  deleted: number;
+};
+
 // ---- v1/schemas/commands/lifecycle.json
 
 /** How a run ended. */
@@ -335,8 +349,20 @@ export type PushFrame = {
   };
 };
 
-/** BAD_FRAME: not JSON, not an object, binary frame, or no usable id/type. UNKNOWN_TYPE: no such command. INVALID_PAYLOAD: schema violation, details.path says where. UNAUTHENTICATED: no valid token. FORBIDDEN: the token or the session's capabilities do not allow it, or the command is not offered on this endpoint. NOT_ATTACHED: no such session on this socket. STALE_EPOCH: the session moved to a newer connection (fencing). SESSION_EXPIRED: the lease ran out; attach afresh. CONFLICT: the run already has a live session, or another runtime instance holds it. NOT_FOUND: no such run, checkpoint or key. RATE_LIMITED: slow down and retry. PAYLOAD_TOO_LARGE: the frame or a value is over its limit. UNSUPPORTED_PROTOCOL: protocolVersion is not "1" or "1.x". DRAINING: the gateway is shutting down; reconnect elsewhere or later. INTERNAL: the gateway failed. RUN_ENDED: the run ended (runtime.finish); not retryable, details {runId, outcome}: events.publish, kv.set, checkpoint.save and the session's reads, runtime.attach (fresh or reconnect) and runtime.recoverConnections naming it. A retry of the work is a new runId. */
-export type ErrorCode = "BAD_FRAME" | "UNKNOWN_TYPE" | "INVALID_PAYLOAD" | "UNAUTHENTICATED" | "FORBIDDEN" | "NOT_ATTACHED" | "STALE_EPOCH" | "SESSION_EXPIRED" | "CONFLICT" | "NOT_FOUND" | "RATE_LIMITED" | "PAYLOAD_TOO_LARGE" | "UNSUPPORTED_PROTOCOL" | "DRAINING" | "INTERNAL" | "RUN_ENDED";
+/** BAD_FRAME: not JSON, not an object, binary frame, or no usable id/type. UNKNOWN_TYPE: no such command. INVALID_PAYLOAD: schema violation, details.path says where. UNAUTHENTICATED: no valid token. FORBIDDEN: the token or the session's capabilities do not allow it, or the command is not offered on this endpoint. NOT_ATTACHED: no such session on this socket. STALE_EPOCH: the session moved to a newer connection (fencing). SESSION_EXPIRED: the lease ran out; attach afresh. CONFLICT: the run already has a live session, or another runtime instance holds it. NOT_FOUND: no such run, checkpoint or key. RATE_LIMITED: slow down and retry. PAYLOAD_TOO_LARGE: the frame or a value is over its limit. UNSUPPORTED_PROTOCOL: protocolVersion is not "1" or "1.x". DRAINING: the gateway is shutting down; reconnect elsewhere or later. INTERNAL: the gateway failed. RUN_ENDED: the run ended (runtime.finish); not retryable, details {runId, outcome}: events.publish, kv.set, checkpoint.save and the session's reads, runtime.attach (fresh or reconnect) and runtime.recoverConnections naming it. A retry of the work is a new runId. QUOTA_EXCEEDED: the write would take the tenant (the token's sub claim, or its run patterns) past one of its quotas; details are a QuotaExceededDetails. Not retryable for kvBytes and checkpointBytes (delete keys or end runs first), retryable for runs (tombstones are forgotten in time). */
+export type ErrorCode = "BAD_FRAME" | "UNKNOWN_TYPE" | "INVALID_PAYLOAD" | "UNAUTHENTICATED" | "FORBIDDEN" | "NOT_ATTACHED" | "STALE_EPOCH" | "SESSION_EXPIRED" | "CONFLICT" | "NOT_FOUND" | "RATE_LIMITED" | "PAYLOAD_TOO_LARGE" | "UNSUPPORTED_PROTOCOL" | "DRAINING" | "INTERNAL" | "RUN_ENDED" | "QUOTA_EXCEEDED";
+
+/** The details of a QUOTA_EXCEEDED error: which quota, what the tenant holds, what the refused request would have added, and the limit. Nothing of the request was stored; used + requested > limit. */
+export type QuotaExceededDetails = {
+  /** runs: session records (live sessions and tombstones) the tenant holds; kvBytes: key plus value bytes (UTF-8) in the KV of the runs it owns; checkpointBytes: checkpoint id plus data JSON bytes of the checkpoints of the runs it owns. */
+  quota: "runs" | "kvBytes" | "checkpointBytes";
+  /** What the tenant holds now, in the quota's unit (runs or bytes). */
+  used: number;
+  /** What the refused request would have added (its net growth: an overwrite counts the difference). */
+  requested: number;
+  /** The quota: the gateway's max_runs_per_tenant, max_kv_bytes_per_tenant or max_checkpoint_bytes_per_tenant. */
+  limit: number;
+};
 
 // ---- v1/schemas/frames/pushes.json
 
@@ -454,6 +480,12 @@ export interface Commands {
     capability: "kv.write";
     endpoints: "/v1/runtime";
   };
+  "kv.delete": {
+    request: DeleteKVCommand;
+    response: DeleteKVResponse;
+    capability: "kv.write";
+    endpoints: "/v1/runtime";
+  };
   "events.publish": {
     request: PublishOutputEventsRequest;
     response: PublishOutputEventsResponse;
@@ -520,13 +552,13 @@ export type CommandType = keyof Commands;
 export type PushType = keyof Pushes;
 
 /** The command types, for checks at run time. */
-export const COMMAND_TYPES: readonly CommandType[] = ["runtime.attach","runtime.heartbeat","runtime.recoverConnections","secrets.get","config.get","kv.get","kv.set","events.publish","checkpoint.save","checkpoint.load","stream.resume","stream.cancel","runs.list","runtime.finish","run.cancel"];
+export const COMMAND_TYPES: readonly CommandType[] = ["runtime.attach","runtime.heartbeat","runtime.recoverConnections","secrets.get","config.get","kv.get","kv.set","kv.delete","events.publish","checkpoint.save","checkpoint.load","stream.resume","stream.cancel","runs.list","runtime.finish","run.cancel"];
 
 /** The push types, for checks at run time. */
 export const PUSH_TYPES: readonly PushType[] = ["stream.events","stream.gap","session.superseded","session.expired","gateway.draining","stream.closed","stream.ended","run.cancelRequested"];
 
 /** Every protocol error code (ErrorCode). */
-export type ProtocolErrorCode = "BAD_FRAME" | "UNKNOWN_TYPE" | "INVALID_PAYLOAD" | "UNAUTHENTICATED" | "FORBIDDEN" | "NOT_ATTACHED" | "STALE_EPOCH" | "SESSION_EXPIRED" | "CONFLICT" | "NOT_FOUND" | "RATE_LIMITED" | "PAYLOAD_TOO_LARGE" | "UNSUPPORTED_PROTOCOL" | "DRAINING" | "INTERNAL" | "RUN_ENDED";
+export type ProtocolErrorCode = "BAD_FRAME" | "UNKNOWN_TYPE" | "INVALID_PAYLOAD" | "UNAUTHENTICATED" | "FORBIDDEN" | "NOT_ATTACHED" | "STALE_EPOCH" | "SESSION_EXPIRED" | "CONFLICT" | "NOT_FOUND" | "RATE_LIMITED" | "PAYLOAD_TOO_LARGE" | "UNSUPPORTED_PROTOCOL" | "DRAINING" | "INTERNAL" | "RUN_ENDED" | "QUOTA_EXCEEDED";
 
 /** The error codes, for checks at run time. */
-export const ERROR_CODES: readonly ProtocolErrorCode[] = ["BAD_FRAME","UNKNOWN_TYPE","INVALID_PAYLOAD","UNAUTHENTICATED","FORBIDDEN","NOT_ATTACHED","STALE_EPOCH","SESSION_EXPIRED","CONFLICT","NOT_FOUND","RATE_LIMITED","PAYLOAD_TOO_LARGE","UNSUPPORTED_PROTOCOL","DRAINING","INTERNAL","RUN_ENDED"];
+export const ERROR_CODES: readonly ProtocolErrorCode[] = ["BAD_FRAME","UNKNOWN_TYPE","INVALID_PAYLOAD","UNAUTHENTICATED","FORBIDDEN","NOT_ATTACHED","STALE_EPOCH","SESSION_EXPIRED","CONFLICT","NOT_FOUND","RATE_LIMITED","PAYLOAD_TOO_LARGE","UNSUPPORTED_PROTOCOL","DRAINING","INTERNAL","RUN_ENDED","QUOTA_EXCEEDED"];
