@@ -444,12 +444,11 @@ pub async fn soak(args: SoakArgs) -> anyhow::Result<SoakReport> {
     let mut schedulers = JoinSet::new();
     if args.net_fault_every > 0.0 {
         for proxy in &proxies {
-            schedulers.spawn(net_faults(
-                proxy.clone(),
-                args.net_fault_every,
-                end_at,
-                faults.clone(),
-            ));
+            let schedule = Schedule {
+                every: args.net_fault_every,
+                until: end_at,
+            };
+            schedulers.spawn(net_faults(proxy.clone(), schedule, faults.clone()));
         }
     }
     if args.gateway_fault_every > 0.0 {
@@ -461,19 +460,20 @@ pub async fn soak(args: SoakArgs) -> anyhow::Result<SoakReport> {
                 addrs: node_addrs.clone(),
                 redis: redis.clone(),
             },
-            args.gateway_fault_every,
-            until,
+            Schedule {
+                every: args.gateway_fault_every,
+                until,
+            },
             faults.clone(),
             bad_drains.clone(),
         ));
     }
     if args.takeover_every > 0.0 && !runs.is_empty() {
-        schedulers.spawn(takeovers(
-            ctx.clone(),
-            args.takeover_every,
-            end_at,
-            faults.clone(),
-        ));
+        let schedule = Schedule {
+            every: args.takeover_every,
+            until: end_at,
+        };
+        schedulers.spawn(takeovers(ctx.clone(), schedule, faults.clone()));
     }
 
     // Sample the gateway every 5 s until the end.
@@ -758,11 +758,32 @@ pub async fn soak(args: SoakArgs) -> anyhow::Result<SoakReport> {
     })
 }
 
-/// A random wait around `mean` seconds (uniform over half to one and a
-/// half times it).
-fn jittered(mean: f64) -> Duration {
-    let ms = (mean * 1000.0).max(1.0) as u64;
-    Duration::from_millis(rand::random_range(ms / 2..=ms + ms / 2))
+/// When a fault scheduler acts: at random moments around every `every`
+/// seconds (uniform over half to one and a half times it), until `until`.
+struct Schedule {
+    every: f64,
+    until: Instant,
+}
+
+impl Schedule {
+    /// Sleeps until the next moment to act; false once it would fall past
+    /// the end.
+    async fn next(&self) -> bool {
+        let ms = (self.every * 1000.0).max(1.0) as u64;
+        let at = Instant::now() + Duration::from_millis(rand::random_range(ms / 2..=ms + ms / 2));
+        if at >= self.until {
+            return false;
+        }
+        tokio::time::sleep_until(at).await;
+        true
+    }
+
+    /// Holds a fault for a random time within `ms` milliseconds, cut short
+    /// at the end.
+    async fn hold(&self, ms: std::ops::RangeInclusive<u64>) {
+        let hold = Duration::from_millis(rand::random_range(ms));
+        tokio::time::sleep_until((Instant::now() + hold).min(self.until)).await;
+    }
 }
 
 fn count(faults: &Mutex<BTreeMap<String, u64>>, kind: &str) {
@@ -772,24 +793,17 @@ fn count(faults: &Mutex<BTreeMap<String, u64>>, kind: &str) {
 /// Network faults through the proxy until `end_at`.
 async fn net_faults(
     proxy: Arc<Proxy>,
-    every: f64,
-    end_at: Instant,
+    schedule: Schedule,
     faults: Arc<Mutex<BTreeMap<String, u64>>>,
 ) -> anyhow::Result<()> {
-    loop {
-        let at = Instant::now() + jittered(every);
-        if at >= end_at {
-            return Ok(());
-        }
-        tokio::time::sleep_until(at).await;
+    while schedule.next().await {
         match rand::random_range(0..6u32) {
             5 => {
                 // A partition: connections reset and reconnects refused
                 // for a while, so clients come back behind the stream.
                 proxy.refuse(true);
                 proxy.cut_all().await;
-                let hold = Duration::from_millis(rand::random_range(1000..=5000));
-                tokio::time::sleep_until((Instant::now() + hold).min(end_at)).await;
+                schedule.hold(1000..=5000).await;
                 proxy.refuse(false);
                 count(&faults, "net: partition 1-5 s (cut, reconnects refused)");
             }
@@ -810,20 +824,19 @@ async fn net_faults(
                 let latency = Duration::from_millis(rand::random_range(50..=300));
                 proxy.shape(latency, None);
                 count(&faults, "net: latency 50-300 ms");
-                let hold = Duration::from_millis(rand::random_range(5000..=15000));
-                tokio::time::sleep_until((Instant::now() + hold).min(end_at)).await;
+                schedule.hold(5000..=15000).await;
                 proxy.shape(Duration::ZERO, None);
             }
             _ => {
                 let cap = rand::random_range(16..=128u64) * 1024;
                 proxy.shape(Duration::ZERO, Some(cap));
                 count(&faults, "net: bandwidth 16-128 KiB/s");
-                let hold = Duration::from_millis(rand::random_range(5000..=15000));
-                tokio::time::sleep_until((Instant::now() + hold).min(end_at)).await;
+                schedule.hold(5000..=15000).await;
                 proxy.shape(Duration::ZERO, None);
             }
         }
     }
+    Ok(())
 }
 
 /// The processes gateway faults act on.
@@ -841,18 +854,12 @@ struct Cluster {
 /// other node until it is back, and Redis is restarted too.
 async fn gateway_faults(
     cluster: Cluster,
-    every: f64,
-    until: Instant,
+    schedule: Schedule,
     faults: Arc<Mutex<BTreeMap<String, u64>>>,
     bad_drains: Arc<AtomicU64>,
 ) -> anyhow::Result<()> {
     let many = cluster.nodes.len() > 1;
-    loop {
-        let at = Instant::now() + jittered(every);
-        if at >= until {
-            return Ok(());
-        }
-        tokio::time::sleep_until(at).await;
+    while schedule.next().await {
         let kinds = if cluster.redis.is_some() { 3 } else { 2 };
         let kind = rand::random_range(0..kinds);
         if kind == 2 {
@@ -890,25 +897,21 @@ async fn gateway_faults(
             cluster.proxies[n].retarget(cluster.addrs[n]);
         }
     }
+    Ok(())
 }
 
 /// Takeovers of random runs until `end_at`.
 async fn takeovers(
     ctx: Arc<Ctx>,
-    every: f64,
-    end_at: Instant,
+    schedule: Schedule,
     faults: Arc<Mutex<BTreeMap<String, u64>>>,
 ) -> anyhow::Result<()> {
-    loop {
-        let at = Instant::now() + jittered(every);
-        if at >= end_at {
-            return Ok(());
-        }
-        tokio::time::sleep_until(at).await;
+    while schedule.next().await {
         let slot = rand::random_range(0..ctx.runs.len());
         ctx.takeover[slot].store(true, Ordering::SeqCst);
         count(&faults, "runtime: takeover by a higher epoch");
     }
+    Ok(())
 }
 
 impl fmt::Display for SoakReport {
