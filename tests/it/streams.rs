@@ -481,7 +481,13 @@ async fn resuming_while_publishing_loses_and_repeats_nothing() {
             let info = v.ok("stream.resume", payload).await;
             let start = info["startOffset"].as_u64().unwrap();
             assert_eq!(info["truncated"], false);
-            let (offsets, gaps) = collect(&mut v, "race", TOTAL).await;
+            // A live reader that resumes after the last publish (a fast
+            // machine) starts at the end: nothing more is owed to it.
+            let (offsets, gaps) = if start < TOTAL {
+                collect(&mut v, "race", TOTAL).await
+            } else {
+                (Vec::new(), Vec::new())
+            };
             assert!(gaps.is_empty(), "no gaps with a big ring: {gaps:?}");
             let expect: Vec<u64> = (start..TOTAL).collect();
             assert_eq!(offsets, expect, "reader {k} from {start}");
