@@ -251,18 +251,19 @@ pub struct RunEnd {
 
 impl RunEnd {
     pub fn new(run: &RunId, epoch: &StreamEpoch, req: EndRequest, next_offset: u64) -> RunEnd {
-        let (payload, frame) = frame::ended_frame(
-            run,
-            epoch,
+        let ended = rungate_protocol::push::StreamEnded {
+            run_id: run.clone(),
+            stream_epoch: epoch.clone(),
             next_offset,
-            req.outcome,
-            req.message.as_deref(),
-            req.ended_at,
-        );
-        RunEnd {
             outcome: req.outcome,
             message: req.message,
             ended_at: req.ended_at,
+        };
+        let (payload, frame) = frame::ended_frame(&ended);
+        RunEnd {
+            outcome: ended.outcome,
+            message: ended.message,
+            ended_at: ended.ended_at,
             next_offset,
             payload,
             frame,

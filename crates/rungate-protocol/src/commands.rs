@@ -242,6 +242,16 @@ fn typed<'de, T: Deserialize<'de>>(text: &'de str) -> Result<T, CommandError> {
 
 /// As [`typed`], with paths under `root`.
 fn typed_at<'de, T: Deserialize<'de>>(text: &'de str, root: &str) -> Result<T, CommandError> {
+    deserialize_at(text, root).map_err(|(path, why)| CommandError::invalid_payload(&path, why))
+}
+
+/// Deserializes `text`, or answers the JSON pointer (under `root`) of the
+/// member that broke the type and serde's reason: requests' `details.path`
+/// and [`crate::push::PushError`] both come from here.
+pub(crate) fn deserialize_at<'de, T: Deserialize<'de>>(
+    text: &'de str,
+    root: &str,
+) -> Result<T, (String, String)> {
     let de = &mut serde_json::Deserializer::from_str(text);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let mut pointer = String::from(root);
@@ -256,7 +266,7 @@ fn typed_at<'de, T: Deserialize<'de>>(text: &'de str, root: &str) -> Result<T, C
                 Segment::Unknown => {}
             }
         }
-        CommandError::invalid_payload(&pointer, e.inner().to_string())
+        (pointer, e.inner().to_string())
     })
 }
 
@@ -905,109 +915,6 @@ impl RunState {
         RunState::Expired,
         RunState::Ended,
     ];
-}
-
-// ------------------------------------------------------------------ pushes
-
-pub mod push {
-    //! Push payloads (frames without an id).
-    use serde::Serialize;
-
-    use crate::ids::{RunId, SessionId, StreamEpoch};
-
-    /// Push type of a batch of a followed run's events (built by [`crate::stream_frame`]).
-    pub const STREAM_EVENTS: &str = "stream.events";
-    /// Push type of offsets a follower missed (built by [`crate::stream_frame::gap_frame`]).
-    pub const STREAM_GAP: &str = "stream.gap";
-    /// Push type sent to the old socket when a reconnect moved the session elsewhere.
-    pub const SESSION_SUPERSEDED: &str = "session.superseded";
-    /// Push type sent when a session's lease ran out.
-    pub const SESSION_EXPIRED: &str = "session.expired";
-    /// Push type sent to every socket when the gateway starts shutting down.
-    pub const GATEWAY_DRAINING: &str = "gateway.draining";
-    /// Push type sent when the stream a socket followed was dropped.
-    pub const STREAM_CLOSED: &str = "stream.closed";
-    /// Push type sent once per subscription after an ended run's last event.
-    pub const STREAM_ENDED: &str = "stream.ended";
-    /// Push type sent to the runtime socket holding a run a viewer asked to stop.
-    pub const RUN_CANCEL_REQUESTED: &str = "run.cancelRequested";
-
-    /// A viewer asked the run to stop (`run.cancel`); pushed on the socket
-    /// holding the run's session, and again after each reattach until the
-    /// run ends.
-    #[derive(Debug, Serialize)]
-    #[serde(rename_all = "camelCase")]
-    pub struct RunCancelRequested<'a> {
-        /// The session holding the run (`sessionId`).
-        pub session_id: &'a SessionId,
-        /// The run asked to stop (`runId`).
-        pub run_id: &'a RunId,
-        /// The viewer's `reason`, if it gave one.
-        #[serde(skip_serializing_if = "Option::is_none")]
-        pub reason: Option<&'a str>,
-        /// When the viewer asked (`requestedAt`).
-        pub requested_at: crate::time::Timestamp,
-    }
-
-    /// `session.superseded`: a reconnect with a greater `connectionEpoch` moved the session to
-    /// another socket; this one now gets `STALE_EPOCH` for it.
-    #[derive(Debug, Serialize)]
-    #[serde(rename_all = "camelCase")]
-    pub struct SessionSuperseded<'a> {
-        /// The session that moved (`sessionId`).
-        pub session_id: &'a SessionId,
-        /// The run bound to it (`runId`).
-        pub run_id: &'a RunId,
-        /// The epoch the session moved to.
-        pub connection_epoch: u64,
-    }
-
-    /// `session.expired`: the session's lease ran out; attach afresh.
-    #[derive(Debug, Serialize)]
-    #[serde(rename_all = "camelCase")]
-    pub struct SessionExpired<'a> {
-        /// The session that expired (`sessionId`).
-        pub session_id: &'a SessionId,
-        /// The run bound to it (`runId`).
-        pub run_id: &'a RunId,
-    }
-
-    /// `gateway.draining`: the gateway is shutting down; new requests get `DRAINING`.
-    #[derive(Debug, Serialize)]
-    #[serde(rename_all = "camelCase")]
-    pub struct GatewayDraining {
-        /// How long to wait before reconnecting, in milliseconds (`reconnectAfterMs`).
-        pub reconnect_after_ms: u64,
-    }
-
-    /// `stream.gap`: the subscriber fell behind the ring and missed
-    /// `fromOffset..=toOffset`; it continues after them. The WebSocket frame
-    /// is spliced by [`crate::stream_frame::gap_frame`], which the ring
-    /// stores; this is the same payload for a transport that serializes it
-    /// (SSE's `event: gap`).
-    #[derive(Debug, Serialize)]
-    #[serde(rename_all = "camelCase")]
-    pub struct StreamGap<'a> {
-        /// The run whose events were missed (`runId`).
-        pub run_id: &'a RunId,
-        /// The epoch of its stream (`streamEpoch`).
-        pub stream_epoch: &'a StreamEpoch,
-        /// The first offset missed (`fromOffset`).
-        pub from_offset: u64,
-        /// The last offset missed, inclusive (`toOffset`).
-        pub to_offset: u64,
-    }
-
-    /// The stream a socket followed was dropped (retention after its
-    /// session ended, or the memory budget): nothing more comes from it.
-    #[derive(Debug, Serialize)]
-    #[serde(rename_all = "camelCase")]
-    pub struct StreamClosed<'a> {
-        /// The run whose stream was dropped (`runId`).
-        pub run_id: &'a RunId,
-        /// The epoch of the stream that was dropped (`streamEpoch`).
-        pub stream_epoch: &'a StreamEpoch,
-    }
 }
 
 #[cfg(test)]
