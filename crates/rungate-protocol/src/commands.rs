@@ -225,7 +225,6 @@ command_payloads! {
     GetConfigCommand => ConfigGet, GetConfigResponse<'static>;
     GetKVCommand => KvGet, GetKVResponse;
     SetKVCommand => KvSet, SetKVResponse;
-    PublishOutputEventsRequest => EventsPublish, PublishOutputEventsResponse;
     CheckpointSaveCommand => CheckpointSave, CheckpointSaveResponse;
     CheckpointLoadCommand => CheckpointLoad, CheckpointLoadResponse;
     StreamResumeCommand => StreamResume, StreamResumeResponse;
@@ -233,6 +232,13 @@ command_payloads! {
     RunsListCommand => RunsList, RunsListResponse;
     RuntimeFinishCommand => RuntimeFinish, RuntimeFinishResponse;
     RunCancelCommand => RunCancel, RunCancelResponse;
+}
+
+/// Whatever form a writer holds its events in, a publish is the same
+/// command.
+impl<E: Serialize> CommandPayload for PublishOutputEventsRequest<E> {
+    const KIND: CommandKind = CommandKind::EventsPublish;
+    type Reply = PublishOutputEventsResponse;
 }
 
 /// Deserializes with the failing member's path, for `details.path`.
@@ -528,17 +534,20 @@ pub struct SetKVCommand {
     pub kv: BTreeMap<String, String>,
 }
 
-/// `events.publish`. Events stay raw JSON (as received) after validation, so
-/// the stream can store and forward them without re-serializing.
+/// `events.publish`. As read (the default `E`), events stay raw JSON (as
+/// received) after validation, so the stream can store and forward them
+/// without re-serializing. A writer may hold them as [`OutputEvent`]s too
+/// (a client keeps them to resend), or as borrowed [`EventRef`]s, written
+/// straight into the frame (a load generator's, with no buffer per event).
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct PublishOutputEventsRequest {
+pub struct PublishOutputEventsRequest<E = OutputEvent> {
     /// The publishing session (`sessionId`).
     pub session_id: SessionId,
     /// The run whose stream the events join (`runId`).
     pub run_id: RunId,
     /// The batch (`events`), appended in order, atomically.
-    pub events: Vec<OutputEvent>,
+    pub events: Vec<E>,
 }
 
 /// One output event as published: its raw JSON plus the members the gateway
@@ -607,27 +616,16 @@ impl Serialize for OutputEvent {
 }
 
 impl OutputEvent {
-    /// An event as a runtime writes it: `type`, then `seq`, `timestamp` and
-    /// `data` where given. Nothing is checked here (the `timestamp` is left
-    /// as text): the reader of the frame decides, as for any other client.
+    /// An event as a runtime writes it ([`EventRef`]'s JSON), in a buffer
+    /// of its own. Nothing is checked here (the `timestamp` is left as
+    /// text): the reader of the frame decides, as for any other client.
     pub fn new(
         kind: &str,
         seq: Option<u64>,
         timestamp: Option<&str>,
         data: Option<&Value>,
     ) -> Result<OutputEvent, serde_json::Error> {
-        #[derive(Serialize)]
-        struct Written<'a> {
-            #[serde(rename = "type")]
-            kind: &'a str,
-            #[serde(skip_serializing_if = "Option::is_none")]
-            seq: Option<u64>,
-            #[serde(skip_serializing_if = "Option::is_none")]
-            timestamp: Option<&'a str>,
-            #[serde(skip_serializing_if = "Option::is_none")]
-            data: Option<&'a Value>,
-        }
-        let raw = serde_json::value::to_raw_value(&Written {
+        let raw = serde_json::value::to_raw_value(&EventRef {
             kind,
             seq,
             timestamp,
@@ -635,6 +633,26 @@ impl OutputEvent {
         })?;
         Ok(OutputEvent { raw, seq })
     }
+}
+
+/// An output event as a writer serializes it, borrowing every member:
+/// `type`, then `seq`, `timestamp` and `data` where given. `data` is
+/// anything serde writes, so a writer with typed data builds no
+/// `serde_json::Value` for it.
+#[derive(Debug, Serialize)]
+pub struct EventRef<'a, D: ?Sized> {
+    /// The event's `type`.
+    #[serde(rename = "type")]
+    pub kind: &'a str,
+    /// The runtime's per-run sequence number (`seq`), if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seq: Option<u64>,
+    /// RFC 3339 (`timestamp`), if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timestamp: Option<&'a str>,
+    /// The event's `data`, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data: Option<&'a D>,
 }
 
 /// `checkpoint.save`: saves `data` as the run's latest checkpoint (capability `checkpoint.save`).
@@ -1102,6 +1120,41 @@ mod tests {
             read.events[1].raw.get(),
             r#"{"type":"done","timestamp":"2026-11-25T10:00:00Z"}"#
         );
+        // Borrowed events with typed data write the same JSON, and read
+        // back as the same publish.
+        #[derive(Serialize)]
+        struct Data<'a> {
+            b: u64,
+            a: &'a str,
+        }
+        let data = Data { b: 1, a: "x" };
+        let borrowed = PublishOutputEventsRequest {
+            session_id: sid.clone(),
+            run_id: run.clone(),
+            events: vec![
+                EventRef {
+                    kind: "log",
+                    seq: Some(5),
+                    timestamp: None,
+                    data: Some(&data),
+                },
+                EventRef {
+                    kind: "done",
+                    seq: None,
+                    timestamp: Some("2026-11-25T10:00:00Z"),
+                    data: None,
+                },
+            ],
+        };
+        let Command::EventsPublish(read) = round_trip(&borrowed).0 else {
+            panic!("publish")
+        };
+        assert_eq!(
+            read.events[0].raw.get(),
+            r#"{"type":"log","seq":5,"data":{"b":1,"a":"x"}}"#
+        );
+        assert_eq!(read.events[1].raw.get(), publish.events[1].raw.get());
+        assert_eq!(read.events[0].seq, Some(5));
 
         let r = || run.clone();
         let s = || sid.clone();

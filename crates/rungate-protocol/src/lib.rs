@@ -32,7 +32,7 @@ pub mod time;
 
 pub use commands::{Command, CommandKind, CommandPayload};
 pub use envelope::{
-    Frame, Incoming, Rejected, Request, decode, decode_incoming, encode_command, encode_error,
-    encode_push, encode_reply, encode_request,
+    Encoded, Frame, Incoming, Rejected, Request, decode, decode_incoming, encode_command,
+    encode_error, encode_push, encode_reply, encode_request,
 };
 pub use error::{CommandError, ErrorCode};
