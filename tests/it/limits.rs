@@ -1,6 +1,6 @@
 //! Every limit of issue #5 over real sockets: go one over, get the typed
 //! error, close or HTTP status, and see that the same socket (or another
-//! client) still works afterwards. Each gateway is configured with small
+//! client) still works afterwards; and every refusal before an upgrade. Each gateway is configured with small
 //! limits so a test needs only a few requests; waits are generous because
 //! the tests share two busy cores.
 
@@ -580,4 +580,111 @@ async fn limits_come_from_the_config_file_and_the_environment() {
     assert_eq!(e["details"]["maxSessionsPerSocket"], 1, "{e}");
     rt.ok("kv.set", set(json!({ "k": "fits" }))).await;
     gw.kill().await;
+}
+
+/// One raw HTTP/1.1 request (`Connection: close`): the status and the
+/// body, read to the end.
+async fn raw_http(addr: std::net::SocketAddr, request: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(WAIT, tcp.read_to_end(&mut answer))
+        .await
+        .expect("an answer in time")
+        .unwrap();
+    let answer = String::from_utf8(answer).unwrap();
+    let status = answer
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("a status line: {answer}"));
+    let body = answer.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    (status, body.to_owned())
+}
+
+/// Each refusal before an upgrade, on both WebSocket endpoints: its status
+/// and an error body of the error frame's shape (code, message, retryable,
+/// details only), the code of the one error map (gateway::errors).
+#[tokio::test]
+async fn every_refusal_before_an_upgrade_has_its_status_and_error_body() {
+    let gw = TestGateway::start().await;
+    let addr = gw.addr;
+    let runtime = runtime_token(&gw);
+    let viewer = gw.token(TokenKind::Viewer, "*", &[]);
+    let check = |what: &str, status: u16, body: &Value, want: (u16, &str)| {
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (want.0, Some(want.1)),
+            "{what}: {body}"
+        );
+        let error = body["error"].as_object().unwrap();
+        assert!(error["message"].is_string(), "{what}: {body}");
+        assert_eq!(error["retryable"], false, "{what}: {body}");
+        assert!(
+            error
+                .keys()
+                .all(|k| ["code", "message", "retryable", "details"].contains(&k.as_str())),
+            "{what}: {body}"
+        );
+        assert_eq!(body.as_object().unwrap().len(), 1, "{what}: {body}");
+    };
+    for (path, own, other) in [
+        ("/v1/runtime", &runtime, &viewer),
+        ("/v1/stream", &viewer, &runtime),
+    ] {
+        let url = gw.url(path);
+        let none = http::get(addr, path, &[]).await;
+        let status = none.status;
+        let body = none.json().await;
+        check("no token", status, &body, (401, "UNAUTHENTICATED"));
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .starts_with("a token is required")
+        );
+        let (status, body, _) = refused(&url, &format!("{own}x")).await;
+        check("a forged token", status, &body, (401, "UNAUTHENTICATED"));
+        assert_eq!(body["error"]["message"], "the token is not valid");
+        let (status, body, _) = refused(&url, other).await;
+        check("the other kind of token", status, &body, (403, "FORBIDDEN"));
+        // A plain GET with a good token: not an upgrade.
+        let r = http::get_with_token(addr, path, own).await;
+        let status = r.status;
+        check(
+            "not an upgrade",
+            status,
+            &r.json().await,
+            (400, "BAD_FRAME"),
+        );
+        let origin = http::get(
+            addr,
+            &format!("{path}?token={own}"),
+            &[("origin", "https://elsewhere.example")],
+        )
+        .await;
+        let status = origin.status;
+        check(
+            "a foreign origin",
+            status,
+            &origin.json().await,
+            (403, "FORBIDDEN"),
+        );
+        let (status, body) = raw_http(
+            addr,
+            &format!("POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"),
+        )
+        .await;
+        let body: Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
+        check("a wrong method", status, &body, (405, "BAD_FRAME"));
+        assert_eq!(body["error"]["message"], "method not allowed; use GET");
+    }
+    let (status, body) = raw_http(
+        addr,
+        &format!("GET /nowhere HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"),
+    )
+    .await;
+    let body: Value = serde_json::from_str(&body).unwrap();
+    check("no route", status, &body, (404, "NOT_FOUND"));
 }

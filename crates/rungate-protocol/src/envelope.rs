@@ -217,6 +217,19 @@ pub fn encode_error(id: Option<&str>, error: &CommandError) -> Frame {
     })
 }
 
+/// `{"error": {...}}`: the body of an HTTP refusal, the error member of an
+/// error frame on its own (spec/README.md, *HTTP*), so an error reads the
+/// same over HTTP as on a socket.
+pub fn encode_error_body(error: &CommandError) -> Frame {
+    #[derive(Serialize)]
+    struct ErrorDocument<'a> {
+        error: ErrorBody<'a>,
+    }
+    encode(&ErrorDocument {
+        error: error.into(),
+    })
+}
+
 /// `{"type": <push type>, "payload"}`: no id, nobody asked for it.
 pub fn encode_push<T: Serialize>(kind: &str, payload: &T) -> Frame {
     encode(&PushFrame { kind, payload })
@@ -461,6 +474,13 @@ mod tests {
         assert_eq!(
             err.as_str(),
             r#"{"id":null,"type":"error","error":{"code":"BAD_FRAME","message":"x","retryable":false}}"#
+        );
+        let limited = CommandError::new(ErrorCode::RateLimited, "later")
+            .with_details(serde_json::json!({"maxConnections": 2}));
+        assert_eq!(
+            encode_error_body(&limited).as_str(),
+            r#"{"error":{"code":"RATE_LIMITED","message":"later","retryable":true,"details":{"maxConnections":2}}}"#,
+            "an HTTP body is the error frame's error member"
         );
         let push = encode_push(
             "gateway.draining",

@@ -33,6 +33,6 @@ pub mod time;
 pub use commands::{Command, CommandKind, CommandPayload};
 pub use envelope::{
     Encoded, Frame, Incoming, Rejected, Request, decode, decode_incoming, encode_command,
-    encode_error, encode_push, encode_reply, encode_request,
+    encode_error, encode_error_body, encode_push, encode_reply, encode_request,
 };
 pub use error::{CommandError, ErrorCode};
