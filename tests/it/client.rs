@@ -227,6 +227,18 @@ async fn next_item(
         .expect("an item in time")
 }
 
+/// The scripted gateway's resume reply, then its first batch's event 0.
+async fn resumed_then_event_0(follower: &mut rungate_client::Follower) {
+    assert!(matches!(
+        next_item(follower).await,
+        Some(Ok(StreamItem::Resumed { .. }))
+    ));
+    assert!(matches!(
+        next_item(follower).await,
+        Some(Ok(StreamItem::Event { offset: 0, .. }))
+    ));
+}
+
 fn assert_bad_push(item: Option<Result<StreamItem, ClientError>>, kind: &str, path: &str) {
     match item {
         Some(Err(ClientError::BadPush(e))) => {
@@ -249,14 +261,7 @@ async fn a_malformed_push_is_a_typed_error_not_a_silent_loss() {
     let addr = scripted_gateway(vec![one_event("v-1", "0"), one_event("v-1", r#""one""#)]).await;
     let viewer = ViewerClient::new(ViewerOptions::new(format!("ws://{addr}/v1/stream"), "t"));
     let mut follower = viewer.follow("v-1", Some(0));
-    assert!(matches!(
-        next_item(&mut follower).await,
-        Some(Ok(StreamItem::Resumed { .. }))
-    ));
-    assert!(matches!(
-        next_item(&mut follower).await,
-        Some(Ok(StreamItem::Event { offset: 0, .. }))
-    ));
+    resumed_then_event_0(&mut follower).await;
     assert_bad_push(
         next_item(&mut follower).await,
         "stream.events",
@@ -298,14 +303,7 @@ async fn a_malformed_push_is_a_typed_error_not_a_silent_loss() {
     let mut cancels = rt.cancel_requests();
     rt.attach("r-1", &["stream.resume"]).await.unwrap();
     let mut own = rt.follow("r-1", Some(0)).await.unwrap();
-    assert!(matches!(
-        next_item(&mut own).await,
-        Some(Ok(StreamItem::Resumed { .. }))
-    ));
-    assert!(matches!(
-        next_item(&mut own).await,
-        Some(Ok(StreamItem::Event { offset: 0, .. }))
-    ));
+    resumed_then_event_0(&mut own).await;
     assert_bad_push(next_item(&mut own).await, "stream.gap", "/payload/toOffset");
     assert!(next_item(&mut own).await.is_none(), "the error is final");
     // The malformed cancel was skipped, the typed one came through.

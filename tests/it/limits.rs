@@ -582,25 +582,10 @@ async fn limits_come_from_the_config_file_and_the_environment() {
     gw.kill().await;
 }
 
-/// One raw HTTP/1.1 request (`Connection: close`): the status and the
-/// body, read to the end.
-async fn raw_http(addr: std::net::SocketAddr, request: &str) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    tcp.write_all(request.as_bytes()).await.unwrap();
-    let mut answer = Vec::new();
-    tokio::time::timeout(WAIT, tcp.read_to_end(&mut answer))
-        .await
-        .expect("an answer in time")
-        .unwrap();
-    let answer = String::from_utf8(answer).unwrap();
-    let status = answer
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("a status line: {answer}"));
-    let body = answer.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
-    (status, body.to_owned())
+/// A response's status and JSON body.
+async fn status_and_json(r: http::Response) -> (u16, Value) {
+    let status = r.status;
+    (status, r.json().await)
 }
 
 /// Each refusal before an upgrade, on both WebSocket endpoints: its status
@@ -634,43 +619,22 @@ async fn every_refusal_before_an_upgrade_has_its_status_and_error_body() {
         ("/v1/stream", &viewer, &runtime),
     ] {
         let url = gw.url(path);
-        let none = http::get(addr, path, &[]).await;
-        let status = none.status;
-        let body = none.json().await;
+        let (status, body) = status_and_json(http::get(addr, path, &[]).await).await;
         check("no token", status, &body, (401, "UNAUTHENTICATED"));
-        assert!(
-            body["error"]["message"]
-                .as_str()
-                .unwrap()
-                .starts_with("a token is required")
-        );
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(message.starts_with("a token is required"), "{message}");
         let (status, body, _) = refused(&url, &format!("{own}x")).await;
         check("a forged token", status, &body, (401, "UNAUTHENTICATED"));
         assert_eq!(body["error"]["message"], "the token is not valid");
         let (status, body, _) = refused(&url, other).await;
         check("the other kind of token", status, &body, (403, "FORBIDDEN"));
         // A plain GET with a good token: not an upgrade.
-        let r = http::get_with_token(addr, path, own).await;
-        let status = r.status;
-        check(
-            "not an upgrade",
-            status,
-            &r.json().await,
-            (400, "BAD_FRAME"),
-        );
-        let origin = http::get(
-            addr,
-            &format!("{path}?token={own}"),
-            &[("origin", "https://elsewhere.example")],
-        )
-        .await;
-        let status = origin.status;
-        check(
-            "a foreign origin",
-            status,
-            &origin.json().await,
-            (403, "FORBIDDEN"),
-        );
+        let (status, body) = status_and_json(http::get_with_token(addr, path, own).await).await;
+        check("not an upgrade", status, &body, (400, "BAD_FRAME"));
+        let foreign = [("origin", "https://elsewhere.example")];
+        let (status, body) =
+            status_and_json(http::get(addr, &format!("{path}?token={own}"), &foreign).await).await;
+        check("a foreign origin", status, &body, (403, "FORBIDDEN"));
         let (status, body) = raw_http(
             addr,
             &format!("POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"),

@@ -264,61 +264,77 @@ mod tests {
         )
     }
 
+    /// `value`, encoded as push `kind`, parses back as `Push::$variant`
+    /// holding an equal value.
+    macro_rules! reads_back {
+        ($kind:expr, $variant:ident, $value:expr) => {{
+            let value = $value;
+            match read_back($kind, &value) {
+                Push::$variant(read) => assert_eq!(read, value),
+                other => panic!("{}: {other:?}", $kind),
+            }
+        }};
+    }
+
     #[test]
     fn every_push_the_gateway_writes_reads_back_typed() {
         let (sid, run, epoch) = ids();
         let now = Timestamp::from_unix_millis(1_764_064_800_123);
-        let superseded = SessionSuperseded {
-            session_id: sid.clone(),
-            run_id: run.clone(),
-            connection_epoch: 9,
-        };
-        assert!(matches!(
-            read_back(SESSION_SUPERSEDED, &superseded),
-            Push::SessionSuperseded(p) if p == superseded
-        ));
-        let expired = SessionExpired {
-            session_id: sid.clone(),
-            run_id: run.clone(),
-        };
-        assert!(matches!(
-            read_back(SESSION_EXPIRED, &expired),
-            Push::SessionExpired(p) if p == expired
-        ));
-        let draining = GatewayDraining {
-            reconnect_after_ms: 1500,
-        };
-        assert!(matches!(
-            read_back(GATEWAY_DRAINING, &draining),
-            Push::GatewayDraining(p) if p == draining
-        ));
+        let (session_id, run_id, stream_epoch) = (|| sid.clone(), || run.clone(), || epoch.clone());
+        reads_back!(
+            SESSION_SUPERSEDED,
+            SessionSuperseded,
+            SessionSuperseded {
+                session_id: session_id(),
+                run_id: run_id(),
+                connection_epoch: 9
+            }
+        );
+        reads_back!(
+            SESSION_EXPIRED,
+            SessionExpired,
+            SessionExpired {
+                session_id: session_id(),
+                run_id: run_id()
+            }
+        );
+        reads_back!(
+            GATEWAY_DRAINING,
+            GatewayDraining,
+            GatewayDraining {
+                reconnect_after_ms: 1500
+            }
+        );
         for reason in [None, Some("user asked".to_owned())] {
-            let cancel = RunCancelRequested {
-                session_id: sid.clone(),
-                run_id: run.clone(),
-                reason,
-                requested_at: now,
-            };
-            assert!(matches!(
-                read_back(RUN_CANCEL_REQUESTED, &cancel),
-                Push::RunCancelRequested(p) if p == cancel
-            ));
+            reads_back!(
+                RUN_CANCEL_REQUESTED,
+                RunCancelRequested,
+                RunCancelRequested {
+                    session_id: session_id(),
+                    run_id: run_id(),
+                    reason,
+                    requested_at: now
+                }
+            );
         }
-        let gap = StreamGap {
-            run_id: run.clone(),
-            stream_epoch: epoch.clone(),
-            from_offset: 3,
-            to_offset: 7,
-        };
-        assert!(matches!(read_back(STREAM_GAP, &gap), Push::StreamGap(p) if p == gap));
-        let closed = StreamClosed {
-            run_id: run.clone(),
-            stream_epoch: epoch.clone(),
-        };
-        assert!(matches!(
-            read_back(STREAM_CLOSED, &closed),
-            Push::StreamClosed(p) if p == closed
-        ));
+        reads_back!(
+            STREAM_GAP,
+            StreamGap,
+            StreamGap {
+                run_id: run_id(),
+                stream_epoch: stream_epoch(),
+                from_offset: 3,
+                to_offset: 7
+            }
+        );
+        reads_back!(
+            STREAM_CLOSED,
+            StreamClosed,
+            StreamClosed {
+                run_id: run_id(),
+                stream_epoch: stream_epoch()
+            }
+        );
     }
 
     #[test]
