@@ -39,39 +39,31 @@ test("cuts and stalls lose nothing and duplicate nothing", async (t) => {
   const stream = viewer.events("cut-1", { from: 0 });
   const reading = collect(stream, N, 120_000);
 
-  // Faults while publishing: a cut every few batches, and two stalls.
-  let published = 0;
-  const publisher = (async () => {
-    for (let i = 0; i < N; i += 3) {
-      await run.publish([0, 1, 2].map((k) => ({ type: "tick", data: { i: i + k } })));
-      published = i + 3;
+  // Faults at fixed points of the publishing, so they land however fast
+  // the machine publishes: a cut while a publish is in flight at every 40
+  // events (four in all), and after the second cut a stall longer than the
+  // client's patience.
+  let cuts = 0;
+  let stalls = 0;
+  for (let i = 0; i < N; i += 3) {
+    const publishing = run.publish([0, 1, 2].map((k) => ({ type: "tick", data: { i: i + k } })));
+    if (i >= 40 * (cuts + 1) && cuts < 4) {
+      cuts += 1;
+      proxy.cutAll();
     }
-  })();
-  const faults = (async () => {
-    let cuts = 0;
-    while (published < N) {
-      await sleep(60);
-      if (published >= N) break;
-      if (published > 40 * (cuts + 1) && cuts < 4) {
-        cuts += 1;
-        proxy.cutAll();
-      }
-      if (cuts === 2 && published < N) {
-        cuts += 1;
-        await until(() => rt.state === "connected" && proxy.open >= 2, "reconnected before the stall");
-        await sleep(50);
-        // A stall longer than the client's patience: it must give this socket
-        // up by itself (no FIN ever comes) and reconnect.
-        proxy.stall();
-        await until(() => events.some((e) => e.type === "disconnected" && e.code === 1006 && /no frame/.test(e.reason)), "the stalled socket given up");
-        proxy.unstall();
-      }
+    await publishing;
+    if (cuts === 2 && stalls === 0) {
+      stalls += 1;
+      await until(() => rt.state === "connected" && proxy.open >= 2, "reconnected before the stall");
+      await sleep(50);
+      // No FIN ever comes: the client must give this socket up by itself
+      // and reconnect.
+      proxy.stall();
+      await until(() => events.some((e) => e.type === "disconnected" && e.code === 1006 && /no frame/.test(e.reason)), "the stalled socket given up");
+      proxy.unstall();
     }
-    return cuts;
-  })();
-  await publisher;
-  const cuts = await faults;
-  assert.ok(cuts >= 3, `faults were injected (${cuts})`);
+  }
+  assert.deepEqual([cuts, stalls], [4, 1], "faults were injected");
 
   // A KV write after all that still works on the same session.
   await run.kv.set({ done: "yes" });

@@ -273,10 +273,15 @@ impl Applier {
         // A stream this node proposed that lost the race to create it
         // (another node's proposal reached Redis first) is still empty:
         // it takes Redis's epoch in place, keeping its followers.
-        let continues = local.as_ref().is_some_and(|(epoch, head, _)| {
-            (*epoch == remote.epoch && *head <= remote.next)
-                || hub.adopt_epoch(run, epoch, &remote.epoch)
+        let adopted = local.as_ref().is_some_and(|(epoch, _, _)| {
+            *epoch != remote.epoch && hub.adopt_epoch(run, epoch, &remote.epoch)
         });
+        // Otherwise the replica goes on from where it is only if it holds
+        // the same history and no more of it than Redis does.
+        let continues = adopted
+            || local
+                .as_ref()
+                .is_some_and(|(epoch, head, _)| *epoch == remote.epoch && *head <= remote.next);
         if !continues {
             let start = remote.entries.first().map_or(remote.next, |e| e.0);
             let ring = Ring::restored(
