@@ -10,14 +10,19 @@
 //! [`command_budget_spent`]). WebSocket handlers (`cmd`) and
 //! HTTP routes (`http`) both come here, so a failure reads the same on
 //! every transport; an HTTP route then answers [`http_status`] of the code.
-//! Must not decide *when* a command fails (the handlers and the domain do),
-//! nor encode frames or responses.
+//! The refusals HTTP makes on its own, before any command (origin,
+//! draining, token, not an upgrade, the connection caps, method, route),
+//! are an [`HttpRefusal`] whose error and status come from here too.
+//! Must not decide *when* a command or request fails (the handlers, the
+//! routes and the domain do), nor encode frames or responses.
 
 use std::time::Duration;
 
-use hyper::StatusCode;
+use hyper::{Method, StatusCode};
 use serde_json::json;
 
+use super::admission::Refused;
+use crate::auth::{AuthError, TokenKind};
 use crate::config::Limits;
 use crate::ids::{RunId, RunOutcome};
 use crate::protocol::{CommandError, ErrorCode};
@@ -205,11 +210,109 @@ pub(crate) fn command_budget_spent(limits: &Limits, who: &str, wait: Duration) -
     }))
 }
 
+/// Why HTTP refused a request before any command ran: before an upgrade
+/// to `/v1/runtime` or `/v1/stream`, or before another route did its work.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum HttpRefusal {
+    /// A browser page from an origin `--allowed-origins` does not allow.
+    Origin(crate::origin::Refused),
+    /// The gateway is shutting down.
+    Draining,
+    /// The request carries no token.
+    NoToken,
+    /// The token is expired (`expired`), or not one of this gateway's.
+    BadToken {
+        /// Whether it was valid until it expired.
+        expired: bool,
+    },
+    /// A token of the other kind than the route takes.
+    WrongTokenKind {
+        /// The kind the route takes.
+        want: TokenKind,
+    },
+    /// A request to a WebSocket path that is not a WebSocket upgrade.
+    NotAnUpgrade(String),
+    /// The connection caps (`admission`).
+    NotAdmitted(Refused),
+    /// The path serves only `allow`.
+    MethodNotAllowed {
+        /// The method the path serves.
+        allow: Method,
+    },
+    /// No route at the path.
+    NoRoute,
+}
+
+impl From<&AuthError> for HttpRefusal {
+    /// A token `auth` did not accept.
+    fn from(e: &AuthError) -> HttpRefusal {
+        HttpRefusal::BadToken {
+            expired: matches!(e, AuthError::Expired),
+        }
+    }
+}
+
+impl HttpRefusal {
+    /// The error the refusal's body carries: a code from the closed list,
+    /// worded once.
+    pub(crate) fn error(&self) -> CommandError {
+        match self {
+            HttpRefusal::Origin(refused) => CommandError::forbidden(refused.to_string()),
+            HttpRefusal::Draining => {
+                CommandError::new(ErrorCode::Draining, "the gateway is draining")
+            }
+            HttpRefusal::NoToken => CommandError::new(
+                ErrorCode::Unauthenticated,
+                "a token is required (Authorization: Bearer <token> or ?token=<token>)",
+            ),
+            // A fixed wording: nothing of the token goes back.
+            HttpRefusal::BadToken { expired: true } => {
+                CommandError::new(ErrorCode::Unauthenticated, "the token has expired")
+            }
+            HttpRefusal::BadToken { expired: false } => {
+                CommandError::new(ErrorCode::Unauthenticated, "the token is not valid")
+            }
+            HttpRefusal::WrongTokenKind { want } => CommandError::forbidden(match want {
+                TokenKind::Runtime => "this endpoint needs a runtime token",
+                TokenKind::Viewer => "this endpoint needs a viewer token",
+            }),
+            HttpRefusal::NotAnUpgrade(why) => {
+                CommandError::bad_frame(format!("expected a WebSocket upgrade: {why}"))
+            }
+            HttpRefusal::NotAdmitted(refused) => {
+                let details = match refused {
+                    Refused::GatewayFull { max } => json!({ "maxConnections": max }),
+                    Refused::TokenFull { max } => json!({ "maxSocketsPerToken": max }),
+                };
+                CommandError::new(ErrorCode::RateLimited, refused.to_string()).with_details(details)
+            }
+            HttpRefusal::MethodNotAllowed { allow } => {
+                CommandError::bad_frame(format!("method not allowed; use {allow}"))
+            }
+            HttpRefusal::NoRoute => CommandError::new(ErrorCode::NotFound, "no such route"),
+        }
+    }
+
+    /// The status: [`http_status`] of the error's code, except where HTTP
+    /// has a more precise one. 405 for a method the path does not serve;
+    /// 503 for a gateway holding its maximum of connections (the gateway's
+    /// load, which any connection ending relieves, where 429 is the
+    /// token's own quota).
+    pub(crate) fn status(&self) -> StatusCode {
+        match self {
+            HttpRefusal::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            HttpRefusal::NotAdmitted(Refused::GatewayFull { .. }) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            _ => http_status(self.error().code),
+        }
+    }
+}
+
 /// The status an HTTP route answers a protocol error with. The body is the
 /// same error as on a WebSocket; the status only sorts it for HTTP clients
 /// and proxies: the caller's fault (4xx) or the gateway's, try again (503).
-/// Refusals before a route runs choose their own (405 for a wrong method,
-/// 503 for a gateway holding its maximum of connections).
+/// An [`HttpRefusal`] says where it answers another.
 pub(crate) fn http_status(code: ErrorCode) -> StatusCode {
     match code {
         ErrorCode::BadFrame
@@ -253,6 +356,75 @@ mod tests {
             );
             assert_eq!(later, code.retryable(), "{code}");
         }
+    }
+
+    /// Each refusal's code, status and wording, as the HTTP tests and
+    /// spec/README.md (HTTP) expect them.
+    #[test]
+    fn every_http_refusal_has_its_code_and_status() {
+        use HttpRefusal as R;
+        let cases = [
+            (R::Origin(crate::origin::Refused), ErrorCode::Forbidden, 403),
+            (R::Draining, ErrorCode::Draining, 503),
+            (R::NoToken, ErrorCode::Unauthenticated, 401),
+            (
+                R::BadToken { expired: true },
+                ErrorCode::Unauthenticated,
+                401,
+            ),
+            (
+                R::BadToken { expired: false },
+                ErrorCode::Unauthenticated,
+                401,
+            ),
+            (
+                R::WrongTokenKind {
+                    want: TokenKind::Viewer,
+                },
+                ErrorCode::Forbidden,
+                403,
+            ),
+            (R::NotAnUpgrade("no key".into()), ErrorCode::BadFrame, 400),
+            (
+                R::NotAdmitted(Refused::TokenFull { max: 2 }),
+                ErrorCode::RateLimited,
+                429,
+            ),
+            (
+                R::NotAdmitted(Refused::GatewayFull { max: 9 }),
+                ErrorCode::RateLimited,
+                503,
+            ),
+            (
+                R::MethodNotAllowed { allow: Method::GET },
+                ErrorCode::BadFrame,
+                405,
+            ),
+            (R::NoRoute, ErrorCode::NotFound, 404),
+        ];
+        for (refusal, code, status) in cases {
+            let e = refusal.error();
+            assert_eq!(
+                (e.code, refusal.status().as_u16()),
+                (code, status),
+                "{refusal:?}"
+            );
+            assert_eq!(e.retryable, code.retryable(), "{refusal:?}");
+        }
+        assert_eq!(
+            R::NotAdmitted(Refused::GatewayFull { max: 9 })
+                .error()
+                .details,
+            Some(json!({ "maxConnections": 9 }))
+        );
+        assert_eq!(
+            R::MethodNotAllowed {
+                allow: Method::POST
+            }
+            .error()
+            .message,
+            "method not allowed; use POST"
+        );
     }
 
     #[test]

@@ -7,8 +7,11 @@
 //! allowed (`origin`), 503 while draining, 401 for a missing, expired or
 //! badly signed token, 403 for the wrong kind of token, 503 when the
 //! gateway holds its maximum of connections and 429 when the token does
-//! (`admission`). Must not log tokens or query strings (nor URIs, which
-//! carry them), and must not know what happens inside a socket.
+//! (`admission`). Which error and status each refusal is, is `errors`'
+//! (an [`HttpRefusal`], or a domain error through [`errors::http_status`]),
+//! as for command errors; the body is the protocol crate's
+//! (`encode_error_body`). Must not log tokens or query strings (nor URIs,
+//! which carry them), and must not know what happens inside a socket.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -20,18 +23,18 @@ use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use serde_json::json;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::server::create_response_with_body;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 
 use super::admission::{Permit, Refused};
 use super::cmd::{Endpoint, run_cancel, runs_list};
+use super::errors::HttpRefusal;
 use super::state::Shared;
 use super::{connection, dashboard, errors, sse};
-use crate::auth::{AuthError, Grant, TokenKind};
+use crate::auth::{Grant, TokenKind};
 use crate::ids::RunId;
-use crate::protocol::{CommandError, ErrorCode};
+use crate::protocol::{CommandError, encode_error_body};
 
 /// Every response body: a whole buffer, or a stream (SSE). Not `Sync`
 /// because a stream body owns a subscription; hyper needs only `Send`.
@@ -55,23 +58,14 @@ fn respond(
     r
 }
 
-/// An HTTP error in the same shape as a WebSocket error frame's `error`,
-/// with a code from the same closed list.
-fn http_error(status: StatusCode, code: ErrorCode, message: &str) -> Response<Body> {
-    refusal(status, &CommandError::new(code, message))
-}
-
-/// [`http_error`] for a [`CommandError`] with its details; a retryable one
-/// also says when to come back (`Retry-After`, seconds).
-fn refusal(status: StatusCode, e: &CommandError) -> Response<Body> {
-    let mut error = json!({ "code": e.code, "message": e.message, "retryable": e.retryable });
-    if let Some(details) = &e.details {
-        error["details"] = details.clone();
-    }
+/// An error as an HTTP response: `status`, the body the protocol crate
+/// encodes (the error frame's `error` member), and for a retryable error
+/// when to come back (`Retry-After`, seconds).
+fn error_response(status: StatusCode, e: &CommandError) -> Response<Body> {
     let mut r = respond(
         status,
         "application/json",
-        json!({ "error": error }).to_string(),
+        encode_error_body(e).into_bytes(),
     );
     if e.retryable {
         r.headers_mut()
@@ -80,11 +74,16 @@ fn refusal(status: StatusCode, e: &CommandError) -> Response<Body> {
     r
 }
 
+/// A refusal HTTP makes on its own, as `errors` words it.
+fn refuse(refusal: HttpRefusal) -> Response<Body> {
+    error_response(refusal.status(), &refusal.error())
+}
+
 /// A route's refusal, with the status [`errors::http_status`] gives its
 /// code: what a domain error (mapped by `errors`, as for a WebSocket) is
 /// answered with.
 fn refused(e: &CommandError) -> Response<Body> {
-    refusal(errors::http_status(e.code), e)
+    error_response(errors::http_status(e.code), e)
 }
 
 /// `INVALID_PAYLOAD` for a bad header, query, path or body value; `path`
@@ -143,22 +142,16 @@ pub(crate) async fn route(
         (_, _) if run_events_path(path).is_some() || dashboard::serves(path) => {
             method_not_allowed()
         }
-        (_, _) if run_cancel_path(path).is_some() => http_error(
-            StatusCode::METHOD_NOT_ALLOWED,
-            ErrorCode::BadFrame,
-            "method not allowed; use POST",
-        ),
-        _ => http_error(StatusCode::NOT_FOUND, ErrorCode::NotFound, "no such route"),
+        (_, _) if run_cancel_path(path).is_some() => refuse(HttpRefusal::MethodNotAllowed {
+            allow: Method::POST,
+        }),
+        _ => refuse(HttpRefusal::NoRoute),
     };
     Ok(response)
 }
 
 fn method_not_allowed() -> Response<Body> {
-    http_error(
-        StatusCode::METHOD_NOT_ALLOWED,
-        ErrorCode::BadFrame,
-        "method not allowed; use GET",
-    )
+    refuse(HttpRefusal::MethodNotAllowed { allow: Method::GET })
 }
 
 /// The paths that give a page in a browser something: data behind a token,
@@ -181,11 +174,7 @@ fn origin_refusal(shared: &Shared, req: &Request<Incoming>) -> Option<Response<B
         .check(header(header::ORIGIN), header(header::HOST))
         .err()?;
     shared.metrics.refused("origin");
-    Some(http_error(
-        StatusCode::FORBIDDEN,
-        ErrorCode::Forbidden,
-        &refused.to_string(),
-    ))
+    Some(refuse(HttpRefusal::Origin(refused)))
 }
 
 /// A place for one more long-lived connection of this grant's token.
@@ -196,23 +185,6 @@ fn admit(shared: &Shared, grant: &Grant) -> Result<Permit, Refused> {
             Refused::TokenFull { .. } => "max_sockets_per_token",
         });
     })
-}
-
-/// The answer to a connection not admitted: 503 when the gateway is full,
-/// 429 when the token is; `RATE_LIMITED` and retryable either way.
-fn admission_refusal(refused: Refused) -> Response<Body> {
-    let (status, details) = match refused {
-        Refused::GatewayFull { max } => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            json!({ "maxConnections": max }),
-        ),
-        Refused::TokenFull { max } => (
-            StatusCode::TOO_MANY_REQUESTS,
-            json!({ "maxSocketsPerToken": max }),
-        ),
-    };
-    let e = CommandError::new(ErrorCode::RateLimited, refused.to_string()).with_details(details);
-    refusal(status, &e)
 }
 
 /// The `{runId}` of `/v1/runs/{runId}/events`, not yet validated.
@@ -234,7 +206,7 @@ const MAX_CANCEL_BODY: usize = 8 * 1024;
 async fn run_cancel(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
     let grant = match authenticate(&shared, &req, TokenKind::Viewer) {
         Ok(g) => g,
-        Err((status, code, message)) => return http_error(status, code, message),
+        Err(refusal) => return refuse(refusal),
     };
     let raw = run_cancel_path(req.uri().path()).unwrap_or_default();
     let Ok(run) = RunId::new(raw) else {
@@ -277,7 +249,7 @@ async fn run_cancel(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Bod
 async fn runs_list(shared: &Shared, req: &Request<Incoming>) -> Response<Body> {
     let grant = match authenticate(shared, req, TokenKind::Viewer) {
         Ok(g) => g,
-        Err((status, code, message)) => return http_error(status, code, message),
+        Err(refusal) => return refuse(refusal),
     };
     // The socket's command budget, per token: a listing is work.
     if let Err(wait) = shared
@@ -319,14 +291,10 @@ async fn runs_list(shared: &Shared, req: &Request<Incoming>) -> Response<Body> {
 async fn run_events(shared: Arc<Shared>, req: &Request<Incoming>) -> Response<Body> {
     let grant = match authenticate(&shared, req, TokenKind::Viewer) {
         Ok(g) => g,
-        Err((status, code, message)) => return http_error(status, code, message),
+        Err(refusal) => return refuse(refusal),
     };
     if shared.draining.is_cancelled() {
-        return http_error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            ErrorCode::Draining,
-            "the gateway is draining",
-        );
+        return refuse(HttpRefusal::Draining);
     }
     let raw = run_events_path(req.uri().path()).unwrap_or_default();
     // Run ids use only URL-safe characters, so the path needs no decoding.
@@ -337,11 +305,9 @@ async fn run_events(shared: Arc<Shared>, req: &Request<Incoming>) -> Response<Bo
     // gets the same body here, so none can be told from another (existing
     // or not) by its refusal.
     if !grant.runs.covers(&run) {
-        return http_error(
-            StatusCode::FORBIDDEN,
-            ErrorCode::Forbidden,
+        return refused(&CommandError::forbidden(
             "the token does not cover this run",
-        );
+        ));
     }
     let last_event_id = req
         .headers()
@@ -371,7 +337,7 @@ async fn run_events(shared: Arc<Shared>, req: &Request<Incoming>) -> Response<Bo
     }
     let permit = match admit(&shared, &grant) {
         Ok(p) => p,
-        Err(refused) => return admission_refusal(refused),
+        Err(refused) => return refuse(HttpRefusal::NotAdmitted(refused)),
     };
     let token_expires = shared.clock.instant(grant.expires_at);
     match sse::respond(shared, run, start, permit, token_expires) {
@@ -402,40 +368,20 @@ pub(crate) fn query_param(query: &str, name: &str) -> Option<String> {
         .map(|(_, v)| v.to_owned())
 }
 
-/// A refusal before the upgrade: status, error code, message.
-type Refusal = (StatusCode, ErrorCode, &'static str);
-
 /// Checks the token for `endpoint`: 401 without a valid one, 403 for the
 /// wrong kind.
 fn authenticate(
     shared: &Shared,
     req: &Request<Incoming>,
     want: TokenKind,
-) -> Result<Grant, Refusal> {
-    let Some(token) = token_of(req) else {
-        return Err((
-            StatusCode::UNAUTHORIZED,
-            ErrorCode::Unauthenticated,
-            "a token is required (Authorization: Bearer <token> or ?token=<token>)",
-        ));
-    };
-    let grant = shared.auth.verify(&token).map_err(|e| {
-        let message = match e {
-            AuthError::Expired => "the token has expired",
-            _ => "the token is not valid",
-        };
-        (
-            StatusCode::UNAUTHORIZED,
-            ErrorCode::Unauthenticated,
-            message,
-        )
-    })?;
+) -> Result<Grant, HttpRefusal> {
+    let token = token_of(req).ok_or(HttpRefusal::NoToken)?;
+    let grant = shared
+        .auth
+        .verify(&token)
+        .map_err(|e| HttpRefusal::from(&e))?;
     if grant.kind != want {
-        let message = match want {
-            TokenKind::Runtime => "this endpoint needs a runtime token",
-            TokenKind::Viewer => "this endpoint needs a viewer token",
-        };
-        return Err((StatusCode::FORBIDDEN, ErrorCode::Forbidden, message));
+        return Err(HttpRefusal::WrongTokenKind { want });
     }
     Ok(grant)
 }
@@ -444,11 +390,7 @@ fn authenticate(
 /// connection task.
 fn upgrade(shared: Arc<Shared>, req: Request<Incoming>, endpoint: Endpoint) -> Response<Body> {
     if shared.draining.is_cancelled() {
-        return http_error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            ErrorCode::Draining,
-            "the gateway is draining",
-        );
+        return refuse(HttpRefusal::Draining);
     }
     let want = match endpoint {
         Endpoint::Runtime => TokenKind::Runtime,
@@ -456,22 +398,16 @@ fn upgrade(shared: Arc<Shared>, req: Request<Incoming>, endpoint: Endpoint) -> R
     };
     let grant = match authenticate(&shared, &req, want) {
         Ok(g) => g,
-        Err((status, code, message)) => return http_error(status, code, message),
+        Err(refusal) => return refuse(refusal),
     };
     let response = match create_response_with_body(&req, || full(Bytes::new())) {
         Ok(r) => r,
-        Err(e) => {
-            return http_error(
-                StatusCode::BAD_REQUEST,
-                ErrorCode::BadFrame,
-                &format!("expected a WebSocket upgrade: {e}"),
-            );
-        }
+        Err(e) => return refuse(HttpRefusal::NotAnUpgrade(e.to_string())),
     };
     // Counted from here: the 101 is about to go out.
     let permit = match admit(&shared, &grant) {
         Ok(p) => p,
-        Err(refused) => return admission_refusal(refused),
+        Err(refused) => return refuse(HttpRefusal::NotAdmitted(refused)),
     };
     let limits = &shared.config.limits;
     // Small read buffers and no write buffering keep an idle socket at a

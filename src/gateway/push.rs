@@ -16,7 +16,7 @@
 use std::time::Duration;
 
 use crate::ids::{RunId, SessionId, StreamEpoch};
-use crate::protocol::commands::push;
+use crate::protocol::push;
 use crate::protocol::{Frame, encode_push};
 use crate::session::Expired;
 use crate::session::registry::Superseded;
@@ -26,8 +26,8 @@ use crate::time::Timestamp;
 /// `session.superseded` for the socket that lost `s` to a newer epoch.
 pub(crate) fn session_superseded(s: &Superseded) -> Frame {
     let payload = push::SessionSuperseded {
-        session_id: &s.session_id,
-        run_id: &s.run_id,
+        session_id: s.session_id.clone(),
+        run_id: s.run_id.clone(),
         connection_epoch: s.new_epoch,
     };
     encode_push(push::SESSION_SUPERSEDED, &payload)
@@ -36,8 +36,8 @@ pub(crate) fn session_superseded(s: &Superseded) -> Frame {
 /// `session.expired` for the socket `e`'s session was bound to.
 pub(crate) fn session_expired(e: &Expired) -> Frame {
     let payload = push::SessionExpired {
-        session_id: &e.session_id,
-        run_id: &e.run_id,
+        session_id: e.session_id.clone(),
+        run_id: e.run_id.clone(),
     };
     encode_push(push::SESSION_EXPIRED, &payload)
 }
@@ -50,9 +50,9 @@ pub(crate) fn run_cancel_requested(
     cancel: &PendingCancel,
 ) -> Frame {
     let payload = push::RunCancelRequested {
-        session_id,
-        run_id,
-        reason: cancel.reason.as_deref(),
+        session_id: session_id.clone(),
+        run_id: run_id.clone(),
+        reason: cancel.reason.clone(),
         requested_at: Timestamp::from_unix_millis(cancel.requested_at_unix_ms),
     };
     encode_push(push::RUN_CANCEL_REQUESTED, &payload)
@@ -71,10 +71,10 @@ pub(crate) fn gateway_draining(reconnect_after: Duration) -> Frame {
 }
 
 /// The `stream.closed` payload: `run`'s stream of `epoch` was dropped.
-pub(crate) fn closed<'a>(run: &'a RunId, epoch: &'a StreamEpoch) -> push::StreamClosed<'a> {
+pub(crate) fn closed(run: &RunId, epoch: &StreamEpoch) -> push::StreamClosed {
     push::StreamClosed {
-        run_id: run,
-        stream_epoch: epoch,
+        run_id: run.clone(),
+        stream_epoch: epoch.clone(),
     }
 }
 
@@ -86,15 +86,10 @@ pub(crate) fn stream_closed(run: &RunId, epoch: &StreamEpoch) -> Frame {
 
 /// The `stream.gap` payload, for a transport that serializes it (SSE); a
 /// WebSocket follower is sent the frame its subscription delivers.
-pub(crate) fn gap<'a>(
-    run: &'a RunId,
-    epoch: &'a StreamEpoch,
-    from: u64,
-    to: u64,
-) -> push::StreamGap<'a> {
+pub(crate) fn gap(run: &RunId, epoch: &StreamEpoch, from: u64, to: u64) -> push::StreamGap {
     push::StreamGap {
-        run_id: run,
-        stream_epoch: epoch,
+        run_id: run.clone(),
+        stream_epoch: epoch.clone(),
         from_offset: from,
         to_offset: to,
     }

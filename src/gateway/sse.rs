@@ -44,7 +44,7 @@ use super::http::Body;
 use super::push;
 use super::state::Shared;
 use crate::ids::RunId;
-use crate::stream::{EventDelivery, ResumeInfo, StreamError, StreamEvent, Subscription};
+use crate::stream::{EventDelivery, StreamError, StreamEvent, StreamResumeResponse, Subscription};
 
 /// A start position that is not an offset: where it was and why.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -173,7 +173,7 @@ pub(crate) fn respond(
 /// One SSE response's state between chunks.
 struct Reader {
     shared: Arc<Shared>,
-    info: ResumeInfo,
+    info: StreamResumeResponse,
     subscription: Subscription,
     /// The `event: stream` chunk, sent first.
     opening: Option<Bytes>,
@@ -240,7 +240,7 @@ impl Reader {
 
 /// The first chunk: how long a browser waits before reconnecting, and the
 /// resume information.
-fn opening(info: &ResumeInfo) -> Bytes {
+fn opening(info: &StreamResumeResponse) -> Bytes {
     let data = serde_json::to_string(info).unwrap_or_default();
     let mut buf = BytesMut::with_capacity(data.len() + 40);
     buf.put_slice(b"retry: 1000\n");

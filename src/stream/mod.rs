@@ -251,18 +251,19 @@ pub struct RunEnd {
 
 impl RunEnd {
     pub fn new(run: &RunId, epoch: &StreamEpoch, req: EndRequest, next_offset: u64) -> RunEnd {
-        let (payload, frame) = frame::ended_frame(
-            run,
-            epoch,
+        let ended = rungate_protocol::push::StreamEnded {
+            run_id: run.clone(),
+            stream_epoch: epoch.clone(),
             next_offset,
-            req.outcome,
-            req.message.as_deref(),
-            req.ended_at,
-        );
-        RunEnd {
             outcome: req.outcome,
             message: req.message,
             ended_at: req.ended_at,
+        };
+        let (payload, frame) = frame::ended_frame(&ended);
+        RunEnd {
+            outcome: ended.outcome,
+            message: ended.message,
+            ended_at: ended.ended_at,
             next_offset,
             payload,
             frame,
@@ -295,25 +296,10 @@ pub struct PublishOutcome {
     pub next_offset: u64,
 }
 
-/// The answer to a resume; the `stream.resume` reply, field for field.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ResumeInfo {
-    pub run_id: RunId,
-    pub stream_epoch: StreamEpoch,
-    /// The oldest kept offset.
-    pub first_offset: u64,
-    /// The head: the offset the next event will get.
-    pub next_offset: u64,
-    /// The first offset the subscription will deliver.
-    pub start_offset: u64,
-    /// History the client asked for is gone: `fromOffset` was older than
-    /// `firstOffset`, or the epoch differs.
-    pub truncated: bool,
-    /// The run ended: the subscription replays, then delivers
-    /// [`Delivery::Ended`] without waiting.
-    pub ended: bool,
-}
+/// The answer to a resume is the `stream.resume` reply itself, so the wire
+/// shape has one definition (the protocol crate's). `ended` set means the
+/// subscription replays, then delivers [`Delivery::Ended`] without waiting.
+pub use rungate_protocol::commands::StreamResumeResponse;
 
 /// One run's stream as `runs.list` and `GET /v1/runs` show it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

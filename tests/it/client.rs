@@ -141,6 +141,194 @@ async fn a_call_without_an_answer_times_out() {
     silent.abort();
 }
 
+/// A "gateway" on one socket that answers `runtime.attach`,
+/// `runtime.heartbeat` and `stream.resume` as the protocol says, and after
+/// the resume reply sends `pushes` (type, payload text) as they are.
+async fn scripted_gateway(pushes: Vec<(&'static str, String)>) -> std::net::SocketAddr {
+    use futures_util::{SinkExt, StreamExt};
+    use rungate::ids::{RunId, SessionId, StreamEpoch};
+    use rungate::protocol::commands::{
+        Command, HeartbeatResponse, RuntimeAttachResponse, StreamResumeResponse,
+    };
+    use rungate::protocol::{CommandKind, encode_reply};
+    use rungate::time::Timestamp;
+    use tokio_tungstenite::tungstenite::Message;
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut ws = tokio_tungstenite::accept_async(tcp).await.unwrap();
+        let mut pushes = Some(pushes);
+        while let Some(Ok(message)) = ws.next().await {
+            let Message::Text(text) = message else {
+                continue;
+            };
+            let request = rungate::protocol::decode(text.as_str()).unwrap();
+            let kind = CommandKind::parse(&request.kind).unwrap();
+            let reply = match Command::parse(kind, request.payload).unwrap() {
+                Command::RuntimeAttach(a) => encode_reply(
+                    &request.id,
+                    &RuntimeAttachResponse {
+                        session_id: SessionId::generate(),
+                        run_id: a.run_id,
+                        heartbeat_interval_ms: 60_000,
+                        lease_expires_at: Timestamp::now(),
+                        config_version: None,
+                    },
+                ),
+                Command::RuntimeHeartbeat(_) => encode_reply(
+                    &request.id,
+                    &HeartbeatResponse {
+                        accepted: true,
+                        next_heartbeat_due_at: Timestamp::now(),
+                    },
+                ),
+                Command::StreamResume(r) => encode_reply(
+                    &request.id,
+                    &StreamResumeResponse {
+                        run_id: RunId::new(r.run_id.as_str()).unwrap(),
+                        stream_epoch: StreamEpoch::new(SCRIPTED_EPOCH).unwrap(),
+                        first_offset: 0,
+                        next_offset: 0,
+                        start_offset: 0,
+                        truncated: false,
+                        ended: false,
+                    },
+                ),
+                _ => continue,
+            };
+            ws.send(Message::text(reply.as_str())).await.unwrap();
+            if kind == CommandKind::StreamResume {
+                for (kind, payload) in pushes.take().unwrap_or_default() {
+                    let frame = format!(r#"{{"type":"{kind}","payload":{payload}}}"#);
+                    ws.send(Message::text(frame)).await.unwrap();
+                }
+            }
+        }
+    });
+    addr
+}
+
+const SCRIPTED_EPOCH: &str = "00112233445566778899aabbccddeeff";
+
+/// `stream.events` for run `run`: one event at `offset`.
+fn one_event(run: &str, offset: &str) -> (&'static str, String) {
+    (
+        "stream.events",
+        format!(
+            r#"{{"runId":"{run}","streamEpoch":"{SCRIPTED_EPOCH}","events":[{{"offset":{offset},"event":{{"type":"log"}}}}]}}"#
+        ),
+    )
+}
+
+/// The follower's next item, within [`WAIT`].
+async fn next_item(
+    follower: &mut rungate_client::Follower,
+) -> Option<Result<StreamItem, ClientError>> {
+    tokio::time::timeout(WAIT, follower.next())
+        .await
+        .expect("an item in time")
+}
+
+/// The scripted gateway's resume reply, then its first batch's event 0.
+async fn resumed_then_event_0(follower: &mut rungate_client::Follower) {
+    assert!(matches!(
+        next_item(follower).await,
+        Some(Ok(StreamItem::Resumed { .. }))
+    ));
+    assert!(matches!(
+        next_item(follower).await,
+        Some(Ok(StreamItem::Event { offset: 0, .. }))
+    ));
+}
+
+fn assert_bad_push(item: Option<Result<StreamItem, ClientError>>, kind: &str, path: &str) {
+    match item {
+        Some(Err(ClientError::BadPush(e))) => {
+            assert_eq!((e.kind.as_str(), e.path.as_str()), (kind, path), "{e}");
+            assert!(!ClientError::BadPush(e).is_retryable());
+        }
+        other => panic!("expected a malformed {kind} at {path}, got {other:?}"),
+    }
+}
+
+/// Both clients read pushes through the protocol crate's typed structs. A
+/// stream push that breaks its type ends the follower with a
+/// `ClientError::BadPush` naming the member (before, the client dropped it
+/// silently and the follower went on past the offsets it carried); other
+/// malformed pushes are skipped without harm, and well-formed ones after
+/// them still arrive typed.
+#[tokio::test]
+async fn a_malformed_push_is_a_typed_error_not_a_silent_loss() {
+    // A viewer: a good batch, then one whose offset is not a number.
+    let addr = scripted_gateway(vec![one_event("v-1", "0"), one_event("v-1", r#""one""#)]).await;
+    let viewer = ViewerClient::new(ViewerOptions::new(format!("ws://{addr}/v1/stream"), "t"));
+    let mut follower = viewer.follow("v-1", Some(0));
+    resumed_then_event_0(&mut follower).await;
+    assert_bad_push(
+        next_item(&mut follower).await,
+        "stream.events",
+        "/payload/events/0/offset",
+    );
+    assert!(
+        next_item(&mut follower).await.is_none(),
+        "the error is final"
+    );
+
+    // A runtime following its own run.
+    let sid = "0123456789abcdef0123456789abcdef";
+    let cancel = |reason: &str, at: &str| {
+        (
+            "run.cancelRequested",
+            format!(
+                r#"{{"sessionId":"{sid}","runId":"r-1","reason":"{reason}","requestedAt":"{at}"}}"#
+            ),
+        )
+    };
+    let addr = scripted_gateway(vec![
+        one_event("r-1", "0"),
+        cancel("bad time", "yesterday"),
+        ("session.expired", r#"{"sessionId":"not hex","runId":"r-1"}"#.into()),
+        cancel("typed", "2026-11-25T10:00:00.123Z"),
+        (
+            "stream.gap",
+            format!(r#"{{"runId":"r-1","streamEpoch":"{SCRIPTED_EPOCH}","fromOffset":1,"toOffset":"2"}}"#),
+        ),
+    ])
+    .await;
+    let rt = RuntimeClient::connect(RuntimeOptions::new(
+        format!("ws://{addr}/v1/runtime"),
+        "t",
+        "i",
+    ))
+    .await
+    .unwrap();
+    let mut cancels = rt.cancel_requests();
+    rt.attach("r-1", &["stream.resume"]).await.unwrap();
+    let mut own = rt.follow("r-1", Some(0)).await.unwrap();
+    resumed_then_event_0(&mut own).await;
+    assert_bad_push(next_item(&mut own).await, "stream.gap", "/payload/toOffset");
+    assert!(next_item(&mut own).await.is_none(), "the error is final");
+    // The malformed cancel was skipped, the typed one came through.
+    let got = tokio::time::timeout(WAIT, cancels.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (
+            got.session_id.as_str(),
+            got.run_id.as_str(),
+            got.reason.as_deref()
+        ),
+        (sid, "r-1", Some("typed"))
+    );
+    assert_eq!(got.requested_at, "2026-11-25T10:00:00.123Z");
+    // The malformed session.expired did not end the session.
+    rt.heartbeat("r-1").await.expect("still attached");
+    rt.close().await;
+}
+
 #[tokio::test]
 async fn a_refused_token_is_a_clear_error() {
     let gw = TestGateway::start().await;

@@ -100,6 +100,28 @@ pub struct Client {
     pub seen: Vec<Value>,
 }
 
+/// One raw HTTP/1.1 request, written as given (it should say
+/// `Connection: close`), on a fresh connection: the status and the body,
+/// read to the end.
+pub async fn raw_http(addr: SocketAddr, request: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    tokio::time::timeout(WAIT, tcp.read_to_end(&mut raw))
+        .await
+        .expect("an answer in time")
+        .unwrap();
+    let text = String::from_utf8(raw).unwrap();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("a status line: {text}"));
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    (status, body.to_owned())
+}
+
 /// The outcome of an HTTP handshake that was refused.
 pub async fn connect_status(url: &str, token: Option<&str>) -> u16 {
     let mut req = url.into_client_request().unwrap();

@@ -8,7 +8,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use crate::harness::{Client, TestGateway, WAIT, all_caps};
+use crate::harness::{Client, TestGateway, WAIT, all_caps, raw_http};
 use rungate::auth::TokenKind;
 use rungate::ids::Capability;
 use rungate_client::{
@@ -17,7 +17,6 @@ use rungate_client::{
 use rungate_test_support::http::{self, SseEvent, SseReader};
 use rungate_test_support::schema::Spec;
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn event(i: u64) -> Value {
     json!({ "type": "log", "seq": i, "data": i })
@@ -434,7 +433,6 @@ async fn sse_of_a_run_with_no_events_ends_and_last_event_id_end_on_a_live_run_st
 /// `POST path` with `body` and `Authorization: Bearer token`; status and
 /// body text. One request per connection, read to the end.
 async fn post(addr: SocketAddr, path: &str, token: Option<&str>, body: &str) -> (u16, String) {
-    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let auth = token
         .map(|t| format!("Authorization: Bearer {t}\r\n"))
         .unwrap_or_default();
@@ -442,16 +440,7 @@ async fn post(addr: SocketAddr, path: &str, token: Option<&str>, body: &str) -> 
         "POST {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
-    tcp.write_all(request.as_bytes()).await.unwrap();
-    let mut raw = Vec::new();
-    tokio::time::timeout(WAIT, tcp.read_to_end(&mut raw))
-        .await
-        .expect("an answer in time")
-        .unwrap();
-    let text = String::from_utf8(raw).unwrap();
-    let status: u16 = text[9..12].parse().unwrap();
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
-    (status, body.to_owned())
+    raw_http(addr, &request).await
 }
 
 fn json_of(body: &str) -> Value {

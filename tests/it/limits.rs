@@ -1,6 +1,6 @@
 //! Every limit of issue #5 over real sockets: go one over, get the typed
 //! error, close or HTTP status, and see that the same socket (or another
-//! client) still works afterwards. Each gateway is configured with small
+//! client) still works afterwards; and every refusal before an upgrade. Each gateway is configured with small
 //! limits so a test needs only a few requests; waits are generous because
 //! the tests share two busy cores.
 
@@ -580,4 +580,75 @@ async fn limits_come_from_the_config_file_and_the_environment() {
     assert_eq!(e["details"]["maxSessionsPerSocket"], 1, "{e}");
     rt.ok("kv.set", set(json!({ "k": "fits" }))).await;
     gw.kill().await;
+}
+
+/// A response's status and JSON body.
+async fn status_and_json(r: http::Response) -> (u16, Value) {
+    let status = r.status;
+    (status, r.json().await)
+}
+
+/// Each refusal before an upgrade, on both WebSocket endpoints: its status
+/// and an error body of the error frame's shape (code, message, retryable,
+/// details only), the code of the one error map (gateway::errors).
+#[tokio::test]
+async fn every_refusal_before_an_upgrade_has_its_status_and_error_body() {
+    let gw = TestGateway::start().await;
+    let addr = gw.addr;
+    let runtime = runtime_token(&gw);
+    let viewer = gw.token(TokenKind::Viewer, "*", &[]);
+    let check = |what: &str, status: u16, body: &Value, want: (u16, &str)| {
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (want.0, Some(want.1)),
+            "{what}: {body}"
+        );
+        let error = body["error"].as_object().unwrap();
+        assert!(error["message"].is_string(), "{what}: {body}");
+        assert_eq!(error["retryable"], false, "{what}: {body}");
+        assert!(
+            error
+                .keys()
+                .all(|k| ["code", "message", "retryable", "details"].contains(&k.as_str())),
+            "{what}: {body}"
+        );
+        assert_eq!(body.as_object().unwrap().len(), 1, "{what}: {body}");
+    };
+    for (path, own, other) in [
+        ("/v1/runtime", &runtime, &viewer),
+        ("/v1/stream", &viewer, &runtime),
+    ] {
+        let url = gw.url(path);
+        let (status, body) = status_and_json(http::get(addr, path, &[]).await).await;
+        check("no token", status, &body, (401, "UNAUTHENTICATED"));
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(message.starts_with("a token is required"), "{message}");
+        let (status, body, _) = refused(&url, &format!("{own}x")).await;
+        check("a forged token", status, &body, (401, "UNAUTHENTICATED"));
+        assert_eq!(body["error"]["message"], "the token is not valid");
+        let (status, body, _) = refused(&url, other).await;
+        check("the other kind of token", status, &body, (403, "FORBIDDEN"));
+        // A plain GET with a good token: not an upgrade.
+        let (status, body) = status_and_json(http::get_with_token(addr, path, own).await).await;
+        check("not an upgrade", status, &body, (400, "BAD_FRAME"));
+        let foreign = [("origin", "https://elsewhere.example")];
+        let (status, body) =
+            status_and_json(http::get(addr, &format!("{path}?token={own}"), &foreign).await).await;
+        check("a foreign origin", status, &body, (403, "FORBIDDEN"));
+        let (status, body) = raw_http(
+            addr,
+            &format!("POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"),
+        )
+        .await;
+        let body: Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
+        check("a wrong method", status, &body, (405, "BAD_FRAME"));
+        assert_eq!(body["error"]["message"], "method not allowed; use GET");
+    }
+    let (status, body) = raw_http(
+        addr,
+        &format!("GET /nowhere HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"),
+    )
+    .await;
+    let body: Value = serde_json::from_str(&body).unwrap();
+    check("no route", status, &body, (404, "NOT_FOUND"));
 }

@@ -13,8 +13,9 @@
 use rungate::ids::{Capability, OpaqueId, RunId, SessionId};
 use rungate::protocol::commands::{
     Accepted, CheckpointLoadResponse, CheckpointSaveResponse, DeleteKVResponse, HeartbeatResponse,
-    RuntimeAttachResponse, push,
+    RuntimeAttachResponse,
 };
+use rungate::protocol::push;
 use rungate::protocol::{
     Command, CommandError, CommandKind, ErrorCode, decode, encode_error, encode_push, encode_reply,
 };
@@ -1446,20 +1447,29 @@ fn encoded_frames_validate() {
     }
     assert!(spec.check_error(&json!({"id": null, "type": "error", "error": {"code": "NOPE", "message": "", "retryable": false}})).is_err());
 
+    let epoch = rungate::ids::StreamEpoch::new(EPOCH).unwrap();
+    let ended = |message: Option<&str>| push::StreamEnded {
+        run_id: run.clone(),
+        stream_epoch: epoch.clone(),
+        next_offset: 12,
+        outcome: rungate::ids::RunOutcome::Cancelled,
+        message: message.map(str::to_owned),
+        ended_at: now,
+    };
     let pushes = [
         parsed(encode_push(
             push::SESSION_SUPERSEDED,
             &push::SessionSuperseded {
-                session_id: &sid,
-                run_id: &run,
+                session_id: sid.clone(),
+                run_id: run.clone(),
                 connection_epoch: 4,
             },
         )),
         parsed(encode_push(
             push::SESSION_EXPIRED,
             &push::SessionExpired {
-                session_id: &sid,
-                run_id: &run,
+                session_id: sid.clone(),
+                run_id: run.clone(),
             },
         )),
         parsed(encode_push(
@@ -1468,6 +1478,46 @@ fn encoded_frames_validate() {
                 reconnect_after_ms: 2500,
             },
         )),
+        parsed(encode_push(
+            push::RUN_CANCEL_REQUESTED,
+            &push::RunCancelRequested {
+                session_id: sid.clone(),
+                run_id: run.clone(),
+                reason: Some("enough".into()),
+                requested_at: now,
+            },
+        )),
+        parsed(encode_push(
+            push::STREAM_CLOSED,
+            &push::StreamClosed {
+                run_id: run.clone(),
+                stream_epoch: epoch.clone(),
+            },
+        )),
+        parsed(encode_push(
+            push::STREAM_GAP,
+            &push::StreamGap {
+                run_id: run.clone(),
+                stream_epoch: epoch.clone(),
+                from_offset: 3,
+                to_offset: 5,
+            },
+        )),
+        parsed(encode_push(
+            push::STREAM_EVENTS,
+            &push::StreamEvents {
+                run_id: run.clone(),
+                stream_epoch: epoch.clone(),
+                events: vec![push::StreamEvent {
+                    offset: 7,
+                    event: RawValue::from_string(r#"{"type":"log","seq":1}"#.into()).unwrap(),
+                }],
+            },
+        )),
+        parsed(encode_push(push::STREAM_ENDED, &ended(None))),
+        // The frame the stream engine stores, from the same typed payload.
+        serde_json::from_slice(&rungate::stream::frame::ended_frame(&ended(Some("stop"))).1)
+            .unwrap(),
     ];
     for frame in &pushes {
         spec.check_push(frame)

@@ -1,10 +1,18 @@
-//! Reconnect delays: exponential, capped, with full jitter.
+//! Reconnect delays: exponential, capped, with full jitter; and how long
+//! to wait after a `gateway.draining`.
 //!
 //! Full jitter (a uniform delay between zero and the exponential bound)
 //! spreads thousands of clients that lost the same gateway at the same
 //! moment, so they do not all come back in one wave.
 
 use std::time::Duration;
+
+/// The wait before reconnecting after a `gateway.draining` push: the
+/// `reconnectAfterMs` it asked for, or a second if its payload did not read
+/// (that the gateway is going away is in the push's type).
+pub(crate) fn after_draining(reconnect_after_ms: Option<u64>) -> Duration {
+    Duration::from_millis(reconnect_after_ms.unwrap_or(1000))
+}
 
 /// Delay policy between reconnect attempts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -7,13 +7,13 @@
 //! items. Must not connect, send or wait: the drivers of
 //! [`crate::RuntimeClient`] and [`crate::ViewerClient`] do.
 
-use serde::Deserialize;
 use serde_json::Value;
 use tokio::sync::mpsc;
 
 use super::ClientError;
-use rungate_protocol::commands::{StreamResumeCommand, StreamResumeResponse, push};
+use rungate_protocol::commands::{StreamResumeCommand, StreamResumeResponse};
 use rungate_protocol::ids::{RunId, RunOutcome, SessionId, StreamEpoch};
+use rungate_protocol::push::{self, Push, PushError};
 
 /// What a follower hands its caller.
 #[derive(Debug, Clone, PartialEq)]
@@ -67,17 +67,6 @@ pub enum StreamItem {
     },
 }
 
-/// The `stream.ended` payload.
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct EndedPayload {
-    outcome: RunOutcome,
-    #[serde(default)]
-    message: Option<String>,
-    next_offset: u64,
-    ended_at: String,
-}
-
 /// A caller's end of one followed stream.
 pub struct Follower {
     items: FollowerRx,
@@ -87,12 +76,14 @@ enum FollowerRx {
     /// A viewer's: the driver waits for a slow caller.
     Bounded(mpsc::Receiver<Result<StreamItem, ClientError>>),
     /// A runtime's: its driver must never wait on a caller.
-    Unbounded(mpsc::UnboundedReceiver<StreamItem>),
+    Unbounded(mpsc::UnboundedReceiver<Result<StreamItem, ClientError>>),
 }
 
 impl Follower {
     /// The caller's end of a runtime client's follow.
-    pub(crate) fn unbounded(items: mpsc::UnboundedReceiver<StreamItem>) -> Follower {
+    pub(crate) fn unbounded(
+        items: mpsc::UnboundedReceiver<Result<StreamItem, ClientError>>,
+    ) -> Follower {
         Follower {
             items: FollowerRx::Unbounded(items),
         }
@@ -107,11 +98,12 @@ impl Follower {
 
     /// The next item; `None` once the follower ended (the client closed, or
     /// the run's session on a runtime client ended). `Err` is final: the
-    /// gateway refused the token or the run.
+    /// gateway refused the token or the run, or sent a stream push the
+    /// protocol does not allow ([`ClientError::BadPush`]).
     pub async fn next(&mut self) -> Option<Result<StreamItem, ClientError>> {
         match &mut self.items {
             FollowerRx::Bounded(rx) => rx.recv().await,
-            FollowerRx::Unbounded(rx) => rx.recv().await.map(Ok),
+            FollowerRx::Unbounded(rx) => rx.recv().await,
         }
     }
 }
@@ -169,74 +161,192 @@ impl StreamState {
         }
     }
 
-    /// A stream push for this run: the items to deliver, and whether the
-    /// stream must be resumed (it was closed).
-    pub(crate) fn pushed(&mut self, kind: &str, payload: &Value) -> (Vec<StreamItem>, bool) {
-        match kind {
-            push::STREAM_EVENTS => {
+    /// A stream push for this run (`stream.events`, `stream.gap`,
+    /// `stream.closed`, `stream.ended`; any other push is nothing here): the
+    /// items to deliver, and whether the stream must be resumed (it was
+    /// closed). `Err` for an event that is not JSON a [`Value`] can hold,
+    /// which no gateway of the protocol stores.
+    pub(crate) fn pushed(&mut self, push: Push) -> Result<(Vec<StreamItem>, bool), PushError> {
+        Ok(match push {
+            Push::StreamEvents(batch) => {
+                // Nothing of a batch is taken unless all of it reads.
+                let mut next = self.next;
+                let mut items = Vec::new();
+                for (i, e) in batch.events.into_iter().enumerate() {
+                    // Never hand the caller an offset twice.
+                    if next.is_some_and(|n| e.offset < n) {
+                        continue;
+                    }
+                    let event = serde_json::from_str(e.event.get()).map_err(|why| PushError {
+                        kind: push::STREAM_EVENTS.to_owned(),
+                        path: format!("/payload/events/{i}/event"),
+                        reason: why.to_string(),
+                    })?;
+                    next = Some(e.offset + 1);
+                    items.push(StreamItem::Event {
+                        offset: e.offset,
+                        event,
+                    });
+                }
+                self.next = next;
                 // The epoch these offsets belong to is the one to resume
                 // with (a stream two gateways created at once may take the
                 // other's epoch while still empty, without a close).
-                if let Some(epoch) = payload["streamEpoch"]
-                    .as_str()
-                    .and_then(|e| StreamEpoch::new(e).ok())
-                {
-                    self.epoch = Some(epoch);
-                }
-                let mut items = Vec::new();
-                for e in payload["events"].as_array().into_iter().flatten() {
-                    let Some(offset) = e["offset"].as_u64() else {
-                        continue;
-                    };
-                    // Never hand the caller an offset twice.
-                    if self.next.is_some_and(|n| offset < n) {
-                        continue;
-                    }
-                    self.next = Some(offset + 1);
-                    items.push(StreamItem::Event {
-                        offset,
-                        event: e["event"].clone(),
-                    });
-                }
+                self.epoch = Some(batch.stream_epoch);
                 (items, false)
             }
-            push::STREAM_GAP => {
-                let (Some(from), Some(to)) =
-                    (payload["fromOffset"].as_u64(), payload["toOffset"].as_u64())
-                else {
-                    return (Vec::new(), false);
-                };
-                self.next = Some(to + 1);
-                (vec![StreamItem::Gap { from, to }], false)
-            }
-            push::STREAM_CLOSED => {
-                let epoch = payload["streamEpoch"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_owned();
+            Push::StreamGap(gap) => {
+                self.next = Some(gap.to_offset + 1);
                 (
-                    vec![StreamItem::Closed {
-                        stream_epoch: epoch,
+                    vec![StreamItem::Gap {
+                        from: gap.from_offset,
+                        to: gap.to_offset,
                     }],
-                    true,
+                    false,
                 )
             }
-            push::STREAM_ENDED => match serde_json::from_value::<EndedPayload>(payload.clone()) {
-                Ok(end) if !self.ended => {
-                    self.ended = true;
-                    (
-                        vec![StreamItem::Ended {
-                            outcome: end.outcome,
-                            message: end.message,
-                            next_offset: end.next_offset,
-                            ended_at: end.ended_at,
-                        }],
-                        false,
-                    )
-                }
-                _ => (Vec::new(), false),
-            },
+            Push::StreamClosed(closed) => (
+                vec![StreamItem::Closed {
+                    stream_epoch: closed.stream_epoch.to_string(),
+                }],
+                true,
+            ),
+            Push::StreamEnded(end) if !self.ended => {
+                self.ended = true;
+                (
+                    vec![StreamItem::Ended {
+                        outcome: end.outcome,
+                        message: end.message,
+                        next_offset: end.next_offset,
+                        ended_at: end.ended_at.to_string(),
+                    }],
+                    false,
+                )
+            }
             _ => (Vec::new(), false),
-        }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::value::RawValue;
+
+    const EPOCH: &str = "00112233445566778899aabbccddeeff";
+
+    fn typed(kind: &str, payload: &str) -> Push {
+        let raw: Box<RawValue> = serde_json::from_str(payload).unwrap();
+        Push::parse(kind, &raw).unwrap()
+    }
+
+    fn events(from: u64, events: &[&str]) -> Push {
+        let entries: Vec<String> = events
+            .iter()
+            .enumerate()
+            .map(|(i, e)| format!(r#"{{"offset":{},"event":{e}}}"#, from + i as u64))
+            .collect();
+        typed(
+            push::STREAM_EVENTS,
+            &format!(
+                r#"{{"runId":"r","streamEpoch":"{EPOCH}","events":[{}]}}"#,
+                entries.join(",")
+            ),
+        )
+    }
+
+    #[test]
+    fn typed_stream_pushes_become_items_in_order_and_once() {
+        let mut state = StreamState::new(Some(0));
+        let (items, resume) = state.pushed(events(0, &["1", r#"{"a":[2]}"#])).unwrap();
+        assert!(!resume);
+        assert_eq!(
+            items,
+            [
+                StreamItem::Event {
+                    offset: 0,
+                    event: 1.into()
+                },
+                StreamItem::Event {
+                    offset: 1,
+                    event: serde_json::json!({"a": [2]})
+                },
+            ]
+        );
+        // A batch that overlaps what was delivered yields only what is new.
+        let (items, _) = state.pushed(events(1, &["2", "3"])).unwrap();
+        assert_eq!(
+            items,
+            [StreamItem::Event {
+                offset: 2,
+                event: 3.into()
+            }]
+        );
+        assert_eq!(
+            state
+                .resume_request(RunId::new("r").unwrap(), None)
+                .stream_epoch,
+            Some(StreamEpoch::new(EPOCH).unwrap()),
+            "resumed in the epoch of the offsets delivered"
+        );
+        let gap = typed(
+            push::STREAM_GAP,
+            &format!(r#"{{"runId":"r","streamEpoch":"{EPOCH}","fromOffset":3,"toOffset":9}}"#),
+        );
+        assert_eq!(
+            state.pushed(gap).unwrap(),
+            (vec![StreamItem::Gap { from: 3, to: 9 }], false)
+        );
+        assert_eq!(
+            state
+                .resume_request(RunId::new("r").unwrap(), None)
+                .from_offset,
+            Some(10)
+        );
+        let closed = typed(
+            push::STREAM_CLOSED,
+            &format!(r#"{{"runId":"r","streamEpoch":"{EPOCH}"}}"#),
+        );
+        assert_eq!(
+            state.pushed(closed).unwrap(),
+            (
+                vec![StreamItem::Closed {
+                    stream_epoch: EPOCH.into()
+                }],
+                true
+            )
+        );
+        let ended = format!(
+            r#"{{"runId":"r","streamEpoch":"{EPOCH}","nextOffset":10,"outcome":"completed","endedAt":"2026-11-25T10:00:00.123Z"}}"#
+        );
+        let (items, _) = state.pushed(typed(push::STREAM_ENDED, &ended)).unwrap();
+        assert_eq!(
+            items,
+            [StreamItem::Ended {
+                outcome: RunOutcome::Completed,
+                message: None,
+                next_offset: 10,
+                ended_at: "2026-11-25T10:00:00.123Z".into()
+            }]
+        );
+        assert!(state.is_ended());
+        // Ended once only.
+        let (items, _) = state.pushed(typed(push::STREAM_ENDED, &ended)).unwrap();
+        assert!(items.is_empty());
+    }
+
+    /// An event a `Value` cannot hold (a number beyond f64, which a
+    /// gateway of the protocol refuses at publish) is the push's error,
+    /// and nothing of its batch is taken.
+    #[test]
+    fn an_unreadable_event_is_a_typed_error_and_changes_nothing() {
+        let mut state = StreamState::new(Some(0));
+        let e = state.pushed(events(0, &["1", "1e400"])).unwrap_err();
+        assert_eq!(
+            (e.kind.as_str(), e.path.as_str()),
+            (push::STREAM_EVENTS, "/payload/events/1/event")
+        );
+        let resume = state.resume_request(RunId::new("r").unwrap(), None);
+        assert_eq!((resume.from_offset, resume.stream_epoch), (Some(0), None));
     }
 }

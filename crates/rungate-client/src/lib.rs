@@ -2,9 +2,10 @@
 //! [`ViewerClient`] for anything that tails a run's output.
 //!
 //! Owns the client side of the protocol: sending the protocol crate's typed
-//! requests (never JSON built by hand) and reading its typed replies,
-//! matching replies to requests by id, reconnecting with backoff, re-attaching with a higher
-//! `connectionEpoch`, resending unacknowledged publishes (which `seq`
+//! requests (never JSON built by hand) and reading its typed replies and
+//! pushes (a push that breaks its type is [`ClientError::BadPush`], never
+//! guessed at), matching replies to requests by id, reconnecting with
+//! backoff, re-attaching with a higher `connectionEpoch`, resending unacknowledged publishes (which `seq`
 //! de-duplication makes safe), and resuming streams from the last offset
 //! delivered. Speaks only the wire protocol, like any third-party client:
 //! it must not reach into the gateway's internals, so it works against any
@@ -74,6 +75,10 @@ pub enum ClientError {
     /// A reply did not have the shape the protocol promises.
     #[error("unexpected reply: {0}")]
     BadReply(String),
+    /// A push did not have the shape the protocol promises (which member,
+    /// and why): the follower of the run it was about ends with this.
+    #[error(transparent)]
+    BadPush(#[from] rungate_protocol::push::PushError),
     /// The request cannot be written as the protocol's typed request (a
     /// run id, capability or other identifier the protocol does not
     /// allow); it was not sent.
@@ -109,6 +114,7 @@ impl ClientError {
             ClientError::Closed
             | ClientError::NoSession(_)
             | ClientError::BadReply(_)
+            | ClientError::BadPush(_)
             | ClientError::InvalidRequest(_) => false,
         }
     }

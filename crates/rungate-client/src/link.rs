@@ -1,7 +1,7 @@
 //! One client socket: connecting with a token, writing typed requests, and
 //! sorting what arrives into replies, errors and pushes, all with the
-//! protocol crate's codec (`encode_command`, `decode_incoming`): the client
-//! has no codec of its own.
+//! protocol crate's codec (`encode_command`, `decode_incoming`,
+//! `Push::parse`): the client has no codec of its own.
 //!
 //! Owns the client's view of the frame envelope. Must not know what any
 //! command means or keep state between frames: the drivers do.
@@ -11,6 +11,8 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use rungate_protocol::CommandPayload;
 use rungate_protocol::envelope::{self, Frame};
+use rungate_protocol::push::{Push, PushError};
+use serde::Deserialize;
 use serde_json::value::RawValue;
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -83,6 +85,29 @@ pub(crate) fn reply<C: CommandPayload>(payload: &RawValue) -> Result<C::Reply, C
     // Not the payload itself in the message: it may hold secrets.
     serde_json::from_str(payload.get())
         .map_err(|e| ClientError::BadReply(format!("{} answered: {e}", C::KIND.as_str())))
+}
+
+/// A push that does not read as its type, and the run it was about if its
+/// payload names one (whose follower is told).
+#[derive(Debug)]
+pub(crate) struct MalformedPush {
+    pub(crate) error: PushError,
+    pub(crate) run: Option<String>,
+}
+
+/// A push's payload, typed by the protocol crate.
+pub(crate) fn push(kind: &str, payload: &RawValue) -> Result<Push, MalformedPush> {
+    Push::parse(kind, payload).map_err(|error| {
+        #[derive(Deserialize)]
+        struct Named {
+            #[serde(rename = "runId")]
+            run_id: String,
+        }
+        let run = serde_json::from_str::<Named>(payload.get())
+            .ok()
+            .map(|n| n.run_id);
+        MalformedPush { error, run }
+    })
 }
 
 /// One frame from the gateway, sorted, owned so it can cross a channel.

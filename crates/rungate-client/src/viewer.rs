@@ -17,17 +17,17 @@
 
 use std::time::Duration;
 
-use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until};
 
 use super::follow::{Follower, StreamItem, StreamState};
 use super::link::{self, Incoming};
-use super::{Backoff, ClientError, TokenSource, token};
+use super::{Backoff, ClientError, TokenSource, backoff, token};
 use rungate_protocol::commands::{
-    RunCancelCommand, RunCancelResponse, ShortText, StreamResumeCommand, push,
+    RunCancelCommand, RunCancelResponse, ShortText, StreamResumeCommand,
 };
 use rungate_protocol::ids::RunId;
+use rungate_protocol::push::{self, Push};
 
 /// Where and how to connect as a viewer.
 #[derive(Debug, Clone)]
@@ -233,17 +233,38 @@ async fn follow(options: ViewerOptions, run: RunId, mut state: StreamState, item
                     let _ = items.send(Err(error)).await;
                     return;
                 }
-                Incoming::Push { kind, payload } if kind == push::GATEWAY_DRAINING => {
-                    let p: Value = serde_json::from_str(payload.get()).unwrap_or(Value::Null);
-                    let after = p["reconnectAfterMs"].as_u64().unwrap_or(1000);
-                    not_before = Some(Instant::now() + Duration::from_millis(after));
-                }
                 Incoming::Push { kind, payload } => {
-                    let p: Value = serde_json::from_str(payload.get()).unwrap_or(Value::Null);
-                    if p["runId"] == run.as_str() {
-                        let (items, again) = state.pushed(&kind, &p);
-                        out = items;
-                        resume_again = again;
+                    let pushed = match link::push(&kind, &payload) {
+                        Ok(Push::GatewayDraining(d)) => {
+                            not_before = Some(draining_until(Some(d.reconnect_after_ms)));
+                            Ok((Vec::new(), false))
+                        }
+                        Ok(p) if p.run_id() == Some(&run) => state.pushed(p),
+                        Ok(_) => Ok((Vec::new(), false)),
+                        Err(_) if kind == push::GATEWAY_DRAINING => {
+                            not_before = Some(draining_until(None));
+                            Ok((Vec::new(), false))
+                        }
+                        // This socket follows this run only: a stream push
+                        // that does not read and names no other run was its.
+                        Err(bad)
+                            if push::STREAM_PUSHES.contains(&kind.as_str())
+                                && bad.run.as_deref().is_none_or(|r| r == run.as_str()) =>
+                        {
+                            Err(bad.error)
+                        }
+                        Err(_) => Ok((Vec::new(), false)),
+                    };
+                    match pushed {
+                        Ok((items, again)) => {
+                            out = items;
+                            resume_again = again;
+                        }
+                        // Not what the protocol promises: retrying will not help.
+                        Err(e) => {
+                            let _ = items.send(Err(ClientError::BadPush(e))).await;
+                            return;
+                        }
                     }
                 }
                 _ => {}
@@ -265,4 +286,9 @@ async fn follow(options: ViewerOptions, run: RunId, mut state: StreamState, item
         }
         attempt = attempt.saturating_add(1);
     }
+}
+
+/// When to reconnect after a `gateway.draining` (see [`backoff::after_draining`]).
+fn draining_until(reconnect_after_ms: Option<u64>) -> Instant {
+    Instant::now() + backoff::after_draining(reconnect_after_ms)
 }

@@ -2,10 +2,10 @@
 //! every gateway figure has a ratio beside it (`rungate baseline`).
 //!
 //! A bare tokio-tungstenite server. It checks no token, keeps no session
-//! and validates nothing beyond reading the envelope; it answers every
-//! request with a reply of the gateway's shape and size (the request's id,
-//! a payload with the same members: a 32-hex `sessionId`, a fixed
-//! timestamp, …). What it does do is what any server of this protocol
+//! and validates nothing beyond reading the envelope (and the run id that
+//! an attach or resume reply names); it answers every request with the
+//! protocol crate's typed reply, of the gateway's shape and size (the
+//! request's id, a 32-hex `sessionId`, a fixed timestamp, …). What it does do is what any server of this protocol
 //! must: parse each request's envelope, split a publish into its events,
 //! give them offsets, build the `stream.events` frame once (the gateway's
 //! exact layout) and hand the same bytes to every viewer of the run, keep
@@ -42,8 +42,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::wire::{message, text};
+use rungate_protocol::commands::{
+    Accepted, HeartbeatResponse, RuntimeAttachResponse, StreamResumeResponse,
+};
 use rungate_protocol::envelope;
+use rungate_protocol::ids::{RunId, SessionId, StreamEpoch};
 use rungate_protocol::stream_frame::{FrameBuilder, gap_frame};
+use rungate_protocol::time::Timestamp;
 use rungate_protocol::{CommandError, ErrorCode};
 
 /// `rungate baseline` flags.
@@ -79,8 +84,9 @@ const LAG_FRAMES: usize = 1024;
 /// Most frames the writer hands to the socket before one flush (as the
 /// gateway).
 const WRITE_BATCH: usize = 64;
-/// A timestamp of the gateway's length, in every reply that has one.
-const TIMESTAMP: &str = "2026-11-28T00:00:00.000Z";
+/// A fixed timestamp (2026-11-28T00:00:00.000Z, the gateway's length), in
+/// every reply that has one.
+const TIMESTAMP_MS: u64 = 1_795_824_000_000;
 
 /// One stored batch: offsets `first..=last` and its frame.
 #[derive(Clone)]
@@ -103,7 +109,7 @@ struct RunStream {
 
 struct Hub {
     runs: Mutex<HashMap<String, Arc<RunStream>>>,
-    epoch: String,
+    epoch: StreamEpoch,
     sessions: AtomicU64,
     args: BaselineArgs,
 }
@@ -136,7 +142,8 @@ impl Hub {
         let mut ring = stream.ring.lock();
         let first = ring.next;
         let json_bytes: usize = events.iter().map(|e| e.get().len()).sum();
-        let mut frame = FrameBuilder::new(run, &self.epoch, first, events.len(), json_bytes);
+        let mut frame =
+            FrameBuilder::new(run, self.epoch.as_str(), first, events.len(), json_bytes);
         for e in events {
             frame.push(e.get().as_bytes());
         }
@@ -206,10 +213,11 @@ impl Baseline {
         let local_addr = listener.local_addr()?;
         let hub = Arc::new(Hub {
             runs: Mutex::new(HashMap::new()),
-            epoch: format!(
+            epoch: StreamEpoch::new(format!(
                 "{:032x}",
                 std::process::id() as u128 * 0x9e37_79b9_7f4a_7c15
-            ),
+            ))
+            .unwrap_or_else(|_| StreamEpoch::generate()),
             sessions: AtomicU64::new(0),
             args,
         });
@@ -307,6 +315,13 @@ struct RunPayload<'a> {
     from_offset: Option<u64>,
 }
 
+/// The run a request names, as the reply types it; `None` if it names
+/// none the protocol allows.
+fn run_of(payload: &RawValue) -> Option<RunId> {
+    let p = serde_json::from_str::<RunPayload>(payload.get()).ok()?;
+    RunId::new(p.run_id.as_ref()).ok()
+}
+
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct PublishPayload<'a> {
@@ -325,25 +340,6 @@ fn error(code: ErrorCode) -> Message {
     message(envelope::encode_error(None, &error).into_bytes())
 }
 
-#[derive(serde::Serialize)]
-struct Accepted {
-    accepted: bool,
-}
-
-const ACCEPTED: Accepted = Accepted { accepted: true };
-
-#[derive(serde::Serialize)]
-#[serde(rename_all = "camelCase")]
-struct HeartbeatReply {
-    accepted: bool,
-    next_heartbeat_due_at: &'static str,
-}
-
-const HEARTBEAT: HeartbeatReply = HeartbeatReply {
-    accepted: true,
-    next_heartbeat_due_at: TIMESTAMP,
-};
-
 /// Answers one request; `false` once the writer is gone.
 async fn answer(
     hub: &Arc<Hub>,
@@ -357,51 +353,64 @@ async fn answer(
     };
     let id = req.id.as_str();
     let out = match req.kind.as_ref() {
-        "runtime.attach" => {
-            let run = serde_json::from_str::<RunPayload>(req.payload.get())
-                .map(|p| p.run_id.into_owned())
-                .unwrap_or_default();
-            let n = hub.sessions.fetch_add(1, Ordering::Relaxed);
-            reply(
-                id,
-                &serde_json::json!({
-                    "sessionId": format!("{n:032x}"),
-                    "runId": run,
-                    "heartbeatIntervalMs": hub.args.heartbeat_interval_ms,
-                    "leaseExpiresAt": TIMESTAMP,
-                    "configVersion": format!("{:016x}", 0xcbf2_9ce4_8422_2325u64),
-                }),
-            )
-        }
-        "runtime.heartbeat" => reply(id, &HEARTBEAT),
+        "runtime.attach" => match run_of(req.payload) {
+            Some(run_id) => {
+                let n = hub.sessions.fetch_add(1, Ordering::Relaxed);
+                let session_id =
+                    SessionId::new(format!("{n:032x}")).unwrap_or_else(|_| SessionId::generate());
+                reply(
+                    id,
+                    &RuntimeAttachResponse {
+                        session_id,
+                        run_id,
+                        heartbeat_interval_ms: hub.args.heartbeat_interval_ms,
+                        lease_expires_at: Timestamp::from_unix_millis(TIMESTAMP_MS),
+                        config_version: Some(format!("{:016x}", 0xcbf2_9ce4_8422_2325u64)),
+                    },
+                )
+            }
+            None => error(ErrorCode::InvalidPayload),
+        },
+        "runtime.heartbeat" => reply(
+            id,
+            &HeartbeatResponse {
+                accepted: true,
+                next_heartbeat_due_at: Timestamp::from_unix_millis(TIMESTAMP_MS),
+            },
+        ),
         "events.publish" => match serde_json::from_str::<PublishPayload>(req.payload.get()) {
             Ok(p) => {
                 hub.publish(&p.run_id, &p.events);
-                reply(id, &ACCEPTED)
+                reply(id, &Accepted::YES)
             }
             Err(_) => error(ErrorCode::InvalidPayload),
         },
         "stream.resume" => match serde_json::from_str::<RunPayload>(req.payload.get()) {
             Ok(p) => {
+                let Ok(run_id) = RunId::new(p.run_id.as_ref()) else {
+                    return queue.send(error(ErrorCode::InvalidPayload)).await.is_ok();
+                };
                 let (replay, rx, [first, next, start], truncated) =
                     hub.subscribe(&p.run_id, p.from_offset);
                 let answer = reply(
                     id,
-                    &serde_json::json!({
-                        "runId": p.run_id,
-                        "streamEpoch": hub.epoch,
-                        "firstOffset": first,
-                        "nextOffset": next,
-                        "startOffset": start,
-                        "truncated": truncated,
-                    }),
+                    &StreamResumeResponse {
+                        run_id,
+                        stream_epoch: hub.epoch.clone(),
+                        first_offset: first,
+                        next_offset: next,
+                        start_offset: start,
+                        truncated,
+                        // Runs never end here.
+                        ended: false,
+                    },
                 );
                 if queue.send(answer).await.is_err() {
                     return false;
                 }
                 tasks.spawn(follow(
                     p.run_id.into_owned(),
-                    hub.epoch.clone(),
+                    hub.epoch.to_string(),
                     replay,
                     rx,
                     queue.clone(),
@@ -411,7 +420,7 @@ async fn answer(
             }
             Err(_) => error(ErrorCode::InvalidPayload),
         },
-        _ => reply(id, &ACCEPTED),
+        _ => reply(id, &Accepted::YES),
     };
     queue.send(out).await.is_ok()
 }

@@ -12,13 +12,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use serde_json::Value;
+use rungate_protocol::ids::Capability;
 use tokio::time::{Instant, MissedTickBehavior, interval_at, timeout};
 use tokio_tungstenite::tungstenite::Message;
 
 use super::net::{self, Ws};
 use super::stats::{Kind, add};
-use super::wire::{self, Incoming, SessionRef};
+use super::wire::{self, Incoming, PublishScratch, SessionRef};
 use super::{Phase, Rate, Shared};
 
 /// Longest wait for an attach reply.
@@ -98,11 +98,11 @@ async fn attach(
     conn: &mut Conn,
     run: &str,
     instance: &str,
-    caps: &[&str],
+    caps: &[Capability],
 ) -> Result<(SessionRef, u64), String> {
     let id = conn.id();
     let sent = Instant::now();
-    let frame = wire::attach(id, run, instance, caps, false, 0);
+    let frame = wire::attach(id, run, instance, caps, false, 0)?;
     conn.ws
         .send(frame)
         .await
@@ -117,8 +117,8 @@ async fn attach(
             };
             match wire::classify(text.as_str()) {
                 Incoming::Reply { id: Some(got) } if got == id => {
-                    return serde_json::from_str::<Value>(text.as_str())
-                        .map_err(|_| "attach:bad_reply".to_owned());
+                    return wire::attached(text.as_str())
+                        .ok_or_else(|| "attach:bad_reply".to_owned());
                 }
                 Incoming::Error {
                     id: Some(got),
@@ -134,12 +134,8 @@ async fn attach(
     .await
     .map_err(|_| "attach:timeout".to_owned())??;
     sh.stats.rtt(Kind::Attach).since(sent);
-    let payload = &answer["payload"];
-    let session = payload["sessionId"]
-        .as_str()
-        .ok_or_else(|| "attach:bad_reply".to_owned())?;
-    let interval = payload["heartbeatIntervalMs"].as_u64().unwrap_or(10_000);
-    Ok((SessionRef::new(session, run), interval))
+    let interval = answer.heartbeat_interval_ms;
+    Ok((SessionRef::new(answer)?, interval))
 }
 
 /// Drives runtime socket `index` through every phase.
@@ -181,8 +177,8 @@ pub(crate) async fn run_socket(sh: Arc<Shared>, index: usize) {
     let mut sessions = Vec::with_capacity(here);
     let mut interval_ms = 10_000;
     for sub in 0..here {
-        let caps: &[&str] = if sub == 0 && here > 1 {
-            &["subtasks.run"]
+        let caps: &[Capability] = if sub == 0 && here > 1 {
+            &[Capability::SubtasksRun]
         } else {
             &[]
         };
@@ -203,7 +199,7 @@ pub(crate) async fn run_socket(sh: Arc<Shared>, index: usize) {
     }
     drop(permit);
     add(&sh.stats.runtime_sockets_settled, 1);
-    if sessions.is_empty() || sessions[0].run != sh.run_id(index, 0) {
+    if sessions.is_empty() || sessions[0].run.as_str() != sh.run_id(index, 0) {
         settle_publisher(&sh, publisher, false, false);
         let _ = conn.ws.close(None).await;
         return;
@@ -231,7 +227,7 @@ pub(crate) async fn run_socket(sh: Arc<Shared>, index: usize) {
     let mut prefill_counted = false;
     let mut seq: u64 = 1;
     let mut sent_batches: u64 = 0;
-    let mut buf = String::new();
+    let mut scratch = PublishScratch::default();
     let mut closing: Option<Instant> = None;
     let mut phase = *phase_rx.borrow_and_update();
     let stats = &sh.stats;
@@ -277,7 +273,17 @@ pub(crate) async fn run_socket(sh: Arc<Shared>, index: usize) {
             if conn.publishes_in_flight() >= window {
                 break;
             }
-            if !send_publish(&sh, &mut conn, &main, &mut buf, &mut seq, count, counted).await {
+            if !send_publish(
+                &sh,
+                &mut conn,
+                &main,
+                &mut scratch,
+                &mut seq,
+                count,
+                counted,
+            )
+            .await
+            {
                 failed = true;
                 break;
             }
@@ -367,7 +373,7 @@ pub(crate) async fn run_socket(sh: Arc<Shared>, index: usize) {
             _ = pace.tick(), if rate_publishing => {
                 if conn.publishes_in_flight() >= window {
                     add(&stats.publishes_skipped, 1);
-                } else if !send_publish(&sh, &mut conn, &main, &mut buf, &mut seq, batch, true).await {
+                } else if !send_publish(&sh, &mut conn, &main, &mut scratch, &mut seq, batch, true).await {
                     stats.error("socket_closed");
                     break;
                 } else {
@@ -394,14 +400,14 @@ async fn send_publish(
     sh: &Shared,
     conn: &mut Conn,
     session: &SessionRef,
-    buf: &mut String,
+    scratch: &mut PublishScratch,
     seq: &mut u64,
     count: usize,
     counted: bool,
 ) -> bool {
     let id = conn.id();
     let frame = wire::publish(
-        buf,
+        scratch,
         id,
         session,
         *seq,

@@ -92,11 +92,14 @@ pub(crate) async fn run_socket(sh: Arc<Shared>, j: usize) {
     for (k, index) in runs_of(&sh, j).into_iter().enumerate() {
         let run = sh.run_id(index, 0);
         let resume_id = k as u64 + 1;
-        if ws
-            .feed(wire::resume(resume_id, &run, sh.args.from.offset()))
-            .await
-            .is_err()
-        {
+        let resume = match wire::resume(resume_id, &run, sh.args.from.offset()) {
+            Ok(resume) => resume,
+            Err(code) => {
+                stats.error(&code);
+                continue;
+            }
+        };
+        if ws.feed(resume).await.is_err() {
             failed = true;
             break;
         }

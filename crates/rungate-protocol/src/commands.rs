@@ -233,7 +233,6 @@ command_payloads! {
     GetKVCommand => KvGet, GetKVResponse;
     SetKVCommand => KvSet, SetKVResponse;
     DeleteKVCommand => KvDelete, DeleteKVResponse;
-    PublishOutputEventsRequest => EventsPublish, PublishOutputEventsResponse;
     CheckpointSaveCommand => CheckpointSave, CheckpointSaveResponse;
     CheckpointLoadCommand => CheckpointLoad, CheckpointLoadResponse;
     StreamResumeCommand => StreamResume, StreamResumeResponse;
@@ -243,6 +242,13 @@ command_payloads! {
     RunCancelCommand => RunCancel, RunCancelResponse;
 }
 
+/// Whatever form a writer holds its events in, a publish is the same
+/// command.
+impl<E: Serialize> CommandPayload for PublishOutputEventsRequest<E> {
+    const KIND: CommandKind = CommandKind::EventsPublish;
+    type Reply = PublishOutputEventsResponse;
+}
+
 /// Deserializes with the failing member's path, for `details.path`.
 fn typed<'de, T: Deserialize<'de>>(text: &'de str) -> Result<T, CommandError> {
     typed_at(text, "/payload")
@@ -250,6 +256,16 @@ fn typed<'de, T: Deserialize<'de>>(text: &'de str) -> Result<T, CommandError> {
 
 /// As [`typed`], with paths under `root`.
 fn typed_at<'de, T: Deserialize<'de>>(text: &'de str, root: &str) -> Result<T, CommandError> {
+    deserialize_at(text, root).map_err(|(path, why)| CommandError::invalid_payload(&path, why))
+}
+
+/// Deserializes `text`, or answers the JSON pointer (under `root`) of the
+/// member that broke the type and serde's reason: requests' `details.path`
+/// and [`crate::push::PushError`] both come from here.
+pub(crate) fn deserialize_at<'de, T: Deserialize<'de>>(
+    text: &'de str,
+    root: &str,
+) -> Result<T, (String, String)> {
     let de = &mut serde_json::Deserializer::from_str(text);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let mut pointer = String::from(root);
@@ -264,7 +280,7 @@ fn typed_at<'de, T: Deserialize<'de>>(text: &'de str, root: &str) -> Result<T, C
                 Segment::Unknown => {}
             }
         }
-        CommandError::invalid_payload(&pointer, e.inner().to_string())
+        (pointer, e.inner().to_string())
     })
 }
 
@@ -539,17 +555,20 @@ pub struct DeleteKVCommand {
     pub keys: Vec<String>,
 }
 
-/// `events.publish`. Events stay raw JSON (as received) after validation, so
-/// the stream can store and forward them without re-serializing.
+/// `events.publish`. As read (the default `E`), events stay raw JSON (as
+/// received) after validation, so the stream can store and forward them
+/// without re-serializing. A writer may hold them as [`OutputEvent`]s too
+/// (a client keeps them to resend), or as borrowed [`EventRef`]s, written
+/// straight into the frame (a load generator's, with no buffer per event).
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct PublishOutputEventsRequest {
+pub struct PublishOutputEventsRequest<E = OutputEvent> {
     /// The publishing session (`sessionId`).
     pub session_id: SessionId,
     /// The run whose stream the events join (`runId`).
     pub run_id: RunId,
     /// The batch (`events`), appended in order, atomically.
-    pub events: Vec<OutputEvent>,
+    pub events: Vec<E>,
 }
 
 /// One output event as published: its raw JSON plus the members the gateway
@@ -618,27 +637,16 @@ impl Serialize for OutputEvent {
 }
 
 impl OutputEvent {
-    /// An event as a runtime writes it: `type`, then `seq`, `timestamp` and
-    /// `data` where given. Nothing is checked here (the `timestamp` is left
-    /// as text): the reader of the frame decides, as for any other client.
+    /// An event as a runtime writes it ([`EventRef`]'s JSON), in a buffer
+    /// of its own. Nothing is checked here (the `timestamp` is left as
+    /// text): the reader of the frame decides, as for any other client.
     pub fn new(
         kind: &str,
         seq: Option<u64>,
         timestamp: Option<&str>,
         data: Option<&Value>,
     ) -> Result<OutputEvent, serde_json::Error> {
-        #[derive(Serialize)]
-        struct Written<'a> {
-            #[serde(rename = "type")]
-            kind: &'a str,
-            #[serde(skip_serializing_if = "Option::is_none")]
-            seq: Option<u64>,
-            #[serde(skip_serializing_if = "Option::is_none")]
-            timestamp: Option<&'a str>,
-            #[serde(skip_serializing_if = "Option::is_none")]
-            data: Option<&'a Value>,
-        }
-        let raw = serde_json::value::to_raw_value(&Written {
+        let raw = serde_json::value::to_raw_value(&EventRef {
             kind,
             seq,
             timestamp,
@@ -646,6 +654,26 @@ impl OutputEvent {
         })?;
         Ok(OutputEvent { raw, seq })
     }
+}
+
+/// An output event as a writer serializes it, borrowing every member:
+/// `type`, then `seq`, `timestamp` and `data` where given. `data` is
+/// anything serde writes, so a writer with typed data builds no
+/// `serde_json::Value` for it.
+#[derive(Debug, Serialize)]
+pub struct EventRef<'a, D: ?Sized> {
+    /// The event's `type`.
+    #[serde(rename = "type")]
+    pub kind: &'a str,
+    /// The runtime's per-run sequence number (`seq`), if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seq: Option<u64>,
+    /// RFC 3339 (`timestamp`), if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timestamp: Option<&'a str>,
+    /// The event's `data`, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data: Option<&'a D>,
 }
 
 /// `checkpoint.save`: saves `data` as the run's latest checkpoint (capability `checkpoint.save`).
@@ -935,109 +963,6 @@ impl RunState {
     ];
 }
 
-// ------------------------------------------------------------------ pushes
-
-pub mod push {
-    //! Push payloads (frames without an id).
-    use serde::Serialize;
-
-    use crate::ids::{RunId, SessionId, StreamEpoch};
-
-    /// Push type of a batch of a followed run's events (built by [`crate::stream_frame`]).
-    pub const STREAM_EVENTS: &str = "stream.events";
-    /// Push type of offsets a follower missed (built by [`crate::stream_frame::gap_frame`]).
-    pub const STREAM_GAP: &str = "stream.gap";
-    /// Push type sent to the old socket when a reconnect moved the session elsewhere.
-    pub const SESSION_SUPERSEDED: &str = "session.superseded";
-    /// Push type sent when a session's lease ran out.
-    pub const SESSION_EXPIRED: &str = "session.expired";
-    /// Push type sent to every socket when the gateway starts shutting down.
-    pub const GATEWAY_DRAINING: &str = "gateway.draining";
-    /// Push type sent when the stream a socket followed was dropped.
-    pub const STREAM_CLOSED: &str = "stream.closed";
-    /// Push type sent once per subscription after an ended run's last event.
-    pub const STREAM_ENDED: &str = "stream.ended";
-    /// Push type sent to the runtime socket holding a run a viewer asked to stop.
-    pub const RUN_CANCEL_REQUESTED: &str = "run.cancelRequested";
-
-    /// A viewer asked the run to stop (`run.cancel`); pushed on the socket
-    /// holding the run's session, and again after each reattach until the
-    /// run ends.
-    #[derive(Debug, Serialize)]
-    #[serde(rename_all = "camelCase")]
-    pub struct RunCancelRequested<'a> {
-        /// The session holding the run (`sessionId`).
-        pub session_id: &'a SessionId,
-        /// The run asked to stop (`runId`).
-        pub run_id: &'a RunId,
-        /// The viewer's `reason`, if it gave one.
-        #[serde(skip_serializing_if = "Option::is_none")]
-        pub reason: Option<&'a str>,
-        /// When the viewer asked (`requestedAt`).
-        pub requested_at: crate::time::Timestamp,
-    }
-
-    /// `session.superseded`: a reconnect with a greater `connectionEpoch` moved the session to
-    /// another socket; this one now gets `STALE_EPOCH` for it.
-    #[derive(Debug, Serialize)]
-    #[serde(rename_all = "camelCase")]
-    pub struct SessionSuperseded<'a> {
-        /// The session that moved (`sessionId`).
-        pub session_id: &'a SessionId,
-        /// The run bound to it (`runId`).
-        pub run_id: &'a RunId,
-        /// The epoch the session moved to.
-        pub connection_epoch: u64,
-    }
-
-    /// `session.expired`: the session's lease ran out; attach afresh.
-    #[derive(Debug, Serialize)]
-    #[serde(rename_all = "camelCase")]
-    pub struct SessionExpired<'a> {
-        /// The session that expired (`sessionId`).
-        pub session_id: &'a SessionId,
-        /// The run bound to it (`runId`).
-        pub run_id: &'a RunId,
-    }
-
-    /// `gateway.draining`: the gateway is shutting down; new requests get `DRAINING`.
-    #[derive(Debug, Serialize)]
-    #[serde(rename_all = "camelCase")]
-    pub struct GatewayDraining {
-        /// How long to wait before reconnecting, in milliseconds (`reconnectAfterMs`).
-        pub reconnect_after_ms: u64,
-    }
-
-    /// `stream.gap`: the subscriber fell behind the ring and missed
-    /// `fromOffset..=toOffset`; it continues after them. The WebSocket frame
-    /// is spliced by [`crate::stream_frame::gap_frame`], which the ring
-    /// stores; this is the same payload for a transport that serializes it
-    /// (SSE's `event: gap`).
-    #[derive(Debug, Serialize)]
-    #[serde(rename_all = "camelCase")]
-    pub struct StreamGap<'a> {
-        /// The run whose events were missed (`runId`).
-        pub run_id: &'a RunId,
-        /// The epoch of its stream (`streamEpoch`).
-        pub stream_epoch: &'a StreamEpoch,
-        /// The first offset missed (`fromOffset`).
-        pub from_offset: u64,
-        /// The last offset missed, inclusive (`toOffset`).
-        pub to_offset: u64,
-    }
-
-    /// The stream a socket followed was dropped (retention after its
-    /// session ended, or the memory budget): nothing more comes from it.
-    #[derive(Debug, Serialize)]
-    #[serde(rename_all = "camelCase")]
-    pub struct StreamClosed<'a> {
-        /// The run whose stream was dropped (`runId`).
-        pub run_id: &'a RunId,
-        /// The epoch of the stream that was dropped (`streamEpoch`).
-        pub stream_epoch: &'a StreamEpoch,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1223,6 +1148,41 @@ mod tests {
             read.events[1].raw.get(),
             r#"{"type":"done","timestamp":"2026-11-25T10:00:00Z"}"#
         );
+        // Borrowed events with typed data write the same JSON, and read
+        // back as the same publish.
+        #[derive(Serialize)]
+        struct Data<'a> {
+            b: u64,
+            a: &'a str,
+        }
+        let data = Data { b: 1, a: "x" };
+        let borrowed = PublishOutputEventsRequest {
+            session_id: sid.clone(),
+            run_id: run.clone(),
+            events: vec![
+                EventRef {
+                    kind: "log",
+                    seq: Some(5),
+                    timestamp: None,
+                    data: Some(&data),
+                },
+                EventRef {
+                    kind: "done",
+                    seq: None,
+                    timestamp: Some("2026-11-25T10:00:00Z"),
+                    data: None,
+                },
+            ],
+        };
+        let Command::EventsPublish(read) = round_trip(&borrowed).0 else {
+            panic!("publish")
+        };
+        assert_eq!(
+            read.events[0].raw.get(),
+            r#"{"type":"log","seq":5,"data":{"b":1,"a":"x"}}"#
+        );
+        assert_eq!(read.events[1].raw.get(), publish.events[1].raw.get());
+        assert_eq!(read.events[0].seq, Some(5));
 
         let r = || run.clone();
         let s = || sid.clone();

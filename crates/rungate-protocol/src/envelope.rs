@@ -217,6 +217,19 @@ pub fn encode_error(id: Option<&str>, error: &CommandError) -> Frame {
     })
 }
 
+/// `{"error": {...}}`: the body of an HTTP refusal, the error member of an
+/// error frame on its own (spec/README.md, *HTTP*), so an error reads the
+/// same over HTTP as on a socket.
+pub fn encode_error_body(error: &CommandError) -> Frame {
+    #[derive(Serialize)]
+    struct ErrorDocument<'a> {
+        error: ErrorBody<'a>,
+    }
+    encode(&ErrorDocument {
+        error: error.into(),
+    })
+}
+
 /// `{"type": <push type>, "payload"}`: no id, nobody asked for it.
 pub fn encode_push<T: Serialize>(kind: &str, payload: &T) -> Frame {
     encode(&PushFrame { kind, payload })
@@ -255,28 +268,55 @@ pub fn encode_command<C: CommandPayload>(id: &str, payload: &C) -> Frame {
     encode_request(id, C::KIND.as_str(), payload)
 }
 
-/// The same as [`encode_request`] for a payload that is already JSON text
-/// (a load generator writes its publishes by hand, one buffer per batch).
-/// The caller guarantees `payload` is one JSON value.
-pub fn encode_request_raw(id: &str, kind: &str, payload: &str) -> Frame {
-    let mut buf = Vec::with_capacity(payload.len() + id.len() + kind.len() + 32);
-    buf.extend_from_slice(br#"{"id":"#);
-    // Ids and types are strings of the caller's; serde_json escapes them.
-    buf.extend_from_slice(
-        serde_json::to_string(id)
-            .unwrap_or_else(|_| "\"\"".into())
-            .as_bytes(),
-    );
-    buf.extend_from_slice(br#","type":"#);
-    buf.extend_from_slice(
-        serde_json::to_string(kind)
-            .unwrap_or_else(|_| "\"\"".into())
-            .as_bytes(),
-    );
-    buf.extend_from_slice(br#","payload":"#);
-    buf.extend_from_slice(payload.as_bytes());
-    buf.push(b'}');
-    Frame::from_json_vec(buf)
+/// A typed payload serialized once, for a sender that sends the same
+/// payload many times under fresh request ids (a load generator's
+/// heartbeats): [`encode_command`] copies its JSON instead of serializing
+/// the payload again. It is the command `C` is, with `C`'s reply.
+pub struct Encoded<C> {
+    json: Box<RawValue>,
+    command: std::marker::PhantomData<fn() -> C>,
+}
+
+impl<C: CommandPayload> Encoded<C> {
+    /// Serializes `payload` once.
+    pub fn new(payload: &C) -> Result<Encoded<C>, serde_json::Error> {
+        Ok(Encoded {
+            json: serde_json::value::to_raw_value(payload)?,
+            command: std::marker::PhantomData,
+        })
+    }
+
+    /// The payload's JSON text.
+    pub fn json(&self) -> &str {
+        self.json.get()
+    }
+}
+
+impl<C> Clone for Encoded<C> {
+    fn clone(&self) -> Self {
+        Encoded {
+            json: self.json.clone(),
+            command: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<C> std::fmt::Debug for Encoded<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Encoded").field(&self.json.get()).finish()
+    }
+}
+
+impl<C> Serialize for Encoded<C> {
+    /// The JSON written at construction, unchanged.
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.json.serialize(s)
+    }
+}
+
+impl<C: CommandPayload> CommandPayload for Encoded<C> {
+    const KIND: super::commands::CommandKind = C::KIND;
+    type Reply = C::Reply;
 }
 
 /// One frame from the gateway, as a client sorts it: the other direction
@@ -435,6 +475,13 @@ mod tests {
             err.as_str(),
             r#"{"id":null,"type":"error","error":{"code":"BAD_FRAME","message":"x","retryable":false}}"#
         );
+        let limited = CommandError::new(ErrorCode::RateLimited, "later")
+            .with_details(serde_json::json!({"maxConnections": 2}));
+        assert_eq!(
+            encode_error_body(&limited).as_str(),
+            r#"{"error":{"code":"RATE_LIMITED","message":"later","retryable":true,"details":{"maxConnections":2}}}"#,
+            "an HTTP body is the error frame's error member"
+        );
         let push = encode_push(
             "gateway.draining",
             &serde_json::json!({"reconnectAfterMs": 5}),
@@ -486,6 +533,16 @@ mod tests {
             typed.as_str(),
             r#"{"id":"8","type":"runs.list","payload":{}}"#,
             "a typed payload names its own type"
+        );
+        let list = crate::commands::RunsListCommand {
+            cursor: None,
+            limit: Some(5),
+        };
+        let once = Encoded::new(&list).unwrap();
+        assert_eq!(
+            encode_command("9", &once),
+            encode_command("9", &list),
+            "a payload encoded once is sent as if encoded each time"
         );
     }
 

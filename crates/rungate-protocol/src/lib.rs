@@ -1,7 +1,8 @@
 //! rungate wire protocol v1, shared by the gateway and every Rust client:
 //! identifiers ([`ids`]), timestamps ([`time`]), the envelope and its codec
 //! ([`envelope`]), typed command payloads ([`commands`]), error codes
-//! ([`error`]), the members whose value may be any JSON ([`any_json`]), a
+//! ([`error`]), push payloads and their reader ([`push`]), the members
+//! whose value may be any JSON ([`any_json`]), a
 //! repeated member anywhere in a payload ([`duplicates`]) and
 //! the `stream.events` / `stream.gap` frames a ring stores
 //! ([`stream_frame`]).
@@ -10,7 +11,8 @@
 //! then [`commands::Command::parse`] (the payload, by type). A client
 //! encodes a typed payload with [`envelope::encode_command`] (the payload's
 //! [`CommandPayload`] names its `type` and its reply's type) and sorts what
-//! comes back with [`envelope::decode_incoming`]. Encoding produces shared
+//! comes back with [`envelope::decode_incoming`], typing a push's payload
+//! with [`push::Push::parse`]. Encoding produces shared
 //! [`envelope::Frame`] bytes.
 //!
 //! Owns what a frame looks like. Must not do I/O, keep time, or know what
@@ -24,12 +26,13 @@ pub mod duplicates;
 pub mod envelope;
 pub mod error;
 pub mod ids;
+pub mod push;
 pub mod stream_frame;
 pub mod time;
 
 pub use commands::{Command, CommandKind, CommandPayload};
 pub use envelope::{
-    Frame, Incoming, Rejected, Request, decode, decode_incoming, encode_command, encode_error,
-    encode_push, encode_reply, encode_request,
+    Encoded, Frame, Incoming, Rejected, Request, decode, decode_incoming, encode_command,
+    encode_error, encode_error_body, encode_push, encode_reply, encode_request,
 };
 pub use error::{CommandError, ErrorCode};

@@ -237,38 +237,12 @@ fn push_decimal(buf: &mut Vec<u8>, mut n: u64) {
 }
 
 /// The `stream.ended` push of a run, once per stream: its payload JSON
-/// (`{runId, streamEpoch, nextOffset, outcome, message?, endedAt}`, what
-/// SSE sends as `data:`) and the whole frame around it. Built with serde
-/// because the message is free text that needs escaping.
-pub fn ended_frame(
-    run: &crate::ids::RunId,
-    epoch: &crate::ids::StreamEpoch,
-    next_offset: u64,
-    outcome: crate::ids::RunOutcome,
-    message: Option<&str>,
-    ended_at: crate::time::Timestamp,
-) -> (Bytes, Bytes) {
-    #[derive(serde::Serialize)]
-    #[serde(rename_all = "camelCase")]
-    struct Ended<'a> {
-        run_id: &'a crate::ids::RunId,
-        stream_epoch: &'a crate::ids::StreamEpoch,
-        next_offset: u64,
-        outcome: crate::ids::RunOutcome,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        message: Option<&'a str>,
-        ended_at: crate::time::Timestamp,
-    }
-    let payload = Ended {
-        run_id: run,
-        stream_epoch: epoch,
-        next_offset,
-        outcome,
-        message,
-        ended_at,
-    };
-    // Plain strings, numbers and a timestamp: serializing cannot fail.
-    let json = serde_json::to_vec(&payload).unwrap_or_default();
+/// (what SSE sends as `data:`) and the whole frame around it. Built with
+/// serde because the message is free text that needs escaping.
+pub fn ended_frame(ended: &crate::push::StreamEnded) -> (Bytes, Bytes) {
+    // Ids, numbers, an enum, a timestamp and a string: serializing cannot
+    // fail.
+    let json = serde_json::to_vec(ended).unwrap_or_default();
     let mut frame = Vec::with_capacity(json.len() + 40);
     frame.extend_from_slice(br#"{"type":"stream.ended","payload":"#);
     frame.extend_from_slice(&json);
@@ -327,9 +301,9 @@ mod tests {
         );
         let v: Value =
             serde_json::from_slice(&gap_frame(run.as_str(), epoch.as_str(), 0, 41)).unwrap();
-        let typed = crate::commands::push::StreamGap {
-            run_id: &run,
-            stream_epoch: &epoch,
+        let typed = crate::push::StreamGap {
+            run_id: run.clone(),
+            stream_epoch: epoch.clone(),
             from_offset: 0,
             to_offset: 41,
         };

@@ -16,7 +16,7 @@ use tokio::time::Instant;
 use super::{Origin, RunStream, StreamHub};
 use crate::ids::RunId;
 use crate::stream::ring::{Read, Ring};
-use crate::stream::{Delivery, EventDelivery, ResumeInfo, RunEnd};
+use crate::stream::{Delivery, EventDelivery, RunEnd, StreamResumeResponse};
 
 impl StreamHub {
     /// Starts a subscription to `run`'s stream; creates an empty stream if
@@ -54,7 +54,7 @@ impl StreamHub {
         from_offset: Option<u64>,
         epoch: Option<&str>,
         now: Instant,
-    ) -> (ResumeInfo, Subscription) {
+    ) -> (StreamResumeResponse, Subscription) {
         loop {
             let stream = self.get_or_create(run, Origin::Viewer, now);
             let state = stream.state.read();
@@ -71,7 +71,7 @@ impl StreamHub {
                 Some(from) if from <= next || epoch.is_some() => (from, false),
                 Some(_) => (first, true),
             };
-            let info = ResumeInfo {
+            let info = StreamResumeResponse {
                 run_id: run.clone(),
                 stream_epoch: ring.epoch().clone(),
                 first_offset: first,

@@ -12,7 +12,6 @@ mod restore;
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use serde_json::Value;
 use serde_json::value::RawValue;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::time::{Instant, sleep_until};
@@ -28,9 +27,10 @@ use super::runs::{AttachSpec, Runs};
 use crate::ClientError;
 use crate::link::{self, Incoming, Socket};
 use rungate_protocol::commands::{
-    HeartbeatCommand, PublishOutputEventsRequest, RuntimeAttachRequest, StreamResumeCommand, push,
+    HeartbeatCommand, PublishOutputEventsRequest, RuntimeAttachRequest, StreamResumeCommand,
 };
 use rungate_protocol::ids::OpaqueId;
+use rungate_protocol::push::{self, Push};
 use rungate_protocol::{ErrorCode, Frame, envelope};
 
 type Result<T> = std::result::Result<T, ClientError>;
@@ -379,7 +379,7 @@ impl Driver {
                 tracing::warn!(%error, "the gateway refused a frame of this client");
             }
             Incoming::Push { kind, payload } => {
-                if let Some(run) = self.pushed(&kind, payload.get()) {
+                if let Some(run) = self.pushed(&kind, &payload) {
                     self.send_resume(&run).await;
                 }
             }
@@ -468,38 +468,47 @@ impl Driver {
     }
 
     /// Handles a push; answers a run whose stream must be resumed again.
-    fn pushed(&mut self, kind: &str, payload: &str) -> Option<String> {
-        let payload: Value = serde_json::from_str(payload).unwrap_or(Value::Null);
-        match kind {
-            push::SESSION_EXPIRED => {
-                if let Some(run) = payload["runId"].as_str() {
-                    self.session_ended(run, SessionEnd::Expired);
+    fn pushed(&mut self, kind: &str, payload: &RawValue) -> Option<String> {
+        let push = match link::push(kind, payload) {
+            Ok(push) => push,
+            Err(bad) => {
+                tracing::warn!(error = %bad.error, "the gateway sent a push the protocol does not allow");
+                let stream_push = push::STREAM_PUSHES.contains(&kind);
+                if kind == push::GATEWAY_DRAINING {
+                    // That the gateway is going away is in the type.
+                    self.draining(None);
+                } else if let Some(run) = bad.run.filter(|_| stream_push) {
+                    // Its follower can no longer trust what it was given.
+                    self.follows.malformed(&run, bad.error);
                 }
+                return None;
             }
-            push::SESSION_SUPERSEDED => {
-                if let Some(run) = payload["runId"].as_str() {
-                    self.session_ended(run, SessionEnd::Superseded);
-                }
+        };
+        match push {
+            Push::SessionExpired(p) => self.session_ended(p.run_id.as_str(), SessionEnd::Expired),
+            Push::SessionSuperseded(p) => {
+                self.session_ended(p.run_id.as_str(), SessionEnd::Superseded)
             }
-            push::GATEWAY_DRAINING => {
-                let after =
-                    Duration::from_millis(payload["reconnectAfterMs"].as_u64().unwrap_or(1000));
-                self.reconnect_not_before = Some(Instant::now() + after);
-                let _ = self.events.send(ClientEvent::Draining {
-                    reconnect_after: after,
-                });
+            Push::GatewayDraining(p) => self.draining(Some(p.reconnect_after_ms)),
+            Push::StreamEvents(_)
+            | Push::StreamGap(_)
+            | Push::StreamClosed(_)
+            | Push::StreamEnded(_) => return self.follows.pushed(push),
+            Push::RunCancelRequested(p) => {
+                let _ = self.cancels.send(CancelRequest::from(p));
             }
-            push::STREAM_EVENTS | push::STREAM_GAP | push::STREAM_CLOSED | push::STREAM_ENDED => {
-                return self.follows.pushed(kind, &payload);
-            }
-            push::RUN_CANCEL_REQUESTED => {
-                if let Ok(request) = serde_json::from_value::<CancelRequest>(payload) {
-                    let _ = self.cancels.send(request);
-                }
-            }
-            _ => {}
+            Push::Unknown { .. } => {}
         }
         None
+    }
+
+    /// `gateway.draining`: reconnect no sooner than it asked.
+    fn draining(&mut self, reconnect_after_ms: Option<u64>) {
+        let after = crate::backoff::after_draining(reconnect_after_ms);
+        self.reconnect_not_before = Some(Instant::now() + after);
+        let _ = self.events.send(ClientEvent::Draining {
+            reconnect_after: after,
+        });
     }
 
     /// The run's session ended for good: forget the run (no reattach, no

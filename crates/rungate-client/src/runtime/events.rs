@@ -6,6 +6,8 @@
 
 use std::time::Duration;
 
+use rungate_protocol::push::RunCancelRequested;
+
 /// The connection as the application sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ConnectionState {
@@ -66,16 +68,26 @@ pub enum ClientEvent {
 }
 
 /// A viewer asked a run to stop (the `run.cancelRequested` push).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CancelRequest {
     /// The session holding the run (`sessionId`).
     pub session_id: String,
     /// The run a viewer asked to stop (`runId`).
     pub run_id: String,
     /// The viewer's `reason`, if it gave one (at most 1024 UTF-8 bytes).
-    #[serde(default)]
     pub reason: Option<String>,
     /// RFC 3339.
     pub requested_at: String,
+}
+
+impl From<RunCancelRequested> for CancelRequest {
+    /// The push as the protocol crate typed it.
+    fn from(p: RunCancelRequested) -> CancelRequest {
+        CancelRequest {
+            session_id: p.session_id.to_string(),
+            run_id: p.run_id.to_string(),
+            reason: p.reason,
+            requested_at: p.requested_at.to_string(),
+        }
+    }
 }

@@ -10,17 +10,21 @@
 
 use std::collections::HashMap;
 
-use serde_json::Value;
 use tokio::sync::mpsc;
 
 use super::runs::Run;
+use crate::ClientError;
 use crate::follow::{StreamItem, StreamState};
 use rungate_protocol::commands::{StreamResumeCommand, StreamResumeResponse};
+use rungate_protocol::push::{Push, PushError};
+
+/// Where a followed stream's items (or its final error) go.
+pub(super) type Items = mpsc::UnboundedSender<Result<StreamItem, ClientError>>;
 
 /// A stream this client follows and where its items go.
 struct Followed {
     state: StreamState,
-    items: mpsc::UnboundedSender<StreamItem>,
+    items: Items,
 }
 
 /// Followed streams, by run.
@@ -29,12 +33,7 @@ pub(super) struct Follows(HashMap<String, Followed>);
 
 impl Follows {
     /// Starts following `run` from `from_offset` (or live).
-    pub(super) fn start(
-        &mut self,
-        run: String,
-        from_offset: Option<u64>,
-        items: mpsc::UnboundedSender<StreamItem>,
-    ) {
+    pub(super) fn start(&mut self, run: String, from_offset: Option<u64>, items: Items) {
         self.0.insert(
             run,
             Followed {
@@ -63,7 +62,7 @@ impl Follows {
     pub(super) fn resumed(&mut self, run: &str, reply: StreamResumeResponse) {
         if let Some(f) = self.0.get_mut(run) {
             let item = f.state.resumed(reply);
-            let _ = f.items.send(item);
+            let _ = f.items.send(Ok(item));
         }
     }
 
@@ -75,17 +74,31 @@ impl Follows {
     /// A stream push (`stream.events`, `stream.gap`, `stream.closed`,
     /// `stream.ended`): delivers its items; answers the run whose stream
     /// must be resumed again (it was closed).
-    pub(super) fn pushed(&mut self, kind: &str, payload: &Value) -> Option<String> {
-        let run = payload["runId"].as_str()?;
-        let f = self.0.get_mut(run)?;
-        let (items, resume) = f.state.pushed(kind, payload);
+    pub(super) fn pushed(&mut self, push: Push) -> Option<String> {
+        let run = push.run_id()?.to_string();
+        let f = self.0.get_mut(&run)?;
+        let (items, resume) = match f.state.pushed(push) {
+            Ok(pushed) => pushed,
+            Err(error) => {
+                self.malformed(&run, error);
+                return None;
+            }
+        };
         for item in items {
-            let _ = f.items.send(item);
+            let _ = f.items.send(Ok(item));
         }
         if f.state.is_ended() {
-            self.0.remove(run);
+            self.0.remove(&run);
             return None;
         }
-        resume.then(|| run.to_owned())
+        resume.then_some(run)
+    }
+
+    /// A push about `run`'s stream broke the protocol: its follower gets
+    /// the error, and ends (what followed it cannot be trusted in order).
+    pub(super) fn malformed(&mut self, run: &str, error: PushError) {
+        if let Some(f) = self.0.remove(run) {
+            let _ = f.items.send(Err(ClientError::BadPush(error)));
+        }
     }
 }

@@ -5,11 +5,12 @@
 //! builds its typed request once the driver knows the run's session.
 
 use serde_json::value::RawValue;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use super::client::{Attached, Event};
+use super::follows::Items;
 use super::runs::AttachSpec;
-use crate::{ClientError, StreamItem};
+use crate::ClientError;
 use rungate_protocol::Frame;
 use rungate_protocol::ids::{RunId, SessionId};
 
@@ -39,7 +40,7 @@ pub(super) enum Op {
     Follow {
         run: String,
         from_offset: Option<u64>,
-        items: mpsc::UnboundedSender<StreamItem>,
+        items: Items,
         reply: Answer<()>,
     },
     /// The run was finished: forget it.

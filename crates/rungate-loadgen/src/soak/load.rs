@@ -160,6 +160,7 @@ fn kind(e: &ClientError) -> String {
         ClientError::NoSession(_) => "no session".into(),
         ClientError::Connect(_) => "connect".into(),
         ClientError::BadReply(_) => "bad reply".into(),
+        ClientError::BadPush(_) => "bad push".into(),
         ClientError::InvalidRequest(_) => "invalid request".into(),
     }
 }

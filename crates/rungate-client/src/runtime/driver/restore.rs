@@ -264,7 +264,7 @@ impl Driver {
                 } if got == id => return Some(Err(error)),
                 // A stream to resume again will be, with the others.
                 Incoming::Push { kind, payload } => {
-                    self.pushed(&kind, payload.get());
+                    self.pushed(&kind, &payload);
                 }
                 _ => {}
             }
