@@ -37,8 +37,10 @@ pub(crate) struct Following {
     /// it from a replaced one) and the token that stops its future.
     active: HashMap<RunId, Live>,
     /// One future per subscription waiting for its next delivery, plus
-    /// removed ones that resolve at once because their token fired.
-    waiting: FuturesUnordered<BoxFuture<'static, Polled>>,
+    /// removed ones that resolve at once because their token fired. Made
+    /// by the first subscription: most sockets (every runtime that only
+    /// publishes) never follow anything, and an empty set still allocates.
+    waiting: Option<FuturesUnordered<BoxFuture<'static, Polled>>>,
     next_generation: u64,
 }
 
@@ -74,7 +76,13 @@ impl Following {
     /// Whether [`Following::next`] has anything to wait for. `select!` guards
     /// on it: `next` on an empty set would end at once.
     pub fn is_waiting(&self) -> bool {
-        !self.waiting.is_empty()
+        self.waiting.as_ref().is_some_and(|w| !w.is_empty())
+    }
+
+    fn wait_for(&mut self, next: BoxFuture<'static, Polled>) {
+        self.waiting
+            .get_or_insert_with(FuturesUnordered::new)
+            .push(next);
     }
 
     /// Follows `run` with `subscription`, replacing any earlier one.
@@ -83,8 +91,7 @@ impl Following {
         self.next_generation += 1;
         let generation = self.next_generation;
         let stop = CancellationToken::new();
-        self.waiting
-            .push(wait(run.clone(), generation, subscription, stop.clone()));
+        self.wait_for(wait(run.clone(), generation, subscription, stop.clone()));
         self.active.insert(
             run,
             Live {
@@ -112,7 +119,7 @@ impl Following {
     /// same poll that returns it.
     pub async fn next(&mut self) -> Option<(RunId, Sent)> {
         loop {
-            let polled = self.waiting.next().await?;
+            let polled = self.waiting.as_mut()?.next().await?;
             let current = self
                 .active
                 .get(&polled.run)
@@ -160,12 +167,8 @@ impl Following {
                 }
             };
             if let Some(live) = self.active.get(&run) {
-                self.waiting.push(wait(
-                    run.clone(),
-                    polled.generation,
-                    subscription,
-                    live.stop.clone(),
-                ));
+                let stop = live.stop.clone();
+                self.wait_for(wait(run.clone(), polled.generation, subscription, stop));
             }
             return Some((run, sent));
         }

@@ -2,8 +2,8 @@
 //! table of open sockets, metrics and the drain signal.
 //!
 //! Owns [`Connections`], the only way to reach another socket: a bounded
-//! outbox per socket, so a push (superseded, expired, draining) never waits
-//! on a peer. Must not hold protocol rules: those live in `cmd` and the
+//! [`Outbox`] per socket, so a push (superseded, expired, draining) never
+//! waits on a peer. Must not hold protocol rules: those live in `cmd` and the
 //! domain modules.
 
 use std::sync::Arc;
@@ -11,13 +11,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 use dashmap::DashMap;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::admission::Admission;
-use super::budget::Budget;
 use super::metrics::Metrics;
+use super::outbox::{Outbox, Refused};
 use crate::auth::AuthKey;
 use crate::config::Config;
 use crate::ids::RunId;
@@ -65,30 +64,15 @@ impl From<Frame> for Outgoing {
     }
 }
 
-/// How to reach one open socket.
-#[derive(Clone)]
-pub(crate) struct Outbox {
-    pub queue: mpsc::Sender<Outgoing>,
-    /// Cancelled to make the socket's task close it (a peer that stopped
-    /// reading while pushes pile up).
-    pub kill: CancellationToken,
-    /// Runs whose session this socket lost (superseded or expired): the
-    /// socket's task stops following them, since reading a run's stream on
-    /// `/v1/runtime` needs that run's session on the socket.
-    pub lost_runs: mpsc::UnboundedSender<RunId>,
-    /// The socket's bytes in flight and queued; a push is charged to it.
-    pub budget: Arc<Budget>,
-}
-
 /// All open sockets by id.
 #[derive(Default)]
 pub(crate) struct Connections {
-    open: DashMap<ConnId, Outbox>,
+    open: DashMap<ConnId, Arc<Outbox>>,
     next_id: AtomicU64,
 }
 
 impl Connections {
-    pub fn register(&self, outbox: Outbox) -> ConnId {
+    pub fn register(&self, outbox: Arc<Outbox>) -> ConnId {
         let id = ConnId(self.next_id.fetch_add(1, Ordering::Relaxed) + 1);
         self.open.insert(id, outbox);
         id
@@ -124,16 +108,20 @@ impl Connections {
                 conn = id.0,
                 "outbound bytes over the budget; closing the socket"
             );
-            outbox.kill.cancel();
+            outbox.kill();
             return false;
         }
-        if outbox.queue.try_send(frame.into()).is_err() {
-            outbox.budget.release(bytes);
-            tracing::warn!(conn = id.0, "outbound queue full; closing the socket");
-            outbox.kill.cancel();
-            return false;
+        match outbox.try_push(frame.into()) {
+            Ok(()) => true,
+            Err(refused) => {
+                outbox.budget.release(bytes);
+                if refused == Refused::Full {
+                    tracing::warn!(conn = id.0, "outbound queue full; closing the socket");
+                }
+                outbox.kill();
+                false
+            }
         }
-        true
     }
 
     /// A socket lost a session to a newer epoch (here or on another
@@ -150,7 +138,7 @@ impl Connections {
         let Some(outbox) = self.open.get(&id).map(|o| o.clone()) else {
             return;
         };
-        let _ = outbox.lost_runs.send(run.clone());
+        outbox.lost_run(run.clone());
         self.push(id, frame);
     }
 }
