@@ -433,8 +433,10 @@ fn authenticate(
     Ok(grant)
 }
 
-/// tungstenite's read buffer per socket: room for a small command in one
-/// read; larger messages grow it (see `upgrade`).
+/// tungstenite's read buffer per socket: room for a small command (an
+/// attach, a heartbeat) in one read; a larger message grows it, and the
+/// grown buffer is kept (384 measured 270 B more per idle session than 512:
+/// the loadgen's attach did not fit).
 const TUNGSTENITE_READ_BUFFER: usize = 512;
 
 /// Answers a WebSocket handshake and hands the upgraded socket to a
@@ -476,7 +478,8 @@ fn upgrade(shared: Arc<Shared>, mut req: Request<Incoming>, endpoint: Endpoint) 
     // BENCHMARKS.md "Idle sessions"): tungstenite keeps its read buffer
     // for the socket's life, so it holds one small command (an attach, a
     // heartbeat); `ReadAhead` under it reads the socket in bursts, so a
-    // large message still costs one system call, not one per 512 bytes.
+    // large message still costs one system call, not one per few hundred
+    // bytes.
     let ws_config = WebSocketConfig::default()
         .read_buffer_size(TUNGSTENITE_READ_BUFFER)
         .write_buffer_size(0)
