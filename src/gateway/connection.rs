@@ -85,6 +85,8 @@ pub(crate) fn serve(
 
 /// The connection task proper: reads, answers, follows, until the socket
 /// or the gateway ends it, then hands the writer its last frame.
+// Not an async fn: see `serve`.
+#[allow(clippy::manual_async_fn)]
 fn read_loop(
     shared: Arc<Shared>,
     mut stream: SplitStream<Socket>,
@@ -330,6 +332,7 @@ fn count_subscriptions(shared: &Shared, following: &Following, counted: &mut i64
 /// socket fails, or the peer stops taking data for `stall` (a dead or
 /// stuck peer would otherwise hold its queued frames, and the stream
 /// batches they share, forever).
+#[allow(clippy::manual_async_fn)]
 fn write_loop(
     mut sink: SplitSink<Socket, Message>,
     outbox: Arc<Outbox>,

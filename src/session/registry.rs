@@ -827,8 +827,8 @@ impl SessionRegistry {
     /// nobody `session.expired`: the runtime asked for it. Answers the
     /// sessions ended, `id` first (empty if it was not live here).
     pub fn end(&mut self, id: &SessionId, now: Instant) -> Vec<Expired> {
-        let live = |s: &Box<Session>| !s.expired && !s.elsewhere;
-        if !self.sessions.get(id).is_some_and(live) {
+        let live = |s: &Session| !s.expired && !s.elsewhere;
+        if !self.sessions.get(id).is_some_and(|s| live(s)) {
             return Vec::new();
         }
         let mut ids = vec![id.clone()];
