@@ -11,14 +11,11 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use tokio::sync::Notify;
-
 /// Bytes held for one socket, against its budget.
 #[derive(Debug)]
 pub(crate) struct Budget {
     used: AtomicUsize,
     max: usize,
-    freed: Notify,
 }
 
 impl Budget {
@@ -26,7 +23,6 @@ impl Budget {
         Budget {
             used: AtomicUsize::new(0),
             max,
-            freed: Notify::new(),
         }
     }
 
@@ -56,7 +52,6 @@ impl Budget {
             })
             .unwrap_or_default();
         debug_assert!(before >= bytes, "released more than was charged");
-        self.freed.notify_waiters();
     }
 
     pub fn max(&self) -> usize {
@@ -67,40 +62,18 @@ impl Budget {
     pub fn has_room(&self) -> bool {
         self.used.load(Ordering::Acquire) < self.max
     }
-
-    /// Waits until [`Budget::has_room`]; at once if it has.
-    pub async fn room(&self) {
-        loop {
-            let freed = self.freed.notified();
-            tokio::pin!(freed);
-            // Registered before the check, so a release between the check
-            // and the wait still wakes it.
-            freed.as_mut().enable();
-            if self.has_room() {
-                return;
-            }
-            freed.await;
-        }
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn room_returns_once_enough_is_released() {
-        let b = std::sync::Arc::new(Budget::new(100));
+    #[test]
+    fn room_comes_back_once_enough_is_released() {
+        let b = Budget::new(100);
         b.charge(150);
         assert!(!b.has_room());
-        let waiter = tokio::spawn({
-            let b = b.clone();
-            async move { b.room().await }
-        });
-        tokio::task::yield_now().await;
-        assert!(!waiter.is_finished());
         b.release(60);
-        waiter.await.unwrap();
         assert!(b.has_room());
         assert!(!b.try_charge(20, 100));
         assert!(b.try_charge(10, 100));

@@ -174,13 +174,11 @@ fn read_loop(
                     // The frame is charged before its reservation is returned,
                     // so the budget never shows room it does not have.
                     let sent = enqueue(&outbox, frame.into_bytes()).await;
-                    outbox.budget.release(reserved);
+                    outbox.release(reserved);
                     if !sent {
                         break None;
                     }
                 }
-                // Wakes the loop when the writer frees room; reading resumes.
-                _ = outbox.budget.room(), if !outbox.budget.has_room() => {}
                 _ = shared.draining.cancelled(), if !ctx.draining => {
                     ctx.draining = true;
                     let frame = push::gateway_draining(shared.config.reconnect_after);
@@ -189,7 +187,7 @@ fn read_loop(
                     }
                     close_at = Some(Instant::now() + shared.config.reconnect_after);
                 }
-                message = stream.next(), if inflight.as_ref().map_or(0, |f| f.len()) < max_inflight && outbox.budget.has_room() => {
+                message = stream.next(), if inflight.as_ref().map_or(0, |f| f.len()) < max_inflight && outbox.budget().has_room() => {
                     let answer = match message {
                         None | Some(Ok(Message::Close(_))) => break None,
                         Some(Ok(Message::Text(text))) => dispatch::handle_text(&mut ctx, text.as_str()),
@@ -230,7 +228,7 @@ fn read_loop(
                         }
                         Answer::Later(pending, worst) => {
                             // Charged now, while the store builds it.
-                            outbox.budget.charge(worst);
+                            outbox.budget().charge(worst);
                             inflight
                                 .get_or_insert_with(FuturesUnordered::new)
                                 .push(pending.map(move |frame| (frame, worst)).boxed());
@@ -239,7 +237,7 @@ fn read_loop(
                 }
                 // After the reader: a stream that always has more must not keep
                 // this socket's requests (heartbeats, cancels) waiting.
-                Some((_run, sent)) = ctx.following.next(), if ctx.following.is_waiting() && outbox.budget.has_room() => {
+                Some((_run, sent)) = ctx.following.next(), if ctx.following.is_waiting() && outbox.budget().has_room() => {
                     if sent.gap.is_some() {
                         shared.metrics.gap_sent();
                     }
@@ -297,7 +295,7 @@ async fn next_reply(inflight: &mut Inflight) -> Option<(Frame, usize)> {
 /// writer hands it to the socket. False when the writer is gone.
 fn enqueue(outbox: &Outbox, frame: bytes::Bytes) -> impl Future<Output = bool> + Send + '_ {
     let bytes = frame.len();
-    outbox.budget.charge(bytes);
+    outbox.budget().charge(bytes);
     // Offered here and waited on in place: awaiting a future made outside
     // the block would hold it twice in the connection task (the largest
     // of its states, on every socket).
@@ -307,7 +305,7 @@ fn enqueue(outbox: &Outbox, frame: bytes::Bytes) -> impl Future<Output = bool> +
             match offer {
                 Offer::Queued => return true,
                 Offer::Closed => {
-                    outbox.budget.release(bytes);
+                    outbox.release(bytes);
                     return false;
                 }
                 Offer::Full(item) => {
@@ -359,7 +357,7 @@ fn write_loop(
                     }
                 };
                 match within(stall, sink.feed(message)).await {
-                    Some(Ok(())) => outbox.budget.release(charged),
+                    Some(Ok(())) => outbox.release(charged),
                     Some(Err(_)) => break 'outer,
                     None => {
                         tracing::info!("peer took no data for {stall:?}; closing its socket");

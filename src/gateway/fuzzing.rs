@@ -108,7 +108,7 @@ impl Harness {
         let mut frames = Vec::new();
         while let Some(item) = socket.outbox.try_next() {
             if let Outgoing::Frame(bytes) = item {
-                socket.outbox.budget.release(bytes.len());
+                socket.outbox.release(bytes.len());
                 frames.push(String::from_utf8_lossy(&bytes).into_owned());
             }
         }

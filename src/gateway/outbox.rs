@@ -29,7 +29,9 @@ pub(crate) struct Outbox {
     /// Most frames the queue holds.
     capacity: usize,
     /// The socket's bytes in flight and queued; a push is charged to it.
-    pub budget: Budget,
+    /// Released through [`Outbox::release`], which wakes the connection
+    /// task when room comes back.
+    budget: Budget,
     /// Wakes the writer: a frame was queued into an empty queue, or the
     /// queue was closed.
     to_writer: Notify,
@@ -98,6 +100,23 @@ impl Outbox {
             to_writer: Notify::new(),
             to_reader: Notify::new(),
         })
+    }
+
+    /// The socket's byte budget (charge it here; release through
+    /// [`Outbox::release`]).
+    pub fn budget(&self) -> &Budget {
+        &self.budget
+    }
+
+    /// `bytes` charged to the budget are no longer held. If that gave a
+    /// spent budget room again, the connection task is woken (through the
+    /// same wake-up as its signals, so it waits on one thing, not two).
+    pub fn release(&self, bytes: usize) {
+        let was_spent = !self.budget.has_room();
+        self.budget.release(bytes);
+        if was_spent && self.budget.has_room() {
+            self.to_reader.notify_one();
+        }
     }
 
     /// Queues `item` if there is room, without waiting.
@@ -235,7 +254,8 @@ impl Outbox {
         }
     }
 
-    /// Completes when there may be new signals (or room): the connection
+    /// Completes when there may be new signals, room in the queue or room
+    /// in the budget: the connection
     /// task calls [`Outbox::take_signals`] after it, and before waiting
     /// again, since a wait for room can use up a wake-up meant for a signal.
     pub fn signalled(&self) -> Notified<'_> {
@@ -327,6 +347,27 @@ mod tests {
         o.writer_done();
         assert!(!blocked.await.unwrap());
         assert!(o.take_signals().killed);
+    }
+
+    #[tokio::test]
+    async fn the_connection_task_wakes_once_enough_of_a_spent_budget_is_released() {
+        let o = Outbox::new(4, 100);
+        o.budget().charge(150);
+        assert!(!o.budget().has_room());
+        let waiter = tokio::spawn({
+            let o = o.clone();
+            async move { o.signalled().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        o.release(40);
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished(), "still spent: no wake-up");
+        o.release(20);
+        waiter.await.unwrap();
+        assert!(o.budget().has_room());
+        assert!(!o.budget().try_charge(20, 100));
+        assert!(o.budget().try_charge(10, 100));
     }
 
     #[tokio::test]

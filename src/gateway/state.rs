@@ -102,8 +102,8 @@ impl Connections {
             return false;
         };
         let bytes = frame.as_str().len();
-        let limit = outbox.budget.max().saturating_mul(2);
-        if !outbox.budget.try_charge(bytes, limit) {
+        let limit = outbox.budget().max().saturating_mul(2);
+        if !outbox.budget().try_charge(bytes, limit) {
             tracing::warn!(
                 conn = id.0,
                 "outbound bytes over the budget; closing the socket"
@@ -114,7 +114,7 @@ impl Connections {
         match outbox.try_push(frame.into()) {
             Ok(()) => true,
             Err(refused) => {
-                outbox.budget.release(bytes);
+                outbox.release(bytes);
                 if refused == Refused::Full {
                     tracing::warn!(conn = id.0, "outbound queue full; closing the socket");
                 }
