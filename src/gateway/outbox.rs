@@ -8,7 +8,7 @@
 //! channels held about 2.9 KiB before its first frame (BENCHMARKS.md, idle
 //! sessions). The queue is bounded in frames; pushes from other tasks never
 //! wait ([`Outbox::try_push`]); the connection task's own replies wait for
-//! room ([`Outbox::push`]). Must not know what frames mean, touch the
+//! room ([`Outbox::offer`], then [`Outbox::room`]). Must not know what frames mean, touch the
 //! socket, or decide when a socket closes: it carries requests to do so.
 
 use std::collections::VecDeque;
@@ -112,9 +112,7 @@ impl Outbox {
     /// spent budget room again, the connection task is woken (through the
     /// same wake-up as its signals, so it waits on one thing, not two).
     pub fn release(&self, bytes: usize) {
-        let was_spent = !self.budget.has_room();
-        self.budget.release(bytes);
-        if was_spent && self.budget.has_room() {
+        if self.budget.release(bytes) {
             self.to_reader.notify_one();
         }
     }
