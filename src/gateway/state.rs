@@ -142,3 +142,70 @@ impl Connections {
         self.push(id, frame);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn push() -> Frame {
+        super::super::push::gateway_draining(Duration::from_secs(1))
+    }
+
+    /// Pushes never wait on a socket: one that is not reading is closed
+    /// once its queue is full in frames, and what was refused is not left
+    /// charged to its budget.
+    #[test]
+    fn a_push_into_a_full_queue_is_refused_and_closes_the_socket() {
+        let conns = Connections::default();
+        let outbox = Outbox::new(2, 1 << 20);
+        let id = conns.register(outbox.clone());
+        let bytes = push().as_str().len();
+        assert!(conns.push_now(id, push()));
+        assert!(conns.push_now(id, push()));
+        assert!(!outbox.take_signals().killed, "room for two");
+        assert!(!conns.push_now(id, push()));
+        assert!(outbox.take_signals().killed);
+        // The writer hands on the two queued frames; nothing else is held.
+        for _ in 0..2 {
+            assert!(outbox.try_next().is_some());
+            outbox.release(bytes);
+        }
+        assert!(outbox.try_next().is_none());
+        assert!(outbox.budget().try_charge(1 << 21, 1 << 21), "all released");
+    }
+
+    /// Or once its bytes queued would pass twice its budget (its own
+    /// replies may fill the budget itself).
+    #[test]
+    fn a_push_past_twice_the_byte_budget_is_refused_and_closes_the_socket() {
+        let conns = Connections::default();
+        let bytes = push().as_str().len();
+        let outbox = Outbox::new(1000, bytes);
+        let id = conns.register(outbox.clone());
+        assert!(conns.push_now(id, push()));
+        assert!(conns.push_now(id, push()));
+        assert!(!outbox.take_signals().killed);
+        assert!(!conns.push_now(id, push()));
+        assert!(outbox.take_signals().killed);
+        // A closed socket takes nothing; an unknown one is not an error.
+        outbox.close();
+        assert!(!conns.push_now(id, push()));
+        conns.remove(id);
+        assert!(!conns.push_now(id, push()));
+    }
+
+    /// Losing a session tells the connection task which run to stop
+    /// following, beside the push itself.
+    #[test]
+    fn a_lost_session_leaves_its_run_for_the_connection_task() {
+        let conns = Connections::default();
+        let outbox = Outbox::new(4, 1 << 20);
+        let id = conns.register(outbox.clone());
+        let run = RunId::new("lost-1").unwrap();
+        conns.session_lost(id, &run, push());
+        assert_eq!(outbox.take_signals().lost_runs, vec![run]);
+        assert!(outbox.try_next().is_some());
+    }
+}
