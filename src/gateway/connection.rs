@@ -24,6 +24,7 @@ use futures_util::stream::{FuturesUnordered, SplitSink, SplitStream};
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
+use std::future::poll_fn;
 use std::time::Duration;
 
 use tokio::task::JoinHandle;
@@ -97,16 +98,19 @@ fn read_loop(
     hold: impl Send + 'static,
 ) -> impl Future<Output = ()> + Send + 'static {
     async move {
-        let id = ctx.id;
-        let endpoint = ctx.endpoint;
+        // Only what changes is kept in locals: a copy of something `ctx` or
+        // `shared` already holds (the socket's id, its limits) would be held
+        // again, across every wait, by every socket's task (BENCHMARKS.md,
+        // idle sessions). The same goes for what one turn of the loop works
+        // out before it waits (the signals, the next deadline): scoped to
+        // a block, so it is not kept across the wait.
         let limits = &shared.config.limits;
         // Runtime sockets only: a viewer socket following nothing is a
         // dashboard with no run selected, which is fine.
-        let idle_timeout = limits.idle_timeout;
-        let mut idle_check = (endpoint == Endpoint::Runtime).then(|| Instant::now() + idle_timeout);
+        let mut idle_check =
+            (ctx.endpoint == Endpoint::Runtime).then(|| Instant::now() + limits.idle_timeout);
         // Subscriptions counted in the metrics for this socket so far.
         let mut counted_subscriptions = 0;
-        let max_inflight = limits.max_inflight_per_socket;
         let mut inflight: Inflight = None;
         // Once draining: when to close, if nothing is in flight by then.
         let mut close_at: Option<Instant> = None;
@@ -116,25 +120,29 @@ fn read_loop(
         let close_reason = loop {
             // What other tasks asked, before waiting: a wait for queue room may
             // have used up the wake-up that came with it.
-            let signals = outbox.take_signals();
-            if signals.killed {
-                break Some((CloseCode::Policy, "not reading"));
-            }
-            if !signals.lost_runs.is_empty() {
-                // A stream of a run whose session this socket lost sends
-                // nothing more.
-                for run in &signals.lost_runs {
-                    ctx.following.remove(run);
+            {
+                let signals = outbox.take_signals();
+                if signals.killed {
+                    break Some((CloseCode::Policy, "not reading"));
                 }
-                count_subscriptions(&shared, &ctx.following, &mut counted_subscriptions);
+                if !signals.lost_runs.is_empty() {
+                    // A stream of a run whose session this socket lost sends
+                    // nothing more.
+                    for run in &signals.lost_runs {
+                        ctx.following.remove(run);
+                    }
+                    count_subscriptions(&shared, &ctx.following, &mut counted_subscriptions);
+                }
             }
             let nothing_inflight = inflight.as_ref().is_none_or(|f| f.is_empty());
-            let due = [idle_check, close_at.filter(|_| nothing_inflight)]
-                .into_iter()
-                .flatten()
-                .fold(token_expires, Instant::min);
-            if timer.deadline() != due {
-                timer.as_mut().reset(due);
+            {
+                let due = [idle_check, close_at.filter(|_| nothing_inflight)]
+                    .into_iter()
+                    .flatten()
+                    .fold(token_expires, Instant::min);
+                if timer.deadline() != due {
+                    timer.as_mut().reset(due);
+                }
             }
             tokio::select! {
                 biased;
@@ -153,14 +161,14 @@ fn read_loop(
                         // check gets another full period, so none is closed sooner
                         // than the timeout after losing its last session (and none
                         // later than twice that).
-                        let bound = shared.sessions.with(|r| r.sessions_on(id));
+                        let bound = shared.sessions.with(|r| r.sessions_on(ctx.id));
                         if bound == 0 && !std::mem::take(&mut ctx.bound_session) {
-                            tracing::debug!(conn = id.0, "no session within the idle timeout; closing");
+                            tracing::debug!(conn = ctx.id.0, "no session within the idle timeout; closing");
                             shared.metrics.refused("idle_timeout");
                             break Some((CloseCode::Policy, "no session on this socket within the idle timeout"));
                         }
                         ctx.bound_session = bound > 0;
-                        idle_check = Some(Instant::now() + idle_timeout);
+                        idle_check = Some(Instant::now() + shared.config.limits.idle_timeout);
                     }
                     if close_at.is_some_and(|at| now >= at) && nothing_inflight {
                         break Some((CloseCode::Away, "draining"));
@@ -187,7 +195,7 @@ fn read_loop(
                     }
                     close_at = Some(Instant::now() + shared.config.reconnect_after);
                 }
-                message = stream.next(), if inflight.as_ref().map_or(0, |f| f.len()) < max_inflight && outbox.budget().has_room() => {
+                message = stream.next(), if inflight.as_ref().map_or(0, |f| f.len()) < shared.config.limits.max_inflight_per_socket && outbox.budget().has_room() => {
                     let answer = match message {
                         None | Some(Ok(Message::Close(_))) => break None,
                         Some(Ok(Message::Text(text))) => dispatch::handle_text(&mut ctx, text.as_str()),
@@ -197,7 +205,7 @@ fn read_loop(
                         // tungstenite answers pings itself; pongs need nothing.
                         Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
                         Some(Err(WsError::Capacity(e))) => {
-                            tracing::debug!(conn = id.0, error = %e, "message over the size limit");
+                            tracing::debug!(conn = ctx.id.0, error = %e, "message over the size limit");
                             let err = CommandError::new(ErrorCode::PayloadTooLarge, format!("{e}; the limit is {} bytes", shared.config.limits.max_frame_bytes));
                             let _ = enqueue(&outbox, encode_error(None, &err).into_bytes()).await;
                             break Some((CloseCode::Size, "message too large"));
@@ -210,12 +218,12 @@ fn read_loop(
                             // RFC 6455 §7.4.1: a framing violation (reserved bits
                             // or opcodes, an unmasked or stray frame) fails the
                             // connection with 1002, so the peer learns why.
-                            tracing::debug!(conn = id.0, error = %e, "WebSocket protocol violation");
+                            tracing::debug!(conn = ctx.id.0, error = %e, "WebSocket protocol violation");
                             let _ = enqueue(&outbox, encode_error(None, &CommandError::bad_frame(format!("WebSocket protocol violation: {e}"))).into_bytes()).await;
                             break Some((CloseCode::Protocol, "protocol error"));
                         }
                         Some(Err(e)) => {
-                            tracing::debug!(conn = id.0, error = %e, "socket read failed");
+                            tracing::debug!(conn = ctx.id.0, error = %e, "socket read failed");
                             break None;
                         }
                     };
@@ -260,6 +268,7 @@ fn read_loop(
         };
 
         // The socket is done: its sessions live on until their leases run out.
+        let (id, endpoint) = (ctx.id, ctx.endpoint);
         let detached = shared.sessions.with(|r| r.connection_closed(id));
         if !detached.is_empty() {
             tracing::info!(
@@ -338,35 +347,48 @@ fn write_loop(
 ) -> impl Future<Output = ()> + Send + 'static {
     // A block, not an async fn, for the reason `serve` gives.
     async move {
-        'outer: while let Some(first) = outbox.next().await {
-            let mut next = Some(first);
+        'outer: while let Some(mut item) = outbox.next().await {
             let mut fed = 0;
-            while let Some(item) = next.take() {
-                let (message, charged) = match item {
-                    Outgoing::Frame(bytes) => {
-                        let charged = bytes.len();
-                        (Message::Text(text(bytes)), charged)
-                    }
-                    Outgoing::Close(code, reason) => {
-                        let frame = CloseFrame {
-                            code: CloseCode::from(code),
-                            reason: Utf8Bytes::from_static(reason),
-                        };
-                        let _ = within(stall, sink.send(Message::Close(Some(frame)))).await;
-                        break 'outer;
-                    }
-                };
-                match within(stall, sink.feed(message)).await {
-                    Some(Ok(())) => outbox.release(charged),
+            loop {
+                // Room in the sink first, then the message, handed over
+                // at once: the wait holds only the queued item, not a
+                // message too (a `feed` future holds its message for as
+                // long as it waits, and the largest wait sets the size
+                // of every writer's task, idle ones included).
+                match within(stall, poll_fn(|cx| sink.poll_ready_unpin(cx))).await {
+                    Some(Ok(())) => {}
                     Some(Err(_)) => break 'outer,
                     None => {
                         tracing::info!("peer took no data for {stall:?}; closing its socket");
                         break 'outer;
                     }
                 }
+                match item {
+                    Outgoing::Frame(bytes) => {
+                        let charged = bytes.len();
+                        if sink.start_send_unpin(Message::Text(text(bytes))).is_err() {
+                            break 'outer;
+                        }
+                        outbox.release(charged);
+                    }
+                    Outgoing::Close(code, reason) => {
+                        let frame = CloseFrame {
+                            code: CloseCode::from(code),
+                            reason: Utf8Bytes::from_static(reason),
+                        };
+                        if sink.start_send_unpin(Message::Close(Some(frame))).is_ok() {
+                            let _ = within(stall, sink.flush()).await;
+                        }
+                        break 'outer;
+                    }
+                }
                 fed += 1;
-                if fed < WRITE_BATCH {
-                    next = outbox.try_next();
+                if fed >= WRITE_BATCH {
+                    break;
+                }
+                match outbox.try_next() {
+                    Some(next) => item = next,
+                    None => break,
                 }
             }
             match within(stall, sink.flush()).await {
