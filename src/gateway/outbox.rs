@@ -8,8 +8,9 @@
 //! channels held about 2.9 KiB before its first frame (BENCHMARKS.md, idle
 //! sessions). The queue is bounded in frames; pushes from other tasks never
 //! wait ([`Outbox::try_push`]); the connection task's own replies wait for
-//! room ([`Outbox::offer`], then [`Outbox::room`]). Must not know what frames mean, touch the
-//! socket, or decide when a socket closes: it carries requests to do so.
+//! room ([`Outbox::offer`], then [`Outbox::room`]). Must not know what
+//! frames mean, touch the socket, or decide when a socket closes: it
+//! carries requests to do so.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
