@@ -1,6 +1,6 @@
 //! Tokens: the HMAC key, minting and checking JWTs, run patterns and scopes.
 //!
-//! Owns what a token may say (kind, runs, capabilities, expiry) and the one
+//! Owns what a token may say (kind, runs, capabilities, expiry, tenant) and the one
 //! signing scheme (HS256 with a secret kept in a key file). It answers
 //! "who is this and what may they touch"; it does not decide what happens
 //! to a request (HTTP status codes, refusals on the wire are the gateway's).
@@ -36,6 +36,8 @@ pub enum AuthError {
     BadPattern(String),
     #[error("bad ttl {0}: expected a positive number of seconds, optionally with s, m, h or d")]
     BadTtl(String),
+    #[error("bad tenant {0}: expected 1 to {MAX_TENANT_LEN} visible ASCII characters")]
+    BadTenant(String),
     #[error("auth key file {}: {reason}", path.display())]
     KeyFile { path: PathBuf, reason: String },
 }
@@ -215,6 +217,51 @@ pub struct Grant {
     pub expires_at: Timestamp,
     /// Which token this is, for counting what one credential holds open.
     pub token: TokenId,
+    /// Whose quotas it spends.
+    pub tenant: Tenant,
+}
+
+/// The longest `sub` claim (tenant name), in characters.
+pub const MAX_TENANT_LEN: usize = 128;
+
+/// Whose quotas a token spends (spec/README.md, *Quotas per tenant*): the
+/// name in its `sub` claim, or, for a token without one, its run patterns
+/// (sorted, without repeats). Tokens minted alike are one tenant, so a
+/// fresh token does not reset what the old one used. The text is a store
+/// key: `sub:NAME` or `runs:P1,P2`, so a name can never pass for patterns.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Tenant(String);
+
+impl Tenant {
+    /// The tenant of a token with `sub` (already checked) covering `runs`.
+    fn of(sub: Option<&str>, runs: &RunScope) -> Tenant {
+        match sub {
+            Some(name) => Tenant(format!("sub:{name}")),
+            None => {
+                let patterns: std::collections::BTreeSet<&str> =
+                    runs.patterns().iter().map(RunPattern::as_str).collect();
+                let joined: Vec<&str> = patterns.into_iter().collect();
+                Tenant(format!("runs:{}", joined.join(",")))
+            }
+        }
+    }
+
+    /// The key under which the store counts this tenant's usage.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Tenant {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Whether `name` may be a tenant (`sub`): 1 to [`MAX_TENANT_LEN`] visible
+/// ASCII characters, like the protocol's opaque ids.
+fn valid_tenant_name(name: &str) -> bool {
+    (1..=MAX_TENANT_LEN).contains(&name.len()) && name.bytes().all(|b| (0x21..=0x7e).contains(&b))
 }
 
 /// Names one token without carrying its text: a keyed hash of it, so a
@@ -240,6 +287,10 @@ struct Claims {
     /// `max_sockets_per_token`). Absent from tokens minted before it existed.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     jti: String,
+    /// The tenant whose quotas the token spends; without it, its run
+    /// patterns are (see [`Tenant`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    sub: Option<String>,
 }
 
 /// The HMAC secret that signs and checks tokens.
@@ -301,7 +352,8 @@ impl AuthKey {
         }
     }
 
-    /// A signed HS256 token for `runs` and `caps`, valid for `ttl` from now.
+    /// A signed HS256 token for `runs` and `caps`, valid for `ttl` from now,
+    /// of the tenant its run patterns make (no `sub`).
     pub fn mint(
         &self,
         kind: TokenKind,
@@ -309,6 +361,23 @@ impl AuthKey {
         caps: Capabilities,
         ttl: Duration,
     ) -> Result<String, AuthError> {
+        self.mint_for_tenant(kind, runs, caps, ttl, None)
+    }
+
+    /// [`AuthKey::mint`] with `tenant` as the `sub` claim, when given.
+    pub fn mint_for_tenant(
+        &self,
+        kind: TokenKind,
+        runs: &RunScope,
+        caps: Capabilities,
+        ttl: Duration,
+        tenant: Option<&str>,
+    ) -> Result<String, AuthError> {
+        if let Some(name) = tenant
+            && !valid_tenant_name(name)
+        {
+            return Err(AuthError::BadTenant(format!("{name:?}")));
+        }
         if ttl.is_zero() {
             return Err(AuthError::BadTtl("0".to_owned()));
         }
@@ -319,7 +388,7 @@ impl AuthKey {
         let exp = now
             .checked_add(ttl_secs)
             .ok_or_else(|| AuthError::BadTtl(format!("{ttl_secs}s")))?;
-        self.mint_at(kind, runs, caps, now, exp)
+        self.mint_at(kind, runs, caps, now, exp, tenant)
     }
 
     /// Mints with explicit `iat`/`exp` (seconds since the epoch).
@@ -330,6 +399,7 @@ impl AuthKey {
         caps: Capabilities,
         iat: u64,
         exp: u64,
+        tenant: Option<&str>,
     ) -> Result<String, AuthError> {
         if runs.patterns().is_empty() {
             return Err(AuthError::BadPattern("(empty list)".to_owned()));
@@ -345,6 +415,7 @@ impl AuthKey {
             iat,
             exp,
             jti: hex(&rand::random::<[u8; 8]>()),
+            sub: tenant.map(str::to_owned),
         };
         jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
             .map_err(|e| AuthError::Invalid(format!("cannot sign: {}", describe(e.kind()))))
@@ -383,9 +454,16 @@ impl AuthKey {
             .map(|c| Capability::parse_any(c))
             .collect::<Option<Capabilities>>()
             .ok_or_else(|| AuthError::Invalid("unknown capability in claims".to_owned()))?;
+        if let Some(name) = &claims.sub
+            && !valid_tenant_name(name)
+        {
+            return Err(AuthError::Invalid("malformed claim `sub`".to_owned()));
+        }
+        let runs = RunScope(runs);
         Ok(Grant {
             kind: claims.kind,
-            runs: RunScope(runs),
+            tenant: Tenant::of(claims.sub.as_deref(), &runs),
+            runs,
             caps,
             expires_at: Timestamp::from_unix_millis(claims.exp.saturating_mul(1000)),
             token: TokenId(std::hash::BuildHasher::hash_one(&self.ids, token)),
@@ -662,9 +740,65 @@ mod tests {
                 Capabilities::default(),
                 now - 100,
                 now - 1,
+                None,
             )
             .unwrap();
         assert!(matches!(k.verify(&token), Err(AuthError::Expired)));
+    }
+
+    #[test]
+    fn the_tenant_is_the_sub_claim_or_else_the_sorted_run_patterns() {
+        let k = key();
+        let hour = Duration::from_secs(3600);
+        let caps = Capabilities::default();
+        let grant = |runs: &str, tenant: Option<&str>| {
+            let token = k
+                .mint_for_tenant(TokenKind::Runtime, &scope(runs), caps, hour, tenant)
+                .unwrap();
+            k.verify(&token).unwrap()
+        };
+        let named = grant("a-*", Some("acme"));
+        assert_eq!(named.tenant.as_str(), "sub:acme");
+        // The same name over other runs is the same tenant.
+        assert_eq!(grant("b-1", Some("acme")).tenant, named.tenant);
+        // Without a name: the patterns, in order, without repeats, so tokens
+        // minted alike share one tenant and a fresh token resets nothing.
+        let a = grant("c-9,a-*,c-9", None);
+        assert_eq!(a.tenant.as_str(), "runs:a-*,c-9");
+        assert_eq!(grant("a-*,c-9", None).tenant, a.tenant);
+        assert_ne!(a.token, grant("a-*,c-9", None).token);
+        assert_ne!(grant("a-*", None).tenant, a.tenant);
+        // A name that reads like patterns is still a name.
+        assert_ne!(
+            grant("a-*", Some("runs:a-*")).tenant,
+            grant("a-*", None).tenant
+        );
+        // Bad names are refused when minting, and in a token signed anyway.
+        for bad in ["", "has space", &"x".repeat(MAX_TENANT_LEN + 1), "é"] {
+            assert!(matches!(
+                k.mint_for_tenant(TokenKind::Runtime, &scope("a"), caps, hour, Some(bad)),
+                Err(AuthError::BadTenant(_))
+            ));
+            let claims = serde_json::json!({
+                "kind": "runtime", "runs": ["a"], "iat": 1, "exp": u64::MAX / 2, "sub": bad,
+            });
+            let forged =
+                jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &k.encoding).unwrap();
+            assert!(
+                matches!(k.verify(&forged), Err(AuthError::Invalid(ref why)) if why.contains("sub")),
+                "{bad:?}"
+            );
+        }
+        assert!(
+            k.mint_for_tenant(
+                TokenKind::Runtime,
+                &scope("a"),
+                caps,
+                hour,
+                Some(&"x".repeat(MAX_TENANT_LEN))
+            )
+            .is_ok()
+        );
     }
 
     #[test]
@@ -726,6 +860,7 @@ mod tests {
             iat: now,
             exp: now + 600,
             jti: String::new(),
+            sub: None,
         };
         let hs512 =
             jsonwebtoken::encode(&Header::new(Algorithm::HS512), &claims, &k.encoding).unwrap();
@@ -750,6 +885,7 @@ mod tests {
                 iat: now,
                 exp: now + 600,
                 jti: String::new(),
+                sub: None,
             };
             jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &k.encoding).unwrap()
         };

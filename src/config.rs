@@ -76,8 +76,8 @@ pub struct Limits {
     pub max_kv_key_bytes: usize,
     /// Bytes of one KV value (UTF-8).
     pub max_kv_value_bytes: usize,
-    /// Keys one run's KV may hold: KV is never deleted, so without this a
-    /// runtime could grow the store without bound, one new key at a time.
+    /// Keys one run's KV may hold: bounds how long counting, reading or
+    /// deleting one run's KV can take, whatever its tenant's quota.
     pub max_kv_keys_per_run: usize,
     /// Bytes of one checkpoint's `data` JSON, as sent.
     pub max_checkpoint_bytes: usize,
@@ -103,9 +103,16 @@ pub struct Limits {
     /// (counted at their worst case), queued and unsent frames. At it,
     /// reading the socket pauses.
     pub max_socket_buffer_bytes: usize,
-    /// Keys one `kv.get` may name: bounds how long one request holds the
-    /// store (a 1 MiB frame could name 300,000 keys).
+    /// Keys one `kv.get` or `kv.delete` may name: bounds how long one
+    /// request holds the store (a 1 MiB frame could name 300,000 keys).
     pub max_kv_get_keys: usize,
+    /// Session records (live sessions and tombstones) one tenant may have
+    /// (spec/README.md, *Quotas per tenant*).
+    pub max_runs_per_tenant: u64,
+    /// Key plus value bytes the KV of one tenant's runs may hold.
+    pub max_kv_bytes_per_tenant: u64,
+    /// Id plus data bytes the checkpoints of one tenant's runs may hold.
+    pub max_checkpoint_bytes_per_tenant: u64,
 }
 
 impl Default for Limits {
@@ -133,6 +140,12 @@ impl Default for Limits {
             max_reply_bytes: 2 * 1024 * 1024,
             max_socket_buffer_bytes: 8 * 1024 * 1024,
             max_kv_get_keys: 1000,
+            // What one gateway is sized for (BENCHMARKS.md: 100k
+            // sessions), so a gateway of one tenant is not limited by it;
+            // an operator with several tenants gives each its share.
+            max_runs_per_tenant: 100_000,
+            max_kv_bytes_per_tenant: 256 * 1024 * 1024,
+            max_checkpoint_bytes_per_tenant: 256 * 1024 * 1024,
         }
     }
 }
@@ -237,9 +250,13 @@ impl Config {
             || l.max_commands_per_sec == 0
             || l.command_burst == 0
             || l.max_kv_get_keys == 0
+            || l.max_runs_per_tenant == 0
+            || l.max_kv_bytes_per_tenant == 0
+            || l.max_checkpoint_bytes_per_tenant == 0
         {
             return Err(ConfigError::Invalid(
-                "KV, checkpoint, session, connection, idle and rate limits must be positive".into(),
+                "KV, checkpoint, session, connection, idle, rate and quota limits must be positive"
+                    .into(),
             ));
         }
         // Limits that agree: anything stored within the limits can be read
@@ -554,10 +571,23 @@ settings! {
     max_socket_buffer_bytes: usize, "RUNGATE_MAX_SOCKET_BUFFER_BYTES",
         default |d| d.limits.max_socket_buffer_bytes,
         set |c, v| { c.limits.max_socket_buffer_bytes = v; }
-    /// Keys one kv.get may name
+    /// Keys one kv.get or kv.delete may name
     max_kv_get_keys: usize, "RUNGATE_MAX_KV_GET_KEYS",
         default |d| d.limits.max_kv_get_keys,
         set |c, v| { c.limits.max_kv_get_keys = v; }
+    /// Runs one tenant may hold sessions for (live and tombstones); more
+    /// is QUOTA_EXCEEDED
+    max_runs_per_tenant: u64, "RUNGATE_MAX_RUNS_PER_TENANT",
+        default |d| d.limits.max_runs_per_tenant,
+        set |c, v| { c.limits.max_runs_per_tenant = v; }
+    /// Bytes of KV (keys and values) the runs of one tenant may hold
+    max_kv_bytes_per_tenant: u64, "RUNGATE_MAX_KV_BYTES_PER_TENANT",
+        default |d| d.limits.max_kv_bytes_per_tenant,
+        set |c, v| { c.limits.max_kv_bytes_per_tenant = v; }
+    /// Bytes of checkpoints (ids and data) the runs of one tenant may hold
+    max_checkpoint_bytes_per_tenant: u64, "RUNGATE_MAX_CHECKPOINT_BYTES_PER_TENANT",
+        default |d| d.limits.max_checkpoint_bytes_per_tenant,
+        set |c, v| { c.limits.max_checkpoint_bytes_per_tenant = v; }
     /// Browser origins allowed besides the gateway's own, comma-separated
     /// (https://app.example.com,http://localhost:3000), or * for any
     allowed_origins: OriginList, "RUNGATE_ALLOWED_ORIGINS",
@@ -678,6 +708,57 @@ mod tests {
             ..ServeArgs::default()
         };
         assert!(matches!(bad.into_config(), Err(ConfigError::Invalid(_))));
+    }
+
+    #[test]
+    fn quotas_are_settings_with_defaults_and_zero_is_refused() {
+        let d = Config::defaults().limits;
+        assert_eq!(
+            (
+                d.max_runs_per_tenant,
+                d.max_kv_bytes_per_tenant,
+                d.max_checkpoint_bytes_per_tenant
+            ),
+            (100_000, 256 << 20, 256 << 20)
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rungate.toml");
+        std::fs::write(
+            &path,
+            "[gateway]\nmax_runs_per_tenant = 7\nmax_kv_bytes_per_tenant = 8\n\
+             max_checkpoint_bytes_per_tenant = 9\n",
+        )
+        .unwrap();
+        let args = ServeArgs {
+            config: Some(path),
+            max_kv_bytes_per_tenant: Some(80),
+            ..ServeArgs::default()
+        };
+        let l = args.into_config().unwrap().limits;
+        assert_eq!(
+            (
+                l.max_runs_per_tenant,
+                l.max_kv_bytes_per_tenant,
+                l.max_checkpoint_bytes_per_tenant
+            ),
+            (7, 80, 9)
+        );
+        for zero in [
+            ServeArgs {
+                max_runs_per_tenant: Some(0),
+                ..ServeArgs::default()
+            },
+            ServeArgs {
+                max_kv_bytes_per_tenant: Some(0),
+                ..ServeArgs::default()
+            },
+            ServeArgs {
+                max_checkpoint_bytes_per_tenant: Some(0),
+                ..ServeArgs::default()
+            },
+        ] {
+            assert!(matches!(zero.into_config(), Err(ConfigError::Invalid(_))));
+        }
     }
 
     #[test]

@@ -21,7 +21,8 @@
 //!    pending cancel), [`stream`] (one hub of per-run ring buffers:
 //!    offsets, subscriptions, the end marker, the global budget; memory,
 //!    durable-log and Redis backends behind one small trait), [`store`]
-//!    (KV, checkpoints, session records),
+//!    (KV, checkpoints, session records, and what each tenant holds of
+//!    them: [`store::quota`]),
 //!    [`auth`] (tokens, run patterns), [`run_config`] (per-run config and
 //!    secrets), [`origin`] (which browser pages may call). Plain types;
 //!    time comes in as an argument.

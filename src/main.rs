@@ -71,6 +71,10 @@ struct TokenArgs {
     /// Lifetime: 90s, 30m, 1h, 7d.
     #[arg(long, default_value = "1h")]
     ttl: String,
+    /// Tenant whose quotas it spends (its `sub` claim); without it, tokens
+    /// with the same runs share one quota.
+    #[arg(long)]
+    tenant: Option<String>,
 }
 
 fn parse_kind(s: &str) -> Result<TokenKind, String> {
@@ -106,7 +110,8 @@ fn main() -> anyhow::Result<()> {
             let runs = RunScope::parse_list(&args.runs)?;
             let caps = parse_caps(&args.caps)?;
             let ttl = parse_ttl(&args.ttl)?;
-            println!("{}", key.mint(args.kind, &runs, caps, ttl)?);
+            let token = key.mint_for_tenant(args.kind, &runs, caps, ttl, args.tenant.as_deref())?;
+            println!("{token}");
             Ok(())
         }
         Cmd::Serve(args) => {

@@ -49,7 +49,7 @@ pub(crate) async fn run(shared: Arc<Shared>, stop: CancellationToken) {
                     shared.conns.push(conn, push::run_cancel_requested(&session_id, &run_id, &cancel));
                 }
             }
-            _ = alive.tick(), if shared_store => match shared.sessions.keep_alive().await {
+            _ = alive.tick(), if shared_store => match take_over_silent(&shared).await {
                 Ok(0) => {}
                 Ok(n) => {
                     tracing::info!(sessions = n, "took over the sessions of a gateway that stopped");
@@ -59,4 +59,19 @@ pub(crate) async fn run(shared: Arc<Shared>, stop: CancellationToken) {
             },
         }
     }
+}
+
+/// Says this gateway is alive and holds the sessions of gateways that
+/// stopped. Their runs' streams are kept first, as an attach or a restore
+/// keeps them: the gateway that died may have held a run whose stream it
+/// never got to propose (it died just after the attach), and a lease
+/// already due expires as soon as it is held, which then starts the
+/// stream's retention rather than leaving it to a session that is gone.
+async fn take_over_silent(shared: &Shared) -> Result<usize, crate::store::StoreError> {
+    let taken = shared.sessions.keep_alive().await?;
+    let now = shared.clock.now();
+    for run in taken.runs() {
+        shared.streams.session_started(run, now);
+    }
+    shared.sessions.hold(taken).await
 }

@@ -133,6 +133,7 @@ fn route(ctx: &mut ConnCtx, id: &str, command: Command) -> Result<Reply, Command
         Command::ConfigGet(req) => cmd::run_config::config_get(ctx, id, req),
         Command::KvGet(req) => cmd::kv::get(ctx, id, req),
         Command::KvSet(req) => cmd::kv::set(ctx, id, req),
+        Command::KvDelete(req) => cmd::kv::delete(ctx, id, req),
         Command::CheckpointSave(req) => cmd::checkpoint::save(ctx, id, req),
         Command::CheckpointLoad(req) => cmd::checkpoint::load(ctx, id, req),
         Command::EventsPublish(req) => cmd::publish::publish(ctx, id, req),

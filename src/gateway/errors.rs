@@ -4,9 +4,10 @@
 //! Owns which [`ErrorCode`] (with which `retryable` and `details`) each
 //! refusal of the domain becomes: session and registry errors
 //! ([`session_error`], [`recover_error`]), stream errors ([`stream_error`],
-//! [`stream_error_of`]), store errors ([`store_error`]), and the refusals
-//! the gateway itself words the same way everywhere ([`forbidden_run`],
-//! [`run_ended`], [`command_budget_spent`]). WebSocket handlers (`cmd`) and
+//! [`stream_error_of`]), store errors ([`store_error`], a tenant's quota
+//! refusal among them), and the refusals the gateway itself words the same
+//! way everywhere ([`forbidden_run`], [`run_ended`],
+//! [`command_budget_spent`]). WebSocket handlers (`cmd`) and
 //! HTTP routes (`http`) both come here, so a failure reads the same on
 //! every transport; an HTTP route then answers [`http_status`] of the code.
 //! Must not decide *when* a command fails (the handlers and the domain do),
@@ -21,7 +22,7 @@ use crate::config::Limits;
 use crate::ids::{RunId, RunOutcome};
 use crate::protocol::{CommandError, ErrorCode};
 use crate::session::{RecoverError, SessionError};
-use crate::store::StoreError;
+use crate::store::{Meter, QuotaExceeded, StoreError};
 use crate::stream::StreamError;
 
 /// A session or registry refusal as a protocol error.
@@ -131,7 +132,8 @@ pub(crate) fn store_error(e: StoreError) -> CommandError {
             CommandError::internal("storage is corrupt").retryable(false)
         }
         // The run's KV is full: writing existing keys still works, new
-        // ones never will (KV has no delete), so this is a size refusal.
+        // ones will not until some are deleted (waiting frees nothing), so
+        // this is a size refusal.
         StoreError::TooManyKeys { max } => {
             CommandError::new(ErrorCode::PayloadTooLarge, e.to_string())
                 .with_details(json!({ "maxKvKeysPerRun": max }))
@@ -140,6 +142,7 @@ pub(crate) fn store_error(e: StoreError) -> CommandError {
             CommandError::new(ErrorCode::PayloadTooLarge, e.to_string())
                 .with_details(json!({ "maxReplyBytes": max }))
         }
+        StoreError::QuotaExceeded(q) => quota_exceeded(q),
         // Another gateway got there first: it moved the session on to a
         // newer epoch, or (no epoch) holds a live session of the run.
         StoreError::Fenced { sessions } => match sessions.iter().find_map(|(_, e)| *e) {
@@ -154,6 +157,26 @@ pub(crate) fn store_error(e: StoreError) -> CommandError {
             ),
         },
     }
+}
+
+/// `QUOTA_EXCEEDED` for a write the store refused. Runs come back by
+/// themselves as tombstones are forgotten, so that one is worth retrying
+/// unchanged; bytes come back only when the tenant deletes or ends
+/// something.
+fn quota_exceeded(q: QuotaExceeded) -> CommandError {
+    let advice = match q.meter {
+        Meter::Runs => "; retry once a session of the tenant's ends and its tombstone is forgotten",
+        Meter::KvBytes => "; delete keys (kv.delete) or finish runs to free room",
+        Meter::CheckpointBytes => "; replace checkpoints by id or finish runs to free room",
+    };
+    CommandError::new(ErrorCode::QuotaExceeded, format!("{q}{advice}"))
+        .retryable(q.meter == Meter::Runs)
+        .with_details(json!({
+            "quota": q.meter.as_str(),
+            "used": q.used,
+            "requested": q.requested,
+            "limit": q.limit,
+        }))
 }
 
 /// `FORBIDDEN`: the token does not cover `run`.
@@ -194,7 +217,9 @@ pub(crate) fn http_status(code: ErrorCode) -> StatusCode {
         | ErrorCode::InvalidPayload
         | ErrorCode::UnsupportedProtocol => StatusCode::BAD_REQUEST,
         ErrorCode::Unauthenticated => StatusCode::UNAUTHORIZED,
-        ErrorCode::Forbidden => StatusCode::FORBIDDEN,
+        // The tenant may not hold more: like a refused permission, not a
+        // busy gateway (no HTTP route writes a run's data today).
+        ErrorCode::Forbidden | ErrorCode::QuotaExceeded => StatusCode::FORBIDDEN,
         ErrorCode::NotFound => StatusCode::NOT_FOUND,
         // The run's or session's state refuses it, not the request itself.
         ErrorCode::NotAttached

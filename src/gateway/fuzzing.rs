@@ -8,7 +8,9 @@
 //! (token: runs `fuzz-*`). Text goes through `dispatch::handle_text`, the
 //! one entry the connection task uses, so the fuzzer reaches every check
 //! and handler a peer can. It is not a second implementation of anything:
-//! only the socket and its writer are missing.
+//! only the socket and its writer are missing. Unit tests of the handlers
+//! use it too, with a store of their own ([`Harness::with_store`]) when
+//! they need one that fails on demand.
 //! Must stay small and must not be used by the gateway itself.
 
 use std::sync::Arc;
@@ -63,6 +65,11 @@ API_KEY = "fuzz-secret"
 impl Harness {
     /// A fresh state: no sessions, no streams.
     pub fn new() -> Harness {
+        Harness::with_store(Arc::new(MemoryStore::new()))
+    }
+
+    /// [`Harness::new`] over `store` instead of a memory store.
+    pub fn with_store(store: Arc<dyn Store>) -> Harness {
         let mut config = Config::new(
             std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
             "/nonexistent/rungate-fuzz",
@@ -72,7 +79,6 @@ impl Harness {
         // config.get and secrets.get less interesting, never wrong.
         let runs = RunDirectory::from_toml_str(RUN_CONFIG).unwrap_or_default();
         let clock = Clock::start();
-        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
         let sessions = Sessions::new(super::lease_policy(&config), store.clone(), clock);
         let streams = Arc::new(StreamHub::new(config.streams.clone()));
         let shared = super::shared_state(

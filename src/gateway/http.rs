@@ -135,7 +135,7 @@ pub(crate) async fn route(
         (&Method::GET, "/v1/runtime") => upgrade(shared, req, Endpoint::Runtime),
         (&Method::GET, "/v1/stream") => upgrade(shared, req, Endpoint::Stream),
         (&Method::GET, "/v1/runs") => runs_list(&shared, &req).await,
-        (&Method::GET, _) if run_events_path(path).is_some() => run_events(shared, &req),
+        (&Method::GET, _) if run_events_path(path).is_some() => run_events(shared, &req).await,
         (&Method::POST, _) if cancel => run_cancel(shared, req).await,
         (&Method::GET, _) if dashboard::serves(path) => dashboard::serve(path),
         (_, "/healthz" | "/readyz" | "/metrics" | "/v1/runtime" | "/v1/stream" | "/v1/runs") => {
@@ -317,7 +317,7 @@ async fn runs_list(shared: &Shared, req: &Request<Incoming>) -> Response<Body> {
 }
 
 /// `GET /v1/runs/{runId}/events`: the run's stream as Server-Sent Events.
-fn run_events(shared: Arc<Shared>, req: &Request<Incoming>) -> Response<Body> {
+async fn run_events(shared: Arc<Shared>, req: &Request<Incoming>) -> Response<Body> {
     let grant = match authenticate(&shared, req, TokenKind::Viewer) {
         Ok(g) => g,
         Err((status, code, message)) => return http_error(status, code, message),
@@ -353,6 +353,14 @@ fn run_events(shared: Arc<Shared>, req: &Request<Incoming>) -> Response<Body> {
         Ok(s) => s,
         Err(sse::BadStart { path, message }) => return invalid_input(path, message),
     };
+    // A reader that names an offset beyond this gateway's head may come
+    // from another gateway over the same Redis whose copy was further on:
+    // this copy catches up first, so that the offset (SSE says no epoch)
+    // is not taken for another history and replayed from the start.
+    let head = shared.streams.summary(&run).map_or(0, |s| s.next_offset);
+    if start.first_wanted() > head {
+        shared.streams.catch_up(&run).await;
+    }
     // A reader that has seen the whole of an ended run gets 204, the one
     // answer that makes a browser's EventSource stop reconnecting.
     if let Some(end) = shared.streams.summary(&run).and_then(|s| s.end)

@@ -13,13 +13,14 @@
 //! token for HTTP listings),
 //! `dispatch` (one request: decode, route, count), `cmd` (the command
 //! handlers, one module per command or family), `errors` (domain errors
-//! as protocol errors and HTTP statuses), `push` (every push frame),
+//! as protocol errors and HTTP statuses), `quota` (who a write is charged
+//! to, and the refusal), `push` (every push frame),
 //! `follow` (a socket's stream subscriptions),
 //! `sse` (the event-stream response), `leases` (the expiry timer), `upkeep`
 //! (stream retention and budget, saving renewed leases), `cluster` (sessions
 //! shared with other gateways), `state` (what they
 //! share), `metrics`; `fuzzing` (feature `fuzzing`) hands the dispatcher to
-//! `fuzz/`.
+//! `fuzz/` (and to the handlers' unit tests).
 //! Must not contain protocol or session rules beyond wiring them together.
 
 mod admission;
@@ -31,7 +32,7 @@ mod dashboard;
 mod dispatch;
 mod errors;
 mod follow;
-#[cfg(feature = "fuzzing")]
+#[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod fuzzing;
 mod http;
@@ -39,6 +40,7 @@ mod leases;
 pub mod metrics;
 mod outbox;
 mod push;
+mod quota;
 mod rate_limit;
 mod read_ahead;
 mod server;
@@ -197,6 +199,7 @@ fn lease_policy(config: &Config) -> LeasePolicy {
         heartbeat_interval: config.heartbeat_interval,
         tombstone_ttl: config.session_tombstone_ttl,
         max_sessions_per_conn: config.limits.max_sessions_per_socket,
+        max_runs_per_tenant: config.limits.max_runs_per_tenant,
     }
 }
 

@@ -98,7 +98,7 @@ impl Start {
     }
 
     /// The `fromOffset` of the equivalent `stream.resume`.
-    fn first_wanted(self) -> u64 {
+    pub(crate) fn first_wanted(self) -> u64 {
         match self {
             Start::After(n) => n.saturating_add(1),
             Start::At(n) => n,

@@ -15,6 +15,8 @@
 //! | `{p}:kv:{run}`           | hash   | key → value                             |
 //! | `{p}:cp:{run}`           | hash   | checkpoint id → checkpoint record       |
 //! | `{p}:cp-latest:{run}`    | string | id of the run's latest checkpoint       |
+//! | `{p}:owner:{run}`        | string | the tenant charged for the run's KV and checkpoints |
+//! | `{p}:usage:{tenant}`     | hash   | `runs`, `kvBytes`, `checkpointBytes` → what that tenant holds |
 //! | `{p}:sessions`           | hash   | session id → session record             |
 //! | `{p}:session-holder`     | hash   | session id → `NODE EPOCH EXPIRED` (the holder entry; the stream engine's publish fence reads it too) |
 //! | `{p}:session-of-run`     | hash   | run id → session id                     |
@@ -88,6 +90,19 @@ impl Keys {
     /// `{p}:cp-latest:{run}`: the id of the run's latest checkpoint.
     pub fn latest_checkpoint(&self, run: &RunId) -> String {
         format!("{}:cp-latest:{run}", self.prefix)
+    }
+
+    /// `{p}:owner:{run}`: the tenant the run's KV and checkpoints are
+    /// charged to.
+    pub fn owner(&self, run: &RunId) -> String {
+        format!("{}:owner:{run}", self.prefix)
+    }
+
+    /// What every tenant's usage hash (`{p}:usage:{tenant}`) begins with:
+    /// the scripts append the tenant, which they learn from an owner key
+    /// or a session record.
+    pub fn usage_prefix(&self) -> String {
+        format!("{}:usage:", self.prefix)
     }
 
     /// `{p}:sessions`: every session record by session id.
@@ -171,6 +186,8 @@ mod tests {
         assert_eq!(keys.kv(&run), "p:kv:a:b");
         assert_eq!(keys.checkpoints(&run), "p:cp:a:b");
         assert_eq!(keys.latest_checkpoint(&run), "p:cp-latest:a:b");
+        assert_eq!(keys.owner(&run), "p:owner:a:b");
+        assert_eq!(keys.usage_prefix(), "p:usage:");
         assert_eq!(keys.sessions(), "p:sessions");
         assert_eq!(keys.session_holders(), "p:session-holder");
         assert_eq!(keys.session_of_run(), "p:session-of-run");

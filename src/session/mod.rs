@@ -139,7 +139,9 @@ impl Sessions {
                 if changes.is_empty() {
                     break;
                 }
-                pending.push(self.fenced_means_lost(self.store.sessions_save(changes)));
+                let max_runs = registry.policy().max_runs_per_tenant;
+                let saved = self.store.sessions_save_within(changes, max_runs);
+                pending.push(self.fenced_means_lost(saved));
                 registry.has_renewals()
             };
             if !more {
@@ -225,14 +227,21 @@ impl Sessions {
     }
 
     /// Tells a store other gateways share that this one is alive, and
-    /// takes over the sessions of any that stopped (their leases run here
-    /// from now on, from their saved deadlines). Returns how many were
-    /// taken over.
-    pub async fn keep_alive(&self) -> Result<usize, StoreError> {
-        let Some(shared) = self.store.shared_sessions() else {
-            return Ok(0);
-        };
-        let records = shared.keep_alive().await?;
+    /// takes over the sessions of any that stopped: the store now says
+    /// they are held here, and [`Sessions::hold`] starts their leases.
+    /// Between the two the caller keeps their runs' streams (as on attach),
+    /// before a lease that is already due can expire here.
+    pub async fn keep_alive(&self) -> Result<TakenOver, StoreError> {
+        match self.store.shared_sessions() {
+            Some(shared) => Ok(TakenOver(shared.keep_alive().await?)),
+            None => Ok(TakenOver(Vec::new())),
+        }
+    }
+
+    /// Runs the leases of sessions taken over here, from their saved
+    /// deadlines (plus slack); answers how many once they are saved.
+    pub async fn hold(&self, taken: TakenOver) -> Result<usize, StoreError> {
+        let records = taken.0;
         if records.is_empty() {
             return Ok(0);
         }
@@ -278,7 +287,8 @@ impl Sessions {
         if changes.is_empty() {
             return ready();
         }
-        self.fenced_means_lost(self.store.sessions_save(changes))
+        let max_runs = registry.policy().max_runs_per_tenant;
+        self.fenced_means_lost(self.store.sessions_save_within(changes, max_runs))
     }
 
     fn fenced_means_lost(&self, saved: Saved) -> Saved {
@@ -308,4 +318,16 @@ impl Sessions {
 
 fn ready() -> Saved {
     std::future::ready(Ok(())).boxed()
+}
+
+/// Sessions the store moved here from gateways that went silent, not yet
+/// held by this gateway's registry (see [`Sessions::keep_alive`]).
+#[must_use = "taken-over sessions have no lease here until held"]
+pub struct TakenOver(Vec<SessionRecord>);
+
+impl TakenOver {
+    /// The runs of the sessions taken over.
+    pub fn runs(&self) -> impl Iterator<Item = &RunId> {
+        self.0.iter().map(|r| &r.run_id)
+    }
 }

@@ -88,6 +88,9 @@ pub struct AttachParams {
     pub reconnect: bool,
     pub connection_epoch: Option<u64>,
     pub capabilities: Capabilities,
+    /// Whose `runs` quota a fresh session counts against (the store counts
+    /// it when the session is saved; a reconnect keeps the session's own).
+    pub tenant: Option<String>,
 }
 
 /// A read-only view of one session.
@@ -164,6 +167,8 @@ struct Session {
     elsewhere: bool,
     /// A viewer's `run.cancel`, pushed on every reattach until the run ends.
     cancel: Option<PendingCancel>,
+    /// The tenant the session's record counts for (see [`AttachParams`]).
+    tenant: Option<String>,
 }
 
 impl Session {
@@ -193,6 +198,7 @@ impl Session {
             attached: self.owner.is_some(),
             deadline_unix_ms: clock.wall(self.deadline).unix_millis(),
             pending_cancel: self.cancel.clone(),
+            tenant: self.tenant.clone(),
         }
     }
 
@@ -211,6 +217,7 @@ impl Session {
             former_owners: Vec::new(),
             elsewhere,
             cancel: r.pending_cancel,
+            tenant: r.tenant,
         }
     }
 
@@ -264,6 +271,10 @@ pub struct LeasePolicy {
     /// Sessions (main and sub-runs) bound to one socket at once; an attach
     /// or recovery that would bind more is refused and changes nothing.
     pub max_sessions_per_conn: usize,
+    /// Session records (live and tombstones) one tenant may have: counted
+    /// by the store where a fresh session is saved (see
+    /// [`crate::store::Store::sessions_save_within`]), not here.
+    pub max_runs_per_tenant: u64,
 }
 
 /// All sessions. See the module docs.
@@ -394,6 +405,7 @@ impl SessionRegistry {
             former_owners: Vec::new(),
             elsewhere: false,
             cancel: None,
+            tenant: params.tenant,
         };
         let view = session.view();
         self.deadlines
@@ -863,6 +875,28 @@ impl SessionRegistry {
         runs
     }
 
+    /// The run of session `id`, if it is held here (live or a tombstone).
+    pub fn run_of(&self, id: &SessionId) -> Option<&RunId> {
+        self.sessions
+            .get(id)
+            .filter(|s| !s.elsewhere)
+            .map(|s| &s.run_id)
+    }
+
+    /// Saves the tombstones of session `id` and of its sub-runs again with
+    /// the next changes taken: a `runtime.finish` asked again, after the
+    /// first one ended them here but could not save that.
+    pub fn save_ended_again(&mut self, id: &SessionId) {
+        let ended = |s: &Session| s.expired && !s.elsewhere;
+        let ids: Vec<SessionId> = self
+            .sessions
+            .values()
+            .filter(|s| (s.id == *id || s.parent.as_ref() == Some(id)) && ended(s))
+            .map(|s| s.id.clone())
+            .collect();
+        self.changed.extend(ids);
+    }
+
     /// A viewer's `run.cancel` for `run`: kept with its live session (a
     /// newer one replaces the reason) until the run ends. Answers who
     /// should be told now.
@@ -959,10 +993,12 @@ impl SessionRegistry {
 
     /// The changes to save since the last call: started, moved, expired
     /// (as records) and forgotten (as deletions) sessions. Save them in the
-    /// order taken; a session appears at most once, in its latest state.
+    /// order taken; a session appears at most once, in its latest state,
+    /// and deletions come first (a fresh session replacing its run's
+    /// tombstone finds the tombstone's place in its tenant's quota free).
     pub fn take_changes(&mut self, clock: &Clock) -> Vec<SessionChange> {
         let changed = std::mem::take(&mut self.changed);
-        changed
+        let mut changes: Vec<SessionChange> = changed
             .into_iter()
             .map(|id| {
                 self.renewed.remove(&id);
@@ -971,7 +1007,10 @@ impl SessionRegistry {
                     None => SessionChange::Delete(id),
                 }
             })
-            .collect()
+            .collect();
+        // Each session at most once, so this order changes no outcome.
+        changes.sort_by_key(|c| matches!(c, SessionChange::Put(_)));
+        changes
     }
 
     /// Records of up to `max` sessions whose lease was renewed since they

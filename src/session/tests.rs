@@ -16,6 +16,7 @@ fn registry() -> SessionRegistry {
         heartbeat_interval: Duration::from_secs(10),
         tombstone_ttl: Duration::from_secs(600),
         max_sessions_per_conn: 3,
+        max_runs_per_tenant: u64::MAX,
     })
 }
 
@@ -37,6 +38,7 @@ fn params(
         reconnect,
         connection_epoch: epoch,
         capabilities: caps.iter().copied().collect::<Capabilities>(),
+        tenant: None,
     }
 }
 

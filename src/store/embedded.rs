@@ -20,10 +20,15 @@
 //! | `checkpoints`       | `(run id, checkpoint id)` | checkpoint record (bytes) |
 //! | `latest_checkpoint` | run id                    | checkpoint id (`&str`)    |
 //! | `sessions`          | session id                | session record (bytes)    |
+//! | `run_owner`         | run id                    | tenant charged for its KV and checkpoints (`&str`) |
+//! | `quota_usage`       | `(tenant, meter)`         | what the tenant holds (`u64`) |
 //!
 //! Records are encoded as [`super::records`] says. The `sessions` table came
 //! after format 1 shipped; opening an older file creates it empty, which is
-//! what that file means (no session was kept).
+//! what that file means (no session was kept). So did `run_owner` and
+//! `quota_usage` (meters named as [`super::quota::Meter::as_str`] says):
+//! created empty, they count nothing of what an older build stored. Every
+//! change to a count is made in the transaction of the write it counts.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -35,7 +40,10 @@ use std::thread::JoinHandle;
 use redb::{Database, Durability, ReadableTable, Table, TableDefinition, WriteTransaction};
 use tokio::sync::oneshot;
 
-use super::records::{decode_checkpoint, decode_session, encode_checkpoint, encode_session};
+use super::quota::{self, Charge, Meter, Usage};
+use super::records::{
+    CHECKPOINT_HEADER_LEN, decode_checkpoint, decode_session, encode_checkpoint, encode_session,
+};
 use super::{Checkpoint, SessionChange, SessionRecord, Store, StoreError, StoreFuture};
 use crate::ids::RunId;
 
@@ -62,6 +70,8 @@ const KV: TableDefinition<(&str, &str), &str> = TableDefinition::new("kv");
 const CHECKPOINTS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("checkpoints");
 const LATEST: TableDefinition<&str, &str> = TableDefinition::new("latest_checkpoint");
 const SESSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("sessions");
+const RUN_OWNER: TableDefinition<&str, &str> = TableDefinition::new("run_owner");
+const QUOTA_USAGE: TableDefinition<(&str, &str), u64> = TableDefinition::new("quota_usage");
 
 /// Handle to the store. Clones share one database and one worker thread.
 /// Dropping the last clone blocks until the worker has run the ops already
@@ -93,12 +103,27 @@ enum Op {
         run: RunId,
         pairs: BTreeMap<String, String>,
         max_keys: usize,
+        charge: Charge,
         reply: Reply<()>,
+    },
+    KvDelete {
+        run: RunId,
+        keys: Vec<String>,
+        reply: Reply<u64>,
     },
     CheckpointSave {
         run: RunId,
         checkpoint: Checkpoint,
+        charge: Charge,
         reply: Reply<()>,
+    },
+    RunDataDelete {
+        run: RunId,
+        reply: Reply<()>,
+    },
+    QuotaUsage {
+        tenant: String,
+        reply: Reply<Usage>,
     },
     CheckpointLoad {
         run: RunId,
@@ -107,6 +132,7 @@ enum Op {
     },
     SessionsSave {
         changes: Vec<SessionChange>,
+        max_runs: u64,
         reply: Reply<()>,
     },
     SessionsLoad {
@@ -126,7 +152,8 @@ impl Op {
     fn is_write(&self) -> bool {
         match self {
             Op::KvSet { pairs, .. } => !pairs.is_empty(),
-            Op::CheckpointSave { .. } => true,
+            Op::KvDelete { keys, .. } => !keys.is_empty(),
+            Op::CheckpointSave { .. } | Op::RunDataDelete { .. } => true,
             Op::SessionsSave { changes, .. } => !changes.is_empty(),
             _ => false,
         }
@@ -143,8 +170,11 @@ impl Op {
             Op::KvGet { reply, .. } => drop(reply.send(err(msg))),
             Op::KvSet { reply, .. }
             | Op::CheckpointSave { reply, .. }
+            | Op::RunDataDelete { reply, .. }
             | Op::SessionsSave { reply, .. }
             | Op::Flush { reply } => drop(reply.send(err(msg))),
+            Op::KvDelete { reply, .. } => drop(reply.send(err(msg))),
+            Op::QuotaUsage { reply, .. } => drop(reply.send(err(msg))),
             Op::SessionsLoad { reply } => drop(reply.send(err(msg))),
             Op::CheckpointLoad { reply, .. } => drop(reply.send(err(msg))),
             #[cfg(test)]
@@ -288,28 +318,51 @@ impl Store for EmbeddedStore {
         })
     }
 
-    fn kv_set_within(
+    fn kv_set_charged(
         &self,
         run: &RunId,
         pairs: BTreeMap<String, String>,
         max_keys: usize,
+        charge: Charge,
     ) -> StoreFuture<()> {
         let run = run.clone();
         self.submit(|reply| Op::KvSet {
             run,
             pairs,
             max_keys,
+            charge,
             reply,
         })
     }
 
-    fn checkpoint_save(&self, run: &RunId, checkpoint: Checkpoint) -> StoreFuture<()> {
+    fn kv_delete(&self, run: &RunId, keys: Vec<String>) -> StoreFuture<u64> {
+        let run = run.clone();
+        self.submit(|reply| Op::KvDelete { run, keys, reply })
+    }
+
+    fn checkpoint_save_charged(
+        &self,
+        run: &RunId,
+        checkpoint: Checkpoint,
+        charge: Charge,
+    ) -> StoreFuture<()> {
         let run = run.clone();
         self.submit(|reply| Op::CheckpointSave {
             run,
             checkpoint,
+            charge,
             reply,
         })
+    }
+
+    fn run_data_delete(&self, run: &RunId) -> StoreFuture<()> {
+        let run = run.clone();
+        self.submit(|reply| Op::RunDataDelete { run, reply })
+    }
+
+    fn quota_usage(&self, tenant: &str) -> StoreFuture<Usage> {
+        let tenant = tenant.to_owned();
+        self.submit(|reply| Op::QuotaUsage { tenant, reply })
     }
 
     fn checkpoint_load(&self, run: &RunId, id: Option<String>) -> StoreFuture<Option<Checkpoint>> {
@@ -317,8 +370,16 @@ impl Store for EmbeddedStore {
         self.submit(|reply| Op::CheckpointLoad { run, id, reply })
     }
 
-    fn sessions_save(&self, changes: Vec<SessionChange>) -> StoreFuture<()> {
-        self.submit(|reply| Op::SessionsSave { changes, reply })
+    fn sessions_save_within(
+        &self,
+        changes: Vec<SessionChange>,
+        max_runs_per_tenant: u64,
+    ) -> StoreFuture<()> {
+        self.submit(|reply| Op::SessionsSave {
+            changes,
+            max_runs: max_runs_per_tenant,
+            reply,
+        })
     }
 
     fn sessions_load(&self) -> StoreFuture<Vec<SessionRecord>> {
@@ -421,6 +482,8 @@ fn prepare(db: &Database, path: &Path) -> Result<(), StoreError> {
         txn.open_table(CHECKPOINTS).map_err(table_error)?;
         txn.open_table(LATEST).map_err(table_error)?;
         txn.open_table(SESSIONS).map_err(table_error)?;
+        txn.open_table(RUN_OWNER).map_err(table_error)?;
+        txn.open_table(QUOTA_USAGE).map_err(table_error)?;
     }
     txn.commit().map_err(|e| unavailable(&e))
 }
@@ -559,6 +622,8 @@ struct Tables<'txn> {
     checkpoints: Table<'txn, (&'static str, &'static str), &'static [u8]>,
     latest: Table<'txn, &'static str, &'static str>,
     sessions: Table<'txn, &'static str, &'static [u8]>,
+    owners: Table<'txn, &'static str, &'static str>,
+    usage: Table<'txn, (&'static str, &'static str), u64>,
     path: &'txn Path,
     /// Bytes of values read so far, held until the transaction ends.
     held: usize,
@@ -572,6 +637,8 @@ impl<'txn> Tables<'txn> {
             checkpoints: txn.open_table(CHECKPOINTS).map_err(err)?,
             latest: txn.open_table(LATEST).map_err(err)?,
             sessions: txn.open_table(SESSIONS).map_err(err)?,
+            owners: txn.open_table(RUN_OWNER).map_err(err)?,
+            usage: txn.open_table(QUOTA_USAGE).map_err(err)?,
             path,
             held: 0,
         })
@@ -589,13 +656,18 @@ impl<'txn> Tables<'txn> {
                 run,
                 pairs,
                 max_keys,
+                charge,
                 reply,
-            } => settle(reply, self.kv_set(&run, &pairs, max_keys)),
+            } => settle(reply, self.kv_set(&run, &pairs, max_keys, &charge)),
+            Op::KvDelete { run, keys, reply } => settle(reply, self.kv_delete(&run, keys)),
             Op::CheckpointSave {
                 run,
                 checkpoint,
+                charge,
                 reply,
-            } => settle(reply, self.checkpoint_save(&run, &checkpoint)),
+            } => settle(reply, self.checkpoint_save(&run, &checkpoint, &charge)),
+            Op::RunDataDelete { run, reply } => settle(reply, self.run_data_delete(&run)),
+            Op::QuotaUsage { tenant, reply } => settle(reply, self.quota_usage(&tenant)),
             Op::CheckpointLoad { run, id, reply } => {
                 let loaded = self.checkpoint_load(&run, id);
                 if let Ok(Some(c)) = &loaded {
@@ -603,7 +675,11 @@ impl<'txn> Tables<'txn> {
                 }
                 settle(reply, loaded)
             }
-            Op::SessionsSave { changes, reply } => settle(reply, self.sessions_save(changes)),
+            Op::SessionsSave {
+                changes,
+                max_runs,
+                reply,
+            } => settle(reply, self.sessions_save(changes, max_runs)),
             Op::SessionsLoad { reply } => settle(reply, self.sessions_load()),
             Op::Flush { reply } => settle(reply, Ok(())),
             #[cfg(test)]
@@ -644,15 +720,20 @@ impl<'txn> Tables<'txn> {
         run: &RunId,
         pairs: &BTreeMap<String, String>,
         max_keys: usize,
+        charge: &Charge,
     ) -> Result<(), Failure> {
         let path = self.path;
-        let mut new_keys = 0;
-        for key in pairs.keys() {
+        let (mut new_keys, mut before, mut after) = (0, 0u64, 0u64);
+        for (key, value) in pairs {
             let found = self
                 .kv
                 .get((run.as_str(), key.as_str()))
                 .map_err(|e| storage(path, e))?;
-            new_keys += usize::from(found.is_none());
+            match found {
+                Some(old) => before += quota::kv_entry_bytes(key, old.value()),
+                None => new_keys += 1,
+            }
+            after += quota::kv_entry_bytes(key, value);
         }
         // Only a write that adds keys pays for counting the run's keys (a
         // range scan, at most `max_keys` long once the limit holds).
@@ -673,25 +754,194 @@ impl<'txn> Tables<'txn> {
                 return Err(Failure::Op(StoreError::TooManyKeys { max: max_keys }));
             }
         }
+        if pairs.is_empty() {
+            return Ok(());
+        }
+        let payer = self.charge(run, charge, Meter::KvBytes, quota::growth(before, after))?;
         for (key, value) in pairs {
             self.kv
                 .insert((run.as_str(), key.as_str()), value.as_str())
                 .map_err(|e| storage(path, e))?;
         }
-        Ok(())
+        self.own(run, &payer)
     }
 
-    fn checkpoint_save(&mut self, run: &RunId, checkpoint: &Checkpoint) -> Result<(), Failure> {
+    fn kv_delete(&mut self, run: &RunId, keys: Vec<String>) -> Result<u64, Failure> {
+        let path = self.path;
+        let (mut deleted, mut freed) = (0u64, 0u64);
+        for key in keys {
+            let removed = self
+                .kv
+                .remove((run.as_str(), key.as_str()))
+                .map_err(|e| storage(path, e))?;
+            if let Some(value) = removed {
+                deleted += 1;
+                freed += quota::kv_entry_bytes(&key, value.value());
+            }
+        }
+        self.refund(run, Meter::KvBytes, freed)?;
+        Ok(deleted)
+    }
+
+    fn checkpoint_save(
+        &mut self,
+        run: &RunId,
+        checkpoint: &Checkpoint,
+        charge: &Charge,
+    ) -> Result<(), Failure> {
         let record = encode_checkpoint(checkpoint);
         let key = (run.as_str(), checkpoint.id.as_str());
         let path = self.path;
+        let before = self
+            .checkpoints
+            .get(key)
+            .map_err(|e| storage(path, e))?
+            .map_or(0, |old| {
+                stored_checkpoint_bytes(&checkpoint.id, old.value())
+            });
+        let after = quota::checkpoint_bytes(&checkpoint.id, checkpoint.data.get().len());
+        let payer = self.charge(
+            run,
+            charge,
+            Meter::CheckpointBytes,
+            quota::growth(before, after),
+        )?;
         self.checkpoints
             .insert(key, record.as_slice())
             .map_err(|e| storage(path, e))?;
         self.latest
             .insert(run.as_str(), checkpoint.id.as_str())
             .map_err(|e| storage(path, e))?;
+        self.own(run, &payer)
+    }
+
+    /// Every key and checkpoint of `run`, and its owner, gone; their bytes
+    /// given back to that owner.
+    fn run_data_delete(&mut self, run: &RunId) -> Result<(), Failure> {
+        let path = self.path;
+        let store_err = |e| storage(path, e);
+        let mut kv_bytes = 0u64;
+        let mut keys = Vec::new();
+        for entry in self.kv.range((run.as_str(), "")..).map_err(store_err)? {
+            let (k, v) = entry.map_err(store_err)?;
+            let (owner, key) = k.value();
+            if owner != run.as_str() {
+                break;
+            }
+            kv_bytes += quota::kv_entry_bytes(key, v.value());
+            keys.push(key.to_owned());
+        }
+        for key in &keys {
+            self.kv
+                .remove((run.as_str(), key.as_str()))
+                .map_err(store_err)?;
+        }
+        let mut cp_bytes = 0u64;
+        let mut ids = Vec::new();
+        for entry in self
+            .checkpoints
+            .range((run.as_str(), "")..)
+            .map_err(store_err)?
+        {
+            let (k, v) = entry.map_err(store_err)?;
+            let (owner, id) = k.value();
+            if owner != run.as_str() {
+                break;
+            }
+            cp_bytes += stored_checkpoint_bytes(id, v.value());
+            ids.push(id.to_owned());
+        }
+        for id in &ids {
+            self.checkpoints
+                .remove((run.as_str(), id.as_str()))
+                .map_err(store_err)?;
+        }
+        self.latest.remove(run.as_str()).map_err(store_err)?;
+        self.refund(run, Meter::KvBytes, kv_bytes)?;
+        self.refund(run, Meter::CheckpointBytes, cp_bytes)?;
+        self.owners.remove(run.as_str()).map_err(store_err)?;
         Ok(())
+    }
+
+    fn quota_usage(&self, tenant: &str) -> Result<Usage, Failure> {
+        let mut usage = Usage::default();
+        for meter in Meter::ALL {
+            *usage.get_mut(meter) = self.used(tenant, meter)?;
+        }
+        Ok(usage)
+    }
+
+    fn used(&self, tenant: &str, meter: Meter) -> Result<u64, Failure> {
+        Ok(self
+            .usage
+            .get((tenant, meter.as_str()))
+            .map_err(|e| storage(self.path, e))?
+            .map_or(0, |v| v.value()))
+    }
+
+    /// Grows `tenant`'s `meter` by `delta` if [`quota::admit`] allows.
+    fn add(&mut self, tenant: &str, meter: Meter, delta: i64, limit: u64) -> Result<(), Failure> {
+        let used = self.used(tenant, meter)?;
+        let after = quota::admit(meter, used, delta, limit)
+            .map_err(|q| Failure::Op(StoreError::QuotaExceeded(q)))?;
+        if after != used {
+            self.usage
+                .insert((tenant, meter.as_str()), after)
+                .map_err(|e| storage(self.path, e))?;
+        }
+        Ok(())
+    }
+
+    /// The tenant `run`'s data is charged to: its owner, or `charge`'s
+    /// tenant for a run that has none yet.
+    fn payer(&self, run: &RunId, charge: &Charge) -> Result<String, Failure> {
+        let owner = self
+            .owners
+            .get(run.as_str())
+            .map_err(|e| storage(self.path, e))?;
+        Ok(owner.map_or_else(|| charge.tenant.clone(), |o| o.value().to_owned()))
+    }
+
+    /// Charges `delta` of `meter` for a write to `run` (before anything of
+    /// the write is stored); returns who paid, the run's owner from then on.
+    fn charge(
+        &mut self,
+        run: &RunId,
+        charge: &Charge,
+        meter: Meter,
+        delta: i64,
+    ) -> Result<String, Failure> {
+        let payer = self.payer(run, charge)?;
+        self.add(&payer, meter, delta, charge.limit)?;
+        Ok(payer)
+    }
+
+    fn own(&mut self, run: &RunId, payer: &str) -> Result<(), Failure> {
+        let path = self.path;
+        let known = self
+            .owners
+            .get(run.as_str())
+            .map_err(|e| storage(path, e))?
+            .is_some();
+        if !known {
+            self.owners
+                .insert(run.as_str(), payer)
+                .map_err(|e| storage(path, e))?;
+        }
+        Ok(())
+    }
+
+    /// Gives `bytes` of `meter` back to `run`'s owner, if it has one.
+    fn refund(&mut self, run: &RunId, meter: Meter, bytes: u64) -> Result<(), Failure> {
+        let owner = self
+            .owners
+            .get(run.as_str())
+            .map_err(|e| storage(self.path, e))?
+            .map(|o| o.value().to_owned());
+        match owner {
+            Some(owner) if bytes > 0 => self.add(&owner, meter, quota::growth(bytes, 0), u64::MAX),
+            _ => Ok(()),
+        }
     }
 
     fn checkpoint_load(
@@ -735,25 +985,57 @@ impl<'txn> Tables<'txn> {
     }
 }
 
+/// What a stored checkpoint record of id `id` counts (see
+/// [`quota::checkpoint_bytes`]).
+fn stored_checkpoint_bytes(id: &str, record: &[u8]) -> u64 {
+    quota::checkpoint_bytes(id, record.len().saturating_sub(CHECKPOINT_HEADER_LEN))
+}
+
 impl Tables<'_> {
-    fn sessions_save(&mut self, changes: Vec<SessionChange>) -> Result<(), Failure> {
+    fn sessions_save(&mut self, changes: Vec<SessionChange>, max_runs: u64) -> Result<(), Failure> {
         let path = self.path;
+        let mut refused = None;
         for change in changes {
             match change {
                 SessionChange::Put(record) => {
                     let bytes = encode_session(&record);
-                    self.sessions
+                    let fresh = self
+                        .sessions
                         .insert(record.session_id.as_str(), bytes.as_slice())
-                        .map_err(|e| storage(path, e))?;
+                        .map_err(|e| storage(path, e))?
+                        .is_none();
+                    // Renewals are most saves: only a session the table
+                    // did not have counts, which the insert tells for free.
+                    if let (true, Some(tenant)) = (fresh, &record.tenant)
+                        && let Err(failure) = self.add(tenant, Meter::Runs, 1, max_runs)
+                    {
+                        let Failure::Op(e) = failure else {
+                            return Err(failure);
+                        };
+                        self.sessions
+                            .remove(record.session_id.as_str())
+                            .map_err(|e| storage(path, e))?;
+                        refused = Some(e);
+                    }
                 }
                 SessionChange::Delete(id) => {
-                    self.sessions
+                    let old = self
+                        .sessions
                         .remove(id.as_str())
                         .map_err(|e| storage(path, e))?;
+                    // A record that cannot be read counted for nobody we
+                    // can name; forgetting it is still right.
+                    let tenant = old.and_then(|r| decode_session(r.value()).ok()?.tenant);
+                    if let Some(tenant) = tenant {
+                        self.add(&tenant, Meter::Runs, -1, u64::MAX)?;
+                    }
                 }
             }
         }
-        Ok(())
+        match refused {
+            Some(e) => Err(Failure::Op(e)),
+            None => Ok(()),
+        }
     }
 
     /// All records, or `Corrupt` naming the first one that cannot be read:
@@ -841,6 +1123,91 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(first.data.get(), r#"{"a":1}"#);
+    }
+
+    /// The counts are in the file, beside the data: a reopened store refuses
+    /// what the first one would. A file from before quotas (no count tables)
+    /// opens with nothing counted, and deleting what it held never takes a
+    /// count below zero.
+    #[tokio::test]
+    async fn quota_counts_survive_reopen_and_an_older_file_counts_nothing() {
+        use crate::store::{Charge, SessionChange, StoreError};
+        let dir = tempfile::tempdir().unwrap();
+        let r = run("run-q");
+        let charge = Charge::new("sub:t", 20);
+        let mut session = crate::store::conformance::session("run-q", 0);
+        session.tenant = Some("sub:t".into());
+        {
+            let store = EmbeddedStore::open(dir.path()).unwrap();
+            store
+                .kv_set_charged(&r, one("k", "123456789"), usize::MAX, charge.clone())
+                .await
+                .unwrap();
+            store
+                .checkpoint_save_charged(&r, checkpoint("c", 1_000, "1234"), charge.clone())
+                .await
+                .unwrap();
+            store
+                .sessions_save_within(vec![SessionChange::Put(session.clone())], 1)
+                .await
+                .unwrap();
+        }
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        let usage = store.quota_usage("sub:t").await.unwrap();
+        assert_eq!(
+            (usage.runs, usage.kv_bytes, usage.checkpoint_bytes),
+            (1, 10, 5)
+        );
+        let err = store
+            .kv_set_charged(&r, one("k2", &"x".repeat(9)), usize::MAX, charge.clone())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, StoreError::QuotaExceeded(ref q) if q.used == 10),
+            "{err:?}"
+        );
+        let mut other = crate::store::conformance::session("run-q2", 0);
+        other.tenant = Some("sub:t".into());
+        assert!(
+            store
+                .sessions_save_within(vec![SessionChange::Put(other)], 1)
+                .await
+                .is_err()
+        );
+        drop(store);
+
+        // As if written before quotas: the count tables are not there.
+        {
+            let db = Database::create(dir.path().join(FILE_NAME)).unwrap();
+            let txn = db.begin_write().unwrap();
+            assert!(txn.delete_table(QUOTA_USAGE).unwrap());
+            assert!(txn.delete_table(RUN_OWNER).unwrap());
+            txn.commit().unwrap();
+        }
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        assert_eq!(
+            store.quota_usage("sub:t").await.unwrap(),
+            Default::default()
+        );
+        assert_eq!(
+            store.kv_get(&r, vec!["k".into()]).await.unwrap(),
+            one("k", "123456789")
+        );
+        assert_eq!(store.kv_delete(&r, vec!["k".into()]).await.unwrap(), 1);
+        store
+            .sessions_save(vec![SessionChange::Delete(session.session_id.clone())])
+            .await
+            .unwrap();
+        assert_eq!(
+            store.quota_usage("sub:t").await.unwrap(),
+            Default::default()
+        );
+        // From here on, what is written counts.
+        store
+            .kv_set_charged(&r, one("k", "1"), usize::MAX, charge)
+            .await
+            .unwrap();
+        assert_eq!(store.quota_usage("sub:t").await.unwrap().kv_bytes, 2);
     }
 
     #[tokio::test]

@@ -1,6 +1,6 @@
 //! Durable state a run keeps between attaches: key-value pairs and
 //! checkpoints, plus the session records that let a restarted gateway know
-//! its sessions again.
+//! its sessions again, and what each tenant holds of them ([`quota`]).
 //!
 //! Owns the [`Store`] trait, the one seam between the protocol code and a
 //! storage engine, plus its implementations: [`embedded`] (redb on disk, the
@@ -8,7 +8,8 @@
 //! engine is a third implementation; nothing above this module changes.
 //! Must not know about capabilities checks, leases or frames: callers have
 //! already checked that the session may touch `run`, and a
-//! [`SessionRecord`] is kept as given, never interpreted.
+//! [`SessionRecord`] is kept as given, never interpreted (except its
+//! tenant, which the store counts).
 //!
 //! Ordering contract: each method *submits* its operation before it returns
 //! the future, so operations called one after another take effect in that
@@ -25,9 +26,11 @@ use serde_json::value::RawValue;
 
 use crate::ids::{Capability, OpaqueId, RunId, SessionId};
 use crate::time::Timestamp;
+pub use quota::{Charge, Meter, QuotaExceeded, Usage};
 
 pub mod embedded;
 pub mod memory;
+pub mod quota;
 pub(crate) mod records;
 pub mod redis;
 
@@ -47,6 +50,10 @@ pub enum StoreError {
     /// written.
     #[error("the run's KV would hold more than {max} keys; nothing was written")]
     TooManyKeys { max: usize },
+    /// The write would take its tenant past a quota. Nothing of it was
+    /// written (for a session save: nothing of the fresh session refused).
+    #[error(transparent)]
+    QuotaExceeded(QuotaExceeded),
     /// A read found more than `max` bytes of keys and values: it is
     /// refused whole rather than held (ask for fewer keys at a time).
     #[error(
@@ -102,6 +109,11 @@ pub struct SessionRecord {
     /// on every reattach or recovery until the run ends.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pending_cancel: Option<PendingCancel>,
+    /// The tenant whose `runs` quota the record counts against (the
+    /// token's that started the session); `None` counts against nobody
+    /// (records saved before quotas existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
 }
 
 /// A stop a viewer asked for (`run.cancel`), kept with the session.
@@ -144,30 +156,83 @@ pub trait Store: Send + Sync + 'static {
         self.kv_set_within(run, pairs, usize::MAX)
     }
 
-    /// [`Store::kv_set`], refused with [`StoreError::TooManyKeys`] (and
-    /// nothing written) if afterwards `run` would have more than
-    /// `max_keys` keys. Overwriting existing keys never counts against it.
-    /// The count is taken where the write is applied, so concurrent writes
-    /// cannot overshoot it together.
+    /// [`Store::kv_set_charged`] with no quota.
     fn kv_set_within(
         &self,
         run: &RunId,
         pairs: BTreeMap<String, String>,
         max_keys: usize,
+    ) -> StoreFuture<()> {
+        self.kv_set_charged(run, pairs, max_keys, Charge::unlimited())
+    }
+
+    /// [`Store::kv_set`], refused with [`StoreError::TooManyKeys`] (and
+    /// nothing written) if afterwards `run` would have more than
+    /// `max_keys` keys. Overwriting existing keys never counts against it.
+    /// Then the write's net growth in [`quota::kv_entry_bytes`] is charged
+    /// to the run's owner (`charge`'s tenant becomes it if the run has
+    /// none), refused with [`StoreError::QuotaExceeded`] (nothing written)
+    /// if it would pass `charge.limit` (see [`quota::admit`]).
+    /// Both counts are taken where the write is applied, so concurrent
+    /// writes cannot overshoot them together.
+    fn kv_set_charged(
+        &self,
+        run: &RunId,
+        pairs: BTreeMap<String, String>,
+        max_keys: usize,
+        charge: Charge,
     ) -> StoreFuture<()>;
+
+    /// Deletes those of `keys` that `run` has, atomically, giving their
+    /// bytes back to the run's owner; answers how many there were.
+    fn kv_delete(&self, run: &RunId, keys: Vec<String>) -> StoreFuture<u64>;
 
     /// Saves `checkpoint` for `run` as its latest. An existing checkpoint
     /// with the same id is replaced (so a retried save is harmless).
-    fn checkpoint_save(&self, run: &RunId, checkpoint: Checkpoint) -> StoreFuture<()>;
+    fn checkpoint_save(&self, run: &RunId, checkpoint: Checkpoint) -> StoreFuture<()> {
+        self.checkpoint_save_charged(run, checkpoint, Charge::unlimited())
+    }
+
+    /// [`Store::checkpoint_save`], its net growth in
+    /// [`quota::checkpoint_bytes`] charged to the run's owner as
+    /// [`Store::kv_set_charged`] charges KV.
+    fn checkpoint_save_charged(
+        &self,
+        run: &RunId,
+        checkpoint: Checkpoint,
+        charge: Charge,
+    ) -> StoreFuture<()>;
 
     /// The checkpoint named `id`, or the latest saved when `id` is `None`;
     /// `Ok(None)` when there is no such checkpoint.
     fn checkpoint_load(&self, run: &RunId, id: Option<String>) -> StoreFuture<Option<Checkpoint>>;
 
-    /// Applies `changes` in order, all or none; a store several gateways
+    /// Deletes every KV key and checkpoint of `run` (a run that ended),
+    /// giving their bytes back to its owner; the run has no owner after.
+    fn run_data_delete(&self, run: &RunId) -> StoreFuture<()>;
+
+    /// What `tenant` holds, as the store counts it.
+    fn quota_usage(&self, tenant: &str) -> StoreFuture<Usage>;
+
+    /// [`Store::sessions_save_within`] with no limit on runs.
+    fn sessions_save(&self, changes: Vec<SessionChange>) -> StoreFuture<()> {
+        self.sessions_save_within(changes, u64::MAX)
+    }
+
+    /// Applies `changes` in order, atomically; a store several gateways
     /// share leaves out the changes of sessions another gateway holds and
-    /// says which ([`StoreError::Fenced`]).
-    fn sessions_save(&self, changes: Vec<SessionChange>) -> StoreFuture<()>;
+    /// says which ([`StoreError::Fenced`]). A record with a tenant counts
+    /// against its `runs` quota from its first `Put` to its `Delete`; a
+    /// `Put` of a new session that would give its tenant more than
+    /// `max_runs_per_tenant` is left out and reported
+    /// ([`StoreError::QuotaExceeded`]) once the other changes are applied
+    /// (a store several gateways share reports [`StoreError::Fenced`]
+    /// first when both happen).
+    fn sessions_save_within(
+        &self,
+        changes: Vec<SessionChange>,
+        max_runs_per_tenant: u64,
+    ) -> StoreFuture<()>;
 
     /// The session records this gateway holds, in no particular order: all
     /// of them for a store of its own.
@@ -246,7 +311,9 @@ pub(crate) mod conformance {
 
     use serde_json::value::RawValue;
 
-    use super::{Checkpoint, SessionChange, SessionRecord, Store};
+    use super::{
+        Charge, Checkpoint, Meter, QuotaExceeded, SessionChange, SessionRecord, Store, StoreError,
+    };
     use crate::ids::{Capability, OpaqueId, RunId, SessionId};
     use crate::time::Timestamp;
 
@@ -262,6 +329,12 @@ pub(crate) mod conformance {
                 kv_is_scoped_per_run,
                 kv_key_count_is_bounded_per_run,
                 kv_reads_are_bounded_in_bytes,
+                kv_bytes_are_charged_to_the_runs_owner,
+                kv_delete_removes_keys_and_gives_their_bytes_back,
+                concurrent_charged_writes_never_overshoot,
+                checkpoint_bytes_are_charged_to_the_runs_owner,
+                run_data_delete_empties_the_run_and_frees_its_owner,
+                sessions_count_against_their_tenants_runs,
                 checkpoint_latest_and_named,
                 checkpoint_replace_same_id_becomes_latest,
                 checkpoint_preserves_data_and_time,
@@ -471,6 +544,364 @@ pub(crate) mod conformance {
             .unwrap();
     }
 
+    fn quota_refusal(result: Result<impl std::fmt::Debug, StoreError>) -> QuotaExceeded {
+        match result {
+            Err(StoreError::QuotaExceeded(q)) => q,
+            other => panic!("expected a quota refusal, got {other:?}"),
+        }
+    }
+
+    async fn kv_bytes(store: &Arc<dyn Store>, tenant: &str) -> u64 {
+        store.quota_usage(tenant).await.unwrap().kv_bytes
+    }
+
+    pub(crate) async fn kv_bytes_are_charged_to_the_runs_owner(store: Arc<dyn Store>) {
+        let (r, other_run) = (run("run-q"), run("run-q2"));
+        let t = Charge::new("sub:t", 20);
+        let max = usize::MAX;
+        // "a"+"12345" and "b"+"1234": 11 bytes.
+        store
+            .kv_set_charged(&r, pairs(&[("a", "12345"), ("b", "1234")]), max, t.clone())
+            .await
+            .unwrap();
+        assert_eq!(kv_bytes(&store, "sub:t").await, 11);
+        // 10 more would make 21: refused whole, nothing of it written.
+        let q = quota_refusal(
+            store
+                .kv_set_charged(
+                    &r,
+                    pairs(&[("a", "x"), ("c", "1234567890123")]),
+                    max,
+                    t.clone(),
+                )
+                .await,
+        );
+        assert_eq!(
+            q,
+            QuotaExceeded {
+                meter: Meter::KvBytes,
+                used: 11,
+                requested: 10,
+                limit: 20
+            },
+            "the net growth: c's 14 bytes less a's 4"
+        );
+        let got = store.kv_get(&r, keys(&["a", "b", "c"])).await.unwrap();
+        assert_eq!(got, pairs(&[("a", "12345"), ("b", "1234")]));
+        assert_eq!(kv_bytes(&store, "sub:t").await, 11);
+        // Exactly the limit fits (another run of the same tenant counts
+        // too), then an overwrite as long or shorter always works.
+        store
+            .kv_set_charged(&other_run, pairs(&[("d", "12345678")]), max, t.clone())
+            .await
+            .unwrap();
+        assert_eq!(kv_bytes(&store, "sub:t").await, 20);
+        store
+            .kv_set_charged(&r, pairs(&[("a", "54321"), ("b", "")]), max, t.clone())
+            .await
+            .unwrap();
+        assert_eq!(kv_bytes(&store, "sub:t").await, 16);
+        store
+            .kv_set_charged(&r, BTreeMap::new(), max, t.clone())
+            .await
+            .unwrap();
+        // A lowered limit: growth refused, shrinking still works.
+        let lowered = Charge::new("sub:t", 5);
+        assert!(
+            store
+                .kv_set_charged(&r, pairs(&[("b", "x")]), max, lowered.clone())
+                .await
+                .is_err()
+        );
+        store
+            .kv_set_charged(&r, pairs(&[("a", "1")]), max, lowered)
+            .await
+            .unwrap();
+        assert_eq!(kv_bytes(&store, "sub:t").await, 12);
+        // Another tenant writing the run is charged nothing: the owner is.
+        store
+            .kv_set_charged(&r, pairs(&[("e", "12")]), max, Charge::new("sub:u", 100))
+            .await
+            .unwrap();
+        assert_eq!(kv_bytes(&store, "sub:t").await, 15);
+        assert_eq!(kv_bytes(&store, "sub:u").await, 0);
+        // (The limit comes with the charge: one configured for every
+        // tenant.)
+        assert!(
+            store
+                .kv_set_charged(
+                    &r,
+                    pairs(&[("f", "123456")]),
+                    max,
+                    Charge::new("sub:u", 100)
+                )
+                .await
+                .is_ok()
+        );
+        assert_eq!(kv_bytes(&store, "sub:t").await, 22);
+        // The key count is checked before the quota.
+        let err = store
+            .kv_set_charged(&r, pairs(&[("g", "")]), 1, Charge::new("sub:t", 0))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::TooManyKeys { max: 1 }), "{err:?}");
+    }
+
+    pub(crate) async fn kv_delete_removes_keys_and_gives_their_bytes_back(store: Arc<dyn Store>) {
+        let r = run("run-del");
+        let t = Charge::new("sub:t", 30);
+        store
+            .kv_set_charged(
+                &r,
+                pairs(&[("a", "1"), ("bb", "22"), ("c", "333")]),
+                usize::MAX,
+                t.clone(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(kv_bytes(&store, "sub:t").await, 2 + 4 + 4);
+        let deleted = store
+            .kv_delete(&r, keys(&["bb", "missing", "a", "bb"]))
+            .await
+            .unwrap();
+        assert_eq!(deleted, 2, "present keys, each once");
+        assert_eq!(
+            store.kv_get(&r, keys(&["a", "bb", "c"])).await.unwrap(),
+            pairs(&[("c", "333")])
+        );
+        assert_eq!(kv_bytes(&store, "sub:t").await, 4);
+        assert_eq!(store.kv_delete(&r, keys(&["a"])).await.unwrap(), 0);
+        assert_eq!(store.kv_delete(&r, vec![]).await.unwrap(), 0);
+        assert_eq!(
+            store
+                .kv_delete(&run("nothing"), keys(&["a"]))
+                .await
+                .unwrap(),
+            0
+        );
+        // What was freed can be written again, and the places too.
+        store
+            .kv_set_charged(&r, pairs(&[("d", &"x".repeat(25))]), 2, t.clone())
+            .await
+            .unwrap();
+        assert_eq!(kv_bytes(&store, "sub:t").await, 30);
+    }
+
+    /// Eight tasks racing 1-byte-key writes of 10 bytes at a limit of 200:
+    /// exactly 20 land, whatever the interleaving, and the count is what
+    /// the data holds.
+    pub(crate) async fn concurrent_charged_writes_never_overshoot(store: Arc<dyn Store>) {
+        let charge = Charge::new("sub:race", 200);
+        let mut tasks = Vec::new();
+        for t in 0..8 {
+            let (store, charge) = (store.clone(), charge.clone());
+            tasks.push(tokio::spawn(async move {
+                let r = run(&format!("run-race-{}", t % 2));
+                let writes: Vec<_> = (0..10)
+                    .map(|i| {
+                        let k = format!("t{t}-{i}");
+                        let v = "v".repeat(10 - k.len());
+                        store.kv_set_charged(&r, pairs(&[(&k, &v)]), usize::MAX, charge.clone())
+                    })
+                    .collect();
+                let mut landed = 0;
+                for w in writes {
+                    match w.await {
+                        Ok(()) => landed += 1,
+                        Err(StoreError::QuotaExceeded(_)) => {}
+                        Err(e) => panic!("{e}"),
+                    }
+                }
+                landed
+            }));
+        }
+        let mut landed = 0;
+        for t in tasks {
+            landed += t.await.unwrap();
+        }
+        assert_eq!(landed, 20);
+        assert_eq!(kv_bytes(&store, "sub:race").await, 200);
+    }
+
+    pub(crate) async fn checkpoint_bytes_are_charged_to_the_runs_owner(store: Arc<dyn Store>) {
+        let r = run("run-cpq");
+        let t = Charge::new("sub:t", 30);
+        let used = |store: Arc<dyn Store>| async move {
+            store.quota_usage("sub:t").await.unwrap().checkpoint_bytes
+        };
+        // "cp-1" + "[1,2,3]": 11 bytes.
+        store
+            .checkpoint_save_charged(&r, checkpoint("cp-1", 1_000, "[1,2,3]"), t.clone())
+            .await
+            .unwrap();
+        assert_eq!(used(store.clone()).await, 11);
+        let q = quota_refusal(
+            store
+                .checkpoint_save_charged(&r, checkpoint("cp-2", 2_000, &"7".repeat(16)), t.clone())
+                .await,
+        );
+        assert_eq!(
+            (q.meter, q.used, q.requested, q.limit),
+            (Meter::CheckpointBytes, 11, 20, 30)
+        );
+        // Nothing saved: the latest is still cp-1.
+        assert_eq!(
+            store.checkpoint_load(&r, None).await.unwrap().unwrap().id,
+            "cp-1"
+        );
+        assert!(
+            store
+                .checkpoint_load(&r, Some("cp-2".into()))
+                .await
+                .unwrap()
+                .is_none()
+        );
+        // Replacing cp-1 is charged the difference; a smaller one frees.
+        store
+            .checkpoint_save_charged(&r, checkpoint("cp-1", 3_000, &"7".repeat(26)), t.clone())
+            .await
+            .unwrap();
+        assert_eq!(used(store.clone()).await, 30);
+        store
+            .checkpoint_save_charged(&r, checkpoint("cp-1", 4_000, "1"), t.clone())
+            .await
+            .unwrap();
+        assert_eq!(used(store.clone()).await, 5);
+        // KV and checkpoints of one tenant are separate meters.
+        assert_eq!(kv_bytes(&store, "sub:t").await, 0);
+    }
+
+    pub(crate) async fn run_data_delete_empties_the_run_and_frees_its_owner(store: Arc<dyn Store>) {
+        let (r, kept) = (run("run-end"), run("run-end-2"));
+        let t = Charge::new("sub:t", 1000);
+        store
+            .kv_set_charged(&r, pairs(&[("a", "1"), ("b", "2")]), usize::MAX, t.clone())
+            .await
+            .unwrap();
+        store
+            .checkpoint_save_charged(&r, checkpoint("cp", 1_000, "true"), t.clone())
+            .await
+            .unwrap();
+        store
+            .kv_set_charged(&kept, pairs(&[("a", "1")]), usize::MAX, t.clone())
+            .await
+            .unwrap();
+        store.run_data_delete(&r).await.unwrap();
+        assert!(
+            store
+                .kv_get(&r, keys(&["a", "b"]))
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert!(store.checkpoint_load(&r, None).await.unwrap().is_none());
+        assert!(
+            store
+                .checkpoint_load(&r, Some("cp".into()))
+                .await
+                .unwrap()
+                .is_none()
+        );
+        let usage = store.quota_usage("sub:t").await.unwrap();
+        assert_eq!((usage.kv_bytes, usage.checkpoint_bytes), (2, 0));
+        assert_eq!(
+            store.kv_get(&kept, keys(&["a"])).await.unwrap(),
+            pairs(&[("a", "1")])
+        );
+        // Twice is harmless; afterwards the run has no owner: the next
+        // writer owns it.
+        store.run_data_delete(&r).await.unwrap();
+        store
+            .kv_set_charged(
+                &r,
+                pairs(&[("z", "9")]),
+                usize::MAX,
+                Charge::new("sub:u", 10),
+            )
+            .await
+            .unwrap();
+        assert_eq!(kv_bytes(&store, "sub:u").await, 2);
+        assert_eq!(kv_bytes(&store, "sub:t").await, 2);
+    }
+
+    pub(crate) async fn sessions_count_against_their_tenants_runs(store: Arc<dyn Store>) {
+        let of = |run_name: &str, tenant: &str| {
+            let mut r = session(run_name, 0);
+            r.tenant = Some(tenant.to_owned());
+            r
+        };
+        let runs = |store: Arc<dyn Store>, t: &'static str| async move {
+            store.quota_usage(t).await.unwrap().runs
+        };
+        let (a, b, c) = (
+            of("run-a", "sub:t"),
+            of("run-b", "sub:t"),
+            of("run-c", "sub:t"),
+        );
+        store
+            .sessions_save_within(
+                vec![SessionChange::Put(a.clone()), SessionChange::Put(b.clone())],
+                2,
+            )
+            .await
+            .unwrap();
+        assert_eq!(runs(store.clone(), "sub:t").await, 2);
+        // A third is refused; the other changes of the call are applied.
+        let mut a2 = a.clone();
+        a2.expired = true;
+        let q = quota_refusal(
+            store
+                .sessions_save_within(
+                    vec![
+                        SessionChange::Put(a2.clone()),
+                        SessionChange::Put(c.clone()),
+                    ],
+                    2,
+                )
+                .await,
+        );
+        assert_eq!(
+            (q.meter, q.used, q.requested, q.limit),
+            (Meter::Runs, 2, 1, 2)
+        );
+        let mut saved = store.sessions_load().await.unwrap();
+        saved.sort_by(|x, y| x.run_id.cmp(&y.run_id));
+        assert_eq!(saved, vec![a2.clone(), b.clone()]);
+        // Saving a known session again (a renewal, a tombstone) counts
+        // nothing; another tenant and records without one are apart.
+        store
+            .sessions_save_within(
+                vec![
+                    SessionChange::Put(b.clone()),
+                    SessionChange::Put(of("run-d", "sub:u")),
+                    SessionChange::Put(session("run-e", 0)),
+                ],
+                2,
+            )
+            .await
+            .unwrap();
+        assert_eq!(runs(store.clone(), "sub:t").await, 2);
+        assert_eq!(runs(store.clone(), "sub:u").await, 1);
+        // Deleting gives the place back (a delete before a put in one
+        // call makes room for it).
+        store
+            .sessions_save_within(
+                vec![
+                    SessionChange::Delete(a.session_id.clone()),
+                    SessionChange::Put(c.clone()),
+                ],
+                2,
+            )
+            .await
+            .unwrap();
+        assert_eq!(runs(store.clone(), "sub:t").await, 2);
+        store
+            .sessions_save_within(vec![SessionChange::Delete(b.session_id.clone())], 2)
+            .await
+            .unwrap();
+        assert_eq!(runs(store.clone(), "sub:t").await, 1);
+    }
+
     pub(crate) async fn checkpoint_latest_and_named(store: Arc<dyn Store>) {
         let r = run("run-1");
         assert!(store.checkpoint_load(&r, None).await.unwrap().is_none());
@@ -620,6 +1051,7 @@ pub(crate) mod conformance {
             attached: true,
             deadline_unix_ms: 1_764_064_800_123,
             pending_cancel: None,
+            tenant: None,
         }
     }
 

@@ -7,6 +7,7 @@
 //!
 //! - `kv`: a run's KV pairs, within the caller's limits;
 //! - `checkpoints`: a run's checkpoints and its latest;
+//! - `quota`: what each tenant holds, and the end of a run's data;
 //! - `sessions`: session records, and the fence that gives each session
 //!   one holder among the gateways;
 //! - `membership`: this gateway's node id, its keep-alive, and the takeover
@@ -52,8 +53,8 @@ use redis::aio::ConnectionManager;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    Checkpoint, PendingCancel, SessionChange, SessionMoved, SessionRecord, SharedSessions, Store,
-    StoreError, StoreFuture,
+    Charge, Checkpoint, PendingCancel, SessionChange, SessionMoved, SessionRecord, SharedSessions,
+    Store, StoreError, StoreFuture, Usage,
 };
 use crate::ids::{RunId, SessionId};
 use crate::redis::conn::open;
@@ -62,6 +63,7 @@ use crate::redis::keys::Keys;
 mod checkpoints;
 mod kv;
 mod membership;
+mod quota;
 mod session_moves;
 mod sessions;
 
@@ -69,6 +71,7 @@ use checkpoints::Checkpoints;
 use kv::Kv;
 use membership::Membership;
 pub use membership::NODE_SILENT_AFTER;
+use quota::Quotas;
 use session_moves::{Cancelled, SessionMoves};
 use sessions::Sessions;
 
@@ -85,6 +88,10 @@ pub struct RedisStore {
     cancels: Arc<Mutex<Option<mpsc::UnboundedReceiver<Cancelled>>>>,
 }
 
+/// Lua numbers are doubles: a limit passed to a script must stay a number
+/// it holds exactly ("no limit" included).
+const LUA_MAX_LIMIT: u64 = 1 << 50;
+
 /// Where an op's answer goes.
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
@@ -92,6 +99,7 @@ type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 enum Op {
     Kv(kv::Op),
     Checkpoints(checkpoints::Op),
+    Quota(quota::Op),
     Sessions(sessions::Op),
     Membership(membership::Op),
     SessionMoves(session_moves::Op),
@@ -110,6 +118,12 @@ impl From<kv::Op> for Op {
 impl From<checkpoints::Op> for Op {
     fn from(op: checkpoints::Op) -> Op {
         Op::Checkpoints(op)
+    }
+}
+
+impl From<quota::Op> for Op {
+    fn from(op: quota::Op) -> Op {
+        Op::Quota(op)
     }
 }
 
@@ -165,6 +179,7 @@ impl RedisStore {
             conn,
             kv: Kv::new(keys.clone()),
             checkpoints: Checkpoints::new(keys.clone()),
+            quotas: Quotas::new(keys.clone()),
             sessions: Sessions::new(keys.clone(), node.clone()),
             membership: Membership::new(keys.clone(), node.clone(), node_silent_after),
             session_moves: SessionMoves::new(keys),
@@ -237,28 +252,51 @@ impl Store for RedisStore {
         })
     }
 
-    fn kv_set_within(
+    fn kv_set_charged(
         &self,
         run: &RunId,
         pairs: BTreeMap<String, String>,
         max_keys: usize,
+        charge: Charge,
     ) -> StoreFuture<()> {
         let run = run.clone();
         self.submit(|reply| kv::Op::Set {
             run,
             pairs,
             max_keys,
+            charge,
             reply,
         })
     }
 
-    fn checkpoint_save(&self, run: &RunId, checkpoint: Checkpoint) -> StoreFuture<()> {
+    fn kv_delete(&self, run: &RunId, keys: Vec<String>) -> StoreFuture<u64> {
+        let run = run.clone();
+        self.submit(|reply| kv::Op::Delete { run, keys, reply })
+    }
+
+    fn checkpoint_save_charged(
+        &self,
+        run: &RunId,
+        checkpoint: Checkpoint,
+        charge: Charge,
+    ) -> StoreFuture<()> {
         let run = run.clone();
         self.submit(|reply| checkpoints::Op::Save {
             run,
             checkpoint,
+            charge,
             reply,
         })
+    }
+
+    fn run_data_delete(&self, run: &RunId) -> StoreFuture<()> {
+        let run = run.clone();
+        self.submit(|reply| quota::Op::RunDataDelete { run, reply })
+    }
+
+    fn quota_usage(&self, tenant: &str) -> StoreFuture<Usage> {
+        let tenant = tenant.to_owned();
+        self.submit(|reply| quota::Op::Usage { tenant, reply })
     }
 
     fn checkpoint_load(&self, run: &RunId, id: Option<String>) -> StoreFuture<Option<Checkpoint>> {
@@ -266,8 +304,16 @@ impl Store for RedisStore {
         self.submit(|reply| checkpoints::Op::Load { run, id, reply })
     }
 
-    fn sessions_save(&self, changes: Vec<SessionChange>) -> StoreFuture<()> {
-        self.submit(|reply| sessions::Op::Save { changes, reply })
+    fn sessions_save_within(
+        &self,
+        changes: Vec<SessionChange>,
+        max_runs_per_tenant: u64,
+    ) -> StoreFuture<()> {
+        self.submit(|reply| sessions::Op::Save {
+            changes,
+            max_runs: max_runs_per_tenant,
+            reply,
+        })
     }
 
     fn sessions_load(&self) -> StoreFuture<Vec<SessionRecord>> {
@@ -326,6 +372,7 @@ struct Worker {
     conn: ConnectionManager,
     kv: Kv,
     checkpoints: Checkpoints,
+    quotas: Quotas,
     sessions: Sessions,
     membership: Membership,
     session_moves: SessionMoves,
@@ -345,6 +392,7 @@ impl Worker {
         match op {
             Op::Kv(op) => self.kv.execute(conn, op).await,
             Op::Checkpoints(op) => self.checkpoints.execute(conn, op).await,
+            Op::Quota(op) => self.quotas.execute(conn, op).await,
             Op::Sessions(op) => self.sessions.execute(conn, op).await,
             Op::Membership(op) => self.membership.execute(conn, op).await,
             Op::SessionMoves(op) => self.session_moves.execute(conn, op).await,

@@ -111,6 +111,14 @@ pub trait Backend: Send + Sync + 'static {
         StreamFuture::ready(())
     }
 
+    /// Resolves once this gateway's copy of `run` holds at least what the
+    /// authority held when asked. Only a remote authority has anything to
+    /// catch up; the local backends' rings are the history itself.
+    fn catch_up(&self, run: &RunId) -> StreamFuture<()> {
+        let _ = run;
+        StreamFuture::ready(())
+    }
+
     /// Bytes the backend holds on disk, for metrics.
     fn disk_bytes(&self) -> u64 {
         0

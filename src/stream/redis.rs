@@ -68,6 +68,7 @@ use super::{
     EndRequest, NewEvent, PublishOutcome, Publisher, RunEnd, StreamEpoch, StreamError,
     StreamFuture, StreamLimits,
 };
+use crate::ids::RunId;
 use crate::redis::conn::{OpenError, open, redacted, subscribe};
 use crate::redis::keys::Keys;
 
@@ -125,6 +126,8 @@ pub struct RedisBackend {
     _paused: Arc<watch::Sender<bool>>,
     /// The node id publishes are fenced with (see [`connect`]).
     node: Option<String>,
+    /// The applier, asked directly only to catch one run up.
+    applier: mpsc::UnboundedSender<Apply>,
 }
 
 /// Connects to `url`, subscribes to the channel, loads every stream Redis
@@ -197,6 +200,7 @@ async fn start(
             tasks: tasks.clone(),
             _paused: paused.clone(),
             node: fenced_as.map(str::to_owned),
+            applier: applier_tx.clone(),
         };
         StreamHub::with_backend(limits, Box::new(backend))
     });
@@ -358,6 +362,19 @@ impl Backend for RedisBackend {
             },
         };
         self.send(op);
+    }
+
+    /// A check of the run and then a flush, in the applier's one order:
+    /// the flush is answered once the check has read Redis and applied
+    /// what this replica lacked (or failed to: the replica is then served
+    /// as it is, and retried later).
+    fn catch_up(&self, run: &RunId) -> StreamFuture<()> {
+        let (done, caught_up) = oneshot::channel();
+        let _ = self.applier.send(Apply::Check(run.clone()));
+        let _ = self.applier.send(Apply::Flush(done));
+        StreamFuture::new(async move {
+            let _ = caught_up.await;
+        })
     }
 
     fn healthy(&self) -> bool {

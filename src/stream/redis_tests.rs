@@ -787,3 +787,48 @@ async fn trimming_keeps_whole_batches() {
     assert_eq!((info.start_offset, info.truncated), (9, true));
     assert_eq!(read_to(&mut sub, 12).await, expected(9..12));
 }
+
+/// A viewer that read up to A's head moves to B while B's copy lags (its
+/// channel is down, as in a partition): a resume with the epoch waits at
+/// its offset instead of starting again at B's head, so nothing reaches
+/// it twice; and a catch-up (what SSE asks for, having no epoch) brings
+/// B's copy to what Redis held.
+#[tokio::test]
+async fn a_viewer_moving_to_a_lagging_node_is_handed_nothing_twice() {
+    let Some((server, prefix)) = server() else {
+        return;
+    };
+    let (a, b) = two_nodes(&server, &prefix, StreamLimits::default()).await;
+    let r = run("moving-viewer");
+    publish_range(&a, &r, 0..2, false).await.unwrap();
+    eventually("B holds 2", || head(&b, &r).is_some_and(|h| h.2 == 2)).await;
+    b.pause_channel(true);
+    eventually("B notices", || !b.healthy()).await;
+    publish_range(&a, &r, 2..6, false).await.unwrap();
+    let (epoch, _, a_head) = head(&a, &r).unwrap();
+    assert_eq!(a_head, 6);
+    assert_eq!(head(&b, &r).unwrap().2, 2, "B lags");
+
+    // Read 0..6 on A, then resume on B from 6 with the epoch.
+    let (_, mut on_a) = a.resume(&r, Some(0), None, Instant::now());
+    assert_eq!(read_to(&mut on_a, 6).await, expected(0..6));
+    let (info, mut on_b) = b.resume(&r, Some(6), Some(epoch.as_str()), Instant::now());
+    assert_eq!(
+        (info.start_offset, info.next_offset, info.truncated),
+        (6, 2, false),
+        "waits at its own offset, beyond B's head"
+    );
+    assert_eq!(on_b.cursor(), 6);
+    publish_range(&a, &r, 6..8, false).await.unwrap();
+    b.pause_channel(false);
+    assert_eq!(read_to(&mut on_b, 8).await, expected(6..8), "6 and 7, once");
+
+    // A catch-up brings B's copy to Redis's head even with no notice.
+    b.pause_channel(true);
+    eventually("B notices again", || !b.healthy()).await;
+    publish_range(&a, &r, 8..9, false).await.unwrap();
+    assert_eq!(head(&b, &r).unwrap().2, 8);
+    within("the catch-up", b.catch_up(&r)).await;
+    assert_eq!(head(&b, &r).unwrap().2, 9, "caught up without the channel");
+    b.pause_channel(false);
+}

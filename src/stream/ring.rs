@@ -546,11 +546,9 @@ impl Ring {
             });
         }
         if cursor >= self.next_offset {
-            debug_assert!(
-                cursor == self.next_offset,
-                "cursor {cursor} beyond head {}",
-                self.next_offset
-            );
+            // At the head, or beyond it: a reader resumed at an offset
+            // another gateway's copy of this history already showed, which
+            // this one has not applied yet. It waits until the head passes.
             return Err(Read::UpToDate);
         }
         Ok(self.batches.partition_point(|b| b.end_offset() <= cursor))

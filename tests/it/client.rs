@@ -40,6 +40,10 @@ async fn every_typed_call_works() {
     let kv: BTreeMap<String, String> = [("a".to_owned(), "1".to_owned())].into();
     rt.kv_set("c-1", &kv).await.unwrap();
     assert_eq!(rt.kv_get("c-1", &["a", "b"]).await.unwrap(), kv);
+    let two: BTreeMap<String, String> = [("x".to_owned(), "9".to_owned())].into();
+    rt.kv_set("c-1", &two).await.unwrap();
+    assert_eq!(rt.kv_delete("c-1", &["x", "nope"]).await.unwrap(), 1);
+    assert_eq!(rt.kv_get("c-1", &["a", "x"]).await.unwrap(), kv);
 
     let id = rt
         .checkpoint_save("c-1", None, &json!({ "step": 3 }))

@@ -406,7 +406,12 @@ impl GatewayProcess {
             .arg("--data-dir")
             .arg(data_dir)
             .args(extra)
-            .env("RUNGATE_LOG", "warn")
+            // RUNGATE_TEST_LOG (e.g. `rungate=debug`) shows more of a
+            // gateway process's log when a test needs explaining.
+            .env(
+                "RUNGATE_LOG",
+                std::env::var("RUNGATE_TEST_LOG").unwrap_or_else(|_| "warn".to_owned()),
+            )
             .stderr(Stdio::inherit());
         command
     }
@@ -467,6 +472,16 @@ impl GatewayProcess {
 
 pub fn data_dir(dir: &tempfile::TempDir) -> PathBuf {
     dir.path().join("data")
+}
+
+/// `name` made unique to this test run: tests on a shared `REDIS_URL`
+/// (and runs of the suite one after another) never meet each other's runs.
+pub fn unique(name: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("{name}-{}-{nanos}", std::process::id())
 }
 
 /// A command running example `name`: the binary `cargo test` built beside

@@ -63,14 +63,6 @@ impl Pair {
     }
 }
 
-fn unique(name: &str) -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    format!("{name}-{}-{nanos}", std::process::id())
-}
-
 async fn publish(rt: &mut Client, sid: &Value, run: &str, seqs: std::ops::Range<u64>) {
     let events: Vec<Value> = seqs
         .map(|i| json!({ "type": "log", "seq": i + 1, "data": i }))

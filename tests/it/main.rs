@@ -26,6 +26,7 @@ mod lifecycle_redis;
 mod limits;
 mod multi_node;
 mod process;
+mod quotas;
 mod redis_engine;
 mod redis_streams;
 mod reliability_fairness;

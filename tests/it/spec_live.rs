@@ -71,6 +71,10 @@ OTHER = "s-other"
 "#;
 
 const RUN: &str = "spec-run";
+/// The main gateway's KV quota per tenant: small enough for one refusal.
+const KV_QUOTA_BYTES: u64 = 4096;
+/// Where the details of a `QUOTA_EXCEEDED` are defined.
+const QUOTA_DETAILS: &str = "frames/envelope.json#/$defs/QuotaExceededDetails";
 const SUB_RUN: &str = "spec-run.sub";
 const INSTANCE: &str = "inst-1";
 /// A sessionId bound nowhere.
@@ -287,6 +291,17 @@ fn session_steps(sid: &str) -> Vec<Step> {
         reply("kv.get", at(json!({ "keys": [] })), |p| {
             assert_eq!(p["kv"], json!({}))
         }),
+        reply(
+            "kv.delete",
+            at(json!({ "keys": ["b", "missing", "b"] })),
+            |p| assert_eq!(p, &json!({ "deleted": 1 })),
+        ),
+        reply("kv.delete", at(json!({ "keys": [] })), |p| {
+            assert_eq!(p, &json!({ "deleted": 0 }))
+        }),
+        reply("kv.get", at(json!({ "keys": ["a", "b"] })), |p| {
+            assert_eq!(p["kv"], json!({ "a": "1" }))
+        }),
         error("checkpoint.load", at(json!({})), "NOT_FOUND"),
         reply(
             "checkpoint.save",
@@ -379,6 +394,12 @@ fn refusals(sid: &str) -> Vec<Step> {
                     "reconnect": true, "connectionEpoch": 3 }),
             "SESSION_EXPIRED",
         ),
+        // More KV than the tenant may hold (KV_QUOTA_BYTES).
+        error(
+            "kv.set",
+            json!({ "sessionId": sid, "runId": RUN, "kv": { "big": "x".repeat(KV_QUOTA_BYTES as usize) } }),
+            "QUOTA_EXCEEDED",
+        ),
     ]
 }
 
@@ -469,6 +490,11 @@ impl Audit {
                     } else if let Some(code) = frame["error"]["code"].as_str() {
                         self.codes.insert(code.to_owned());
                     }
+                    if frame["error"]["code"] == "QUOTA_EXCEEDED"
+                        && let Err(e) = spec.check_def(QUOTA_DETAILS, &frame["error"]["details"])
+                    {
+                        self.fail(s.name, &format!("{what}, quota details"), frame, e);
+                    }
                     if let Some(None) = known {
                         self.fail(
                             s.name,
@@ -533,6 +559,7 @@ async fn every_frame_of_a_live_session_matches_the_spec() {
         c.config_file = Some(config_file.clone());
         c.limits.max_frame_bytes = 64 * 1024;
         c.limits.max_subscriptions_per_socket = 2;
+        c.limits.max_kv_bytes_per_tenant = KV_QUOTA_BYTES;
         // Long enough to be refused DRAINING before the socket closes.
         c.reconnect_after = Duration::from_millis(1500);
     })

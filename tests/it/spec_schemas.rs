@@ -12,7 +12,7 @@
 
 use rungate::ids::{Capability, OpaqueId, RunId, SessionId};
 use rungate::protocol::commands::{
-    Accepted, CheckpointLoadResponse, CheckpointSaveResponse, HeartbeatResponse,
+    Accepted, CheckpointLoadResponse, CheckpointSaveResponse, DeleteKVResponse, HeartbeatResponse,
     RuntimeAttachResponse, push,
 };
 use rungate::protocol::{
@@ -38,6 +38,7 @@ fn every_schema_file_parses_and_compiles_with_all_its_defs() {
     let spec = Spec::try_load().unwrap_or_else(|e| panic!("{e}"));
     let expected = [
         "spec/v1/schemas/commands/checkpoint.json",
+        "spec/v1/schemas/commands/kv.json",
         "spec/v1/schemas/commands/runtime-session.json",
         "spec/v1/schemas/commands/stream.json",
         "spec/v1/schemas/common/identity.json",
@@ -673,6 +674,25 @@ fn command_cases() -> Vec<(CommandKind, Vec<Case>)> {
             ),
             case("kv as an array", with(&base, "kv", json!([["a", "1"]]))),
             case("unknown member", with(&base, "ttl", json!(5))),
+        ],
+    ));
+
+    // kv.delete
+    let base = json!({"sessionId": SID, "runId": "run-1", "keys": ["a", ""]});
+    all.push((
+        K::KvDelete,
+        vec![
+            case("two keys", base.clone()),
+            case("no keys", with(&base, "keys", json!([]))),
+            case("a key twice", with(&base, "keys", json!(["a", "a"]))),
+            case("missing keys", without(&base, "keys")),
+            case("missing sessionId", without(&base, "sessionId")),
+            case("bad runId", with(&base, "runId", json!("a/b"))),
+            case("keys null", with(&base, "keys", Value::Null)),
+            case("a numeric key", with(&base, "keys", json!(["a", 2]))),
+            case("keys as a string", with(&base, "keys", json!("a"))),
+            case("keys as an object", with(&base, "keys", json!({"a": 1}))),
+            case("unknown member", with(&base, "kv", json!({}))),
         ],
     ));
 
@@ -1349,6 +1369,14 @@ fn encoded_frames_validate() {
             parsed(encode_reply("4", &Accepted::YES)),
         ),
         ("kv.set", parsed(encode_reply("5", &Accepted::YES))),
+        (
+            "kv.delete",
+            parsed(encode_reply("5b", &DeleteKVResponse { deleted: 0 })),
+        ),
+        (
+            "kv.delete",
+            parsed(encode_reply("5c", &DeleteKVResponse { deleted: u64::MAX })),
+        ),
         ("events.publish", parsed(encode_reply("6", &Accepted::YES))),
         ("stream.cancel", parsed(encode_reply("7", &Accepted::YES))),
         (
@@ -1397,6 +1425,25 @@ fn encoded_frames_validate() {
     let invalid = CommandError::invalid_payload("/payload/runId", "bad");
     spec.check_error(&parsed(encode_error(Some("1"), &invalid)))
         .unwrap();
+    // QUOTA_EXCEEDED's details have a definition of their own.
+    let details = "frames/envelope.json#/$defs/QuotaExceededDetails";
+    for ok in [
+        json!({"quota": "runs", "used": 3, "requested": 1, "limit": 3}),
+        json!({"quota": "kvBytes", "used": 0, "requested": u64::MAX, "limit": 0}),
+        json!({"quota": "checkpointBytes", "used": 10, "requested": 5, "limit": 12}),
+    ] {
+        spec.check_def(details, &ok)
+            .unwrap_or_else(|e| panic!("{ok}: {e}"));
+    }
+    for bad in [
+        json!({"quota": "events", "used": 3, "requested": 1, "limit": 3}),
+        json!({"quota": "runs", "used": 3, "requested": 0, "limit": 3}),
+        json!({"quota": "runs", "used": -1, "requested": 1, "limit": 3}),
+        json!({"quota": "runs", "used": 3, "requested": 1}),
+        json!({"quota": "runs", "used": 3, "requested": 1, "limit": 3, "tenant": "x"}),
+    ] {
+        assert!(spec.check_def(details, &bad).is_err(), "{bad}");
+    }
     assert!(spec.check_error(&json!({"id": null, "type": "error", "error": {"code": "NOPE", "message": "", "retryable": false}})).is_err());
 
     let pushes = [
@@ -1436,12 +1483,12 @@ fn encoded_frames_validate() {
 fn typed_requests_and_replies_validate() {
     use rungate::protocol::CommandPayload;
     use rungate::protocol::commands::{
-        CheckpointLoadCommand, CheckpointSaveCommand, GetConfigCommand, GetConfigResponse,
-        GetKVCommand, GetKVResponse, GetSecretsCommand, GetSecretsResponse, HeartbeatCommand,
-        OutputEvent, PublishOutputEventsRequest, RecoverConnectionsCommand, RunCancelCommand,
-        RunCancelResponse, RunState, RunSummary, RunsListCommand, RunsListResponse,
-        RuntimeAttachRequest, RuntimeFinishCommand, RuntimeFinishResponse, SetKVCommand, ShortText,
-        StreamCancelCommand, StreamResumeCommand, StreamResumeResponse,
+        CheckpointLoadCommand, CheckpointSaveCommand, DeleteKVCommand, GetConfigCommand,
+        GetConfigResponse, GetKVCommand, GetKVResponse, GetSecretsCommand, GetSecretsResponse,
+        HeartbeatCommand, OutputEvent, PublishOutputEventsRequest, RecoverConnectionsCommand,
+        RunCancelCommand, RunCancelResponse, RunState, RunSummary, RunsListCommand,
+        RunsListResponse, RuntimeAttachRequest, RuntimeFinishCommand, RuntimeFinishResponse,
+        SetKVCommand, ShortText, StreamCancelCommand, StreamResumeCommand, StreamResumeResponse,
     };
     use rungate::protocol::encode_command;
     use std::borrow::Cow;
@@ -1525,6 +1572,14 @@ fn typed_requests_and_replies_validate() {
             session_id: s(),
             run_id: r(),
             kv: [("a".to_owned(), "1".to_owned())].into(),
+        },
+    ));
+    check(encode_command(
+        "7b",
+        &DeleteKVCommand {
+            session_id: s(),
+            run_id: r(),
+            keys: vec!["a".into(), "b".into()],
         },
     ));
     let events = vec![
@@ -1647,6 +1702,7 @@ fn typed_requests_and_replies_validate() {
             kv: [("a".to_owned(), "1".to_owned())].into(),
         },
     );
+    reply::<DeleteKVCommand>(&spec, &DeleteKVResponse { deleted: 1 });
     for ended in [false, true] {
         reply::<StreamResumeCommand>(
             &spec,

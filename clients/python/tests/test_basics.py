@@ -79,6 +79,29 @@ async def test_run_state_kv_secrets_config_checkpoints(start_gateway: StartGatew
         assert first["data"] == {"step": 1, "deep": [1, None, "x"]}
 
 
+async def test_kv_delete_gives_bytes_back_and_the_quota_refuses_with_its_details(
+    start_gateway: StartGateway,
+) -> None:
+    gw = await start_gateway("--max-kv-bytes-per-tenant", "100")
+    async with rungate.RuntimeClient(gw.url, gw.token("runtime", "quota-*", ALL_CAPS)) as rt:
+        run = await rt.attach("quota-1", capabilities=ALL_CAP_LIST)
+        # "a" + 59 and "b" + 29: 90 of the tenant's 100 bytes.
+        await run.kv.set({"a": "x" * 59, "b": "y" * 29})
+        with pytest.raises(rungate.QuotaExceededError) as refused:
+            await run.kv.set({"c": "z" * 19})
+        assert refused.value.code == "QUOTA_EXCEEDED" and refused.value.retryable is False
+        assert refused.value.details == {"quota": "kvBytes", "used": 90, "requested": 20, "limit": 100}
+        assert await run.kv.get(["c"]) == {}, "nothing of the refused write is stored"
+
+        assert await run.kv.delete(["a", "missing", "a"]) == 1
+        assert await run.kv.get(["a", "b"]) == {"b": "y" * 29}
+        await run.kv.set({"c": "z" * 19})
+        assert await run.kv.get(["b", "c"]) == {"b": "y" * 29, "c": "z" * 19}
+        assert await run.kv.delete([]) == 0
+        with pytest.raises(TypeError):
+            await run.kv.delete("b")
+
+
 async def test_errors_carry_the_protocol_code(gateway: Gateway) -> None:
     # A token without kv.read: asking for the capability at attach is refused.
     token = gateway.token("runtime", "err-*", "kv.write")

@@ -998,8 +998,10 @@ export class RunSession {
   readonly kv: {
     /** The values of `keys` that exist. Needs `kv.read`. */
     get(keys: string[]): Promise<Record<string, string>>;
-    /** Sets keys. Needs `kv.write`. */
+    /** Sets keys. Needs `kv.write`. Past the tenant's KV quota: QUOTA_EXCEEDED, nothing stored. */
     set(kv: Record<string, string>): Promise<void>;
+    /** Deletes keys (absent ones are ignored), giving their bytes back to the tenant's quota; resolves to how many held a value. Needs `kv.write`. */
+    delete(keys: string[]): Promise<number>;
   };
 
   readonly checkpoint: {
@@ -1021,6 +1023,11 @@ export class RunSession {
       get: async (keys) => stringMap((await this.client.call(runId, "kv.get", { keys }))["kv"], "kv"),
       set: async (kv) => {
         await this.client.call(runId, "kv.set", { kv });
+      },
+      delete: async (keys) => {
+        const r = await this.client.call(runId, "kv.delete", { keys });
+        if (typeof r["deleted"] !== "number") throw new RungateError("BAD_REPLY", "kv.delete answered without deleted");
+        return r["deleted"];
       },
     };
     this.checkpoint = {

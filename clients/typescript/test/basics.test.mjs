@@ -137,3 +137,35 @@ test("kv, secrets, config, checkpoints, sub-runs and typed errors", async (t) =>
   assert.equal(frames.problems.length, 1, frames.problems.join("\n"));
   assert.match(frames.problems[0], /^events\.publish request: data\/events\/0\/type/);
 });
+
+test("kv.delete gives bytes back, and a write past the tenant's quota is QUOTA_EXCEEDED", async (t) => {
+  const gw = await startGateway({ args: ["--max-kv-bytes-per-tenant", "100"] });
+  t.after(() => gw.stop());
+  const frames = frameChecker();
+  const rt = new RuntimeClient({ url: gw.url(), token: await gw.token("runtime", "quota-*", ALL_CAPS), onFrame: frames.observe });
+  t.after(() => rt.close());
+  const run = await rt.attach("quota-1", { capabilities: ALL_CAPS });
+
+  // "a" + 59 and "b" + 29: 90 of the tenant's 100 bytes.
+  await run.kv.set({ a: "x".repeat(59), b: "y".repeat(29) });
+  await assert.rejects(
+    run.kv.set({ c: "z".repeat(19) }),
+    (e) =>
+      e instanceof RungateError &&
+      e.code === "QUOTA_EXCEEDED" &&
+      e.fromGateway &&
+      e.retryable === false &&
+      e.details.quota === "kvBytes" &&
+      e.details.used === 90 &&
+      e.details.requested === 20 &&
+      e.details.limit === 100,
+  );
+  assert.deepEqual(await run.kv.get(["c"]), {}, "nothing of the refused write is stored");
+
+  assert.equal(await run.kv.delete(["a", "missing", "a"]), 1);
+  assert.deepEqual(await run.kv.get(["a", "b"]), { b: "y".repeat(29) });
+  await run.kv.set({ c: "z".repeat(19) });
+  assert.deepEqual(await run.kv.get(["b", "c"]), { b: "y".repeat(29), c: "z".repeat(19) });
+  assert.equal(await run.kv.delete([]), 0);
+  assert.deepEqual(frames.problems, []);
+});

@@ -37,6 +37,8 @@ pub enum CommandKind {
     KvGet,
     /// `kv.set`: write keys of the run's KV store (capability `kv.write`).
     KvSet,
+    /// `kv.delete`: remove keys of the run's KV store (capability `kv.write`).
+    KvDelete,
     /// `events.publish`: append output events to the run's stream.
     EventsPublish,
     /// `checkpoint.save`: save a checkpoint of the run (capability `checkpoint.save`).
@@ -57,7 +59,7 @@ pub enum CommandKind {
 
 impl CommandKind {
     /// Every kind, in the order of the enum.
-    pub const ALL: [CommandKind; 15] = [
+    pub const ALL: [CommandKind; 16] = [
         CommandKind::RuntimeAttach,
         CommandKind::RuntimeHeartbeat,
         CommandKind::RuntimeRecoverConnections,
@@ -65,6 +67,7 @@ impl CommandKind {
         CommandKind::ConfigGet,
         CommandKind::KvGet,
         CommandKind::KvSet,
+        CommandKind::KvDelete,
         CommandKind::EventsPublish,
         CommandKind::CheckpointSave,
         CommandKind::CheckpointLoad,
@@ -85,6 +88,7 @@ impl CommandKind {
             CommandKind::ConfigGet => "config.get",
             CommandKind::KvGet => "kv.get",
             CommandKind::KvSet => "kv.set",
+            CommandKind::KvDelete => "kv.delete",
             CommandKind::EventsPublish => "events.publish",
             CommandKind::CheckpointSave => "checkpoint.save",
             CommandKind::CheckpointLoad => "checkpoint.load",
@@ -106,7 +110,7 @@ impl CommandKind {
         match self {
             CommandKind::SecretsGet => Some(Capability::SecretsRead),
             CommandKind::KvGet => Some(Capability::KvRead),
-            CommandKind::KvSet => Some(Capability::KvWrite),
+            CommandKind::KvSet | CommandKind::KvDelete => Some(Capability::KvWrite),
             CommandKind::CheckpointSave => Some(Capability::CheckpointSave),
             CommandKind::CheckpointLoad => Some(Capability::CheckpointLoad),
             CommandKind::StreamResume | CommandKind::StreamCancel => Some(Capability::StreamResume),
@@ -134,6 +138,8 @@ pub enum Command {
     KvGet(GetKVCommand),
     /// A `kv.set` payload.
     KvSet(SetKVCommand),
+    /// A `kv.delete` payload.
+    KvDelete(DeleteKVCommand),
     /// An `events.publish` payload.
     EventsPublish(PublishOutputEventsRequest),
     /// A `checkpoint.save` payload.
@@ -182,6 +188,7 @@ impl Command {
             CommandKind::ConfigGet => Command::ConfigGet(typed(text)?),
             CommandKind::KvGet => Command::KvGet(typed(text)?),
             CommandKind::KvSet => Command::KvSet(typed(text)?),
+            CommandKind::KvDelete => Command::KvDelete(typed(text)?),
             CommandKind::EventsPublish => Command::EventsPublish(typed(text)?),
             CommandKind::CheckpointSave => Command::CheckpointSave(typed(text)?),
             CommandKind::CheckpointLoad => Command::CheckpointLoad(typed(text)?),
@@ -225,6 +232,7 @@ command_payloads! {
     GetConfigCommand => ConfigGet, GetConfigResponse<'static>;
     GetKVCommand => KvGet, GetKVResponse;
     SetKVCommand => KvSet, SetKVResponse;
+    DeleteKVCommand => KvDelete, DeleteKVResponse;
     PublishOutputEventsRequest => EventsPublish, PublishOutputEventsResponse;
     CheckpointSaveCommand => CheckpointSave, CheckpointSaveResponse;
     CheckpointLoadCommand => CheckpointLoad, CheckpointLoadResponse;
@@ -518,6 +526,19 @@ pub struct SetKVCommand {
     pub kv: BTreeMap<String, String>,
 }
 
+/// `kv.delete`: removes keys from the run's KV store, all or none
+/// (capability `kv.write`; `spec/v1/schemas/commands/kv.json`).
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct DeleteKVCommand {
+    /// The session asking (`sessionId`).
+    pub session_id: SessionId,
+    /// The run whose KV store to change (`runId`).
+    pub run_id: RunId,
+    /// The keys to delete (`keys`); absent ones are ignored.
+    pub keys: Vec<String>,
+}
+
 /// `events.publish`. Events stay raw JSON (as received) after validation, so
 /// the stream can store and forward them without re-serializing.
 #[derive(Debug, Serialize, Deserialize)]
@@ -782,6 +803,13 @@ pub struct GetConfigResponse<'a> {
 pub struct GetKVResponse {
     /// The keys asked for that hold a value, with their values (`kv`).
     pub kv: BTreeMap<String, String>,
+}
+
+/// The `kv.delete` reply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeleteKVResponse {
+    /// How many of the keys named held a value and were deleted (`deleted`).
+    pub deleted: u64,
 }
 
 /// The `checkpoint.save` reply.
@@ -1250,6 +1278,15 @@ mod tests {
             panic!("kv.set")
         };
         assert_eq!(read.kv, set.kv);
+        let delete = DeleteKVCommand {
+            session_id: s(),
+            run_id: r(),
+            keys: vec!["k".into(), "k".into()],
+        };
+        let Command::KvDelete(read) = round_trip(&delete).0 else {
+            panic!("kv.delete")
+        };
+        assert_eq!(read.keys, delete.keys);
         let save = CheckpointSaveCommand {
             session_id: s(),
             run_id: r(),
@@ -1363,6 +1400,8 @@ mod tests {
             kv: [("a".into(), "1".into())].into(),
         };
         assert_eq!(read_back(&kv), kv);
+        let deleted = DeleteKVResponse { deleted: 2 };
+        assert_eq!(read_back(&deleted), deleted);
         let saved = CheckpointSaveResponse {
             checkpoint_id: "c".into(),
             saved_at: now,

@@ -49,11 +49,15 @@ pub enum ErrorCode {
     /// The run ended (`runtime.finish`): nothing more is stored for it and its id cannot be
     /// attached again; `details` has `runId` and `outcome`.
     RunEnded,
+    /// The request would take its tenant past a quota (runs, KV bytes,
+    /// checkpoint bytes); nothing was stored. `details` has `quota`, `used`,
+    /// `requested` and `limit`.
+    QuotaExceeded,
 }
 
 impl ErrorCode {
     /// Every code.
-    pub const ALL: [ErrorCode; 16] = [
+    pub const ALL: [ErrorCode; 17] = [
         ErrorCode::BadFrame,
         ErrorCode::UnknownType,
         ErrorCode::InvalidPayload,
@@ -70,6 +74,7 @@ impl ErrorCode {
         ErrorCode::Draining,
         ErrorCode::Internal,
         ErrorCode::RunEnded,
+        ErrorCode::QuotaExceeded,
     ];
 
     /// The wire spelling, also used as a metrics label.
@@ -97,6 +102,7 @@ impl ErrorCode {
             ErrorCode::Draining => "DRAINING",
             ErrorCode::Internal => "INTERNAL",
             ErrorCode::RunEnded => "RUN_ENDED",
+            ErrorCode::QuotaExceeded => "QUOTA_EXCEEDED",
         }
     }
 

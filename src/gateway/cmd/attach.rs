@@ -7,8 +7,9 @@
 //! sessions other gateways hold first when the store is shared, telling a
 //! socket that lost a session (`session.superseded`), answering only once
 //! the move is saved, and pushing the cancels still pending on what was
-//! bound. Must not decide who gets a session (the registry does) nor
-//! expire one (the lease timer does).
+//! bound. Must not decide who gets a session (the registry does), expire
+//! one (the lease timer does) nor count a tenant's runs (the store does,
+//! when a fresh session is saved: the attach names the tenant).
 
 use std::sync::Arc;
 
@@ -20,6 +21,7 @@ use super::{ConnCtx, Reply, once_loaded, when_saved};
 use crate::auth::Grant;
 use crate::gateway::errors::{forbidden_run, recover_error, session_error};
 use crate::gateway::push;
+use crate::gateway::quota;
 use crate::gateway::state::Shared;
 use crate::ids::{Capabilities, Capability, SessionId};
 use crate::protocol::commands::{
@@ -76,6 +78,7 @@ fn start_attach(ctx: &ConnCtx, id: &str, req: RuntimeAttachRequest) -> Result<Re
         reconnect: req.reconnect,
         connection_epoch: req.connection_epoch,
         capabilities: asked,
+        tenant: quota::session_tenant(&ctx.grant),
     };
     if !shared.sessions.shared() {
         return attach_here(ctx.id, shared.clone(), id.to_owned(), params);

@@ -1,19 +1,21 @@
 //! `checkpoint.save` and `checkpoint.load`: a run's checkpoints.
 //!
-//! Owns the size limit checked before the store sees a checkpoint, the id
-//! the gateway gives one saved without an id (time then randomness, so ids
-//! sort by age), and the replies (`NOT_FOUND` for no such checkpoint).
-//! Must not keep checkpoints or decide which is latest: the store does.
+//! Owns the size limit checked before the store sees a checkpoint, who a
+//! save is charged to (through `quota`), the id the gateway gives one saved
+//! without an id (time then randomness, so ids sort by age), and the
+//! replies (`NOT_FOUND` for no such checkpoint). Must not keep checkpoints,
+//! decide which is latest or count a tenant's bytes: the store does.
 
 use serde_json::json;
 
 use super::access::session_for;
 use super::{ConnCtx, Reply, after_store};
+use crate::gateway::quota;
 use crate::protocol::commands::{
     CheckpointLoadCommand, CheckpointLoadResponse, CheckpointSaveCommand, CheckpointSaveResponse,
 };
 use crate::protocol::{CommandError, CommandKind, ErrorCode, encode_reply};
-use crate::store::Checkpoint;
+use crate::store::{Checkpoint, Meter};
 use crate::time::Timestamp;
 
 /// `checkpoint.save`.
@@ -47,7 +49,12 @@ pub(crate) fn save(
         saved_at,
         data: req.data,
     };
-    let pending = ctx.shared.store.checkpoint_save(&req.run_id, checkpoint);
+    let limits = &ctx.shared.config.limits;
+    let charge = quota::charge(&ctx.grant, limits, Meter::CheckpointBytes);
+    let pending = ctx
+        .shared
+        .store
+        .checkpoint_save_charged(&req.run_id, checkpoint, charge);
     Ok(after_store(id, pending, move |id, ()| {
         Ok(encode_reply(
             id,

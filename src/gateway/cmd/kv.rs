@@ -1,35 +1,29 @@
-//! `kv.get` and `kv.set`: a run's key-value state.
+//! `kv.get`, `kv.set` and `kv.delete`: a run's key-value state.
 //!
 //! Owns the limits checked before the store sees a request (keys per
-//! `kv.get`, key and value sizes of a `kv.set`, each refused whole with
-//! `details.path`), what a `kv.get` reply may hold at worst, and the
-//! replies. Must not store anything itself nor count a run's keys: the
-//! store applies a write all or none and refuses one key too many.
+//! `kv.get` or `kv.delete`, key and value sizes of a `kv.set`, each refused
+//! whole with `details.path`), who a `kv.set` is charged to (through
+//! `quota`), what a `kv.get` reply may hold at worst, and the replies.
+//! Must not store anything itself nor count a run's keys or its tenant's
+//! bytes: the store applies a write all or none and refuses one key or one
+//! byte too many.
 
 use serde_json::json;
 
 use super::access::session_for;
 use super::{ConnCtx, Reply, SMALL_REPLY_BYTES, after_store};
 use crate::config::Limits;
-use crate::protocol::commands::{Accepted, GetKVCommand, GetKVResponse, SetKVCommand};
+use crate::gateway::quota;
+use crate::protocol::commands::{
+    Accepted, DeleteKVCommand, DeleteKVResponse, GetKVCommand, GetKVResponse, SetKVCommand,
+};
 use crate::protocol::{CommandError, CommandKind, ErrorCode, encode_reply};
+use crate::store::Meter;
 
 /// `kv.get`.
 pub(crate) fn get(ctx: &ConnCtx, id: &str, req: GetKVCommand) -> Result<Reply, CommandError> {
     session_for(ctx, CommandKind::KvGet, &req.session_id, &req.run_id)?;
-    // Before the store sees it: one request must not hold the store thread
-    // for long, whatever else is waiting there.
-    let max_keys = ctx.shared.config.limits.max_kv_get_keys;
-    if req.keys.len() > max_keys {
-        return Err(CommandError::new(
-            ErrorCode::PayloadTooLarge,
-            format!(
-                "kv.get names {} keys; the limit is {max_keys}: ask in several requests",
-                req.keys.len()
-            ),
-        )
-        .with_details(json!({ "path": "/payload/keys", "maxKvGetKeys": max_keys })));
-    }
+    within_key_count(&ctx.shared.config.limits, "kv.get", "ask", req.keys.len())?;
     let max_bytes = ctx.shared.config.limits.max_reply_bytes;
     let pending = ctx
         .shared
@@ -84,13 +78,53 @@ pub(crate) fn set(ctx: &ConnCtx, id: &str, req: SetKVCommand) -> Result<Reply, C
             })));
         }
     }
-    let pending = ctx
-        .shared
-        .store
-        .kv_set_within(&req.run_id, req.kv, limits.max_kv_keys_per_run);
+    let charge = quota::charge(&ctx.grant, limits, Meter::KvBytes);
+    let pending =
+        ctx.shared
+            .store
+            .kv_set_charged(&req.run_id, req.kv, limits.max_kv_keys_per_run, charge);
     Ok(after_store(id, pending, |id, ()| {
         Ok(encode_reply(id, &Accepted::YES))
     }))
+}
+
+/// `kv.delete`. What it frees goes back to the run's owner (the store
+/// knows who that is), whoever deletes.
+pub(crate) fn delete(ctx: &ConnCtx, id: &str, req: DeleteKVCommand) -> Result<Reply, CommandError> {
+    session_for(ctx, CommandKind::KvDelete, &req.session_id, &req.run_id)?;
+    within_key_count(
+        &ctx.shared.config.limits,
+        "kv.delete",
+        "delete",
+        req.keys.len(),
+    )?;
+    let pending = ctx.shared.store.kv_delete(&req.run_id, req.keys);
+    Ok(after_store(id, pending, |id, deleted| {
+        Ok(encode_reply(id, &DeleteKVResponse { deleted }))
+    }))
+}
+
+/// `PAYLOAD_TOO_LARGE` for a `command` naming more than `max_kv_get_keys`
+/// keys, checked before the store sees it: one request must not hold the
+/// store thread for long, whatever else is waiting there. `verb` is what
+/// the client should do in several requests instead.
+fn within_key_count(
+    limits: &Limits,
+    command: &str,
+    verb: &str,
+    named: usize,
+) -> Result<(), CommandError> {
+    let max_keys = limits.max_kv_get_keys;
+    if named <= max_keys {
+        return Ok(());
+    }
+    Err(CommandError::new(
+        ErrorCode::PayloadTooLarge,
+        format!(
+            "{command} names {named} keys; the limit is {max_keys}: {verb} in several requests"
+        ),
+    )
+    .with_details(json!({ "path": "/payload/keys", "maxKvGetKeys": max_keys })))
 }
 
 /// `key` as one reference token of a JSON pointer (RFC 6901).

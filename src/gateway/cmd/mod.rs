@@ -6,7 +6,7 @@
 //! | [`attach`] | `runtime.attach` (fresh and reconnect), `runtime.recoverConnections` |
 //! | [`heartbeat`] | `runtime.heartbeat` |
 //! | [`run_config`] | `secrets.get`, `config.get` |
-//! | [`kv`] | `kv.get`, `kv.set` |
+//! | [`kv`] | `kv.get`, `kv.set`, `kv.delete` |
 //! | [`checkpoint`] | `checkpoint.save`, `checkpoint.load` |
 //! | [`publish`] | `events.publish` |
 //! | [`finish`] | `runtime.finish` |

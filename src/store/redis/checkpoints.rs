@@ -1,18 +1,25 @@
 //! A run's checkpoints in Redis: a hash of records by id
 //! (`{p}:cp:{run}`) and the id of the latest (`{p}:cp-latest:{run}`).
 //!
-//! Owns saving a checkpoint and making it the latest in one `MULTI`/`EXEC`,
-//! and loading the latest or a named one in one script. Must not know KV
-//! or sessions, and must not retry (see [`super`]).
+//! Owns saving a checkpoint and making it the latest, charged to the run's
+//! owner within its checkpointBytes quota (see `quota`), in one script, and
+//! loading the latest or a named one in one script. Must not know KV or
+//! sessions, and must not retry (see [`super`]).
 
 use redis::Script;
 use redis::aio::ConnectionManager;
 
-use super::{Reply, answer, redis_error};
+use super::quota::refused;
+use super::{LUA_MAX_LIMIT, Reply, answer, redis_error};
 use crate::ids::RunId;
 use crate::redis::keys::Keys;
-use crate::store::records::{decode_checkpoint, encode_checkpoint};
-use crate::store::{Checkpoint, StoreError};
+use crate::store::records::{CHECKPOINT_HEADER_LEN, decode_checkpoint, encode_checkpoint};
+use crate::store::{Charge, Checkpoint, Meter, StoreError};
+
+/// Saves a checkpoint as the run's latest unless its owner would pass its
+/// checkpointBytes quota (`{used, growth}`; `{}` when saved). Arguments are
+/// in the script.
+const CHECKPOINT_SAVE: &str = include_str!("checkpoint_save.lua");
 
 /// The latest checkpoint (`ARGV[1]` = `latest`) or a named one
 /// (`ARGV[1]` = `named`, `ARGV[2]` = id) in one round trip. Returns nil when
@@ -25,6 +32,7 @@ pub(super) enum Op {
     Save {
         run: RunId,
         checkpoint: Checkpoint,
+        charge: Charge,
         reply: Reply<()>,
     },
     Load {
@@ -37,6 +45,7 @@ pub(super) enum Op {
 /// The checkpoint part of the store's task.
 pub(super) struct Checkpoints {
     keys: Keys,
+    save: Script,
     load: Script,
 }
 
@@ -44,6 +53,7 @@ impl Checkpoints {
     pub(super) fn new(keys: Keys) -> Checkpoints {
         Checkpoints {
             keys,
+            save: Script::new(CHECKPOINT_SAVE),
             load: Script::new(CHECKPOINT_LOAD),
         }
     }
@@ -53,8 +63,9 @@ impl Checkpoints {
             Op::Save {
                 run,
                 checkpoint,
+                charge,
                 reply,
-            } => answer(reply, self.save(conn, &run, &checkpoint).await),
+            } => answer(reply, self.save(conn, &run, &checkpoint, &charge).await),
             Op::Load { run, id, reply } => answer(reply, self.load(conn, &run, id).await),
         }
     }
@@ -64,21 +75,26 @@ impl Checkpoints {
         conn: &mut ConnectionManager,
         run: &RunId,
         checkpoint: &Checkpoint,
+        charge: &Charge,
     ) -> Result<(), StoreError> {
-        redis::pipe()
-            .atomic()
-            .cmd("HSET")
-            .arg(self.keys.checkpoints(run))
+        let mut invocation = self.save.key(self.keys.checkpoints(run));
+        invocation
+            .key(self.keys.latest_checkpoint(run))
+            .key(self.keys.owner(run))
+            .arg(&charge.tenant)
+            .arg(charge.limit.min(LUA_MAX_LIMIT))
+            .arg(self.keys.usage_prefix())
+            .arg(CHECKPOINT_HEADER_LEN)
             .arg(&checkpoint.id)
-            .arg(encode_checkpoint(checkpoint))
-            .ignore()
-            .cmd("SET")
-            .arg(self.keys.latest_checkpoint(run))
-            .arg(&checkpoint.id)
-            .ignore()
-            .query_async::<()>(conn)
-            .await
-            .map_err(redis_error)
+            .arg(encode_checkpoint(checkpoint));
+        let answer: Vec<u64> = invocation.invoke_async(conn).await.map_err(redis_error)?;
+        match answer.as_slice() {
+            [] => Ok(()),
+            [used, requested] => Err(refused(Meter::CheckpointBytes, *used, *requested, charge)),
+            other => Err(StoreError::Corrupt(format!(
+                "Redis: the checkpoint save script answered {other:?}"
+            ))),
+        }
     }
 
     async fn load(

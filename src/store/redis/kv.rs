@@ -1,26 +1,33 @@
 //! A run's KV pairs in Redis: one hash per run (`{p}:kv:{run}`).
 //!
-//! Owns reading and writing the pairs within the limits the caller passes
-//! (bytes per read, keys per run), each op one round trip. Must not know
-//! sessions, checkpoints or who may touch the run (the caller checked), and
-//! must not retry (see [`super`]).
+//! Owns reading, writing and deleting the pairs within the limits the
+//! caller passes (bytes per read, keys per run, the kvBytes quota of the
+//! run's owner), each op one round trip; a write or a delete changes the
+//! owner's usage in the same script (see `quota`). Must not know sessions,
+//! checkpoints or who may touch the run (the caller checked), and must not
+//! retry (see [`super`]).
 
 use std::collections::BTreeMap;
 
 use redis::Script;
 use redis::aio::ConnectionManager;
 
-use super::{Reply, answer, redis_error};
+use super::quota::refused;
+use super::{LUA_MAX_LIMIT, Reply, answer, redis_error};
 use crate::ids::RunId;
 use crate::redis::keys::Keys;
-use crate::store::StoreError;
+use crate::store::{Charge, Meter, StoreError};
 
-/// Writes every pair of `ARGV[2..]` (key, value, key, value, ...) to the
-/// hash `KEYS[1]` unless that would leave it with more than `ARGV[1]`
-/// fields; returns the field count it would have had when refused, else 0.
-/// Counting and writing in one script keeps concurrent writers from
-/// overshooting the limit together.
+/// Writes every pair to the run's KV hash unless that would leave it with
+/// more than its most keys (`{1, count}`) or its owner past its kvBytes
+/// quota (`{2, used, growth}`); else `{0}`. Counting and writing in one
+/// script keeps concurrent writers from overshooting the limits together.
+/// Arguments are in the script.
 const KV_SET_WITHIN: &str = include_str!("kv_set_within.lua");
+
+/// Deletes keys from the run's KV hash, giving their bytes back to its
+/// owner; returns how many there were.
+const KV_DELETE: &str = include_str!("kv_delete.lua");
 
 /// Keys per `HMGET`: a read that turns out too large stops after at most
 /// one chunk past its limit instead of holding every value.
@@ -38,7 +45,13 @@ pub(super) enum Op {
         run: RunId,
         pairs: BTreeMap<String, String>,
         max_keys: usize,
+        charge: Charge,
         reply: Reply<()>,
+    },
+    Delete {
+        run: RunId,
+        keys: Vec<String>,
+        reply: Reply<u64>,
     },
 }
 
@@ -46,6 +59,7 @@ pub(super) enum Op {
 pub(super) struct Kv {
     keys: Keys,
     set_within: Script,
+    delete: Script,
 }
 
 impl Kv {
@@ -53,6 +67,7 @@ impl Kv {
         Kv {
             keys,
             set_within: Script::new(KV_SET_WITHIN),
+            delete: Script::new(KV_DELETE),
         }
     }
 
@@ -68,8 +83,10 @@ impl Kv {
                 run,
                 pairs,
                 max_keys,
+                charge,
                 reply,
-            } => answer(reply, self.set(conn, &run, pairs, max_keys).await),
+            } => answer(reply, self.set(conn, &run, pairs, max_keys, &charge).await),
+            Op::Delete { run, keys, reply } => answer(reply, self.delete(conn, &run, keys).await),
         }
     }
 
@@ -111,20 +128,48 @@ impl Kv {
         run: &RunId,
         pairs: BTreeMap<String, String>,
         max_keys: usize,
+        charge: &Charge,
     ) -> Result<(), StoreError> {
         if pairs.is_empty() {
             return Ok(());
         }
         let mut invocation = self.set_within.key(self.keys.kv(run));
-        // Lua numbers are doubles: "no limit" must stay a number it can hold.
-        invocation.arg(max_keys.min(1 << 50));
+        invocation
+            .key(self.keys.owner(run))
+            .arg((max_keys as u64).min(LUA_MAX_LIMIT))
+            .arg(&charge.tenant)
+            .arg(charge.limit.min(LUA_MAX_LIMIT))
+            .arg(self.keys.usage_prefix());
         for (k, v) in &pairs {
             invocation.arg(k).arg(v);
         }
-        let refused: u64 = invocation.invoke_async(conn).await.map_err(redis_error)?;
-        if refused > 0 {
-            return Err(StoreError::TooManyKeys { max: max_keys });
+        let answer: Vec<u64> = invocation.invoke_async(conn).await.map_err(redis_error)?;
+        match answer.as_slice() {
+            [0] => Ok(()),
+            [1, ..] => Err(StoreError::TooManyKeys { max: max_keys }),
+            [2, used, requested] => Err(refused(Meter::KvBytes, *used, *requested, charge)),
+            other => Err(StoreError::Corrupt(format!(
+                "Redis: the KV write script answered {other:?}"
+            ))),
         }
-        Ok(())
+    }
+
+    async fn delete(
+        &self,
+        conn: &mut ConnectionManager,
+        run: &RunId,
+        keys: Vec<String>,
+    ) -> Result<u64, StoreError> {
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        let mut invocation = self.delete.key(self.keys.kv(run));
+        invocation
+            .key(self.keys.owner(run))
+            .arg(self.keys.usage_prefix());
+        for k in &keys {
+            invocation.arg(k);
+        }
+        invocation.invoke_async(conn).await.map_err(redis_error)
     }
 }

@@ -11,25 +11,28 @@
 //! Owns the records (`{p}:sessions`), who holds each (`{p}:session-holder`,
 //! `{p}:held:{node}`), the index of each run's session
 //! (`{p}:session-of-run`) and of a main session's sub-runs
-//! (`{p}:children:{session}`). Must not interpret a record beyond the
-//! fields the fence needs (run, epoch, expired, parent), must not decide
+//! (`{p}:children:{session}`), and the `runs` of each record's tenant
+//! (`{p}:usage:{tenant}`), changed in the same script. Must not interpret a
+//! record beyond the fields the fence and the count need (run, epoch,
+//! expired, parent, tenant), must not decide
 //! when a silent node's sessions move (that is `membership`), and must not
 //! retry (see [`super`]).
 
 use redis::Script;
 use redis::aio::ConnectionManager;
 
-use super::{Reply, answer, redis_error};
+use super::{LUA_MAX_LIMIT, Reply, answer, redis_error};
 use crate::ids::{RunId, SessionId};
 use crate::redis::keys::{Keys, padded_epoch};
 use crate::store::records::{decode_session, encode_session};
-use crate::store::{SessionChange, SessionRecord, StoreError};
+use crate::store::{Meter, QuotaExceeded, SessionChange, SessionRecord, StoreError};
 
-/// Applies session changes (`ARGV[3..]`, seven values each: `P`ut or
+/// Applies session changes (`ARGV[4..]`, eight values each: `P`ut or
 /// `D`elete, session id, run id, padded epoch, expired `0`/`1`, parent
-/// session id or empty, record) for node
-/// `ARGV[2]` under prefix `ARGV[1]`, skipping those another node holds:
-/// returns them flat as `{session id, holder's padded epoch or ''}`.
+/// session id or empty, record, tenant or empty) for node
+/// `ARGV[2]` under prefix `ARGV[1]`, skipping those another node holds
+/// and fresh ones past their tenant's `ARGV[3]` runs: returns them flat as
+/// `{session id, holder's padded epoch or '' or 'q' .. runs held}`.
 const SESSIONS_SAVE: &str = include_str!("sessions_save.lua");
 
 /// The record of run `ARGV[1]`'s session and its holder entry
@@ -49,6 +52,7 @@ const SESSION_SET: &str = include_str!("session_set.lua");
 pub(super) enum Op {
     Save {
         changes: Vec<SessionChange>,
+        max_runs: u64,
         reply: Reply<()>,
     },
     /// The sessions this node holds.
@@ -91,7 +95,11 @@ impl Sessions {
 
     pub(super) async fn execute(&self, conn: &mut ConnectionManager, op: Op) {
         match op {
-            Op::Save { changes, reply } => answer(reply, self.save(conn, changes).await),
+            Op::Save {
+                changes,
+                max_runs,
+                reply,
+            } => answer(reply, self.save(conn, changes, max_runs).await),
             Op::Load { reply } => answer(reply, self.load(conn).await),
             Op::OfRun { run, reply } => answer(reply, self.of_run(conn, &run).await),
             Op::OfRuns { runs, reply } => answer(reply, self.of_runs(conn, &runs).await),
@@ -105,6 +113,7 @@ impl Sessions {
         &self,
         conn: &mut ConnectionManager,
         changes: Vec<SessionChange>,
+        max_runs: u64,
     ) -> Result<(), StoreError> {
         if changes.is_empty() {
             return Ok(());
@@ -114,7 +123,8 @@ impl Sessions {
             .key(self.keys.session_holders())
             .key(self.keys.session_of_run())
             .arg(self.keys.prefix())
-            .arg(&self.node);
+            .arg(&self.node)
+            .arg(max_runs.min(LUA_MAX_LIMIT));
         for change in &changes {
             match change {
                 SessionChange::Put(r) => invocation
@@ -124,10 +134,12 @@ impl Sessions {
                     .arg(padded_epoch(r.epoch))
                     .arg(if r.expired { "1" } else { "0" })
                     .arg(r.parent.as_ref().map_or("", |p| p.as_str()))
-                    .arg(encode_session(r)),
+                    .arg(encode_session(r))
+                    .arg(r.tenant.as_deref().unwrap_or("")),
                 SessionChange::Delete(id) => invocation
                     .arg("D")
                     .arg(id.as_str())
+                    .arg("")
                     .arg("")
                     .arg("")
                     .arg("")
@@ -139,14 +151,29 @@ impl Sessions {
         if refused.is_empty() {
             return Ok(());
         }
-        let sessions = refused
+        // `q` and a count: a fresh session past its tenant's runs.
+        let mut over_quota = None;
+        let sessions: Vec<_> = refused
             .chunks(2)
             .filter_map(|pair| {
+                let second = pair.get(1).map(String::as_str).unwrap_or("");
+                if let Some(used) = second.strip_prefix('q') {
+                    over_quota = Some(QuotaExceeded {
+                        meter: Meter::Runs,
+                        used: used.parse().unwrap_or(max_runs),
+                        requested: 1,
+                        limit: max_runs,
+                    });
+                    return None;
+                }
                 let id = SessionId::new(pair.first()?.as_str()).ok()?;
-                Some((id, pair.get(1).and_then(|e| e.parse().ok())))
+                Some((id, second.parse().ok()))
             })
             .collect();
-        Err(StoreError::Fenced { sessions })
+        match over_quota {
+            Some(q) if sessions.is_empty() => Err(StoreError::QuotaExceeded(q)),
+            _ => Err(StoreError::Fenced { sessions }),
+        }
     }
 
     async fn load(&self, conn: &mut ConnectionManager) -> Result<Vec<SessionRecord>, StoreError> {

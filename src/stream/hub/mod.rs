@@ -459,6 +459,14 @@ impl StreamHub {
         }
     }
 
+    /// Resolves once this gateway's copy of `run` holds at least what the
+    /// authority (Redis) held when asked; at once where this gateway's
+    /// rings are the history (memory, the log). For a reader that says
+    /// only an offset (SSE) and may have come from another gateway.
+    pub fn catch_up(&self, run: &RunId) -> StreamFuture<()> {
+        self.backend.catch_up(run)
+    }
+
     /// Whether publishes can be stored (false after a storage failure).
     pub fn healthy(&self) -> bool {
         self.backend.healthy()

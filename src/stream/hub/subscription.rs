@@ -35,14 +35,19 @@ impl StreamHub {
     /// | epoch given and different | `first` | true |
     /// | `from_offset < first` | `first` | true |
     /// | `first <= from_offset <= next` | `from_offset` | false |
-    /// | `from_offset > next`, epoch given (and equal) | `next` | false |
+    /// | `from_offset > next`, epoch given (and equal) | `from_offset` | false |
     /// | `from_offset > next`, no epoch | `first` | true |
     ///
-    /// A client can only have seen offsets beyond the head in another epoch's
-    /// history. Without an epoch to compare (SSE's `Last-Event-ID`, say)
-    /// that is the only explanation, so it is treated like an epoch change:
-    /// replay what is kept. With the same epoch it is a client bug; clamping
-    /// to the head neither invents nor repeats anything.
+    /// With the same epoch, offsets beyond the head are ones this gateway's
+    /// copy has not applied yet: a viewer moving from another gateway over
+    /// the same Redis may have seen more than this replica holds so far. The
+    /// subscription waits at `from_offset` until the copy gets there, so
+    /// the viewer is handed nothing twice (clamping to the head would repeat
+    /// what it already had). Without an epoch to compare (SSE's
+    /// `Last-Event-ID`) an offset beyond the head may as well come from
+    /// another history, so what is kept is replayed; the SSE route first
+    /// catches the replica up ([`StreamHub::catch_up`]) so that this case
+    /// means what it says.
     pub fn resume(
         &self,
         run: &RunId,
@@ -63,8 +68,7 @@ impl StreamHub {
                 None => (next, epoch_differs),
                 Some(_) if epoch_differs => (first, true),
                 Some(from) if from < first => (first, true),
-                Some(from) if from <= next => (from, false),
-                Some(_) if epoch.is_some() => (next, false),
+                Some(from) if from <= next || epoch.is_some() => (from, false),
                 Some(_) => (first, true),
             };
             let info = ResumeInfo {

@@ -133,6 +133,14 @@ class RunEndedError(GatewayError):
     code = "RUN_ENDED"
 
 
+class QuotaExceededError(GatewayError):
+    """The write would take the token's tenant past a quota; nothing was
+    stored. ``details`` has ``quota`` (``runs``, ``kvBytes`` or
+    ``checkpointBytes``), ``used``, ``requested`` and ``limit``."""
+
+    code = "QUOTA_EXCEEDED"
+
+
 _BY_CODE: dict[str, type[GatewayError]] = {
     cls.code: cls
     for cls in (
@@ -152,6 +160,7 @@ _BY_CODE: dict[str, type[GatewayError]] = {
         DrainingError,
         InternalError,
         RunEndedError,
+        QuotaExceededError,
     )
     if cls.code is not None
 }

@@ -231,7 +231,8 @@ class _Broadcast:
 
 class KV:
     """A run's key-value store (``kv.get`` needs ``kv.read``, ``kv.set``
-    ``kv.write``)."""
+    and ``kv.delete`` ``kv.write``). What it holds counts against the
+    token's tenant's KV quota (``QuotaExceededError`` past it)."""
 
     def __init__(self, run: Run) -> None:
         self._run = run
@@ -246,6 +247,14 @@ class KV:
     async def set(self, values: Mapping[str, str]) -> None:
         """Sets every key of ``values`` at once (all or nothing)."""
         await self._run._call("kv.set", {"kv": dict(values)})
+
+    async def delete(self, keys: Iterable[str]) -> int:
+        """Deletes ``keys`` at once (absent ones are ignored), giving their
+        bytes back to the tenant's quota; returns how many held a value."""
+        if isinstance(keys, str):
+            raise TypeError("kv.delete takes a list of keys")
+        reply = await self._run._call("kv.delete", {"keys": list(keys)})
+        return cast(t.DeleteKVResponse, reply)["deleted"]
 
 
 class Checkpoints:

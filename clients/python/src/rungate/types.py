@@ -154,6 +154,16 @@ class SetKVResponse(TypedDict):
     accepted: bool
 
 
+class DeleteKVCommand(TypedDict):
+    sessionId: str
+    runId: str
+    keys: list[str]
+
+
+class DeleteKVResponse(TypedDict):
+    deleted: int
+
+
 class PublishOutputEventsRequest(TypedDict):
     sessionId: str
     runId: str
@@ -368,6 +378,7 @@ COMMANDS: dict[str, tuple[type[Any], type[Any]]] = {
     "config.get": (GetConfigCommand, GetConfigResponse),
     "kv.get": (GetKVCommand, GetKVResponse),
     "kv.set": (SetKVCommand, SetKVResponse),
+    "kv.delete": (DeleteKVCommand, DeleteKVResponse),
     "events.publish": (PublishOutputEventsRequest, PublishOutputEventsResponse),
     "checkpoint.save": (CheckpointSaveCommand, CheckpointSaveResponse),
     "checkpoint.load": (CheckpointLoadCommand, CheckpointLoadResponse),

@@ -35,6 +35,20 @@ export type CheckpointLoadResponse = {
   data: JsonValue;
 };
 
+// ---- v1/schemas/commands/kv.json
+
+/** Deletes these keys from the run's KV store, atomically: all of them or none. Keys that are not there are ignored, and a key named twice is deleted once. Naming more keys than the gateway's max_kv_get_keys (1000 by default) is PAYLOAD_TOO_LARGE with details.maxKvGetKeys and details.path /payload/keys, and nothing is deleted. */
+export type DeleteKVCommand = {
+  sessionId: SessionId;
+  runId: RunId;
+  keys: Array<string>;
+};
+
+export type DeleteKVResponse = {
+  /** How many of the keys named held a value and were deleted (0 when none did). */
+  deleted: number;
+};
+
 // ---- v1/schemas/commands/lifecycle.json
 
 /** How a run ended. */
@@ -177,7 +191,7 @@ export type PublishOutputEventsResponse = {
 
 // ---- v1/schemas/commands/stream.json
 
-/** Subscribes this socket to the run's stream. Where replay starts (startOffset in the reply): (1) fromOffset absent: at nextOffset, live only; truncated is true only if streamEpoch is given and differs from the current epoch. (2) streamEpoch given and different from the current epoch: the client's offsets belong to a lost history, so replay starts at firstOffset and truncated is true. (3) fromOffset older than firstOffset: at firstOffset, truncated true. (4) fromOffset between firstOffset and nextOffset: at fromOffset, truncated false. (5) fromOffset beyond nextOffset with the current streamEpoch: at nextOffset, truncated false (a client bug; clamping neither invents nor repeats anything). (6) fromOffset beyond nextOffset without a streamEpoch: the client can only have seen those offsets in a lost history, so replay starts at firstOffset and truncated is true (this is what SSE's Last-Event-ID after a gateway restart gets). Then stream.events pushes deliver every event from startOffset in offset order, followed by live events, without gap, duplicate or reordering (unless a stream.gap push says otherwise). Resuming a run this socket already follows replaces that subscription. */
+/** Subscribes this socket to the run's stream. Where replay starts (startOffset in the reply): (1) fromOffset absent: at nextOffset, live only; truncated is true only if streamEpoch is given and differs from the current epoch. (2) streamEpoch given and different from the current epoch: the client's offsets belong to a lost history, so replay starts at firstOffset and truncated is true. (3) fromOffset older than firstOffset: at firstOffset, truncated true. (4) fromOffset between firstOffset and nextOffset: at fromOffset, truncated false. (5) fromOffset beyond nextOffset with the current streamEpoch: at fromOffset, truncated false; delivery waits there until the stream reaches it (with several gateways on one Redis, a viewer that moved from another gateway may have seen offsets this gateway's copy has not applied yet; starting at nextOffset would hand it those events twice). (6) fromOffset beyond nextOffset without a streamEpoch: the client can only have seen those offsets in a lost history, so replay starts at firstOffset and truncated is true (this is what SSE's Last-Event-ID after a gateway restart gets; with several gateways on one Redis, the SSE route first brings this gateway's copy up to Redis, so an offset another gateway already showed is not taken for a lost history). Then stream.events pushes deliver every event from startOffset in offset order, followed by live events, without gap, duplicate or reordering (unless a stream.gap push says otherwise). Resuming a run this socket already follows replaces that subscription. */
 export type StreamResumeCommand = {
   runId: RunId;
   /** The first offset the client wants. Absent: live from the head. To continue after the last offset N a client saw, send N + 1. */
@@ -196,7 +210,7 @@ export type StreamResumeResponse = {
   firstOffset: Offset;
   /** The head: the offset the next published event will get. */
   nextOffset: Offset;
-  /** Where replay starts: the offset of the first event this subscription delivers. firstOffset <= startOffset <= nextOffset. */
+  /** Where replay starts: the offset of the first event this subscription delivers. firstOffset <= startOffset; startOffset <= nextOffset unless fromOffset was beyond nextOffset with the current streamEpoch (then delivery waits at fromOffset). */
   startOffset: Offset;
   /** True when the client asked for history that is gone: fromOffset older than firstOffset, or a streamEpoch that differs from the current one. */
   truncated: boolean;
@@ -335,8 +349,20 @@ export type PushFrame = {
   };
 };
 
-/** BAD_FRAME: not JSON, not an object, binary frame, or no usable id/type. UNKNOWN_TYPE: no such command. INVALID_PAYLOAD: schema violation, details.path says where. UNAUTHENTICATED: no valid token. FORBIDDEN: the token or the session's capabilities do not allow it, or the command is not offered on this endpoint. NOT_ATTACHED: no such session on this socket. STALE_EPOCH: the session moved to a newer connection (fencing). SESSION_EXPIRED: the lease ran out; attach afresh. CONFLICT: the run already has a live session, or another runtime instance holds it. NOT_FOUND: no such run, checkpoint or key. RATE_LIMITED: slow down and retry. PAYLOAD_TOO_LARGE: the frame or a value is over its limit. UNSUPPORTED_PROTOCOL: protocolVersion is not "1" or "1.x". DRAINING: the gateway is shutting down; reconnect elsewhere or later. INTERNAL: the gateway failed. RUN_ENDED: the run ended (runtime.finish); not retryable, details {runId, outcome}: events.publish, kv.set, checkpoint.save and the session's reads, runtime.attach (fresh or reconnect) and runtime.recoverConnections naming it. A retry of the work is a new runId. */
-export type ErrorCode = "BAD_FRAME" | "UNKNOWN_TYPE" | "INVALID_PAYLOAD" | "UNAUTHENTICATED" | "FORBIDDEN" | "NOT_ATTACHED" | "STALE_EPOCH" | "SESSION_EXPIRED" | "CONFLICT" | "NOT_FOUND" | "RATE_LIMITED" | "PAYLOAD_TOO_LARGE" | "UNSUPPORTED_PROTOCOL" | "DRAINING" | "INTERNAL" | "RUN_ENDED";
+/** BAD_FRAME: not JSON, not an object, binary frame, or no usable id/type. UNKNOWN_TYPE: no such command. INVALID_PAYLOAD: schema violation, details.path says where. UNAUTHENTICATED: no valid token. FORBIDDEN: the token or the session's capabilities do not allow it, or the command is not offered on this endpoint. NOT_ATTACHED: no such session on this socket. STALE_EPOCH: the session moved to a newer connection (fencing). SESSION_EXPIRED: the lease ran out; attach afresh. CONFLICT: the run already has a live session, or another runtime instance holds it. NOT_FOUND: no such run, checkpoint or key. RATE_LIMITED: slow down and retry. PAYLOAD_TOO_LARGE: the frame or a value is over its limit. UNSUPPORTED_PROTOCOL: protocolVersion is not "1" or "1.x". DRAINING: the gateway is shutting down; reconnect elsewhere or later. INTERNAL: the gateway failed. RUN_ENDED: the run ended (runtime.finish); not retryable, details {runId, outcome}: events.publish, kv.set, checkpoint.save and the session's reads, runtime.attach (fresh or reconnect) and runtime.recoverConnections naming it. A retry of the work is a new runId. QUOTA_EXCEEDED: the write would take the tenant (the token's sub claim, or its run patterns) past one of its quotas; details are a QuotaExceededDetails. Not retryable for kvBytes and checkpointBytes (delete keys or end runs first), retryable for runs (tombstones are forgotten in time). */
+export type ErrorCode = "BAD_FRAME" | "UNKNOWN_TYPE" | "INVALID_PAYLOAD" | "UNAUTHENTICATED" | "FORBIDDEN" | "NOT_ATTACHED" | "STALE_EPOCH" | "SESSION_EXPIRED" | "CONFLICT" | "NOT_FOUND" | "RATE_LIMITED" | "PAYLOAD_TOO_LARGE" | "UNSUPPORTED_PROTOCOL" | "DRAINING" | "INTERNAL" | "RUN_ENDED" | "QUOTA_EXCEEDED";
+
+/** The details of a QUOTA_EXCEEDED error: which quota, what the tenant holds, what the refused request would have added, and the limit. Nothing of the request was stored; used + requested > limit. */
+export type QuotaExceededDetails = {
+  /** runs: session records (live sessions and tombstones) the tenant holds; kvBytes: key plus value bytes (UTF-8) in the KV of the runs it owns; checkpointBytes: checkpoint id plus data JSON bytes of the checkpoints of the runs it owns. */
+  quota: "runs" | "kvBytes" | "checkpointBytes";
+  /** What the tenant holds now, in the quota's unit (runs or bytes). */
+  used: number;
+  /** What the refused request would have added (its net growth: an overwrite counts the difference). */
+  requested: number;
+  /** The quota: the gateway's max_runs_per_tenant, max_kv_bytes_per_tenant or max_checkpoint_bytes_per_tenant. */
+  limit: number;
+};
 
 // ---- v1/schemas/frames/pushes.json
 
@@ -454,6 +480,12 @@ export interface Commands {
     capability: "kv.write";
     endpoints: "/v1/runtime";
   };
+  "kv.delete": {
+    request: DeleteKVCommand;
+    response: DeleteKVResponse;
+    capability: "kv.write";
+    endpoints: "/v1/runtime";
+  };
   "events.publish": {
     request: PublishOutputEventsRequest;
     response: PublishOutputEventsResponse;
@@ -520,13 +552,13 @@ export type CommandType = keyof Commands;
 export type PushType = keyof Pushes;
 
 /** The command types, for checks at run time. */
-export const COMMAND_TYPES: readonly CommandType[] = ["runtime.attach","runtime.heartbeat","runtime.recoverConnections","secrets.get","config.get","kv.get","kv.set","events.publish","checkpoint.save","checkpoint.load","stream.resume","stream.cancel","runs.list","runtime.finish","run.cancel"];
+export const COMMAND_TYPES: readonly CommandType[] = ["runtime.attach","runtime.heartbeat","runtime.recoverConnections","secrets.get","config.get","kv.get","kv.set","kv.delete","events.publish","checkpoint.save","checkpoint.load","stream.resume","stream.cancel","runs.list","runtime.finish","run.cancel"];
 
 /** The push types, for checks at run time. */
 export const PUSH_TYPES: readonly PushType[] = ["stream.events","stream.gap","session.superseded","session.expired","gateway.draining","stream.closed","stream.ended","run.cancelRequested"];
 
 /** Every protocol error code (ErrorCode). */
-export type ProtocolErrorCode = "BAD_FRAME" | "UNKNOWN_TYPE" | "INVALID_PAYLOAD" | "UNAUTHENTICATED" | "FORBIDDEN" | "NOT_ATTACHED" | "STALE_EPOCH" | "SESSION_EXPIRED" | "CONFLICT" | "NOT_FOUND" | "RATE_LIMITED" | "PAYLOAD_TOO_LARGE" | "UNSUPPORTED_PROTOCOL" | "DRAINING" | "INTERNAL" | "RUN_ENDED";
+export type ProtocolErrorCode = "BAD_FRAME" | "UNKNOWN_TYPE" | "INVALID_PAYLOAD" | "UNAUTHENTICATED" | "FORBIDDEN" | "NOT_ATTACHED" | "STALE_EPOCH" | "SESSION_EXPIRED" | "CONFLICT" | "NOT_FOUND" | "RATE_LIMITED" | "PAYLOAD_TOO_LARGE" | "UNSUPPORTED_PROTOCOL" | "DRAINING" | "INTERNAL" | "RUN_ENDED" | "QUOTA_EXCEEDED";
 
 /** The error codes, for checks at run time. */
-export const ERROR_CODES: readonly ProtocolErrorCode[] = ["BAD_FRAME","UNKNOWN_TYPE","INVALID_PAYLOAD","UNAUTHENTICATED","FORBIDDEN","NOT_ATTACHED","STALE_EPOCH","SESSION_EXPIRED","CONFLICT","NOT_FOUND","RATE_LIMITED","PAYLOAD_TOO_LARGE","UNSUPPORTED_PROTOCOL","DRAINING","INTERNAL","RUN_ENDED"];
+export const ERROR_CODES: readonly ProtocolErrorCode[] = ["BAD_FRAME","UNKNOWN_TYPE","INVALID_PAYLOAD","UNAUTHENTICATED","FORBIDDEN","NOT_ATTACHED","STALE_EPOCH","SESSION_EXPIRED","CONFLICT","NOT_FOUND","RATE_LIMITED","PAYLOAD_TOO_LARGE","UNSUPPORTED_PROTOCOL","DRAINING","INTERNAL","RUN_ENDED","QUOTA_EXCEEDED"];

@@ -21,7 +21,7 @@ use crate::follow::Follower;
 use crate::{ClientError, link, token};
 use rungate_protocol::CommandPayload;
 use rungate_protocol::commands::{
-    CheckpointLoadCommand, CheckpointSaveCommand, GetConfigCommand, GetKVCommand,
+    CheckpointLoadCommand, CheckpointSaveCommand, DeleteKVCommand, GetConfigCommand, GetKVCommand,
     GetSecretsCommand, HeartbeatCommand, OutputEvent, RuntimeFinishCommand, SetKVCommand,
     ShortText,
 };
@@ -281,6 +281,21 @@ impl RuntimeClient {
         })
         .await
         .map(drop)
+    }
+
+    /// Deletes keys (absent ones are ignored); returns how many held a
+    /// value. Needs `kv.write`. Gives their bytes back to the quota of the
+    /// run's owner.
+    pub async fn kv_delete(&self, run: &str, keys: &[&str]) -> Result<u64> {
+        let keys: Vec<String> = keys.iter().map(|k| (*k).to_owned()).collect();
+        let reply = self
+            .call(run, |session_id, run_id| DeleteKVCommand {
+                session_id,
+                run_id,
+                keys,
+            })
+            .await?;
+        Ok(reply.deleted)
     }
 
     /// Saves a checkpoint (replacing `id` if given); returns its id.

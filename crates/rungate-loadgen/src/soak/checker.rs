@@ -31,8 +31,18 @@ pub struct TailCounts {
     /// Events handed to this viewer.
     pub events: u64,
     /// Events handed over a second time (the same offset again, or the
-    /// same publisher's counter at a new offset).
+    /// same publisher's counter at a new offset): `redelivered` +
+    /// `stored_twice`.
     pub duplicated: u64,
+    /// An offset handed over again (a delivery repeat: the stream itself
+    /// may be right).
+    pub redelivered: u64,
+    /// A publisher's counter already handed over, at a new offset (the
+    /// stream holds the event twice).
+    pub stored_twice: u64,
+    /// The first duplicate this tail saw, told plainly (where it was and
+    /// what the tail expected), to tell the two kinds apart in a report.
+    pub first_duplicate: Option<String>,
     /// Events whose publisher counter went backwards without being a
     /// repeat, or whose publisher was older than one already seen.
     pub reordered: u64,
@@ -202,6 +212,10 @@ impl Tail {
         if let Some(next) = self.next_offset {
             if offset < next {
                 self.counts.duplicated += 1;
+                self.counts.redelivered += 1;
+                self.counts.first_duplicate.get_or_insert_with(|| {
+                    format!("offset {offset} again, expected {next}: {event}")
+                });
                 return;
             }
             if offset > next {
@@ -226,6 +240,14 @@ impl Tail {
         if *last != 0 && n <= *last {
             if set.contains(n) {
                 self.counts.duplicated += 1;
+                self.counts.stored_twice += 1;
+                let newest = *last;
+                self.counts.first_duplicate.get_or_insert_with(|| {
+                    format!(
+                        "publisher {p} counter {n} again at offset {offset} \
+                         (its newest before: {newest}): {event}"
+                    )
+                });
                 return;
             }
             self.counts.reordered += 1;
@@ -350,6 +372,11 @@ impl Ledger {
             let t = &mut v.totals;
             t.events += c.events;
             t.duplicated += c.duplicated;
+            t.redelivered += c.redelivered;
+            t.stored_twice += c.stored_twice;
+            if t.first_duplicate.is_none() {
+                t.first_duplicate.clone_from(&c.first_duplicate);
+            }
             t.reordered += c.reordered;
             t.unreported_gap_events += c.unreported_gap_events;
             t.gaps_reported += c.gaps_reported;
@@ -421,6 +448,9 @@ mod tests {
     fn a_repeated_event_is_reported_duplicated() {
         let v = feed(None, Some(10));
         assert_eq!((v.lost, v.duplicated), (0, 1));
+        assert_eq!((v.totals.redelivered, v.totals.stored_twice), (1, 0));
+        let first = v.totals.first_duplicate.expect("told");
+        assert!(first.starts_with("offset 9 again, expected 10"), "{first}");
         assert_eq!(v.violations, 1);
     }
 
@@ -432,7 +462,14 @@ mod tests {
         tail.on_event(0, &ev(1, 1));
         tail.on_event(1, &ev(1, 1));
         tail.on_event(2, &ev(1, 2));
-        assert_eq!(ledger.verdict([&tail]).duplicated, 1);
+        let v = ledger.verdict([&tail]);
+        assert_eq!(v.duplicated, 1);
+        assert_eq!((v.totals.redelivered, v.totals.stored_twice), (0, 1));
+        let first = v.totals.first_duplicate.expect("told");
+        assert!(
+            first.starts_with("publisher 1 counter 1 again at offset 1"),
+            "{first}"
+        );
     }
 
     #[test]
