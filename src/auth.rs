@@ -442,12 +442,19 @@ impl AuthKey {
         if claims.runs.is_empty() {
             return Err(AuthError::Invalid("token covers no runs".to_owned()));
         }
-        let runs = claims
-            .runs
-            .iter()
-            .map(|p| RunPattern::parse(p))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|_| AuthError::Invalid("malformed run pattern in claims".to_owned()))?;
+        // Sized to the claims: a `collect` through `Result` cannot know
+        // the count up front and starts at room for four patterns, which
+        // every socket's grant then keeps for its whole life (96 bytes
+        // more per socket for the usual one pattern; BENCHMARKS.md, idle
+        // sessions).
+        let mut runs = Vec::with_capacity(claims.runs.len());
+        for pattern in &claims.runs {
+            runs.push(
+                RunPattern::parse(pattern).map_err(|_| {
+                    AuthError::Invalid("malformed run pattern in claims".to_owned())
+                })?,
+            );
+        }
         let caps = claims
             .caps
             .iter()

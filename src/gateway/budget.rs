@@ -11,14 +11,11 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use tokio::sync::Notify;
-
 /// Bytes held for one socket, against its budget.
 #[derive(Debug)]
 pub(crate) struct Budget {
     used: AtomicUsize,
     max: usize,
-    freed: Notify,
 }
 
 impl Budget {
@@ -26,7 +23,6 @@ impl Budget {
         Budget {
             used: AtomicUsize::new(0),
             max,
-            freed: Notify::new(),
         }
     }
 
@@ -47,8 +43,14 @@ impl Budget {
             .is_ok()
     }
 
-    /// `bytes` charged before are no longer held.
-    pub fn release(&self, bytes: usize) {
+    /// `bytes` charged before are no longer held. True if this release is
+    /// the one that gave a spent budget room again: exactly one release
+    /// answers true per time the budget comes back under its max, however
+    /// releases and charges from other tasks interleave (judged on the one
+    /// atomic update, not on a look before it), so a caller that wakes the
+    /// paused reader on true never misses the wake-up.
+    #[must_use = "a true answer means the paused reader must be woken"]
+    pub fn release(&self, bytes: usize) -> bool {
         let before = self
             .used
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
@@ -56,7 +58,7 @@ impl Budget {
             })
             .unwrap_or_default();
         debug_assert!(before >= bytes, "released more than was charged");
-        self.freed.notify_waiters();
+        before >= self.max && before.saturating_sub(bytes) < self.max
     }
 
     pub fn max(&self) -> usize {
@@ -67,42 +69,36 @@ impl Budget {
     pub fn has_room(&self) -> bool {
         self.used.load(Ordering::Acquire) < self.max
     }
-
-    /// Waits until [`Budget::has_room`]; at once if it has.
-    pub async fn room(&self) {
-        loop {
-            let freed = self.freed.notified();
-            tokio::pin!(freed);
-            // Registered before the check, so a release between the check
-            // and the wait still wakes it.
-            freed.as_mut().enable();
-            if self.has_room() {
-                return;
-            }
-            freed.await;
-        }
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn room_returns_once_enough_is_released() {
-        let b = std::sync::Arc::new(Budget::new(100));
+    #[test]
+    fn room_comes_back_once_enough_is_released() {
+        let b = Budget::new(100);
         b.charge(150);
         assert!(!b.has_room());
-        let waiter = tokio::spawn({
-            let b = b.clone();
-            async move { b.room().await }
-        });
-        tokio::task::yield_now().await;
-        assert!(!waiter.is_finished());
-        b.release(60);
-        waiter.await.unwrap();
+        assert!(b.release(60), "this release gave room back");
         assert!(b.has_room());
         assert!(!b.try_charge(20, 100));
         assert!(b.try_charge(10, 100));
+    }
+
+    #[test]
+    fn only_the_release_that_crosses_back_under_the_max_says_so() {
+        let b = Budget::new(100);
+        b.charge(50);
+        // Releases that leave a budget with room, or still spent, do not.
+        assert!(!b.release(10));
+        b.charge(70);
+        assert!(!b.has_room());
+        assert!(!b.release(5), "still spent at 105");
+        // Whoever releases across the line says so, even though the budget
+        // had room when that caller began (a charge came in between:
+        // judged on the update itself, a look before it would miss this).
+        assert!(b.release(20));
+        assert!(!b.release(85), "had room already");
     }
 }

@@ -31,8 +31,18 @@ use crate::ids::RunId;
 use crate::stream::{Delivery, StreamEpoch, Subscription};
 
 /// One socket's subscriptions, by run.
+///
+/// One pointer until the socket first follows a run: most sockets (every
+/// runtime that only publishes) never do, and the set lives inline in the
+/// connection task of every socket, idle ones included (BENCHMARKS.md,
+/// idle sessions).
 #[derive(Default)]
 pub(crate) struct Following {
+    set: Option<Box<Set>>,
+}
+
+#[derive(Default)]
+struct Set {
     /// The live subscription of each followed run: its generation (to tell
     /// it from a replaced one) and the token that stops its future.
     active: HashMap<RunId, Live>,
@@ -64,28 +74,31 @@ pub(crate) struct Sent {
 
 impl Following {
     pub fn len(&self) -> usize {
-        self.active.len()
+        self.set.as_ref().map_or(0, |s| s.active.len())
     }
 
     pub fn follows(&self, run: &RunId) -> bool {
-        self.active.contains_key(run)
+        self.set
+            .as_ref()
+            .is_some_and(|s| s.active.contains_key(run))
     }
 
     /// Whether [`Following::next`] has anything to wait for. `select!` guards
     /// on it: `next` on an empty set would end at once.
     pub fn is_waiting(&self) -> bool {
-        !self.waiting.is_empty()
+        self.set.as_ref().is_some_and(|s| !s.waiting.is_empty())
     }
 
     /// Follows `run` with `subscription`, replacing any earlier one.
     pub fn insert(&mut self, run: RunId, epoch: StreamEpoch, subscription: Subscription) {
         self.remove(&run);
-        self.next_generation += 1;
-        let generation = self.next_generation;
+        let set = self.set.get_or_insert_default();
+        set.next_generation += 1;
+        let generation = set.next_generation;
         let stop = CancellationToken::new();
-        self.waiting
+        set.waiting
             .push(wait(run.clone(), generation, subscription, stop.clone()));
-        self.active.insert(
+        set.active.insert(
             run,
             Live {
                 generation,
@@ -97,7 +110,7 @@ impl Following {
 
     /// Stops following `run`; true if it was followed.
     pub fn remove(&mut self, run: &RunId) -> bool {
-        match self.active.remove(run) {
+        match self.set.as_mut().and_then(|s| s.active.remove(run)) {
             Some(live) => {
                 live.stop.cancel();
                 true
@@ -111,9 +124,10 @@ impl Following {
     /// Cancel-safe: a delivery is taken from its subscription only in the
     /// same poll that returns it.
     pub async fn next(&mut self) -> Option<(RunId, Sent)> {
+        let set = self.set.as_mut()?;
         loop {
-            let polled = self.waiting.next().await?;
-            let current = self
+            let polled = set.waiting.next().await?;
+            let current = set
                 .active
                 .get(&polled.run)
                 .is_some_and(|l| l.generation == polled.generation);
@@ -133,7 +147,7 @@ impl Following {
                 Delivery::Ended(end) => {
                     // Every event of the run was delivered: the shared
                     // `stream.ended` frame, and the subscription is over.
-                    if self.active.remove(&run).is_none() {
+                    if set.active.remove(&run).is_none() {
                         continue;
                     }
                     return Some((
@@ -146,7 +160,7 @@ impl Following {
                 }
                 Delivery::Closed => {
                     // The stream was dropped: nothing more will come.
-                    let Some(live) = self.active.remove(&run) else {
+                    let Some(live) = set.active.remove(&run) else {
                         continue;
                     };
                     let frame = push::stream_closed(&run, &live.epoch).into_bytes();
@@ -159,20 +173,17 @@ impl Following {
                     ));
                 }
             };
-            if let Some(live) = self.active.get(&run) {
-                self.waiting.push(wait(
-                    run.clone(),
-                    polled.generation,
-                    subscription,
-                    live.stop.clone(),
-                ));
+            if let Some(live) = set.active.get(&run) {
+                let stop = live.stop.clone();
+                set.waiting
+                    .push(wait(run.clone(), polled.generation, subscription, stop));
             }
             return Some((run, sent));
         }
     }
 }
 
-impl Drop for Following {
+impl Drop for Set {
     fn drop(&mut self) {
         for live in self.active.values() {
             live.stop.cancel();

@@ -16,13 +16,11 @@
 use std::sync::Arc;
 
 use futures_util::FutureExt;
-use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 
-use super::budget::Budget;
 use super::cmd::{ConnCtx, Endpoint};
 use super::dispatch::{self, Answer};
-use super::state::{Outbox, Outgoing, Shared};
+use super::outbox::Outbox;
+use super::state::{Outgoing, Shared};
 use crate::auth::{AuthKey, RunPattern, TokenKind};
 use crate::config::{Config, StoreKind};
 use crate::ids::Capability;
@@ -51,8 +49,7 @@ pub struct Harness {
 struct FakeSocket {
     ctx: ConnCtx,
     /// What other tasks queued for this socket (superseded, expired).
-    pushes: mpsc::Receiver<Outgoing>,
-    budget: Arc<Budget>,
+    outbox: Arc<Outbox>,
 }
 
 /// Per-run config the fuzzer can read back (`config.get`, `secrets.get`).
@@ -115,9 +112,9 @@ impl Harness {
     pub fn drain(&mut self, side: Side) -> Vec<String> {
         let socket = self.socket(side);
         let mut frames = Vec::new();
-        while let Ok(item) = socket.pushes.try_recv() {
+        while let Some(item) = socket.outbox.try_next() {
             if let Outgoing::Frame(bytes) = item {
-                socket.budget.release(bytes.len());
+                socket.outbox.release(bytes.len());
                 frames.push(String::from_utf8_lossy(&bytes).into_owned());
             }
         }
@@ -150,14 +147,9 @@ impl Default for Harness {
 
 impl FakeSocket {
     fn open(shared: &Arc<Shared>, endpoint: Endpoint, kind: TokenKind) -> FakeSocket {
-        let (queue, pushes) = mpsc::channel(shared.config.limits.outbound_queue);
-        let budget = Arc::new(Budget::new(shared.config.limits.max_socket_buffer_bytes));
-        let id = shared.conns.register(Outbox {
-            queue,
-            kill: CancellationToken::new(),
-            lost_runs: tokio::sync::mpsc::unbounded_channel().0,
-            budget: budget.clone(),
-        });
+        let limits = &shared.config.limits;
+        let outbox = Outbox::new(limits.outbound_queue, limits.max_socket_buffer_bytes);
+        let id = shared.conns.register(outbox.clone());
         let caps = match kind {
             TokenKind::Runtime => Capability::ALL.into_iter().collect(),
             TokenKind::Viewer => Default::default(),
@@ -174,8 +166,7 @@ impl FakeSocket {
             .expect("a token minted here verifies here");
         FakeSocket {
             ctx: ConnCtx::new(id, endpoint, grant, shared.clone()),
-            pushes,
-            budget,
+            outbox,
         }
     }
 }

@@ -30,6 +30,7 @@ use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use super::admission::{Permit, Refused};
 use super::cmd::{Endpoint, run_cancel, runs_list};
 use super::errors::HttpRefusal;
+use super::read_ahead::ReadAhead;
 use super::state::Shared;
 use super::{connection, dashboard, errors, sse};
 use crate::auth::{Grant, TokenKind};
@@ -386,9 +387,15 @@ fn authenticate(
     Ok(grant)
 }
 
+/// tungstenite's read buffer per socket: room for a small command (an
+/// attach, a heartbeat) in one read; a larger message grows it, and the
+/// grown buffer is kept (384 measured 270 B more per idle session than 512:
+/// the loadgen's attach did not fit).
+const TUNGSTENITE_READ_BUFFER: usize = 512;
+
 /// Answers a WebSocket handshake and hands the upgraded socket to a
 /// connection task.
-fn upgrade(shared: Arc<Shared>, req: Request<Incoming>, endpoint: Endpoint) -> Response<Body> {
+fn upgrade(shared: Arc<Shared>, mut req: Request<Incoming>, endpoint: Endpoint) -> Response<Body> {
     if shared.draining.is_cancelled() {
         return refuse(HttpRefusal::Draining);
     }
@@ -410,33 +417,40 @@ fn upgrade(shared: Arc<Shared>, req: Request<Incoming>, endpoint: Endpoint) -> R
         Err(refused) => return refuse(HttpRefusal::NotAdmitted(refused)),
     };
     let limits = &shared.config.limits;
-    // Small read buffers and no write buffering keep an idle socket at a
-    // few KiB instead of tungstenite's default ~135 KiB (ENGINEERING.md):
-    // 4 KiB reads hold 100,000 idle sessions near 1.1 GiB; larger
-    // messages are simply read in several calls.
+    // A small read buffer and no write buffering keep an idle socket at a
+    // few KiB instead of tungstenite's default ~135 KiB (ENGINEERING.md,
+    // BENCHMARKS.md "Idle sessions"): tungstenite keeps its read buffer
+    // for the socket's life, so it holds one small command (an attach, a
+    // heartbeat); `ReadAhead` under it reads the socket in bursts, so a
+    // large message still costs one system call, not one per few hundred
+    // bytes.
     let ws_config = WebSocketConfig::default()
-        .read_buffer_size(4 * 1024)
+        .read_buffer_size(TUNGSTENITE_READ_BUFFER)
         .write_buffer_size(0)
         // Room for the largest reply (one frame is buffered at a time): a
         // frame over it would fail the socket without a word.
         .max_write_buffer_size((limits.max_frame_bytes * 4).max(limits.max_reply_bytes + 64 * 1024))
         .max_message_size(Some(limits.max_frame_bytes))
         .max_frame_size(Some(limits.max_frame_bytes));
+    let upgrading = hyper::upgrade::on(&mut req);
     let tasks = shared.tasks.clone();
+    // The socket gets a task of its own once upgraded: this one holds what
+    // only the upgrade needs (the handshake's state), the socket's task
+    // holds only what the socket's life does, for hours on an idle one.
     tasks.spawn(async move {
-        match hyper::upgrade::on(req).await {
+        match upgrading.await {
             Ok(upgraded) => {
                 let socket = WebSocketStream::from_raw_socket(
-                    TokioIo::new(upgraded),
+                    ReadAhead::new(TokioIo::new(upgraded)),
                     Role::Server,
                     Some(ws_config),
                 )
                 .await;
-                connection::serve(shared, socket, endpoint, grant).await;
+                let tasks = shared.tasks.clone();
+                tasks.spawn(connection::serve(shared, socket, endpoint, grant, permit));
             }
             Err(e) => tracing::debug!(error = %e, "upgrade failed"),
         }
-        drop(permit);
     });
     response
 }

@@ -7,7 +7,8 @@
 //! `gateway.draining` to every socket, in-flight requests answered, store
 //! flushed. Modules: `server` (accept), `http` (routes, auth, upgrade),
 //! `admission` (connection caps),
-//! `connection` (one socket), `budget` (its bytes in flight and queued),
+//! `connection` (one socket), `read_ahead` (its receive side in bursts),
+//! `outbox` (its queue and signals), `budget` (its bytes in flight and queued),
 //! `rate_limit` (its command budget), `token_rates` (the same budget per
 //! token for HTTP listings),
 //! `dispatch` (one request: decode, route, count), `cmd` (the command
@@ -37,9 +38,11 @@ pub mod fuzzing;
 mod http;
 mod leases;
 pub mod metrics;
+mod outbox;
 mod push;
 mod quota;
 mod rate_limit;
+mod read_ahead;
 mod server;
 mod sse;
 mod state;

@@ -2,8 +2,8 @@
 //! table of open sockets, metrics and the drain signal.
 //!
 //! Owns [`Connections`], the only way to reach another socket: a bounded
-//! outbox per socket, so a push (superseded, expired, draining) never waits
-//! on a peer. Must not hold protocol rules: those live in `cmd` and the
+//! [`Outbox`] per socket, so a push (superseded, expired, draining) never
+//! waits on a peer. Must not hold protocol rules: those live in `cmd` and the
 //! domain modules.
 
 use std::sync::Arc;
@@ -11,13 +11,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 use dashmap::DashMap;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::admission::Admission;
-use super::budget::Budget;
 use super::metrics::Metrics;
+use super::outbox::{Outbox, Refused};
 use crate::auth::AuthKey;
 use crate::config::Config;
 use crate::ids::RunId;
@@ -65,30 +64,15 @@ impl From<Frame> for Outgoing {
     }
 }
 
-/// How to reach one open socket.
-#[derive(Clone)]
-pub(crate) struct Outbox {
-    pub queue: mpsc::Sender<Outgoing>,
-    /// Cancelled to make the socket's task close it (a peer that stopped
-    /// reading while pushes pile up).
-    pub kill: CancellationToken,
-    /// Runs whose session this socket lost (superseded or expired): the
-    /// socket's task stops following them, since reading a run's stream on
-    /// `/v1/runtime` needs that run's session on the socket.
-    pub lost_runs: mpsc::UnboundedSender<RunId>,
-    /// The socket's bytes in flight and queued; a push is charged to it.
-    pub budget: Arc<Budget>,
-}
-
 /// All open sockets by id.
 #[derive(Default)]
 pub(crate) struct Connections {
-    open: DashMap<ConnId, Outbox>,
+    open: DashMap<ConnId, Arc<Outbox>>,
     next_id: AtomicU64,
 }
 
 impl Connections {
-    pub fn register(&self, outbox: Outbox) -> ConnId {
+    pub fn register(&self, outbox: Arc<Outbox>) -> ConnId {
         let id = ConnId(self.next_id.fetch_add(1, Ordering::Relaxed) + 1);
         self.open.insert(id, outbox);
         id
@@ -118,22 +102,26 @@ impl Connections {
             return false;
         };
         let bytes = frame.as_str().len();
-        let limit = outbox.budget.max().saturating_mul(2);
-        if !outbox.budget.try_charge(bytes, limit) {
+        let limit = outbox.budget().max().saturating_mul(2);
+        if !outbox.budget().try_charge(bytes, limit) {
             tracing::warn!(
                 conn = id.0,
                 "outbound bytes over the budget; closing the socket"
             );
-            outbox.kill.cancel();
+            outbox.kill();
             return false;
         }
-        if outbox.queue.try_send(frame.into()).is_err() {
-            outbox.budget.release(bytes);
-            tracing::warn!(conn = id.0, "outbound queue full; closing the socket");
-            outbox.kill.cancel();
-            return false;
+        match outbox.try_push(frame.into()) {
+            Ok(()) => true,
+            Err(refused) => {
+                outbox.release(bytes);
+                if refused == Refused::Full {
+                    tracing::warn!(conn = id.0, "outbound queue full; closing the socket");
+                }
+                outbox.kill();
+                false
+            }
         }
-        true
     }
 
     /// A socket lost a session to a newer epoch (here or on another
@@ -150,7 +138,74 @@ impl Connections {
         let Some(outbox) = self.open.get(&id).map(|o| o.clone()) else {
             return;
         };
-        let _ = outbox.lost_runs.send(run.clone());
+        outbox.lost_run(run.clone());
         self.push(id, frame);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn push() -> Frame {
+        super::super::push::gateway_draining(Duration::from_secs(1))
+    }
+
+    /// Pushes never wait on a socket: one that is not reading is closed
+    /// once its queue is full in frames, and what was refused is not left
+    /// charged to its budget.
+    #[test]
+    fn a_push_into_a_full_queue_is_refused_and_closes_the_socket() {
+        let conns = Connections::default();
+        let outbox = Outbox::new(2, 1 << 20);
+        let id = conns.register(outbox.clone());
+        let bytes = push().as_str().len();
+        assert!(conns.push_now(id, push()));
+        assert!(conns.push_now(id, push()));
+        assert!(!outbox.take_signals().killed, "room for two");
+        assert!(!conns.push_now(id, push()));
+        assert!(outbox.take_signals().killed);
+        // The writer hands on the two queued frames; nothing else is held.
+        for _ in 0..2 {
+            assert!(outbox.try_next().is_some());
+            outbox.release(bytes);
+        }
+        assert!(outbox.try_next().is_none());
+        assert!(outbox.budget().try_charge(1 << 21, 1 << 21), "all released");
+    }
+
+    /// Or once its bytes queued would pass twice its budget (its own
+    /// replies may fill the budget itself).
+    #[test]
+    fn a_push_past_twice_the_byte_budget_is_refused_and_closes_the_socket() {
+        let conns = Connections::default();
+        let bytes = push().as_str().len();
+        let outbox = Outbox::new(1000, bytes);
+        let id = conns.register(outbox.clone());
+        assert!(conns.push_now(id, push()));
+        assert!(conns.push_now(id, push()));
+        assert!(!outbox.take_signals().killed);
+        assert!(!conns.push_now(id, push()));
+        assert!(outbox.take_signals().killed);
+        // A closed socket takes nothing; an unknown one is not an error.
+        outbox.close();
+        assert!(!conns.push_now(id, push()));
+        conns.remove(id);
+        assert!(!conns.push_now(id, push()));
+    }
+
+    /// Losing a session tells the connection task which run to stop
+    /// following, beside the push itself.
+    #[test]
+    fn a_lost_session_leaves_its_run_for_the_connection_task() {
+        let conns = Connections::default();
+        let outbox = Outbox::new(4, 1 << 20);
+        let id = conns.register(outbox.clone());
+        let run = RunId::new("lost-1").unwrap();
+        conns.session_lost(id, &run, push());
+        assert_eq!(outbox.take_signals().lost_runs, vec![run]);
+        assert!(outbox.try_next().is_some());
     }
 }

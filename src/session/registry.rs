@@ -281,7 +281,10 @@ pub struct LeasePolicy {
 #[derive(Debug)]
 pub struct SessionRegistry {
     policy: LeasePolicy,
-    sessions: HashMap<SessionId, Session>,
+    /// Boxed: a session is some 250 bytes, and a table that is up to
+    /// half empty after it grows would keep that much room per free slot
+    /// (BENCHMARKS.md, idle sessions).
+    sessions: HashMap<SessionId, Box<Session>>,
     by_run: HashMap<RunId, SessionId>,
     conns: HashMap<ConnId, ConnRecord>,
     deadlines: BTreeSet<(Instant, SessionId)>,
@@ -346,7 +349,7 @@ impl SessionRegistry {
 
     fn socket_main(&self, conn: ConnId) -> Option<SessionView> {
         let main = self.conns.get(&conn)?.main.as_ref()?;
-        self.sessions.get(main).map(Session::view)
+        self.sessions.get(main).map(|s| s.view())
     }
 
     fn attach_fresh(
@@ -411,7 +414,7 @@ impl SessionRegistry {
             .insert(session.run_id.clone(), session.id.clone());
         self.bind(conn, &session.id, session.parent.is_none());
         self.changed.insert(session.id.clone());
-        self.sessions.insert(session.id.clone(), session);
+        self.sessions.insert(session.id.clone(), Box::new(session));
         Ok(AttachOutcome {
             session: view,
             superseded: None,
@@ -477,7 +480,7 @@ impl SessionRegistry {
         let view = self
             .sessions
             .get(&id)
-            .map(Session::view)
+            .map(|s| s.view())
             .ok_or(SessionError::NotAttached)?;
         Ok(AttachOutcome {
             session: view,
@@ -542,6 +545,11 @@ impl SessionRegistry {
         let rec = self.conns.entry(conn).or_default();
         rec.moved_away.retain(|s| s != id);
         if !rec.bound.contains(id) {
+            // Most sockets hold one session: room for exactly that, not the
+            // four a first push makes.
+            if rec.bound.is_empty() {
+                rec.bound.reserve_exact(1);
+            }
             rec.bound.push(id.clone());
         }
         if is_main && rec.main.is_none() {
@@ -832,7 +840,7 @@ impl SessionRegistry {
     /// sessions ended, `id` first (empty if it was not live here).
     pub fn end(&mut self, id: &SessionId, now: Instant) -> Vec<Expired> {
         let live = |s: &Session| !s.expired && !s.elsewhere;
-        if !self.sessions.get(id).is_some_and(live) {
+        if !self.sessions.get(id).is_some_and(|s| live(s)) {
             return Vec::new();
         }
         let mut ids = vec![id.clone()];
@@ -1064,7 +1072,7 @@ impl SessionRegistry {
             .insert((session.deadline, session.id.clone()));
         self.by_run
             .insert(session.run_id.clone(), session.id.clone());
-        self.sessions.insert(session.id.clone(), session);
+        self.sessions.insert(session.id.clone(), Box::new(session));
     }
 
     /// Takes in a record from a store other gateways share: the state of
@@ -1187,7 +1195,7 @@ impl SessionRegistry {
         self.sessions
             .get(id)
             .filter(|s| !s.elsewhere)
-            .map(Session::state)
+            .map(|s| s.state())
     }
 
     /// Every run with a session, and its state.

@@ -126,6 +126,10 @@ pub struct PendingCancel {
 }
 
 /// One change to the stored sessions.
+// Not boxed: changes live only in the batch being saved, and most of a
+// batch are puts; a box would cost an allocation per saved session to
+// spare the few deletes the record's size (its ids are inline).
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SessionChange {
     /// Insert or replace the record with this session id.
