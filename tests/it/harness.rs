@@ -492,6 +492,64 @@ impl GatewayProcess {
     }
 }
 
+/// `n` gateway processes sharing one Redis (`--store URL`) and one auth
+/// key file: `rungate serve --store URL --auth-key-file KEY extra...`,
+/// each with a data directory of its own (kept while this lives).
+pub struct GatewaysOnRedis {
+    /// `None` once killed.
+    nodes: Vec<Option<GatewayProcess>>,
+    pub key: AuthKey,
+    _dirs: Vec<tempfile::TempDir>,
+    _key_dir: tempfile::TempDir,
+}
+
+impl GatewaysOnRedis {
+    pub async fn spawn(redis_url: &str, n: usize, extra: &[&str]) -> GatewaysOnRedis {
+        let key_dir = tempfile::tempdir().unwrap();
+        let key_file = key_dir.path().join("auth.key");
+        let key = AuthKey::load_or_create(&key_file).unwrap();
+        let mut nodes = Vec::new();
+        let mut dirs = Vec::new();
+        for _ in 0..n {
+            let dir = tempfile::tempdir().unwrap();
+            let args: Vec<&str> = [
+                "--store",
+                redis_url,
+                "--auth-key-file",
+                key_file.to_str().unwrap(),
+            ]
+            .into_iter()
+            .chain(extra.iter().copied())
+            .collect();
+            nodes.push(Some(GatewayProcess::spawn(&data_dir(&dir), &args).await));
+            dirs.push(dir);
+        }
+        GatewaysOnRedis {
+            nodes,
+            key,
+            _dirs: dirs,
+            _key_dir: key_dir,
+        }
+    }
+
+    /// Node `i`, which must still be running.
+    pub fn node(&self, i: usize) -> &GatewayProcess {
+        self.nodes[i].as_ref().expect("node is running")
+    }
+
+    /// `kill -9` of node `i`.
+    pub async fn kill(&mut self, i: usize) {
+        self.nodes[i].take().expect("node is running").kill().await;
+    }
+
+    /// SIGTERM to every node still running, each waited for.
+    pub async fn terminate(self) {
+        for node in self.nodes.into_iter().flatten() {
+            node.terminate().await;
+        }
+    }
+}
+
 pub fn data_dir(dir: &tempfile::TempDir) -> PathBuf {
     dir.path().join("data")
 }

@@ -4,61 +4,44 @@
 //! either node; a cancel sent to B reaches the runtime held on A, at once
 //! when attached, and on reattach (to either node) when it was detached.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::harness::*;
-use rungate::auth::{AuthKey, TokenKind};
+use rungate::auth::TokenKind;
 use rungate::ids::Capability;
 use serde_json::{Value, json};
 
 struct Pair {
-    nodes: Vec<GatewayProcess>,
-    key: AuthKey,
+    gateways: GatewaysOnRedis,
     _redis: rungate_test_support::redis::TestRedis,
-    _dirs: Vec<tempfile::TempDir>,
-    _key_dir: tempfile::TempDir,
 }
 
 impl Pair {
     async fn start() -> Option<Pair> {
         let redis = rungate_test_support::redis::start()?;
-        let key_dir = tempfile::tempdir().unwrap();
-        let key_file: PathBuf = key_dir.path().join("auth.key");
-        let key = AuthKey::load_or_create(&key_file).unwrap();
-        let mut nodes = Vec::new();
-        let mut dirs = Vec::new();
-        for _ in 0..2 {
-            let dir = tempfile::tempdir().unwrap();
-            let args = [
-                "--store",
-                redis.url.as_str(),
-                "--auth-key-file",
-                key_file.to_str().unwrap(),
-            ];
-            nodes.push(GatewayProcess::spawn(&dir.path().join("data"), &args).await);
-            dirs.push(dir);
-        }
+        let gateways = GatewaysOnRedis::spawn(&redis.url, 2, &[]).await;
         Some(Pair {
-            nodes,
-            key,
+            gateways,
             _redis: redis,
-            _dirs: dirs,
-            _key_dir: key_dir,
         })
     }
 
     fn url(&self, i: usize, path: &str) -> String {
-        self.nodes[i].url(path)
+        self.gateways.node(i).url(path)
     }
 
     async fn runtime(&self, i: usize) -> Client {
-        let token = mint(&self.key, TokenKind::Runtime, "*", &Capability::ALL);
+        let token = mint(
+            &self.gateways.key,
+            TokenKind::Runtime,
+            "*",
+            &Capability::ALL,
+        );
         Client::connect(&self.url(i, "/v1/runtime"), &token).await
     }
 
     async fn viewer(&self, i: usize, caps: &[Capability]) -> Client {
-        let token = mint(&self.key, TokenKind::Viewer, "*", caps);
+        let token = mint(&self.gateways.key, TokenKind::Viewer, "*", caps);
         Client::connect(&self.url(i, "/v1/stream"), &token).await
     }
 }

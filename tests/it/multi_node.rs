@@ -23,11 +23,10 @@
 //! for an assertion; the only fixed windows are where a test checks that
 //! something does *not* happen (a second `session.expired`).
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::harness::*;
-use rungate::auth::{AuthKey, TokenKind};
+use rungate::auth::TokenKind;
 use rungate::ids::Capability;
 use rungate_test_support::redis::TestRedis;
 use serde_json::{Value, json};
@@ -37,50 +36,19 @@ const CAPS: [&str; 3] = ["kv.read", "kv.write", "stream.resume"];
 /// N gateway processes sharing one Redis and one token key.
 struct Cluster {
     /// Dropped first (killed), before Redis goes.
-    nodes: Vec<Option<GatewayProcess>>,
+    gateways: GatewaysOnRedis,
     redis: TestRedis,
-    key: AuthKey,
-    _dirs: Vec<tempfile::TempDir>,
-    _key_dir: tempfile::TempDir,
 }
 
 impl Cluster {
-    /// Starts `n` gateways on `redis`, each `rungate serve --listen
-    /// 127.0.0.1:0 --data-dir <own dir> --store <redis> --auth-key-file
-    /// <shared> extra...`.
+    /// Starts `n` gateways on `redis` (see [`GatewaysOnRedis`]).
     async fn start(redis: TestRedis, n: usize, extra: &[&str]) -> Cluster {
-        let key_dir = tempfile::tempdir().unwrap();
-        let key_file: PathBuf = key_dir.path().join("auth.key");
-        let key = AuthKey::load_or_create(&key_file).unwrap();
-        let mut dirs = Vec::new();
-        let mut nodes = Vec::new();
-        for _ in 0..n {
-            let dir = tempfile::tempdir().unwrap();
-            let args: Vec<&str> = [
-                "--store",
-                redis.url.as_str(),
-                "--auth-key-file",
-                key_file.to_str().unwrap(),
-            ]
-            .into_iter()
-            .chain(extra.iter().copied())
-            .collect();
-            nodes.push(Some(
-                GatewayProcess::spawn(&dir.path().join("data"), &args).await,
-            ));
-            dirs.push(dir);
-        }
-        Cluster {
-            nodes,
-            redis,
-            key,
-            _dirs: dirs,
-            _key_dir: key_dir,
-        }
+        let gateways = GatewaysOnRedis::spawn(&redis.url, n, extra).await;
+        Cluster { gateways, redis }
     }
 
     fn node(&self, i: usize) -> &GatewayProcess {
-        self.nodes[i].as_ref().expect("node is running")
+        self.gateways.node(i)
     }
 
     fn url(&self, i: usize, path: &str) -> String {
@@ -90,12 +58,17 @@ impl Cluster {
     /// A runtime socket on node `i`, its token covering `runs` with every
     /// capability.
     async fn runtime(&self, i: usize, runs: &str) -> Client {
-        let token = mint(&self.key, TokenKind::Runtime, runs, &Capability::ALL);
+        let token = mint(
+            &self.gateways.key,
+            TokenKind::Runtime,
+            runs,
+            &Capability::ALL,
+        );
         Client::connect(&self.url(i, "/v1/runtime"), &token).await
     }
 
     fn viewer_token(&self, runs: &str) -> String {
-        mint(&self.key, TokenKind::Viewer, runs, &[])
+        mint(&self.gateways.key, TokenKind::Viewer, runs, &[])
     }
 
     /// A viewer socket on node `i`.
@@ -105,7 +78,7 @@ impl Cluster {
 
     /// `kill -9` of node `i`.
     async fn kill(&mut self, i: usize) {
-        self.nodes[i].take().expect("node is running").kill().await;
+        self.gateways.kill(i).await;
     }
 }
 

@@ -426,34 +426,22 @@ async fn two_gateways_on_one_redis_share_a_tenants_quotas() {
     let Some(redis) = rungate_test_support::redis::start() else {
         return;
     };
-    let key_dir = tempfile::tempdir().unwrap();
-    let key_file = key_dir.path().join("auth.key");
-    let key = AuthKey::load_or_create(&key_file).unwrap();
-    let mut nodes = Vec::new();
-    let mut dirs = Vec::new();
-    for _ in 0..2 {
-        let dir = tempfile::tempdir().unwrap();
-        let args = [
-            "--store",
-            redis.url.as_str(),
-            "--auth-key-file",
-            key_file.to_str().unwrap(),
-            "--max-kv-bytes-per-tenant",
-            "5000",
-            "--max-checkpoint-bytes-per-tenant",
-            "5000",
-            "--max-runs-per-tenant",
-            "2",
-        ];
-        nodes.push(GatewayProcess::spawn(&data_dir(&dir), &args).await);
-        dirs.push(dir);
-    }
+    let extra = [
+        "--max-kv-bytes-per-tenant",
+        "5000",
+        "--max-checkpoint-bytes-per-tenant",
+        "5000",
+        "--max-runs-per-tenant",
+        "2",
+    ];
+    // Held whole to the end: its data directories go with it.
+    let cluster = GatewaysOnRedis::spawn(&redis.url, 2, &extra).await;
     // A tenant and runs of this test's own (REDIS_URL may be shared).
     let tenant = unique("tenant");
     let (x1, x2, x3) = (unique("x1"), unique("x2"), unique("x3"));
-    let tok = token(&key, "*", Some(&tenant));
-    let mut on_a = socket(&nodes[0].url("/v1/runtime"), &tok).await;
-    let mut on_b = socket(&nodes[1].url("/v1/runtime"), &tok).await;
+    let tok = token(&cluster.key, "*", Some(&tenant));
+    let mut on_a = socket(&cluster.node(0).url("/v1/runtime"), &tok).await;
+    let mut on_b = socket(&cluster.node(1).url("/v1/runtime"), &tok).await;
     let sa = attach(&mut on_a, &x1).await;
     let sb = attach(&mut on_b, &x2).await;
 
@@ -463,7 +451,7 @@ async fn two_gateways_on_one_redis_share_a_tenants_quotas() {
     let frame = kv_set(&mut on_b, &sb, &x2, json!({ "k": text('b', 2999) })).await;
     assert_eq!(refusal(&frame, "kvBytes"), (3000, 3000, 5000));
     // Runs held on A and B count together.
-    let mut third = socket(&nodes[1].url("/v1/runtime"), &tok).await;
+    let mut third = socket(&cluster.node(1).url("/v1/runtime"), &tok).await;
     let frame = third.call("runtime.attach", attach_payload(&x3)).await;
     assert_eq!(refusal(&frame, "runs"), (2, 1, 2));
     // A delete on A makes room on B.
@@ -481,7 +469,5 @@ async fn two_gateways_on_one_redis_share_a_tenants_quotas() {
     .await;
     on_a.ok("checkpoint.save", save(&sa, &x1, 4990)).await;
     accepted(&kv_set(&mut on_a, &sa, &x1, json!({ "k": text('a', 4999) })).await);
-    for node in nodes {
-        node.terminate().await;
-    }
+    cluster.terminate().await;
 }
