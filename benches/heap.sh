@@ -20,13 +20,10 @@ mkdir -p "$out"
 heaptrack -o "$out/heaptrack" "$bin" serve --listen 127.0.0.1:0 --data-dir "$out/data" >"$out/stdout" 2>"$out/log" &
 hpid=$!
 trap 'kill "$hpid" 2>/dev/null || true' EXIT
-addr=
-for _ in $(seq 400); do
-    addr=$(sed -n 's/^listening on //p' "$out/stdout")
-    [ -n "$addr" ] && break
-    sleep 0.1
-done
-[ -n "$addr" ] || { echo "gateway did not start; see $out/log" >&2; exit 1; }
+# shellcheck source=benches/lib.sh
+. benches/lib.sh
+# heaptrack starts the gateway slowly: up to 40 s.
+addr=$(wait_addr "$out/stdout" "$out/log" 40)
 gpid=$(pgrep -f -- "--data-dir $out/data" | grep -v "^$hpid\$" | tail -1)
 "$loadgen" run --url "ws://$addr" --auth-key-file "$out/data/auth.key" --json --gateway-pid "$gpid" \
     --sessions "$sessions" --sessions-per-socket 1 --duration 5 --settle 3 >"$out/loadgen.json" 2>"$out/loadgen.log"

@@ -217,16 +217,8 @@ wait_quiet() {
 }
 
 # wait_addr STDOUT LOG: the address a server printed ("listening on ADDR").
-wait_addr() {
-    local addr=
-    for _ in $(seq 200); do
-        addr=$(sed -n 's/^listening on //p' "$1")
-        [ -n "$addr" ] && break
-        sleep 0.05
-    done
-    [ -n "$addr" ] || { echo "server did not start; see $2" >&2; return 1; }
-    echo "$addr"
-}
+# shellcheck source=benches/lib.sh
+. benches/lib.sh
 
 # disk_ceiling: bytes/s this disk takes as 2 MiB appends each followed by
 # fdatasync (the most a synced log could reach), into a file under OUT.
