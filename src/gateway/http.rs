@@ -323,13 +323,14 @@ async fn run_events(shared: Arc<Shared>, req: &Request<Incoming>) -> Response<Bo
     // from another gateway over the same Redis whose copy was further on:
     // this copy catches up first, so that the offset (SSE says no epoch)
     // is not taken for another history and replayed from the start.
-    let head = shared.streams.summary(&run).map_or(0, |s| s.next_offset);
-    if start.first_wanted() > head {
+    let mut summary = shared.streams.summary(&run);
+    if start.first_wanted() > summary.as_ref().map_or(0, |s| s.next_offset) {
         shared.streams.catch_up(&run).await;
+        summary = shared.streams.summary(&run);
     }
     // A reader that has seen the whole of an ended run gets 204, the one
     // answer that makes a browser's EventSource stop reconnecting.
-    if let Some(end) = shared.streams.summary(&run).and_then(|s| s.end)
+    if let Some(end) = summary.and_then(|s| s.end)
         && start.past_end(end.next_offset)
     {
         let mut r = respond(StatusCode::NO_CONTENT, "text/plain", Bytes::new());
