@@ -24,5 +24,5 @@ if [[ ! -x "$venv/bin/python" ]]; then
 fi
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -e "$here[test]"
 cd "$here"
-"$venv/bin/python" -m mypy --strict src tests
+"$venv/bin/python" -m mypy --strict src tests tools
 exec "$venv/bin/python" -m pytest -q "$@"

@@ -102,13 +102,7 @@ impl Gateway {
         let Some(mut c) = self.child.take() else {
             return Ok(true);
         };
-        if let Some(pid) = c.id() {
-            // SAFETY: kill(2) on our own child's pid, which has not been
-            // reaped yet (we hold its handle), so it cannot be reused.
-            unsafe {
-                libc::kill(pid as libc::pid_t, libc::SIGTERM);
-            }
-        }
+        sigterm(&c);
         match tokio::time::timeout(limit, c.wait()).await {
             Ok(status) => Ok(status?.success()),
             Err(_) => {
@@ -211,5 +205,16 @@ impl RedisServer {
             c.kill().await?;
         }
         Ok(())
+    }
+}
+
+/// Sends `SIGTERM` to a child of ours that has not been reaped.
+pub(crate) fn sigterm(child: &Child) {
+    if let Some(pid) = child.id() {
+        // SAFETY: kill(2) on our own child's pid, which has not been
+        // reaped yet (we hold its handle), so it cannot be reused.
+        unsafe {
+            libc::kill(pid as libc::pid_t, libc::SIGTERM);
+        }
     }
 }

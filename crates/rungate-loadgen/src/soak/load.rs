@@ -53,9 +53,24 @@ pub(crate) struct LoadStats {
     pub(crate) viewer_errors: BTreeMap<String, u64>,
     pub(crate) sse_responses: u64,
     pub(crate) gap_checks_failed: u64,
+    /// Events acknowledged to each runtime program of another client
+    /// library (`ts-6`, `py-8`).
+    pub(crate) client_acked: BTreeMap<String, u64>,
+    /// What went wrong with those programs (an early exit, a bad line).
+    pub(crate) runtime_failures: Vec<String>,
 }
 
-fn bump(map: &mut BTreeMap<String, u64>, key: impl Into<String>) {
+impl LoadStats {
+    /// One publish's round trip, whatever its outcome.
+    pub(crate) fn round_trip(&mut self, took: Duration) {
+        let h = self.publish_us.get_or_insert_with(|| {
+            Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid histogram bounds")
+        });
+        let _ = h.record((took.as_micros() as u64).max(1));
+    }
+}
+
+pub(crate) fn bump(map: &mut BTreeMap<String, u64>, key: impl Into<String>) {
     *map.entry(key.into()).or_insert(0) += 1;
 }
 
@@ -73,7 +88,8 @@ pub(crate) struct Ctx {
     pub(crate) runs: Vec<String>,
     pub(crate) ledger: Ledger,
     pub(crate) stats: Mutex<LoadStats>,
-    /// Set by the scheduler: this slot's run is to be taken over.
+    /// Set by the scheduler: this slot's run is to be taken over (one per
+    /// Rust runtime; the runtimes on other clients come after them).
     pub(crate) takeover: Vec<AtomicBool>,
     pub(crate) next_publisher: AtomicU64,
     /// Events per second, per runtime.
@@ -138,10 +154,7 @@ impl Ctx {
 
     fn record_publish(&self, took: Duration, result: &Result<(), ClientError>, events: usize) {
         let mut s = self.stats.lock();
-        let h = s.publish_us.get_or_insert_with(|| {
-            Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid histogram bounds")
-        });
-        let _ = h.record((took.as_micros() as u64).max(1));
+        s.round_trip(took);
         s.events_sent += events as u64;
         match result {
             Ok(()) => s.publishes_ok += 1,

@@ -53,6 +53,7 @@
 //! use gateway internals beyond minting tokens with its key type.
 
 mod checker;
+mod external;
 mod gateway;
 mod load;
 mod sse;
@@ -91,6 +92,31 @@ pub struct SoakArgs {
     /// Runtimes, one run each.
     #[arg(long, default_value_t = 6)]
     pub runtimes: usize,
+    /// Runtimes on the TypeScript client (`soak/runtime.mjs` of
+    /// `--ts-client-dir`, which must be built), one run each, never taken
+    /// over.
+    #[arg(long, default_value_t = 0)]
+    pub ts_runtimes: usize,
+    /// Runtimes on the Python client (`tools/soak_runtime.py` of
+    /// `--py-client-dir`), one run each, never taken over.
+    #[arg(long, default_value_t = 0)]
+    pub py_runtimes: usize,
+    /// The Node.js the TypeScript runtimes run under.
+    #[arg(long, default_value = "node")]
+    pub node_bin: PathBuf,
+    /// The Python the Python runtimes run under [default: the client's
+    /// `.venv/bin/python` if its test.sh made one, else `python3`; the
+    /// client's `src` is put on `PYTHONPATH`, so it needs only `websockets`].
+    #[arg(long)]
+    pub python_bin: Option<PathBuf>,
+    /// The TypeScript client [default: `clients/typescript` of the
+    /// repository this soak was built from].
+    #[arg(long)]
+    pub ts_client_dir: Option<PathBuf>,
+    /// The Python client [default: `clients/python` of the repository this
+    /// soak was built from].
+    #[arg(long)]
+    pub py_client_dir: Option<PathBuf>,
     /// Events per second per runtime.
     #[arg(long, default_value_t = 4.0)]
     pub rate: f64,
@@ -218,6 +244,10 @@ pub struct SoakReport {
     pub fenced_accepted: u64,
     /// Fresh attaches after a lease ran out.
     pub reattaches: u64,
+    /// Events acknowledged to each runtime program on the TypeScript or
+    /// Python client (`ts-6`, `py-8`: language and slot). They count in
+    /// `events_sent` and `publishes_ok` only when acknowledged.
+    pub client_acked: BTreeMap<String, u64>,
     /// SSE responses that ended and were resumed.
     pub sse_responses: u64,
     /// Reported gaps that could not be checked (the gateway could not be
@@ -351,8 +381,29 @@ pub async fn soak(args: SoakArgs) -> anyhow::Result<SoakReport> {
     }
     let viewer_proxy = proxies[proxies.len() - 1].clone();
 
+    // The Rust runtimes' runs first (slots 0..runtimes, the ones takeovers
+    // pick from), then one per TypeScript and per Python runtime program.
+    let mut programs: Vec<Arc<external::Program>> = Vec::new();
+    if args.ts_runtimes > 0 {
+        let dir = client_dir(&args.ts_client_dir, "typescript");
+        let node = args.node_bin.clone();
+        let program = Arc::new(external::Program::typescript(node, &dir, &work_dir)?);
+        programs.extend(std::iter::repeat_n(program, args.ts_runtimes));
+    }
+    if args.py_runtimes > 0 {
+        let dir = client_dir(&args.py_client_dir, "python");
+        let python = args.python_bin.clone();
+        let program = Arc::new(external::Program::python(python, &dir, &work_dir)?);
+        programs.extend(std::iter::repeat_n(program, args.py_runtimes));
+    }
     let runs: Vec<String> = (0..args.runtimes)
         .map(|i| format!("{prefix}run-{i}"))
+        .chain(
+            programs
+                .iter()
+                .enumerate()
+                .map(|(i, p)| format!("{prefix}{}-{}", p.lang.short(), args.runtimes + i)),
+        )
         .collect();
     let ctx = Arc::new(Ctx {
         url_base: format!("ws://{}", proxies[0].addr()),
@@ -428,8 +479,16 @@ pub async fn soak(args: SoakArgs) -> anyhow::Result<SoakReport> {
 
     let began = Instant::now();
     let mut publishers = JoinSet::new();
-    for slot in 0..runs.len() {
+    for slot in 0..args.runtimes {
         publishers.spawn(load::runtime_slot(ctx.clone(), slot));
+    }
+    for (i, program) in programs.iter().enumerate() {
+        let slot = args.runtimes + i;
+        publishers.spawn(external::runtime_process(
+            ctx.clone(),
+            slot,
+            program.clone(),
+        ));
     }
 
     let faults: Arc<Mutex<BTreeMap<String, u64>>> = Arc::default();
@@ -468,7 +527,7 @@ pub async fn soak(args: SoakArgs) -> anyhow::Result<SoakReport> {
             bad_drains.clone(),
         ));
     }
-    if args.takeover_every > 0.0 && !runs.is_empty() {
+    if args.takeover_every > 0.0 && args.runtimes > 0 {
         let schedule = Schedule {
             every: args.takeover_every,
             until: end_at,
@@ -694,6 +753,17 @@ pub async fn soak(args: SoakArgs) -> anyhow::Result<SoakReport> {
     if !caught_up {
         failures.push("viewers did not catch up within the drain".to_owned());
     }
+    failures.extend(
+        stats
+            .runtime_failures
+            .iter()
+            .map(|f| format!("runtime program {f}")),
+    );
+    for (label, acked) in &stats.client_acked {
+        if *acked == 0 {
+            failures.push(format!("runtime program {label} had nothing acknowledged"));
+        }
+    }
     if verdict.acked == 0 {
         failures.push("nothing was acknowledged: the soak measured nothing".to_owned());
     }
@@ -707,6 +777,8 @@ pub async fn soak(args: SoakArgs) -> anyhow::Result<SoakReport> {
     let mut settings = BTreeMap::new();
     for (k, v) in [
         ("runtimes", args.runtimes.to_string()),
+        ("ts_runtimes", args.ts_runtimes.to_string()),
+        ("py_runtimes", args.py_runtimes.to_string()),
         ("rate", args.rate.to_string()),
         ("batch", args.batch.to_string()),
         ("event_bytes", args.event_bytes.to_string()),
@@ -739,6 +811,7 @@ pub async fn soak(args: SoakArgs) -> anyhow::Result<SoakReport> {
         fenced_refused: stats.fenced_refused,
         fenced_accepted: stats.fenced_accepted,
         reattaches: stats.reattaches,
+        client_acked: stats.client_acked,
         sse_responses: stats.sse_responses,
         gap_checks_failed: stats.gap_checks_failed,
         verdict,
@@ -784,6 +857,16 @@ impl Schedule {
         let hold = Duration::from_millis(rand::random_range(ms));
         tokio::time::sleep_until((Instant::now() + hold).min(self.until)).await;
     }
+}
+
+/// A client library's directory: the flag's, else `clients/<name>` of the
+/// repository this crate was built from.
+fn client_dir(flag: &Option<PathBuf>, name: &str) -> PathBuf {
+    flag.clone().unwrap_or_else(|| {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../clients")
+            .join(name)
+    })
 }
 
 fn count(faults: &Mutex<BTreeMap<String, u64>>, kind: &str) {
@@ -907,7 +990,7 @@ async fn takeovers(
     faults: Arc<Mutex<BTreeMap<String, u64>>>,
 ) -> anyhow::Result<()> {
     while schedule.next().await {
-        let slot = rand::random_range(0..ctx.runs.len());
+        let slot = rand::random_range(0..ctx.takeover.len());
         ctx.takeover[slot].store(true, Ordering::SeqCst);
         count(&faults, "runtime: takeover by a higher epoch");
     }
@@ -975,6 +1058,18 @@ impl fmt::Display for SoakReport {
             self.bad_drains,
             self.panics.len()
         )?;
+        if !self.client_acked.is_empty() {
+            let each: Vec<String> = self
+                .client_acked
+                .iter()
+                .map(|(k, n)| format!("{k} {n}"))
+                .collect();
+            writeln!(
+                f,
+                "  acknowledged to the TypeScript/Python runtimes: {}",
+                each.join(", ")
+            )?;
+        }
         if !self.publish_errors.is_empty() {
             writeln!(
                 f,
