@@ -16,6 +16,10 @@
 //!    one publish after another; `--ws-viewers` WebSocket viewers follow
 //!    `--follow` runs each and `--sse-viewers` SSE viewers one run each,
 //!    all from offset 0. Every run has at least one viewer.
+//!    `--ts-runtimes` and `--py-runtimes` add runtimes on the TypeScript
+//!    and Python clients, child processes with a run each (`external`),
+//!    whose acknowledged publishes go into the same ledger; takeovers
+//!    leave them alone.
 //! 3. For `--duration-secs`, three schedulers inject faults at random
 //!    (uniform between half and one and a half times their mean period):
 //!    - network (`--net-fault-every`): cut every connection, cut about a
