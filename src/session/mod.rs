@@ -30,15 +30,21 @@ pub use registry::{
 };
 
 /// How often renewed leases are saved. A restarted gateway adds twice this
-/// to every saved deadline, so no runtime loses a lease it was promised
-/// because its last heartbeat had not been saved yet.
+/// (plus the renewal save step) to every saved deadline, so no runtime
+/// loses a lease it was promised because its last heartbeat had not been
+/// saved yet.
 pub const RENEWALS_SAVED_EVERY: Duration = Duration::from_secs(1);
 
 /// Added to a saved lease deadline when a session comes back from the
-/// store (a restart, or one taken over from another gateway): the saved
-/// deadline may be up to a renewal period behind the one the runtime was
-/// promised, so it is never cut short, and is at most this much late.
-const SAVED_DEADLINE_SLACK: Duration = Duration::from_secs(RENEWALS_SAVED_EVERY.as_secs() * 2);
+/// store (a restart, or one taken over from another gateway). The saved
+/// deadline may be behind the one the runtime was promised by up to
+/// [`LeasePolicy::renewal_save_step`] (renewals that moved it less were not
+/// written) plus a renewal period (one not saved yet) and the save itself;
+/// with this slack the lease is never cut short, and at most this much
+/// late.
+fn saved_deadline_slack(policy: LeasePolicy) -> Duration {
+    policy.renewal_save_step() + RENEWALS_SAVED_EVERY * 2
+}
 
 /// Renewals saved per slice: a few hundred records is tens of
 /// microseconds under the lock.
@@ -90,7 +96,7 @@ impl Sessions {
         let records = store.sessions_load().await?;
         let sessions = Sessions::new(policy, store, clock);
         let ((restored, expired), saved) = sessions.with_new_deadline(|r| {
-            let restored = r.restore(records, &clock, SAVED_DEADLINE_SLACK);
+            let restored = r.restore(records, &clock, saved_deadline_slack(r.policy()));
             let expired = r.expire_due(clock.now());
             (restored, expired)
         });
@@ -211,13 +217,10 @@ impl Sessions {
         let (lost, clock) = (self.lost_tx.clone(), self.clock);
         Box::pin(async move {
             for (record, held_here) in loaded.await? {
-                let superseded = registry.lock().adopt(
-                    record,
-                    held_here,
-                    &clock,
-                    SAVED_DEADLINE_SLACK,
-                    clock.now(),
-                );
+                let mut r = registry.lock();
+                let slack = saved_deadline_slack(r.policy());
+                let superseded = r.adopt(record, held_here, &clock, slack, clock.now());
+                drop(r);
                 for s in superseded {
                     let _ = lost.send(s);
                 }
@@ -249,7 +252,13 @@ impl Sessions {
         let (_, saved) = self.with_new_deadline(|r| {
             let now = self.clock.now();
             for record in records {
-                r.adopt(record, true, &self.clock, SAVED_DEADLINE_SLACK, now);
+                r.adopt(
+                    record,
+                    true,
+                    &self.clock,
+                    saved_deadline_slack(r.policy()),
+                    now,
+                );
             }
         });
         saved.await?;

@@ -155,6 +155,11 @@ struct Session {
     expired: bool,
     /// The key of this session's entry in `deadlines`.
     deadline: Instant,
+    /// The deadline in the last record of this session taken for saving;
+    /// `None` when that is not known (a session read from the store). A
+    /// renewal is saved only once it moves the deadline more than
+    /// [`SessionRegistry::renewal_save_step`] past this.
+    saved_deadline: Option<Instant>,
     /// Sockets that held the session before and still remember it (they
     /// answer `STALE_EPOCH` for it); kept so forgetting the session can tidy
     /// them. Usually zero or one entry.
@@ -214,6 +219,7 @@ impl Session {
             owner: None,
             expired: r.expired,
             deadline,
+            saved_deadline: None,
             former_owners: Vec::new(),
             elsewhere,
             cancel: r.pending_cancel,
@@ -275,6 +281,22 @@ pub struct LeasePolicy {
     /// by the store where a fresh session is saved (see
     /// [`crate::store::Store::sessions_save_within`]), not here.
     pub max_runs_per_tenant: u64,
+}
+
+impl LeasePolicy {
+    /// How far a session's deadline may run ahead of its saved one before
+    /// a renewal is saved: one lease. A heartbeat that moves the deadline
+    /// less is not written, so a runtime heartbeating at the interval is
+    /// saved about once per lease (every fourth heartbeat at the default
+    /// three heartbeats per lease) rather than at every beat, which was
+    /// most of the store's work at thousands of sessions (BENCHMARKS.md,
+    /// heartbeats). The price is paid only after a restart or take-over: a
+    /// restored lease may last up to this much longer than promised
+    /// (see the slack `session::Sessions` adds to a saved deadline), never
+    /// less.
+    pub fn renewal_save_step(&self) -> Duration {
+        self.lease_ttl
+    }
 }
 
 /// All sessions. See the module docs.
@@ -402,6 +424,7 @@ impl SessionRegistry {
             owner: Some(conn),
             expired: false,
             deadline: now + self.policy.lease_ttl,
+            saved_deadline: None,
             former_owners: Vec::new(),
             elsewhere: false,
             cancel: None,
@@ -631,7 +654,13 @@ impl SessionRegistry {
                 .remove(&(session.deadline, session_id.clone()));
             session.deadline = new_deadline;
             self.deadlines.insert((new_deadline, session_id.clone()));
-            self.renewed.insert(session_id.clone());
+            let step = self.policy.renewal_save_step();
+            if session
+                .saved_deadline
+                .is_none_or(|saved| new_deadline > saved + step)
+            {
+                self.renewed.insert(session_id.clone());
+            }
             return Ok(session.view());
         }
         Err(SessionError::NotAttached)
@@ -1002,8 +1031,11 @@ impl SessionRegistry {
             .into_iter()
             .map(|id| {
                 self.renewed.remove(&id);
-                match self.sessions.get(&id) {
-                    Some(s) => SessionChange::Put(s.record(clock)),
+                match self.sessions.get_mut(&id) {
+                    Some(s) => {
+                        s.saved_deadline = Some(s.deadline);
+                        SessionChange::Put(s.record(clock))
+                    }
                     None => SessionChange::Delete(id),
                 }
             })
@@ -1022,7 +1054,8 @@ impl SessionRegistry {
         let mut records = Vec::with_capacity(ids.len());
         for id in ids {
             self.renewed.remove(&id);
-            if let Some(s) = self.sessions.get(&id) {
+            if let Some(s) = self.sessions.get_mut(&id) {
+                s.saved_deadline = Some(s.deadline);
                 records.push(SessionChange::Put(s.record(clock)));
             }
         }

@@ -554,13 +554,22 @@ async fn changes_are_taken_once_and_heartbeats_are_renewals_only() {
     );
     assert!(reg.take_changes(&clock).is_empty(), "taken twice");
 
-    let later = now + Duration::from_secs(10);
-    reg.heartbeat(A, &s.session_id, &s.run_id, None, later)
+    // A renewal that moves the deadline less than a lease past the saved
+    // one is not written (a restore adds that much slack)...
+    let sooner = now + Duration::from_secs(10);
+    reg.heartbeat(A, &s.session_id, &s.run_id, None, sooner)
         .unwrap();
     assert!(
         reg.take_changes(&clock).is_empty(),
         "a heartbeat is no change"
     );
+    assert!(!reg.has_renewals(), "within a lease of the saved deadline");
+    // ... one that moves it further is.
+    let later = now + TTL + Duration::from_millis(1);
+    assert!(later < sooner + TTL, "still within the lease");
+    reg.heartbeat(A, &s.session_id, &s.run_id, None, later)
+        .unwrap();
+    assert!(reg.take_changes(&clock).is_empty());
     let renewed = puts(reg.take_renewals(&clock, usize::MAX));
     assert_eq!(
         renewed[0].deadline_unix_ms,
@@ -819,6 +828,52 @@ fn recovery_that_would_overfill_a_socket_moves_nothing() {
     assert_eq!(reg.sessions_on(A), 2, "the sub-runs stayed where they were");
 }
 
+/// However heartbeats fall, once the upkeep has taken the renewals (once a
+/// second) the last saved deadline plus the slack a restore adds is never
+/// earlier than the deadline the runtime was last promised: skipping the
+/// renewals that move the deadline less than a lease costs a restored
+/// lease nothing. (A heartbeat answered in the second before a crash is
+/// covered only by the slack, as before any thinning.)
+#[tokio::test(start_paused = true)]
+async fn a_saved_deadline_plus_the_restore_slack_covers_every_promise() {
+    let clock = Clock::start();
+    let mut reg = registry();
+    let start = clock.now();
+    let s = attach(&mut reg, A, params("r1", "i1", false, None, &[]), start).session;
+    let slack = super::saved_deadline_slack(reg.policy());
+    let interval = reg.policy().heartbeat_interval;
+    let mut saved = puts(reg.take_changes(&clock))[0].deadline_unix_ms;
+    let mut promised = saved;
+    let (mut writes, mut beats) = (1, 0);
+    // Heartbeats at the interval, up to 0.6 s early; the upkeep takes
+    // renewals once a second.
+    let mut next_save = start + super::RENEWALS_SAVED_EVERY;
+    let mut at = start;
+    for i in 0..200u32 {
+        at += interval - Duration::from_millis(u64::from(i % 7) * 100);
+        while next_save <= at {
+            for r in puts(reg.take_renewals(&clock, usize::MAX)) {
+                saved = r.deadline_unix_ms;
+                writes += 1;
+            }
+            assert!(
+                saved + slack.as_millis() as u64 >= promised,
+                "beat {i}: saved {saved} + slack {slack:?} < promised {promised}"
+            );
+            next_save += super::RENEWALS_SAVED_EVERY;
+        }
+        let view = reg
+            .heartbeat(A, &s.session_id, &s.run_id, None, at)
+            .unwrap();
+        beats += 1;
+        promised = clock.wall(view.lease_deadline).unix_millis();
+    }
+    assert!(
+        writes * 3 <= beats,
+        "{writes} writes for {beats} heartbeats: renewals are not thinned"
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn renewals_are_taken_in_slices() {
     let clock = Clock::start();
@@ -832,9 +887,12 @@ async fn renewals_are_taken_in_slices() {
     // Saving a change saves the deadline too: nothing is left to renew.
     reg.take_changes(&clock);
     assert!(!reg.has_renewals());
-    for (conn, s) in &sessions {
-        reg.heartbeat(*conn, &s.session_id, &s.run_id, None, now)
-            .unwrap();
+    // Renewals worth saving: more than a lease past the saved deadline.
+    for at in [now + TTL / 2, now + TTL * 3 / 2] {
+        for (conn, s) in &sessions {
+            reg.heartbeat(*conn, &s.session_id, &s.run_id, None, at)
+                .unwrap();
+        }
     }
     let mut taken = 0;
     while reg.has_renewals() {

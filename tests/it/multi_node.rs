@@ -767,7 +767,7 @@ async fn a_dead_nodes_session_expires_on_exactly_one_other_node() {
     c.kill(0).await;
 
     // Taken over once A has been silent for 5 s, then the lease (saved
-    // deadline + 2 s slack) runs out there.
+    // deadline + a lease + 2 s slack) runs out there.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     let mut viewer = c.viewer(1, run).await;
     loop {

@@ -156,15 +156,15 @@ async fn session_moves_and_sub_runs_survive_kill_9() {
 async fn a_lease_that_ran_out_while_down_expires_on_start() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    // 1 s heartbeats, 1.5 s leases: with the restore slack (2 s), 5 s down
-    // is well past the deadline however slow the machine.
+    // 1 s heartbeats, 1.5 s leases: with the restore slack (a lease plus
+    // 2 s), 8 s down is well past the deadline however slow the machine.
     let short = ["--heartbeat-interval-ms", "1000", "--lease-ttl-ms", "1500"];
     let gw = GatewayProcess::spawn(&data, &short).await;
     let token = cli_token(&data.join("auth.key"), "runtime", "*", CAPS);
     let mut rt = Client::connect(&gw.url("/v1/runtime"), &token).await;
     let old = rt.attach("late", "w", &[]).await["sessionId"].clone();
     gw.kill().await;
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    tokio::time::sleep(Duration::from_secs(8)).await;
 
     let gw = GatewayProcess::spawn(&data, &short).await;
     let mut rt = Client::connect(&gw.url("/v1/runtime"), &token).await;

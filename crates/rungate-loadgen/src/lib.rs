@@ -660,6 +660,9 @@ pub async fn run(args: LoadgenArgs) -> Result<Report, LoadgenError> {
         })
         .await;
     }
+    // Nothing measured may wait behind the closing of thousands of other
+    // sockets (a gateway's work per close delays replies still in flight).
+    wait_for(secs(args.drain_timeout), || get(&st.counted_in_flight) == 0).await;
     progress.phase(Phase::Close, "closing sockets");
     let _ = phase_tx.send(Phase::Close);
     let _ = tokio::time::timeout(Duration::from_secs(15), async {

@@ -9,6 +9,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
@@ -17,7 +18,7 @@ use tokio::time::{Instant, MissedTickBehavior, interval_at, timeout};
 use tokio_tungstenite::tungstenite::Message;
 
 use super::net::{self, Ws};
-use super::stats::{Kind, add};
+use super::stats::{Kind, Stats, add};
 use super::wire::{self, Incoming, PublishScratch, SessionRef};
 use super::{Phase, Rate, Shared};
 
@@ -65,9 +66,32 @@ impl Conn {
         self.next_id
     }
 
-    fn take(&mut self, id: u64) -> Option<Pending> {
+    /// Records a request just sent.
+    fn sent(&mut self, stats: &Stats, pending: Pending) {
+        if pending.counted {
+            add(&stats.counted_in_flight, 1);
+        }
+        self.pending.push_back(pending);
+    }
+
+    /// The request `id` was answered.
+    fn take(&mut self, stats: &Stats, id: u64) -> Option<Pending> {
         let at = self.pending.iter().position(|p| p.id == id)?;
-        self.pending.remove(at)
+        let p = self.pending.remove(at)?;
+        if p.counted {
+            stats.counted_in_flight.fetch_sub(1, Ordering::Relaxed);
+        }
+        Some(p)
+    }
+
+    /// The socket is done: what is still pending will not be answered.
+    fn abandon(&mut self, stats: &Stats) {
+        let counted = self.pending.iter().filter(|p| p.counted).count() as u64;
+        stats
+            .counted_in_flight
+            .fetch_sub(counted, Ordering::Relaxed);
+        add(&stats.unanswered, self.pending.len() as u64);
+        self.pending.clear();
     }
 
     fn publishes_in_flight(&self) -> usize {
@@ -329,7 +353,7 @@ pub(crate) async fn run_socket(sh: Arc<Shared>, index: usize) {
                 };
                 match wire::classify(text.as_str()) {
                     Incoming::Reply { id: Some(id) } => {
-                        if let Some(p) = conn.take(id) {
+                        if let Some(p) = conn.take(stats, id) {
                             if p.counted {
                                 stats.rtt(p.kind).since(p.sent);
                             }
@@ -343,7 +367,7 @@ pub(crate) async fn run_socket(sh: Arc<Shared>, index: usize) {
                         }
                     }
                     Incoming::Error { id, code } => {
-                        let p = id.and_then(|id| conn.take(id));
+                        let p = id.and_then(|id| conn.take(stats, id));
                         if p.as_ref().is_some_and(|p| p.kind == Kind::Publish) {
                             add(&stats.batches_refused, 1);
                         }
@@ -356,10 +380,12 @@ pub(crate) async fn run_socket(sh: Arc<Shared>, index: usize) {
             _ = tokio::time::sleep_until(closing.unwrap_or_else(Instant::now)), if closing.is_some() => {}
             _ = beat.tick(), if closing.is_none() => {
                 let now = Instant::now();
-                let counted = phase == Phase::Traffic;
+                // The phase now, not as this loop last saw it: a tick
+                // taken just after the stop is not traffic.
+                let counted = *phase_rx.borrow() == Phase::Traffic;
                 for s in &sessions {
                     let id = conn.id();
-                    conn.pending.push_back(Pending { id, kind: Kind::Heartbeat, sent: now, events: 0, counted });
+                    conn.sent(stats, Pending { id, kind: Kind::Heartbeat, sent: now, events: 0, counted });
                     if conn.ws.feed(wire::heartbeat(id, s)).await.is_err() {
                         failed = true;
                         break;
@@ -386,7 +412,7 @@ pub(crate) async fn run_socket(sh: Arc<Shared>, index: usize) {
         }
     }
 
-    add(&stats.unanswered, conn.pending.len() as u64);
+    conn.abandon(stats);
     settle_publisher(&sh, publisher, prefill_counted, mode == Mode::Done);
     let _ = timeout(Duration::from_secs(5), async {
         let _ = conn.ws.close(None).await;
@@ -416,12 +442,15 @@ async fn send_publish(
         sh.now_us(),
     );
     *seq += count as u64;
-    conn.pending.push_back(Pending {
-        id,
-        kind: Kind::Publish,
-        sent: Instant::now(),
-        events: count as u32,
-        counted,
-    });
+    conn.sent(
+        &sh.stats,
+        Pending {
+            id,
+            kind: Kind::Publish,
+            sent: Instant::now(),
+            events: count as u32,
+            counted,
+        },
+    );
     conn.ws.send(frame).await.is_ok()
 }

@@ -133,6 +133,10 @@ pub(crate) struct Stats {
     pub last_delivery_us: AtomicU64,
     /// Requests still unanswered when their socket closed.
     pub unanswered: AtomicU64,
+    /// Requests sent in the traffic phase and not yet answered (or given
+    /// up on): the close waits for none, so no measured round trip waits
+    /// behind thousands of other sockets closing.
+    pub counted_in_flight: AtomicU64,
     pub connect: Latency,
     pub rtt: [Latency; 4],
     pub publish_to_viewer: Latency,
