@@ -7,7 +7,8 @@
 #   benches/scenarios.sh c    # ingest: 100 runtimes, batches of 100 × 200 B as fast as acknowledged
 #                             # (also: the disk's synced-write ceiling, measured before each
 #                             # gateway run, and the log's write amplification from /proc/PID/io)
-#   benches/scenarios.sh d    # fan-out: one run, 1,000 viewers: deliveries/s, publish-to-viewer latency (RATE=N batches/s paces the publisher)
+#   benches/scenarios.sh d    # fan-out: one run, 1,000 viewers: deliveries/s, publish-to-viewer latency (RATE=N batches/s paces the publisher;
+#                             # WINDOW=N publishes in flight, default 2)
 #   benches/scenarios.sh e    # resume: 1,000 viewers replay 10,000 events from offset 0: time to caught up
 #
 # Each run starts the release gateway (fresh data dir, port 0) and runs
@@ -153,7 +154,7 @@ d)
     pace=${RATE:-max}
     if [ "$pace" = max ]; then pace_text="as fast as acknowledged"; else pace_text="at $pace batches/s"; fi
     what="one run, ${VIEWERS:-1000} viewers, one publisher of 100 × 200 B batches $pace_text for ${DURATION:-10} s"
-    lg_flags=(--sessions 1 --viewers "${VIEWERS:-1000}" --rate "$pace" --window 2 --batch 100 --event-bytes 200 --duration "${DURATION:-10}")
+    lg_flags=(--sessions 1 --viewers "${VIEWERS:-1000}" --rate "$pace" --window "${WINDOW:-2}" --batch 100 --event-bytes 200 --duration "${DURATION:-10}")
     metrics=("deliveries/s|.events.delivered_per_sec"
         "accepted events/s|.events.accepted_per_sec"
         "publish→viewer p50 µs|.events.publish_to_viewer.p50_us"
