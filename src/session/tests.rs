@@ -157,10 +157,10 @@ fn leases_expire_on_time_and_heartbeats_renew_them() {
     let s = attach(&mut reg, A, params("r1", "i1", false, None, &[]), t0).session;
     assert_eq!(reg.next_deadline(), Some(t0 + TTL));
     let t1 = t0 + Duration::from_secs(20);
-    let hb = reg
+    let deadline = reg
         .heartbeat(A, &s.session_id, &s.run_id, None, t1)
         .unwrap();
-    assert_eq!(hb.lease_deadline, t1 + TTL);
+    assert_eq!(deadline, t1 + TTL);
     // The old deadline passes: nothing expires.
     assert!(reg.expire_due(t0 + TTL + Duration::from_secs(1)).is_empty());
     assert_eq!(reg.next_deadline(), Some(t1 + TTL));
@@ -862,11 +862,11 @@ async fn a_saved_deadline_plus_the_restore_slack_covers_every_promise() {
             );
             next_save += super::RENEWALS_SAVED_EVERY;
         }
-        let view = reg
+        let deadline = reg
             .heartbeat(A, &s.session_id, &s.run_id, None, at)
             .unwrap();
         beats += 1;
-        promised = clock.wall(view.lease_deadline).unix_millis();
+        promised = clock.wall(deadline).unix_millis();
     }
     assert!(
         writes * 3 <= beats,
