@@ -613,9 +613,12 @@ async fn runs_list_shows_covered_runs_and_their_session_state() {
 
 #[tokio::test]
 async fn a_stream_dropped_after_retention_tells_its_followers() {
+    // The lease must outlast attach + publish on a busy machine (300 ms
+    // did not, once, at load 8.5: SESSION_EXPIRED before the publish), and
+    // its expiry, the retention and the next sweep must all fit in WAIT.
     let gw = TestGateway::start_with(|c| {
         c.heartbeat_interval = Duration::from_millis(1000);
-        c.lease_ttl = Duration::from_millis(300);
+        c.lease_ttl = Duration::from_millis(2000);
         c.streams.retention = Duration::from_millis(200);
     })
     .await;
