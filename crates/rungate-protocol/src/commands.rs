@@ -262,10 +262,20 @@ fn typed_at<'de, T: Deserialize<'de>>(text: &'de str, root: &str) -> Result<T, C
 /// Deserializes `text`, or answers the JSON pointer (under `root`) of the
 /// member that broke the type and serde's reason: requests' `details.path`
 /// and [`crate::push::PushError`] both come from here.
+///
+/// A valid payload is typed by serde alone; only one that fails is read
+/// again through `serde_path_to_error` to find where. Tracking the path on
+/// every frame cost a wrapper call per member and per element of every
+/// frame, most of which are fine (BENCHMARKS.md, the command parse).
 pub(crate) fn deserialize_at<'de, T: Deserialize<'de>>(
     text: &'de str,
     root: &str,
 ) -> Result<T, (String, String)> {
+    // The same deserializer as below, so the same values are accepted; a
+    // `RawValue`'s text has no trailing characters to check.
+    if let Ok(value) = T::deserialize(&mut serde_json::Deserializer::from_str(text)) {
+        return Ok(value);
+    }
     let de = &mut serde_json::Deserializer::from_str(text);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let mut pointer = String::from(root);
