@@ -158,7 +158,7 @@ struct Session {
     /// The deadline in the last record of this session taken for saving;
     /// `None` when that is not known (a session read from the store). A
     /// renewal is saved only once it moves the deadline more than
-    /// [`SessionRegistry::renewal_save_step`] past this.
+    /// [`LeasePolicy::renewal_save_step`] past this.
     saved_deadline: Option<Instant>,
     /// Sockets that held the session before and still remember it (they
     /// answer `STALE_EPOCH` for it); kept so forgetting the session can tidy
