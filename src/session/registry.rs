@@ -190,7 +190,11 @@ impl Session {
         }
     }
 
-    fn record(&self, clock: &Clock) -> SessionRecord {
+    /// The session's record, to be saved: its deadline is remembered as
+    /// the saved one (`saved_deadline`). Every record the registry hands
+    /// out for saving is made here, so that rule has one place.
+    fn record_to_save(&mut self, clock: &Clock) -> SessionRecord {
+        self.saved_deadline = Some(self.deadline);
         SessionRecord {
             session_id: self.id.clone(),
             run_id: self.run_id.clone(),
@@ -1043,10 +1047,7 @@ impl SessionRegistry {
             .map(|id| {
                 self.renewed.remove(&id);
                 match self.sessions.get_mut(&id) {
-                    Some(s) => {
-                        s.saved_deadline = Some(s.deadline);
-                        SessionChange::Put(s.record(clock))
-                    }
+                    Some(s) => SessionChange::Put(s.record_to_save(clock)),
                     None => SessionChange::Delete(id),
                 }
             })
@@ -1066,8 +1067,7 @@ impl SessionRegistry {
         for id in ids {
             self.renewed.remove(&id);
             if let Some(s) = self.sessions.get_mut(&id) {
-                s.saved_deadline = Some(s.deadline);
-                records.push(SessionChange::Put(s.record(clock)));
+                records.push(SessionChange::Put(s.record_to_save(clock)));
             }
         }
         records
