@@ -35,17 +35,6 @@ pub use registry::{
 /// saved yet.
 pub const RENEWALS_SAVED_EVERY: Duration = Duration::from_secs(1);
 
-/// Added to a saved lease deadline when a session comes back from the
-/// store (a restart, or one taken over from another gateway). The saved
-/// deadline may be behind the one the runtime was promised by up to
-/// [`LeasePolicy::renewal_save_step`] (renewals that moved it less were not
-/// written) plus a renewal period (one not saved yet) and the save itself;
-/// with this slack the lease is never cut short, and at most this much
-/// late.
-fn saved_deadline_slack(policy: LeasePolicy) -> Duration {
-    policy.renewal_save_step() + RENEWALS_SAVED_EVERY * 2
-}
-
 /// Renewals saved per slice: a few hundred records is tens of
 /// microseconds under the lock.
 const RENEWALS_PER_SLICE: usize = 256;
@@ -96,7 +85,7 @@ impl Sessions {
         let records = store.sessions_load().await?;
         let sessions = Sessions::new(policy, store, clock);
         let ((restored, expired), saved) = sessions.with_new_deadline(|r| {
-            let restored = r.restore(records, &clock, saved_deadline_slack(r.policy()));
+            let restored = r.restore(records, &clock, r.policy().saved_deadline_slack());
             let expired = r.expire_due(clock.now());
             (restored, expired)
         });
@@ -218,7 +207,7 @@ impl Sessions {
         Box::pin(async move {
             for (record, held_here) in loaded.await? {
                 let mut r = registry.lock();
-                let slack = saved_deadline_slack(r.policy());
+                let slack = r.policy().saved_deadline_slack();
                 let superseded = r.adopt(record, held_here, &clock, slack, clock.now());
                 drop(r);
                 for s in superseded {
@@ -252,13 +241,8 @@ impl Sessions {
         let (_, saved) = self.with_new_deadline(|r| {
             let now = self.clock.now();
             for record in records {
-                r.adopt(
-                    record,
-                    true,
-                    &self.clock,
-                    saved_deadline_slack(r.policy()),
-                    now,
-                );
+                let slack = r.policy().saved_deadline_slack();
+                r.adopt(record, true, &self.clock, slack, now);
             }
         });
         saved.await?;

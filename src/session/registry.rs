@@ -295,11 +295,21 @@ impl LeasePolicy {
     /// three heartbeats per lease) rather than at every beat, which was
     /// most of the store's work at thousands of sessions (BENCHMARKS.md,
     /// heartbeats). The price is paid only after a restart or take-over: a
-    /// restored lease may last up to this much longer than promised
-    /// (see the slack `session::Sessions` adds to a saved deadline), never
-    /// less.
+    /// restored lease may last up to this much longer than promised (see
+    /// [`Self::saved_deadline_slack`]), never less.
     pub fn renewal_save_step(&self) -> Duration {
         self.lease_ttl
+    }
+
+    /// Added to a saved lease deadline when a session comes back from the
+    /// store (a restart, or one taken over from another gateway). The saved
+    /// deadline may be behind the one the runtime was promised by up to
+    /// [`Self::renewal_save_step`] (renewals that moved it less were not
+    /// written) plus a renewal period (one not saved yet) and the save
+    /// itself; with this slack the lease is never cut short, and at most
+    /// this much late.
+    pub fn saved_deadline_slack(&self) -> Duration {
+        self.renewal_save_step() + super::RENEWALS_SAVED_EVERY * 2
     }
 }
 

@@ -840,7 +840,7 @@ async fn a_saved_deadline_plus_the_restore_slack_covers_every_promise() {
     let mut reg = registry();
     let start = clock.now();
     let s = attach(&mut reg, A, params("r1", "i1", false, None, &[]), start).session;
-    let slack = super::saved_deadline_slack(reg.policy());
+    let slack = reg.policy().saved_deadline_slack();
     let interval = reg.policy().heartbeat_interval;
     let mut saved = puts(reg.take_changes(&clock))[0].deadline_unix_ms;
     let mut promised = saved;
