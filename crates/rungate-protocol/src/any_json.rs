@@ -17,13 +17,17 @@
 //! - a number beyond a double's range (`1e400`);
 //! - nesting deeper than [`MAX_DEPTH`] arrays and objects: a published
 //!   event reaches viewers one level deeper than it arrived, and serde_json
-//!   stops at 128 levels for the whole frame.
+//!   stops at 128 levels for the whole frame;
+//! - a member repeated in one object (see [`crate::duplicates`]: this walk
+//!   is what makes a typed payload free of repeats inside its raw values).
 //!
 //! Must not keep or change the value: callers keep the raw text.
 
 use serde::de::{self, DeserializeSeed, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer};
 use serde_json::value::RawValue;
+
+use crate::duplicates::{Key, REPEATED, Seen};
 
 /// Most levels of arrays and objects in one `data` value.
 pub const MAX_DEPTH: usize = 64;
@@ -108,8 +112,15 @@ impl<'de> Visitor<'de> for Level {
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
         let inner = self.inner()?;
-        while map.next_key_seed(inner)?.is_some() {
+        let mut seen = Seen::new();
+        // A member name is a string, so reading it as one checks it as
+        // `deserialize_any` would (a lone surrogate is refused either way).
+        while let Some(key) = map.next_key_seed(Key)? {
+            if seen.contains(&key) {
+                return Err(de::Error::custom(REPEATED));
+            }
             map.next_value_seed(inner)?;
+            seen.insert(key);
         }
         Ok(())
     }

@@ -171,13 +171,17 @@ impl Command {
                 "payload must be a JSON object",
             ));
         }
-        // Maps would keep the last of a repeated member silently.
-        if let Some(path) = super::duplicates::first_duplicate(text) {
-            return Err(CommandError::invalid_payload(
-                &path,
-                "a member appears twice in one object",
-            ));
-        }
+        // One read for a valid payload: every type in it refuses a repeated
+        // member itself (crate::duplicates), so one that types has none. One
+        // that fails is walked for its first repeat, which is answered
+        // ahead of anything else wrong with it.
+        Command::read(kind, text).map_err(|e| match super::duplicates::first_duplicate(text) {
+            Some(path) => CommandError::invalid_payload(&path, super::duplicates::REPEATED),
+            None => e,
+        })
+    }
+
+    fn read(kind: CommandKind, text: &str) -> Result<Command, CommandError> {
         Ok(match kind {
             CommandKind::RuntimeAttach => Command::RuntimeAttach(typed(text)?),
             CommandKind::RuntimeHeartbeat => Command::RuntimeHeartbeat(typed(text)?),
@@ -320,6 +324,14 @@ mod wire {
         d: D,
     ) -> Result<Option<T>, D::Error> {
         T::deserialize(d).map(Some)
+    }
+
+    /// [`present`] for a free-form object: a repeated member at any depth
+    /// is refused (see [`crate::duplicates`]).
+    pub(super) fn present_strict_object<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<serde_json::Map<String, serde_json::Value>>, D::Error> {
+        crate::duplicates::StrictObject::deserialize(d).map(|o| Some(o.0))
     }
 
     /// A non-negative integer as JSON Schema counts them: `3`, and also
@@ -488,7 +500,7 @@ pub struct HeartbeatCommand {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub runtime_instance_id: Option<OpaqueId>,
     /// Free-form `metadata` object from the runtime, if any.
-    #[serde(default, deserialize_with = "wire::present")]
+    #[serde(default, deserialize_with = "wire::present_strict_object")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub metadata: Option<serde_json::Map<String, Value>>,
 }
@@ -549,6 +561,7 @@ pub struct SetKVCommand {
     /// The run whose KV store to write (`runId`).
     pub run_id: RunId,
     /// The keys and the values to store under them (`kv`).
+    #[serde(deserialize_with = "super::duplicates::strict_map")]
     pub kv: BTreeMap<String, String>,
 }
 
@@ -1073,6 +1086,94 @@ mod tests {
             panic!("checkpoint.save should parse")
         };
         assert_eq!(c.data.get(), r#"[1e308,"\u00e9"]"#);
+    }
+
+    /// Each object of `text` in turn with its first member written twice
+    /// (the copy first), for every object that has a member.
+    fn with_each_object_repeating(text: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut in_string = false;
+        let mut escaped = false;
+        for (i, c) in text.char_indices() {
+            match c {
+                _ if escaped => escaped = false,
+                '\\' if in_string => escaped = true,
+                '"' => in_string = !in_string,
+                '{' if !in_string => {
+                    let rest = &text[i + 1..];
+                    if rest.starts_with('}') {
+                        continue;
+                    }
+                    // The member's name, then its value as serde_json skims it.
+                    let mut names = serde_json::Deserializer::from_str(rest).into_iter::<String>();
+                    names.next().unwrap().unwrap();
+                    let after_name = names.byte_offset();
+                    let value_at = after_name + rest[after_name..].find(':').unwrap() + 1;
+                    let mut values = serde_json::Deserializer::from_str(&rest[value_at..])
+                        .into_iter::<&RawValue>();
+                    values.next().unwrap().unwrap();
+                    let member = &rest[..value_at + values.byte_offset()];
+                    out.push(format!("{}{member},{rest}", &text[..=i]));
+                }
+                _ => {}
+            }
+        }
+        out
+    }
+
+    /// Issue #18: a payload is typed in one read, with no walk for repeats
+    /// before it, so every type a payload holds must refuse a repeated
+    /// member itself; and the answer is the one the walk gives, the first
+    /// repeat's path. Every object of a payload of each command, nested
+    /// ones included, is tried.
+    #[test]
+    fn a_repeated_member_anywhere_is_refused_with_its_path() {
+        let sid = SessionId::generate();
+        let payloads = [
+            ("runtime.attach", r#"{"runId":"r1","attemptId":"a1","runtimeInstanceId":"i1","protocolVersion":"1","reconnect":true,"connectionEpoch":2,"capabilities":["kv.read"]}"#.to_owned()),
+            ("runtime.heartbeat", format!(r#"{{"sessionId":"{sid}","runId":"r1","runtimeInstanceId":"i1","metadata":{{"load":0.5,"n":[1,{{"x":null,"y":{{"z":"\u0061"}}}}]}}}}"#)),
+            ("runtime.recoverConnections", format!(r#"{{"sessionId":"{sid}","mainRunId":"r1","subRunIds":["r2"],"connectionEpoch":1}}"#)),
+            ("secrets.get", format!(r#"{{"sessionId":"{sid}","runId":"r1","names":["a"]}}"#)),
+            ("config.get", format!(r#"{{"sessionId":"{sid}","runId":"r1"}}"#)),
+            ("kv.get", format!(r#"{{"sessionId":"{sid}","runId":"r1","keys":["a"]}}"#)),
+            ("kv.set", format!(r#"{{"sessionId":"{sid}","runId":"r1","kv":{{"a":"1","b":"2"}}}}"#)),
+            ("kv.delete", format!(r#"{{"sessionId":"{sid}","runId":"r1","keys":["a"]}}"#)),
+            ("events.publish", format!(r#"{{"sessionId":"{sid}","runId":"r1","events":[{{"type":"t","seq":1,"timestamp":"2026-12-02T00:00:00Z","data":{{"a":[{{"b":1,"c":2}}],"d":{{}}}}}},{{"type":"u"}}]}}"#)),
+            ("checkpoint.save", format!(r#"{{"sessionId":"{sid}","runId":"r1","data":{{"a":{{"b":[{{"c":1}}]}}}},"checkpointId":"c1"}}"#)),
+            ("checkpoint.load", format!(r#"{{"sessionId":"{sid}","runId":"r1","checkpointId":"c1"}}"#)),
+            ("stream.resume", format!(r#"{{"runId":"r1","fromOffset":0,"sessionId":"{sid}"}}"#)),
+            ("stream.cancel", format!(r#"{{"runId":"r1","sessionId":"{sid}"}}"#)),
+            ("runs.list", r#"{"cursor":"r0","limit":10}"#.to_owned()),
+            ("runtime.finish", format!(r#"{{"sessionId":"{sid}","runId":"r1","outcome":"completed","message":"m"}}"#)),
+            ("run.cancel", r#"{"runId":"r1","reason":"why"}"#.to_owned()),
+        ];
+        let kinds: std::collections::BTreeSet<&str> = payloads.iter().map(|(k, _)| *k).collect();
+        assert_eq!(
+            kinds.len(),
+            CommandKind::ALL.len(),
+            "one payload per command"
+        );
+        for (kind, payload) in &payloads {
+            assert!(
+                parse(kind, payload).is_ok(),
+                "{kind}: the sample itself must be valid: {payload} {:?}",
+                parse(kind, payload).err()
+            );
+            let variants = with_each_object_repeating(payload);
+            assert!(!variants.is_empty());
+            for variant in variants {
+                let walked = crate::duplicates::first_duplicate(&variant)
+                    .unwrap_or_else(|| panic!("the walk misses the repeat in {variant}"));
+                let e = parse(kind, &variant).expect_err(&variant);
+                assert_eq!(e.code, ErrorCode::InvalidPayload, "{variant}");
+                assert_eq!(e.message, crate::duplicates::REPEATED, "{variant}");
+                assert_eq!(
+                    e.details.unwrap()["path"].as_str().unwrap(),
+                    walked,
+                    "{variant}"
+                );
+            }
+        }
     }
 
     #[test]

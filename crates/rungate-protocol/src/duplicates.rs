@@ -1,23 +1,38 @@
-//! Finds a member that appears twice in one JSON object of a payload.
+//! Repeated members: finding one anywhere in a payload, and refusing one
+//! while a value is typed.
 //!
 //! serde's derived structs refuse a repeated field, but maps (`kv`,
 //! heartbeat `metadata`, anything parsed into a `Map`) keep the last
 //! value silently, and JSON Schema only ever sees that parsed value.
-//! spec/README.md says duplicates in a payload are `INVALID_PAYLOAD`, so
-//! the whole payload is walked once before it is typed.
+//! spec/README.md says duplicates in a payload are `INVALID_PAYLOAD`.
+//!
+//! Two halves, one rule:
+//! - every map a command payload holds is typed through [`strict_map`] or
+//!   [`strict_object`], and `any_json` checks the objects inside a raw
+//!   value with [`Seen`], so a payload that types without error holds no
+//!   repeat and is read once (issue #18: the walk before every typed parse
+//!   was a whole extra read of every publish);
+//! - [`first_duplicate`] walks a payload that failed to type, to answer
+//!   with the JSON pointer of its first repeat in document order, ahead of
+//!   any other problem (as when it ran first on every payload).
+//!
 //! Must not judge anything else: any other problem (bad JSON, nesting past
 //! serde_json's limit) is left to the typed parse, which reports it with
 //! its own precise path.
 
 use std::borrow::Cow;
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
+use std::marker::PhantomData;
 
+use serde::Deserialize;
 use serde::de::{self, DeserializeSeed, MapAccess, SeqAccess, Visitor};
+use serde_json::{Map, Value};
 
 /// The JSON pointer (under `/payload`) of the first repeated member in
 /// `payload`, if any.
 ///
-/// This runs on every command frame, so it allocates nothing for a payload
+/// This runs on every payload that fails to type, and on none that types
+/// (see the module doc). It allocates nothing for a payload
 /// without a repeat (issue #18's profile of a publish: a path `String` per
 /// member and per array element plus a `HashSet` per object made this walk
 /// half of the parse). Keys are borrowed from the text where it has no
@@ -55,7 +70,7 @@ impl<'de> DeserializeSeed<'de> for Walk<'_> {
 }
 
 /// A member name, borrowed from the payload unless it holds escapes.
-struct Key;
+pub(crate) struct Key;
 
 impl<'de> DeserializeSeed<'de> for Key {
     type Value = Cow<'de, str>;
@@ -85,17 +100,17 @@ const SCAN: usize = 8;
 // Kept on the stack on purpose: this is the allocation the walk avoids
 // (SCAN × 24 bytes per level of nesting, within serde_json's 128 levels).
 #[allow(clippy::large_enum_variant)]
-enum Seen<'de> {
+pub(crate) enum Seen<'de> {
     Few([Option<Cow<'de, str>>; SCAN], usize),
     Many(HashSet<Cow<'de, str>>),
 }
 
 impl<'de> Seen<'de> {
-    fn new() -> Seen<'de> {
+    pub(crate) fn new() -> Seen<'de> {
         Seen::Few(std::array::from_fn(|_| None), 0)
     }
 
-    fn contains(&self, key: &str) -> bool {
+    pub(crate) fn contains(&self, key: &str) -> bool {
         match self {
             Seen::Few(keys, n) => keys[..*n].iter().flatten().any(|k| k == key),
             Seen::Many(set) => set.contains(key),
@@ -103,7 +118,7 @@ impl<'de> Seen<'de> {
     }
 
     /// Records `key` (known not to be there yet).
-    fn insert(&mut self, key: Cow<'de, str>) {
+    pub(crate) fn insert(&mut self, key: Cow<'de, str>) {
         match self {
             Seen::Few(keys, n) if *n < SCAN => {
                 keys[*n] = Some(key);
@@ -170,7 +185,7 @@ impl<'de> Visitor<'de> for Walk<'_> {
         while let Some(key) = map.next_key_seed(Key)? {
             if seen.contains(&key) {
                 *self.found = Some(vec![key.into_owned()]);
-                return Err(de::Error::custom("duplicate member"));
+                return Err(de::Error::custom(REPEATED));
             }
             if let Err(e) = map.next_value_seed(Walk { found: self.found }) {
                 if let Some(path) = self.found.as_mut() {
@@ -181,6 +196,106 @@ impl<'de> Visitor<'de> for Walk<'_> {
             seen.insert(key);
         }
         Ok(())
+    }
+}
+
+/// What a typed map says when a member repeats; the path comes from
+/// [`first_duplicate`] once the payload has failed.
+pub(crate) const REPEATED: &str = "a member appears twice in one object";
+
+/// For `#[serde(deserialize_with)]`: a map that refuses a repeated key
+/// (serde's own map impls keep the last value).
+pub(crate) fn strict_map<'de, D, K, V>(d: D) -> Result<BTreeMap<K, V>, D::Error>
+where
+    D: de::Deserializer<'de>,
+    K: Deserialize<'de> + Ord,
+    V: Deserialize<'de>,
+{
+    struct Strict<K, V>(PhantomData<(K, V)>);
+    impl<'de, K: Deserialize<'de> + Ord, V: Deserialize<'de>> Visitor<'de> for Strict<K, V> {
+        type Value = BTreeMap<K, V>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a map")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut out = BTreeMap::new();
+            while let Some((k, v)) = map.next_entry()? {
+                if out.insert(k, v).is_some() {
+                    return Err(de::Error::custom(REPEATED));
+                }
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_map(Strict(PhantomData))
+}
+
+/// A JSON object of any values (heartbeat `metadata`), refusing a repeated
+/// member at any depth (serde_json's `Value` keeps the last one).
+pub(crate) struct StrictObject(pub(crate) Map<String, Value>);
+
+impl<'de> Deserialize<'de> for StrictObject {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match d.deserialize_map(StrictValue)? {
+            Value::Object(map) => Ok(StrictObject(map)),
+            _ => Err(de::Error::custom("expected a map")),
+        }
+    }
+}
+
+/// Builds a [`Value`] as serde_json does, but refuses a repeated member.
+struct StrictValue;
+
+impl<'de> DeserializeSeed<'de> for StrictValue {
+    type Value = Value;
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for StrictValue {
+    type Value = Value;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_owned()))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut out = Vec::new();
+        while let Some(v) = seq.next_element_seed(StrictValue)? {
+            out.push(v);
+        }
+        Ok(Value::Array(out))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut out = Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if out.contains_key(&key) {
+                return Err(de::Error::custom(REPEATED));
+            }
+            let value = map.next_value_seed(StrictValue)?;
+            out.insert(key, value);
+        }
+        Ok(Value::Object(out))
     }
 }
 
