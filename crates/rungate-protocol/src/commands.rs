@@ -331,7 +331,7 @@ mod wire {
     pub(super) fn present_strict_object<'de, D: Deserializer<'de>>(
         d: D,
     ) -> Result<Option<serde_json::Map<String, serde_json::Value>>, D::Error> {
-        crate::duplicates::StrictObject::deserialize(d).map(|o| Some(o.0))
+        crate::duplicates::strict_object(d).map(Some)
     }
 
     /// A non-negative integer as JSON Schema counts them: `3`, and also

@@ -7,9 +7,9 @@
 //! spec/README.md says duplicates in a payload are `INVALID_PAYLOAD`.
 //!
 //! Two halves, one rule:
-//! - every map a command payload holds is typed through [`strict_map`] or
-//!   [`strict_object`], and `any_json` checks the objects inside a raw
-//!   value with [`Seen`], so a payload that types without error holds no
+//! - every map a command payload holds is typed through `strict_map` or
+//!   `strict_object`, and `any_json` checks the objects inside a raw
+//!   value with `Seen`, so a payload that types without error holds no
 //!   repeat and is read once (issue #18: the walk before every typed parse
 //!   was a whole extra read of every publish);
 //! - [`first_duplicate`] walks a payload that failed to type, to answer
@@ -230,17 +230,37 @@ where
     d.deserialize_map(Strict(PhantomData))
 }
 
-/// A JSON object of any values (heartbeat `metadata`), refusing a repeated
-/// member at any depth (serde_json's `Value` keeps the last one).
-pub(crate) struct StrictObject(pub(crate) Map<String, Value>);
-
-impl<'de> Deserialize<'de> for StrictObject {
-    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        match d.deserialize_map(StrictValue)? {
-            Value::Object(map) => Ok(StrictObject(map)),
-            _ => Err(de::Error::custom("expected a map")),
+/// For `#[serde(deserialize_with)]`: a JSON object of any values
+/// (heartbeat `metadata`) that refuses a repeated member at any depth
+/// (serde_json's `Value` keeps the last one).
+pub(crate) fn strict_object<'de, D: de::Deserializer<'de>>(
+    d: D,
+) -> Result<Map<String, Value>, D::Error> {
+    struct Object;
+    impl<'de> Visitor<'de> for Object {
+        type Value = Map<String, Value>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a map")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+            strict_members(map)
         }
     }
+    d.deserialize_map(Object)
+}
+
+/// An object's members as values built by [`StrictValue`], refusing a
+/// repeated one.
+fn strict_members<'de, A: MapAccess<'de>>(mut map: A) -> Result<Map<String, Value>, A::Error> {
+    let mut out = Map::new();
+    while let Some(key) = map.next_key::<String>()? {
+        if out.contains_key(&key) {
+            return Err(de::Error::custom(REPEATED));
+        }
+        let value = map.next_value_seed(StrictValue)?;
+        out.insert(key, value);
+    }
+    Ok(out)
 }
 
 /// Builds a [`Value`] as serde_json does, but refuses a repeated member.
@@ -286,16 +306,8 @@ impl<'de> Visitor<'de> for StrictValue {
         }
         Ok(Value::Array(out))
     }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
-        let mut out = Map::new();
-        while let Some(key) = map.next_key::<String>()? {
-            if out.contains_key(&key) {
-                return Err(de::Error::custom(REPEATED));
-            }
-            let value = map.next_value_seed(StrictValue)?;
-            out.insert(key, value);
-        }
-        Ok(Value::Object(out))
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Value, A::Error> {
+        strict_members(map).map(Value::Object)
     }
 }
 
