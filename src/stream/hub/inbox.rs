@@ -66,6 +66,31 @@ pub struct ReplicaBatch<'a> {
     pub events: Vec<&'a str>,
 }
 
+/// The readers of a stream that [`Inbox::show_quietly`] made something
+/// visible in, still to be woken. Dropping it wakes them too, so they are
+/// never left waiting for what is already there.
+#[must_use = "the stream's readers wait until this is woken"]
+pub struct Wake(Option<Arc<RunStream>>);
+
+impl Wake {
+    /// Wakes the readers waiting on the stream.
+    pub fn now(mut self) {
+        self.wake();
+    }
+
+    fn wake(&mut self) {
+        if let Some(stream) = self.0.take() {
+            stream.notify.notify_waiters();
+        }
+    }
+}
+
+impl Drop for Wake {
+    fn drop(&mut self) {
+        self.wake();
+    }
+}
+
 /// What [`Inbox::show`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Shown {
@@ -115,12 +140,32 @@ impl Inbox {
         visible: Visible<'_>,
         now: Instant,
     ) -> Shown {
+        let (shown, wake) = self.show_quietly(run, epoch, visible, now);
+        wake.now();
+        shown
+    }
+
+    /// [`Self::show`], leaving the readers to wake to the caller: what is
+    /// shown is visible to every read from now on (a resume finds it), but
+    /// a reader already waiting hears of it only at [`Wake::now`].
+    ///
+    /// For the log's writer, which acknowledges a group's publishers
+    /// before it wakes the group's readers: a batch followed by a thousand
+    /// viewers otherwise queued its publisher's answer behind a thousand
+    /// woken sockets (issue #18, fan-out (d)).
+    pub fn show_quietly(
+        &self,
+        run: &RunId,
+        epoch: &StreamEpoch,
+        visible: Visible<'_>,
+        now: Instant,
+    ) -> (Shown, Wake) {
         let Some((hub, stream)) = self.stream(run) else {
-            return Shown::Absent;
+            return (Shown::Absent, Wake(None));
         };
         let mut state = stream.state.write();
         if state.closed || state.ring.epoch() != epoch {
-            return Shown::Absent;
+            return (Shown::Absent, Wake(None));
         }
         let before = Mark::of(&state.ring);
         let appended = matches!(visible, Visible::Stored { .. });
@@ -152,15 +197,13 @@ impl Inbox {
                 }
             }
         };
-        if hub.settle(&stream, state, before, now)
-            && appended
-            && hub.total_bytes() > hub.limits.global_max_bytes
-        {
+        let shown = hub.settle_quietly(state, before, now);
+        if shown && appended && hub.total_bytes() > hub.limits.global_max_bytes {
             // A replica keeps what the authority kept; only idle streams
             // make room here.
             hub.enforce_budget(None, 0);
         }
-        answer
+        (answer, Wake(shown.then_some(stream)))
     }
 
     /// Makes `ring` `run`'s stream, closing the one it had (its

@@ -49,7 +49,7 @@ mod listing;
 mod retention;
 pub mod subscription;
 
-pub use inbox::{Inbox, ReplicaBatch, Shown, Visible};
+pub use inbox::{Inbox, ReplicaBatch, Shown, Visible, Wake};
 pub use subscription::Subscription;
 
 /// One run's stream as the hub shares it with subscriptions.
@@ -240,6 +240,22 @@ impl StreamHub {
     fn settle(
         &self,
         stream: &RunStream,
+        state: RwLockWriteGuard<'_, StreamState>,
+        before: Mark,
+        now: Instant,
+    ) -> bool {
+        let shown = self.settle_quietly(state, before, now);
+        if shown {
+            stream.notify.notify_waiters();
+        }
+        shown
+    }
+
+    /// [`Self::settle`] without waking the readers: true if something
+    /// became visible, and then the caller must wake them
+    /// ([`inbox::Wake`]).
+    fn settle_quietly(
+        &self,
         mut state: RwLockWriteGuard<'_, StreamState>,
         before: Mark,
         now: Instant,
@@ -252,11 +268,7 @@ impl StreamHub {
             state.last_publish = now;
         }
         drop(state);
-        let shown = after.visible != before.visible || after.end_visible != before.end_visible;
-        if shown {
-            stream.notify.notify_waiters();
-        }
-        shown
+        after.visible != before.visible || after.end_visible != before.end_visible
     }
 
     /// Moves the global count from a ring's old size to its new one. Call

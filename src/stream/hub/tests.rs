@@ -567,3 +567,59 @@ async fn the_gateway_calls_answer_as_the_engine_did() {
     assert_eq!(json["streamEpoch"], info.stream_epoch.as_str());
     assert_eq!(json["startOffset"], 0);
 }
+
+/// The log's writer shows a group quietly, answers its publishers, then
+/// wakes the readers: what was shown must be readable at once (a resume
+/// after the answer finds it), a reader already asleep must wake only at
+/// `Wake::now`, and a `Wake` dropped unsent must still wake it.
+#[test]
+fn a_quiet_show_is_readable_at_once_and_wakes_the_sleepers_at_its_wake() {
+    let hub = Arc::new(StreamHub::new(StreamLimits::default()));
+    let inbox = Inbox::of(&hub);
+    let r = run("r");
+    let now = Instant::now();
+    hub.session_started(&r, now);
+    let epoch = hub.summary(&r).unwrap().stream_epoch;
+    let texts: Vec<String> = (0..4).map(ev).collect();
+    let batch = |first: usize, to: usize| ReplicaBatch {
+        first_offset: first as u64,
+        events: texts[first..to].iter().map(String::as_str).collect(),
+    };
+
+    for (first, wake_by_drop) in [(0, false), (2, true)] {
+        let (_, mut sleeper) = hub.resume(&r, Some(first as u64), None, now);
+        let mut sleeping = Box::pin(sleeper.next());
+        assert!((&mut sleeping).now_or_never().is_none(), "nothing yet");
+
+        let batches = [batch(first, first + 2)];
+        let stored = Visible::Stored {
+            batches: &batches,
+            last_seq: None,
+            authoritative: false,
+        };
+        let (shown, wake) = inbox.show_quietly(&r, &epoch, stored, now);
+        assert_eq!(shown, Shown::Applied);
+
+        let (_, mut late) = hub.resume(&r, Some(first as u64), None, now);
+        assert_eq!(
+            offsets(&frames(
+                late.next().now_or_never().expect("readable at once")
+            )),
+            vec![first as u64, first as u64 + 1]
+        );
+        assert!(
+            (&mut sleeping).now_or_never().is_none(),
+            "a sleeper hears of it only at the wake"
+        );
+
+        if wake_by_drop {
+            drop(wake);
+        } else {
+            wake.now();
+        }
+        assert_eq!(
+            offsets(&frames((&mut sleeping).now_or_never().expect("woken"))),
+            vec![first as u64, first as u64 + 1]
+        );
+    }
+}

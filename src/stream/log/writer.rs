@@ -37,7 +37,7 @@ use super::record::{encode_batch, encode_end, encode_snapshot};
 use super::segment::{MAGIC, Segment, segment_path, write_new_segment};
 use super::{LogError, SyncPolicy, io_err};
 use crate::ids::RunId;
-use crate::stream::hub::{Inbox, Visible};
+use crate::stream::hub::{Inbox, Visible, Wake};
 use crate::stream::{StreamEpoch, StreamError};
 
 /// Records written per group commit at most.
@@ -214,6 +214,7 @@ impl Writer {
         match result {
             Ok(()) => {
                 let now = Instant::now();
+                let mut wakes = Vec::new();
                 for (run, epoch, end, commit) in written {
                     let visible = match commit {
                         Some(Commit::Batch) => Some(Visible::Committed { up_to: end }),
@@ -221,13 +222,18 @@ impl Writer {
                         None => None,
                     };
                     if let Some(visible) = visible {
-                        self.hub.show(&run, &epoch, visible, now);
+                        let (_, wake) = self.hub.show_quietly(&run, &epoch, visible, now);
+                        wakes.push(wake);
                     }
                     self.current().note(run, epoch, end);
                 }
+                // Shown before answered, so a publisher that resumes after
+                // its answer finds its batch; answered before the readers
+                // are woken, so its task is queued ahead of theirs.
                 for ack in acks {
                     let _ = ack.send(Ok(()));
                 }
+                wakes.into_iter().for_each(Wake::now);
             }
             Err(e) => {
                 if !self.state.failed.swap(true, Ordering::AcqRel) {
