@@ -17,7 +17,9 @@ use tokio::time::Instant;
 use super::cmd::{self, ConnCtx, Reply};
 use super::errors::command_budget_spent;
 use super::metrics::UNDECODED;
-use crate::protocol::{Command, CommandError, CommandKind, ErrorCode, Frame, encode_error};
+use crate::protocol::{
+    Command, CommandError, CommandKind, ErrorCode, Frame, TypedRequest, encode_error,
+};
 
 /// A request's answer: ready now, or once the store has done its part.
 pub(crate) enum Answer {
@@ -72,11 +74,12 @@ pub(crate) fn handle_text(ctx: &mut ConnCtx, text: &str) -> Answer {
     }
 }
 
-/// A frame that became a typed command offered on this endpoint.
-struct Decoded {
+/// A frame that became a typed command offered on this endpoint; the
+/// command may borrow the frame's text (a publish's events).
+struct Decoded<'a> {
     id: String,
     kind: CommandKind,
-    command: Command,
+    command: Command<'a>,
 }
 
 /// A frame that did not: the id to answer under (if usable), the metrics
@@ -89,7 +92,19 @@ struct Undecoded {
 
 /// The envelope (`protocol::decode`), the command type, whether this
 /// endpoint offers it, then the typed payload (`Command::parse`).
-fn decode(ctx: &ConnCtx, text: &str) -> Result<Decoded, Undecoded> {
+///
+/// A frame laid out as clients write it is read in one pass first
+/// (`protocol::decode_typed`); it can only succeed, so the endpoint check is
+/// all that is left to answer. Anything it declines is read step by step,
+/// and each step answers its own errors in the order above.
+fn decode<'a>(ctx: &ConnCtx, text: &'a str) -> Result<Decoded<'a>, Undecoded> {
+    if let Some(typed) = crate::protocol::decode_typed(text) {
+        let TypedRequest { id, kind, command } = typed;
+        if !ctx.endpoint.offers(kind) {
+            return Err(not_offered(ctx, id, kind));
+        }
+        return Ok(Decoded { id, kind, command });
+    }
     let request = crate::protocol::decode(text).map_err(|rejected| Undecoded {
         id: rejected.id,
         label: UNDECODED,
@@ -107,24 +122,34 @@ fn decode(ctx: &ConnCtx, text: &str) -> Result<Decoded, Undecoded> {
             error,
         });
     };
-    let refused = |error| Undecoded {
-        id: Some(id.clone()),
-        label: kind.as_str(),
-        error,
-    };
     if !ctx.endpoint.offers(kind) {
-        return Err(refused(CommandError::forbidden(format!(
+        return Err(not_offered(ctx, id, kind));
+    }
+    match Command::parse(kind, request.payload) {
+        Ok(command) => Ok(Decoded { id, kind, command }),
+        Err(error) => Err(Undecoded {
+            id: Some(id),
+            label: kind.as_str(),
+            error,
+        }),
+    }
+}
+
+/// `FORBIDDEN`: `kind` is not offered on this connection's endpoint.
+fn not_offered(ctx: &ConnCtx, id: String, kind: CommandKind) -> Undecoded {
+    Undecoded {
+        id: Some(id),
+        label: kind.as_str(),
+        error: CommandError::forbidden(format!(
             "{} is not offered on the {} endpoint",
             kind.as_str(),
             ctx.endpoint.label()
-        ))));
+        )),
     }
-    let command = Command::parse(kind, request.payload).map_err(refused)?;
-    Ok(Decoded { id, kind, command })
 }
 
 /// Each command to its handler (`cmd`).
-fn route(ctx: &mut ConnCtx, id: &str, command: Command) -> Result<Reply, CommandError> {
+fn route(ctx: &mut ConnCtx, id: &str, command: Command<'_>) -> Result<Reply, CommandError> {
     match command {
         Command::RuntimeAttach(req) => cmd::attach::attach(ctx, id, req),
         Command::RuntimeRecoverConnections(req) => cmd::attach::recover(ctx, id, req),

@@ -1,7 +1,8 @@
 //! The command parse path on its own (issue #18: "parse a publish once"):
-//! one frame through [`decode`] and [`Command::parse`], as the gateway
-//! reads every frame, for an `events.publish` of 100 × 200 B events and a
-//! `kv.set` of 200 keys. Builds only this crate, so it is quick to run:
+//! one frame through [`decode`] and [`Command::parse`] (step by step, as
+//! the gateway reads a frame laid out unusually), and through
+//! [`decode_typed`] (one read, as it reads what clients write), for an
+//! `events.publish` of 100 × 200 B events and a `kv.set` of 200 keys. Builds only this crate, so it is quick to run:
 //! `cargo bench -p rungate-protocol --bench parse`.
 //!
 //! Each group carries baselines measured in the same run: plain
@@ -11,7 +12,7 @@
 use std::hint::black_box;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use rungate_protocol::{Command, CommandKind, decode};
+use rungate_protocol::{Command, CommandKind, decode, decode_typed};
 use serde::de::IgnoredAny;
 
 const EVENTS: usize = 100;
@@ -42,7 +43,7 @@ fn kv_set_frame() -> String {
     )
 }
 
-fn typed(frame: &str) -> Command {
+fn typed(frame: &str) -> Command<'_> {
     let req = decode(frame).expect("a valid envelope");
     let kind = CommandKind::parse(&req.kind).expect("a known command");
     Command::parse(kind, req.payload).expect("a valid payload")
@@ -53,6 +54,10 @@ fn group(c: &mut Criterion, name: &str, frame: &str) {
     g.throughput(Throughput::Bytes(frame.len() as u64));
     g.bench_function("decode_and_typed", |b| {
         b.iter(|| black_box(typed(black_box(frame))))
+    });
+    // The gateway's path: the whole frame in one read.
+    g.bench_function("decode_typed_one_pass", |b| {
+        b.iter(|| black_box(decode_typed(black_box(frame)).expect("a valid frame")))
     });
     g.bench_function("baseline_serde_json_value", |b| {
         b.iter(|| black_box(serde_json::from_str::<serde_json::Value>(black_box(frame)).unwrap()))

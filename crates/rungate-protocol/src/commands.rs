@@ -16,6 +16,7 @@ use serde_json::Value;
 use serde_json::value::RawValue;
 
 use super::any_json::AnyJson;
+use super::cursor::Cursor;
 use super::error::{CommandError, ErrorCode};
 use crate::ids::{Capability, OpaqueId, RunId, RunOutcome, SessionId, StreamEpoch};
 
@@ -121,9 +122,10 @@ impl CommandKind {
     }
 }
 
-/// A request with its payload typed.
+/// A request with its payload typed. A publish's events borrow the
+/// frame's text (`'a`), so a batch is copied once, into the stream.
 #[derive(Debug)]
-pub enum Command {
+pub enum Command<'a> {
     /// A `runtime.attach` payload.
     RuntimeAttach(RuntimeAttachRequest),
     /// A `runtime.heartbeat` payload.
@@ -141,7 +143,7 @@ pub enum Command {
     /// A `kv.delete` payload.
     KvDelete(DeleteKVCommand),
     /// An `events.publish` payload.
-    EventsPublish(PublishOutputEventsRequest),
+    EventsPublish(PublishOutputEventsRequest<PublishedEvent<'a>>),
     /// A `checkpoint.save` payload.
     CheckpointSave(CheckpointSaveCommand),
     /// A `checkpoint.load` payload.
@@ -158,10 +160,10 @@ pub enum Command {
     RunCancel(RunCancelCommand),
 }
 
-impl Command {
+impl<'a> Command<'a> {
     /// Types `payload` as the command `kind` names, or explains where it
     /// breaks the schema (`details.path` is a JSON pointer into the frame).
-    pub fn parse(kind: CommandKind, payload: &RawValue) -> Result<Command, CommandError> {
+    pub fn parse(kind: CommandKind, payload: &'a RawValue) -> Result<Command<'a>, CommandError> {
         let text = payload.get();
         // serde's derived structs also read arrays (one element per field);
         // the schemas say object. A RawValue has no leading whitespace.
@@ -181,7 +183,23 @@ impl Command {
         })
     }
 
-    fn read(kind: CommandKind, text: &str) -> Result<Command, CommandError> {
+    /// The payload of a `kind` request at `cursor`, typed as it is read;
+    /// `None` for anything [`Self::parse`] would refuse, and for some it
+    /// would take (the caller then reads the frame the ordinary way).
+    /// Only a publish is read in one pass; any other payload is cut out
+    /// and typed from its text, as `parse` does.
+    pub(crate) fn read_at(kind: CommandKind, cursor: &mut Cursor<'a>) -> Option<Command<'a>> {
+        if cursor.peek() != Some(b'{') {
+            return None;
+        }
+        if kind == CommandKind::EventsPublish {
+            return publish_from(cursor).map(Command::EventsPublish);
+        }
+        let (_, text) = cursor.value::<serde::de::IgnoredAny>()?;
+        Command::read(kind, text).ok()
+    }
+
+    fn read(kind: CommandKind, text: &'a str) -> Result<Command<'a>, CommandError> {
         Ok(match kind {
             CommandKind::RuntimeAttach => Command::RuntimeAttach(typed(text)?),
             CommandKind::RuntimeHeartbeat => Command::RuntimeHeartbeat(typed(text)?),
@@ -193,7 +211,7 @@ impl Command {
             CommandKind::KvGet => Command::KvGet(typed(text)?),
             CommandKind::KvSet => Command::KvSet(typed(text)?),
             CommandKind::KvDelete => Command::KvDelete(typed(text)?),
-            CommandKind::EventsPublish => Command::EventsPublish(typed(text)?),
+            CommandKind::EventsPublish => Command::EventsPublish(read_publish(text)?),
             CommandKind::CheckpointSave => Command::CheckpointSave(typed(text)?),
             CommandKind::CheckpointLoad => Command::CheckpointLoad(typed(text)?),
             CommandKind::StreamResume => Command::StreamResume(typed(text)?),
@@ -652,6 +670,82 @@ impl<'de> Deserialize<'de> for OutputEvent {
     }
 }
 
+/// One output event as the gateway reads it from a publish: its JSON
+/// borrowed from the frame, exactly as received, and its `seq`.
+#[derive(Debug, Clone, Copy)]
+pub struct PublishedEvent<'a> {
+    /// The event's JSON as received (member order and spacing included).
+    pub json: &'a str,
+    /// The event's `seq`, the runtime's per-run sequence number used to drop duplicates.
+    pub seq: Option<u64>,
+}
+
+/// Reads an `events.publish` payload in one pass: each event's shape is
+/// checked as the cursor steps over it, and its text is kept where it
+/// lies. A payload the cursor does not take is read again as
+/// [`PublishOutputEventsRequest`] (owned events), whose error is the
+/// answer, so both reads answer alike (issue #18: each event was skimmed,
+/// copied, then parsed again from the copy).
+fn read_publish(
+    text: &str,
+) -> Result<PublishOutputEventsRequest<PublishedEvent<'_>>, CommandError> {
+    if let Some(publish) = read_publish_at_once(text) {
+        return Ok(publish);
+    }
+    match typed::<PublishOutputEventsRequest>(text) {
+        Err(e) => Err(e),
+        // Not expected: the two reads take the same payloads (the unit
+        // tests feed both every refused and accepted shape).
+        Ok(_) => Err(CommandError::invalid_payload(
+            "/payload",
+            "the payload could not be read",
+        )),
+    }
+}
+
+fn read_publish_at_once(text: &str) -> Option<PublishOutputEventsRequest<PublishedEvent<'_>>> {
+    let mut cursor = Cursor::new(text);
+    let publish = publish_from(&mut cursor)?;
+    cursor.at_end().then_some(publish)
+}
+
+/// The publish payload at `cursor`, read in one pass, or `None` (see
+/// [`read_publish`]).
+fn publish_from<'a>(
+    cursor: &mut Cursor<'a>,
+) -> Option<PublishOutputEventsRequest<PublishedEvent<'a>>> {
+    let (mut session_id, mut run_id, mut events) = (None, None, None);
+    cursor.object(|name, c| {
+        match name {
+            "sessionId" if session_id.is_none() => session_id = Some(c.value::<SessionId>()?.0),
+            "runId" if run_id.is_none() => run_id = Some(c.value::<RunId>()?.0),
+            "events" if events.is_none() => {
+                let mut read = Vec::new();
+                c.array(|c| {
+                    // serde's derived structs read arrays too; an event is an object.
+                    if c.peek() != Some(b'{') {
+                        return None;
+                    }
+                    let (shape, json) = c.value::<OutputEventShape>()?;
+                    read.push(PublishedEvent {
+                        json,
+                        seq: shape.seq,
+                    });
+                    Some(())
+                })?;
+                events = Some(read);
+            }
+            _ => return None,
+        }
+        Some(())
+    })?;
+    Some(PublishOutputEventsRequest {
+        session_id: session_id?,
+        run_id: run_id?,
+        events: events?,
+    })
+}
+
 impl Serialize for OutputEvent {
     /// The raw JSON, unchanged: what was received is what is forwarded.
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
@@ -990,9 +1084,9 @@ impl RunState {
 mod tests {
     use super::*;
 
-    fn parse(kind: &str, payload: &str) -> Result<Command, CommandError> {
-        let raw: Box<RawValue> = serde_json::from_str(payload).unwrap();
-        Command::parse(CommandKind::parse(kind).unwrap(), &raw)
+    fn parse<'a>(kind: &str, payload: &'a str) -> Result<Command<'a>, CommandError> {
+        let raw: &RawValue = serde_json::from_str(payload).unwrap();
+        Command::parse(CommandKind::parse(kind).unwrap(), raw)
     }
 
     fn path(r: Result<Command, CommandError>) -> String {
@@ -1045,6 +1139,90 @@ mod tests {
         );
     }
 
+    /// The one-pass read of a publish takes exactly the payloads the
+    /// owned read takes, with the same events and `seq`s: the gateway
+    /// answers whatever the one-pass read declines from the owned read.
+    #[test]
+    fn a_publish_read_in_one_pass_takes_what_the_owned_read_takes() {
+        let sid = SessionId::generate();
+        let ev = r#"{"type":"log","seq":3,"data":{"b":1, "a":[2,"x\"y"]}}"#;
+        let payloads = [
+            format!(r#"{{"sessionId":"{sid}","runId":"r","events":[{ev}]}}"#),
+            format!(
+                r#"{{ "events" : [ {ev} , {{"type":"done"}} ] , "runId":"r" ,"sessionId":"{sid}" }}"#
+            ),
+            format!("{{\n\"sessionId\":\"{sid}\",\r\n\t\"runId\":\"r\",\"events\":[]}}"),
+            format!(r#"{{"session\u0049d":"{sid}","runId":"r","events":[]}}"#),
+            format!(
+                r#"{{"sessionId":"{sid}","runId":"r\u0031","events":[{{"type":"a","timestamp":"2026-11-25T10:00:00Z"}}]}}"#
+            ),
+            // Refused: each differs from a valid payload in one way.
+            r#"{"runId":"r","events":[]}"#.to_owned(),
+            format!(r#"{{"sessionId":"{sid}","events":[]}}"#),
+            format!(r#"{{"sessionId":"{sid}","runId":"r"}}"#),
+            format!(r#"{{"sessionId":"{sid}","runId":"r","events":[],"x":1}}"#),
+            format!(r#"{{"sessionId":"{sid}","runId":"r","events":[],"events":[]}}"#),
+            format!(r#"{{"sessionId":"{sid}","sessionId":"{sid}","runId":"r","events":[]}}"#),
+            r#"{"sessionId":"nope","runId":"r","events":[]}"#.to_owned(),
+            format!(r#"{{"sessionId":"{sid}","runId":"","events":[]}}"#),
+            format!(r#"{{"sessionId":"{sid}","runId":"r","events":{{}}}}"#),
+            format!(r#"{{"sessionId":"{sid}","runId":"r","events":null}}"#),
+            format!(r#"{{"sessionId":"{sid}","runId":"r","events":[["log"]]}}"#),
+            // A derived struct reads an array with an element per field.
+            format!(
+                r#"{{"sessionId":"{sid}","runId":"r","events":[["log",1,"2026-11-25T10:00:00Z",null]]}}"#
+            ),
+            format!(r#"{{"sessionId":"{sid}","runId":"r","events":[1]}}"#),
+            format!(r#"{{"sessionId":"{sid}","runId":"r","events":[{ev},null]}}"#),
+            format!(r#"{{"sessionId":"{sid}","runId":"r","events":[{{"seq":1}}]}}"#),
+            format!(r#"{{"sessionId":"{sid}","runId":"r","events":[{{"type":""}}]}}"#),
+            format!(r#"{{"sessionId":"{sid}","runId":"r","events":[{{"type":"a","seq":-1}}]}}"#),
+            format!(r#"{{"sessionId":"{sid}","runId":"r","events":[{{"type":"a","seq":1.5}}]}}"#),
+            format!(r#"{{"sessionId":"{sid}","runId":"r","events":[{{"type":"a","seq":null}}]}}"#),
+            format!(
+                r#"{{"sessionId":"{sid}","runId":"r","events":[{{"type":"a","timestamp":"yesterday"}}]}}"#
+            ),
+            format!(r#"{{"sessionId":"{sid}","runId":"r","events":[{{"type":"a","type":"b"}}]}}"#),
+            format!(
+                r#"{{"sessionId":"{sid}","runId":"r","events":[{{"type":"a","data":{{"k":1,"k":2}}}}]}}"#
+            ),
+            format!(
+                r#"{{"sessionId":"{sid}","runId":"r","events":[{{"type":"a","data":"\ud800"}}]}}"#
+            ),
+            format!(
+                r#"{{"sessionId":"{sid}","runId":"r","events":[{{"type":"a","data":1e400}}]}}"#
+            ),
+            format!(r#"{{"sessionId":"{sid}","runId":"r","events":[{{"type":"a","other":1}}]}}"#),
+        ];
+        let mut taken = 0;
+        for text in &payloads {
+            let owned = typed::<PublishOutputEventsRequest>(text);
+            let once = read_publish_at_once(text);
+            match (&owned, &once) {
+                (Ok(owned), Some(once)) => {
+                    taken += 1;
+                    assert_eq!(owned.session_id, once.session_id, "{text}");
+                    assert_eq!(owned.run_id, once.run_id, "{text}");
+                    let owned: Vec<_> = owned.events.iter().map(|e| (e.raw.get(), e.seq)).collect();
+                    let once: Vec<_> = once.events.iter().map(|e| (e.json, e.seq)).collect();
+                    assert_eq!(owned, once, "{text}");
+                }
+                (Err(_), None) => {}
+                _ => panic!("{text}: owned read {owned:?}, one pass {once:?}"),
+            }
+            // And what the gateway answers is the owned read's.
+            match (owned, read_publish(text)) {
+                (Ok(_), Ok(_)) => {}
+                (Err(a), Err(b)) => assert_eq!(
+                    (a.code, a.message, a.details),
+                    (b.code, b.message, b.details)
+                ),
+                (a, b) => panic!("{text}: {a:?} / {b:?}"),
+            }
+        }
+        assert_eq!(taken, 5, "the first five are valid");
+    }
+
     #[test]
     fn publish_keeps_events_raw_and_checks_their_shape() {
         let sid = SessionId::generate();
@@ -1056,7 +1234,7 @@ mod tests {
         };
         assert_eq!(p.events[0].seq, Some(3));
         assert_eq!(
-            p.events[0].raw.get(),
+            p.events[0].json,
             r#"{"type":"log","seq":3,"data":{"b":1, "a":2}}"#
         );
         let bad =
@@ -1186,12 +1364,13 @@ mod tests {
     }
 
     /// What a client writes, the gateway reads back as the same command.
-    fn round_trip<C: CommandPayload>(request: &C) -> (Command, serde_json::Value) {
-        let text = serde_json::to_string(request).unwrap();
-        let raw: Box<RawValue> = serde_json::from_str(&text).unwrap();
-        let command = Command::parse(C::KIND, &raw)
+    fn round_trip<C: CommandPayload>(request: &C) -> (Command<'static>, serde_json::Value) {
+        // Leaked: the command borrows the text, and a test is short.
+        let text: &'static str = String::leak(serde_json::to_string(request).unwrap());
+        let raw: &RawValue = serde_json::from_str(text).unwrap();
+        let command = Command::parse(C::KIND, raw)
             .unwrap_or_else(|e| panic!("{}: {text} refused: {e:?}", C::KIND.as_str()));
-        (command, serde_json::from_str(&text).unwrap())
+        (command, serde_json::from_str(text).unwrap())
     }
 
     #[test]
@@ -1253,10 +1432,10 @@ mod tests {
         let Command::EventsPublish(read) = round_trip(&publish).0 else {
             panic!("publish")
         };
-        assert_eq!(read.events[0].raw.get(), publish.events[0].raw.get());
+        assert_eq!(read.events[0].json, publish.events[0].raw.get());
         assert_eq!((read.events[0].seq, read.events[1].seq), (Some(5), None));
         assert_eq!(
-            read.events[1].raw.get(),
+            read.events[1].json,
             r#"{"type":"done","timestamp":"2026-11-25T10:00:00Z"}"#
         );
         // Borrowed events with typed data write the same JSON, and read
@@ -1289,10 +1468,10 @@ mod tests {
             panic!("publish")
         };
         assert_eq!(
-            read.events[0].raw.get(),
+            read.events[0].json,
             r#"{"type":"log","seq":5,"data":{"b":1,"a":"x"}}"#
         );
-        assert_eq!(read.events[1].raw.get(), publish.events[1].raw.get());
+        assert_eq!(read.events[1].json, publish.events[1].raw.get());
         assert_eq!(read.events[0].seq, Some(5));
 
         let r = || run.clone();

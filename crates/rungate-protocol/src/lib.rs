@@ -3,12 +3,15 @@
 //! ([`envelope`]), typed command payloads ([`commands`]), error codes
 //! ([`error`]), push payloads and their reader ([`push`]), the members
 //! whose value may be any JSON ([`any_json`]), a
-//! repeated member anywhere in a payload ([`duplicates`]) and
+//! repeated member anywhere in a payload ([`duplicates`]), reading a
+//! frame value by value while keeping each value's text (`cursor`) and
 //! the `stream.events` / `stream.gap` frames a ring stores
 //! ([`stream_frame`]).
 //!
 //! The gateway decodes with [`envelope::decode`] (the outside of a frame)
-//! then [`commands::Command::parse`] (the payload, by type). A client
+//! then [`commands::Command::parse`] (the payload, by type), or both in
+//! one read with [`envelope::decode_typed`] for a frame laid out as
+//! clients write it. A client
 //! encodes a typed payload with [`envelope::encode_command`] (the payload's
 //! [`CommandPayload`] names its `type` and its reply's type) and sorts what
 //! comes back with [`envelope::decode_incoming`], typing a push's payload
@@ -22,6 +25,7 @@
 
 pub mod any_json;
 pub mod commands;
+mod cursor;
 pub mod duplicates;
 pub mod envelope;
 pub mod error;
@@ -32,7 +36,8 @@ pub mod time;
 
 pub use commands::{Command, CommandKind, CommandPayload};
 pub use envelope::{
-    Encoded, Frame, Incoming, Rejected, Request, decode, decode_incoming, encode_command,
-    encode_error, encode_error_body, encode_push, encode_reply, encode_request,
+    Encoded, Frame, Incoming, Rejected, Request, TypedRequest, decode, decode_incoming,
+    decode_typed, encode_command, encode_error, encode_error_body, encode_push, encode_reply,
+    encode_request,
 };
 pub use error::{CommandError, ErrorCode};

@@ -16,7 +16,7 @@ use tokio::time::Instant;
 use super::access::session_for;
 use super::{ConnCtx, Reply};
 use crate::gateway::errors::stream_error_of;
-use crate::protocol::commands::{Accepted, PublishOutputEventsRequest};
+use crate::protocol::commands::{Accepted, PublishOutputEventsRequest, PublishedEvent};
 use crate::protocol::{CommandError, CommandKind, ErrorCode, encode_reply};
 use crate::stream::{NewEvent, Publisher};
 
@@ -24,7 +24,7 @@ use crate::stream::{NewEvent, Publisher};
 pub(crate) fn publish(
     ctx: &ConnCtx,
     id: &str,
-    req: PublishOutputEventsRequest,
+    req: PublishOutputEventsRequest<PublishedEvent<'_>>,
 ) -> Result<Reply, CommandError> {
     let session = session_for(
         ctx,
@@ -47,13 +47,13 @@ pub(crate) fn publish(
     if let Some(i) = req
         .events
         .iter()
-        .position(|e| e.raw.get().len() > limits.max_event_bytes)
+        .position(|e| e.json.len() > limits.max_event_bytes)
     {
         return Err(CommandError::new(
             ErrorCode::PayloadTooLarge,
             format!(
                 "event {i} is {} bytes; the limit is {}",
-                req.events[i].raw.get().len(),
+                req.events[i].json.len(),
                 limits.max_event_bytes
             ),
         )
@@ -63,7 +63,7 @@ pub(crate) fn publish(
         .events
         .iter()
         .map(|e| NewEvent {
-            json: e.raw.get(),
+            json: e.json,
             seq: e.seq,
         })
         .collect();
