@@ -19,7 +19,7 @@ use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_mai
 use rungate::ids::RunId;
 use rungate::protocol::{Command, CommandKind, decode};
 use rungate::stream::log::{self, SyncPolicy};
-use rungate::stream::{NewEvent, StreamLimits};
+use rungate::stream::{PublishedEvent, StreamLimits};
 use serde_json::value::RawValue;
 use tokio::time::Instant;
 
@@ -113,9 +113,9 @@ fn log_append(c: &mut Criterion) {
         b.iter_batched(
             || next_batch(0),
             |batch| {
-                let events: Vec<NewEvent<'_>> = batch
+                let events: Vec<PublishedEvent<'_>> = batch
                     .iter()
-                    .map(|(json, _)| NewEvent { json, seq: None })
+                    .map(|(json, _)| PublishedEvent { json, seq: None })
                     .collect();
                 rt.block_on(engine.publish(&runs[0], &events, Instant::now()))
                     .unwrap()
@@ -150,9 +150,9 @@ fn log_append(c: &mut Criterion) {
             let pending: Vec<_> = runs
                 .iter()
                 .map(|r| {
-                    let events: Vec<NewEvent<'_>> = texts
+                    let events: Vec<PublishedEvent<'_>> = texts
                         .iter()
-                        .map(|json| NewEvent { json, seq: None })
+                        .map(|json| PublishedEvent { json, seq: None })
                         .collect();
                     engine.publish(r, &events, Instant::now())
                 })

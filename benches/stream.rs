@@ -15,7 +15,7 @@ use futures_util::FutureExt;
 use rungate::ids::RunId;
 use rungate::stream::frame::FrameBuilder;
 use rungate::stream::ring::{Ring, RingLimits};
-use rungate::stream::{Delivery, NewEvent, StreamHub, StreamLimits};
+use rungate::stream::{Delivery, PublishedEvent, StreamHub, StreamLimits};
 use serde_json::value::RawValue;
 use std::collections::VecDeque;
 use tokio::time::Instant;
@@ -34,9 +34,9 @@ fn events(n: usize) -> Vec<String> {
 fn append(c: &mut Criterion) {
     let texts = events(100);
     debug_assert!(texts.iter().all(|t| t.len() == 200));
-    let batch: Vec<NewEvent<'_>> = texts
+    let batch: Vec<PublishedEvent<'_>> = texts
         .iter()
-        .map(|t| NewEvent { json: t, seq: None })
+        .map(|t| PublishedEvent { json: t, seq: None })
         .collect();
     let run = RunId::new("bench-run").expect("valid run id");
     let mut group = c.benchmark_group("stream_append");
@@ -84,9 +84,9 @@ fn replay(c: &mut Criterion) {
     let run = RunId::new("bench-run").expect("valid run id");
     let texts = events(100);
     let now = Instant::now();
-    let batch: Vec<NewEvent<'_>> = texts
+    let batch: Vec<PublishedEvent<'_>> = texts
         .iter()
-        .map(|t| NewEvent { json: t, seq: None })
+        .map(|t| PublishedEvent { json: t, seq: None })
         .collect();
     for _ in 0..100 {
         let answer = hub.publish(&run, &batch, now).now_or_never();
@@ -220,9 +220,9 @@ fn fan_out(c: &mut Criterion) {
                 (hub, subs)
             },
             |(hub, mut subs)| {
-                let batch: Vec<NewEvent<'_>> = texts
+                let batch: Vec<PublishedEvent<'_>> = texts
                     .iter()
-                    .map(|t| NewEvent { json: t, seq: None })
+                    .map(|t| PublishedEvent { json: t, seq: None })
                     .collect();
                 let answer = hub.publish(&run, &batch, now).now_or_never();
                 answer.expect("answered at once").expect("fits");
@@ -322,9 +322,9 @@ fn durable(c: &mut Criterion) {
                             tasks.push(tokio::spawn(async move {
                                 let run = RunId::new(format!("bench-{p}")).expect("run id");
                                 for _ in 0..per {
-                                    let batch: Vec<NewEvent<'_>> = texts
+                                    let batch: Vec<PublishedEvent<'_>> = texts
                                         .iter()
-                                        .map(|t| NewEvent { json: t, seq: None })
+                                        .map(|t| PublishedEvent { json: t, seq: None })
                                         .collect();
                                     let fut = engine.publish(&run, &batch, Instant::now());
                                     drop(batch);

@@ -28,7 +28,8 @@ use tokio::time::Instant;
 
 use super::ring::Ring;
 use super::{
-    EndRequest, NewEvent, PublishOutcome, Publisher, RunEnd, StreamEpoch, StreamError, StreamFuture,
+    EndRequest, PublishOutcome, PublishedEvent, Publisher, RunEnd, StreamEpoch, StreamError,
+    StreamFuture,
 };
 use crate::ids::RunId;
 
@@ -91,7 +92,7 @@ pub trait Backend: Send + Sync + 'static {
     fn publish(
         &self,
         ring: &mut Ring,
-        events: &[NewEvent<'_>],
+        events: &[PublishedEvent<'_>],
         publisher: Option<Publisher<'_>>,
     ) -> Result<Stored<PublishOutcome>, StreamError>;
 
@@ -145,7 +146,7 @@ impl Backend for Memory {
     fn publish(
         &self,
         ring: &mut Ring,
-        events: &[NewEvent<'_>],
+        events: &[PublishedEvent<'_>],
         _: Option<Publisher<'_>>,
     ) -> Result<Stored<PublishOutcome>, StreamError> {
         Ok(Stored::Now(ring.append(events)?.outcome()))

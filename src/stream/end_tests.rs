@@ -13,8 +13,8 @@ use super::hub::{Inbox, Visible};
 use super::log::{self, StreamLog, SyncPolicy};
 use super::ring::Ring;
 use super::{
-    Delivery, EndRequest, EventDelivery, NewEvent, PublishOutcome, Publisher, RunEnd, StreamError,
-    StreamFuture, StreamHub, StreamLimits, Subscription,
+    Delivery, EndRequest, EventDelivery, PublishOutcome, PublishedEvent, Publisher, RunEnd,
+    StreamError, StreamFuture, StreamHub, StreamLimits, Subscription,
 };
 use crate::ids::{RunId, RunOutcome};
 use crate::time::Timestamp;
@@ -37,10 +37,10 @@ fn texts(n: u64) -> Vec<String> {
         .collect()
 }
 
-fn events(texts: &[String]) -> Vec<NewEvent<'_>> {
+fn events(texts: &[String]) -> Vec<PublishedEvent<'_>> {
     texts
         .iter()
-        .map(|json| NewEvent { json, seq: None })
+        .map(|json| PublishedEvent { json, seq: None })
         .collect()
 }
 
@@ -206,7 +206,7 @@ impl Backend for EndNotWritten {
     fn publish(
         &self,
         ring: &mut Ring,
-        events: &[NewEvent<'_>],
+        events: &[PublishedEvent<'_>],
         _: Option<Publisher<'_>>,
     ) -> Result<Stored<PublishOutcome>, StreamError> {
         Ok(Stored::Now(ring.append(events)?.outcome()))

@@ -32,10 +32,10 @@ fn event(i: u64) -> String {
 
 async fn publish(engine: &StreamHub, r: &RunId, seqs: std::ops::Range<u64>) -> PublishOutcome {
     let texts: Vec<String> = seqs.clone().map(event).collect();
-    let events: Vec<NewEvent<'_>> = texts
+    let events: Vec<PublishedEvent<'_>> = texts
         .iter()
         .zip(seqs)
-        .map(|(json, seq)| NewEvent {
+        .map(|(json, seq)| PublishedEvent {
             json,
             seq: Some(seq),
         })
@@ -263,7 +263,7 @@ impl Backend for Held {
     fn publish(
         &self,
         ring: &mut Ring,
-        events: &[NewEvent<'_>],
+        events: &[PublishedEvent<'_>],
         _: Option<Publisher<'_>>,
     ) -> Result<Stored<PublishOutcome>, StreamError> {
         let outcome = ring.append_uncommitted(events)?.outcome();
@@ -294,7 +294,7 @@ async fn readers_never_see_a_batch_before_it_is_committed() {
     let outcome = hub
         .publish(
             &r,
-            &[NewEvent {
+            &[PublishedEvent {
                 json: &json,
                 seq: Some(1),
             }],
@@ -333,10 +333,10 @@ fn big_event(i: u64) -> String {
 
 async fn publish_big(engine: &StreamHub, r: &RunId, seqs: std::ops::Range<u64>) -> usize {
     let texts: Vec<String> = seqs.clone().map(big_event).collect();
-    let events: Vec<NewEvent<'_>> = texts
+    let events: Vec<PublishedEvent<'_>> = texts
         .iter()
         .zip(seqs)
-        .map(|(json, seq)| NewEvent {
+        .map(|(json, seq)| PublishedEvent {
             json,
             seq: Some(seq),
         })
@@ -398,7 +398,7 @@ async fn a_busy_log_writes_each_event_once_and_deletes_old_segments() {
     let resent = engine
         .publish(
             &runs[0],
-            &[NewEvent {
+            &[PublishedEvent {
                 json: &big_event(1500),
                 seq: Some(1500),
             }],
@@ -450,7 +450,7 @@ async fn old_segments_go_whatever_quiet_empty_and_dropped_streams_they_hold() {
     let again = engine
         .publish(
             &quiet,
-            &[NewEvent {
+            &[PublishedEvent {
                 json: &big_event(3),
                 seq: Some(3),
             }],

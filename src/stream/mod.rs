@@ -136,16 +136,11 @@ impl<T> Future for StreamFuture<T> {
     }
 }
 
-/// One event as published.
-#[derive(Debug, Clone, Copy)]
-pub struct NewEvent<'a> {
-    /// The event's JSON text exactly as received. Must be one valid JSON
-    /// value (the protocol layer's `RawValue` guarantees it): it is copied
-    /// into frames verbatim.
-    pub json: &'a str,
-    /// The runtime's own sequence number, for de-duplication.
-    pub seq: Option<u64>,
-}
+/// One event as published: the protocol's own type, so a publish's
+/// events reach the stream as the reader left them (borrowed from the
+/// frame), with no copy in between. Its `json` is one valid JSON value,
+/// copied into frames verbatim.
+pub use rungate_protocol::commands::PublishedEvent;
 
 /// One stored event, for readers that send events singly (SSE).
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -65,7 +65,7 @@ use super::frame::events_frame_bound;
 use super::hub::{Inbox, StreamHub};
 use super::ring::Ring;
 use super::{
-    EndRequest, NewEvent, PublishOutcome, Publisher, RunEnd, StreamEpoch, StreamError,
+    EndRequest, PublishOutcome, PublishedEvent, Publisher, RunEnd, StreamEpoch, StreamError,
     StreamFuture, StreamLimits,
 };
 use crate::ids::RunId;
@@ -293,7 +293,7 @@ impl Backend for RedisBackend {
     fn publish(
         &self,
         ring: &mut Ring,
-        events: &[NewEvent<'_>],
+        events: &[PublishedEvent<'_>],
         publisher: Option<Publisher<'_>>,
     ) -> Result<Stored<PublishOutcome>, StreamError> {
         let (run, epoch) = (ring.run(), ring.epoch());

@@ -93,9 +93,9 @@ async fn publish_range(
     seq: bool,
 ) -> Result<PublishOutcome, StreamError> {
     let texts: Vec<(u64, String)> = range.map(|i| (i, ev(i))).collect();
-    let events: Vec<NewEvent<'_>> = texts
+    let events: Vec<PublishedEvent<'_>> = texts
         .iter()
-        .map(|(i, json)| NewEvent {
+        .map(|(i, json)| PublishedEvent {
             json,
             seq: seq.then_some(*i + 1),
         })
@@ -218,9 +218,9 @@ async fn concurrent_publishers_on_two_nodes_share_one_order() {
                 let texts: Vec<String> = (0..PER)
                     .map(|j| format!(r#"{{"node":{node},"batch":{i},"j":{j}}}"#))
                     .collect();
-                let events: Vec<NewEvent<'_>> = texts
+                let events: Vec<PublishedEvent<'_>> = texts
                     .iter()
-                    .map(|json| NewEvent { json, seq: None })
+                    .map(|json| PublishedEvent { json, seq: None })
                     .collect();
                 outcomes.push(engine.publish(&r, &events, Instant::now()).await.unwrap());
             }
@@ -598,7 +598,7 @@ async fn too_large_batches_are_refused_before_redis() {
     let err = a
         .publish(
             &r,
-            &[NewEvent {
+            &[PublishedEvent {
                 json: &huge,
                 seq: None,
             }],
@@ -635,7 +635,7 @@ async fn close_answers_every_publish_queued_before_it() {
     let texts: Vec<String> = (0..20).map(ev).collect();
     let pending: Vec<_> = texts
         .iter()
-        .map(|json| a.publish(&r, &[NewEvent { json, seq: None }], Instant::now()))
+        .map(|json| a.publish(&r, &[PublishedEvent { json, seq: None }], Instant::now()))
         .collect();
     within("close", a.close()).await;
     for (i, p) in pending.into_iter().enumerate() {
@@ -676,7 +676,7 @@ async fn a_publish_fenced_by_a_lost_session_stores_nothing() {
         .await
         .unwrap();
     let texts = [ev(0)];
-    let events = [NewEvent {
+    let events = [PublishedEvent {
         json: &texts[0],
         seq: None,
     }];

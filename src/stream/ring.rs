@@ -16,7 +16,9 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use super::frame::{FrameBuilder, gap_frame};
-use super::{EndRequest, NewEvent, PublishOutcome, RunEnd, StreamEpoch, StreamError, StreamEvent};
+use super::{
+    EndRequest, PublishOutcome, PublishedEvent, RunEnd, StreamEpoch, StreamError, StreamEvent,
+};
 use crate::ids::RunId;
 
 /// The per-run bounds. The oldest events are evicted, whole, to stay
@@ -346,7 +348,7 @@ impl Ring {
     /// A batch whose accepted events alone exceed either per-run bound is
     /// refused whole with [`StreamError::TooLarge`]: storing part of it would
     /// break atomicity, and storing all of it would evict it at once.
-    pub fn append(&mut self, events: &[NewEvent<'_>]) -> Result<Appended, StreamError> {
+    pub fn append(&mut self, events: &[PublishedEvent<'_>]) -> Result<Appended, StreamError> {
         let appended = self.append_uncommitted(events)?;
         self.commit(self.appended_head);
         Ok(appended)
@@ -354,7 +356,10 @@ impl Ring {
 
     /// As [`Ring::append`], but readers do not see the batch until
     /// [`Ring::commit`] (a durable engine commits once the batch is logged).
-    pub fn append_uncommitted(&mut self, events: &[NewEvent<'_>]) -> Result<Appended, StreamError> {
+    pub fn append_uncommitted(
+        &mut self,
+        events: &[PublishedEvent<'_>],
+    ) -> Result<Appended, StreamError> {
         if let Some(end) = &self.end {
             return Err(StreamError::Ended {
                 outcome: end.outcome,
@@ -684,9 +689,9 @@ mod tests {
 
     fn publish(r: &mut Ring, range: Range<u64>) -> Appended {
         let texts: Vec<String> = range.map(ev).collect();
-        let events: Vec<NewEvent<'_>> = texts
+        let events: Vec<PublishedEvent<'_>> = texts
             .iter()
-            .map(|t| NewEvent { json: t, seq: None })
+            .map(|t| PublishedEvent { json: t, seq: None })
             .collect();
         r.append(&events).unwrap()
     }
@@ -722,10 +727,10 @@ mod tests {
         );
     }
 
-    fn with_seq<'a>(texts: &'a [(&'a str, Option<u64>)]) -> Vec<NewEvent<'a>> {
+    fn with_seq<'a>(texts: &'a [(&'a str, Option<u64>)]) -> Vec<PublishedEvent<'a>> {
         texts
             .iter()
-            .map(|(json, seq)| NewEvent { json, seq: *seq })
+            .map(|(json, seq)| PublishedEvent { json, seq: *seq })
             .collect()
     }
 
@@ -754,7 +759,7 @@ mod tests {
         // Odd but valid JSON text survives byte for byte.
         let odd = "{ \"type\" : \"x\",\n \"data\": \"\\u00e9\" }";
         let c = r
-            .append(&[NewEvent {
+            .append(&[PublishedEvent {
                 json: odd,
                 seq: None,
             }])
@@ -878,7 +883,7 @@ mod tests {
         let mut r = ring(100, 64);
         let huge = "\"".to_owned() + &"x".repeat(100) + "\"";
         assert!(matches!(
-            r.append(&[NewEvent {
+            r.append(&[PublishedEvent {
                 json: &huge,
                 seq: None
             }]),
@@ -887,7 +892,7 @@ mod tests {
         // Fits as raw JSON but not as a frame.
         let near = "\"".to_owned() + &"x".repeat(40) + "\"";
         assert!(
-            r.append(&[NewEvent {
+            r.append(&[PublishedEvent {
                 json: &near,
                 seq: None
             }])

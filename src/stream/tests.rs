@@ -231,9 +231,9 @@ impl Model {
         let fits =
             accepted.len() <= limits.max_events_per_run && frame_len <= limits.max_bytes_per_run;
 
-        let events: Vec<NewEvent<'_>> = texts
+        let events: Vec<PublishedEvent<'_>> = texts
             .iter()
-            .map(|(t, seq)| NewEvent { json: t, seq: *seq })
+            .map(|(t, seq)| PublishedEvent { json: t, seq: *seq })
             .collect();
         let before = self.published.len() as u64;
         let published = self.hub.publish(&self.run, &events, self.now);

@@ -670,8 +670,10 @@ impl<'de> Deserialize<'de> for OutputEvent {
     }
 }
 
-/// One output event as the gateway reads it from a publish: its JSON
-/// borrowed from the frame, exactly as received, and its `seq`.
+/// One output event as the gateway reads it from a publish, and as its
+/// stream appends it: its JSON borrowed from the frame, exactly as
+/// received (one valid JSON value, copied into frames verbatim), and its
+/// `seq`.
 #[derive(Debug, Clone, Copy)]
 pub struct PublishedEvent<'a> {
     /// The event's JSON as received (member order and spacing included).

@@ -18,7 +18,7 @@ use super::{ConnCtx, Reply};
 use crate::gateway::errors::stream_error_of;
 use crate::protocol::commands::{Accepted, PublishOutputEventsRequest, PublishedEvent};
 use crate::protocol::{CommandError, CommandKind, ErrorCode, encode_reply};
-use crate::stream::{NewEvent, Publisher};
+use crate::stream::Publisher;
 
 /// `events.publish`.
 pub(crate) fn publish(
@@ -59,24 +59,16 @@ pub(crate) fn publish(
         )
         .with_details(json!({ "path": format!("/payload/events/{i}"), "maxEventBytes": limits.max_event_bytes })));
     }
-    let events: Vec<NewEvent<'_>> = req
-        .events
-        .iter()
-        .map(|e| NewEvent {
-            json: e.json,
-            seq: e.seq,
-        })
-        .collect();
     // The engine fixes the batch's place in the stream before returning, so
     // publishes are ordered as they arrived even if their replies are not.
     let publisher = Publisher {
         session_id: session.session_id.as_str(),
         epoch: session.epoch,
     };
-    let pending = ctx
-        .shared
-        .streams
-        .publish_as(&req.run_id, &events, publisher, Instant::now());
+    let pending =
+        ctx.shared
+            .streams
+            .publish_as(&req.run_id, &req.events, publisher, Instant::now());
     let shared = ctx.shared.clone();
     let id = id.to_owned();
     let run = req.run_id.clone();

@@ -15,7 +15,7 @@ use std::sync::atomic::Ordering;
 
 use super::StreamHub;
 use crate::ids::RunId;
-use crate::stream::{NewEvent, StreamError, SweepOutcome};
+use crate::stream::{PublishedEvent, StreamError, SweepOutcome};
 
 impl StreamHub {
     /// Makes room for `events` before they go into `run`'s ring, if the
@@ -24,7 +24,7 @@ impl StreamHub {
     pub(super) fn make_room(
         &self,
         run: &RunId,
-        events: &[NewEvent<'_>],
+        events: &[PublishedEvent<'_>],
     ) -> Result<(), StreamError> {
         let limit = self.limits.global_max_bytes;
         // At most what the run's ring can hold (it trims itself past that;

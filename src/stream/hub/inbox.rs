@@ -22,7 +22,7 @@ use tokio::time::Instant;
 use super::{Mark, RunStream, StreamHub};
 use crate::ids::RunId;
 use crate::stream::ring::{Ring, RingLimits};
-use crate::stream::{NewEvent, RunEnd, StreamEpoch};
+use crate::stream::{PublishedEvent, RunEnd, StreamEpoch};
 
 /// A backend's handle on its hub; see the module docs.
 #[derive(Clone)]
@@ -340,9 +340,9 @@ fn append_stored(
             ring.restart_at(batch.first_offset);
         }
         let skip = (ring.appended_head() - batch.first_offset) as usize;
-        let events: Vec<NewEvent<'_>> = batch.events[skip..]
+        let events: Vec<PublishedEvent<'_>> = batch.events[skip..]
             .iter()
-            .map(|json| NewEvent { json, seq: None })
+            .map(|json| PublishedEvent { json, seq: None })
             .collect();
         if let Err(e) = ring.append(&events) {
             // This node's limits are smaller than the publisher's: the

@@ -38,7 +38,7 @@ use tokio::time::Instant;
 use super::backend::{Authority, Backend, Memory, News, Stored};
 use super::ring::{Ring, RingLimits};
 use super::{
-    EndRequest, NewEvent, PublishOutcome, Publisher, RunEnd, StreamError, StreamFuture,
+    EndRequest, PublishOutcome, PublishedEvent, Publisher, RunEnd, StreamError, StreamFuture,
     StreamLimits, StreamStats,
 };
 use crate::ids::RunId;
@@ -291,7 +291,7 @@ impl StreamHub {
     pub fn publish(
         &self,
         run: &RunId,
-        events: &[NewEvent<'_>],
+        events: &[PublishedEvent<'_>],
         now: Instant,
     ) -> StreamFuture<Result<PublishOutcome, StreamError>> {
         self.store_batch(run, events, None, now)
@@ -303,7 +303,7 @@ impl StreamHub {
     pub fn publish_as(
         &self,
         run: &RunId,
-        events: &[NewEvent<'_>],
+        events: &[PublishedEvent<'_>],
         publisher: Publisher<'_>,
         now: Instant,
     ) -> StreamFuture<Result<PublishOutcome, StreamError>> {
@@ -313,7 +313,7 @@ impl StreamHub {
     fn store_batch(
         &self,
         run: &RunId,
-        events: &[NewEvent<'_>],
+        events: &[PublishedEvent<'_>],
         publisher: Option<Publisher<'_>>,
         now: Instant,
     ) -> StreamFuture<Result<PublishOutcome, StreamError>> {

@@ -31,7 +31,7 @@ use super::backend::{Backend, News, Stored};
 use super::hub::{Inbox, StreamHub};
 use super::ring::{Ring, RingLimits};
 use super::{
-    EndRequest, NewEvent, PublishOutcome, Publisher, RunEnd, StreamError, StreamFuture,
+    EndRequest, PublishOutcome, PublishedEvent, Publisher, RunEnd, StreamError, StreamFuture,
     StreamLimits,
 };
 
@@ -254,7 +254,7 @@ impl Backend for StreamLog {
     fn publish(
         &self,
         ring: &mut Ring,
-        events: &[NewEvent<'_>],
+        events: &[PublishedEvent<'_>],
         _: Option<Publisher<'_>>,
     ) -> Result<Stored<PublishOutcome>, StreamError> {
         if !self.healthy() {

@@ -17,7 +17,7 @@ use super::segment::{MAGIC, Segment, segment_path, write_new_segment};
 use super::{LogError, io_err};
 use crate::ids::RunId;
 use crate::stream::ring::{Ring, RingLimits};
-use crate::stream::{EndRequest, NewEvent, RunEnd};
+use crate::stream::{EndRequest, PublishedEvent, RunEnd};
 use crate::time::Timestamp;
 
 /// Rings rebuilt from the log.
@@ -62,9 +62,9 @@ impl Recovery {
                     .iter()
                     .map(|e| std::str::from_utf8(e).unwrap_or("null"))
                     .collect();
-                let new: Vec<NewEvent<'_>> = texts
+                let new: Vec<PublishedEvent<'_>> = texts
                     .iter()
-                    .map(|json| NewEvent { json, seq: None })
+                    .map(|json| PublishedEvent { json, seq: None })
                     .collect();
                 if ring.append(&new).is_err() {
                     // Limits shrank since: keep what fits, as a fresh start.
