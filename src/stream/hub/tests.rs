@@ -19,10 +19,10 @@ fn ev(i: u64) -> String {
 fn publish_events<'a>(
     hub: &StreamHub,
     r: &RunId,
-    events: impl IntoIterator<Item = NewEvent<'a>>,
+    events: impl IntoIterator<Item = PublishedEvent<'a>>,
     now: Instant,
 ) -> Result<PublishOutcome, StreamError> {
-    let events: Vec<NewEvent<'a>> = events.into_iter().collect();
+    let events: Vec<PublishedEvent<'a>> = events.into_iter().collect();
     hub.publish(r, &events, now)
         .now_or_never()
         .expect("the memory hub answers at once")
@@ -38,7 +38,7 @@ fn publish(
     publish_events(
         hub,
         r,
-        texts.iter().map(|t| NewEvent { json: t, seq: None }),
+        texts.iter().map(|t| PublishedEvent { json: t, seq: None }),
         now,
     )
     .unwrap()
@@ -116,7 +116,7 @@ async fn resume_before_the_run_exists_then_first_events_arrive() {
     publish_events(
         &hub,
         &r,
-        texts.iter().map(|t| NewEvent {
+        texts.iter().map(|t| PublishedEvent {
             json: t,
             seq: Some(1),
         }),
@@ -216,7 +216,7 @@ fn too_large_batches_are_refused_whole() {
     let err = publish_events(
         &hub,
         &r,
-        texts.iter().map(|t| NewEvent { json: t, seq: None }),
+        texts.iter().map(|t| PublishedEvent { json: t, seq: None }),
         Instant::now(),
     )
     .unwrap_err();
@@ -393,7 +393,7 @@ fn global_budget_drops_idle_streams_first_then_trims_active() {
     let refused = publish_events(
         &hub,
         &third,
-        texts.iter().map(|t| NewEvent { json: t, seq: None }),
+        texts.iter().map(|t| PublishedEvent { json: t, seq: None }),
         at(8),
     );
     assert!(
@@ -420,7 +420,8 @@ fn a_publish_after_a_drop_starts_a_new_history() {
     publish_events(
         &hub,
         &r,
-        seq.iter().map(|(json, seq)| NewEvent { json, seq: *seq }),
+        seq.iter()
+            .map(|(json, seq)| PublishedEvent { json, seq: *seq }),
         now,
     )
     .unwrap();
@@ -430,7 +431,8 @@ fn a_publish_after_a_drop_starts_a_new_history() {
     let out = publish_events(
         &hub,
         &r,
-        seq.iter().map(|(json, seq)| NewEvent { json, seq: *seq }),
+        seq.iter()
+            .map(|(json, seq)| PublishedEvent { json, seq: *seq }),
         now,
     )
     .unwrap();
@@ -439,23 +441,43 @@ fn a_publish_after_a_drop_starts_a_new_history() {
     assert_ne!(hub.summary(&r).unwrap().stream_epoch, old.stream_epoch);
 }
 
-#[test]
-fn replicate_skips_what_it_holds_and_stops_at_a_hole() {
+/// A started run's stream as a replica fills it: the hub, its inbox, the
+/// run, the time, the stream's epoch and the texts of events `0..n`.
+fn replica(
+    n: u64,
+) -> (
+    Arc<StreamHub>,
+    Inbox,
+    RunId,
+    Instant,
+    StreamEpoch,
+    Vec<String>,
+) {
     let hub = Arc::new(StreamHub::new(StreamLimits::default()));
     let inbox = Inbox::of(&hub);
     let r = run("r");
     let now = Instant::now();
     hub.session_started(&r, now);
     let epoch = hub.summary(&r).unwrap().stream_epoch;
-    let (_, mut sub) = hub.resume(&r, Some(0), None, now);
-    let texts: Vec<String> = (0..6).map(ev).collect();
-    let batch = |first: u64, to: u64| ReplicaBatch {
+    (hub, inbox, r, now, epoch, (0..n).map(ev).collect())
+}
+
+/// Events `first..to` of `texts` as one replicated batch.
+fn replica_batch(texts: &[String], first: u64, to: u64) -> ReplicaBatch<'_> {
+    ReplicaBatch {
         first_offset: first,
         events: texts[first as usize..to as usize]
             .iter()
             .map(String::as_str)
             .collect(),
-    };
+    }
+}
+
+#[test]
+fn replicate_skips_what_it_holds_and_stops_at_a_hole() {
+    let (hub, inbox, r, now, epoch, texts) = replica(6);
+    let (_, mut sub) = hub.resume(&r, Some(0), None, now);
+    let batch = |first, to| replica_batch(&texts, first, to);
     let replicate = |epoch: &StreamEpoch, batches: &[ReplicaBatch<'_>], last_seq, authoritative| {
         let stored = Visible::Stored {
             batches,
@@ -541,7 +563,7 @@ async fn the_gateway_calls_answer_as_the_engine_did() {
     let out = engine
         .publish(
             &r,
-            &[NewEvent {
+            &[PublishedEvent {
                 json: "{}",
                 seq: None,
             }],
@@ -574,24 +596,14 @@ async fn the_gateway_calls_answer_as_the_engine_did() {
 /// `Wake::now`, and a `Wake` dropped unsent must still wake it.
 #[test]
 fn a_quiet_show_is_readable_at_once_and_wakes_the_sleepers_at_its_wake() {
-    let hub = Arc::new(StreamHub::new(StreamLimits::default()));
-    let inbox = Inbox::of(&hub);
-    let r = run("r");
-    let now = Instant::now();
-    hub.session_started(&r, now);
-    let epoch = hub.summary(&r).unwrap().stream_epoch;
-    let texts: Vec<String> = (0..4).map(ev).collect();
-    let batch = |first: usize, to: usize| ReplicaBatch {
-        first_offset: first as u64,
-        events: texts[first..to].iter().map(String::as_str).collect(),
-    };
+    let (hub, inbox, r, now, epoch, texts) = replica(4);
 
     for (first, wake_by_drop) in [(0, false), (2, true)] {
-        let (_, mut sleeper) = hub.resume(&r, Some(first as u64), None, now);
+        let (_, mut sleeper) = hub.resume(&r, Some(first), None, now);
         let mut sleeping = Box::pin(sleeper.next());
         assert!((&mut sleeping).now_or_never().is_none(), "nothing yet");
 
-        let batches = [batch(first, first + 2)];
+        let batches = [replica_batch(&texts, first, first + 2)];
         let stored = Visible::Stored {
             batches: &batches,
             last_seq: None,
@@ -600,12 +612,12 @@ fn a_quiet_show_is_readable_at_once_and_wakes_the_sleepers_at_its_wake() {
         let (shown, wake) = inbox.show_quietly(&r, &epoch, stored, now);
         assert_eq!(shown, Shown::Applied);
 
-        let (_, mut late) = hub.resume(&r, Some(first as u64), None, now);
+        let (_, mut late) = hub.resume(&r, Some(first), None, now);
         assert_eq!(
             offsets(&frames(
                 late.next().now_or_never().expect("readable at once")
             )),
-            vec![first as u64, first as u64 + 1]
+            vec![first, first + 1]
         );
         assert!(
             (&mut sleeping).now_or_never().is_none(),
@@ -619,7 +631,7 @@ fn a_quiet_show_is_readable_at_once_and_wakes_the_sleepers_at_its_wake() {
         }
         assert_eq!(
             offsets(&frames((&mut sleeping).now_or_never().expect("woken"))),
-            vec![first as u64, first as u64 + 1]
+            vec![first, first + 1]
         );
     }
 }
