@@ -37,7 +37,8 @@
 //! takes a token of the socket's command budget, decodes it
 //! (`protocol::decode_typed`, the frame in one read; or, for anything it
 //! declines, `protocol::decode`, the envelope, then
-//! `protocol::Command::parse`, the typed payload, which answer errors), checks the endpoint offers it and routes it by type →
+//! `protocol::Command::parse`, the typed payload, which answer errors),
+//! checks the endpoint offers it and routes it by type →
 //! the command's handler in `gateway::cmd` checks the session and limits
 //! and calls the domain → `protocol::encode_reply` (or `gateway::errors`,
 //! the one mapping of domain errors to protocol codes, HTTP's included) →
