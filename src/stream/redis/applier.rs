@@ -265,6 +265,7 @@ impl Applier {
                     });
                 } else {
                     // Dropped (or lost) in Redis: the history is gone.
+                    tracing::warn!(run = %run, epoch = %epoch, head, "Redis streams: Redis has no stream for this replica; dropping it");
                     hub.remove_replica(run, &epoch);
                 }
             }
@@ -283,6 +284,15 @@ impl Applier {
                 .as_ref()
                 .is_some_and(|(epoch, head, _)| *epoch == remote.epoch && *head <= remote.next);
         if !continues {
+            if let Some((epoch, head, _)) = &local {
+                // Its viewers are closed and resume into Redis's history:
+                // worth a line, since it should only follow a loss in Redis.
+                tracing::warn!(
+                    run = %run, local_epoch = %epoch, local_head = head,
+                    redis_epoch = %remote.epoch, redis_next = remote.next,
+                    "Redis streams: the replica holds another history than Redis; replacing it"
+                );
+            }
             let start = remote.entries.first().map_or(remote.next, |e| e.0);
             let ring = Ring::restored(
                 run.clone(),

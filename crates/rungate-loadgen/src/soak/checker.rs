@@ -59,6 +59,9 @@ pub struct TailCounts {
     /// Resumes that said history was lost (`truncated`, a new stream
     /// epoch) or a stream that was closed under the viewer.
     pub history_lost: u64,
+    /// The first loss of history this tail saw, told plainly (which kind,
+    /// the offsets and epochs involved), so a report says which one it was.
+    pub first_history_loss: Option<String>,
     /// Events whose `data` was not the soak's.
     pub foreign: u64,
 }
@@ -176,6 +179,19 @@ impl Tail {
         }
         if truncated || replaced {
             self.counts.history_lost += 1;
+            let owed = self.next_offset;
+            let before = self.epoch.clone();
+            self.counts.first_history_loss.get_or_insert_with(|| {
+                let kind = if replaced {
+                    "epoch replaced"
+                } else {
+                    "truncated"
+                };
+                format!(
+                    "resume {kind}: epoch {before:?} -> {epoch}, owed {owed:?}, \
+                     start {start}, first kept {first}"
+                )
+            });
             if let Some(next) = self.next_offset
                 && start > next
             {
@@ -189,6 +205,10 @@ impl Tail {
     /// The gateway dropped the stream's history under the viewer.
     pub fn on_closed(&mut self) {
         self.counts.history_lost += 1;
+        let (owed, epoch) = (self.next_offset, self.epoch.clone());
+        self.counts.first_history_loss.get_or_insert_with(|| {
+            format!("closed under the viewer: epoch {epoch:?}, owed {owed:?}")
+        });
     }
 
     /// A reported gap: offsets `from..=to` will not come. `really_dropped`
@@ -384,6 +404,9 @@ impl Ledger {
             t.false_gaps += c.false_gaps;
             t.fenced_landed += c.fenced_landed;
             t.history_lost += c.history_lost;
+            if t.first_history_loss.is_none() {
+                t.first_history_loss.clone_from(&c.first_history_loss);
+            }
             t.foreign += c.foreign;
             let bad = lost + tail.violations();
             if bad > 0 {
@@ -533,6 +556,27 @@ mod tests {
         assert_eq!(tail.violations(), 0);
         tail.on_resumed("e2", false, 0, 0);
         assert_eq!(tail.violations(), 1);
+        let told = tail.counts.first_history_loss.clone().unwrap_or_default();
+        assert!(told.starts_with("resume epoch replaced"), "{told}");
+        assert!(told.contains("\"e1\"") && told.contains("e2"), "{told}");
+        // Only the first loss is told.
+        tail.on_closed();
+        assert_eq!(
+            tail.counts.first_history_loss.as_deref(),
+            Some(told.as_str())
+        );
+    }
+
+    #[test]
+    fn a_stream_closed_under_a_viewer_is_told_as_such() {
+        let mut tail = Tail::new(0, "sse-1", false);
+        tail.on_resumed("e1", false, 0, 0);
+        tail.on_event(0, &ev(1, 1));
+        tail.on_closed();
+        assert_eq!(tail.violations(), 1);
+        let told = tail.counts.first_history_loss.clone().unwrap_or_default();
+        assert!(told.starts_with("closed under the viewer"), "{told}");
+        assert!(told.contains("owed Some(1)"), "{told}");
     }
 
     #[test]

@@ -717,8 +717,9 @@ pub async fn soak(args: SoakArgs) -> anyhow::Result<SoakReport> {
     }
     if !args.tiny_ring && t.history_lost > 0 {
         failures.push(format!(
-            "{} resumes found history truncated or replaced",
-            t.history_lost
+            "{} resumes found history truncated or replaced (first: {})",
+            t.history_lost,
+            t.first_history_loss.as_deref().unwrap_or("?")
         ));
     }
     if t.fenced_landed > 0 {
