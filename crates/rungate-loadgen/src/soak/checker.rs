@@ -179,8 +179,7 @@ impl Tail {
         }
         if truncated || replaced {
             self.counts.history_lost += 1;
-            let owed = self.next_offset;
-            let before = self.epoch.clone();
+            let (owed, before) = (self.next_offset, self.epoch.as_deref());
             self.counts.first_history_loss.get_or_insert_with(|| {
                 let kind = if replaced {
                     "epoch replaced"
@@ -205,7 +204,7 @@ impl Tail {
     /// The gateway dropped the stream's history under the viewer.
     pub fn on_closed(&mut self) {
         self.counts.history_lost += 1;
-        let (owed, epoch) = (self.next_offset, self.epoch.clone());
+        let (owed, epoch) = (self.next_offset, self.epoch.as_deref());
         self.counts.first_history_loss.get_or_insert_with(|| {
             format!("closed under the viewer: epoch {epoch:?}, owed {owed:?}")
         });
