@@ -42,7 +42,9 @@ mod writer;
 
 use record::{encode_batch, encode_drop, encode_end, encode_snapshot};
 use replay::{Recovery, replay};
-use segment::{MAGIC, Segment, segment_path, segments, write_new_segment};
+use segment::{
+    MAGIC, MAX_SPARES, Segment, segment_path, segments, spare_path, spares, write_new_segment,
+};
 use writer::{Ack, Commit, LogState, Msg, WRITE_BUFFER, Writer};
 
 /// A segment is closed and a new one started past this size.
@@ -147,7 +149,15 @@ impl StreamLog {
             rings: Default::default(),
         };
         let mut segments = replay(dir, &numbers, &mut recovery)?;
+        let spare_files = spare_files(dir)?;
         let file = match segments.back() {
+            // A version 1 segment is not written on: the next one starts.
+            Some(last) if last.mask == 0 => {
+                let next = last.number + 1;
+                let file = write_new_segment(&segment_path(dir, next))?;
+                segments.push_back(Segment::new(next, MAGIC.len() as u64));
+                file
+            }
             Some(last) => {
                 let path = segment_path(dir, last.number);
                 let mut file = OpenOptions::new()
@@ -185,8 +195,10 @@ impl StreamLog {
             policy,
             hub: Inbox::of(&hub),
             state: log.state.clone(),
+            file_len: segments.back().map_or(0, |s| s.bytes),
             file: BufWriter::with_capacity(WRITE_BUFFER, file),
             segments,
+            spares: spare_files,
             segment_limit,
             last_reclaim: std::time::Instant::now(),
             last_sync: std::time::Instant::now(),
@@ -234,6 +246,21 @@ impl StreamLog {
             ack,
         });
     }
+}
+
+/// The spares a previous run left for reuse, at most [`MAX_SPARES`]; the
+/// rest are deleted.
+fn spare_files(dir: &Path) -> Result<Vec<PathBuf>, LogError> {
+    let mut kept = Vec::new();
+    for n in spares(dir)? {
+        let path = spare_path(dir, n);
+        if kept.len() < MAX_SPARES {
+            kept.push(path);
+        } else {
+            fs::remove_file(&path).map_err(io_err(&path))?;
+        }
+    }
+    Ok(kept)
 }
 
 /// The answer once the writer acknowledged the record: `value`, or why not.

@@ -2,7 +2,10 @@
 //!
 //! Owns encoding and decoding records. A segment file opens with an 8-byte
 //! magic that carries the format version ([`super::MAGIC`]), then records
-//! `len: u32 LE | crc32: u32 LE | body[len]`. Bodies:
+//! `len: u32 LE | crc32: u32 LE | body[len]`. In version 2 the stored
+//! checksum is the body's CRC-32 XOR the segment's mask (see
+//! [`super::segment::crc_mask`]): records are encoded unmasked, and the
+//! writer masks them ([`mask_records`]) once it knows the segment. Bodies:
 //! - `1` batch: run, epoch, first offset, the ring's last `seq` after it,
 //!   the event texts;
 //! - `2` snapshot: run, epoch, first kept offset, last `seq` (a compaction
@@ -14,8 +17,8 @@
 //!   and made visible only once written; a compaction writes it again
 //!   after the ring's batches.
 //!
-//! The format is unchanged by reclaiming space (logs of earlier builds
-//! replay as they are). Must not do I/O: bytes in, bytes out.
+//! Version 1 logs (unmasked checksums, earlier builds) replay as they are.
+//! Must not do I/O: bytes in, bytes out.
 
 use crate::ids::{RunId, RunOutcome};
 use crate::stream::ring::Ring;
@@ -108,6 +111,19 @@ fn framed(capacity: usize, body: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
     buf[0..4].copy_from_slice(&len.to_le_bytes());
     buf[4..8].copy_from_slice(&crc.to_le_bytes());
     buf
+}
+
+/// XORs the checksum of every record in `buf` (whole records, back to
+/// back, as encoded here) with `mask`: done once before they are written,
+/// so the stored checksums are the segment's.
+pub(super) fn mask_records(buf: &mut [u8], mask: u32) {
+    let mut at = 0;
+    while let Some(head) = buf.get_mut(at..at + 8) {
+        let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
+        let crc = u32::from_le_bytes([head[4], head[5], head[6], head[7]]) ^ mask;
+        head[4..8].copy_from_slice(&crc.to_le_bytes());
+        at += 8 + len;
+    }
 }
 
 /// A batch record; `last_seq` is the ring's mark just after the batch.

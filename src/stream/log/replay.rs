@@ -3,7 +3,8 @@
 //! Owns replaying records in order into rings (epochs, offsets, `seq`
 //! marks, ends, drops) and torn-tail repair: a bad record at the end of
 //! the last segment is a write a crash cut short (never acknowledged) and
-//! is cut off; anywhere else it is corruption, reported. Must not write
+//! is cut off (and with it a reused segment's old records); anywhere else
+//! it is corruption, reported. Must not write
 //! records (only truncate a torn tail or restart an empty last segment).
 
 use std::collections::{HashMap, VecDeque};
@@ -13,7 +14,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use super::record::{Record, decode};
-use super::segment::{MAGIC, Segment, segment_path, write_new_segment};
+use super::segment::{MAGIC, MAGIC_V1, Segment, crc_mask, segment_path, write_new_segment};
 use super::{LogError, io_err};
 use crate::ids::RunId;
 use crate::stream::ring::{Ring, RingLimits};
@@ -135,11 +136,14 @@ pub(super) fn replay(
             }
             return Err(LogError::Version { path });
         }
-        if &bytes[..MAGIC.len()] != MAGIC {
-            return Err(LogError::Version { path });
-        }
+        let mask = match &bytes[..MAGIC.len()] {
+            m if m == MAGIC => crc_mask(n),
+            m if m == MAGIC_V1 => 0,
+            _ => return Err(LogError::Version { path }),
+        };
         let mut at = MAGIC.len();
         let mut seg = Segment::new(n, 0);
+        seg.mask = mask;
         let bad = loop {
             if at == bytes.len() {
                 break None;
@@ -152,7 +156,7 @@ pub(super) fn replay(
             let Some(body) = bytes.get(at + 8..at + 8 + len) else {
                 break Some("a record cut short");
             };
-            if crc32fast::hash(body) != crc {
+            if crc32fast::hash(body) ^ mask != crc {
                 break Some("a checksum mismatch");
             }
             let Some(record) = decode(body) else {
@@ -171,6 +175,9 @@ pub(super) fn replay(
                     why: why.into(),
                 });
             }
+            // A reused segment's old records end up here too (their
+            // checksums carry another segment's mask); a log closed cleanly
+            // has none left, so this is about a crash either way.
             tracing::warn!(
                 path = %path.display(),
                 at,

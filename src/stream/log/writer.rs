@@ -18,7 +18,9 @@
 //! log holds much more than the rings keep is rewritten at the head
 //! (snapshot and kept batches). So a busy log writes each event about once
 //! (issue #18: rewriting every ring at each rotation cost 28-34x the event
-//! bytes). A compaction on request writes every ring into a fresh segment.
+//! bytes). Up to two segments that go are kept as spares instead, and the
+//! next segments are written over their blocks (see [`super::segment`]).
+//! A compaction on request writes every ring into a fresh segment.
 //! Must not change a ring except through the inbox.
 
 use std::collections::{HashMap, VecDeque};
@@ -33,8 +35,10 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use super::record::{encode_batch, encode_end, encode_snapshot};
-use super::segment::{MAGIC, Segment, segment_path, write_new_segment};
+use super::record::{encode_batch, encode_end, encode_snapshot, mask_records};
+use super::segment::{
+    MAGIC, MAX_SPARES, Segment, keep_as_spare, reuse_spare, segment_path, write_new_segment,
+};
 use super::{LogError, SyncPolicy, io_err};
 use crate::ids::RunId;
 use crate::stream::hub::{Inbox, Visible, Wake};
@@ -94,8 +98,15 @@ pub(super) struct Writer {
     pub(super) hub: Inbox,
     pub(super) state: Arc<LogState>,
     pub(super) file: BufWriter<File>,
+    /// The length of the open file: past the current segment's bytes when
+    /// the file is a reused spare (its old records, cut off at rotation
+    /// and at a clean stop).
+    pub(super) file_len: u64,
     /// The segments on disk, oldest first; the last is the one written.
     pub(super) segments: VecDeque<Segment>,
+    /// Files of reclaimed segments kept for the next ones to reuse (see
+    /// [`super::segment`]), at most [`MAX_SPARES`].
+    pub(super) spares: Vec<PathBuf>,
     /// A segment is closed and the next one started past this size.
     pub(super) segment_limit: u64,
     pub(super) last_reclaim: std::time::Instant,
@@ -139,6 +150,11 @@ impl Writer {
             self.maintain();
         }
         self.sync();
+        if !self.state.failed.load(Ordering::Acquire)
+            && let Err(e) = self.seal_head()
+        {
+            tracing::warn!(error = %e, "stream log: could not cut the reused segment's old records");
+        }
     }
 
     fn current(&mut self) -> &mut Segment {
@@ -155,11 +171,16 @@ impl Writer {
         segment_path(&self.dir, self.head_number())
     }
 
-    /// Appends `bytes` to the current segment (buffered).
-    fn write(&mut self, bytes: &[u8]) -> io::Result<()> {
+    /// Appends `bytes`, whole records, to the current segment (buffered),
+    /// their checksums masked with the segment's.
+    fn write(&mut self, bytes: &mut [u8]) -> io::Result<()> {
+        mask_records(bytes, self.current().mask);
         self.file.write_all(bytes)?;
         let n = bytes.len() as u64;
-        self.current().bytes += n;
+        let current = self.current();
+        current.bytes += n;
+        let end = current.bytes;
+        self.file_len = self.file_len.max(end);
         self.state.disk_bytes.fetch_add(n, Ordering::Relaxed);
         self.state.written_bytes.fetch_add(n, Ordering::Relaxed);
         self.dirty = true;
@@ -178,7 +199,7 @@ impl Writer {
         for msg in group {
             match msg {
                 Msg::Append {
-                    bytes,
+                    mut bytes,
                     run,
                     epoch,
                     end,
@@ -186,7 +207,7 @@ impl Writer {
                     ack,
                 } => {
                     if result.is_ok() && !self.state.failed.load(Ordering::Acquire) {
-                        result = self.write(&bytes);
+                        result = self.write(&mut bytes);
                     }
                     written.push((run, epoch, end, commit));
                     acks.extend(ack);
@@ -307,15 +328,34 @@ impl Writer {
         }
     }
 
-    /// Closes the current segment (synced: a segment that is not the last
-    /// must never have a torn tail) and starts the next.
+    /// Cuts a reused file's old records off past what the current segment
+    /// holds, synced: then the segment ends exactly at its last record.
+    fn seal_head(&mut self) -> io::Result<()> {
+        let bytes = self.current().bytes;
+        if self.file_len > bytes {
+            self.file.flush()?;
+            self.file.get_ref().set_len(bytes)?;
+            self.file.get_ref().sync_all()?;
+            self.file_len = bytes;
+        }
+        Ok(())
+    }
+
+    /// Closes the current segment (synced, and ending at its last record: a
+    /// segment that is not the last must never have a torn tail) and starts
+    /// the next, in a spare's file when there is one.
     fn rotate(&mut self) -> Result<(), LogError> {
         let old = self.head_path();
         self.sync_checked().map_err(io_err(&old))?;
+        self.seal_head().map_err(io_err(&old))?;
         let next = self.head_number() + 1;
         let path = segment_path(&self.dir, next);
-        let file = write_new_segment(&path)?;
+        let (file, len) = match self.spares.pop() {
+            Some(spare) => reuse_spare(&spare, &path)?,
+            None => (write_new_segment(&path)?, MAGIC.len() as u64),
+        };
         self.file = BufWriter::with_capacity(WRITE_BUFFER, file);
+        self.file_len = len;
         let magic = MAGIC.len() as u64;
         self.segments.push_back(Segment::new(next, magic));
         self.state.disk_bytes.fetch_add(magic, Ordering::Relaxed);
@@ -403,18 +443,22 @@ impl Writer {
             })
             .collect();
         let head = self.head_path();
-        for (run, epoch, end, bytes) in checkpoints {
-            self.write(&bytes).map_err(io_err(&head))?;
+        for (run, epoch, end, mut bytes) in checkpoints {
+            self.write(&mut bytes).map_err(io_err(&head))?;
             self.current().note(run, epoch, end);
         }
         // What replaces the old segments must be on disk before they go.
         self.sync_checked().map_err(io_err(&head))?;
         for seg in self.segments.drain(..dead) {
-            let path = segment_path(&self.dir, seg.number);
-            fs::remove_file(&path).map_err(io_err(&path))?;
-            File::open(&self.dir)
-                .and_then(|d| d.sync_all())
-                .map_err(io_err(&self.dir))?;
+            if self.spares.len() < MAX_SPARES {
+                self.spares.push(keep_as_spare(&self.dir, seg.number)?);
+            } else {
+                let path = segment_path(&self.dir, seg.number);
+                fs::remove_file(&path).map_err(io_err(&path))?;
+                File::open(&self.dir)
+                    .and_then(|d| d.sync_all())
+                    .map_err(io_err(&self.dir))?;
+            }
             self.state
                 .disk_bytes
                 .fetch_sub(seg.bytes, Ordering::Relaxed);
@@ -426,7 +470,7 @@ impl Writer {
     /// batches) and forgets its records in the older segments, which the
     /// rewrite supersedes.
     fn relocate(&mut self, run: &RunId) -> Result<(), LogError> {
-        let Some((epoch, end, records)) = self.hub.with_ring(run, |ring| {
+        let Some((epoch, end, mut records)) = self.hub.with_ring(run, |ring| {
             let mut records = vec![encode_snapshot(ring)];
             for (first, events) in ring.visible_batches() {
                 records.push(encode_batch(ring, first, None, &events));
@@ -439,7 +483,7 @@ impl Writer {
             return Ok(());
         };
         let head = self.head_path();
-        for bytes in &records {
+        for bytes in &mut records {
             self.write(bytes).map_err(io_err(&head))?;
         }
         let old = self.segments.len() - 1;
@@ -463,7 +507,8 @@ impl Writer {
             if failure.is_some() {
                 return;
             }
-            let mut write = |bytes: Vec<u8>| {
+            let mut write = |mut bytes: Vec<u8>| {
+                mask_records(&mut bytes, seg.mask);
                 seg.bytes += bytes.len() as u64;
                 if let Err(e) = out.write_all(&bytes) {
                     failure = Some(e);
@@ -493,6 +538,7 @@ impl Writer {
         let written = seg.bytes;
         self.segments.push_back(seg);
         self.file = out;
+        self.file_len = written;
         self.state.disk_bytes.store(written, Ordering::Relaxed);
         self.state
             .written_bytes
