@@ -6,16 +6,16 @@
 //! oldest go first once nothing live is read from them (see
 //! [`super::writer`]). A segment that goes may be kept as a spare,
 //! `spare-NNNNNNNN.log`, whose blocks the next segment reuses: overwriting
-//! blocks the file already has makes each group commit's `fdatasync` a
-//! data flush, where an append also commits the file's new size and
-//! blocks (issue #18: 2x lower sync latency, 40% less CPU per sync on this
-//! machine's ext4). Recovery never reads a spare. Must not read or write
-//! records.
+//! blocks the file already has (zeroed first, see `zero`) makes each
+//! group commit's `fdatasync` cheaper than after an append, which also
+//! allocates blocks and grows the file (issue #18). Recovery never reads
+//! a spare. Must not read or write records.
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Seek, SeekFrom, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -106,23 +106,30 @@ pub(super) fn write_new_segment(path: &Path) -> Result<File, LogError> {
     Ok(file)
 }
 
-/// Makes the spare at `spare` the segment at `path`: its magic first (so
-/// once it has the segment's name, every old record in it carries another
-/// number's mask), then the name. Answers the file, positioned after the
-/// magic, and its length (its old records stay until overwritten).
+/// Makes the spare at `spare` the segment at `path`: zeroed (see [`zero`];
+/// where that fails, emptied), its magic, then the name. Answers the file,
+/// positioned after the magic, and its length. Its old records are gone;
+/// were any left (a filesystem that answers the zeroing but keeps the
+/// bytes), their checksums carry another number's mask.
 pub(super) fn reuse_spare(spare: &Path, path: &Path) -> Result<(File, u64), LogError> {
     let mut file = OpenOptions::new()
         .write(true)
         .open(spare)
         .map_err(io_err(spare))?;
+    let mut len = file.metadata().map_err(io_err(spare))?.len();
+    if !zero(&file, len) {
+        // Nothing to gain from the old blocks: start it as a new file.
+        file.set_len(0).map_err(io_err(spare))?;
+        len = 0;
+    }
     file.write_all_at(MAGIC, 0).map_err(io_err(spare))?;
-    file.sync_data().map_err(io_err(spare))?;
+    // The zeros and the magic are on disk before the name is.
+    file.sync_all().map_err(io_err(spare))?;
     fs::rename(spare, path).map_err(io_err(path))?;
     sync_dir(path)?;
     file.seek(SeekFrom::Start(MAGIC.len() as u64))
         .map_err(io_err(path))?;
-    let len = file.metadata().map_err(io_err(path))?.len();
-    Ok((file, len))
+    Ok((file, len.max(MAGIC.len() as u64)))
 }
 
 /// Keeps segment `n` (which holds nothing live) as a spare.
@@ -131,6 +138,42 @@ pub(super) fn keep_as_spare(dir: &Path, n: u64) -> Result<PathBuf, LogError> {
     fs::rename(&from, &to).map_err(io_err(&from))?;
     sync_dir(&to)?;
     Ok(to)
+}
+
+/// Turns the whole of `file` into zeros the filesystem knows are zeros
+/// (unwritten extents: blocks kept, no data written, its cached pages
+/// dropped). False where the filesystem cannot.
+///
+/// Why not write over the old bytes as they are: a write that ends inside
+/// a page the cache does not hold reads that page from the disk first, and
+/// a cached one is written back (and counted in `/proc/PID/io`) as a whole
+/// large folio, old bytes included. Measured here, 330 KiB written then
+/// `fdatasync`ed: appended 426-551 us, over cached old bytes 237-247 us
+/// (`write_bytes` 4.1x), over dropped ones 381-498 us (8 KiB read per
+/// write), over zeroed ones 332-340 us (1.0x, nothing read).
+fn zero(file: &File, len: u64) -> bool {
+    #[cfg(target_os = "linux")]
+    {
+        let Ok(len) = libc::off_t::try_from(len) else {
+            return false;
+        };
+        // SAFETY: a plain syscall on a descriptor `file` owns for the
+        // call; it reads and writes no memory of ours.
+        let zeroed = unsafe {
+            libc::fallocate(
+                file.as_raw_fd(),
+                libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+                0,
+                len,
+            )
+        };
+        zeroed == 0
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = (file, len);
+        false
+    }
 }
 
 /// One segment file as the writer tracks it, to know when it may go.
