@@ -304,6 +304,8 @@ async fn nodes_agree_on_the_epoch_of_a_stream_both_created() {
         return;
     };
     let (a, b) = two_nodes(&server, &prefix, StreamLimits::default()).await;
+    // C only watches: it hears of the stream and the race on the channel.
+    let c = node(&server, &prefix, StreamLimits::default()).await;
     let r = run("two-viewers");
     // Both create the stream locally before either hears of the other's.
     let (info_a, mut sub_a) = a.resume(&r, None, None, Instant::now());
@@ -332,8 +334,50 @@ async fn nodes_agree_on_the_epoch_of_a_stream_both_created() {
     assert_eq!(read_to(&mut sub_a, 2).await, expected(0..2));
     assert_eq!(read_to(&mut sub_b, 2).await, expected(0..2));
     // A third node agrees too.
-    let c = node(&server, &prefix, StreamLimits::default()).await;
+    eventually("C has the stream", || head(&c, &r).is_some()).await;
     assert_eq!(head(&c, &r).unwrap().0, agreed);
+    // The losing proposal is recorded in Redis (its create script runs
+    // after the winner's, so it may land after the loser adopted).
+    let lost = [&info_a, &info_b]
+        .into_iter()
+        .map(|i| i.stream_epoch.clone())
+        .find(|e| *e != agreed)
+        .expect("one proposal lost");
+    let mut conn = redis_conn(&server).await;
+    let mut recorded = String::new();
+    for _ in 0..500 {
+        recorded = redis::cmd("HGET")
+            .arg(format!("{prefix}:s:{r}"))
+            .arg("aliases")
+            .query_async::<Option<String>>(&mut conn)
+            .await
+            .unwrap()
+            .unwrap_or_default();
+        if !recorded.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(recorded, lost.as_str());
+    // So every node takes a resume naming the lost proposal as this
+    // history: not truncated, nothing twice (before, only the loser did,
+    // until it restarted: the soak's "resume epoch replaced").
+    // C had the stream before the loss was recorded: it hears of it on the
+    // channel.
+    eventually("C knows the lost proposal", || {
+        !c.resume(&r, Some(1), Some(lost.as_str()), Instant::now())
+            .0
+            .truncated
+    })
+    .await;
+    let d = node(&server, &prefix, StreamLimits::default()).await;
+    for engine in [&c, &d] {
+        let (told, mut sub) = engine.resume(&r, Some(1), Some(lost.as_str()), Instant::now());
+        assert_eq!(told.stream_epoch, agreed);
+        assert!(!told.truncated, "{told:?}");
+        assert_eq!(told.start_offset, 1);
+        assert_eq!(read_to(&mut sub, 2).await, expected(1..2));
+    }
 }
 
 #[tokio::test]

@@ -21,6 +21,10 @@ use super::{
 };
 use crate::ids::RunId;
 
+/// Epochs a ring answers to besides its own, at most: each a proposal
+/// that lost a race to create the stream (Redis records as many).
+pub const MAX_ALIASES: usize = 8;
+
 /// The per-run bounds. The oldest events are evicted, whole, to stay
 /// within both.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -144,9 +148,11 @@ pub struct Ring {
     /// Whether readers see the end yet (a durable engine shows it once it
     /// is in the log).
     end_visible: bool,
-    /// An epoch this ring had before it [adopted](Ring::adopt_epoch) the
-    /// authority's while still empty: a reader told that one lost nothing.
-    provisional_epoch: Option<StreamEpoch>,
+    /// Other epochs that name this history: the one this ring had before
+    /// it [adopted](Ring::adopt_epoch) the authority's while still empty,
+    /// and those other nodes did ([`Ring::add_aliases`]). A reader told one
+    /// lost nothing. At most [`MAX_ALIASES`].
+    aliases: Vec<StreamEpoch>,
     /// Events this ring dropped from its kept range by itself: its bounds
     /// on append, or a restart at a later offset (the hub counts the
     /// budget's trims on its own). The hub reads the difference a change
@@ -175,7 +181,7 @@ impl Ring {
             committed_last_seq: None,
             end: None,
             end_visible: false,
-            provisional_epoch: None,
+            aliases: Vec::new(),
             evicted: 0,
         }
     }
@@ -283,19 +289,27 @@ impl Ring {
         }
         if self.epoch != epoch {
             let provisional = std::mem::replace(&mut self.epoch, epoch);
-            self.provisional_epoch = Some(provisional);
+            self.add_aliases(&[provisional]);
         }
         true
     }
 
-    /// Whether `epoch` names this ring's history: its epoch, or the
-    /// provisional one it replaced while empty.
+    /// Records `aliases` as naming this history too (see
+    /// [`Ring::is_epoch`]), up to [`MAX_ALIASES`] in all.
+    pub fn add_aliases(&mut self, aliases: &[StreamEpoch]) {
+        for alias in aliases {
+            if self.aliases.len() < MAX_ALIASES
+                && *alias != self.epoch
+                && !self.aliases.contains(alias)
+            {
+                self.aliases.push(alias.clone());
+            }
+        }
+    }
+
+    /// Whether `epoch` names this ring's history: its epoch, or an alias.
     pub fn is_epoch(&self, epoch: &str) -> bool {
-        self.epoch.as_str() == epoch
-            || self
-                .provisional_epoch
-                .as_ref()
-                .is_some_and(|p| p.as_str() == epoch)
+        self.epoch.as_str() == epoch || self.aliases.iter().any(|a| a.as_str() == epoch)
     }
 
     pub fn epoch(&self) -> &StreamEpoch {

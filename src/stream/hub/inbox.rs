@@ -247,6 +247,23 @@ impl Inbox {
         !state.closed && state.ring.epoch() == provisional && state.ring.adopt_epoch(epoch.clone())
     }
 
+    /// Lets `run`'s stream (if it has `epoch`) answer to `aliases` too:
+    /// epochs other nodes proposed for it and lost with, which their viewers
+    /// were told (a viewer moving here, or staying on a node that
+    /// restarted, names one).
+    pub fn add_aliases(&self, run: &RunId, epoch: &StreamEpoch, aliases: &[StreamEpoch]) {
+        if aliases.is_empty() {
+            return;
+        }
+        let Some((_, stream)) = self.stream(run) else {
+            return;
+        };
+        let mut state = stream.state.write();
+        if !state.closed && state.ring.epoch() == epoch {
+            state.ring.add_aliases(aliases);
+        }
+    }
+
     /// Sets whether `run`'s stream (if it has `epoch`) is idle, and since
     /// when, as the authority recorded it.
     pub fn set_idle(&self, run: &RunId, epoch: &StreamEpoch, idle_since: Option<Instant>) {

@@ -83,6 +83,9 @@ struct Remote {
     entries: Vec<(u64, Vec<String>)>,
     /// The run's end, if it ended.
     end: Option<RunEnd>,
+    /// Epochs other nodes proposed for this history and lost with (see
+    /// `create.lua`): viewers may name them.
+    aliases: Vec<StreamEpoch>,
 }
 
 impl Applier {
@@ -143,6 +146,9 @@ impl Applier {
                     }
                     _ => self.sync_run(&run).await,
                 }
+            }
+            Apply::Notice(Notice::Aliased { run, epoch, alias }) => {
+                self.shared.hub.add_aliases(&run, &epoch, &[alias]);
             }
             Apply::Notice(Notice::Dropped { run, epoch }) => {
                 self.shared.hub.remove_replica(&run, &epoch);
@@ -303,6 +309,7 @@ impl Applier {
             );
             hub.replace(ring, idle_instant(remote.idle), now);
         }
+        hub.add_aliases(run, &remote.epoch, &remote.aliases);
         let mut batches: Vec<ReplicaBatch<'_>> = remote
             .entries
             .iter()
@@ -359,12 +366,13 @@ impl Applier {
                 return Ok(None);
             }
             #[allow(clippy::type_complexity)]
-            let (epoch, next, seq, idle, entries, outcome, ended_at, message): (
+            let (epoch, next, seq, idle, entries, outcome, ended_at, message, aliases): (
                 String,
                 u64,
                 String,
                 String,
                 Value,
+                String,
                 String,
                 String,
                 String,
@@ -389,7 +397,12 @@ impl Applier {
                 idle: Idle::Active,
                 entries: Vec::new(),
                 end: None,
+                aliases: Vec::new(),
             });
+            remote.aliases = aliases
+                .split_ascii_whitespace()
+                .filter_map(|a| StreamEpoch::new(a).ok())
+                .collect();
             remote.end = match (outcome.as_str(), ended_at.parse::<u64>()) {
                 ("", _) | (_, Err(_)) => None,
                 (outcome, Ok(ms)) => end_of(run, &epoch, next, outcome, ms, &message),

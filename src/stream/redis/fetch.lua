@@ -1,4 +1,4 @@
-local m = redis.call('HMGET', KEYS[1], 'epoch', 'next', 'seq', 'idle', 'end', 'endedAt', 'endMsg')
+local m = redis.call('HMGET', KEYS[1], 'epoch', 'next', 'seq', 'idle', 'end', 'endedAt', 'endMsg', 'aliases')
 if not m[1] then return nil end
 local entries = {}
 if ARGV[1] == '' or ARGV[1] == m[1] then
@@ -20,4 +20,4 @@ if ARGV[1] == '' or ARGV[1] == m[1] then
   end
   entries = redis.call('XRANGE', KEYS[2], start, '+', 'COUNT', ARGV[3])
 end
-return {m[1], m[2], m[3] or '', m[4] or 'active', entries, m[5] or '', m[6] or '', m[7] or ''}
+return {m[1], m[2], m[3] or '', m[4] or 'active', entries, m[5] or '', m[6] or '', m[7] or '', m[8] or ''}

@@ -14,6 +14,7 @@
 //! | `L`  | run, epoch, idle                                |
 //! | `D`  | run, epoch                                      |
 //! | `E`  | run, epoch (the run ended; its end is in the meta hash) |
+//! | `A`  | run, epoch, alias (a losing proposal that names the same history) |
 //!
 //! `seq mark` is the stream's highest accepted `seq` after the batch as a
 //! 20-digit decimal, or empty; `idle` is `active` or the wall-clock
@@ -77,6 +78,12 @@ pub enum Notice {
     Ended {
         run: RunId,
         epoch: StreamEpoch,
+    },
+    /// `alias` (another node's proposal, which lost) names `epoch`'s history.
+    Aliased {
+        run: RunId,
+        epoch: StreamEpoch,
+        alias: StreamEpoch,
     },
 }
 
@@ -166,6 +173,11 @@ pub fn parse(message: &[u8]) -> Option<Notice> {
             run: f.run()?,
             epoch: f.epoch()?,
         },
+        b'A' => Notice::Aliased {
+            run: f.run()?,
+            epoch: f.epoch()?,
+            alias: f.epoch()?,
+        },
         _ => return None,
     };
     f.done().then_some(notice)
@@ -204,7 +216,7 @@ mod tests {
     }
 
     #[test]
-    fn lifecycle_created_and_dropped() {
+    fn lifecycle_created_dropped_and_aliased() {
         let epoch = "0f".repeat(16);
         let msg = format!("L{}{}{}", field("r"), field(&epoch), field("1700000000000"));
         assert!(matches!(
@@ -227,6 +239,21 @@ mod tests {
             parse(msg.as_bytes()),
             Some(Notice::Dropped { .. })
         ));
+        let alias = "a1".repeat(16);
+        let msg = format!("A{}{}{}", field("r"), field(&epoch), field(&alias));
+        let Some(Notice::Aliased {
+            epoch: e, alias: a, ..
+        }) = parse(msg.as_bytes())
+        else {
+            panic!("not parsed: {msg}");
+        };
+        assert_eq!((e.as_str(), a.as_str()), (epoch.as_str(), alias.as_str()));
+        let short = format!("A{}{}", field("r"), field(&epoch));
+        assert_eq!(
+            parse(short.as_bytes()),
+            None,
+            "an alias notice names the alias"
+        );
     }
 
     #[test]

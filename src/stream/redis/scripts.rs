@@ -46,7 +46,10 @@ const END: &str = include_str!("end.lua");
 
 /// Create. KEYS: meta, streams set. ARGV: channel, run, epoch, idle.
 /// Creates the stream with this epoch unless it has one; returns the
-/// stream's epoch either way.
+/// stream's epoch either way. A proposal that loses is recorded in the
+/// meta's `aliases` (space-separated, at most 8) and announced as an `A`
+/// notice: the proposer's viewers were told it, and it names the same
+/// history.
 const CREATE: &str = include_str!("create.lua");
 
 /// Lifecycle. KEYS: meta. ARGV: channel, run, idle (`active` or ms).
@@ -63,8 +66,9 @@ const DROP: &str = include_str!("drop.lua");
 
 /// Fetch. KEYS: meta, events. ARGV: expected epoch (empty: any), from
 /// offset, count, `at` or `after`. Returns nil if the run has no stream,
-/// else `{epoch, next, seq, idle, entries, end, endedAt, endMsg}` (the
-/// last three empty while the run has not ended) where entries are up to `count`
+/// else `{epoch, next, seq, idle, entries, end, endedAt, endMsg, aliases}`
+/// (end, endedAt and endMsg empty while the run has not ended; aliases as
+/// [`CREATE`] records them) where entries are up to `count`
 /// kept entries (XRANGE's shape), or none if the epoch is not the expected
 /// one: with `at`, from the entry holding offset `from` (or the first kept
 /// after it); with `after`, from the entry after the one starting at
