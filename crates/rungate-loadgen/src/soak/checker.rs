@@ -172,8 +172,15 @@ impl Tail {
     /// Offsets skipped by a truncated resume count as a reported gap; a
     /// truncation of the same history while the offset owed is still kept
     /// is a false gap.
+    ///
+    /// Another epoch is a replaced history unless the gateway says nothing
+    /// was truncated and delivery starts at the offset owed: the epoch the
+    /// viewer was told lost a race to create the stream and names the same
+    /// history (spec/README.md, "A stream two gateways create at once"; the
+    /// events that follow are checked as ever).
     pub fn on_resumed(&mut self, epoch: &str, truncated: bool, start: u64, first: u64) {
-        let replaced = self.epoch.as_deref().is_some_and(|e| e != epoch);
+        let renamed = !truncated && self.next_offset.is_none_or(|n| n == start);
+        let replaced = self.epoch.as_deref().is_some_and(|e| e != epoch) && !renamed;
         if truncated && !replaced && self.next_offset.is_some_and(|n| n >= first && n < start) {
             self.counts.false_gaps += 1;
         }
@@ -553,7 +560,7 @@ mod tests {
         tail.on_resumed("e1", false, 0, 0);
         tail.on_resumed("e1", false, 0, 0);
         assert_eq!(tail.violations(), 0);
-        tail.on_resumed("e2", false, 0, 0);
+        tail.on_resumed("e2", true, 0, 0);
         assert_eq!(tail.violations(), 1);
         let told = tail.counts.first_history_loss.clone().unwrap_or_default();
         assert!(told.starts_with("resume epoch replaced"), "{told}");
@@ -564,6 +571,31 @@ mod tests {
             tail.counts.first_history_loss.as_deref(),
             Some(told.as_str())
         );
+    }
+
+    /// The soak's two-node flake (2026-12-04): a viewer told a proposal
+    /// that lost the race to create the stream resumes under it and is
+    /// answered with the winning epoch, not truncated, where it was owed.
+    #[test]
+    fn an_epoch_renamed_without_a_loss_is_the_same_history() {
+        let mut tail = Tail::new(0, "ws-0", false);
+        tail.on_resumed("lost", false, 0, 0);
+        for n in 0..3 {
+            tail.on_event(n, &ev(1, n + 1));
+        }
+        tail.on_resumed("won", false, 3, 0);
+        assert_eq!(tail.violations(), 0, "{:?}", tail.counts);
+        // But not where it starts elsewhere than owed, nor when truncated.
+        let mut skipped = Tail::new(0, "ws-1", false);
+        skipped.on_resumed("lost", false, 0, 0);
+        skipped.on_event(0, &ev(1, 1));
+        skipped.on_resumed("won", false, 0, 0);
+        assert_eq!(skipped.violations(), 1);
+        let mut cut = Tail::new(0, "ws-2", false);
+        cut.on_resumed("lost", false, 0, 0);
+        cut.on_event(0, &ev(1, 1));
+        cut.on_resumed("won", true, 1, 0);
+        assert_eq!(cut.violations(), 1);
     }
 
     #[test]
