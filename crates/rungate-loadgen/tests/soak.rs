@@ -70,7 +70,9 @@ async fn two_minutes_of_faults_lose_and_duplicate_nothing() {
 /// saw a viewer's resume on node B report its history replaced; the cause
 /// was two gateways racing to create a stream (the loser closed its empty
 /// copy), fixed in `stream::redis` (see spec/README.md, "A stream two
-/// gateways create at once").
+/// gateways create at once"). Later failures of the same shape were the
+/// checker's: it called the winning epoch, told to a viewer of the losing
+/// one without a loss, a replaced history (RELIABILITY.md).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_minute_on_two_nodes_over_redis_loses_and_duplicates_nothing() {
     // Needs redis-server on PATH, as the gateway's own Redis tests do.
