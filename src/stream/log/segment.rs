@@ -132,6 +132,13 @@ pub(super) fn reuse_spare(spare: &Path, path: &Path) -> Result<(File, u64), LogE
     Ok((file, len.max(MAGIC.len() as u64)))
 }
 
+/// Deletes segment `n` (which holds nothing live), its name too.
+pub(super) fn delete_segment(dir: &Path, n: u64) -> Result<(), LogError> {
+    let path = segment_path(dir, n);
+    fs::remove_file(&path).map_err(io_err(&path))?;
+    sync_dir(&path)
+}
+
 /// Keeps segment `n` (which holds nothing live) as a spare.
 pub(super) fn keep_as_spare(dir: &Path, n: u64) -> Result<PathBuf, LogError> {
     let (from, to) = (segment_path(dir, n), spare_path(dir, n));

@@ -37,7 +37,8 @@ use tokio::time::Instant;
 
 use super::record::{encode_batch, encode_end, encode_snapshot, mask_records};
 use super::segment::{
-    MAGIC, MAX_SPARES, Segment, keep_as_spare, reuse_spare, segment_path, write_new_segment,
+    MAGIC, MAX_SPARES, Segment, delete_segment, keep_as_spare, reuse_spare, segment_path,
+    write_new_segment,
 };
 use super::{LogError, SyncPolicy, io_err};
 use crate::ids::RunId;
@@ -453,11 +454,7 @@ impl Writer {
             if self.spares.len() < MAX_SPARES {
                 self.spares.push(keep_as_spare(&self.dir, seg.number)?);
             } else {
-                let path = segment_path(&self.dir, seg.number);
-                fs::remove_file(&path).map_err(io_err(&path))?;
-                File::open(&self.dir)
-                    .and_then(|d| d.sync_all())
-                    .map_err(io_err(&self.dir))?;
+                delete_segment(&self.dir, seg.number)?;
             }
             self.state
                 .disk_bytes
