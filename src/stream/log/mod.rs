@@ -13,11 +13,13 @@
 //!
 //! Split by idea: `record` (the format), `segment` (the files), `replay`
 //! (recovery, with torn-tail repair), `writer` (group commit, the sync
-//! policy, rotation and reclaiming space).
+//! policy, rotation and reclaiming space), `head_file` (the bytes on their
+//! way into the head segment, in whole blocks, past the page cache under
+//! `always`).
 //! Must not know about sockets or sessions.
 
-use std::fs::{self, OpenOptions};
-use std::io::{self, BufWriter, Seek, SeekFrom};
+use std::fs;
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, mpsc};
@@ -35,11 +37,13 @@ use super::{
     StreamLimits,
 };
 
+mod head_file;
 mod record;
 mod replay;
 mod segment;
 mod writer;
 
+use head_file::HeadFile;
 use record::{encode_batch, encode_drop, encode_end, encode_snapshot};
 use replay::{Recovery, replay};
 use segment::{
@@ -62,6 +66,15 @@ pub enum SyncPolicy {
     Interval(Duration),
     /// Acknowledge once written to the OS; never `fsync` explicitly.
     Os,
+}
+
+impl SyncPolicy {
+    /// Whether the head is written past the page cache (`O_DIRECT`, where
+    /// the filesystem allows): when every group is synced before it is
+    /// acknowledged, the cache is only work (see [`head_file`]).
+    fn bypasses_cache(self) -> bool {
+        matches!(self, SyncPolicy::Always)
+    }
 }
 
 impl std::str::FromStr for SyncPolicy {
@@ -150,30 +163,29 @@ impl StreamLog {
         };
         let mut segments = replay(dir, &numbers, &mut recovery)?;
         let spare_files = spare_files(dir)?;
-        let file = match segments.back() {
+        match segments.back() {
+            // Replay cut any torn tail: the head goes on where it stopped.
+            Some(last) if last.mask != 0 => {}
             // A version 1 segment is not written on: the next one starts.
-            Some(last) if last.mask == 0 => {
-                let next = last.number + 1;
-                let file = write_new_segment(&segment_path(dir, next))?;
-                segments.push_back(Segment::new(next, MAGIC.len() as u64));
-                file
-            }
             Some(last) => {
-                let path = segment_path(dir, last.number);
-                let mut file = OpenOptions::new()
-                    .write(true)
-                    .open(&path)
-                    .map_err(io_err(&path))?;
-                // Replay cut any torn tail: the file ends where it stopped.
-                file.seek(SeekFrom::End(0)).map_err(io_err(&path))?;
-                file
+                let next = last.number + 1;
+                write_new_segment(&segment_path(dir, next))?;
+                segments.push_back(Segment::new(next, MAGIC.len() as u64));
             }
             None => {
-                let file = write_new_segment(&segment_path(dir, 1))?;
+                write_new_segment(&segment_path(dir, 1))?;
                 segments.push_back(Segment::new(1, MAGIC.len() as u64));
-                file
             }
-        };
+        }
+        let head = segments.back().expect("a head segment was just ensured");
+        let head_path = segment_path(dir, head.number);
+        let file = HeadFile::open(
+            &head_path,
+            head.bytes,
+            policy.bypasses_cache(),
+            WRITE_BUFFER,
+        )
+        .map_err(io_err(&head_path))?;
         let (tx, rx) = mpsc::channel::<Msg>();
         let log = StreamLog {
             tx,
@@ -195,8 +207,7 @@ impl StreamLog {
             policy,
             hub: Inbox::of(&hub),
             state: log.state.clone(),
-            file_len: segments.back().map_or(0, |s| s.bytes),
-            file: BufWriter::with_capacity(WRITE_BUFFER, file),
+            file,
             segments,
             spares: spare_files,
             segment_limit,

@@ -6,15 +6,17 @@
 //! oldest go first once nothing live is read from them (see
 //! [`super::writer`]). A segment that goes may be kept as a spare,
 //! `spare-NNNNNNNN.log`, whose blocks the next segment reuses: overwriting
-//! blocks the file already has (zeroed first, see `zero`) makes each
-//! group commit's `fdatasync` cheaper than after an append, which also
-//! allocates blocks and grows the file (issue #18). Recovery never reads
-//! a spare. Must not read or write records.
+//! blocks the file already has makes each group commit's `fdatasync`
+//! cheaper than after an append, which also allocates blocks and grows the
+//! file (issue #18). A spare written through the page cache is zeroed
+//! first (see `zero`); one written past it (see [`super::head_file`]) is
+//! written over as it is. Recovery never reads a spare. Must not read or
+//! write records.
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::fs::{self, File, OpenOptions};
-use std::io::{Seek, SeekFrom, Write};
+use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -92,7 +94,7 @@ fn sync_dir(path: &Path) -> Result<(), LogError> {
 
 /// Creates (or empties) the segment at `path` with its magic, synced, its
 /// name too.
-pub(super) fn write_new_segment(path: &Path) -> Result<File, LogError> {
+pub(super) fn write_new_segment(path: &Path) -> Result<(), LogError> {
     let mut file = OpenOptions::new()
         .create(true)
         .truncate(true)
@@ -102,34 +104,32 @@ pub(super) fn write_new_segment(path: &Path) -> Result<File, LogError> {
     file.write_all(MAGIC).map_err(io_err(path))?;
     file.sync_all().map_err(io_err(path))?;
     // The new name must survive a crash too.
-    sync_dir(path)?;
-    Ok(file)
+    sync_dir(path)
 }
 
-/// Makes the spare at `spare` the segment at `path`: zeroed (see [`zero`];
-/// where that fails, emptied), its magic, then the name. Answers the file,
-/// positioned after the magic, and its length. Its old records are gone;
-/// were any left (a filesystem that answers the zeroing but keeps the
-/// bytes), their checksums carry another number's mask.
-pub(super) fn reuse_spare(spare: &Path, path: &Path) -> Result<(File, u64), LogError> {
-    let mut file = OpenOptions::new()
+/// Makes the spare at `spare` the segment at `path`: its magic, then the
+/// name. With `zero`, for a file written through the page cache, its
+/// blocks are zeroed first (see [`zero`]; where that fails, it is emptied);
+/// a file written past the cache keeps its old bytes as they are. Either
+/// way old records never read as the new segment's: their checksums
+/// carry another number's mask.
+pub(super) fn reuse_spare(spare: &Path, path: &Path, zero_first: bool) -> Result<(), LogError> {
+    let file = OpenOptions::new()
         .write(true)
         .open(spare)
         .map_err(io_err(spare))?;
-    let mut len = file.metadata().map_err(io_err(spare))?.len();
-    if !zero(&file, len) {
-        // Nothing to gain from the old blocks: start it as a new file.
-        file.set_len(0).map_err(io_err(spare))?;
-        len = 0;
+    if zero_first {
+        let len = file.metadata().map_err(io_err(spare))?.len();
+        if !zero(&file, len) {
+            // Nothing to gain from the old blocks: start it as a new file.
+            file.set_len(0).map_err(io_err(spare))?;
+        }
     }
     file.write_all_at(MAGIC, 0).map_err(io_err(spare))?;
     // The zeros and the magic are on disk before the name is.
     file.sync_all().map_err(io_err(spare))?;
     fs::rename(spare, path).map_err(io_err(path))?;
-    sync_dir(path)?;
-    file.seek(SeekFrom::Start(MAGIC.len() as u64))
-        .map_err(io_err(path))?;
-    Ok((file, len.max(MAGIC.len() as u64)))
+    sync_dir(path)
 }
 
 /// Deletes segment `n` (which holds nothing live), its name too.
