@@ -7,6 +7,7 @@ use std::time::Duration;
 use futures_util::FutureExt;
 use tokio::time::Instant;
 
+use super::record::{RecordAt, read_record};
 use super::*;
 use crate::ids::RunId;
 use crate::stream::hub::Visible;
@@ -541,9 +542,7 @@ async fn a_crash_while_a_reused_segment_is_the_head_loses_and_adds_nothing() {
     // cannot zero a range and the spare was emptied). The replay below
     // must end at the head's own records either way.
     let head = fs::read(segment_path(image.path(), 8)).unwrap();
-    let end = record_starts(&head, 8).last().map_or(MAGIC.len(), |&at| {
-        at + 8 + u32::from_le_bytes(head[at..at + 4].try_into().unwrap()) as usize
-    });
+    let end = records_end(&head, 8);
     let old_left = head[end..].iter().any(|&b| b != 0);
     assert!(spares(dir.path()).unwrap().len() <= MAX_SPARES);
     let live = contents(&engine, &r);
@@ -572,21 +571,24 @@ async fn a_crash_while_a_reused_segment_is_the_head_loses_and_adds_nothing() {
     restarted.close().await;
 }
 
+/// Where the records of segment `n`'s `bytes` end: the first byte that
+/// does not start a whole record of its own.
+fn records_end(bytes: &[u8], n: u64) -> usize {
+    let mut at = MAGIC.len();
+    while let RecordAt::Whole { next, .. } = read_record(bytes, at, segment::crc_mask(n)) {
+        at = next;
+    }
+    at
+}
+
 /// Where the records of segment `n`'s `bytes` start, up to the first that
 /// is not whole and its own.
 fn record_starts(bytes: &[u8], n: u64) -> Vec<usize> {
     let mut at = MAGIC.len();
     let mut starts = Vec::new();
-    while let Some(head) = bytes.get(at..at + 8) {
-        let len = u32::from_le_bytes(head[0..4].try_into().unwrap()) as usize;
-        let crc = u32::from_le_bytes(head[4..8].try_into().unwrap());
-        match bytes.get(at + 8..at + 8 + len) {
-            Some(body) if crc32fast::hash(body) ^ segment::crc_mask(n) == crc => {
-                starts.push(at);
-                at += 8 + len;
-            }
-            _ => break,
-        }
+    while let RecordAt::Whole { next, .. } = read_record(bytes, at, segment::crc_mask(n)) {
+        starts.push(at);
+        at = next;
     }
     starts
 }

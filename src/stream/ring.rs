@@ -22,7 +22,8 @@ use super::{
 use crate::ids::RunId;
 
 /// Epochs a ring answers to besides its own, at most: each a proposal
-/// that lost a race to create the stream (Redis records as many).
+/// that lost a race to create the stream (Redis keeps as many: the
+/// create script is given this bound).
 pub const MAX_ALIASES: usize = 8;
 
 /// The per-run bounds. The oldest events are evicted, whole, to stay

@@ -113,16 +113,61 @@ fn framed(capacity: usize, body: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
     buf
 }
 
+/// A record's header: `len | crc`.
+const HEADER: usize = 8;
+
+/// The body length and stored checksum of the record at `at`, if its
+/// header is all there.
+fn header(bytes: &[u8], at: usize) -> Option<(usize, u32)> {
+    let head = bytes.get(at..at.checked_add(HEADER)?)?;
+    let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
+    let crc = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
+    Some((len, crc))
+}
+
+/// What [`read_record`] found at an offset of a segment's bytes.
+pub(super) enum RecordAt<'a> {
+    /// A whole record whose checksum is its segment's: its body, and where
+    /// the next record starts.
+    Whole { body: &'a [u8], next: usize },
+    /// The end of the bytes, exactly.
+    End,
+    /// Not a record of this segment: why (a crash cut it short, or old
+    /// bytes of a reused file, or corruption).
+    Bad(&'static str),
+}
+
+/// Reads the record at `at` of a segment whose checksums are masked with
+/// `mask` (see [`super::segment::crc_mask`]). Recovery and the tests walk
+/// segments with it.
+pub(super) fn read_record(bytes: &[u8], at: usize, mask: u32) -> RecordAt<'_> {
+    if at == bytes.len() {
+        return RecordAt::End;
+    }
+    let Some((len, crc)) = header(bytes, at) else {
+        return RecordAt::Bad("a record header cut short");
+    };
+    let start = at + HEADER;
+    let Some(body) = start.checked_add(len).and_then(|end| bytes.get(start..end)) else {
+        return RecordAt::Bad("a record cut short");
+    };
+    if crc32fast::hash(body) ^ mask != crc {
+        return RecordAt::Bad("a checksum mismatch");
+    }
+    RecordAt::Whole {
+        body,
+        next: start + len,
+    }
+}
+
 /// XORs the checksum of every record in `buf` (whole records, back to
 /// back, as encoded here) with `mask`: done once before they are written,
 /// so the stored checksums are the segment's.
 pub(super) fn mask_records(buf: &mut [u8], mask: u32) {
     let mut at = 0;
-    while let Some(head) = buf.get_mut(at..at + 8) {
-        let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
-        let crc = u32::from_le_bytes([head[4], head[5], head[6], head[7]]) ^ mask;
-        head[4..8].copy_from_slice(&crc.to_le_bytes());
-        at += 8 + len;
+    while let Some((len, crc)) = header(buf, at) {
+        buf[at + 4..at + HEADER].copy_from_slice(&(crc ^ mask).to_le_bytes());
+        at += HEADER + len;
     }
 }
 

@@ -13,7 +13,7 @@ use std::io::Read;
 use std::path::Path;
 use std::sync::Arc;
 
-use super::record::{Record, decode};
+use super::record::{Record, RecordAt, decode, read_record};
 use super::segment::{MAGIC, MAGIC_V1, Segment, crc_mask, segment_path, write_new_segment};
 use super::{LogError, io_err};
 use crate::ids::RunId;
@@ -145,27 +145,18 @@ pub(super) fn replay(
         let mut seg = Segment::new(n, 0);
         seg.mask = mask;
         let bad = loop {
-            if at == bytes.len() {
-                break None;
-            }
-            let Some(head) = bytes.get(at..at + 8) else {
-                break Some("a record header cut short");
+            let (body, next) = match read_record(&bytes, at, mask) {
+                RecordAt::Whole { body, next } => (body, next),
+                RecordAt::End => break None,
+                RecordAt::Bad(why) => break Some(why),
             };
-            let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
-            let crc = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
-            let Some(body) = bytes.get(at + 8..at + 8 + len) else {
-                break Some("a record cut short");
-            };
-            if crc32fast::hash(body) ^ mask != crc {
-                break Some("a checksum mismatch");
-            }
             let Some(record) = decode(body) else {
                 break Some("a malformed record");
             };
             let (run, epoch, end) = record.pin();
             seg.note(run, epoch, end);
             recovery.apply(record);
-            at += 8 + len;
+            at = next;
         };
         if let Some(why) = bad {
             if !last {

@@ -24,7 +24,6 @@
 //! Must not change a ring except through the inbox.
 
 use std::collections::{HashMap, VecDeque};
-use std::fs;
 use std::io;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -529,13 +528,26 @@ impl Writer {
         out.sync_data().map_err(io_err(&path))?;
         // The snapshot holds everything: the old segments can go.
         self.sync();
-        for old in std::mem::take(&mut self.segments) {
-            let _ = fs::remove_file(segment_path(&self.dir, old.number));
+        // Oldest first, stopping at a failure, so what is left (after a
+        // crash or an error) is a suffix of the old log: replayed before
+        // the new segment, whose snapshots supersede it, with every drop
+        // record after the batches it cancels.
+        let mut old = std::mem::take(&mut self.segments);
+        while let Some(seg) = old.front() {
+            if let Err(e) = delete_segment(&self.dir, seg.number) {
+                tracing::warn!(error = %e, segment = seg.number, "stream log: could not delete a compacted segment; it is kept and reclaimed later");
+                break;
+            }
+            old.pop_front();
         }
         let written = seg.bytes;
+        let kept: u64 = old.iter().map(|s| s.bytes).sum();
+        self.segments = old;
         self.segments.push_back(seg);
         self.file = out;
-        self.state.disk_bytes.store(written, Ordering::Relaxed);
+        self.state
+            .disk_bytes
+            .store(written + kept, Ordering::Relaxed);
         self.state
             .written_bytes
             .fetch_add(written, Ordering::Relaxed);

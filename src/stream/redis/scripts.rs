@@ -44,12 +44,13 @@ const PUBLISH: &str = include_str!("publish.lua");
 /// `made` 1 if this call recorded it. Publishes refuse once it is there.
 const END: &str = include_str!("end.lua");
 
-/// Create. KEYS: meta, streams set. ARGV: channel, run, epoch, idle.
-/// Creates the stream with this epoch unless it has one; returns the
-/// stream's epoch either way. A proposal that loses is recorded in the
-/// meta's `aliases` (space-separated, at most 8) and announced as an `A`
-/// notice: the proposer's viewers were told it, and it names the same
-/// history.
+/// Create. KEYS: meta, streams set. ARGV: channel, run, epoch, idle, most
+/// aliases kept ([`crate::stream::ring::MAX_ALIASES`], so a ring and Redis
+/// keep the same ones). Creates the stream with this epoch unless it has
+/// one; returns the stream's epoch either way. A proposal that loses is
+/// recorded in the meta's `aliases` (space-separated, at most that many)
+/// and announced as an `A` notice: the proposer's viewers were told it,
+/// and it names the same history.
 const CREATE: &str = include_str!("create.lua");
 
 /// Lifecycle. KEYS: meta. ARGV: channel, run, idle (`active` or ms).

@@ -181,7 +181,8 @@ impl Writer {
                         .arg(&channel)
                         .arg(run.as_str())
                         .arg(epoch.as_str())
-                        .arg(idle.to_arg());
+                        .arg(idle.to_arg())
+                        .arg(crate::stream::ring::MAX_ALIASES);
                     pipe.invoke_script(&call);
                 }
                 Op::Lifecycle { run, idle } => {
